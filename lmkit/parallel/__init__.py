@@ -1,0 +1,1 @@
+"""Hybrid parallelism (data/ZeRO, tensor/sequence, pipeline) that wraps an unmodified GPT."""
