@@ -1,0 +1,700 @@
+"""Layout-independent, safe, atomic checkpoints.
+
+A checkpoint is a directory::
+
+    step_000123/
+      model.safetensors   full (unsharded) weights by state_dict name - no pickle, mmap-able
+      state.pt            optimizer, scheduler, RNG states, sampler state, step, extra
+                          (torch.save; loaded with weights_only=True, so no code runs on load)
+      tokenizer.json      optional copy of the tokenizer (lmkit.tokenizer format)
+      meta.json           format version, configs, step, time, lmkit version, sha256 of each file
+
+Why this shape:
+
+* *Layout independent.* Weights are stored whole, by parameter name, never per rank. A run
+  saved under dp=2, tp=2 resumes under pp=4 or on one CPU: the parallel wrapper gathers the
+  full state dict before saving (pass it as a mapping) and re-shards after loading.
+* *Safe.* safetensors cannot execute code; ``state.pt`` is read with ``weights_only=True``.
+  Everything stored there is therefore restricted to tensors and plain Python values; the
+  save side checks this (`CheckpointError` naming the offending key) so a bad value fails at
+  save time instead of at resume time, days later.
+* *Atomic.* Files are written into ``.tmp-<name>-*`` next to the target, fsynced, and the
+  directory is renamed into place. Replacing an existing checkpoint renames the old one to
+  ``.old-<name>-*`` first; if a crash hits between the two renames, the next save or load
+  of that name puts the complete old checkpoint back. At no moment is a half-written
+  directory visible under the final name. A run directory additionally has a ``latest`` text
+  file (written with os.replace) naming the newest checkpoint: `update_latest`, `find_latest`.
+* *Verified.* ``meta.json`` holds the size and sha256 of every other file, so truncation or
+  corruption is reported by name instead of surfacing as a cryptic deserialisation error.
+
+Tied weights (e.g. GPT's token embedding and output head) share one storage; safetensors
+refuses shared tensors, so each tensor is stored once and the other names are recorded as
+aliases in the safetensors header metadata (``lmkit.aliases``: alias -> stored name) and
+restored on load.
+
+RNG states (`capture_rng_state` / `restore_rng_state`): Python ``random`` (its state tuple is
+plain ints, fine for weights_only), NumPy's legacy global generator (converted to a dict of
+tensors/ints, since numpy arrays are not weights_only-loadable), the torch CPU generator and,
+when CUDA is available, every CUDA device's generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmkit import __version__
+from lmkit.config import to_dict
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "CheckpointInfo",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model_state",
+    "capture_rng_state",
+    "restore_rng_state",
+    "update_latest",
+    "find_latest",
+    "list_checkpoints",
+    "prune_checkpoints",
+    "step_dir_name",
+]
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+LATEST_FILE = "latest"
+_ALIAS_KEY = "lmkit.aliases"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+PathLike = str | os.PathLike[str]
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or read; the message names the file and the remedy."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What `load_checkpoint` found. States not restored into objects are returned here."""
+
+    directory: Path
+    step: int
+    meta: dict[str, Any]
+    configs: dict[str, Any]
+    extra: dict[str, Any]
+    rng_state: dict[str, Any] | None = None
+    sampler_state: Any = None
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_state: dict[str, Any] | None = None
+    tokenizer_path: Path | None = None
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+    def config(self, name: str, cls: type) -> Any:
+        """Rebuild config `name` (e.g. ``"model"``) as dataclass `cls` via `lmkit.config.from_dict`."""
+        from lmkit.config import from_dict
+
+        if name not in self.configs:
+            raise CheckpointError(
+                f"{self.directory / META_FILE} has no config {name!r}; it has {sorted(self.configs)}"
+            )
+        return from_dict(cls, self.configs[name])
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer stored with the checkpoint (`lmkit.tokenizer.load_tokenizer`)."""
+        if self.tokenizer_path is None:
+            raise CheckpointError(f"checkpoint {self.directory} was saved without a tokenizer")
+        from lmkit.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states
+# --------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Snapshot of every global RNG a training step may consume, in weights_only-safe types."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put the global RNGs back to a `capture_rng_state` snapshot (missing parts are skipped).
+
+    CUDA states are restored when CUDA is available and the device count matches; a
+    checkpoint from a GPU run resumed on a CPU simply has no CUDA generator to restore.
+    """
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    if "numpy" in state:
+        npst = state["numpy"]
+        keys = npst["keys"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state(
+            (npst["bit_generator"], keys.astype(np.uint32), int(npst["pos"]),
+             int(npst["has_gauss"]), float(npst["cached_gaussian"]))
+        )
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            import warnings
+
+            warnings.warn(
+                f"checkpoint has CUDA RNG states for {len(cuda)} device(s) but {torch.cuda.device_count()} "
+                "are visible; CUDA RNG not restored (dropout masks will differ from the original run)",
+                stacklevel=2,
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    directory: PathLike,
+    *,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | Mapping[str, Any] | None = None,
+    scheduler: Any = None,
+    step: int,
+    configs: Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+    extra: Mapping[str, Any] | None = None,
+    sampler: Any = None,
+    rng_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint to `directory`, atomically; return its path.
+
+    `model` is a module or an already gathered full state dict (what a parallel wrapper
+    passes). `optimizer`/`scheduler`/`sampler` are objects with ``state_dict()`` or the state
+    dicts themselves. `configs` maps names to config dataclasses or dicts (stored as JSON in
+    meta.json). `tokenizer` is an `lmkit.tokenizer.Tokenizer` or a path to its JSON file; a
+    copy is stored as tokenizer.json. `extra` (any tensors / plain values, e.g. best val loss)
+    goes into state.pt. RNG states are captured now unless `rng_state` is given.
+    """
+    target = Path(directory)
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"step must be a non-negative integer, got {step!r}")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _recover(target)
+    for stale in parent.glob(f".tmp-{target.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed save of this name
+
+    model_sd = _state_dict(model, "model")
+    state: dict[str, Any] = {
+        "step": step,
+        "optimizer": _state_dict(optimizer, "optimizer") if optimizer is not None else None,
+        "scheduler": _state_dict(scheduler, "scheduler") if scheduler is not None else None,
+        "sampler": _state_dict(sampler, "sampler") if sampler is not None else None,
+        "rng": dict(rng_state) if rng_state is not None else capture_rng_state(),
+        "extra": dict(extra or {}),
+    }
+    _check_weights_only_safe(state, "state")
+    config_dicts = {name: _config_dict(name, cfg) for name, cfg in (configs or {}).items()}
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=parent))
+    try:
+        n_tensors, aliases = _write_safetensors(model_sd, tmp / MODEL_FILE)
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_file(tmp / STATE_FILE)
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "lmkit_version": __version__,
+            "torch_version": torch.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "step": step,
+            "configs": config_dicts,
+            "tokenizer": TOKENIZER_FILE if tokenizer is not None else None,
+            "model": {"tensors": n_tensors, "aliases": aliases},
+            "files": files,
+        }
+        # meta.json is written last: a directory with meta.json had all its files written.
+        _write_bytes(tmp / META_FILE, json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished temp dir to `target`, moving an existing `target` aside first."""
+    parent = target.parent
+    old: Path | None = None
+    if target.exists():
+        old = parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old, target)  # roll back: the old checkpoint stays the current one
+        raise
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(target: Path) -> None:
+    """Finish or undo a replace that was interrupted between its two renames.
+
+    ``.old-<name>-*`` exists only during a replace. If `target` is missing, the crash hit after
+    the old checkpoint was moved aside and before the new one arrived: move the old one back.
+    If `target` exists, the new one arrived: the old one is garbage.
+    """
+    olds = sorted(target.parent.glob(f".old-{target.name}-*")) if target.parent.is_dir() else []
+    for old in olds:
+        if not target.exists() and (old / META_FILE).is_file():
+            os.rename(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _state_dict(obj: Any, what: str) -> Any:
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if hasattr(obj, "state_dict"):
+        if what == "model":
+            obj = _unwrap(obj)
+        return obj.state_dict()
+    raise CheckpointError(f"{what} must have a state_dict() method or be a dict, got {type(obj).__name__}")
+
+
+def _unwrap(model: Any) -> Any:
+    """Strip torch.compile / DistributedDataParallel wrappers so names are the plain model's."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def _config_dict(name: str, cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        value = to_dict(cfg)
+    elif isinstance(cfg, Mapping):
+        value = dict(cfg)
+    else:
+        raise CheckpointError(f"config {name!r} must be a dataclass or a dict, got {type(cfg).__name__}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config {name!r} is not JSON-serialisable for {META_FILE}: {e}") from e
+    return value
+
+
+_SAFE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype,
+                torch.device, torch.Size)
+
+
+def _check_weights_only_safe(obj: Any, path: str) -> None:
+    """Raise if `obj` holds something torch.load(weights_only=True) would refuse."""
+    if isinstance(obj, _SAFE_LEAVES):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"{path} has a key of type {type(k).__name__}; use str or int keys")
+            _check_weights_only_safe(v, f"{path}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        for i, v in enumerate(obj):
+            _check_weights_only_safe(v, f"{path}[{i}]")
+        return
+    hint = ""
+    if type(obj).__module__ == "numpy":
+        hint = " (convert numpy values with .tolist() or torch.from_numpy)"
+    raise CheckpointError(
+        f"{path} is a {type(obj).__module__}.{type(obj).__name__}, which {STATE_FILE} cannot hold: it "
+        "is loaded with torch.load(weights_only=True), so only tensors and plain Python values are "
+        f"allowed{hint}"
+    )
+
+
+def _write_safetensors(sd: Mapping[str, torch.Tensor], path: Path) -> tuple[int, dict[str, str]]:
+    """Save `sd` with each storage once; return (tensors written, alias -> stored name)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"model state entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        if t.device.type == "meta":
+            raise CheckpointError(f"model tensor {name!r} is on the meta device (not materialised)")
+        if hasattr(t, "full_tensor"):  # a DTensor: gather it (layout independence)
+            t = t.full_tensor()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() > 0 and ptr in storages:
+            t = t.clone()  # a different view of a shared buffer: store its own copy
+        storages.add(ptr)
+        seen[key] = name
+        tensors[name] = t.contiguous().cpu()
+    save_file(tensors, str(path), metadata={_ALIAS_KEY: json.dumps(aliases), "format": "pt"})
+    _fsync_file(path)
+    return len(tensors), aliases
+
+
+def _write_tokenizer(tokenizer: Any, path: Path) -> None:
+    if isinstance(tokenizer, (str, os.PathLike)):
+        src = Path(tokenizer)
+        if not src.is_file():
+            raise CheckpointError(f"tokenizer file {src} does not exist")
+        shutil.copyfile(src, path)
+        _fsync_file(path)
+    elif hasattr(tokenizer, "save"):
+        tokenizer.save(path)
+    else:
+        raise CheckpointError(
+            f"tokenizer must be an lmkit Tokenizer or a path, got {type(tokenizer).__name__}"
+        )
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX); directories cannot be opened this way on Windows."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _read_meta(directory: Path, verify: bool) -> dict[str, Any]:
+    _recover(directory)
+    if not directory.is_dir():
+        hint = ""
+        if directory.parent.is_dir():
+            latest = find_latest(directory.parent)
+            if latest is not None:
+                hint = f"; the newest checkpoint in {directory.parent} is {latest}"
+        raise CheckpointError(
+            f"checkpoint directory {directory} does not exist{hint}. Use "
+            "lmkit.checkpoint.find_latest(out_dir) to locate the newest checkpoint of a run, or check "
+            "the path"
+        )
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{meta_path} is missing: {directory} is not a complete lmkit checkpoint "
+            "(meta.json is written last, so the save did not finish); pick another checkpoint"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e}): truncated or corrupt") from e
+    version = meta.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path} has format_version {version!r}; this lmkit ({__version__}) reads versions "
+            f"1..{FORMAT_VERSION}. It was written by lmkit {meta.get('lmkit_version', '?')}; "
+            "use a matching lmkit version"
+        )
+    for name, info in meta.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the checkpoint (listed in {META_FILE})")
+        if not verify:
+            continue
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(
+                f"{path} is {size} bytes but {META_FILE} recorded {info['bytes']}: the file is truncated or "
+                "corrupt, re-save or pick an earlier checkpoint"
+            )
+        if _sha256(path) != info["sha256"]:
+            raise CheckpointError(
+                f"{path} fails its sha256 check: the file is truncated or corrupt, re-save or pick an "
+                "earlier checkpoint"
+            )
+    return meta
+
+
+def load_model_state(
+    directory: PathLike, map_location: str | torch.device = "cpu", verify: bool = True
+) -> dict[str, torch.Tensor]:
+    """The full model state dict of a checkpoint (aliases of tied weights included)."""
+    directory = Path(directory)
+    _read_meta(directory, verify)
+    return _read_safetensors(directory / MODEL_FILE, map_location)
+
+
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    device = str(torch.device(map_location))
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            aliases = json.loads((f.metadata() or {}).get(_ALIAS_KEY, "{}"))
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} cannot be read ({e}): truncated or corrupt, re-save or pick an "
+                              "earlier checkpoint") from e
+    for alias, name in aliases.items():
+        sd[alias] = sd[name]
+    return sd
+
+
+def load_checkpoint(
+    directory: PathLike,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    sampler: Any = None,
+    map_location: str | torch.device = "cpu",
+    strict: bool = True,
+    restore_rng: bool = False,
+    verify: bool = True,
+) -> CheckpointInfo:
+    """Read a checkpoint, restore it into the objects given, and describe it.
+
+    Weights are checked against `model` before anything is copied: a shape mismatch always
+    raises (naming the tensor and both shapes); missing or unexpected names raise when
+    `strict`. With ``restore_rng=True`` the global RNGs are put back as they were at save time
+    (needed for a bit-for-bit resume; do it after building the model, whose init draws random
+    numbers). States of objects not passed are returned in the `CheckpointInfo`.
+    """
+    directory = Path(directory)
+    meta = _read_meta(directory, verify)
+    state_path = directory / STATE_FILE
+    try:
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{state_path} is missing from the checkpoint") from e
+    except Exception as e:
+        raise CheckpointError(f"{state_path} cannot be loaded ({type(e).__name__}: {e}): truncated or "
+                              "corrupt, re-save or pick an earlier checkpoint") from e
+
+    info = CheckpointInfo(
+        directory=directory,
+        step=int(meta["step"]),
+        meta=meta,
+        configs=meta.get("configs", {}),
+        extra=state.get("extra") or {},
+        rng_state=state.get("rng"),
+        sampler_state=state.get("sampler"),
+        optimizer_state=state.get("optimizer"),
+        scheduler_state=state.get("scheduler"),
+        tokenizer_path=directory / meta["tokenizer"] if meta.get("tokenizer") else None,
+    )
+
+    if model is not None:
+        model = _unwrap(model)
+        sd = _read_safetensors(directory / MODEL_FILE, map_location)
+        missing, unexpected = _check_against_model(sd, model, directory / MODEL_FILE, strict)
+        info.missing_keys, info.unexpected_keys = missing, unexpected
+        model.load_state_dict(sd, strict=strict)
+    if optimizer is not None:
+        if info.optimizer_state is None:
+            raise CheckpointError(f"{state_path} has no optimizer state (saved without optimizer=)")
+        try:
+            optimizer.load_state_dict(info.optimizer_state)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"optimizer state in {state_path} does not fit the optimizer ({e}); build the optimizer "
+                "over the same parameters and param groups as the saved run"
+            ) from e
+    if scheduler is not None:
+        if info.scheduler_state is None:
+            raise CheckpointError(f"{state_path} has no scheduler state (saved without scheduler=)")
+        scheduler.load_state_dict(info.scheduler_state)
+    if sampler is not None:
+        if info.sampler_state is None:
+            raise CheckpointError(f"{state_path} has no sampler state (saved without sampler=)")
+        sampler.load_state_dict(info.sampler_state)
+    if restore_rng and info.rng_state is not None:
+        restore_rng_state(info.rng_state)
+    return info
+
+
+def _check_against_model(
+    sd: Mapping[str, torch.Tensor], model: torch.nn.Module, path: Path, strict: bool
+) -> tuple[list[str], list[str]]:
+    own = model.state_dict()
+    for name, t in sd.items():
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)} in the checkpoint but "
+                f"{tuple(own[name].shape)} in the model; the model config differs from the one the "
+                "checkpoint was saved with (compare with meta.json 'configs', e.g. vocab_size, d_model, "
+                "n_layer)"
+            )
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path} does not match the model: missing keys {_short(missing)}, unexpected keys "
+            f"{_short(unexpected)}; the architecture or config differs (pass strict=False to load the "
+            "matching part only)"
+        )
+    return missing, unexpected
+
+
+def _short(names: list[str], n: int = 8) -> str:
+    return str(names) if len(names) <= n else f"{names[:n]} and {len(names) - n} more"
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories: step_000123/, latest pointer, pruning
+# --------------------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    """Canonical name of the checkpoint for `step` inside a run directory: ``step_000123``."""
+    return f"step_{step:06d}"
+
+
+def update_latest(out_dir: PathLike, name: str) -> None:
+    """Point ``out_dir/latest`` at checkpoint `name` (atomic: temp file + fsync + os.replace)."""
+    out_dir = Path(out_dir)
+    name = Path(name).name
+    if not (out_dir / name / META_FILE).is_file():
+        raise CheckpointError(f"{out_dir / name} is not a complete checkpoint; save it before pointing to it")
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{LATEST_FILE}-", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_dir / LATEST_FILE)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(out_dir)
+
+
+def list_checkpoints(out_dir: PathLike) -> list[Path]:
+    """Complete ``step_*`` checkpoints of a run, oldest first (temp and aside dirs ignored)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in out_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and (p / META_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_latest(out_dir: PathLike) -> Path | None:
+    """The newest complete checkpoint of a run, or None.
+
+    Follows ``latest`` when it names a complete checkpoint; otherwise (no pointer yet, or a
+    pointer to a deleted directory) falls back to the highest-numbered ``step_*`` directory.
+    """
+    out_dir = Path(out_dir)
+    pointer = out_dir / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if name and (out_dir / name / META_FILE).is_file():
+            return out_dir / name
+    ckpts = list_checkpoints(out_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune_checkpoints(out_dir: PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the `keep_last` newest ``step_*`` checkpoints (never the ``latest`` one)."""
+    if keep_last < 1:
+        raise CheckpointError(f"keep_last must be >= 1, got {keep_last}")
+    ckpts = list_checkpoints(out_dir)
+    latest = find_latest(out_dir)
+    removed = []
+    for p in ckpts[:-keep_last]:
+        if latest is not None and p.resolve() == latest.resolve():
+            continue
+        shutil.rmtree(p)
+        removed.append(p)
+    return removed
