@@ -1,0 +1,251 @@
+"""Prepare everything the book build needs besides the executed notebooks.
+
+    python book/tools/assets.py [--book BOOK_DIR]
+
+Run by ``make book`` after the notebooks are executed and before ``jupyter-book build``. It
+
+1. puts a placeholder page ``book/chapters/NN_name.md`` (copied from ``book/placeholders/``) for
+   every chapter of ``_toc.yml`` whose executed notebook ``book/chapters/NN_name.ipynb`` is absent,
+   and removes a stale placeholder where the notebook exists, so each name resolves once;
+2. copies MathJax 2.7 from the ``jupyter-server-mathjax`` package into ``book/_vendor/mathjax/``;
+3. unpacks mermaid (ES module build) from the npm registry's ``mermaid`` package into
+   ``book/_vendor/mermaid/``; the tarball is fetched once with ``npm pack``, checked against a pinned
+   SHA-512 and cached in ``.cache/npm/``.
+
+``book/_vendor/`` is gitignored: nothing vendored is committed. The site then loads no file from
+outside itself. If MathJax's package or npm is unavailable, a small shim that loads the same
+version from a CDN is written instead and a NOTICE is printed: the site still works, online only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import yaml
+
+BOOK = Path(__file__).resolve().parents[1]
+REPO = BOOK.parent
+
+# mermaid: the version sphinxcontrib-mermaid 2.1.1 defaults to, from the npm registry.
+MERMAID_VERSION = "11.12.1"
+MERMAID_SHA512 = (
+    "525219ad16ab881d754d8d51b538145a9eb9b6986d06fe024aaeefc92d996764"
+    "e0a0c8ecda7968abec05ab18b07319611d4becec33c680c8ecd9a790c73e61f6"
+)
+MERMAID_ENTRY = "mermaid.esm.min.mjs"
+MERMAID_CDN = f"https://cdn.jsdelivr.net/npm/mermaid@{MERMAID_VERSION}/dist/{MERMAID_ENTRY}"
+
+# MathJax 2.7 as shipped by jupyter-server-mathjax (a pinned dependency of the `book` extra).
+MATHJAX_PACKAGE = "jupyter_server_mathjax"
+MATHJAX_CDN = "https://cdn.jsdelivr.net/npm/mathjax@2.7.9/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
+
+STAMP = "VERSION"
+
+
+def notice(message: str) -> None:
+    print(f"NOTICE: {message}", file=sys.stderr)
+
+
+# --- 1. placeholders -------------------------------------------------------------------------
+def toc_files(book: Path) -> list[str]:
+    """Every ``file:`` entry of ``_toc.yml``, in order."""
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("file"), str):
+                found.append(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    toc = yaml.safe_load((book / "_toc.yml").read_text(encoding="utf-8"))
+    found.append(toc["root"])
+    walk({k: v for k, v in toc.items() if k != "root"})
+    return found
+
+
+def place_placeholders(book: Path) -> dict[str, str]:
+    """Make each ``chapters/NN_name`` entry resolve to exactly one file; return name -> kind."""
+    chapters = book / "chapters"
+    chapters.mkdir(exist_ok=True)
+    kinds: dict[str, str] = {}
+    for entry in toc_files(book):
+        if not entry.startswith("chapters/"):
+            continue
+        name = entry.split("/", 1)[1]
+        executed, page = chapters / f"{name}.ipynb", chapters / f"{name}.md"
+        placeholder = book / "placeholders" / f"{name}.md"
+        if executed.is_file():
+            page.unlink(missing_ok=True)
+            kinds[name] = "notebook"
+            continue
+        if not placeholder.is_file():
+            raise SystemExit(f"{entry}: neither {executed} nor a placeholder {placeholder} exists")
+        if (book.parent / "notebooks" / f"{name}.ipynb").is_file():
+            notice(f"notebooks/{name}.ipynb is not executed yet (`make execute`): using its placeholder")
+        if not page.is_file() or page.read_bytes() != placeholder.read_bytes():
+            shutil.copyfile(placeholder, page)
+        kinds[name] = "placeholder"
+    return kinds
+
+
+# --- shared helpers --------------------------------------------------------------------------
+def _stamped(folder: Path, stamp: str, entry: str) -> bool:
+    marker = folder / STAMP
+    return (folder / entry).is_file() and marker.is_file() and marker.read_text() == stamp
+
+
+def _install(staging: Path, target: Path, stamp: str) -> None:
+    """Move a fully prepared ``staging`` folder into place as ``target``."""
+    (staging / STAMP).write_text(stamp)
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), str(target))
+
+
+# --- 2. MathJax ------------------------------------------------------------------------------
+def vendor_mathjax(vendor: Path) -> str:
+    target = vendor / "mathjax"
+    spec = importlib.util.find_spec(MATHJAX_PACKAGE)
+    source = Path(spec.origin).parent / "static" if spec and spec.origin else None
+    if source is not None and (source / "MathJax.js").is_file():
+        version = importlib.metadata.version(MATHJAX_PACKAGE.replace("_", "-"))
+        stamp = f"MathJax from {MATHJAX_PACKAGE} {version}\n"
+        if not _stamped(target, stamp, "MathJax.js"):
+            with tempfile.TemporaryDirectory(dir=vendor) as tmp:
+                staging = Path(tmp) / "mathjax"
+                shutil.copytree(source, staging)
+                _install(staging, target, stamp)
+        return f"local ({MATHJAX_PACKAGE} {version})"
+    notice(f"{MATHJAX_PACKAGE} is not installed (pip install -e '.[book]'): the site will load "
+           f"MathJax from {MATHJAX_CDN.split('?')[0]} and needs the network to show formulas")
+    stamp = f"MathJax from CDN {MATHJAX_CDN}\n"
+    with tempfile.TemporaryDirectory(dir=vendor) as tmp:
+        staging = Path(tmp) / "mathjax"
+        staging.mkdir()
+        (staging / "MathJax.js").write_text(
+            "// Fallback written by book/tools/assets.py: jupyter-server-mathjax was not installed.\n"
+            "(function () {\n"
+            '  var s = document.createElement("script");\n'
+            f'  s.src = "{MATHJAX_CDN}";\n'
+            "  document.head.appendChild(s);\n"
+            "})();\n"
+        )
+        _install(staging, target, stamp)
+    return "CDN fallback"
+
+
+# --- 3. mermaid ------------------------------------------------------------------------------
+def _sha512(path: Path) -> str:
+    digest = hashlib.sha512()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mermaid_tarball(cache: Path) -> Path | None:
+    """The verified npm tarball of mermaid, fetched with ``npm pack`` on first use."""
+    tarball = cache / f"mermaid-{MERMAID_VERSION}.tgz"
+    if tarball.is_file() and _sha512(tarball) == MERMAID_SHA512:
+        return tarball
+    npm = shutil.which("npm")
+    if npm is None:
+        notice("npm is not installed, so mermaid cannot be fetched from the npm registry")
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        result = subprocess.run(
+            [npm, "pack", f"mermaid@{MERMAID_VERSION}", "--pack-destination", tmp, "--loglevel=error",
+             "--prefer-offline", "--fetch-retries=1", "--fetch-timeout=60000"],
+            cwd=tmp, capture_output=True, text=True, timeout=600,
+        )
+        fetched = Path(tmp) / tarball.name
+        if result.returncode != 0 or not fetched.is_file():
+            notice(f"`npm pack mermaid@{MERMAID_VERSION}` failed: {result.stderr.strip()[-500:]}")
+            return None
+        if _sha512(fetched) != MERMAID_SHA512:
+            raise SystemExit(f"mermaid-{MERMAID_VERSION}.tgz from npm does not match the pinned SHA-512")
+        os.replace(fetched, tarball)
+    return tarball
+
+
+def vendor_mermaid(vendor: Path, cache: Path) -> str:
+    target = vendor / "mermaid"
+    stamp = f"mermaid {MERMAID_VERSION} (npm, sha512 {MERMAID_SHA512[:16]}...)\n"
+    if _stamped(target, stamp, MERMAID_ENTRY):
+        return f"local (npm mermaid {MERMAID_VERSION})"
+    tarball = mermaid_tarball(cache)
+    with tempfile.TemporaryDirectory(dir=vendor) as tmp:
+        staging = Path(tmp) / "mermaid"
+        staging.mkdir()
+        if tarball is None:
+            notice(f"the site will load mermaid from {MERMAID_CDN} and needs the network to draw diagrams")
+            (staging / MERMAID_ENTRY).write_text(
+                "// Fallback written by book/tools/assets.py: mermaid could not be fetched with npm.\n"
+                f'export {{ default }} from "{MERMAID_CDN}";\n'
+            )
+            _install(staging, target, f"mermaid from CDN {MERMAID_CDN}\n")
+            return "CDN fallback"
+        # Only the ES module build (entry + its chunks) and the licence; no source maps.
+        wanted = f"package/dist/{MERMAID_ENTRY}"
+        chunks = "package/dist/chunks/mermaid.esm.min/"
+        count = 0
+        with tarfile.open(tarball, "r:gz") as archive:
+            for member in archive.getmembers():
+                name = member.name
+                if not member.isfile() or ".." in Path(name).parts:
+                    continue
+                if name == wanted:
+                    out = staging / MERMAID_ENTRY
+                elif name.startswith(chunks) and name.endswith(".mjs") and "/" not in name[len(chunks):]:
+                    out = staging / "chunks" / "mermaid.esm.min" / name[len(chunks):]
+                elif name == "package/LICENSE":
+                    out = staging / "LICENSE"
+                else:
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with archive.extractfile(member) as src, out.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                count += 1
+        if not (staging / MERMAID_ENTRY).is_file() or count < 10:
+            raise SystemExit(f"{tarball} does not contain mermaid's ES module build")
+        _install(staging, target, stamp)
+    return f"local (npm mermaid {MERMAID_VERSION})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--book", type=Path, default=BOOK, help="the book folder (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("LMKIT_CACHE", REPO / ".cache")),
+                        help="download cache (default: $LMKIT_CACHE or .cache/)")
+    args = parser.parse_args(argv)
+    book = args.book.resolve()
+    kinds = place_placeholders(book)
+    vendor = book / "_vendor"
+    vendor.mkdir(exist_ok=True)
+    mathjax = vendor_mathjax(vendor)
+    mermaid = vendor_mermaid(vendor, args.cache.resolve() / "npm")
+    executed = sorted(k for k, v in kinds.items() if v == "notebook")
+    placeholders = sorted(k for k, v in kinds.items() if v == "placeholder")
+    print(f"assets: {len(executed)} executed chapter(s) {executed}, {len(placeholders)} placeholder(s); "
+          f"MathJax: {mathjax}; mermaid: {mermaid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

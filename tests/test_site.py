@@ -1,0 +1,499 @@
+"""The built book, read as a reader would: headless Chromium on a local copy of the site.
+
+A session fixture builds the site (``book/tools/assets.py`` then ``jupyter-book build``), or reuses
+``book/_build/html`` when it is newer than everything it is made from, serves it on a free localhost
+port and opens every page of ``_toc.yml`` once in Chromium through Selenium. The tests then check
+what the reader sees on each page: it loads with a title; no cell shows a traceback; every formula
+was typeset by MathJax and no raw TeX is left; every mermaid diagram became an SVG; every figure of
+an executed notebook is present and decoded; and not a single request left localhost.
+
+When notebooks have no fresh executed copy in ``book/chapters/``, the site is built in a temporary
+copy of ``book/`` with the notebooks executed in smoke mode (cached in ``build/executed/``), so that
+the test never leaves smoke outputs where ``make book`` would publish them.
+
+Needs Debian's ``chromium`` and ``chromium-driver`` (``make browser``): without them the tests are
+skipped, or fail under CI.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+BUILT = BOOK / "_build" / "html"
+EXECUTED_CACHE = ROOT / "build" / "executed"
+CHROMIUM = Path(os.environ.get("LMKIT_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("LMKIT_CHROMEDRIVER", "/usr/bin/chromedriver"))
+BIN = Path(sys.executable).parent
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml", "image/gif")
+RENDERED_MATH = ".MathJax, .MathJax_Display, .MathJax_CHTML, .MathJax_SVG, .MathJax_PHTML, mjx-container"
+RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$")
+TRACEBACK = "Traceback"
+# Console errors that are not the site's: the browser asks for /favicon.ico, and pydata-sphinx-theme
+# logs a console.error when a fresh browser profile has no stored light/dark mode yet.
+BENIGN_CONSOLE = re.compile(r"favicon\.ico|Got invalid theme mode: \. Resetting to auto")
+STDERR_ERROR = re.compile(r"Traceback|^\s*\w*(Error|Exception): ", re.M)
+
+pytestmark = pytest.mark.site
+
+
+def toc_pages() -> list[str]:
+    """Docnames of every page in ``_toc.yml``, root first."""
+    toc = yaml.safe_load((BOOK / "_toc.yml").read_text(encoding="utf-8"))
+    pages = [toc["root"]]
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("file"), str):
+                pages.append(node["file"])
+            for key, value in node.items():
+                if key != "root":
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk({k: v for k, v in toc.items() if k != "root"})
+    return [re.sub(r"\.(md|ipynb)$", "", p) for p in pages]
+
+
+PAGES = toc_pages()
+CHAPTERS = [p.split("/", 1)[1] for p in PAGES if p.startswith("chapters/")]
+
+
+# --- building the site -----------------------------------------------------------------------
+def _newest(paths) -> float:
+    return max((p.stat().st_mtime for p in paths if p.is_file()), default=0.0)
+
+
+def _lmkit_mtime() -> float:
+    return _newest((ROOT / "lmkit").rglob("*.py"))
+
+
+def _fresh_executed(name: str, candidate: Path) -> bool:
+    source = ROOT / "notebooks" / f"{name}.ipynb"
+    return candidate.is_file() and candidate.stat().st_mtime >= max(source.stat().st_mtime, _lmkit_mtime())
+
+
+def _book_inputs(book: Path) -> list[Path]:
+    skip = {"_build", "_vendor", ".ipynb_checkpoints", "__pycache__"}
+    return [p for p in book.rglob("*") if p.is_file() and not skip & set(p.relative_to(book).parts)]
+
+
+def _existing_build_is_fresh() -> bool:
+    # Sphinx rewrites its environment on every build, even one that finds nothing to do.
+    environment = BOOK / "_build" / ".doctrees" / "environment.pickle"
+    if not environment.is_file():
+        return False
+    for name in CHAPTERS:
+        if (ROOT / "notebooks" / f"{name}.ipynb").is_file() and not _fresh_executed(
+            name, BOOK / "chapters" / f"{name}.ipynb"
+        ):
+            return False
+    return environment.stat().st_mtime >= _newest(_book_inputs(BOOK)) and all(
+        (BUILT / f"{page}.html").is_file() for page in PAGES
+    )
+
+
+def _executed_notebook(name: str) -> Path:
+    """A fresh executed copy of ``notebooks/<name>.ipynb``: the book's own, or a cached smoke run."""
+    for candidate in (BOOK / "chapters" / f"{name}.ipynb", EXECUTED_CACHE / f"{name}.ipynb"):
+        if _fresh_executed(name, candidate):
+            return candidate
+    from execute import execute_notebook  # book/tools, put on sys.path by conftest
+
+    target = EXECUTED_CACHE / f"{name}.ipynb"
+    try:
+        result = execute_notebook(ROOT / "notebooks" / f"{name}.ipynb", target, smoke=True, timeout=600)
+    except Exception as exc:  # papermill's error names the failing cell
+        pytest.fail(f"notebooks/{name}.ipynb does not run (SMOKE=True), so the site cannot be built: {exc}")
+    print(f"site: executed {name} in smoke mode in {result.seconds:.0f} s")
+    return target
+
+
+def _build(book: Path) -> str:
+    """Prepare assets and run Jupyter Book on ``book``; return the build log."""
+    subprocess.run(
+        [sys.executable, str(BOOK / "tools" / "assets.py"), "--book", str(book),
+         "--cache", str(ROOT / ".cache")],
+        check=True, cwd=ROOT, timeout=900,
+    )
+    jb = BIN / "jupyter-book"
+    command = [str(jb)] if jb.exists() else [sys.executable, "-m", "jupyter_book.cli.main"]
+    proc = subprocess.run(
+        [*command, "build", str(book), "--builder", "html"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        pytest.fail(f"jupyter-book build failed ({proc.returncode}):\n{log[-6000:]}")
+    return log
+
+
+@dataclass
+class Site:
+    html: Path
+    executed: dict[str, Path]  # chapter name -> executed notebook rendered on its page
+    log: str | None  # the build log, None when an existing build was reused
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> Site:
+    started = time.perf_counter()
+    if _existing_build_is_fresh():
+        executed = {n: BOOK / "chapters" / f"{n}.ipynb" for n in CHAPTERS
+                    if (BOOK / "chapters" / f"{n}.ipynb").is_file()}
+        print(f"site: reusing the fresh build in {BUILT}")
+        return Site(BUILT, executed, None)
+    executed = {n: _executed_notebook(n) for n in CHAPTERS if (ROOT / "notebooks" / f"{n}.ipynb").is_file()}
+    book = tmp_path_factory.mktemp("site") / "book"
+    shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", "chapters", ".ipynb_checkpoints"))
+    (book / "chapters").mkdir()
+    for name, notebook in executed.items():
+        shutil.copyfile(notebook, book / "chapters" / f"{name}.ipynb")
+    log = _build(book)
+    print(f"site: built in {time.perf_counter() - started:.0f} s")
+    return Site(book / "_build" / "html", executed, log)
+
+
+# --- serving and browsing --------------------------------------------------------------------
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    extensions_map = {
+        **http.server.SimpleHTTPRequestHandler.extensions_map,
+        ".mjs": "text/javascript", ".js": "text/javascript", ".woff": "font/woff", ".svg": "image/svg+xml",
+    }
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def server(site: Site):
+    handler = functools.partial(_QuietHandler, directory=str(site.html))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _missing_browser_message() -> str | None:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (pip install -e '.[test]')")
+    if missing:
+        return (f"the site test needs {', '.join(missing)}: "
+                "run `make browser` (Debian chromium + chromium-driver)")
+    return None
+
+
+@pytest.fixture(scope="session")
+def driver():
+    message = _missing_browser_message()
+    if message:
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="lmkit-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1600", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
+    browser = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    browser.set_page_load_timeout(60)
+    browser.set_script_timeout(60)
+    browser.get("about:blank")
+    browser.get_log("performance")  # the start page's requests are not the site's
+    yield browser
+    browser.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@dataclass
+class PageReport:
+    page: str
+    status: int
+    title: str
+    h1: str
+    math_elements: int
+    math_unrendered: list[str]
+    math_errors: list[str]
+    mathjax: str
+    raw_tex: list[str]
+    diagrams: int
+    diagram_svgs: list[dict]
+    images: list[dict]
+    output_errors: list[str]
+    requests: set[str] = field(default_factory=set)
+    console_errors: list[str] = field(default_factory=list)
+    screenshot: Path | None = None
+
+
+_WAIT_MATHJAX = """
+const done = arguments[arguments.length - 1];
+if (!document.querySelector('.math, script[type^="math/tex"]')) { done('none'); return; }
+const t0 = Date.now();
+(function poll() {
+  if (window.MathJax && MathJax.Hub && MathJax.isReady) { MathJax.Hub.Queue(() => done('typeset')); }
+  else if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    MathJax.startup.promise.then(() => done('typeset'));
+  }
+  else if (Date.now() - t0 > 30000) { done(window.MathJax ? 'not ready' : 'not loaded'); }
+  else { setTimeout(poll, 100); }
+})();
+"""
+
+_INSPECT = """
+const RENDERED = arguments[0];
+const article = document.querySelector('main') || document.body;
+const texOf = (el) => (el.getAttribute('data-tex') || el.textContent || '').trim().slice(0, 80);
+// Sphinx's math elements; MathJax 2's output has inner spans of class "math" too, skip those.
+const maths = [...article.querySelectorAll('.math')].filter(m => !m.id.startsWith('MathJax-')
+  && !(m.parentElement && m.parentElement.closest(RENDERED)));
+const unrendered = maths.filter(m => !m.querySelector(RENDERED)).map(texOf);
+const mathErrors = [...article.querySelectorAll('.MathJax_Error, .merror, .noError, mjx-merror')]
+  .map(e => e.textContent.trim().slice(0, 120));
+// Text a reader sees, outside code: raw TeX delimiters there mean MathJax did not typeset it.
+const visible = [];
+const walker = document.createTreeWalker(article, NodeFilter.SHOW_TEXT);
+const SKIP = 'pre, code, script, style, textarea, .highlight, .MathJax_Preview, .MJX_Assistive_MathML';
+for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+  const parent = node.parentElement;
+  if (!parent || parent.closest(SKIP)) continue;
+  if (parent.offsetParent === null && getComputedStyle(parent).position !== 'fixed') continue;
+  visible.push(node.textContent);
+}
+const diagrams = [...document.querySelectorAll('.mermaid')];
+const svgs = diagrams.map(d => {
+  const svg = d.querySelector('svg');
+  if (!svg) return {svg: false, text: d.textContent.trim().slice(0, 80)};
+  const box = svg.getBoundingClientRect();
+  return {svg: true, nodes: svg.querySelectorAll('g.node, .node').length, width: box.width,
+          height: box.height, error: /Syntax error|Parse error/i.test(svg.textContent)};
+});
+const images = [...article.querySelectorAll('img')].map(img => ({
+  src: img.currentSrc || img.src, complete: img.complete, width: img.naturalWidth,
+  output: !!img.closest('.cell_output')}));
+const texts = (selector) => [...article.querySelectorAll(selector)].map(e => e.textContent);
+const h1 = document.querySelector('article h1') || document.querySelector('main h1, h1');
+return {title: document.title, h1: h1 ? h1.textContent.trim() : '', mathElements: maths.length,
+        unrendered, mathErrors, visible: visible.join(' '), diagrams: diagrams.length, svgs, images,
+        tracebacks: texts('.output.traceback, .output.error'), stderr: texts('.output.stderr'),
+        outputs: texts('.cell_output'),
+        resources: performance.getEntriesByType('resource').map(e => e.name),
+        dom: [...document.querySelectorAll('script[src], link[href], img[src], iframe[src], source[src]')]
+          .filter(e => !(e.tagName === 'LINK' && /^(canonical|alternate|index|search|next|prev)$/i
+                                                  .test(e.getAttribute('rel') || '')))
+          .map(e => e.src || e.href)};
+"""
+
+
+def _http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - localhost only
+        return response.status
+
+
+def _load(driver, url: str, page: str) -> PageReport:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get_log("performance")  # drain what earlier pages left
+    driver.get_log("browser")
+    status = _http_status(url)
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    mathjax = driver.execute_async_script(_WAIT_MATHJAX)
+    # mermaid renders after the load event; give every diagram the chance to become an SVG.
+    deadline = time.time() + 45
+    while time.time() < deadline and driver.execute_script(
+        "return [...document.querySelectorAll('.mermaid')].some(d => !d.querySelector('svg'))"
+    ):
+        time.sleep(0.2)
+    # decode every image, including any the browser would load lazily
+    driver.execute_script("document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; });")
+    deadline = time.time() + 30
+    while time.time() < deadline and not driver.execute_script(
+        "return [...document.images].every(i => i.complete)"
+    ):
+        time.sleep(0.2)
+    info = driver.execute_script(_INSPECT, RENDERED_MATH)
+    requests = set(info["resources"]) | set(info["dom"])
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            requests.add(message["params"]["request"]["url"])
+    console = [f"{e['level']}: {e['message'][:300]}" for e in driver.get_log("browser")
+               if e["level"] == "SEVERE" and not BENIGN_CONSOLE.search(e["message"])]
+    errors = [f"error output: {t.strip()[:300]}" for t in info["tracebacks"]]
+    errors += [f"stderr: {t.strip()[:300]}" for t in info["stderr"] if STDERR_ERROR.search(t)]
+    errors += [f"output: {t.strip()[:300]}" for t in info["outputs"] if TRACEBACK in t]
+    report = PageReport(
+        page=page, status=status, title=info["title"], h1=info["h1"],
+        math_elements=info["mathElements"], math_unrendered=info["unrendered"],
+        math_errors=info["mathErrors"], mathjax=mathjax,
+        raw_tex=sorted(set(RAW_TEX.findall(info["visible"]))), diagrams=info["diagrams"],
+        diagram_svgs=info["svgs"], images=info["images"], output_errors=errors, requests=requests,
+        console_errors=console,
+    )
+    shots = os.environ.get("LMKIT_SITE_SCREENSHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        report.screenshot = Path(shots) / f"{page.replace('/', '_')}.png"
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1280, min(int(height) + 200, 16000))  # the whole page
+        driver.save_screenshot(str(report.screenshot))
+        driver.set_window_size(1280, 1600)
+    return report
+
+
+@pytest.fixture(scope="session")
+def pages(driver, server):
+    """Each page is opened once; every test reads its report."""
+    cache: dict[str, PageReport] = {}
+
+    def get(page: str) -> PageReport:
+        if page not in cache:
+            cache[page] = _load(driver, server + f"{page}.html", page)
+        return cache[page]
+
+    return get
+
+
+# --- the tests -------------------------------------------------------------------------------
+def test_toc_lists_every_chapter_of_the_design():
+    expected = ["intro", *(f"chapters/{n}" for n in (
+        "01_concepts", "02_algorithms", "03_mathematics", "04_project", "05_parallelism_theory",
+        "06_hybrid_parallel_practice", "07_efficiency", "08_applications")),
+        "tools", "outlook", "faq", "glossary", "references"]
+    assert PAGES == expected
+    for name in CHAPTERS:
+        assert (BOOK / "placeholders" / f"{name}.md").is_file(), f"no placeholder for {name}"
+        assert "in preparation" in (BOOK / "placeholders" / f"{name}.md").read_text(encoding="utf-8")
+
+
+def test_build_has_no_warnings(site: Site):
+    if site.log is None:
+        pytest.skip("reused an existing build of book/_build/html: its log is not available")
+    problems = [line for line in site.log.splitlines() if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)]
+    assert not problems, "jupyter-book build warned:\n" + "\n".join(problems[:40])
+
+
+def test_every_page_was_built(site: Site):
+    for page in PAGES:
+        assert (site.html / f"{page}.html").is_file(), f"{page}.html is missing from {site.html}"
+    for name in CHAPTERS:
+        html = (site.html / "chapters" / f"{name}.html").read_text(encoding="utf-8")
+        if name in site.executed:
+            assert "in preparation" not in html, f"{name}: the executed notebook was not rendered"
+        else:
+            assert "in preparation" in html, f"{name}: expected the placeholder page"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_loads_with_a_title(pages, page):
+    report = pages(page)
+    assert report.status == 200
+    assert report.h1, f"{page}: no <h1>"
+    assert report.title.strip(), f"{page}: empty <title>"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_error_output(pages, page):
+    report = pages(page)
+    assert not report.output_errors, f"{page} shows errors:\n" + "\n---\n".join(report.output_errors)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_script_errors(pages, page):
+    report = pages(page)
+    assert not report.console_errors, f"{page}: errors in the browser console:\n" + "\n".join(
+        report.console_errors)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_math_is_typeset(pages, page):
+    report = pages(page)
+    if report.math_elements:
+        assert report.mathjax == "typeset", f"{page}: MathJax {report.mathjax}"
+    assert not report.math_unrendered, f"{page}: formulas left untypeset: {report.math_unrendered[:5]}"
+    assert not report.math_errors, f"{page}: TeX errors: {report.math_errors[:5]}"
+    assert not report.raw_tex, f"{page}: raw TeX delimiters visible in the text: {report.raw_tex}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_diagrams_are_drawn(pages, page):
+    report = pages(page)
+    for i, svg in enumerate(report.diagram_svgs):
+        assert svg["svg"], f"{page}: mermaid diagram {i} was not rendered: {svg.get('text')!r}"
+        assert not svg["error"], f"{page}: mermaid diagram {i} has a syntax error"
+        assert svg["nodes"] > 0 and svg["width"] > 0 and svg["height"] > 0, f"{page}: diagram {i} is empty"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_figures_are_loaded(pages, site: Site, page):
+    report = pages(page)
+    broken = [img["src"] for img in report.images if not (img["complete"] and img["width"] > 0)]
+    assert not broken, f"{page}: images that did not load: {broken}"
+    name = page.split("/", 1)[1] if page.startswith("chapters/") else None
+    if name in site.executed:
+        notebook = json.loads(site.executed[name].read_text(encoding="utf-8"))
+        expected = sum(
+            1 for cell in notebook["cells"] if cell["cell_type"] == "code"
+            for output in cell.get("outputs", []) if any(m in output.get("data", {}) for m in IMAGE_MIMES)
+        )
+        shown = sum(1 for img in report.images if img["output"])
+        assert shown >= expected, f"{page}: the notebook has {expected} image outputs, the page shows {shown}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_nothing_is_fetched_from_outside(pages, server, page):
+    report = pages(page)
+    assert report.requests, f"{page}: no request was recorded at all"
+    # chrome:// and the like are the browser's own pages (its start page), never network traffic.
+    network = [u for u in report.requests if re.match(r"(?i)(https?|wss?|ftp):", u)]
+    outside = sorted(u for u in network if not u.startswith(server))
+    assert any(u.startswith(server) for u in network), f"{page}: no request to the site was recorded"
+    assert not outside, f"{page} requested resources from outside the site: {outside}"
+
+
+def test_intro_shows_formulas_and_the_chapter_map(pages):
+    report = pages("intro")
+    assert report.math_elements >= 2 and report.mathjax == "typeset"
+    assert report.diagrams == 1
+    svg = report.diagram_svgs[0]
+    assert svg["svg"] and svg["nodes"] >= 9, f"the chapter map was not drawn: {svg}"
+    # ... typeset by the vendored MathJax 2 and drawn by the vendored mermaid, not a CDN fallback
+    mathjax = "_static/mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
+    assert any(u.endswith(mathjax) for u in report.requests)
+    assert any(u.endswith("_static/mermaid/mermaid.esm.min.mjs") for u in report.requests)
+    assert any("/_static/mathjax/fonts/" in u for u in report.requests), "MathJax used no web font"
+
+
+def test_intro_links_the_glossary(site: Site):
+    html = (site.html / "intro.html").read_text(encoding="utf-8")
+    assert 'href="glossary.html"' in html
