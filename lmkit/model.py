@@ -1,0 +1,580 @@
+"""The language models: a GPT (decoder-only Transformer) and the LSTM baseline.
+
+`GPT` follows GPT-2: token + learned position embeddings, pre-LayerNorm blocks (causal
+self-attention, then a 4x GELU MLP, each wrapped in a residual connection), a final LayerNorm
+and an LM head whose weight *is* the token embedding. It is numerically the same network as
+Hugging Face's ``GPT2LMHeadModel`` (checked in ``tests/test_model.py``); the GELU is the tanh
+approximation GPT-2 was trained with, so real GPT-2 weights load through
+`gpt2_state_dict_from_hf`.
+
+Module names are part of the interface. The tensor-parallel engine wraps them and checkpoints
+key off ``state_dict()`` names::
+
+    tok_emb, pos_emb, drop,
+    blocks[i].ln1, blocks[i].attn.qkv, blocks[i].attn.proj, blocks[i].ln2,
+    blocks[i].mlp.fc, blocks[i].mlp.proj,
+    ln_f, head            (head.weight is tok_emb.weight: both names appear in state_dict)
+
+``attn.qkv`` is one fused Linear(d, 3d) whose output features are laid out ``[q | k | v]``, each
+``n_head`` heads of ``head_dim``. A tensor-parallel split must therefore split *per head inside
+each of q, k and v* (view the weight as ``[3, n_head, head_dim, d]`` and shard dim 1), not cut
+the 3d rows into contiguous chunks. The attention infers its local head count from the width of
+the ``qkv`` output, so a column-parallel ``qkv`` and a row-parallel ``proj`` drop in unchanged.
+
+Decoding uses `KVCache`: preallocated keys/values per layer, one position appended per step.
+Batches of prompts of different lengths are LEFT-padded: row ``b`` has ``left_pad[b]`` padding
+columns before its first real token. Its position ids start at 0 on the first real token and
+its queries never attend to the padding, so a padded row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lmkit.config import ModelConfig
+
+__all__ = [
+    "GPT",
+    "KVCache",
+    "LSTMLanguageModel",
+    "LSTMState",
+    "build_model",
+    "gpt2_state_dict_from_hf",
+    "gpt2_state_dict_to_hf",
+]
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_token_ids(idx: Tensor, vocab_size: int) -> None:
+    """Fail with a readable message instead of an index error deep inside nn.Embedding.
+
+    Out-of-range ids almost always mean the data was encoded with a different tokenizer than
+    the one the model was configured for, so the message says so.
+    """
+    if idx.dim() != 2:
+        raise ValueError(f"expected token ids of shape [batch, seq_len], got shape {tuple(idx.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token ids must be an integer tensor (int64), got {idx.dtype}")
+    if idx.numel() == 0:
+        raise ValueError("empty input: need at least one token per row")
+    if torch.compiler.is_compiling():
+        return  # a data-dependent check would break the compiled graph
+    lo, hi = torch.aminmax(idx)
+    lo, hi = int(lo), int(hi)
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(
+            f"token id {bad} is outside the model's vocabulary [0, {vocab_size}); vocab_size={vocab_size}. "
+            "The tokenizer and the model config disagree: build the model with "
+            "ModelConfig(vocab_size=tokenizer.vocab_size) or re-encode the data with the right tokenizer."
+        )
+
+
+def _as_pad_tensor(
+    left_pad: Tensor | Sequence[int] | None, batch: int, device: torch.device
+) -> Tensor | None:
+    """Normalise left padding to a LongTensor [B] on `device`, or None when no row is padded."""
+    if left_pad is None:
+        return None
+    pad = torch.as_tensor(left_pad, dtype=torch.long, device=device).reshape(-1)
+    if pad.numel() != batch:
+        raise ValueError(f"left_pad has {pad.numel()} entries for a batch of {batch} rows")
+    if not bool(pad.any()):
+        return None
+    return pad
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    Per layer, ``k[i]`` and ``v[i]`` are preallocated ``[B, n_head, max_len, head_dim]`` tensors;
+    ``length`` is how many positions are filled. A forward call with the cache writes its new
+    positions at ``length`` and attends over ``[0, length + T)``. The tensors are allocated on the
+    first write, with the shape, dtype and device of the first keys seen, so the cache needs no
+    knowledge of the (possibly tensor-parallel, hence local) head count.
+
+    ``left_pad`` (optional, [B]) marks left padding: columns ``< left_pad[b]`` of row ``b`` are
+    padding that no query may attend to, and position ids count from the first real token.
+    """
+
+    def __init__(self, n_layer: int, max_len: int, left_pad: Tensor | Sequence[int] | None = None):
+        if max_len <= 0:
+            raise ValueError(f"KVCache.max_len must be positive, got {max_len}")
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.left_pad = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long)
+        self.length = 0
+        self.k: list[Tensor | None] = [None] * n_layer
+        self.v: list[Tensor | None] = [None] * n_layer
+
+    def reset(self) -> None:
+        """Forget the contents (the storage is kept for the next sequence of the same shape)."""
+        self.length = 0
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write `k`, `v` ([B, H, T, hd]) at positions start..start+T; return the filled prefix."""
+        B, H, T, hd = k.shape
+        end = start + T
+        ck = self.k[layer]
+        if ck is None or ck.shape[0] != B:
+            ck = self.k[layer] = k.new_empty(B, H, self.max_len, hd)
+            self.v[layer] = v.new_empty(B, H, self.max_len, hd)
+        cv = self.v[layer]
+        ck[:, :, start:end] = k
+        cv[:, :, start:end] = v
+        return ck[:, :, :end], cv[:, :, :end]
+
+
+# --------------------------------------------------------------------------- GPT
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.d_model // config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        is_causal: bool = True,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+    ) -> Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        qkv = self.qkv(x)
+        width = qkv.size(-1) // 3  # local width (and heads) under tensor parallelism
+        H = width // hd
+        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(width, dim=-1))
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        y = y.transpose(1, 2).reshape(B, T, width)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        # tanh-approximate GELU: what GPT-2 was trained with ("gelu_new"), so GPT-2 weights load.
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        is_causal: bool = True,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start: int = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask, is_causal, cache, layer, start)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2-style decoder-only Transformer (see the module docstring for names and layout)."""
+
+    #: Validate token ids on every forward (a clear error instead of an index error or a CUDA
+    #: device-side assert). On a GPU it costs one host-device sync per call; set False to skip.
+    check_token_ids: bool = True
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.arch != "gpt":
+            raise ValueError(f"GPT needs config.arch='gpt', got {config.arch!r}; use build_model(config)")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.block_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Weight tying: the output projection reuses the input embedding (saves V*d parameters and
+        # is what GPT-2 does). Both names stay in state_dict(), sharing one storage.
+        self.head.weight = self.tok_emb.weight
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2: scale the init of the projections that write into the residual stream by
+        # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ------------------------------------------------------------------ knobs and counts
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> GPT:
+        """Recompute each block's activations in backward instead of storing them (training only).
+
+        Trades one extra forward of every block for activation memory of O(n_layer * B*T*d)
+        instead of O(n_layer * B*T*d * ~16); see the efficiency chapter.
+        """
+        self.gradient_checkpointing = bool(enabled)
+        return self
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters (the tied head is counted once).
+
+        ``non_embedding=True`` excludes the token and position embeddings (Kaplan et al.'s N,
+        the quantity scaling laws and the 6N FLOPs rule use); the tied head shares the token
+        embedding's tensor and is excluded with it.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() deduplicates the tied weight
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Approximate FLOPs per token (PaLM appendix B / nanoGPT's estimate_mfu).
+
+        With N = non-embedding parameters plus the d*V weights of the LM head (a real matmul even
+        though it is tied to the embedding lookup), L layers, width d and context T:
+
+        - training (forward + backward = 3x forward): ``6 * N + 12 * L * d * T``;
+        - inference (forward only):                   ``2 * N +  4 * L * d * T``.
+
+        6N counts 2 FLOPs per multiply-add per weight, times 3 for the backward pass; the second
+        term is the attention scores QK^T and the weighted sum AV (2 matmuls of 2*T*d FLOPs per
+        token per layer), counted over the full T x T square as PaLM does. T defaults to
+        block_size.
+        """
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        N = self.num_params(non_embedding=True) + c.d_model * c.vocab_size
+        attn = 4 * c.n_layer * c.d_model * T
+        return float(6 * N + 3 * attn) if training else float(2 * N + attn)
+
+    def new_kv_cache(
+        self, batch_size: int, max_len: int | None = None, left_pad: Tensor | Sequence[int] | None = None
+    ) -> KVCache:
+        """An empty cache for up to `max_len` positions (default block_size); see `KVCache`."""
+        max_len = self.config.block_size if max_len is None else max_len
+        if max_len > self.config.block_size:
+            raise ValueError(
+                f"KV cache of {max_len} positions exceeds block_size={self.config.block_size}: "
+                "the model has no position embedding beyond block_size"
+            )
+        if left_pad is not None and len(left_pad) != batch_size:
+            raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {batch_size}")
+        return KVCache(self.config.n_layer, max_len, left_pad)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int | None = None,
+        left_pad: Tensor | Sequence[int] | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits [B, T, V] (or [B, 1, V] with ``last_only``) and the mean cross-entropy.
+
+        - ``targets`` [B, T]: loss = mean cross-entropy over positions whose target is not -100.
+        - ``kv_cache``: append these T positions to the cache and attend over everything cached.
+          ``start_pos`` defaults to ``kv_cache.length``; a smaller value rewinds the cache.
+        - without a cache, ``start_pos`` (default 0) is the column of ``idx[:, 0]``.
+        - ``left_pad`` [B]: number of padding columns at the start of each row (defaults to the
+          cache's); padded rows get position ids counted from their first real token and their
+          queries never see the padding.
+        - ``last_only``: compute the LM head for the last position only (what decoding needs).
+        """
+        B, T = idx.shape
+        c = self.config
+        if kv_cache is not None:
+            start = kv_cache.length if start_pos is None else start_pos
+            if left_pad is None:
+                left_pad = kv_cache.left_pad
+        else:
+            start = 0 if start_pos is None else start_pos
+        if start + T > c.block_size:
+            raise ValueError(
+                f"sequence of length {start + T} (start_pos={start} + {T} new tokens) is longer than "
+                f"block_size={c.block_size}; crop the context to the last {c.block_size} tokens "
+                "or build the model with a larger block_size"
+            )
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(
+                f"KV cache holds {kv_cache.max_len} positions but {start + T} are needed; "
+                "allocate a larger cache with model.new_kv_cache(batch_size, max_len)"
+            )
+        if self.check_token_ids:
+            _check_token_ids(idx, c.vocab_size)
+        pad = _as_pad_tensor(left_pad, B, idx.device)
+
+        mask: Tensor | None = None
+        if pad is None:
+            pos = self.pos_emb.weight[start : start + T]  # [T, d], broadcast over the batch
+            if kv_cache is None or start == 0:
+                is_causal = T > 1  # keys are exactly these T positions
+            else:
+                is_causal = False
+                if T > 1:  # prefill after a prefix: query i (column start+i) sees columns <= start+i
+                    cols = torch.arange(start + T, device=idx.device)
+                    mask = cols[None, :] <= (start + torch.arange(T, device=idx.device))[:, None]
+        else:
+            is_causal = False
+            qcol = start + torch.arange(T, device=idx.device)
+            kcol = torch.arange(start + T, device=idx.device) if kv_cache is not None else qcol
+            pos = self.pos_emb((qcol[None, :] - pad[:, None]).clamp_min(0))  # [B, T, d]
+            k_, q_ = kcol[None, None, :], qcol[None, :, None]
+            allowed = (k_ <= q_) & (k_ >= pad[:, None, None])
+            # a padding query has no real key to look at; let it see itself to avoid NaNs
+            allowed = allowed | (k_ == q_)
+            mask = allowed.unsqueeze(1)  # [B, 1, T, S]
+
+        x = self.drop(self.tok_emb(idx) + pos)
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+        for i, block in enumerate(self.blocks):
+            if ckpt:
+                x = checkpoint(block, x, mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, mask, is_causal, kv_cache, i, start)
+        if kv_cache is not None:
+            kv_cache.length = start + T
+        x = self.ln_f(x)
+
+        if targets is None:
+            logits = self.head(x[:, -1:, :] if last_only else x)
+            return logits, None
+        logits = self.head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+
+# --------------------------------------------------------------------------- LSTM baseline
+
+
+class LSTMState:
+    """The LSTM's counterpart of a KV cache: the hidden and cell states after the tokens so far.
+
+    ``left_pad`` only matters for the first call (the prompt), where padded columns are skipped
+    so that each row's state is the state after its own real tokens.
+    """
+
+    max_len: int | None = None  # a recurrent state has no length limit
+
+    def __init__(self, left_pad: Tensor | Sequence[int] | None = None):
+        self.left_pad = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long)
+        self.h: Tensor | None = None
+        self.c: Tensor | None = None
+        self.length = 0
+
+    def reset(self) -> None:
+        self.h = self.c = None
+        self.length = 0
+
+
+class LSTMLanguageModel(nn.Module):
+    """The source document's recurrent language model, done right, as a baseline for the GPT.
+
+    embedding -> dropout -> nn.LSTM(d, d, n_layer) -> LayerNorm -> dropout -> head (tied to the
+    embedding). Same ``forward(idx, targets) -> (logits, loss)`` contract as `GPT`, so one trainer
+    and one generator serve both. There are no position embeddings: order comes from the
+    recurrence, and the model accepts sequences of any length.
+    """
+
+    check_token_ids: bool = True  # see GPT.check_token_ids
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.arch != "lstm":
+            raise ValueError(f"LSTMLanguageModel needs config.arch='lstm', got {config.arch!r}")
+        self.config = config
+        d = config.d_model
+        self.tok_emb = nn.Embedding(config.vocab_size, d)
+        self.drop = nn.Dropout(config.dropout)
+        # nn.LSTM applies its dropout between layers only (and warns when there is one layer).
+        self.lstm = nn.LSTM(d, d, config.n_layer, batch_first=True,
+                            dropout=config.dropout if config.n_layer > 1 else 0.0)
+        self.ln_f = nn.LayerNorm(d, bias=config.bias)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> LSTMLanguageModel:
+        """Accepted for interface parity with GPT; cuDNN/ATen LSTMs are not checkpointed here."""
+        return self
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """``6 N`` for training, ``2 N`` for inference, N = non-embedding params + d*V head.
+
+        An LSTM's cost per token does not depend on the context length (no attention term).
+        """
+        N = self.num_params(non_embedding=True) + self.config.d_model * self.config.vocab_size
+        return float(6 * N if training else 2 * N)
+
+    def new_kv_cache(
+        self, batch_size: int, max_len: int | None = None, left_pad: Tensor | Sequence[int] | None = None
+    ) -> LSTMState:
+        return LSTMState(left_pad)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: LSTMState | None = None,
+        start_pos: int | None = None,
+        left_pad: Tensor | Sequence[int] | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Same contract as `GPT.forward`; ``kv_cache`` is an `LSTMState` carried across calls."""
+        B, T = idx.shape
+        if self.check_token_ids:
+            _check_token_ids(idx, self.config.vocab_size)
+        state = None
+        if kv_cache is not None:
+            if kv_cache.h is not None:
+                state = (kv_cache.h, kv_cache.c)
+            elif left_pad is None:
+                left_pad = kv_cache.left_pad
+        pad = _as_pad_tensor(left_pad, B, idx.device) if state is None else None
+
+        x = self.drop(self.tok_emb(idx))
+        if pad is None:
+            y, (h, c) = self.lstm(x, state)
+        else:
+            # Left-padded rows: shift each row so its real tokens start at column 0, run a packed
+            # sequence (the recurrence stops at each row's last real token), shift back.
+            lengths = T - pad
+            cols = torch.arange(T, device=idx.device)
+            gather = ((cols[None, :] + pad[:, None]) % T)[:, :, None].expand(-1, -1, x.size(-1))
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x.gather(1, gather), lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            y, (h, c) = self.lstm(packed)
+            y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=T)
+            back = ((cols[None, :] - pad[:, None]) % T)[:, :, None].expand(-1, -1, y.size(-1))
+            y = y.gather(1, back)
+        if kv_cache is not None:
+            kv_cache.h, kv_cache.c = h, c
+            kv_cache.length += T
+        y = self.drop(self.ln_f(y))
+        if targets is None:
+            return self.head(y[:, -1:, :] if last_only else y), None
+        logits = self.head(y)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+
+# --------------------------------------------------------------------------- factory, HF interop
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The network `config.arch` names: ``"gpt"`` -> `GPT`, ``"lstm"`` -> `LSTMLanguageModel`."""
+    config.validate()
+    if config.arch == "gpt":
+        return GPT(config)
+    return LSTMLanguageModel(config)
+
+
+# lmkit name <-> Hugging Face GPT-2 name, per block (after "blocks.{i}." / "transformer.h.{i}.")
+_HF_BLOCK_NAMES = {
+    "ln1": "ln_1",
+    "attn.qkv": "attn.c_attn",
+    "attn.proj": "attn.c_proj",
+    "ln2": "ln_2",
+    "mlp.fc": "mlp.c_fc",
+    "mlp.proj": "mlp.c_proj",
+}
+_HF_TOP_NAMES = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "ln_f": "transformer.ln_f"}
+_CONV1D = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # HF stores these as Conv1D: weight is [in, out]
+
+
+def gpt2_state_dict_from_hf(hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Convert a Hugging Face ``GPT2LMHeadModel`` state dict to `GPT`'s names.
+
+    HF's GPT-2 uses ``Conv1D`` layers whose weights are stored transposed ([in, out]); they are
+    transposed back here. Non-parameter buffers of old HF versions (``attn.bias`` masks) are
+    skipped. The result loads with ``GPT.load_state_dict`` for a config of the same shape.
+    """
+    inv_block = {v: k for k, v in _HF_BLOCK_NAMES.items()}
+    inv_top = {v: k for k, v in _HF_TOP_NAMES.items()}
+    out: dict[str, Tensor] = {}
+    for name, t in hf_state_dict.items():
+        if name == "lm_head.weight":
+            continue
+        stem, _, leaf = name.rpartition(".")
+        if stem in inv_top:
+            out[f"{inv_top[stem]}.{leaf}"] = t
+            continue
+        parts = stem.split(".")
+        if len(parts) >= 4 and parts[:2] == ["transformer", "h"]:
+            sub = ".".join(parts[3:])
+            if sub not in inv_block:
+                continue  # e.g. attn.bias / attn.masked_bias buffers
+            ours = inv_block[sub]
+            out[f"blocks.{parts[2]}.{ours}.{leaf}"] = t.t().contiguous() if (
+                ours in _CONV1D and leaf == "weight") else t
+    out["head.weight"] = out["tok_emb.weight"]
+    return out
+
+
+def gpt2_state_dict_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `gpt2_state_dict_from_hf`: `GPT` names -> HF ``GPT2LMHeadModel`` names."""
+    out: dict[str, Tensor] = {}
+    for name, t in state_dict.items():
+        stem, _, leaf = name.rpartition(".")
+        if stem == "head":
+            out["lm_head.weight"] = t
+        elif stem in _HF_TOP_NAMES:
+            out[f"{_HF_TOP_NAMES[stem]}.{leaf}"] = t
+        elif stem.startswith("blocks."):
+            _, i, sub = stem.split(".", 2)
+            out[f"transformer.h.{i}.{_HF_BLOCK_NAMES[sub]}.{leaf}"] = (
+                t.t().contiguous() if (sub in _CONV1D and leaf == "weight") else t
+            )
+    return out

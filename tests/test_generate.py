@@ -1,0 +1,200 @@
+"""lmkit.generate: sampling helpers on hand-made logits, cached == uncached decoding (also for
+padded batches and past block_size), stop tokens and strings, seeds and streaming."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lmkit.config import ModelConfig
+from lmkit.generate import (
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    generate,
+    generate_text,
+    sample_next,
+    stream,
+)
+from lmkit.model import GPT, build_model
+
+V = 65
+NEG = float("-inf")
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=V, block_size=64, n_layer=2, n_head=4, d_model=32))
+    with torch.no_grad():  # larger weights than GPT-2's init give varied, peaked predictions
+        for name, p in m.named_parameters():
+            if p.dim() == 2 and name != "pos_emb.weight":
+                p.normal_(0.0, 2.0 / p.shape[1] ** 0.5)
+        m.pos_emb.weight.normal_(0.0, 0.5)
+    return m.eval()
+
+
+class CharTok:
+    """Stand-in tokenizer: ids are offsets from ' ' (0..64 covers ' '..'`')."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(ch) - 32 for ch in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i + 32) for i in ids)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_top_k():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [4.0, 1.0, 1.0, 2.0]])
+    out = apply_top_k(logits, 2)
+    assert torch.equal(out, torch.tensor([[NEG, 3.0, 2.0, NEG], [4.0, NEG, NEG, 2.0]]))
+    assert torch.equal(apply_top_k(logits, 10), logits)
+    assert torch.equal(apply_top_k(logits, None), logits)
+
+
+def test_top_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    keep = torch.isfinite(apply_top_p(logits, 0.7))
+    assert keep.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 so the 0.3 token is needed
+    assert torch.isfinite(apply_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(apply_top_p(logits, 0.01)).sum() == 1  # never empty
+    assert torch.isfinite(apply_top_p(logits, 0.96)).all()
+    # order of the vocabulary does not matter
+    perm = torch.tensor([2, 0, 3, 1])
+    assert torch.isfinite(apply_top_p(logits[:, perm], 0.7)).tolist() == [[False, True, False, True]]
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.0]])
+    out = apply_repetition_penalty(logits, [[0, 1]], 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -4.0, 1.0, 0.0]]))
+    mask = torch.tensor([[True, True, False, False]])
+    assert torch.equal(apply_repetition_penalty(logits, mask, 2.0), out)
+    assert torch.equal(apply_repetition_penalty(logits, [[0]], 1.0), logits)
+
+
+def test_sample_next_greedy_and_temperature():
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    assert sample_next(logits, temperature=0).item() == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)}
+    assert draws == {1}
+
+
+# --------------------------------------------------------------------------- cached == uncached
+
+
+def test_cached_and_uncached_logits_match_per_step(model):
+    """Greedy decoding for 20 steps with a KV cache and by full recomputation, on a left-padded
+    batch of prompts of different lengths: the logits agree at every step."""
+    prompts = [[5, 9, 1, 33, 7, 2, 8, 40, 12, 3, 6], [14, 2, 60], [1, 2, 3, 4, 5, 6]]
+    P = max(map(len, prompts))
+    pad = [P - len(p) for p in prompts]
+    tokens = torch.zeros(3, P, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, pad[b] :] = torch.tensor(p)
+    cache = model.new_kv_cache(3, P + 20, left_pad=pad)
+    with torch.inference_mode():
+        inp = tokens
+        for _ in range(20):
+            cached = model(inp, kv_cache=cache, last_only=True)[0][:, -1]
+            full = model(tokens, left_pad=pad)[0][:, -1]
+            assert (cached - full).abs().max().item() < 1e-5
+            nxt = full.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, nxt], 1)
+            inp = nxt
+    # and generate() agrees with itself and with each prompt decoded alone
+    new = tokens[:, P:].tolist()
+    assert generate(model, prompts, 20, greedy=True) == new
+    assert generate(model, prompts, 20, greedy=True, use_cache=False) == new
+    for b, p in enumerate(prompts):
+        assert generate(model, [p], 20, temperature=0) == [new[b]]
+
+
+def test_past_block_size_cache_falls_back_to_cropping():
+    torch.manual_seed(1)
+    m = GPT(ModelConfig(vocab_size=V, block_size=16, n_layer=1, n_head=2, d_model=16)).eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    ref = generate(m, prompts, 30, greedy=True, use_cache=False)
+    with pytest.warns(UserWarning, match="block_size=16"):
+        got = generate(m, prompts, 30, greedy=True, use_cache=True)
+    assert got == ref and all(len(r) == 30 for r in got)
+    with pytest.warns(UserWarning, match="exceeds block_size"):
+        long = generate(m, [list(range(1, 40))], 3, greedy=True)
+    assert long == generate(m, [list(range(23, 40))], 3, greedy=True, use_cache=False)
+
+
+def test_lstm_generates_with_and_without_state():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(vocab_size=V, block_size=8, n_layer=2, d_model=32, arch="lstm")).eval()
+    prompts = [[3, 4, 5, 6, 7], [9, 1]]
+    a = generate(m, prompts, 12, greedy=True, use_cache=True)
+    b = generate(m, prompts, 12, greedy=True, use_cache=False)
+    assert a == b and len(a[0]) == 12  # no block_size limit for a recurrent model
+
+
+# --------------------------------------------------------------------------- stopping, seeds, streaming
+
+
+def test_stop_tokens_stop_each_row_independently(model):
+    prompts = [[5, 9, 1], [14, 2, 60, 8]]
+    free = generate(model, prompts, 15, greedy=True)
+    k = next(k for k in range(2, 15) if free[0][k] not in free[0][:k])
+    stop = free[0][k]
+    got = generate(model, prompts, 15, greedy=True, stop_token_ids=[stop])
+    assert got[0] == free[0][:k]
+    cut = free[1].index(stop) if stop in free[1] else len(free[1])
+    assert got[1] == free[1][:cut]
+
+
+def test_stop_strings(model):
+    tok = CharTok()
+    prompt = tok.decode([5, 9, 1, 20])
+    free = generate_text(model, tok, prompt, max_new_tokens=20, temperature=0)
+    assert isinstance(free, str) and len(free) == 20
+    stop = free[6:8]
+    first = free.find(stop)
+    got = generate_text(model, tok, [prompt, prompt], max_new_tokens=20, temperature=0, stop=[stop, "~~~"])
+    assert got == [free[:first], free[:first]]
+
+
+def test_seed_reproducibility(model):
+    kw = dict(max_new_tokens=30, temperature=1.0, top_k=20, top_p=0.95, repetition_penalty=1.3)
+    a = generate(model, [[1, 2, 3]], seed=123, **kw)
+    b = generate(model, [[1, 2, 3]], seed=123, **kw)
+    c = generate(model, [[1, 2, 3]], seed=124, **kw)
+    assert a == b and a != c
+    assert generate(model, [[1, 2, 3]], seed=7, **kw, use_cache=False) == generate(
+        model, [[1, 2, 3]], seed=7, **kw)
+
+
+def test_stream_yields_what_generate_returns(model):
+    prompts = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    kw = dict(max_new_tokens=12, temperature=0.8, seed=3)
+    steps = list(stream(model, prompts, **kw))
+    assert len(steps) == 12 and all(len(s) == 2 for s in steps)
+    assert [[s[b] for s in steps] for b in range(2)] == generate(model, prompts, **kw)
+
+
+def test_training_mode_restored_and_errors(model):
+    model.train()
+    generate(model, [[1]], 2)
+    assert model.training
+    model.eval()
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[]], 2)
+    with pytest.raises(ValueError, match="temperature"):
+        stream(model, [[1]], 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], 2, top_p=0.0)
+    with pytest.raises(ValueError, match="vocab"):
+        generate(model, [[V + 3]], 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generate(model, [[1]], 0) == [[]]
