@@ -27,6 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
 __all__ = [
     "Corpus",
     "CorpusError",
@@ -36,6 +39,9 @@ __all__ = [
     "train_val_split",
     "TINYSHAKESPEARE_SHA256",
     "TINYSHAKESPEARE_URL",
+    "BatchSampler",
+    "encode_to_file",
+    "token_dtype",
 ]
 
 TINYSHAKESPEARE_URL = (
@@ -222,3 +228,90 @@ def train_val_split(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     if newline != -1 and newline < len(text) - 1:
         cut = newline + 1
     return text[:cut], text[cut:]
+
+
+# --------------------------------------------------------------------------- token files
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype that holds every token id (uint16 up to 65,536 ids)."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def encode_to_file(text: str, tokenizer, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """Encode `text` once into a flat token file and return it as a read-only memmap.
+
+    The file name is a hash of the text and of the tokenizer's saved form, so changing either
+    makes a new file and an unchanged pair is never encoded twice. Written atomically (temp +
+    rename): an interrupted encode leaves no file that a later run would trust.
+    """
+    cache = Path(cache_dir) if cache_dir else default_cache_dir() / "tokens"
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    digest.update(text.encode("utf-8"))
+    dtype = token_dtype(tokenizer.vocab_size)
+    path = cache / f"{digest.hexdigest()[:24]}.{dtype.name}.bin"
+    if not path.is_file():
+        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+        with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".tmp") as tmp:
+            ids.tofile(tmp)
+        os.replace(tmp.name, path)
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A string that changes whenever the tokenizer would encode differently."""
+    canonical = json.dumps(tokenizer.to_dict(), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LMKIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                               / "lmkit"))
+
+
+class BatchSampler:
+    """Seeded random windows of a token array: ``x = tokens[i : i+T]``, ``y = tokens[i+1 : i+T+1]``.
+
+    The batch of optimizer step `step` is a pure function of ``(seed, step)``, so a resumed run
+    sees exactly the batches an uninterrupted one would, without storing sampler state. The
+    *global* batch is the same whatever the parallel layout: a data-parallel rank takes its own
+    contiguous slice of it, and gradient accumulation splits a rank's slice into micro-batches.
+    That is what makes every layout reproduce the single-process loss curve.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 0) -> None:
+        if len(tokens) <= block_size + 1:
+            raise ValueError(
+                f"the token array has {len(tokens)} tokens, fewer than block_size+2 = {block_size + 2}; "
+                "use a larger corpus or a smaller block_size"
+            )
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def offsets(self, step: int, stream: int = 0) -> np.ndarray:
+        """Start positions of the global batch for `step` (`stream` separates train and eval)."""
+        rng = np.random.default_rng([self.seed, stream, step])
+        return rng.integers(0, len(self.tokens) - self.block_size - 1, size=self.batch_size)
+
+    def batch(self, step: int, *, rank: int = 0, world: int = 1, micro: int = 0, micro_steps: int = 1,
+              stream: int = 0, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of micro-batch `micro` of data-parallel rank `rank` at `step`."""
+        if self.batch_size % (world * micro_steps) != 0:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by data-parallel size {world} x "
+                f"micro-steps {micro_steps}; choose a batch size that is a multiple of {world * micro_steps}"
+            )
+        per = self.batch_size // (world * micro_steps)
+        start = (rank * micro_steps + micro) * per
+        offsets = self.offsets(step, stream)[start : start + per]
+        span = self.block_size + 1
+        windows = np.stack([np.asarray(self.tokens[o : o + span], dtype=np.int64) for o in offsets])
+        data = torch.from_numpy(windows)
+        x, y = data[:, :-1], data[:, 1:]
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)

@@ -1,0 +1,294 @@
+"""``lmkit train | eval | generate``: the command line over the same functions the notebooks use.
+
+Options come from three places, later ones winning: the dataclass defaults
+(`lmkit.config`), a TOML file given with ``--config`` (sections ``[model]`` and ``[train]``),
+and command-line flags (one per config field, ``--n-layer 4 --lr 3e-4``). Every flag's
+``--help`` line shows its default. A bad argument or config exits with status 2 and one line
+saying what is wrong; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, from_dict
+
+__all__ = ["main", "load_toml", "resolve_configs"]
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "parallel": ParallelConfig}
+
+
+class UsageError(Exception):
+    """A user mistake on the command line: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of usage + message
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
+    group = parser.add_argument_group(f"[{section}] options (also settable in the TOML file)")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
+                               default=None, help=f"(default: {default})")
+        else:
+            group.add_argument(flag, dest=f"{section}.{f.name}", type=type(default), default=None,
+                               metavar=type(default).__name__.upper(), help=f"(default: {default})")
+
+
+def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a run config; only the sections ``[model]``, ``[train]`` and ``[parallel]`` are allowed."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown section(s) {unknown}; use {sorted(SECTIONS)}")
+    return values
+
+
+def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, ParallelConfig]:
+    """Defaults < TOML file < flags; every value validated."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if getattr(args, "config", None):
+        for section, items in load_toml(args.config).items():
+            values[section].update(items)
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            values[section][name] = value
+    model_cfg = from_dict(ModelConfig, values["model"])
+    train_cfg = from_dict(TrainConfig, values["train"])
+    parallel_cfg = from_dict(ParallelConfig, values["parallel"])
+    return model_cfg.validate(), train_cfg.validate(), parallel_cfg.validate()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmkit", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a model (also: python -m lmkit.train; torchrun entry point)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--config", type=str, default=None,
+                       help="TOML file with [model], [train] and [parallel] sections")
+    train.add_argument("--resume", type=str, default=None,
+                       help="checkpoint or run directory to resume from ('auto' = the latest in --out-dir)")
+    for section, cls in SECTIONS.items():
+        _add_config_flags(train, section, cls)
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest)")
+    ev.add_argument("--corpus", default=None, help="evaluate on this corpus instead of the training one")
+    ev.add_argument("--iters", type=int, default=200, help="validation batches to average")
+    ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: training's)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    gen = sub.add_parser("generate", help="continue prompts with a trained checkpoint",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest)")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (1 prompt)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on one process, or on one rank of a torchrun launch (``--dp/--tp/--pp`` > 1)."""
+    import os
+
+    from lmkit.parallel.engine import validate_layout
+    from lmkit.train import Trainer, prepare_run
+
+    model_cfg, train_cfg, parallel_cfg = resolve_configs(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel_cfg.validate(world_size=world)  # before any work: a wrong launch fails on every rank at once
+    run = prepare_run(model_cfg, train_cfg)
+    layout = parallel_cfg if parallel_cfg.world_size > 1 else None
+    topology = None
+    if layout is not None:
+        mc = run.model_config
+        validate_layout(parallel_cfg, train_cfg, mc.n_layer, mc.n_head, mc.vocab_size, mc.block_size, world)
+        if mc.arch != "gpt":
+            raise ConfigError("parallel layouts need model.arch='gpt' (the LSTM baseline is single-process)")
+        from lmkit.parallel.mesh import init_topology
+
+        topology = init_topology(parallel_cfg, train_cfg.device)
+    trainer = Trainer(run.model, train_cfg, run.train_tokens, run.val_tokens, model_config=run.model_config,
+                      tokenizer=run.tokenizer, parallel=layout, topology=topology)
+    talk = trainer.is_logging_rank
+    if args.resume:
+        source = train_cfg.out_dir if args.resume == "auto" else args.resume
+        info = trainer.resume(source)
+        if talk:
+            print(f"resumed from {info.directory} at step {info.step}", flush=True)
+    if talk:
+        n_params = sum(p.numel() for p in run.model.parameters())
+        where = (f"dp={parallel_cfg.dp} tp={parallel_cfg.tp} pp={parallel_cfg.pp} over {world} processes"
+                 if layout else "1 process")
+        print(f"model: {run.model_config.arch}, {n_params:,} parameters | corpus {train_cfg.corpus}: "
+              f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens "
+              f"({train_cfg.tokenizer} tokenizer, vocab {run.tokenizer.vocab_size}) | {where} on "
+              f"{trainer.device}",
+              flush=True)
+    trainer.callbacks.append(_print_event)
+    trainer.fit()
+    path = trainer.save()
+    if talk:
+        print(f"saved {path}", flush=True)
+    if topology is not None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def _print_event(event: dict[str, Any]) -> None:
+    if event["kind"] == "eval":
+        print(f"step {event['step']:>6} | val loss {event['val_loss']:.4f} | val ppl {event['val_ppl']:.2f}",
+              flush=True)
+    else:
+        print(f"step {event['step']:>6} | loss {event['loss']:.4f} | lr {event['lr']:.2e} | "
+              f"grad norm {event['grad_norm']:.3f} | {event['tokens_per_s']:,.0f} tok/s", flush=True)
+
+
+def _load_for_inference(path: str, device_name: str):
+    """Model (eval mode, on device), tokenizer and configs from a checkpoint or run directory."""
+    from lmkit import checkpoint as ckpt
+    from lmkit.model import build_model
+    from lmkit.train import resolve_device
+
+    directory = Path(path)
+    if not (directory / ckpt.META_FILE).exists():
+        latest = ckpt.find_latest(directory) if directory.is_dir() else None
+        if latest is None:
+            raise ckpt.CheckpointError(
+                f"{directory} is neither a checkpoint (no {ckpt.META_FILE}) nor a run directory with "
+                "checkpoints; pass the out_dir of a training run or one of its step_* directories")
+        directory = latest
+    info = ckpt.load_checkpoint(directory, verify=False)
+    model_cfg = info.config("model", ModelConfig)
+    train_cfg = info.config("train", TrainConfig)
+    model = build_model(model_cfg)
+    ckpt.load_checkpoint(directory, model=model)
+    device = resolve_device(device_name)
+    return model.to(device).eval(), info.load_tokenizer(), model_cfg, train_cfg, info
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lmkit.data import encode_to_file, load_corpus, train_val_split
+    from lmkit.train import Trainer
+
+    model, tokenizer, model_cfg, train_cfg, info = _load_for_inference(args.checkpoint, args.device)
+    corpus = args.corpus or train_cfg.corpus
+    _, val_text = train_val_split(load_corpus(corpus), 0.1)
+    val_tokens = encode_to_file(val_text, tokenizer)
+    overrides = {"corpus": corpus, "device": args.device, "out_dir": str(info.directory / "eval")}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+        overrides["grad_accum"] = 1
+    cfg = dataclasses.replace(train_cfg, **overrides)
+    trainer = Trainer(model, cfg, val_tokens, val_tokens, model_config=model_cfg)
+    result = {"checkpoint": str(info.directory), "step": info.step, "corpus": corpus,
+              "batches": args.iters, **trainer.evaluate(args.iters)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{info.directory} (step {info.step}) on {corpus}: val loss {result['val_loss']:.4f}, "
+              f"perplexity {result['val_ppl']:.2f} over {args.iters} batches")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmkit.generate import generate_text, stream
+
+    model, tokenizer, *_ = _load_for_inference(args.checkpoint, args.device)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed,
+                   use_cache=not args.no_cache, stop_token_ids=[tokenizer.eot_id])
+    if args.stream:
+        if len(args.prompt) != 1:
+            raise UsageError("lmkit generate: --stream takes exactly one --prompt")
+        prompt = args.prompt[0]
+        print(prompt, end="", flush=True)
+        ids: list[int] = []
+        shown = ""
+        for step in stream(model, [tokenizer.encode(prompt)], args.max_new_tokens, **options):
+            if step[0] is None:
+                break
+            ids.append(step[0])
+            text = tokenizer.decode(ids)
+            if args.stop and any(s in text for s in args.stop):
+                text = text[: min(text.find(s) for s in args.stop if s in text)]
+                print(text[len(shown):], end="", flush=True)
+                break
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+        print()
+        return 0
+    outputs = generate_text(model, tokenizer, list(args.prompt), args.max_new_tokens, stop=args.stop,
+                            **options)
+    for prompt, text in zip(args.prompt, outputs, strict=True):
+        print(prompt + text)
+        if len(args.prompt) > 1:
+            print("-" * 40)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lmkit`` command; returns the exit status."""
+    from lmkit.checkpoint import CheckpointError
+    from lmkit.data import CorpusError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError) as e:
+        print(f"lmkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

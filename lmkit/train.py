@@ -1,0 +1,473 @@
+"""The training loop: AdamW, warmup + cosine schedule, accumulation, clipping, eval, checkpoints.
+
+`Trainer` is deliberately one readable loop (nanoGPT's ``train.py`` is the model to follow):
+
+    for step in range(start, max_steps):
+        for each micro-batch:   loss = model(x, y) / grad_accum;  loss.backward()
+        clip the global gradient norm;  optimizer.step();  scheduler.step()
+        every eval_interval steps: validation loss and perplexity;  maybe save a checkpoint
+
+Batches are a pure function of ``(seed, step)`` (`lmkit.data.BatchSampler`), and the RNG
+states are saved in checkpoints, so a resumed run reproduces an uninterrupted one bit for bit.
+
+`prepare_run` does the set-up every entry point shares (corpus -> tokenizer -> token files ->
+model), so the CLI, the notebooks, the benchmarks and the tests train the same way.
+``python -m lmkit.train`` is the ``lmkit train`` command (the torchrun entry point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmkit import checkpoint as ckpt
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
+from lmkit.data import BatchSampler, encode_to_file, load_corpus, train_val_split
+from lmkit.model import build_model
+from lmkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+
+__all__ = [
+    "Trainer",
+    "Run",
+    "prepare_run",
+    "build_tokenizer",
+    "configure_optimizer",
+    "lr_multiplier",
+    "resolve_device",
+    "seed_everything",
+]
+
+EVAL_STREAM = 1  # sampler stream for validation batches (training uses stream 0)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so runs are reproducible."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
+                        ) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only.
+
+    Biases and LayerNorm gains (1-D tensors) are not decayed: shrinking them towards zero has
+    no regularising meaning, it only fights the normalisation (as in GPT-2 / nanoGPT).
+    Embeddings are matrices and are decayed, as nanoGPT does.
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             fused=fused or None)
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of `step` divided by ``cfg.lr``: linear warmup, then cosine to ``min_lr``.
+
+    Warmup: ``lr * (step + 1) / (warmup + 1)``; afterwards the cosine decays from ``lr`` at the
+    end of warmup to ``min_lr`` at ``max_steps`` and stays there.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if step >= cfg.max_steps:
+        return cfg.min_lr / cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / span
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (cfg.min_lr + cosine * (cfg.lr - cfg.min_lr)) / cfg.lr
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def build_tokenizer(cfg: TrainConfig, train_text: str, full_text: str,
+                    cache_dir: Path | None = None) -> Tokenizer:
+    """The run's tokenizer: characters of the whole corpus, or byte-level BPE trained on the split.
+
+    A trained BPE is cached by (corpus, vocab size) because training it takes seconds to
+    minutes and every run on the same corpus would otherwise repeat it.
+    """
+    if cfg.tokenizer == "char":
+        return CharTokenizer.train(full_text)
+    from lmkit.data import default_cache_dir
+    from lmkit.tokenizer import load_tokenizer
+
+    cache = (cache_dir or default_cache_dir()) / "tokenizers"
+    path = cache / f"bpe-{cfg.corpus.replace('+', '_')}-{cfg.bpe_vocab_size}-{_text_hash(train_text)}.json"
+    if path.is_file():
+        return load_tokenizer(path)
+    tokenizer = BPETokenizer.train(train_text, vocab_size=cfg.bpe_vocab_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def _text_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass
+class Run:
+    """Everything a training run needs, built once by `prepare_run`."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    tokenizer: Tokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    model: nn.Module
+
+
+def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, text: str | None = None,
+                tokenizer: Tokenizer | None = None, cache_dir: Path | None = None) -> Run:
+    """Corpus -> tokenizer -> token files -> seeded model. `text` overrides the named corpus.
+
+    The model's vocabulary size always comes from the tokenizer (``model_cfg.vocab_size`` is
+    replaced), so the two can never disagree.
+    """
+    train_cfg.validate()
+    full = load_corpus(train_cfg.corpus) if text is None else text
+    train_text, val_text = train_val_split(full, 0.1)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(train_cfg, train_text, full, cache_dir)
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        model_cfg = ModelConfig(**{**to_dict(model_cfg), "vocab_size": tokenizer.vocab_size})
+    model_cfg.validate()
+    tokens_dir = (cache_dir / "tokens") if cache_dir else None
+    train_tokens = encode_to_file(train_text, tokenizer, tokens_dir)
+    val_tokens = encode_to_file(val_text, tokenizer, tokens_dir)
+    seed_everything(train_cfg.seed)
+    model = build_model(model_cfg)
+    return Run(model_cfg, train_cfg, tokenizer, train_tokens, val_tokens, model)
+
+
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state keyed by parameter *name* instead of position.
+
+    torch's ``state_dict()`` numbers parameters by their order in the optimizer, which differs
+    between layouts (a pipeline stage holds only some parameters, ZeRO holds shards). Keying by
+    the model's parameter names makes a checkpoint resumable under any layout.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {names[id(params[i])]: dict(entry) for i, entry in sd["state"].items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                               named: dict[str, Any]) -> None:
+    """Inverse of `named_optimizer_state`."""
+    index = {}
+    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        index[id(p)] = i
+    by_name = dict(model.named_parameters())
+    unknown = sorted(set(named["state"]) - set(by_name))
+    if unknown:
+        raise ConfigError(f"the checkpoint's optimizer state has parameters this model lacks: {unknown[:5]}")
+    state = {index[id(by_name[n])]: entry for n, entry in named["state"].items()}
+    current = optimizer.state_dict()["param_groups"]
+    if len(current) != len(named["param_groups"]):
+        raise ConfigError("the checkpoint's optimizer has a different number of parameter groups")
+    pairs = zip(named["param_groups"], current, strict=True)
+    groups = [{**saved, "params": cur["params"]} for saved, cur in pairs]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Trainer:
+    """The training loop, for one process or one rank of a parallel layout.
+
+    Args:
+        model: a `GPT` or `LSTMLanguageModel` (anything with ``forward(x, y) -> (logits, loss)``),
+            built with the run's seed. Under a parallel layout every rank passes the same full
+            model and the engine keeps this rank's part of it.
+        cfg: optimisation and bookkeeping (`TrainConfig`).
+        train_tokens / val_tokens: flat token arrays (memmaps from `encode_to_file`).
+        model_config / tokenizer: stored in checkpoints so that `lmkit generate` can rebuild
+            the model and decode its output.
+        parallel / topology: the layout (`ParallelConfig`) and this rank's place in it
+            (`lmkit.parallel.mesh.init_topology`); None for a single process.
+        callbacks: called with every logged event (a dict with ``kind`` = "train" or "eval"),
+            e.g. to draw a live loss curve in a notebook.
+    """
+
+    model: nn.Module
+    cfg: TrainConfig
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray | None = None
+    model_config: ModelConfig | None = None
+    tokenizer: Tokenizer | None = None
+    callbacks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    parallel: ParallelConfig | None = None
+    topology: Any = None
+
+    def __post_init__(self) -> None:
+        self.cfg.validate()
+        if self.cfg.num_threads > 0:
+            torch.set_num_threads(self.cfg.num_threads)
+        if self.model_config is None:
+            self.model_config = getattr(self.model, "config", None)
+        self.block_size = self.model_config.block_size
+        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
+                               "float16": torch.float16}[self.cfg.dtype]
+        self.engine = None
+        if self.parallel is not None and (self.parallel.world_size > 1 or self.topology is not None):
+            from lmkit.parallel.engine import ParallelEngine
+            from lmkit.parallel.mesh import single_process_topology
+
+            topo = self.topology or single_process_topology(resolve_device(self.cfg.device))
+            self.topology = topo
+            self.device = topo.device
+            self.engine = ParallelEngine(self.model, self.parallel, self.cfg, topo)
+            self.optimizer = self.engine.optimizer
+            if self.cfg.activation_checkpointing:
+                self.engine.set_activation_checkpointing(True)
+        else:
+            self.device = resolve_device(self.cfg.device)
+            self.model.to(self.device)
+            if self.cfg.activation_checkpointing:
+                self.model.set_activation_checkpointing(True)
+            self.optimizer = configure_optimizer(self.model, self.cfg, self.device)
+        self.is_logging_rank = self.topology is None or self.topology.rank == 0
+        batch, seed = self.cfg.batch_size, self.cfg.seed
+        self.train_sampler = BatchSampler(self.train_tokens, self.block_size, batch, seed)
+        self.val_sampler = (BatchSampler(self.val_tokens, self.block_size, batch, seed)
+                            if self.val_tokens is not None else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, self.cfg))
+        if self.autocast_dtype is torch.float16 and self.device.type != "cuda":
+            raise ConfigError("train.dtype='float16' needs CUDA (no fp16 autocast on this device); "
+                              "use 'bfloat16' or 'float32'")
+        if self.autocast_dtype is torch.float16 and self.engine is not None:
+            raise ConfigError("train.dtype='float16' (loss scaling) is single-process only; use 'bfloat16' "
+                              "for parallel layouts")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype is torch.float16)
+        compiled = self.cfg.compile and self.engine is None
+        self.forward_model = torch.compile(self.model) if compiled else self.model
+        self.step = 0
+        self.tokens_seen = 0
+        self._writer = None
+
+    # ------------------------------------------------------------------ pieces
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch; returns loss, grad norm (before clipping), lr."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.engine is not None:
+            micro = self.engine.microbatches(self.train_sampler, self.step)
+            local = self.engine.forward_backward(micro, self.autocast)
+            grad_norm = self.engine.clip_and_step(self.cfg.grad_clip)
+            loss = self.engine.mean_over_dp(local)
+        else:
+            loss, grad_norm = self._single_process_step()
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.cfg.batch_size * self.block_size
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    def _single_process_step(self) -> tuple[float, float]:
+        self.model.train()
+        micro_steps = self.cfg.grad_accum
+        total = torch.zeros((), device=self.device)
+        for micro in range(micro_steps):
+            x, y = self.train_sampler.batch(self.step, micro=micro, micro_steps=micro_steps,
+                                            device=self.device)
+            with self.autocast():
+                _, loss = self.forward_model(x, y)
+            self.scaler.scale(loss / micro_steps).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (total / micro_steps).item(), float(grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self, iters: int | None = None) -> dict[str, float]:
+        """Mean validation loss over `iters` fixed batches (the same batches at every eval)."""
+        if self.val_sampler is None:
+            raise ValueError("evaluate() needs val_tokens")
+        iters = iters or self.cfg.eval_iters
+        losses = torch.zeros(iters)
+        if self.engine is None:
+            self.model.eval()
+        for i in range(iters):
+            x, y = self.val_sampler.batch(i, stream=EVAL_STREAM, device=self.device)
+            if self.engine is not None:
+                losses[i] = self.engine.eval_loss(x, y, self.autocast)
+                continue
+            with self.autocast():
+                _, loss = self.forward_model(x, y)
+            losses[i] = loss.float()
+        val_loss = losses.mean().item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, max_steps: int | None = None) -> list[dict[str, Any]]:
+        """Train until `max_steps` (default ``cfg.max_steps``); returns the logged history."""
+        cfg = self.cfg
+        end = cfg.max_steps if max_steps is None else max_steps
+        out_dir = Path(cfg.out_dir)
+        progress = _progress(range(self.step, end), desc="train", enabled=self.is_logging_rank)
+        window_seconds, window_tokens = 0.0, 0  # throughput of training steps only (no eval)
+        for _ in progress:
+            if cfg.eval_interval and self.val_sampler is not None and self.step % cfg.eval_interval == 0:
+                self._emit({"kind": "eval", "step": self.step, **self.evaluate()})
+            started = time.perf_counter()
+            stats = self.train_step()
+            window_seconds += time.perf_counter() - started
+            window_tokens += cfg.batch_size * self.block_size
+            if not math.isfinite(stats["loss"]):
+                raise FloatingPointError(
+                    f"loss became {stats['loss']} at step {self.step}; lower train.lr or enable "
+                    "train.grad_clip (the last checkpoint is intact)")
+            if self.step % cfg.log_interval == 0 or self.step == end:
+                stats["tokens_per_s"] = window_tokens / max(window_seconds, 1e-9)
+                window_seconds, window_tokens = 0.0, 0
+                self._emit({"kind": "train", "step": self.step, **stats})
+                if hasattr(progress, "set_postfix"):
+                    progress.set_postfix(loss=f"{stats['loss']:.4f}")
+            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < end:
+                self.save(out_dir)
+        if self.val_sampler is not None and cfg.eval_interval:
+            self._emit({"kind": "eval", "step": self.step, **self.evaluate()})
+        return self.history
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        self.history.append(event)
+        if not self.is_logging_rank:
+            return
+        out_dir = Path(self.cfg.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+        if self.cfg.tensorboard:
+            self._tensorboard(event)
+        for callback in self.callbacks:
+            callback(event)
+
+    def _tensorboard(self, event: dict[str, Any]) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(self.cfg.out_dir) / "tensorboard"))
+        for key, value in event.items():
+            if key not in ("kind", "step") and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{event['kind']}/{key}", value, event["step"])
+        self._writer.flush()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, out_dir: str | Path | None = None) -> Path:
+        """Save a layout-independent checkpoint ``out_dir/step_NNNNNN`` and point ``latest`` at it.
+
+        Under a parallel layout every rank must call it (the full weights and optimizer state
+        are gathered collectively); rank 0 writes the files.
+        """
+        out_dir = Path(out_dir or self.cfg.out_dir)
+        name = ckpt.step_dir_name(self.step)
+        configs: dict[str, Any] = {"train": self.cfg, "model": self.model_config}
+        if self.parallel is not None:
+            configs["parallel"] = self.parallel
+        if self.engine is not None:
+            weights: Any = self.engine.full_state_dict()
+            optimizer = self.engine.full_optimizer_state()
+        else:
+            weights, optimizer = self.model, named_optimizer_state(self.model, self.optimizer)
+        path = out_dir / name
+        if self.is_logging_rank:
+            path = ckpt.save_checkpoint(path, model=weights, optimizer=optimizer, scheduler=self.scheduler,
+                                        step=self.step, configs=configs, tokenizer=self.tokenizer,
+                                        extra={"tokens_seen": self.tokens_seen})
+            ckpt.update_latest(out_dir, name)
+        self._barrier()
+        return path
+
+    def resume(self, path: str | Path) -> ckpt.CheckpointInfo:
+        """Restore weights, optimizer, schedule, RNG and step from a checkpoint directory.
+
+        `path` may be a checkpoint or a run directory (its ``latest`` is used). The checkpoint
+        may come from any layout: weights and optimizer state are stored whole, by name.
+        """
+        path = Path(path)
+        if not (path / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(path)) is not None:
+            path = latest
+        if self.engine is not None:
+            info = ckpt.load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
+            weights = ckpt.load_model_state(path)
+            self.engine.load_full_state(weights, info.optimizer_state)
+        else:
+            info = ckpt.load_checkpoint(path, model=self.model, scheduler=self.scheduler,
+                                        map_location=self.device, restore_rng=True)
+            if info.optimizer_state is not None:
+                load_named_optimizer_state(self.model, self.optimizer, info.optimizer_state)
+        self.step = info.step
+        self.tokens_seen = int(info.extra.get("tokens_seen", 0))
+        return info
+
+    def _barrier(self) -> None:
+        if self.engine is not None and self.parallel.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _progress(steps: Iterable[int], desc: str, enabled: bool = True):
+    """tqdm progress bar on a terminal; silent in non-interactive runs (CI, papermill, logs)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lmkit.train`` = ``lmkit train``."""
+    from lmkit.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

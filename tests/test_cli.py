@@ -1,0 +1,106 @@
+"""The `lmkit` command line: help, config precedence, errors, and train -> eval -> generate."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from lmkit.cli import build_parser, main, resolve_configs
+from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--eval-interval", "0", "--log-interval", "1"]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMKIT_CACHE", str(tmp_path / "cache"))
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for cls in (ModelConfig, TrainConfig, ParallelConfig):
+        for f in dataclasses.fields(cls):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+            assert f"(default: {f.default})" in text
+    for command in ("eval", "generate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "default" in capsys.readouterr().out
+
+
+def test_toml_then_flags_take_precedence(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nn_layer = 3\nd_model = 96\n\n[train]\nlr = 0.01\ncorpus = "tang"\n\n'
+                      '[parallel]\ndp = 2\n')
+    args = build_parser().parse_args(["train", "--config", str(config), "--lr", "0.02"])
+    model_cfg, train_cfg, parallel_cfg = resolve_configs(args)
+    assert (model_cfg.n_layer, model_cfg.d_model, model_cfg.n_head) == (3, 96, 4)
+    assert (train_cfg.lr, train_cfg.corpus) == (0.02, "tang")
+    assert parallel_cfg.dp == 2 and parallel_cfg.world_size == 2
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--n-head", "3"], "not divisible by model.n_head=3"),
+        (["train", "--corpus", "nope", "--max-steps", "1"], "unknown corpus 'nope'"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--lr", "fast"], "invalid float value"),
+        (["generate", "/no/such/run", "--prompt", "x"], "neither a checkpoint"),
+        (["train", "--dp", "2"], "launch with torchrun --nproc_per_node=2"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, fragment, capsys, tmp_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_toml_section(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("[optimizer]\nlr = 1\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown section" in capsys.readouterr().err
+
+
+def test_module_entry_point_exits_nonzero_without_traceback():
+    result = subprocess.run([sys.executable, "-m", "lmkit.train", "--n-head", "5"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "not divisible" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_eval_generate_round_trip(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--corpus", "tinyshakespeare", "--max-steps", "4", "--out-dir", out, *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "step      4 | loss" in text and "saved" in text
+    assert main(["eval", out, "--iters", "3", "--json"]) == 0
+    assert '"val_loss"' in capsys.readouterr().out
+    assert main(["generate", out, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "0"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("ROMEO:") and len(first.strip()) > len("ROMEO:")
+    assert main(["generate", out, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "0"]) == 0
+    assert capsys.readouterr().out == first  # seeded sampling is reproducible
+    # resuming continues from the saved step
+    assert main(["train", "--corpus", "tinyshakespeare", "--max-steps", "6", "--out-dir", out,
+                 "--resume", "auto", *TINY]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_generate_chinese_prompt_with_byte_level_bpe(tmp_path, capsys):
+    out = str(tmp_path / "zh")
+    assert main(["train", "--corpus", "tang", "--tokenizer", "bpe", "--bpe-vocab-size", "600",
+                 "--max-steps", "3", "--out-dir", out, *TINY]) == 0
+    capsys.readouterr()
+    assert main(["generate", out, "--prompt", "我喜欢编程", "--max-new-tokens", "10", "--seed", "1",
+                 "--stream"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("我喜欢编程") and len(printed.strip()) > len("我喜欢编程")
