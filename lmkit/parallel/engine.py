@@ -1,0 +1,304 @@
+"""The hybrid-parallel engine: one optimizer step of a GPT over a ``dp x tp x pp`` layout.
+
+Construction (every rank, same order, so every layout starts from the single-process weights):
+
+1. build the *full* GPT with the run's seed (cheap for the models of this book);
+2. cut it into pipeline stages (`lmkit.parallel.stage.build_stages`), keep this rank's;
+3. shard each stage over the tensor-parallel group (`tensor_parallel.parallelize_stage`);
+4. hand the stage parameters to `data_parallel.DataParallel`, which owns the optimizer
+   (plain, ZeRO-1 or ZeRO-2) and averages gradients over the data-parallel group.
+
+One step (`train_step`):
+
+* this data-parallel rank takes its slice of the global batch, cut into ``M`` microbatches
+  (``M = grad_accum * microbatches``), so the global batch is the same for every layout;
+* ``pp == 1``: forward/backward each microbatch, gradient all-reduce overlapping the last
+  backward (``no_sync`` on the others); ``pp > 1``: the pipeline schedule runs all microbatches;
+* gradient fix-ups whose order matters: tied-embedding sums over the first/last stage,
+  sequence-parallel LayerNorm sums over tp, then the data-parallel reduction;
+* the true global gradient norm (each gradient counted once across tp, pp and dp), clipping,
+  the optimizer step, the learning-rate schedule;
+* the loss reported on *every* rank is the mean over the global batch.
+
+The same object gathers a full, layout-independent state (weights and optimizer state by
+parameter name) for checkpoints and loads one saved under any other layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.parallel.mesh import Topology
+from lmkit.parallel.stage import GPTStage, activation_shape, build_stages
+
+__all__ = ["ParallelEngine", "validate_layout"]
+
+
+def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_head: int, vocab_size: int,
+                    block_size: int, world_size: int | None = None) -> None:
+    """Every layout error, found before any process communicates (one clear message each)."""
+    pcfg.validate(world_size=world_size)
+    if pcfg.engine != "lmkit":
+        raise ConfigError("parallel.engine='native' is not available yet; use engine='lmkit'")
+    if pcfg.zero == 3:
+        raise ConfigError("parallel.zero=3 (fully sharded parameters) needs engine='native'; "
+                          "the lmkit engine implements ZeRO-1 and ZeRO-2")
+    if pcfg.zero and pcfg.dp == 1:
+        raise ConfigError(f"parallel.zero={pcfg.zero} shards over data-parallel ranks but dp=1; set dp > 1")
+    if n_head % pcfg.tp:
+        raise ConfigError(f"model.n_head={n_head} is not divisible by parallel.tp={pcfg.tp}; "
+                          "attention heads are split over tensor-parallel ranks")
+    if vocab_size % pcfg.tp:
+        raise ConfigError(f"the vocabulary ({vocab_size} tokens) is not divisible by parallel.tp={pcfg.tp}; "
+                          "the embedding and the output layer are split by vocabulary rows: choose tp "
+                          "dividing the vocabulary size (or a BPE vocabulary size that is a multiple of tp)")
+    if pcfg.sequence_parallel and block_size % pcfg.tp:
+        raise ConfigError(f"model.block_size={block_size} is not divisible by parallel.tp={pcfg.tp}; "
+                          "sequence parallelism splits the sequence over tensor-parallel ranks")
+    stages = pcfg.pp * pcfg.virtual_stages
+    if stages > n_layer:
+        raise ConfigError(f"{stages} pipeline stages (pp={pcfg.pp} x virtual_stages={pcfg.virtual_stages}) "
+                          f"but model.n_layer={n_layer}; every stage needs at least one block")
+    m = pcfg.microbatches
+    if pcfg.pp > 1 and pcfg.schedule in ("1f1b", "interleaved") and m < pcfg.pp:
+        raise ConfigError(f"schedule '{pcfg.schedule}' needs at least as many microbatches as stages "
+                          f"(microbatches={m} < pp={pcfg.pp}); raise parallel.microbatches")
+    if pcfg.pp > 1 and pcfg.schedule == "interleaved" and m % pcfg.pp:
+        raise ConfigError(f"the interleaved schedule needs microbatches divisible by pp "
+                          f"(microbatches={m}, pp={pcfg.pp})")
+    per_rank = pcfg.dp * tcfg.grad_accum * m
+    if tcfg.batch_size % per_rank:
+        raise ConfigError(
+            f"train.batch_size={tcfg.batch_size} is not divisible by dp x grad_accum x microbatches = "
+            f"{pcfg.dp} x {tcfg.grad_accum} x {m} = {per_rank}; every microbatch needs a whole number of "
+            "sequences")
+
+
+class ParallelEngine:
+    """Stages, gradient synchronisation and optimizer of one rank (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
+        from lmkit.parallel.data_parallel import DataParallel
+
+        cfg = model.config
+        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size)
+        self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
+        self.stages: list[GPTStage] = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
+        if pcfg.tp > 1:
+            from lmkit.parallel.tensor_parallel import parallelize_stage
+
+            for stage in self.stages:
+                parallelize_stage(stage, topo, pcfg.sequence_parallel, seed=tcfg.seed)
+        for stage in self.stages:
+            stage.to(topo.device)
+        self.named_params = self._named_parameters()
+        self._mark_norm_weights()
+        self.dp = DataParallel(self.named_params, topo, tcfg, zero=pcfg.zero)
+        self.optimizer = self.dp.optimizer
+        self.micro_steps = tcfg.grad_accum * pcfg.microbatches
+        self.checkpointing = False
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        named, seen = [], set()
+        for stage in self.stages:
+            for local, param in stage.named_parameters():
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = stage.original_name(local)
+                if stage.tied_embedding_copy() is param:
+                    name = "head.weight"
+                named.append((name, param))
+        return named
+
+    def _mark_norm_weights(self) -> None:
+        """Count every gradient once in the global norm: replicas get weight 0."""
+        for name, param in self.named_params:
+            weight = 1.0
+            if self.topo.tp_rank != 0 and not getattr(param, "tp_sharded", False):
+                weight = 0.0  # identical on every tensor-parallel rank: rank 0 counts it
+            if name == "head.weight":
+                weight = 0.0  # the last stage's copy of the embedding; tok_emb counts it
+            param.norm_weight = weight
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        for stage in self.stages:
+            stage.activation_checkpointing = bool(enabled)
+
+    def train(self, mode: bool = True) -> None:
+        for stage in self.stages:
+            stage.train(mode)
+
+    # ------------------------------------------------------------------ one step
+    def microbatches(self, sampler, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This data-parallel rank's microbatches of the global batch of `step`."""
+        return [sampler.batch(step, rank=self.topo.dp_rank, world=self.pcfg.dp, micro=i,
+                              micro_steps=self.micro_steps, device=self.topo.device)
+                for i in range(self.micro_steps)]
+
+    def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         on_event: Callable | None = None) -> float:
+        """Gradients of the mean loss over `micro` (summed into .grad); returns this rank's mean loss."""
+        topo, pcfg = self.topo, self.pcfg
+        self.train(True)
+        overlap = pcfg.pp == 1 and not pcfg.sequence_parallel
+        if pcfg.pp == 1:
+            stage = self.stages[0]
+            total = 0.0
+            for i, (x, y) in enumerate(micro):
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if (last and overlap) else self.dp.no_sync()
+                with sync:
+                    with autocast():
+                        loss = stage(x, y)
+                    (loss / len(micro)).backward()
+                total += loss.detach().float().item()
+            loss_value = total / len(micro)
+        else:
+            from lmkit.parallel.pipeline import allreduce_tied_embedding_grads, run_pipeline
+
+            b, t = micro[0][0].shape
+            shape = activation_shape(b, t, self.config.d_model, pcfg.tp, pcfg.sequence_parallel)
+            dtype = torch.float32 if self.tcfg.dtype == "float32" else getattr(torch, self.tcfg.dtype)
+            with self.dp.no_sync():
+                loss_value = run_pipeline(pcfg.schedule, self.stages, topo, micro, shape, dtype=dtype,
+                                          autocast=autocast if self.tcfg.dtype != "float32" else None,
+                                          on_event=on_event)
+            allreduce_tied_embedding_grads(self.stages, topo)
+        if pcfg.sequence_parallel:
+            from lmkit.parallel.tensor_parallel import allreduce_sequence_parallel_grads
+
+            allreduce_sequence_parallel_grads(self.stages, topo)
+        self.dp.finish_grad_sync()
+        return loss_value
+
+    def clip_and_step(self, max_norm: float) -> float:
+        """Global gradient norm over all ranks, clipping, optimizer step; returns the norm."""
+        sq = self.dp.grad_sq_sum().detach().to(torch.float64)
+        for group, size in ((self.topo.tp_group, self.pcfg.tp), (self.topo.pp_group, self.pcfg.pp)):
+            if size > 1:
+                dist.all_reduce(sq, group=group)
+        norm = math.sqrt(float(sq))
+        if max_norm > 0:
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1.0:
+                self.dp.scale_grads(coef)
+        self.dp.step()
+        self.dp.zero_grad()
+        return norm
+
+    def mean_over_dp(self, value: float) -> float:
+        """The global-batch mean of a per-rank mean (every dp rank has equally many tokens)."""
+        if self.pcfg.dp == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.topo.dp_group)
+        return float(t) / self.pcfg.dp
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor,
+                  autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
+        """Loss of one (global) validation batch, computed by the pipeline and shared by all ranks."""
+        self.train(False)
+        if self.pcfg.pp == 1:
+            with autocast():
+                value = float(self.stages[0](x, y))
+            return value
+        from lmkit.parallel.pipeline import pipeline_forward
+
+        b, t = x.shape
+        shape = activation_shape(b, t, self.config.d_model, self.pcfg.tp, self.pcfg.sequence_parallel)
+        with autocast():
+            return pipeline_forward(self.stages, self.topo, x, y, shape)
+
+    # ------------------------------------------------------------------ checkpoints
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights by `GPT` parameter name (collective: every rank calls it)."""
+        local = {}
+        for name, param in self.named_params:
+            if name == "head.weight":
+                continue  # a copy of tok_emb.weight
+            local[name] = self._gather_tp(name, param.detach())
+        full = self._gather_pp(local)
+        full["head.weight"] = full["tok_emb.weight"]
+        return full
+
+    def full_optimizer_state(self) -> dict[str, Any]:
+        """Optimizer state by parameter name with full tensors (collective)."""
+        sd = self.dp.state_dict()
+        state = {}
+        for name, entry in sd["state"].items():
+            if name == "head.weight":
+                continue
+            state[name] = {k: (self._gather_tp(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
+                           for k, v in entry.items()}
+        return {"state": self._gather_pp(state), "param_groups": sd["param_groups"]}
+
+    def load_full_state(self, weights: dict[str, torch.Tensor], optimizer: dict[str, Any] | None) -> None:
+        """Load full (layout-independent) weights and optimizer state into this rank's shards."""
+        with torch.no_grad():
+            for name, param in self.named_params:
+                source = weights["tok_emb.weight" if name == "head.weight" else name]
+                param.copy_(self._shard_tp(name, source.to(param.device)))
+        if optimizer is not None:
+            state = {}
+            for name, _ in self.named_params:
+                entry = optimizer["state"].get("tok_emb.weight" if name == "head.weight" else name)
+                if entry is None:
+                    continue
+                state[name] = {k: (self._shard_tp(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
+                               for k, v in entry.items()}
+            self.dp.load_state_dict({"state": state, "param_groups": optimizer["param_groups"]})
+
+    def _stage_of(self, name: str) -> tuple[GPTStage, str]:
+        for stage in self.stages:
+            for local, param in stage.named_parameters():
+                if stage.original_name(local) == name or (name == "head.weight" and
+                                                          stage.tied_embedding_copy() is param):
+                    return stage, local
+        raise KeyError(name)
+
+    def _gather_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.pcfg.tp == 1:
+            return tensor.clone()
+        from lmkit.parallel.tensor_parallel import gather_full_param
+
+        stage, local = self._stage_of(name)
+        return gather_full_param(stage, local, tensor)
+
+    def _shard_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.pcfg.tp == 1:
+            return tensor
+        from lmkit.parallel.tensor_parallel import shard_full_param
+
+        stage, local = self._stage_of(name)
+        return shard_full_param(stage, local, tensor)
+
+    def _gather_pp(self, local: dict[str, Any]) -> dict[str, Any]:
+        if self.pcfg.pp == 1:
+            return local
+        parts: list[Any] = [None] * self.pcfg.pp
+        cpu = {k: _to_cpu(v) for k, v in local.items()}
+        dist.all_gather_object(parts, cpu, group=self.topo.pp_group)
+        merged: dict[str, Any] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+
+def _to_cpu(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,141 @@
+"""Process groups for a ``dp x tp x pp`` layout of the torchrun world.
+
+Rank order (documented, and relied on everywhere): **tp fastest, then dp, then pp**::
+
+    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+Tensor-parallel peers therefore have consecutive ranks, so on a GPU cluster they share a node
+and its fast NVLink (tensor parallelism communicates inside every layer, twice per block);
+pipeline stages, which exchange only one activation per microbatch, are the farthest apart.
+This is Megatron-LM's default order.
+
+Example, dp=2, tp=2, pp=2 (8 ranks)::
+
+    pp stage 0:  dp0 = [0, 1]  dp1 = [2, 3]      tp groups: [0,1] [2,3] [4,5] [6,7]
+    pp stage 1:  dp0 = [4, 5]  dp1 = [6, 7]      dp groups: [0,2] [1,3] [4,6] [5,7]
+                                                 pp groups: [0,4] [1,5] [2,6] [3,7]
+
+Every process must create every group in the same order (``new_group`` is collective), so
+`init_topology` builds all of them and keeps the ones this rank belongs to.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lmkit.config import ConfigError, ParallelConfig
+
+__all__ = ["Topology", "init_topology", "rank_of", "coords_of", "single_process_topology"]
+
+
+def rank_of(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int) -> int:
+    """Global rank of the process at (pp_rank, dp_rank, tp_rank)."""
+    return pp_rank * dp * tp + dp_rank * tp + tp_rank
+
+
+def coords_of(rank: int, dp: int, tp: int) -> tuple[int, int, int]:
+    """(pp_rank, dp_rank, tp_rank) of a global rank: the inverse of `rank_of`."""
+    return rank // (dp * tp), (rank // tp) % dp, rank % tp
+
+
+@dataclass
+class Topology:
+    """Where this process sits in the layout, and the process groups it belongs to.
+
+    Groups are ``None`` when the process group is not initialised (a single process); code
+    that communicates checks the size first, so single-process runs never touch
+    ``torch.distributed``.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    rank: int = 0
+    dp_rank: int = 0
+    tp_rank: int = 0
+    pp_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: object = None
+    dp_group: object = None
+    pp_group: object = None
+    embedding_group: object = None  # first and last pipeline stage (tied embedding gradients)
+    tp_ranks: list[int] = field(default_factory=lambda: [0])
+    dp_ranks: list[int] = field(default_factory=lambda: [0])
+    pp_ranks: list[int] = field(default_factory=lambda: [0])
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Rank 0 prints, logs and writes checkpoints' files."""
+        return self.rank == 0
+
+    def pp_peer(self, pp_rank: int) -> int:
+        """Global rank of the stage `pp_rank` process with this process's dp and tp ranks."""
+        return rank_of(pp_rank, self.dp_rank, self.tp_rank, self.dp, self.tp)
+
+
+def single_process_topology(device: torch.device | None = None) -> Topology:
+    return Topology(device=device or torch.device("cpu"))
+
+
+def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 300.0) -> Topology:
+    """Initialise ``torch.distributed`` from torchrun's environment and build the groups.
+
+    Backend: NCCL when CUDA is present (one GPU per process, ``LOCAL_RANK``), gloo otherwise.
+    The layout is validated against ``WORLD_SIZE`` *before* any collective, so a wrong launch
+    fails at once on every rank with the same message instead of hanging.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate(world_size=world)
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world == 1:
+        return single_process_topology(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    rank = dist.get_rank()
+    pp_rank, dp_rank, tp_rank = coords_of(rank, cfg.dp, cfg.tp)
+    topo = Topology(cfg.dp, cfg.tp, cfg.pp, rank, dp_rank, tp_rank, pp_rank, dev)
+
+    def build(groups: list[list[int]]) -> tuple[object, list[int]]:
+        mine, ranks_of_mine = None, [rank]
+        for ranks in groups:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine, ranks_of_mine = group, ranks
+        return mine, ranks_of_mine
+
+    dp, tp, pp = cfg.dp, cfg.tp, cfg.pp
+    topo.tp_group, topo.tp_ranks = build(
+        [[rank_of(p, d, t, dp, tp) for t in range(tp)] for p in range(pp) for d in range(dp)])
+    topo.dp_group, topo.dp_ranks = build(
+        [[rank_of(p, d, t, dp, tp) for d in range(dp)] for p in range(pp) for t in range(tp)])
+    topo.pp_group, topo.pp_ranks = build(
+        [[rank_of(p, d, t, dp, tp) for p in range(pp)] for d in range(dp) for t in range(tp)])
+    if pp > 1:
+        topo.embedding_group, _ = build(
+            [[rank_of(0, d, t, dp, tp), rank_of(pp - 1, d, t, dp, tp)] for d in range(dp) for t in range(tp)])
+    return topo

@@ -1,0 +1,481 @@
+"""Pipeline parallelism by hand: GPipe, 1F1B and interleaved 1F1B over point-to-point messages.
+
+A pipeline cuts the network into stages (`lmkit.parallel.stage`) and gives each stage to a
+process. A batch is split into ``m`` microbatches that flow through the stages like cars on an
+assembly line: while stage 1 runs the forward of microbatch 0, stage 0 already runs microbatch
+1. Stages talk only to their neighbours, and only twice per microbatch: the activation goes
+forward, its gradient comes back. That is why pipeline ranks can sit on the slowest links.
+
+Everything here is written directly on ``torch.distributed`` point-to-point operations, on
+purpose: reading this file *is* the lesson. (The ``native`` engine uses
+``torch.distributed.pipelining`` instead; both must give the same loss.)
+
+**Schedules.** A schedule is just the order in which one rank runs its forward (F) and backward
+(B) steps; each is built below as plain data (`schedule_steps`, `schedule_actions`), so the
+three can be printed, compared and simulated without any process:
+
+- ``"gpipe"`` -- GPipe (Huang et al. 2019, "GPipe: Efficient Training of Giant Neural Networks
+  using Pipeline Parallelism"): all forwards, then all backwards (AFAB). Simple, but every rank
+  holds the activations of all ``m`` microbatches at the turn.
+- ``"1f1b"`` -- one-forward-one-backward, PipeDream-Flush (Narayanan et al. 2019 "PipeDream",
+  2021 "Memory-Efficient Pipeline-Parallel DNN Training"): rank ``r`` runs ``pp - r - 1``
+  warm-up forwards, then alternates one forward and one backward, then drains the remaining
+  backwards. The bubble is the same as GPipe's, ``(pp - 1) / (m + pp - 1)`` of the step, but a
+  rank never holds more than ``pp - r`` microbatches, however large ``m`` is.
+- ``"interleaved"`` -- interleaved 1F1B (Narayanan et al. 2021, "Efficient Large-Scale Language
+  Model Training on GPU Clusters Using Megatron-LM"): each rank holds ``v`` non-adjacent chunks
+  of layers (rank ``r`` runs chunks ``r, r + pp, ...``), so a microbatch visits every rank ``v``
+  times. The bubble shrinks ``v``-fold, to ``(pp - 1) / (v m + pp - 1)``, for ``v`` times more
+  messages. It needs ``m % pp == 0``: forwards go in groups of ``pp`` microbatches per chunk.
+
+**Messages.** Shapes are known in advance (`lmkit.parallel.stage.activation_shape`), so a rank
+posts a receive buffer without a shape exchange. Global stage ``s`` lives on pipeline rank
+``s % pp`` as local chunk ``s // pp``; stage ``s`` sends its activation to stage ``s + 1`` and
+its input gradient to stage ``s - 1``. With virtual stages the last rank's chunk ``k`` therefore
+sends to rank 0's chunk ``k + 1`` (wrap-around), with no special case in the code.
+
+**Why it cannot deadlock.** A send is a rendezvous: on gloo (measured here: a 4 MB ``isend``
+stays incomplete until the peer posts its ``irecv``) and on NCCL (the send kernel waits for the
+receiver). Two neighbours in the 1F1B steady state each want to send (an activation forward, a
+gradient backward) and to receive (the other one); if both sent first and blocked, neither
+would ever receive. So, as in Megatron-LM, a rank alternates compute steps with **one batched
+exchange**: ``dist.batch_isend_irecv([recv what my next step needs, send what my last step
+made])``, all posted before any is waited on. A step is one F or one B, except in the
+interleaved steady state, where a forward and a backward form one step and their four
+messages share one exchange: with one exchange per action, a rank's gradient send there waits
+for a receive its peer posts only later, and the pipeline stops (pp=2, m=4, v=2 already). With
+``m == pp`` the interleaved schedule runs all forwards first, as Megatron does, for the same
+reason. `simulate_schedule` replays the exchanges of every rank under rendezvous semantics and
+checks, for a given (schedule, pp, m, v), that they all complete and that the messages between
+every ordered pair of ranks are sent and received in the same order (needed on NCCL, which
+ignores tags; on gloo every message also carries a unique tag). The tests run it over a grid.
+
+**Memory.** A rank keeps a microbatch's input and output only from its forward until its
+backward, then drops them; `PipelineStats.peak_in_flight` records the most it ever held (GPipe:
+``m``; 1F1B: at most ``pp - pp_rank``). Megatron additionally frees the *data* of a sent output
+and keeps only its autograd node; we keep that tensor (one activation per microbatch in
+flight) for clarity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lmkit.config import ConfigError, ParallelConfig
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "PipelineStats",
+    "schedule_steps",
+    "schedule_actions",
+    "peak_in_flight",
+    "simulate_schedule",
+    "run_pipeline",
+    "last_stats",
+    "allreduce_tied_embedding_grads",
+    "validate_pipeline",
+]
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(schedule: str, pp: int, virtual_stages: int, microbatches: int,
+           n_layer: int | None = None) -> None:
+    """The rules every schedule needs; raises `ConfigError` naming the numbers and the fix."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"pipeline schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    if microbatches < 1:
+        raise ConfigError(f"the pipeline needs at least one microbatch, got {microbatches}")
+    if schedule != "interleaved" and virtual_stages != 1:
+        raise ConfigError(f"schedule={schedule!r} runs one stage per rank but got virtual_stages="
+                          f"{virtual_stages}; use schedule='interleaved' or virtual_stages=1")
+    if schedule == "interleaved" and (pp < 2 or virtual_stages < 2):
+        raise ConfigError(f"schedule='interleaved' needs pp >= 2 and virtual_stages >= 2 (got pp={pp}, "
+                          f"virtual_stages={virtual_stages}); use schedule='1f1b' otherwise")
+    if n_layer is not None and n_layer < pp * virtual_stages:
+        raise ConfigError(f"pp={pp} x virtual_stages={virtual_stages} = {pp * virtual_stages} pipeline "
+                          f"stages but the model has only n_layer={n_layer} layers; every stage needs at "
+                          "least one block: lower pp or virtual_stages, or add layers")
+    if schedule in ("1f1b", "interleaved") and microbatches < pp:
+        raise ConfigError(f"schedule={schedule!r} needs microbatches >= pp, got microbatches={microbatches} "
+                          f"< pp={pp}; use at least {pp} microbatches (more shrinks the bubble) "
+                          "or schedule='gpipe'")
+    if schedule == "interleaved" and microbatches % pp != 0:
+        lo = microbatches // pp * pp
+        raise ConfigError(f"schedule='interleaved' needs microbatches divisible by pp, got microbatches="
+                          f"{microbatches} and pp={pp}; use {lo} or {lo + pp} microbatches")
+
+
+def validate_pipeline(cfg: ParallelConfig, n_layer: int, microbatches: int) -> None:
+    """Check a pipeline layout before any process starts work (raises `ConfigError`)."""
+    _check(cfg.schedule, cfg.pp, cfg.virtual_stages, microbatches, n_layer)
+
+
+# --------------------------------------------------------------------------- schedules as data
+
+
+class Action(NamedTuple):
+    """One compute action of a rank: ``kind`` "F" or "B" of ``microbatch`` on local ``chunk``."""
+
+    kind: str
+    microbatch: int
+    chunk: int
+
+
+Step = list  # the actions a rank runs between two exchanges: [F], [B], or [F, B]
+
+
+def _one_f_one_b(forwards: list[Action], backwards: list[Action], warmup: int, pair: bool) -> list[Step]:
+    """``warmup`` forwards, then forward/backward pairs, then the remaining backwards.
+
+    With ``pair`` a steady-state forward and backward form one step, run back to back
+    between two exchanges (what Megatron does for the interleaved schedule, whose messages
+    would otherwise wait on each other; see `simulate_schedule`).
+    """
+    warmup = min(warmup, len(forwards))
+    steps = [[f] for f in forwards[:warmup]]
+    for i in range(len(forwards) - warmup):
+        f, b = forwards[warmup + i], backwards[i]
+        steps += [[f, b]] if pair else [[f], [b]]
+    return steps + [[b] for b in backwards[len(forwards) - warmup:]]
+
+
+def schedule_steps(schedule: str, microbatches: int, pp: int, pp_rank: int,
+                   virtual_stages: int = 1) -> list[Step]:
+    """Rank `pp_rank`'s compute steps for one optimizer step, in order (see the module doc)."""
+    m, v = microbatches, virtual_stages
+    _check(schedule, pp, v, m)
+    fwd = [Action("F", i, 0) for i in range(m)]
+    bwd = [Action("B", i, 0) for i in range(m)]
+    if schedule == "gpipe":
+        return [[a] for a in fwd + bwd]
+    if schedule == "1f1b":
+        return _one_f_one_b(fwd, bwd, warmup=pp - pp_rank - 1, pair=False)
+    # Interleaved (Megatron-LM): the k-th forward runs chunk (k mod pp*v) // pp on microbatch
+    # (k // (pp*v)) * pp + k mod pp, i.e. pp microbatches through chunk 0, the same pp through
+    # chunk 1, ..., then the next pp microbatches. Backwards visit the chunks in reverse. Rank r
+    # warms up with 2 (pp - r - 1) + (v - 1) pp forwards; with m == pp that leaves no steady
+    # state worth having and Megatron runs all forwards first (the paired exchanges would
+    # deadlock there, which `simulate_schedule` confirms).
+    group = pp * v
+
+    def mb(k: int) -> int:
+        return (k // group) * pp + k % pp
+
+    fwd = [Action("F", mb(k), (k % group) // pp) for k in range(m * v)]
+    bwd = [Action("B", mb(k), v - 1 - (k % group) // pp) for k in range(m * v)]
+    warmup = m * v if m == pp else (pp - pp_rank - 1) * 2 + (v - 1) * pp
+    return _one_f_one_b(fwd, bwd, warmup, pair=True)
+
+
+def schedule_actions(schedule: str, microbatches: int, pp: int, pp_rank: int,
+                     virtual_stages: int = 1) -> list[Action]:
+    """The order in which rank `pp_rank` runs its forwards and backwards in one step."""
+    return [a for step in schedule_steps(schedule, microbatches, pp, pp_rank, virtual_stages) for a in step]
+
+
+def peak_in_flight(actions: Sequence[Action]) -> int:
+    """Most (microbatch, chunk) activations a rank holds at once under this order."""
+    held = peak = 0
+    for a in actions:
+        held += 1 if a.kind == "F" else -1
+        peak = max(peak, held)
+    return peak
+
+
+class _Msg(NamedTuple):
+    """A tensor between two global stages: an activation (forward) or a gradient (backward)."""
+
+    kind: str  # "act" or "grad"
+    microbatch: int
+    src: int  # global stage index of the sender
+    dst: int
+
+    def tag(self, n_stages: int) -> int:  # unique within a step (gloo matches on it)
+        return (self.microbatch * n_stages + self.src) * 2 + (self.kind == "grad")
+
+
+def _incoming(a: Action, stage: int, n_stages: int) -> _Msg | None:
+    """What `a` must receive before it can run (None on the first stage's F, the last's B)."""
+    if a.kind == "F":
+        return _Msg("act", a.microbatch, stage - 1, stage) if stage > 0 else None
+    return _Msg("grad", a.microbatch, stage + 1, stage) if stage < n_stages - 1 else None
+
+
+def _outgoing(a: Action, stage: int, n_stages: int) -> _Msg | None:
+    """What `a` produces for a neighbour (None on the last stage's F, the first's B)."""
+    if a.kind == "F":
+        return _Msg("act", a.microbatch, stage, stage + 1) if stage < n_stages - 1 else None
+    return _Msg("grad", a.microbatch, stage, stage - 1) if stage > 0 else None
+
+
+Exchange = tuple  # (messages to send, messages to receive), posted together in one batch
+
+
+def _exchanges(steps: list[Step], pp: int, pp_rank: int, v: int) -> list[Exchange]:
+    """The batched exchange before step 0, then after every step ``i``: send what step ``i``
+    produced, receive what step ``i + 1`` needs. Lists keep action order, on both ends."""
+    n = pp * v
+    out, prev = [], []
+    for step in [*steps, []]:
+        out.append(([m for a in prev if (m := _outgoing(a, a.chunk * pp + pp_rank, n))],
+                    [m for a in step if (m := _incoming(a, a.chunk * pp + pp_rank, n))]))
+        prev = step
+    return out
+
+
+def simulate_schedule(schedule: str, microbatches: int, pp: int, virtual_stages: int = 1) -> int:
+    """Replay every rank's exchanges with rendezvous sends; return the number of rounds.
+
+    Each round, every rank posts the sends and receives of the exchange it is at; a message
+    is delivered once both its send and its receive are posted, and a rank moves on (computes
+    its next step, reaches its next exchange) when its whole exchange is delivered. Raises
+    ``RuntimeError`` if the ranks would deadlock, or if two ranks disagree on the order of the
+    messages between them (NCCL matches by order, not by tag).
+    """
+    v = virtual_stages
+    ex = [_exchanges(schedule_steps(schedule, microbatches, pp, r, v), pp, r, v) for r in range(pp)]
+    for src in range(pp):
+        for dst in range(pp):
+            sent = [m for sends, _ in ex[src] for m in sends if m.dst % pp == dst]
+            got = [m for _, recvs in ex[dst] for m in recvs if m.src % pp == src]
+            if sent != got:
+                raise RuntimeError(f"{schedule}: rank {src} sends to rank {dst} in another order than "
+                                   f"rank {dst} receives (pp={pp}, m={microbatches}, v={v})")
+    pos, delivered, rounds = [0] * pp, set(), 0
+    while any(pos[r] < len(ex[r]) for r in range(pp)):
+        at = [ex[r][pos[r]] for r in range(pp) if pos[r] < len(ex[r])]
+        sends = {m for s, _ in at for m in s}
+        delivered |= {m for _, g in at for m in g if m in sends}
+        moved = [r for r in range(pp) if pos[r] < len(ex[r])
+                 and all(m in delivered for m in ex[r][pos[r]][0] + ex[r][pos[r]][1])]
+        if not moved:
+            raise RuntimeError(f"{schedule} deadlocks: pp={pp}, m={microbatches}, v={v}, "
+                               f"ranks stuck at exchanges {pos}")
+        for r in moved:
+            pos[r] += 1
+        rounds += 1
+    return rounds
+
+
+# --------------------------------------------------------------------------- running a step
+
+
+@dataclass
+class PipelineStats:
+    """What one `run_pipeline` call measured on this rank."""
+
+    schedule: str = ""
+    microbatches: int = 0
+    virtual_stages: int = 1
+    peak_in_flight: int = 0  # most (microbatch, chunk) activations held at once
+    compute_s: float = 0.0  # forward + backward time
+    comm_s: float = 0.0  # time waiting in exchanges (includes the bubble)
+    wall_s: float = 0.0
+    messages: int = 0  # point-to-point messages sent and received
+
+
+_LAST_STATS = PipelineStats()
+
+
+def last_stats() -> PipelineStats:
+    """Stats of the most recent `run_pipeline` call in this process."""
+    return _LAST_STATS
+
+
+class _P2P:
+    """Batched point-to-point exchanges between this rank and its pipeline neighbours."""
+
+    def __init__(self, topo, n_stages: int, act_shape: torch.Size, dtype: torch.dtype,
+                 on_event: Callable | None, stats: PipelineStats) -> None:
+        self.topo, self.n_stages, self.shape, self.dtype = topo, n_stages, act_shape, dtype
+        self.on_event, self.stats = on_event, stats
+
+    def peer(self, stage: int) -> int:
+        """Global rank running global `stage`, with this rank's dp and tp coordinates."""
+        return self.topo.pp_peer(stage % self.topo.pp)
+
+    def exchange(self, sends: list[_Msg], tensors: dict[_Msg, Tensor],
+                 recvs: list[_Msg]) -> dict[_Msg, Tensor]:
+        """Post all `sends` and `recvs` in one ``batch_isend_irecv``, then wait for every one.
+
+        Posting both before waiting on either is what keeps two neighbours that send to each
+        other at the same moment from blocking each other (see the module doc).
+        """
+        if not sends and not recvs:
+            return {}
+        t0 = time.perf_counter()
+        ops, received = [], {}
+        for msg in recvs:
+            received[msg] = torch.empty(self.shape, dtype=self.dtype, device=self.topo.device)
+            ops.append(dist.P2POp(dist.irecv, received[msg], self.peer(msg.src), tag=msg.tag(self.n_stages)))
+        for msg in sends:
+            buf = tensors[msg].detach().to(self.dtype).contiguous()
+            ops.append(dist.P2POp(dist.isend, buf, self.peer(msg.dst), tag=msg.tag(self.n_stages)))
+        reqs = dist.batch_isend_irecv(ops)
+        ends = []
+        for req in reqs:  # gloo returns one request per op; NCCL may return one for the batch
+            req.wait()
+            ends.append(time.perf_counter())
+        if self.on_event is not None:
+            for j, msg in enumerate(recvs + sends):
+                kind, stage = ("recv", msg.dst) if j < len(recvs) else ("send", msg.src)
+                t1 = ends[j] if len(ends) == len(ops) else ends[-1]
+                self.on_event(kind, msg.microbatch, stage // self.topo.pp, t0, t1)
+        self.stats.comm_s += time.perf_counter() - t0
+        self.stats.messages += len(ops)
+        return received
+
+
+def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Tensor, Tensor]],
+                 act_shape: torch.Size, dtype: torch.dtype = torch.float32,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+                 on_event: Callable[[str, int, int, float, float], None] | None = None,
+                 stats: PipelineStats | None = None) -> float:
+    """Forward and backward of all `microbatches` of one optimizer step on this rank's `stages`.
+
+    Leaves the accumulated gradient of the *mean* loss in the stages' parameters (each
+    microbatch's loss is scaled by ``1 / m`` before its backward) and returns that mean loss on
+    every pipeline rank (broadcast from the last stage). `stages` is `build_stages`' list for
+    this rank; `microbatches` holds (input_ids, targets) for every microbatch, the same on every
+    rank. `autocast` (a factory of context managers) wraps each forward; activations travel as
+    `dtype`. `on_event(kind, microbatch, chunk, t_start, t_end)` is called after every forward,
+    backward, send and recv (``chunk`` is the local virtual stage). Tied embedding gradients are
+    summed afterwards by `allreduce_tied_embedding_grads`. `stats` (or `last_stats()`) receives
+    the measurements, among them the peak number of microbatch activations held.
+    """
+    global _LAST_STATS
+    m, v, pp, rank = len(microbatches), len(stages), topo.pp, topo.pp_rank
+    _check(schedule, pp, v, m)
+    n_stages = pp * v
+    if [s.stage_index for s in stages] != [c * pp + rank for c in range(v)]:
+        raise ValueError("stages must be build_stages(model, pp, pp_rank, virtual_stages) of this rank")
+    steps = schedule_steps(schedule, m, pp, rank, v)
+    exchanges = _exchanges(steps, pp, rank, v)
+    stats = stats if stats is not None else PipelineStats()
+    stats.schedule, stats.microbatches, stats.virtual_stages = schedule, m, v
+    _LAST_STATS = stats
+    p2p = _P2P(topo, n_stages, act_shape, dtype, on_event, stats)
+    ctx = autocast or contextlib.nullcontext
+    inputs: dict[tuple[int, int], Tensor] = {}  # (microbatch, chunk) -> kept from F until B
+    outputs: dict[tuple[int, int], Tensor] = {}
+    losses: list[Tensor] = []
+    t_step = time.perf_counter()
+
+    received = p2p.exchange([], {}, exchanges[0][1])
+    for i, step in enumerate(steps):
+        produced: dict[_Msg, Tensor] = {}
+        for a in step:
+            stage, key = stages[a.chunk], (a.microbatch, a.chunk)
+            index = stage.stage_index
+            t0 = time.perf_counter()
+            if a.kind == "F":
+                idx, targets = microbatches[a.microbatch]
+                if stage.is_first:
+                    x = idx.to(topo.device)
+                else:
+                    x = received.pop(_incoming(a, index, n_stages)).requires_grad_()
+                with ctx():
+                    out = stage(x, targets.to(topo.device) if stage.is_last else None)
+                if stage.is_last:
+                    losses.append(out.detach().float())
+                    out = out / m  # so the accumulated gradient is that of the mean loss
+                else:
+                    produced[_outgoing(a, index, n_stages)] = out
+                inputs[key], outputs[key] = x, out
+                stats.peak_in_flight = max(stats.peak_in_flight, len(outputs))
+            else:
+                x, out = inputs.pop(key), outputs.pop(key)
+                if stage.is_last:
+                    out.backward()
+                else:
+                    grad = received.pop(_incoming(a, index, n_stages))
+                    torch.autograd.backward(out, grad.to(out.dtype))
+                if not stage.is_first:
+                    produced[_outgoing(a, index, n_stages)] = x.grad
+                del x, out  # this microbatch's activations die here: 1F1B's memory saving
+            t1 = time.perf_counter()
+            stats.compute_s += t1 - t0
+            if on_event is not None:
+                on_event("forward" if a.kind == "F" else "backward", a.microbatch, a.chunk, t0, t1)
+        sends, recvs = exchanges[i + 1]
+        received.update(p2p.exchange(sends, produced, recvs))
+        del produced
+
+    mean = torch.stack(losses).mean().double() if losses else torch.zeros((), dtype=torch.float64)
+    if pp > 1:
+        mean = mean.to(topo.device)
+        dist.broadcast(mean, src=topo.pp_peer(pp - 1), group=topo.pp_group)
+    stats.wall_s = time.perf_counter() - t_step
+    return float(mean)
+
+
+# --------------------------------------------------------------------------- tied embedding
+
+
+def allreduce_tied_embedding_grads(stages: list, topo) -> None:
+    """Sum the gradients of the two copies of the tied embedding (first and last stage).
+
+    GPT ties the LM head to the token embedding. With ``pp > 1`` the head lives on the last
+    pipeline rank, which keeps its own copy (`GPTStage.tied_embedding_copy`); both copies start
+    equal, and stay equal if both receive the *sum* of their gradients -- the gradient of the
+    single tied matrix. Only the first and last pipeline ranks (``topo.embedding_group``) take
+    part; a rank in between holds neither copy and returns at once. With virtual stages rank 0
+    holds the first chunk and rank ``pp - 1`` the last, as without them.
+    """
+    if topo.pp == 1 or not (topo.is_first_stage or topo.is_last_stage):
+        return
+    weight = None
+    for stage in stages:
+        if stage.is_first:
+            weight = stage.tok_emb.weight
+        elif stage.tied_embedding_copy() is not None:
+            weight = stage.tied_embedding_copy()
+    if weight is None:  # cannot happen with build_stages; fail loudly rather than hang the peer
+        raise RuntimeError("first/last pipeline rank without an embedding copy; were the stages built "
+                           "with build_stages(model, pp, pp_rank, virtual_stages)?")
+    if weight.grad is None:  # no microbatch reached it: contribute zeros, the peer still waits
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=topo.embedding_group)
+
+
+@torch.no_grad()
+def pipeline_forward(stages: list, topo, x: Tensor, y: Tensor, act_shape: torch.Size,
+                     dtype: torch.dtype = torch.float32) -> float:
+    """Loss of one batch through all stages, forward only (evaluation); returned on every pp rank.
+
+    No schedule is needed without a backward pass: the batch visits global stages 0, 1, ... in
+    order, each rank receiving from the owner of the previous stage and sending to the next with
+    blocking point-to-point calls; the last stage's loss is then broadcast over the pp group.
+    """
+    pp = topo.pp
+    n_stages = pp * len(stages)
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    for s in range(n_stages):
+        if s % pp != topo.pp_rank:
+            continue
+        stage = stages[s // pp]
+        if s == 0:
+            inp = x
+        else:
+            inp = torch.empty(act_shape, dtype=dtype, device=x.device)
+            dist.recv(inp, src=topo.pp_peer((s - 1) % pp), group=topo.pp_group)
+        out = stage(inp, y if s == n_stages - 1 else None)
+        if s == n_stages - 1:
+            loss = out.detach().float()
+        else:
+            dist.send(out.to(dtype).contiguous(), dst=topo.pp_peer((s + 1) % pp), group=topo.pp_group)
+    dist.broadcast(loss, src=topo.pp_peer(pp - 1), group=topo.pp_group)
+    return float(loss)

@@ -1,0 +1,139 @@
+"""A pipeline stage of a GPT: the slice of the network one process (or virtual stage) runs.
+
+Every parallel layout runs its model as stages. With ``pp = 1`` there is one stage holding the
+whole network, and its forward is exactly `GPT.forward`'s training path; with ``pp > 1`` the
+blocks are cut into contiguous chunks:
+
+    stage 0:       tok_emb + pos_emb -> dropout -> blocks[0 : k]
+    stage s:       blocks[...]
+    stage last:    blocks[... : n_layer] -> ln_f -> head -> cross-entropy
+
+The stage takes its modules *from a full GPT built with the run's seed*, so every layout starts
+from the same weights as the single-process run. That is what lets the tests demand the same
+loss curve to 1e-5. The tied head lives on the last stage. When that is a different stage from
+the embedding, it gets its own copy of the embedding matrix, and the two copies' gradients are
+summed over the embedding group after every backward (Megatron does the same).
+
+Tensor parallelism (`lmkit.parallel.tensor_parallel.parallelize_stage`) swaps the stage's
+modules for sharded ones and sets `loss_fn`; the stage code below is the same for every layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lmkit.config import ConfigError
+
+__all__ = ["GPTStage", "layer_split", "build_stages", "cross_entropy_loss"]
+
+
+def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (what `GPT.forward` computes)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def layer_split(n_layer: int, n_stages: int) -> list[range]:
+    """Contiguous, balanced chunks of ``range(n_layer)`` (earlier chunks get the remainder)."""
+    if n_stages > n_layer:
+        raise ConfigError(
+            f"{n_stages} pipeline stages (pp x virtual_stages) but only {n_layer} layers; every stage "
+            "needs at least one block: lower pp or virtual_stages, or add layers")
+    base, extra = divmod(n_layer, n_stages)
+    chunks, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        chunks.append(range(start, start + size))
+        start += size
+    return chunks
+
+
+class GPTStage(nn.Module):
+    """Blocks ``layers`` of `model`, plus the embedding (first stage) and the head (last stage).
+
+    ``forward(inp, targets)``: the first stage takes token ids ``[b, T]``, later stages take the
+    previous stage's activation; the last stage returns the mean loss of the microbatch, the
+    others their output activation.
+
+    Attributes set by tensor parallelism: ``tp_rank``, ``tp_size``, ``sequence_parallel``
+    (activations between blocks are then ``[b, T / tp, d]``, this rank's slice of the sequence),
+    and ``loss_fn``.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int], is_first: bool, is_last: bool,
+                 stage_index: int = 0) -> None:
+        super().__init__()
+        self.config = model.config
+        self.layers = list(layers)
+        self.is_first, self.is_last = is_first, is_last
+        self.stage_index = stage_index
+        self.tp_rank, self.tp_size, self.sequence_parallel = 0, 1, False
+        self.loss_fn = cross_entropy_loss
+        self.activation_checkpointing = False
+        if is_first:
+            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+        self.blocks = nn.ModuleList(model.blocks[i] for i in self.layers)
+        if is_last:
+            self.ln_f = model.ln_f
+            self.head = model.head
+            if not is_first:  # untie: this stage keeps its own copy, synchronised by gradient sums
+                self.head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
+
+    def embed(self, idx: Tensor) -> Tensor:
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        pos = self.pos_emb.weight[:T]
+        if self.sequence_parallel:  # this rank holds sequence positions [r*T/tp, (r+1)*T/tp)
+            chunk = T // self.tp_size
+            pos = pos[self.tp_rank * chunk : (self.tp_rank + 1) * chunk]
+        return self.drop(self.tok_emb(idx) + pos)
+
+    def forward(self, inp: Tensor, targets: Tensor | None = None) -> Tensor:
+        x = self.embed(inp) if self.is_first else inp
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        if not self.is_last:
+            return x
+        if targets is None:
+            raise ValueError("the last pipeline stage needs targets to compute the loss")
+        return self.loss_fn(self.head(self.ln_f(x)), targets)
+
+    def original_name(self, local_name: str) -> str:
+        """Map a parameter name of this stage to its name in the full `GPT` state_dict."""
+        if local_name.startswith("blocks."):
+            _, index, rest = local_name.split(".", 2)
+            return f"blocks.{self.layers[int(index)]}.{rest}"
+        return local_name
+
+    def tied_embedding_copy(self) -> Tensor | None:
+        """The head's separate copy of the embedding on a last stage that is not the first."""
+        return self.head.weight if self.is_last and not self.is_first else None
+
+
+def build_stages(model: nn.Module, pp: int, pp_rank: int, virtual_stages: int = 1) -> list[GPTStage]:
+    """The stages this pipeline rank runs, in execution order.
+
+    With ``v = virtual_stages`` the network is cut into ``pp * v`` chunks and rank ``r`` runs
+    chunks ``r, r + pp, r + 2 pp, ...`` (the interleaved schedule's round-robin assignment of
+    Narayanan et al. 2021), so each microbatch visits every rank ``v`` times.
+    """
+    n_chunks = pp * virtual_stages
+    chunks = layer_split(model.config.n_layer, n_chunks)
+    stages = []
+    for v in range(virtual_stages):
+        index = v * pp + pp_rank
+        stages.append(GPTStage(model, chunks[index], is_first=index == 0, is_last=index == n_chunks - 1,
+                               stage_index=index))
+    return stages
+
+
+def activation_shape(batch: int, seq: int, d_model: int, tp_size: int = 1,
+                     sequence_parallel: bool = False) -> torch.Size:
+    """Shape of the tensor a stage sends to the next one."""
+    return torch.Size((batch, seq // tp_size if sequence_parallel else seq, d_model))

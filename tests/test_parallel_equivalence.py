@@ -1,0 +1,103 @@
+"""Every layout of the lmkit engine reproduces the single-process loss curve (loss-compare).
+
+fp32, fixed seed, the same global batch of 16 sequences, 10 optimizer steps with clipping that
+bites: each layout's loss at every step must be within 1e-5 (relative) of the single-process
+run's. The layouts run as gloo process groups forked from this process (`run_local`), through
+the same `Trainer` that ``torchrun -m lmkit.train`` uses; one test launches torchrun itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+from lmkit.parallel.compare import layout_losses, layout_name, max_relative_difference
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 10
+SUBJECTS, PLACES = ["the cat", "a dog", "one bird", "my fish"] * 150, ["mat", "log", "rug"] * 200
+TEXT = "".join(f"{w} {i % 7} sat on the {v}{'.!'[i % 2]}\n"  # 30 symbols with EOT: divisible by tp=2
+               for i, (w, v) in enumerate(zip(SUBJECTS, PLACES, strict=True)))
+MODEL = ModelConfig(n_layer=4, n_head=4, d_model=32, block_size=16, dropout=0.0)
+TRAIN = TrainConfig(batch_size=16, max_steps=STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=2, grad_clip=0.5,
+                    eval_interval=0, seed=11, out_dir="/tmp/lmkit-equivalence")
+
+LAYOUTS = [
+    ParallelConfig(dp=2),
+    ParallelConfig(dp=2, zero=1),
+    ParallelConfig(dp=2, zero=2),
+    ParallelConfig(tp=2),
+    ParallelConfig(tp=2, sequence_parallel=True),
+    ParallelConfig(pp=2, schedule="gpipe", microbatches=4),
+    ParallelConfig(pp=2, schedule="1f1b", microbatches=4),
+    ParallelConfig(pp=4, schedule="1f1b", microbatches=4),
+    ParallelConfig(pp=2, schedule="interleaved", virtual_stages=2, microbatches=4),
+    ParallelConfig(dp=2, tp=2),
+    ParallelConfig(dp=2, pp=2, microbatches=2),
+    ParallelConfig(tp=2, pp=2, microbatches=2),
+    ParallelConfig(dp=2, tp=2, pp=2, zero=1, sequence_parallel=True, microbatches=2),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return layout_losses(MODEL, TRAIN, None, STEPS, text=TEXT, cache_dir=cache), cache
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[layout_name(p) for p in LAYOUTS])
+def test_layout_reproduces_single_process_losses(layout, reference):
+    ref, cache = reference
+    got = layout_losses(MODEL, TRAIN, layout, STEPS, text=TEXT, cache_dir=cache)
+    diff = max_relative_difference(got["losses"], ref["losses"])
+    print(f"{layout_name(layout)}: max relative loss difference {diff:.2e}")
+    assert diff < 1e-5, f"{layout_name(layout)}: {got['losses']} vs {ref['losses']}"
+    assert max_relative_difference(got["grad_norms"], ref["grad_norms"]) < 1e-4
+    assert ref["grad_norms"][0] > TRAIN.grad_clip  # clipping was active, so the global norm mattered
+
+
+def test_checkpoint_saved_under_one_layout_resumes_under_another(reference, tmp_path):
+    """dp2 x tp2 (ZeRO-1) trains 5 steps and saves; pp2 resumes; 1 process resumes: same curve."""
+    ref, cache = reference
+    train = TrainConfig(**{**TRAIN.__dict__, "out_dir": str(tmp_path / "run")})
+    first = layout_losses(MODEL, train, ParallelConfig(dp=2, tp=2, zero=1), 5, text=TEXT, cache_dir=cache,
+                          save=True)
+    assert first["checkpoint"].endswith("step_000005")
+    pipeline = layout_losses(MODEL, train, ParallelConfig(pp=2, microbatches=2), 5, text=TEXT,
+                             cache_dir=cache, resume=first["checkpoint"])
+    single = layout_losses(MODEL, train, None, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
+    assert max_relative_difference(first["losses"] + pipeline["losses"], ref["losses"]) < 1e-5
+    assert max_relative_difference(single["losses"], ref["losses"][5:]) < 1e-5
+
+
+def test_loss_actually_decreases(reference):
+    ref, _ = reference
+    assert ref["losses"][-1] < ref["losses"][0] - 0.5
+
+
+def test_torchrun_launch_trains_and_a_bad_layout_fails_fast(tmp_path):
+    """The real entry point: torchrun -m lmkit.train, 4 processes (dp2 x pp2), then a wrong world size."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LMKIT_CACHE": str(tmp_path / "cache")}
+    common = ["--corpus", "tinyshakespeare", "--n-layer", "2", "--n-head", "2", "--d-model", "32",
+              "--block-size", "16", "--batch-size", "8", "--max-steps", "3", "--eval-interval", "0",
+              "--log-interval", "1", "--out-dir", str(tmp_path / "run")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    layout = ["--dp", "2", "--pp", "2", "--microbatches", "2"]
+    ok = subprocess.run([*torchrun, "--nproc_per_node=4", "-m", "lmkit.train", *layout, *common],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "dp=2 tp=1 pp=2 over 4 processes" in ok.stdout and "step      3 | loss" in ok.stdout
+    assert (Path(tmp_path) / "run" / "latest").is_file()
+    bad = subprocess.run([*torchrun, "--nproc_per_node=2", "-m", "lmkit.train", "--tp", "2", "--pp", "2",
+                          *common], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0
+    # every rank says why in one line; the only traceback is torchrun's own report of failed children
+    assert bad.stderr.count("lmkit: error: the world has 2 processes but dp*tp*pp = 1*2*2 = 4") == 2
+    assert not re.search(r"lmkit/[\w/]+\.py\", line", bad.stderr)
