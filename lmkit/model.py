@@ -352,7 +352,7 @@ class GPT(nn.Module):
 
         mask: Tensor | None = None
         if pad is None:
-            pos = self.pos_emb.weight[start : start + T]  # [T, d], broadcast over the batch
+            pos = self.pos_emb(torch.arange(start, start + T, device=idx.device))  # [T, d], broadcast
             if kv_cache is None or start == 0:
                 is_causal = T > 1  # keys are exactly these T positions
             else:
