@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--final-eval-batches", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
 
     model_cfg = ModelConfig(n_layer=4, n_head=4, d_model=128, block_size=64, dropout=0.0, bias=False)
@@ -36,7 +37,7 @@ def main() -> None:
                                 max_steps=args.iters,
                                 lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
                                 grad_clip=1.0, eval_interval=250, eval_iters=20, log_interval=250,
-                                seed=1337, device=args.device, num_threads=args.threads, out_dir=out_dir)
+                                seed=args.seed, device=args.device, num_threads=args.threads, out_dir=out_dir)
         run = prepare_run(model_cfg, train_cfg)
         trainer = Trainer(run.model, train_cfg, run.train_tokens, run.val_tokens,
                           model_config=run.model_config, tokenizer=run.tokenizer)
