@@ -207,12 +207,12 @@ def _load_for_inference(path: str, device_name: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmkit.data import encode_to_file, load_corpus, train_val_split
+    from lmkit.data import encode_to_file, load_splits
     from lmkit.train import Trainer
 
     model, tokenizer, model_cfg, train_cfg, info = _load_for_inference(args.checkpoint, args.device)
     corpus = args.corpus or train_cfg.corpus
-    _, val_text = train_val_split(load_corpus(corpus), 0.1)
+    _, val_text = load_splits(corpus, 0.1)
     val_tokens = encode_to_file(val_text, tokenizer)
     overrides = {"corpus": corpus, "device": args.device, "out_dir": str(info.directory / "eval")}
     if args.batch_size:

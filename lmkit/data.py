@@ -37,6 +37,7 @@ __all__ = [
     "list_corpora",
     "load_corpus",
     "train_val_split",
+    "load_splits",
     "TINYSHAKESPEARE_SHA256",
     "TINYSHAKESPEARE_URL",
     "BatchSampler",
@@ -212,6 +213,16 @@ def load_corpus(name: str) -> str:
             f"{', '.join(CORPORA)} (join several with '+', e.g. 'kjv+tang')"
         )
     return "\n".join(CORPORA[part].load() for part in parts)
+
+
+def load_splits(name: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """Train and validation text of corpus `name`; joined corpora are split part by part.
+
+    Splitting ``"kjv+tang"`` as one text would put only Tang poems in validation; splitting each
+    corpus and joining the pieces keeps both languages on both sides in their proportions.
+    """
+    pieces = [train_val_split(load_corpus(part.strip()), val_fraction) for part in name.split("+")]
+    return "\n".join(t for t, _ in pieces), "\n".join(v for _, v in pieces)
 
 
 def train_val_split(text: str, val_fraction: float = 0.1) -> tuple[str, str]:

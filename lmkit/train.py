@@ -33,7 +33,7 @@ from torch import nn
 
 from lmkit import checkpoint as ckpt
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
-from lmkit.data import BatchSampler, encode_to_file, load_corpus, train_val_split
+from lmkit.data import BatchSampler, encode_to_file, load_splits, train_val_split
 from lmkit.model import build_model
 from lmkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
@@ -158,8 +158,12 @@ def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, text: str | N
     replaced), so the two can never disagree.
     """
     train_cfg.validate()
-    full = load_corpus(train_cfg.corpus) if text is None else text
-    train_text, val_text = train_val_split(full, 0.1)
+    if text is None:
+        train_text, val_text = load_splits(train_cfg.corpus, 0.1)
+        full = train_text + val_text
+    else:
+        full = text
+        train_text, val_text = train_val_split(full, 0.1)
     if tokenizer is None:
         tokenizer = build_tokenizer(train_cfg, train_text, full, cache_dir)
     if model_cfg.vocab_size != tokenizer.vocab_size:
@@ -256,7 +260,12 @@ class Trainer:
             topo = self.topology or single_process_topology(resolve_device(self.cfg.device))
             self.topology = topo
             self.device = topo.device
-            self.engine = ParallelEngine(self.model, self.parallel, self.cfg, topo)
+            if self.parallel.engine == "native":
+                from lmkit.parallel.native import NativeEngine
+
+                self.engine = NativeEngine(self.model, self.parallel, self.cfg, topo)
+            else:
+                self.engine = ParallelEngine(self.model, self.parallel, self.cfg, topo)
             self.optimizer = self.engine.optimizer
             if self.cfg.activation_checkpointing:
                 self.engine.set_activation_checkpointing(True)

@@ -38,6 +38,14 @@ def test_joined_corpora():
     assert both == data.load_corpus("kjv") + "\n" + data.load_corpus("tang")
 
 
+def test_joined_corpora_are_split_part_by_part():
+    train, val = data.load_splits("kjv+tang")
+    kjv_train, kjv_val = data.train_val_split(data.load_corpus("kjv"))
+    tang_train, tang_val = data.train_val_split(data.load_corpus("tang"))
+    assert train == kjv_train + "\n" + tang_train and val == kjv_val + "\n" + tang_val
+    assert data.load_splits("kjv") == (kjv_train, kjv_val)
+
+
 def test_unknown_corpus_lists_the_known_ones():
     with pytest.raises(data.CorpusError) as err:
         data.load_corpus("wikipedia")
