@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmkit import __version__
+from lmkit import __version__, atomic
 from lmkit.config import to_dict
 
 __all__ = [
@@ -640,19 +640,7 @@ def update_latest(out_dir: PathLike, name: str) -> None:
     name = Path(name).name
     if not (out_dir / name / META_FILE).is_file():
         raise CheckpointError(f"{out_dir / name} is not a complete checkpoint; save it before pointing to it")
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{LATEST_FILE}-", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_dir / LATEST_FILE)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic.write_text(out_dir / LATEST_FILE, name + "\n")
     _fsync_dir(out_dir)
 
 

@@ -21,7 +21,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lmkit import atomic
 
 __all__ = [
     "Corpus",
@@ -146,10 +147,7 @@ def _load_tinyshakespeare() -> str:
             f"downloaded from {TINYSHAKESPEARE_URL} (download failed: {exc})"
         ) from exc
     _verify(blob, TINYSHAKESPEARE_URL)
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache, delete=False) as tmp:
-        tmp.write(blob)
-    os.replace(tmp.name, cache / "tinyshakespeare.txt")
+    atomic.write_bytes(cache / "tinyshakespeare.txt", blob)
     return blob.decode("utf-8")
 
 
@@ -262,10 +260,7 @@ def encode_to_file(text: str, tokenizer, cache_dir: str | os.PathLike | None = N
     dtype = token_dtype(tokenizer.vocab_size)
     path = cache / f"{digest.hexdigest()[:24]}.{dtype.name}.bin"
     if not path.is_file():
-        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-        with tempfile.NamedTemporaryFile(dir=cache, delete=False, suffix=".tmp") as tmp:
-            ids.tofile(tmp)
-        os.replace(tmp.name, path)
+        atomic.write_bytes(path, np.asarray(tokenizer.encode(text), dtype=dtype).tobytes())
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from lmkit import atomic
 
 __all__ = ["record", "FIGURES_ENV"]
 
@@ -33,8 +34,5 @@ def record(**figures: float) -> dict[str, float]:
         path = Path(target)
         merged = json.loads(path.read_text()) if path.is_file() else {}
         merged.update(clean)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(merged, tmp, indent=2, sort_keys=True)
-        os.replace(tmp.name, path)
+        atomic.write_text(path, json.dumps(merged, indent=2, sort_keys=True))
     return clean

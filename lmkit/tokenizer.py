@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from lmkit import atomic
 
 __all__ = [
     "EOT",
@@ -80,7 +81,7 @@ class Tokenizer(ABC):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the tokenizer to `path` as JSON, atomically (never a half-written file)."""
         path = Path(path)
-        _atomic_write_text(path, _dumps(self.to_dict()))
+        atomic.write_text(path, _dumps(self.to_dict()))
         return path
 
     def __len__(self) -> int:
@@ -344,25 +345,3 @@ def _dumps(data: dict[str, Any]) -> str:
     except UnicodeEncodeError:
         text = json.dumps(data, ensure_ascii=True, indent=1)
     return text
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + fsync + os.replace.
-
-    os.replace is atomic on POSIX and Windows when both names are on one filesystem, so a
-    reader (or a crash) sees either the old file or the complete new one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
