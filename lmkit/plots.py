@@ -26,3 +26,69 @@ def perplexity_by_order(orders: Sequence[int], train_ppl: Sequence[float], val_p
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- parallel timelines
+
+__all__ += ["gantt", "TIMELINE_COLOURS"]
+
+#: One colour per event kind of `lmkit.parallel.instrument.Timeline`.
+TIMELINE_COLOURS = {
+    "forward": "#4C72B0", "backward": "#DD8452", "send": "#55A868", "recv": "#8FD19E",
+    "all_reduce": "#C44E52", "all_gather": "#8172B3", "reduce_scatter": "#937860",
+    "broadcast": "#DA8BC3", "reduce": "#8C8C8C", "all_to_all": "#CCB974",
+}
+
+
+def gantt(timeline, ax=None, step: int | None = None, title: str = "Per-rank timeline of one training step",
+          label_microbatches: bool = True):
+    """Gantt chart of a step: one row per rank, one colour per event kind.
+
+    `timeline`: a `Timeline`, a list of event dicts (any number of ranks) or the path of a JSON
+    lines file (`Timeline.to_jsonl`). `step`: which step (default: the last one present).
+    Forward and backward bars fill the upper part of a rank's row, labelled with their
+    microbatch number; communication (send, recv, collectives, which may overlap computation)
+    is drawn in the lower part. Returns the figure.
+    """
+    from pathlib import Path
+
+    if isinstance(timeline, (str, Path)):
+        from lmkit.parallel.instrument import read_jsonl
+
+        timeline = read_jsonl(timeline)
+    events = list(getattr(timeline, "events", timeline))
+    if not events:
+        raise ValueError("gantt() needs at least one event")
+    step = max(e.get("step", 0) for e in events) if step is None else step
+    events = [e for e in events if e.get("step", 0) == step]
+    ranks = sorted({e["rank"] for e in events})
+    row = {r: i for i, r in enumerate(ranks)}
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(9, 0.7 + 0.55 * len(ranks)))
+    else:
+        fig = ax.figure
+    span = max(e["end"] for e in events) - min(e["start"] for e in events) or 1.0
+    seen = []
+    for e in events:
+        kind = e["kind"]
+        compute = kind in ("forward", "backward")
+        y, h = (row[e["rank"]] - 0.4, 0.55) if compute else (row[e["rank"]] + 0.18, 0.22)
+        start, width = e["start"] * 1e3, max(e["end"] - e["start"], 0.0) * 1e3
+        colour = TIMELINE_COLOURS.get(kind, "#BBBBBB")
+        ax.broken_barh([(start, width)], (y, h), facecolors=colour, edgecolor="white", linewidth=0.3,
+                       label=kind if kind not in seen else None)
+        if kind not in seen:
+            seen.append(kind)
+        if compute and label_microbatches and e["microbatch"] >= 0 and width > span * 1e3 / 60:
+            ax.text(start + width / 2, y + h / 2, str(e["microbatch"]), ha="center", va="center",
+                    fontsize=7, color="white")
+    ax.set_yticks(range(len(ranks)))
+    ax.set_yticklabels([f"rank {r}" for r in ranks])
+    ax.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
+    ax.set_xlabel("time since the step started (ms)")
+    ax.set_ylabel("rank")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
