@@ -46,9 +46,11 @@ def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_hea
                     block_size: int, world_size: int | None = None) -> None:
     """Every layout error, found before any process communicates (one clear message each)."""
     pcfg.validate(world_size=world_size)
-    if pcfg.engine != "lmkit":
-        raise ConfigError("parallel.engine='native' is not available yet; use engine='lmkit'")
-    if pcfg.zero == 3:
+    if pcfg.engine == "native" and pcfg.zero == 1:
+        raise ConfigError("parallel.zero=1 does not exist in engine='native': FSDP2 shards gradients and "
+                          "optimizer state together; use zero=0 (replicate), 2 (fully_shard, parameters kept "
+                          "from forward to backward) or 3 (fully_shard), or engine='lmkit' for ZeRO-1")
+    if pcfg.engine == "lmkit" and pcfg.zero == 3:
         raise ConfigError("parallel.zero=3 (fully sharded parameters) needs engine='native'; "
                           "the lmkit engine implements ZeRO-1 and ZeRO-2")
     if pcfg.zero and pcfg.dp == 1:
