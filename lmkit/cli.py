@@ -145,8 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from lmkit.parallel.mesh import init_topology
 
         topology = init_topology(parallel_cfg, train_cfg.device)
+    n_params = sum(p.numel() for p in run.model.parameters())
     trainer = Trainer(run.model, train_cfg, run.train_tokens, run.val_tokens, model_config=run.model_config,
                       tokenizer=run.tokenizer, parallel=layout, topology=topology)
+    run.model = None  # the trainer holds what this rank needs
     talk = trainer.is_logging_rank
     if args.resume:
         source = train_cfg.out_dir if args.resume == "auto" else args.resume
@@ -154,7 +156,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if talk:
             print(f"resumed from {info.directory} at step {info.step}", flush=True)
     if talk:
-        n_params = sum(p.numel() for p in run.model.parameters())
         where = (f"dp={parallel_cfg.dp} tp={parallel_cfg.tp} pp={parallel_cfg.pp} over {world} processes"
                  if layout else "1 process")
         print(f"model: {run.model_config.arch}, {n_params:,} parameters | corpus {train_cfg.corpus}: "

@@ -266,6 +266,8 @@ class Trainer:
                 self.engine = NativeEngine(self.model, self.parallel, self.cfg, topo)
             else:
                 self.engine = ParallelEngine(self.model, self.parallel, self.cfg, topo)
+            # Keep only this rank's part: the other stages' weights of the full model can be freed.
+            self.model = nn.ModuleList(self.engine.stages)
             self.optimizer = self.engine.optimizer
             if self.cfg.activation_checkpointing:
                 self.engine.set_activation_checkpointing(True)

@@ -46,6 +46,7 @@ def _train_worker(model: dict, train: dict, parallel: dict | None, text: str | N
     run = prepare_run(mc, tc, text=text, cache_dir=Path(cache_dir) if cache_dir else None)
     trainer = Trainer(run.model, tc, run.train_tokens, run.val_tokens, model_config=run.model_config,
                       tokenizer=run.tokenizer, parallel=pc, topology=topology)
+    run.model = None
     if resume:
         trainer.resume(resume)
     losses, norms = [], []
