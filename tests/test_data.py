@@ -99,3 +99,13 @@ def test_split_is_positional_deterministic_and_on_line_boundaries():
     assert data.train_val_split(text, 0.1) == (train, val)
     with pytest.raises(ValueError):
         data.train_val_split(text, 1.5)
+
+
+def test_the_book_states_every_corpus_and_its_licence():
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "book" / "tools.md").read_text(encoding="utf-8")
+    for corpus in data.list_corpora():
+        row = next((line for line in page.splitlines() if line.startswith(f"| `{corpus.name}` |")), None)
+        assert row is not None, f"book/tools.md has no row for corpus {corpus.name!r}"
+        assert "public domain" in row and "public domain" in corpus.licence
