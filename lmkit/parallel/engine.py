@@ -156,7 +156,7 @@ class ParallelEngine:
         overlap = pcfg.pp == 1 and not pcfg.sequence_parallel
         if pcfg.pp == 1:
             stage = self.stages[0]
-            total = 0.0
+            total = torch.zeros((), device=topo.device)
             for i, (x, y) in enumerate(micro):
                 last = i == len(micro) - 1
                 sync = contextlib.nullcontext() if (last and overlap) else self.dp.no_sync()
@@ -164,8 +164,8 @@ class ParallelEngine:
                     with autocast():
                         loss = stage(x, y)
                     (loss / len(micro)).backward()
-                total += loss.detach().float().item()
-            loss_value = total / len(micro)
+                total += loss.detach().float()
+            loss_value = total.item() / len(micro)  # one host sync per step, not per microbatch
         else:
             from lmkit.parallel.pipeline import allreduce_tied_embedding_grads, run_pipeline
 
