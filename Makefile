@@ -68,7 +68,7 @@ lint: $(STAMP)
 
 # --- reading ---------------------------------------------------------------------------------
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 serve: book/_build/html/index.html
 	$(VPY) -m http.server $(PORT) --bind 127.0.0.1 --directory book/_build/html
