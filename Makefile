@@ -58,13 +58,14 @@ book: book/_build/html/index.html
 
 # --- tests -----------------------------------------------------------------------------------
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check lmkit tests benchmarks book/tools book/_ext
 	$(VPY) -m pytest
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -m "not slow and not notebooks and not site and not distributed"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lmkit tests benchmarks book/tools
+	$(VENV)/bin/ruff check lmkit tests benchmarks book/tools book/_ext
 
 # --- reading ---------------------------------------------------------------------------------
 lab: $(STAMP)
