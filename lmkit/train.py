@@ -423,16 +423,18 @@ class Trainer:
         configs: dict[str, Any] = {"train": self.cfg, "model": self.model_config}
         if self.parallel is not None:
             configs["parallel"] = self.parallel
+        extra: dict[str, Any] = {"tokens_seen": self.tokens_seen}
         if self.engine is not None:
             weights: Any = self.engine.full_state_dict()
             optimizer = self.engine.full_optimizer_state()
+            extra["rank_rng"] = self._gather_rank_rng()
         else:
             weights, optimizer = self.model, named_optimizer_state(self.model, self.optimizer)
         path = out_dir / name
         if self.is_logging_rank:
             path = ckpt.save_checkpoint(path, model=weights, optimizer=optimizer, scheduler=self.scheduler,
                                         step=self.step, configs=configs, tokenizer=self.tokenizer,
-                                        extra={"tokens_seen": self.tokens_seen})
+                                        extra=extra)
             ckpt.update_latest(out_dir, name)
         self._barrier()
         return path
@@ -450,6 +452,7 @@ class Trainer:
             info = ckpt.load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
             weights = ckpt.load_model_state(path)
             self.engine.load_full_state(weights, info.optimizer_state)
+            self._restore_rank_rng(info)
         else:
             info = ckpt.load_checkpoint(path, model=self.model, scheduler=self.scheduler,
                                         map_location=self.device, restore_rng=True)
@@ -458,6 +461,35 @@ class Trainer:
         self.step = info.step
         self.tokens_seen = int(info.extra.get("tokens_seen", 0))
         return info
+
+    def _gather_rank_rng(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states (and tensor-parallel dropout stream), in rank order (collective).
+
+        Dropout draws from per-rank streams, so resuming the *same* layout bit for bit needs each
+        rank's own state; a different layout cannot replay the same masks and starts from rank 0's.
+        """
+        from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
+
+        mine = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
+        if self.parallel.world_size == 1:
+            return [mine]
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.parallel.world_size
+        dist.all_gather_object(states, mine)
+        return states
+
+    def _restore_rank_rng(self, info: ckpt.CheckpointInfo) -> None:
+        states = info.extra.get("rank_rng")
+        saved = info.configs.get("parallel")
+        if not states or saved is None or saved != to_dict(self.parallel):
+            return  # another layout: rank 0's global RNG state was restored by load_checkpoint
+        from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
+
+        mine = states[self.topology.rank]
+        ckpt.restore_rng_state(mine["rng"])
+        if mine["tp"]["states"] is not None:
+            get_tp_rng_tracker().load_state_dict(mine["tp"])
 
     def _barrier(self) -> None:
         if self.engine is not None and self.parallel.world_size > 1:

@@ -77,6 +77,19 @@ def test_checkpoint_saved_under_one_layout_resumes_under_another(reference, tmp_
     assert max_relative_difference(single["losses"], ref["losses"][5:]) < 1e-5
 
 
+@pytest.mark.parametrize("layout", [ParallelConfig(dp=2, tp=2, sequence_parallel=True),
+                                    ParallelConfig(tp=2, pp=2, microbatches=2)], ids=layout_name)
+def test_resume_with_dropout_is_bit_for_bit_in_the_same_layout(layout, reference, tmp_path):
+    """Every rank's RNG streams (incl. tensor-parallel dropout) are saved, so dropout masks replay."""
+    _, cache = reference
+    model = ModelConfig(**{**MODEL.__dict__, "dropout": 0.1})
+    train = TrainConfig(**{**TRAIN.__dict__, "out_dir": str(tmp_path / "run")})
+    straight = layout_losses(model, train, layout, 6, text=TEXT, cache_dir=cache)
+    head = layout_losses(model, train, layout, 3, text=TEXT, cache_dir=cache, save=True)
+    tail = layout_losses(model, train, layout, 3, text=TEXT, cache_dir=cache, resume=head["checkpoint"])
+    assert head["losses"] + tail["losses"] == straight["losses"]
+
+
 def test_loss_actually_decreases(reference):
     ref, _ = reference
     assert ref["losses"][-1] < ref["losses"][0] - 0.5
