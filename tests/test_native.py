@@ -12,19 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+# The same corpus, model and optimisation as the lmkit engine's loss-compare.
+from test_parallel_equivalence import MODEL, STEPS, TEXT  # tests/ is on sys.path (pytest)
+from test_parallel_equivalence import TRAIN as _TRAIN
+
+from lmkit.config import ConfigError, ParallelConfig, TrainConfig
 from lmkit.parallel.compare import layout_losses, layout_name, max_relative_difference
 from lmkit.parallel.engine import validate_layout
 from lmkit.parallel.native import qkv_permutation
 
-STEPS = 10
 EXTRA = (3, 2)  # steps after the first resume (lmkit engine), after the second (native again)
-SUBJECTS, PLACES = ["the cat", "a dog", "one bird", "my fish"] * 150, ["mat", "log", "rug"] * 200
-TEXT = "".join(f"{w} {i % 7} sat on the {v}{'.!'[i % 2]}\n"  # 30 symbols with EOT: divisible by tp=2
-               for i, (w, v) in enumerate(zip(SUBJECTS, PLACES, strict=True)))
-MODEL = ModelConfig(n_layer=4, n_head=4, d_model=32, block_size=16, dropout=0.0)
-TRAIN = TrainConfig(batch_size=16, max_steps=STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=2, grad_clip=0.5,
-                    eval_interval=0, seed=11, out_dir="/tmp/lmkit-native")
+TRAIN = TrainConfig(**{**_TRAIN.__dict__, "out_dir": "/tmp/lmkit-native"})
 
 
 def native(**kwargs) -> ParallelConfig:
