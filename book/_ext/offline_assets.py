@@ -1,7 +1,8 @@
-"""Serve the vendored MathJax and mermaid with the site.
+"""Serve the vendored MathJax, mermaid and Pyodide (with ``lmkit/costs.py``) with the site.
 
-``book/tools/assets.py`` copies MathJax (from the ``jupyter-server-mathjax`` package) and mermaid
-(from the npm registry's ``mermaid`` package) into ``book/_vendor/``. This extension adds that folder
+``book/tools/assets.py`` copies MathJax (from the ``jupyter-server-mathjax`` package), mermaid and
+Pyodide (from the npm registry's ``mermaid`` and ``pyodide`` packages) and ``lmkit/costs.py`` into
+``book/_vendor/``. This extension adds that folder
 to ``html_static_path`` so that Sphinx copies it to ``_build/html/_static/``.
 
 Why not simply ``book/_static/``? Jupyter Book adds every ``*.js`` and ``*.css`` file found under the
@@ -22,7 +23,7 @@ from sphinx.util import logging
 logger = logging.getLogger(__name__)
 
 VENDOR = "_vendor"
-REQUIRED = ("mathjax/MathJax.js", "mermaid/mermaid.esm.min.mjs")
+REQUIRED = ("mathjax/MathJax.js", "mermaid/mermaid.esm.min.mjs", "pyodide/pyodide.mjs", "lmkit/costs.py")
 
 
 def _add_vendor(app: Sphinx, config: Config) -> None:

@@ -10,7 +10,11 @@ Run by ``make book`` after the notebooks are executed and before ``jupyter-book 
 2. copies MathJax 2.7 from the ``jupyter-server-mathjax`` package into ``book/_vendor/mathjax/``;
 3. unpacks mermaid (ES module build) from the npm registry's ``mermaid`` package into
    ``book/_vendor/mermaid/``; the tarball is fetched once with ``npm pack``, checked against a pinned
-   SHA-512 and cached in ``.cache/npm/``.
+   SHA-512 and cached in ``.cache/npm/``;
+4. unpacks the Pyodide runtime (the npm package ``pyodide``: the ES module loader, the WebAssembly
+   CPython and its standard library) into ``book/_vendor/pyodide/`` the same way, and copies
+   ``lmkit/costs.py`` into ``book/_vendor/lmkit/``, so that the calculator of chapter 5 runs the very
+   file the tests check, in the reader's browser.
 
 ``book/_vendor/`` is gitignored: nothing vendored is committed. The site then loads no file from
 outside itself. If MathJax's package or npm is unavailable, a small shim that loads the same
@@ -44,6 +48,20 @@ MERMAID_SHA512 = (
 )
 MERMAID_ENTRY = "mermaid.esm.min.mjs"
 MERMAID_CDN = f"https://cdn.jsdelivr.net/npm/mermaid@{MERMAID_VERSION}/dist/{MERMAID_ENTRY}"
+
+# Pyodide (CPython 3.14 compiled to WebAssembly) for the calculator of chapter 5, from the npm registry.
+PYODIDE_VERSION = "314.0.8"
+PYODIDE_SHA512 = (
+    "ef85aad645ce0be08213301fc6e4403bbd359c070230b8dff0daf0bd6a6ef12e"
+    "35755317c1798b434e5d601f85e1ee3a01d9c6a34a2aed81d2554a47b286ab2d"
+)
+PYODIDE_ENTRY = "pyodide.mjs"
+# The runtime without source maps, type declarations or the demo consoles. No packages are needed:
+# lmkit.costs uses the standard library only.
+PYODIDE_FILES = ("pyodide.mjs", "pyodide.asm.mjs", "pyodide.asm.wasm", "python_stdlib.zip",
+                 "pyodide-lock.json", "package.json", "README.md")
+PYODIDE_CDN = f"https://cdn.jsdelivr.net/pyodide/v{PYODIDE_VERSION}/full/"
+COSTS = REPO / "lmkit" / "costs.py"
 
 # MathJax 2.7 as shipped by jupyter-server-mathjax (a pinned dependency of the `book` extra).
 MATHJAX_PACKAGE = "jupyter_server_mathjax"
@@ -158,28 +176,28 @@ def _sha512(path: Path) -> str:
     return digest.hexdigest()
 
 
-def mermaid_tarball(cache: Path) -> Path | None:
-    """The verified npm tarball of mermaid, fetched with ``npm pack`` on first use."""
-    tarball = cache / f"mermaid-{MERMAID_VERSION}.tgz"
-    if tarball.is_file() and _sha512(tarball) == MERMAID_SHA512:
+def npm_tarball(package: str, version: str, sha512: str, cache: Path) -> Path | None:
+    """The verified npm tarball of ``package@version``, fetched with ``npm pack`` on first use."""
+    tarball = cache / f"{package}-{version}.tgz"
+    if tarball.is_file() and _sha512(tarball) == sha512:
         return tarball
     npm = shutil.which("npm")
     if npm is None:
-        notice("npm is not installed, so mermaid cannot be fetched from the npm registry")
+        notice(f"npm is not installed, so {package} cannot be fetched from the npm registry")
         return None
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         result = subprocess.run(
-            [npm, "pack", f"mermaid@{MERMAID_VERSION}", "--pack-destination", tmp, "--loglevel=error",
+            [npm, "pack", f"{package}@{version}", "--pack-destination", tmp, "--loglevel=error",
              "--prefer-offline", "--fetch-retries=1", "--fetch-timeout=60000"],
             cwd=tmp, capture_output=True, text=True, timeout=600,
         )
         fetched = Path(tmp) / tarball.name
         if result.returncode != 0 or not fetched.is_file():
-            notice(f"`npm pack mermaid@{MERMAID_VERSION}` failed: {result.stderr.strip()[-500:]}")
+            notice(f"`npm pack {package}@{version}` failed: {result.stderr.strip()[-500:]}")
             return None
-        if _sha512(fetched) != MERMAID_SHA512:
-            raise SystemExit(f"mermaid-{MERMAID_VERSION}.tgz from npm does not match the pinned SHA-512")
+        if _sha512(fetched) != sha512:
+            raise SystemExit(f"{package}-{version}.tgz from npm does not match the pinned SHA-512")
         os.replace(fetched, tarball)
     return tarball
 
@@ -189,7 +207,7 @@ def vendor_mermaid(vendor: Path, cache: Path) -> str:
     stamp = f"mermaid {MERMAID_VERSION} (npm, sha512 {MERMAID_SHA512[:16]}...)\n"
     if _stamped(target, stamp, MERMAID_ENTRY):
         return f"local (npm mermaid {MERMAID_VERSION})"
-    tarball = mermaid_tarball(cache)
+    tarball = npm_tarball("mermaid", MERMAID_VERSION, MERMAID_SHA512, cache)
     with tempfile.TemporaryDirectory(dir=vendor) as tmp:
         staging = Path(tmp) / "mermaid"
         staging.mkdir()
@@ -228,6 +246,62 @@ def vendor_mermaid(vendor: Path, cache: Path) -> str:
     return f"local (npm mermaid {MERMAID_VERSION})"
 
 
+# --- 4. Pyodide and lmkit.costs -------------------------------------------------------------
+def vendor_pyodide(vendor: Path, cache: Path) -> str:
+    target = vendor / "pyodide"
+    stamp = f"pyodide {PYODIDE_VERSION} (npm, sha512 {PYODIDE_SHA512[:16]}...)\n"
+    if _stamped(target, stamp, PYODIDE_ENTRY):
+        return f"local (npm pyodide {PYODIDE_VERSION})"
+    tarball = npm_tarball("pyodide", PYODIDE_VERSION, PYODIDE_SHA512, cache)
+    with tempfile.TemporaryDirectory(dir=vendor) as tmp:
+        staging = Path(tmp) / "pyodide"
+        staging.mkdir()
+        if tarball is None:
+            notice(f"the site will load Pyodide from {PYODIDE_CDN} and needs the network for the "
+                   "calculator of chapter 5")
+            (staging / PYODIDE_ENTRY).write_text(
+                "// Fallback written by book/tools/assets.py: pyodide could not be fetched with npm.\n"
+                f'export * from "{PYODIDE_CDN}{PYODIDE_ENTRY}";\n'
+            )
+            _install(staging, target, f"pyodide from CDN {PYODIDE_CDN}\n")
+            return "CDN fallback"
+        wanted = {f"package/{name}": name for name in PYODIDE_FILES}
+        with tarfile.open(tarball, "r:gz") as archive:
+            for member in archive.getmembers():
+                if member.isfile() and member.name in wanted:
+                    out = staging / wanted[member.name]
+                    with archive.extractfile(member) as src, out.open("wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        missing = [name for name in PYODIDE_FILES if not (staging / name).is_file()]
+        if missing:
+            raise SystemExit(f"{tarball} lacks {', '.join(missing)}: not the Pyodide runtime expected")
+        # The npm package ships no licence file; its package.json declares MPL-2.0.
+        (staging / "LICENSE").write_text(
+            f"Pyodide {PYODIDE_VERSION}, https://github.com/pyodide/pyodide, licensed under the Mozilla "
+            "Public License 2.0 (https://mozilla.org/MPL/2.0/); CPython inside it under the PSF License.\n"
+        )
+        _install(staging, target, stamp)
+    return f"local (npm pyodide {PYODIDE_VERSION})"
+
+
+def vendor_costs(vendor: Path, source: Path = COSTS) -> str:
+    """Copy ``lmkit/costs.py`` (and an empty package ``__init__``) for the browser calculator."""
+    target = vendor / "lmkit"
+    if not source.is_file():
+        notice(f"{source} does not exist yet: the calculator of chapter 5 will show an error")
+        shutil.rmtree(target, ignore_errors=True)
+        return "missing"
+    code = source.read_bytes()
+    if (target / "costs.py").is_file() and (target / "costs.py").read_bytes() == code:
+        return "copied"
+    with tempfile.TemporaryDirectory(dir=vendor) as tmp:
+        staging = Path(tmp) / "lmkit"
+        staging.mkdir()
+        (staging / "costs.py").write_bytes(code)
+        _install(staging, target, f"lmkit/costs.py sha256 {hashlib.sha256(code).hexdigest()}\n")
+    return "copied"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--book", type=Path, default=BOOK, help="the book folder (default: %(default)s)")
@@ -240,10 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     vendor.mkdir(exist_ok=True)
     mathjax = vendor_mathjax(vendor)
     mermaid = vendor_mermaid(vendor, args.cache.resolve() / "npm")
+    pyodide = vendor_pyodide(vendor, args.cache.resolve() / "npm")
+    costs = vendor_costs(vendor)
     executed = sorted(k for k, v in kinds.items() if v == "notebook")
     placeholders = sorted(k for k, v in kinds.items() if v == "placeholder")
     print(f"assets: {len(executed)} executed chapter(s) {executed}, {len(placeholders)} placeholder(s); "
-          f"MathJax: {mathjax}; mermaid: {mermaid}")
+          f"MathJax: {mathjax}; mermaid: {mermaid}; Pyodide: {pyodide}; lmkit/costs.py: {costs}")
     return 0
 
 
