@@ -30,6 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+from lmkit.experiments import measure_layouts
+from lmkit.parallel.instrument import bubble_formula, idle_fractions, mfu, peak_flops
+from lmkit.train import prepare_run
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -105,8 +112,6 @@ def formula_rows(layout, rank: int, dims: dict) -> list[Row]:
 
 def bytes_table(result: dict, dims: dict, ranks: list[int]) -> list[list[str]]:
     """Measured vs formula for the given ranks; unmatched collectives show up as 'other'."""
-    from lmkit.config import ParallelConfig
-
     layout = ParallelConfig(**result["layout"])
     out = []
     for rank in ranks:
@@ -186,12 +191,6 @@ def main() -> None:
     args = parser.parse_args()
     if "LMKIT_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir():
         os.environ["LMKIT_DATA"] = str(ROOT.parent / "shared" / "data")
-
-    import torch
-
-    from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-    from lmkit.parallel.instrument import bubble_formula, idle_fractions, measure_layouts, mfu, peak_flops
-    from lmkit.train import prepare_run
 
     started = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="lmkit-parallel-bench-")

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmkit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a model (also: python -m lmkit.train; torchrun entry point)",
+    train = sub.add_parser("train", help="train a model (= python -m lmkit train; torchrun -m lmkit train)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--config", type=str, default=None,
                        help="TOML file with [model], [train] and [parallel] sections")

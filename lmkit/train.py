@@ -11,8 +11,9 @@ Batches are a pure function of ``(seed, step)`` (`lmkit.data.BatchSampler`), and
 states are saved in checkpoints, so a resumed run reproduces an uninterrupted one bit for bit.
 
 `prepare_run` does the set-up every entry point shares (corpus -> tokenizer -> token files ->
-model), so the CLI, the notebooks, the benchmarks and the tests train the same way.
-``python -m lmkit.train`` is the ``lmkit train`` command (the torchrun entry point).
+model), so the CLI, the notebooks, the benchmarks and the tests train the same way. The command
+line (``lmkit train`` = ``python -m lmkit train``, also under ``torchrun -m lmkit train``) lives
+in `lmkit.cli`, which imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -504,13 +505,3 @@ def _progress(steps: Iterable[int], desc: str, enabled: bool = True):
 
     return tqdm(steps, desc=desc, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lmkit.train`` = ``lmkit train``."""
-    from lmkit.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -71,7 +71,7 @@ def test_bad_toml_section(tmp_path, capsys):
 
 
 def test_module_entry_point_exits_nonzero_without_traceback():
-    result = subprocess.run([sys.executable, "-m", "lmkit.train", "--n-head", "5"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "lmkit", "train", "--n-head", "5"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
     assert "not divisible" in result.stderr and "Traceback" not in result.stderr

@@ -10,8 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+from lmkit.experiments import measure_layouts
+from lmkit.model import build_model
 from lmkit.parallel.instrument import (
     COLLECTIVE_KINDS,
     CommCounter,
@@ -20,14 +24,17 @@ from lmkit.parallel.instrument import (
     bubble_formula,
     idle_fractions,
     lookup_peak_flops,
-    measure_layouts,
     memory_report,
     mfu,
     peak_flops,
     read_jsonl,
     wire_bytes,
 )
+from lmkit.parallel.launch import run_local
+from lmkit.parallel.mesh import single_process_topology
 from lmkit.parallel.pipeline import schedule_actions
+from lmkit.tokenizer import CharTokenizer
+from lmkit.train import Trainer
 
 TEXT = "".join(f"the cat {i % 7} sat on the mat{'.!'[i % 2]}\n" for i in range(400))  # 18 symbols + EOT
 MODEL = ModelConfig(n_layer=2, n_head=2, d_model=16, block_size=8, dropout=0.0)
@@ -51,9 +58,6 @@ def measured(tmp_path_factory):
 
 
 def _gradient_bytes() -> int:
-    from lmkit.model import build_model
-    from lmkit.tokenizer import CharTokenizer
-
     vocab = CharTokenizer.train(TEXT).vocab_size
     model = build_model(ModelConfig(**{**MODEL.__dict__, "vocab_size": vocab}))
     return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weight once
@@ -122,9 +126,6 @@ def test_timelines_are_well_formed_and_ordered(measured):
 
 
 def _collectives_worker() -> dict:
-    import torch.distributed as dist
-    import torch.distributed._functional_collectives as funcol
-
     dist.init_process_group("gloo")
     rank, peer = dist.get_rank(), 1 - dist.get_rank()
     x = torch.ones(10)  # 40 bytes
@@ -148,8 +149,6 @@ def _collectives_worker() -> dict:
 
 @pytest.mark.distributed
 def test_counter_sees_every_collective_api():
-    from lmkit.parallel.launch import run_local
-
     for result in run_local(2, _collectives_worker):
         assert result["records"] == [("all_reduce", 40), ("broadcast", 40), ("reduce", 40),
                                      ("all_gather", 80), ("reduce_scatter", 40), ("send", 40), ("recv", 40),
@@ -163,10 +162,6 @@ def test_counter_sees_every_collective_api():
 
 
 def _single_process_trainer(grad_accum: int = 1):
-    from lmkit.model import build_model
-    from lmkit.parallel.mesh import single_process_topology
-    from lmkit.train import Trainer
-
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=12, n_layer=1, n_head=2, d_model=8, block_size=8))
     tokens = np.random.default_rng(0).integers(0, 12, 2000).astype(np.uint16)

@@ -17,9 +17,11 @@ from test_parallel_equivalence import MODEL, STEPS, TEXT  # tests/ is on sys.pat
 from test_parallel_equivalence import TRAIN as _TRAIN
 
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
-from lmkit.parallel.compare import layout_losses, layout_name, max_relative_difference
+from lmkit.experiments import layout_losses, layout_name, max_relative_difference
 from lmkit.parallel.engine import validate_layout
+from lmkit.parallel.mesh import single_process_topology
 from lmkit.parallel.native import qkv_permutation
+from lmkit.train import Trainer, prepare_run
 
 EXTRA = (3, 2)  # steps after the first resume (lmkit engine), after the second (native again)
 TRAIN = TrainConfig(**{**_TRAIN.__dict__, "out_dir": "/tmp/lmkit-native"})
@@ -78,9 +80,6 @@ def test_native_validation_maps_zero_levels():
 def test_native_engine_in_one_process_is_the_plain_model(reference):
     """World size 1 (no process group): no mesh, no wrappers, the reference curve exactly."""
     ref, cache = reference
-    from lmkit.parallel.mesh import single_process_topology
-    from lmkit.train import Trainer, prepare_run
-
     run = prepare_run(MODEL, TRAIN, text=TEXT, cache_dir=Path(cache))
     trainer = Trainer(run.model, TRAIN, run.train_tokens, run.val_tokens, model_config=run.model_config,
                       parallel=native(), topology=single_process_topology())

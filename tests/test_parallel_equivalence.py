@@ -3,7 +3,7 @@
 fp32, fixed seed, the same global batch of 16 sequences, 10 optimizer steps with clipping that
 bites: each layout's loss at every step must be within 1e-5 (relative) of the single-process
 run's. The layouts run as gloo process groups forked from this process (`run_local`), through
-the same `Trainer` that ``torchrun -m lmkit.train`` uses; one test launches torchrun itself.
+the same `Trainer` that ``torchrun -m lmkit train`` uses; one test launches torchrun itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-from lmkit.parallel.compare import layout_losses, layout_name, max_relative_difference
+from lmkit.experiments import layout_losses, layout_name, max_relative_difference
 
 pytestmark = pytest.mark.distributed
 
@@ -96,19 +96,19 @@ def test_loss_actually_decreases(reference):
 
 
 def test_torchrun_launch_trains_and_a_bad_layout_fails_fast(tmp_path):
-    """The real entry point: torchrun -m lmkit.train, 4 processes (dp2 x pp2), then a wrong world size."""
+    """The real entry point: torchrun -m lmkit train, 4 processes (dp2 x pp2), then a wrong world size."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LMKIT_CACHE": str(tmp_path / "cache")}
     common = ["--corpus", "tinyshakespeare", "--n-layer", "2", "--n-head", "2", "--d-model", "32",
               "--block-size", "16", "--batch-size", "8", "--max-steps", "3", "--eval-interval", "0",
               "--log-interval", "1", "--out-dir", str(tmp_path / "run")]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     layout = ["--dp", "2", "--pp", "2", "--microbatches", "2"]
-    ok = subprocess.run([*torchrun, "--nproc_per_node=4", "-m", "lmkit.train", *layout, *common],
+    ok = subprocess.run([*torchrun, "--nproc_per_node=4", "-m", "lmkit", "train", *layout, *common],
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "dp=2 tp=1 pp=2 over 4 processes" in ok.stdout and "step      3 | loss" in ok.stdout
     assert (Path(tmp_path) / "run" / "latest").is_file()
-    bad = subprocess.run([*torchrun, "--nproc_per_node=2", "-m", "lmkit.train", "--tp", "2", "--pp", "2",
+    bad = subprocess.run([*torchrun, "--nproc_per_node=2", "-m", "lmkit", "train", "--tp", "2", "--pp", "2",
                           *common], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0
     # every rank says why in one line; the only traceback is torchrun's own report of failed children

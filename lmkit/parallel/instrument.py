@@ -64,9 +64,8 @@ scalars); DTensors count their local shard. Plus the CUDA allocator's peak on a 
 with the dense (no sparsity) peak of the GPU named by ``torch.cuda.get_device_name()``;
 ``None`` on a CPU, whose peak depends on the cores, clock and vector units torch happens to use.
 
-`measure_layouts` puts it all together: it trains layouts with the real `Trainer` in
-`run_local` processes and returns every rank's bytes, timeline, memory and step times
-(``benchmarks/parallel.py`` prints them next to the formulas).
+`lmkit.experiments.measure_layouts` puts it all together (it trains layouts with the real
+`Trainer`; this module never imports the trainer).
 """
 
 from __future__ import annotations
@@ -98,7 +97,6 @@ __all__ = [
     "peak_flops",
     "mfu",
     "read_jsonl",
-    "measure_layouts",
 ]
 
 COLLECTIVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "send", "recv",
@@ -695,116 +693,3 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
     if peak is None or peak <= 0:
         return None
     return tokens_per_s * flops_per_token / (n_devices * peak)
-
-
-# --------------------------------------------------------------------------- measuring layouts
-
-
-def _jsonable_comm(counter_summary: dict[Any, dict[str, float]]) -> list[dict[str, Any]]:
-    return [{"kind": kind, "ranks": list(ranks), **values}
-            for (kind, ranks), values in counter_summary.items()]
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _measure_worker(model: dict, train: dict, layouts: list[dict], steps: int, warmup: int,
-                    text: str | None, cache_dir: str | None) -> list[dict[str, Any]]:
-    import gc
-
-    from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-    from lmkit.model import build_model
-    from lmkit.parallel.mesh import init_topology
-    from lmkit.train import Trainer, prepare_run, seed_everything
-
-    mc, tc = ModelConfig(**model), TrainConfig(**train)
-    topology = init_topology(ParallelConfig(**layouts[0]), tc.device)
-    run = prepare_run(mc, tc, text=text, cache_dir=Path(cache_dir) if cache_dir else None)
-    results = []
-    for layout in layouts:
-        pc = ParallelConfig(**layout)
-        seed_everything(tc.seed)
-        model_ = build_model(run.model_config)
-        flops = model_.flops_per_token()
-        try:
-            trainer = Trainer(model_, tc, run.train_tokens, run.val_tokens, model_config=run.model_config,
-                              tokenizer=run.tokenizer, parallel=pc, topology=topology)
-        except Exception as e:  # noqa: BLE001 - the same on every rank (validation); reported per layout
-            results.append({"layout": layout, "error": f"{type(e).__name__}: {e}"})
-            continue
-        engine = trainer.engine if trainer.engine is not None else trainer.model
-        losses = [trainer.train_step()["loss"] for _ in range(warmup)]
-        inst, plain = Instrument(engine, keep_records=True), []
-        for i in range(steps):  # alternate plain and instrumented steps: the overhead, measured
-            _barrier()
-            start = time.perf_counter()
-            losses.append(trainer.train_step()["loss"])
-            plain.append(time.perf_counter() - start)
-            with inst, inst.step(i):
-                losses.append(trainer.train_step()["loss"])
-        comm = _jsonable_comm(inst.counter.summary(by_group=True))
-        last = inst.steps[-1]["step"]
-        results.append({
-            "layout": layout, "rank": topology.rank, "world_size": topology.world_size,
-            "coords": {"pp": topology.pp_rank, "dp": topology.dp_rank, "tp": topology.tp_rank},
-            "step_s": [s["wall_s"] for s in inst.steps], "plain_step_s": plain,
-            "counter_overhead_s": [s["counter_overhead_s"] for s in inst.steps],
-            "comm": comm, "records": inst.counter.records,
-            "timeline": inst.timeline.step_events(last),
-            "memory": memory_report(engine, trainer.optimizer),
-            "device": _device_name(topology.device),
-            "tokens_per_step": tc.batch_size * run.model_config.block_size,
-            "flops_per_token": flops, "losses": losses,
-        })
-        del trainer, engine, inst, model_
-        gc.collect()
-    return results
-
-
-def measure_layouts(model_cfg: Any, train_cfg: Any, layouts: Sequence[Any], steps: int = 2, warmup: int = 1,
-                    text: str | None = None, cache_dir: str | None = None,
-                    timeout: float = 600.0) -> list[dict[str, Any]]:
-    """Train each layout with the real `Trainer`: `warmup` steps, then `steps` pairs of one plain
-    and one instrumented step (alternating, so that the instrumentation's cost is measured too).
-
-    Layouts with the same ``dp x tp x pp`` share one `run_local` launch (one process group,
-    one `Trainer` after another). Returns, per layout, ``{"name", "layout", "ranks": [...]}``
-    where each rank reports ``step_s`` (instrumented steps), ``plain_step_s``, ``comm`` (the
-    last step's collectives by kind and group: ``{kind, ranks, calls, bytes, wire_bytes}``),
-    ``records`` (the last step's collectives, one dict per call), ``timeline`` (its events of
-    the last step), ``memory`` (`memory_report`), ``device`` (the GPU's name or "cpu"),
-    ``tokens_per_step``, ``flops_per_token`` (the model's, for training) and ``losses``; or
-    ``{"name", "layout", "error"}`` if the layout could not be built.
-    """
-    import dataclasses
-
-    from lmkit.config import to_dict
-    from lmkit.parallel.compare import layout_name
-    from lmkit.parallel.launch import run_local
-
-    model, train = to_dict(model_cfg), to_dict(train_cfg)
-    groups: dict[tuple[int, int, int], list[Any]] = {}
-    for layout in layouts:
-        groups.setdefault((layout.dp, layout.tp, layout.pp), []).append(layout)
-    by_layout: dict[int, dict[str, Any]] = {}
-    for (dp, tp, pp), members in groups.items():
-        dicts = [dataclasses.asdict(p) for p in members]
-        per_rank = run_local(dp * tp * pp, _measure_worker, model, train, dicts, steps, warmup, text,
-                             cache_dir, timeout=timeout)
-        for i, layout in enumerate(members):
-            ranks = [results[i] for results in per_rank]
-            entry: dict[str, Any] = {"name": layout_name(layout), "layout": dicts[i]}
-            if "error" in ranks[0]:
-                entry["error"] = ranks[0]["error"]
-            else:
-                entry["ranks"] = ranks
-            by_layout[id(layout)] = entry
-    return [by_layout[id(layout)] for layout in layouts]
