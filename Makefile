@@ -14,7 +14,8 @@ NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 EXECUTED  := $(patsubst notebooks/%.ipynb,book/chapters/%.ipynb,$(NOTEBOOKS))
 LMKIT_SRC := $(shell find lmkit -name '*.py' 2>/dev/null)
 BOOK_SRC  := $(shell find book -maxdepth 2 \( -name '*.md' -o -name '*.yml' -o -name '*.py' -o -name '*.bib' \) \
-                -not -path 'book/_build/*' -not -path 'book/chapters/*' 2>/dev/null)
+                -not -path 'book/_build/*' -not -path 'book/chapters/*' 2>/dev/null) \
+             $(wildcard book/_ext/calculator_static/*)
 
 .PHONY: help setup book execute test test-fast lab serve clean browser lint
 
