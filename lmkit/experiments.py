@@ -39,12 +39,13 @@ from lmkit.parallel.instrument import Instrument, memory_report
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import coords_of, init_topology
 from lmkit.parallel.pipeline import schedule_actions
+from lmkit.tokenizer import CharTokenizer
 from lmkit.train import Trainer, prepare_run, seed_everything
 
 __all__ = [
     "layout_losses", "layout_name", "label", "max_relative_difference", "measure_layouts", "ideal_timeline",
-    "group_label", "CHAPTER6_MODEL", "CHAPTER6_TEXT", "chapter6_train_config", "chapter6_layouts",
-    "chapter6_checkpoint_plan", "run_chapter6", "load_results", "summary_table", "main",
+    "group_label", "CHAPTER6_MODEL", "CHAPTER6_TEXT", "chapter6_model_config", "chapter6_train_config",
+    "chapter6_layouts", "chapter6_checkpoint_plan", "run_chapter6", "load_results", "summary_table", "main",
 ]
 
 
@@ -296,6 +297,12 @@ CHAPTER6_WORLDS = (1, 2, 8)  # the world sizes of the chapter's layouts (torchru
 RESULTS_VERSION = 1
 
 
+def chapter6_model_config() -> ModelConfig:
+    """`CHAPTER6_MODEL` with the vocabulary of its character tokenizer on `CHAPTER6_TEXT` (30)."""
+    vocab = CharTokenizer.train(CHAPTER6_TEXT).vocab_size
+    return dataclasses.replace(CHAPTER6_MODEL, vocab_size=vocab)
+
+
 def chapter6_train_config(steps: int, out_dir: str | Path, device: str = "auto") -> TrainConfig:
     """Global batch 16, lr 3e-3 with 2 warm-up steps, clipping at 0.5 (it bites), seed 11."""
     return TrainConfig(batch_size=16, max_steps=steps, lr=3e-3, min_lr=3e-4, warmup_steps=2, grad_clip=0.5,
@@ -355,8 +362,9 @@ def _slug(name: str) -> str:
 
 
 def group_label(ranks: Sequence[int], layout: ParallelConfig | None) -> str:
-    """Which dimension a collective's group spans: ``dp``, ``tp``, ``pp``, ``pp ends`` (the first
-    and last stage, tied embedding), ``dp x tp`` (a 2-D mesh), ``world`` or ``self``."""
+    """Which dimension a collective's group spans: ``dp``, ``tp``, ``pp``, ``embedding`` (the first
+    and last stage when pp > 2, the tied embedding: `lmkit.costs` calls it so), ``dp x tp`` (a 2-D
+    mesh), ``world`` or ``self``."""
     if layout is None or len(ranks) <= 1:
         return "self"
     coords = [coords_of(r, layout.dp, layout.tp) for r in ranks]  # (pp, dp, tp)
@@ -364,8 +372,17 @@ def group_label(ranks: Sequence[int], layout: ParallelConfig | None) -> str:
     if len(ranks) == layout.world_size and len(varying) > 1:
         return "world"
     if varying == ["pp"] and len(ranks) < layout.pp:
-        return "pp ends"
+        return "embedding"
     return " x ".join(varying)  # "dp x tp": the 2-D mesh of FSDP2 + TP
+
+
+def _dim(collective: dict[str, Any], layout: ParallelConfig | None) -> str:
+    """`group_label` of a counted collective. Point-to-point messages are the pipeline's in both
+    engines, whatever group carries them (the lmkit engine sends through the default group with
+    global peer ranks, so their group is the whole world)."""
+    if collective["kind"] in ("send", "recv") and layout is not None and layout.pp > 1:
+        return "pp"
+    return group_label(collective["ranks"], layout)
 
 
 def _measured_entry(result: dict[str, Any], layout: ParallelConfig | None) -> dict[str, Any]:
@@ -378,8 +395,8 @@ def _measured_entry(result: dict[str, Any], layout: ParallelConfig | None) -> di
     ranks = []
     for rank in result["ranks"]:
         rank = dict(rank)
-        rank["comm"] = [{**c, "group": group_label(c["ranks"], layout)} for c in rank["comm"]]
-        rank["records"] = [{**r, "group": group_label(r["ranks"], layout)} for r in rank["records"]]
+        rank["comm"] = [{**c, "dim": _dim(c, layout)} for c in rank["comm"]]
+        rank["records"] = [{**r, "dim": _dim(r, layout)} for r in rank["records"]]
         ranks.append(rank)
     return {**entry, "losses": ranks[0]["losses"], "ranks": ranks}
 
@@ -440,7 +457,8 @@ def run_chapter6(out: str | Path, smoke: bool = False, steps: int | None = None,
         raise ValueError(f"--steps must be at least {2 * pairs + 2}")
     started = time.perf_counter()
     train_cfg = chapter6_train_config(steps, out / "checkpoint" / "run", device)
-    model, train = to_dict(CHAPTER6_MODEL), to_dict(train_cfg)
+    model_cfg = chapter6_model_config()
+    model, train = to_dict(model_cfg), to_dict(train_cfg)
     cache = str(out / "cache")  # tokenizer and token files of the chapter's corpus
     selected = chapter6_layouts(smoke)
     here = selected if world is None else [p for p in selected if p is not None and p.world_size == world]
@@ -452,7 +470,7 @@ def run_chapter6(out: str | Path, smoke: bool = False, steps: int | None = None,
     rank = int(os.environ.get("RANK", "0"))
     talk = rank == 0
     if world is None:
-        measured = measure_layouts(CHAPTER6_MODEL, train_cfg, here, steps=pairs, warmup=steps - 2 * pairs,
+        measured = measure_layouts(model_cfg, train_cfg, here, steps=pairs, warmup=steps - 2 * pairs,
                                    text=CHAPTER6_TEXT, cache_dir=cache, timeout=timeout)
     else:
         if torch.cuda.is_available() and device in ("auto", "cuda"):
