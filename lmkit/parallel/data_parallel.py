@@ -1,88 +1,10 @@
 """Data parallelism by hand: bucketed gradient all-reduce, ``no_sync`` accumulation, ZeRO-1/2 AdamW.
 
-Every data-parallel rank holds the same parameters and runs forward and backward on its own
-slice of the global batch; averaging the gradients over the ranks then gives exactly the
-gradient of the full batch, and identical optimizer steps keep the replicas identical. This
-module does that over plain ``torch.distributed`` collectives, written out by hand instead of
-calling `torch.nn.parallel.DistributedDataParallel`: reading it is the lesson. The tests check
-that its gradients equal DDP's and that its training run equals a single process's.
-
-**Buckets and overlap** (PyTorch DDP; Li et al. 2020, "PyTorch Distributed: Experiences on
-Accelerating Data Parallel Training", VLDB, sections 3.2.2-3.2.3). One all-reduce per parameter
-pays the collective's fixed latency hundreds of times; one all-reduce of everything cannot
-start before backward has finished. DDP's answer, copied here: put the gradients in a few flat
-*buckets* (about ``bucket_cap_mb`` each) and all-reduce a bucket asynchronously as soon as all
-of its gradients exist, while autograd is still computing the earlier layers' gradients.
-Backward produces gradients roughly in reverse registration order, so parameters are assigned
-to buckets in reverse order too: the first bucket fills first. A hook registered with
-``Tensor.register_post_accumulate_grad_hook`` tells us when each gradient is complete.
-
-All ranks must issue collectives in the same order, or they would pair up different buckets.
-So, like DDP's reducer, a ready bucket is launched only after every bucket before it (in the
-expected order) has been launched; the order is fixed at construction and identical on every
-rank. (DDP additionally re-orders its buckets after the first iteration from the order it saw
-gradients arrive; we do not.)
-
-**Gradients are views into the buckets** (DDP's ``gradient_as_bucket_view=True``). Each
-parameter's ``.grad`` is a view into one flat gradient buffer per parameter group, so autograd
-accumulates straight into the buffer that is communicated: no copy in, no copy out, no second
-copy of the gradients in memory. If someone replaces ``p.grad`` (``model.zero_grad()`` sets it
-to None), the hook copies the new gradient into the buffer and restores the view. Consequences
-worth knowing: `zero_grad` zeroes the buffers instead of freeing the gradients, and a parameter
-that received no gradient is stepped with a zero gradient (AdamW still decays it and moves it
-with its momentum), identically in every mode, as in ZeRO's flat partitions.
-
-**Accumulation** (Li et al. 2020, section 3.2.4). With ``k`` micro-batches per step, only the
-last backward needs to communicate: the others run inside `DataParallel.no_sync`, where the
-hooks only let the gradients accumulate locally. `finish_grad_sync` waits for the launched
-buckets and launches any that did not fire (parameters without a gradient, or a pipeline
-schedule that ran every backward inside ``no_sync``). Gradients are divided by ``dp`` before
-the sum (as DDP does), so the result is the average.
-
-**ZeRO** (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
-Parameter Models", SC20). In fp32, AdamW's two moments cost 8 bytes per parameter, twice the
-parameters themselves, and every replica stores all of them. Each parameter group's flat
-buffer (decay and no-decay separately, the order of the buckets) is cut into ``dp`` equal
-contiguous shards, the last one padded with zeros, and dp rank ``r`` owns shard ``r``:
-
-- ``zero=1``: gradients are all-reduced as above; each rank runs `torch.optim.AdamW` on its
-  shard only (a flat view into the parameters, so the update lands in the model directly)
-  and keeps the moments for ``1/dp`` of the parameters; then an all-gather of the shards gives
-  every rank the full, identical parameters. Communication per step, for ``P`` parameters:
-  all-reduce ``2P`` plus all-gather ``P`` per rank (ring algorithms), 1.5x plain data
-  parallelism, in exchange for ``8P/dp`` instead of ``8P`` bytes of optimizer state.
-- ``zero=2``: gradients are *reduced to their owner* instead of all-reduced, so each rank ends
-  with the averaged gradients of its shard only; update, then all-gather as in ZeRO-1. That is
-  ``P`` + ``P``, the same volume as plain data parallelism, as the ZeRO paper points out (an
-  all-reduce *is* a reduce-scatter followed by an all-gather; ZeRO all-gathers the updated
-  parameters instead of the gradients).
-
-  How the reduction is issued: buckets are cut at shard boundaries, so every bucket has one
-  owner, and the bucket is sent with ``dist.reduce(bucket, dst=owner)``. Over all buckets
-  every gradient element is reduced exactly once, to its owner: a reduce-scatter, issued as
-  one ``reduce`` per bucket. gloo in torch 2.13 *does* implement ``reduce_scatter_single``
-  (``reduce_scatter_tensor``) and ``all_gather_single`` (``all_gather_into_tensor``), but a
-  reduce-scatter needs every rank to own an equal part of the tensor being reduced, which a
-  bucket lying in one shard is not. DeepSpeed's ZeRO-2 (``average_tensor``) does what we do,
-  ``dist.reduce`` of each bucket slice to its owner; Megatron-LM's distributed optimizer
-  instead shards *every bucket* over all ranks and calls reduce-scatter. Each ``reduce`` has a
-  single receiver, so a link is less evenly loaded than in one ring reduce-scatter; the owners
-  rotate over the buckets, which spreads the load.
-
-  Honest limit: the full-size gradient buffer stays allocated on every rank (``no_sync``
-  accumulates full local gradients, and the hooks write there). After the sync only the owned
-  shard holds averaged gradients (the rest is stale local data, pre-divided by ``dp``, and must
-  not be used). So ZeRO-2 here demonstrates the communication and the sharded update, not the
-  gradient-memory saving; that needs a per-micro-step reduction into a shard-sized accumulator
-  (DeepSpeed's approach), which cannot coexist with communication-free ``no_sync``.
-
-**Checkpoints.** `DataParallel.state_dict` returns the optimizer state in a full, name-keyed
-form (ZeRO shards are gathered: a collective), so a checkpoint saved under one ``dp``/``zero``
-loads under any other; `load_state_dict` slices it back.
-
-**Clipping.** `grad_sq_sum` is this rank's share of the squared gradient norm, already summed
-over the dp group; the engine adds the tensor/pipeline groups and clips with `scale_grads`
-(`clip_grad_norm_` does both for simple layouts).
+Gradients live in flat buckets (views, no copies) all-reduced as soon as backward fills them
+(PyTorch DDP, Li et al. 2020); ZeRO-1 shards AdamW's state over the dp ranks, ZeRO-2 also reduces
+each gradient bucket only to its owner (Rajbhandari et al. 2020). Checkpoints hold the full state,
+so they load under any dp/zero. Explained in the book, chapter 5, section 5.3 (including why
+ZeRO-2 here keeps the full gradient buffer).
 """
 
 from __future__ import annotations
@@ -145,8 +67,8 @@ class DataParallel:
 
     ``named_params``: ``(name, parameter)`` pairs, possibly from several pipeline chunks; names
     must be unique (they key the checkpointed optimizer state). Parameters that do not require
-    grad are ignored; all others must share one dtype and device. ``zero``: 0, 1 or 2 (see the
-    module docstring). ``bucket_cap_mb``: the most bytes of gradients per bucket (MiB, as DDP;
+    grad are ignored; all others must share one dtype and device. ``zero``: 0, 1 or 2 (the book,
+    section 5.3). ``bucket_cap_mb``: the most bytes of gradients per bucket (MiB, as DDP;
     a larger parameter gets a bucket of its own).
 
     Construction is a collective over the dp group: dp rank 0's parameters are broadcast, as

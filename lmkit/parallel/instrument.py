@@ -1,71 +1,15 @@
 """Measure a parallel training step: bytes per collective, per-rank timelines, memory, MFU, bubble.
 
-Everything here observes an engine from outside; nothing in the engines knows it exists, and
-every piece works for both engines (the from-scratch ``lmkit`` engine calls ``torch.distributed``
-functions; the ``native`` engine's FSDP2 / DTensor / pipelining call the same operators).
-
-**Counting collectives** (`CommCounter`). Every ``torch.distributed`` collective, whatever API
-issued it, ends in one ``c10d`` dispatcher operator (``c10d::allreduce_``, ``c10d::send``, ...):
-``dist.all_reduce``, ``dist.batch_isend_irecv``, functional collectives (``_c10d_functional``,
-used by DTensor), FSDP2's all-gather and reduce-scatter, ``all_gather_object``, and collectives
-issued from backward hooks. Checked in torch 2.13 with gloo (``tests/test_instrument.py``; the
-NCCL/CUDA path is the same dispatch with the CUDA key, not run here): all of them pass the
-dispatcher's ``BackendSelect`` key on their way to the backend kernel. So the counter registers a small
-Python kernel for the ``c10d`` operators at ``BackendSelect`` (``torch.library``) that records
-the call and re-dispatches to the real kernel; the registration is removed when the last
-counter exits. Only collective calls pay: measured on a 1-rank gloo group, a 4 KB all-reduce
-took 16 us plain and 37 us counted (5 us of it bookkeeping), 60-90 us with a timeline (whose
-completion callbacks run in gloo's thread). A ``TorchDispatchMode``
-(also what ``torch.distributed.tensor.debug.CommDebugMode`` is) sees the same operators but
-intercepts *every* operator of the model: measured here, it slowed a 4-layer, 64-wide GPT's
-training step by 45% on a CPU, too much to leave on; wrapping ``torch.distributed`` functions
-would miss aliases bound at import time (``lmkit`` binds ``all_gather_single``) and DTensor's
-functional collectives.
-
-Definitions, per call, for a group of ``n`` ranks (the conventions of NVIDIA's nccl-tests):
-
-- ``bytes`` (the collective's payload ``B``): the buffer for ``all_reduce``, ``broadcast``,
-  ``reduce``, ``send`` and ``recv``; the *gathered* output (``n`` x this rank's input) for
-  ``all_gather``; the *unreduced* input (``n`` x this rank's output) for ``reduce_scatter``;
-  this rank's input for ``all_to_all``; ``n`` x the per-rank piece for ``gather``/``scatter``.
-- ``wire_bytes``: bytes this rank *sends* under the textbook algorithms, averaged over the
-  group so that the sum over ranks is the total traffic: ring all-reduce ``2 (n-1)/n B``;
-  ring reduce-scatter, ring all-gather, all-to-all, pipelined-chain broadcast and reduce
-  ``(n-1)/n B``; gather and scatter ``(n-1)/n^2 B``; send ``B``; recv ``0`` (the sender
-  counts it). gloo's actual algorithms differ (e.g. halving-doubling all-reduce); the
-  formulas are the bandwidth-optimal lower bounds the books compare against.
-
-**Timelines** (`Timeline`, `attach_timeline`). Events are plain dicts ``{rank, step, kind,
-microbatch, chunk, start, end}`` (seconds since `Timeline.begin_step`; with a barrier before
-it, the ranks' origins agree to within the barrier's skew), saved as JSON lines. ``kind`` is
-``forward``, ``backward``, ``send``, ``recv`` or a collective kind. The lmkit pipeline
-(``pp > 1``) reports its own compute and point-to-point events through `run_pipeline`'s
-``on_event`` (the engine's ``forward_backward`` is wrapped to pass it). Everywhere else
-(``pp == 1``; the native engine) forward hooks on each stage module time every microbatch's
-forward, and an identity marker on the stage's output times its backward (from the moment
-the gradient reaches the output to the end of that autograd pass). Collectives come from the
-counter with ``microbatch = chunk = -1``; on CPU their end is the completion of the gloo
-work, on CUDA only the launch (the GPU runs them asynchronously; use the profiler there).
-
-**Idle ("bubble") fraction** (`idle_fractions`). For one step, ``T`` is the span from the
-first forward/backward start on any rank to the last forward/backward end on any rank (the
-pipeline's fill-to-flush span; the optimizer step is outside it). Rank ``r`` is busy for
-``busy_r`` = the union of its forward and backward intervals, and idle for ``1 - busy_r / T``.
-Waiting in send/recv, collectives and Python between steps all count as idle. If every
-stage's forward and backward take the same time and communication is free, every rank's idle
-fraction is the schedule's bubble ``(p-1)/(v m + p-1)`` (`bubble_formula`).
-
-**Memory** (`memory_report`) counts allocated storage, each storage once: parameters (the
-flat ZeRO buffer with its padding, when parameters are views into it), gradients (the flat
-bucket buffers they are views of), optimizer state (AdamW's two moments and its ``step``
-scalars); DTensors count their local shard. Plus the CUDA allocator's peak on a GPU.
-
-**MFU** (`mfu`, `peak_flops`): ``tokens/s x flops_per_token / (n_devices x peak FLOP/s)``,
-with the dense (no sparsity) peak of the GPU named by ``torch.cuda.get_device_name()``;
-``None`` on a CPU, whose peak depends on the cores, clock and vector units torch happens to use.
-
-`lmkit.experiments.measure_layouts` puts it all together (it trains layouts with the real
-`Trainer`; this module never imports the trainer).
+Observes an engine from outside, for both engines: `CommCounter` counts every ``c10d`` collective
+at the dispatcher's ``BackendSelect`` key, `Timeline` records forward/backward/communication events,
+`idle_fractions` measures the pipeline bubble, `memory_report` counts allocated storage (each
+storage once: parameters, gradient buffers, optimizer state; a DTensor's local shard). Definitions,
+per call for a group of ``n`` ranks (nccl-tests): ``bytes`` is the payload ``B`` (the buffer; the
+gathered output of an all-gather; the unreduced input of a reduce-scatter); ``wire_bytes`` what this
+rank sends under ring algorithms (all-reduce ``2 (n-1)/n B``; reduce-scatter, all-gather, reduce,
+broadcast ``(n-1)/n B``; send ``B``; recv 0). A rank's idle fraction in a step is ``1 - busy / T``:
+``busy`` the union of its forward/backward intervals, ``T`` the first start to the last end of any
+rank's. Why and how, in the book: chapter 5, section 5.1; the measurements: chapter 6.
 """
 
 from __future__ import annotations

@@ -1,60 +1,10 @@
 """Pipeline parallelism by hand: GPipe, 1F1B and interleaved 1F1B over point-to-point messages.
 
-A pipeline cuts the network into stages (`lmkit.parallel.stage`) and gives each stage to a
-process. A batch is split into ``m`` microbatches that flow through the stages like cars on an
-assembly line: while stage 1 runs the forward of microbatch 0, stage 0 already runs microbatch
-1. Stages talk only to their neighbours, and only twice per microbatch: the activation goes
-forward, its gradient comes back. That is why pipeline ranks can sit on the slowest links.
-
-Everything here is written directly on ``torch.distributed`` point-to-point operations, on
-purpose: reading this file *is* the lesson. (The ``native`` engine uses
-``torch.distributed.pipelining`` instead; both must give the same loss.)
-
-**Schedules.** A schedule is just the order in which one rank runs its forward (F) and backward
-(B) steps; each is built below as plain data (`schedule_steps`, `schedule_actions`), so the
-three can be printed, compared and simulated without any process:
-
-- ``"gpipe"`` -- GPipe (Huang et al. 2019, "GPipe: Efficient Training of Giant Neural Networks
-  using Pipeline Parallelism"): all forwards, then all backwards (AFAB). Simple, but every rank
-  holds the activations of all ``m`` microbatches at the turn.
-- ``"1f1b"`` -- one-forward-one-backward, PipeDream-Flush (Narayanan et al. 2019 "PipeDream",
-  2021 "Memory-Efficient Pipeline-Parallel DNN Training"): rank ``r`` runs ``pp - r - 1``
-  warm-up forwards, then alternates one forward and one backward, then drains the remaining
-  backwards. The bubble is the same as GPipe's, ``(pp - 1) / (m + pp - 1)`` of the step, but a
-  rank never holds more than ``pp - r`` microbatches, however large ``m`` is.
-- ``"interleaved"`` -- interleaved 1F1B (Narayanan et al. 2021, "Efficient Large-Scale Language
-  Model Training on GPU Clusters Using Megatron-LM"): each rank holds ``v`` non-adjacent chunks
-  of layers (rank ``r`` runs chunks ``r, r + pp, ...``), so a microbatch visits every rank ``v``
-  times. The bubble shrinks ``v``-fold, to ``(pp - 1) / (v m + pp - 1)``, for ``v`` times more
-  messages. It needs ``m % pp == 0``: forwards go in groups of ``pp`` microbatches per chunk.
-
-**Messages.** Shapes are known in advance (`lmkit.parallel.stage.activation_shape`), so a rank
-posts a receive buffer without a shape exchange. Global stage ``s`` lives on pipeline rank
-``s % pp`` as local chunk ``s // pp``; stage ``s`` sends its activation to stage ``s + 1`` and
-its input gradient to stage ``s - 1``. With virtual stages the last rank's chunk ``k`` therefore
-sends to rank 0's chunk ``k + 1`` (wrap-around), with no special case in the code.
-
-**Why it cannot deadlock.** A send is a rendezvous: on gloo (measured here: a 4 MB ``isend``
-stays incomplete until the peer posts its ``irecv``) and on NCCL (the send kernel waits for the
-receiver). Two neighbours in the 1F1B steady state each want to send (an activation forward, a
-gradient backward) and to receive (the other one); if both sent first and blocked, neither
-would ever receive. So, as in Megatron-LM, a rank alternates compute steps with **one batched
-exchange**: ``dist.batch_isend_irecv([recv what my next step needs, send what my last step
-made])``, all posted before any is waited on. A step is one F or one B, except in the
-interleaved steady state, where a forward and a backward form one step and their four
-messages share one exchange: with one exchange per action, a rank's gradient send there waits
-for a receive its peer posts only later, and the pipeline stops (pp=2, m=4, v=2 already). With
-``m == pp`` the interleaved schedule runs all forwards first, as Megatron does, for the same
-reason. `simulate_schedule` replays the exchanges of every rank under rendezvous semantics and
-checks, for a given (schedule, pp, m, v), that they all complete and that the messages between
-every ordered pair of ranks are sent and received in the same order (needed on NCCL, which
-ignores tags; on gloo every message also carries a unique tag). The tests run it over a grid.
-
-**Memory.** A rank keeps a microbatch's input and output only from its forward until its
-backward, then drops them; `PipelineStats.peak_in_flight` records the most it ever held (GPipe:
-``m``; 1F1B: at most ``pp - pp_rank``). Megatron additionally frees the *data* of a sent output
-and keeps only its autograd node; we keep that tensor (one activation per microbatch in
-flight) for clarity.
+Schedules are plain data (`schedule_steps`, `schedule_actions`) that can be printed and simulated
+(`simulate_schedule`) without processes; `run_pipeline` executes them with one batched
+``batch_isend_irecv`` exchange per step, which cannot deadlock under rendezvous sends. Explained in
+the book, chapter 5, section 5.6 (schedules, bubble ``(p-1)/(v m + p-1)``, messages, memory in
+flight).
 """
 
 from __future__ import annotations

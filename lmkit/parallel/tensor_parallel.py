@@ -1,60 +1,11 @@
 """Megatron-style tensor parallelism and sequence parallelism for a `GPTStage`, written by hand.
 
-Tensor parallelism (TP) splits every weight matrix of a Transformer block over the ``tp`` ranks
-of a tensor-parallel group, so that each rank stores and multiplies ``1/tp`` of it. The recipe is
-Megatron-LM's (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion Parameter Language
-Models Using Model Parallelism"):
-
-- the first Linear of a pair (``attn.qkv``, ``mlp.fc``) is **column-parallel**: rank ``r`` holds
-  a slice of the *output* features (rows of ``W``), so its output is a slice of the features
-  and an element-wise activation (GELU) or a per-head attention can run on it without talking;
-- the second Linear (``attn.proj``, ``mlp.proj``) is **row-parallel**: rank ``r`` holds the
-  matching slice of the *input* features (columns of ``W``), so it multiplies its local slice
-  and the partial products are summed over the group: one all-reduce per pair.
-
-Two conjugate autograd operators put the communication in the right places: ``f``
-(`copy_to_tp`, identity forward / all-reduce backward) before a column-parallel layer and ``g``
-(`reduce_from_tp`, all-reduce forward / identity backward) after a row-parallel one. A block
-thus costs two all-reduces forward and two backward.
-
-Sequence parallelism (SP; Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models") notices that between the pairs (LayerNorm, dropout, residual adds) every
-rank holds the *same* ``[b, T, d]`` activations. It shards them along the sequence instead
-(``[b, T/tp, d]`` per rank) and replaces each all-reduce by a reduce-scatter (into the sequence
-shard) plus an all-gather (back to the full sequence before the next column-parallel layer):
-`gather_from_sequence` and `reduce_scatter_to_sequence`. An all-reduce *is* a reduce-scatter
-followed by an all-gather, so the bytes on the wire are the same, but activation memory outside
-the matmuls drops by ``tp``. The price: LayerNorm weights (and anything else replicated that
-now sees one sequence chunk) get partial gradients that must be summed over the group after
-backward (`allreduce_sequence_parallel_grads`).
-
-The vocabulary is split too: `VocabParallelEmbedding` holds ``V/tp`` rows of the embedding, the
-tied LM head is a column-parallel layer over the same rows, and `vocab_parallel_cross_entropy`
-computes the loss from logits that stay sharded ``[b, T, V/tp]``: the full ``[b, T, V]`` logits,
-often the largest activation of a GPT, never exist on one rank.
-
-Everything here is plain ``torch.distributed`` (all_reduce, all-gather and reduce-scatter on a
-process group) and ``torch.autograd.Function``, on purpose: reading it is the lesson. The
-production path, DTensor's ``parallelize_module`` with ``ColwiseParallel``/``RowwiseParallel``,
-computes the same numbers (checked in ``tests/test_tensor_parallel.py``).
-
-All layers are *built from the full layer* of a `GPT` made with the run's seed (they slice its
-weights), so a tensor-parallel run starts from exactly the single-process weights and must
-reproduce its loss. `gather_full_param` / `shard_full_param` convert between a rank's shard and
-the full tensor, which is what makes checkpoints layout-independent.
-
-Communication helpers work along dimension 1 (the sequence of ``[b, T, d]``). The collectives
-``all_gather_single`` / ``reduce_scatter_single`` (``all_gather_into_tensor`` /
-``reduce_scatter_tensor`` before torch 2.13) concatenate along dimension 0, so the helpers move
-the dimension to the front and make it contiguous first. Both are supported by gloo in torch
-2.13 (checked), so no all-reduce-and-slice fallback is needed; such a fallback would move
-``tp`` times the bytes of a reduce-scatter.
-
-Limits: activation checkpointing is not combined with TP here (recomputing a block would
-redraw dropout masks from the advanced RNG streams; Megatron's tracker saves and restores the
-states around recomputation). A parallelized stage holds process groups, so it cannot be
-deep-copied or pickled; save ``state_dict()`` (with `gather_full_param`) instead. For an exact
-resume with dropout, save `get_tp_rng_tracker().state_dict()` next to the default RNG state.
+Column-parallel and row-parallel linears joined by the conjugate operators ``f``/``g``
+(Shoeybi et al. 2019), a vocabulary-parallel embedding, tied head and cross-entropy, and sequence
+parallelism's reduce-scatter/all-gather (Korthikanti et al. 2022), all on plain
+``torch.distributed`` so that reading it is the lesson; layers are sliced from the full model, so a
+tensor-parallel run starts from the single-process weights. Explained in the book, chapter 5,
+sections 5.4 (tensor parallelism) and 5.5 (sequence parallelism).
 """
 
 from __future__ import annotations
