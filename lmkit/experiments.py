@@ -462,11 +462,12 @@ def run_chapter6(out: str | Path, smoke: bool = False, steps: int | None = None,
     cache = str(out / "cache")  # tokenizer and token files of the chapter's corpus
     selected = chapter6_layouts(smoke)
     here = selected if world is None else [p for p in selected if p is not None and p.world_size == world]
+    again = f"-m lmkit.experiments chapter6 --out {out}" + (" --smoke" if smoke else "")
     skipped = [] if world is None else [
         {"name": label(p), "world_size": p.world_size,
-         "reason": f"needs {p.world_size} processes: torchrun --nproc_per_node={p.world_size} -m "
-                   f"lmkit.experiments chapter6 --out {out}"} for p in selected
-        if p is not None and p.world_size != world]
+         "reason": f"needs {p.world_size} processes: torchrun --standalone --nproc_per_node={p.world_size} "
+                   + again}
+        for p in selected if p is not None and p.world_size != world]
     rank = int(os.environ.get("RANK", "0"))
     talk = rank == 0
     if world is None:

@@ -53,7 +53,7 @@ def test_group_labels_follow_the_rank_order():
     assert group_label([2, 6], layout) == "pp"
     assert group_label([0, 1, 2, 3], layout) == "dp x tp"
     assert group_label(list(range(8)), layout) == "world"
-    assert group_label([0, 4], ParallelConfig(pp=4)) == "pp ends"  # first and last stage: tied embedding
+    assert group_label([0, 4], ParallelConfig(pp=4)) == "embedding"  # first and last stage: tied embedding
     assert group_label([0], layout) == "self" and group_label([0, 1], None) == "self"
 
 
@@ -108,7 +108,7 @@ def test_torchrun_launch_runs_the_layouts_of_its_world_and_lists_the_rest(tmp_pa
         assert len(entry["ranks"]) == entry["world_size"], name
         assert max_relative_difference(entry["losses"], ref) < 1e-5, name
     sends = [c for c in layouts["pp2 1f1b m4"]["ranks"][0]["comm"] if c["kind"] == "send"]
-    assert sends and all(c["group"] == "pp" for c in sends)
+    assert sends and all(c["dim"] == "pp" for c in sends)
     ckpt = results["checkpoint"]
     assert ckpt["save"]["name"] == "dp2 zero1" and [r["name"] for r in ckpt["resumes"]] == ["pp2 1f1b m2",
                                                                                              "1 process"]
