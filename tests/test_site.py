@@ -5,7 +5,10 @@ A session fixture builds the site (``book/tools/assets.py`` then ``jupyter-book 
 port and opens every page of ``_toc.yml`` once in Chromium through Selenium. The tests then check
 what the reader sees on each page: it loads with a title; no cell shows a traceback; every formula
 was typeset by MathJax and no raw TeX is left; every mermaid diagram became an SVG; every figure of
-an executed notebook is present and decoded; and not a single request left localhost.
+an executed notebook is present and decoded; and not a single request left localhost. On chapter
+5 the layout calculator is driven like a reader would (selects, text fields, a checkbox) and must
+show exactly what ``lmkit.costs.calculate`` returns in this process, with Pyodide and ``costs.py``
+served by the site itself.
 
 When notebooks have no fresh executed copy in ``book/chapters/``, the site is built in a temporary
 copy of ``book/`` with the notebooks executed in smoke mode (cached in ``build/executed/``), so that
@@ -34,6 +37,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from lmkit import costs
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -497,3 +502,212 @@ def test_intro_shows_formulas_and_the_chapter_map(pages):
 def test_intro_links_the_glossary(site: Site):
     html = (site.html / "intro.html").read_text(encoding="utf-8")
     assert 'href="glossary.html"' in html
+
+
+# --- the layout calculator of chapter 5 --------------------------------------------------------
+CALCULATOR_PAGE = "chapters/05_parallelism_theory"
+# Every input of the calculator (book/_ext/calculator.py), in the order a reader sets them: the
+# schedule first, because choosing one adjusts the virtual stages.
+CALCULATOR_FIELDS = ("schedule", "dp", "tp", "pp", "zero", "sequence_parallel", "recompute", "microbatches",
+                     "virtual_stages", "global_batch", "precision", "device_memory_gb")
+MODEL_FIELDS = ("n_layer", "d_model", "n_head", "vocab_size", "seq_len")
+
+
+def _inputs(model: str | dict, **layout) -> dict:
+    """Every field the calculator sends: a preset name or a typed model, and the layout."""
+    base = {"dp": 1, "tp": 1, "pp": 1, "zero": 0, "sequence_parallel": False, "recompute": "none",
+            "microbatches": 1, "schedule": "1f1b", "virtual_stages": 1, "global_batch": 8,
+            "precision": "mixed", "device_memory_gb": 80}
+    return {("model" if isinstance(model, dict) else "preset"): model, **base, **layout}
+
+
+CALCULATOR_CASES = {
+    "7b tp8 zero1": _inputs("7b", tp=8, zero=1, sequence_parallel=True, recompute="selective"),
+    "70b tp8 pp4 1f1b m16": _inputs("70b", dp=2, tp=8, pp=4, zero=1, sequence_parallel=True,
+                                    recompute="selective", microbatches=16, global_batch=64),
+    "gpt3 tp8 pp16 interleaved v2 dp8": _inputs("gpt3-175b", dp=8, tp=8, pp=16, zero=1,
+                                                sequence_parallel=True, recompute="selective",
+                                                microbatches=32, schedule="interleaved", virtual_stages=2,
+                                                global_batch=1536),
+    "gpt2 dp8 zero3": _inputs("gpt2-124m", dp=8, zero=3, microbatches=2, global_batch=64,
+                              device_memory_gb=40),
+    "custom model gpipe fp32": _inputs({"n_layer": 24, "d_model": 2048, "n_head": 16, "vocab_size": 50304,
+                                        "seq_len": 4096}, dp=4, tp=2, pp=2, zero=2, recompute="full",
+                                       microbatches=8, schedule="gpipe", global_batch=64, precision="fp32",
+                                       device_memory_gb=24.5),
+}
+# A layout the model forbids: 32 heads do not split over 3 tensor-parallel ranks.
+CALCULATOR_IMPOSSIBLE = {**CALCULATOR_CASES["7b tp8 zero1"], "tp": 3, "sequence_parallel": False}
+
+
+def _shown(key: str, value) -> str:
+    """What the page must display for an output (the formatting of lmkit-calculator.mjs's glue)."""
+    if key.startswith(("memory-", "communication-")) or key == "device-memory":
+        return costs.format_bytes(value)
+    if key == "num-params":
+        return f"{value / 1e9:.3f} B"
+    if key == "bubble":
+        return f"{100 * value:.2f} %"
+    if key == "fits":
+        return "yes" if value else "no"
+    return str(value)
+
+
+def _expected_outputs(result: dict) -> dict:
+    """``data-output`` key -> value, as the page lays out `costs.calculate`'s result."""
+    out = {"model": result["model"], "num-params": result["num_params"], "layout": result["layout"],
+           "stage": result["stage"], "device-memory": result["device_memory"], "fits": result["fits"],
+           "bubble": result["bubble"]}
+    for group in ("memory", "communication"):
+        out.update({f"{group}-{k}": v for k, v in result[group].items()})
+    return out
+
+
+def _open_calculator(driver, server: str, fresh: bool = False):
+    """Chapter 5 in Chromium with its calculator started; reloaded only if needed (or `fresh`)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = server + f"{CALCULATOR_PAGE}.html"
+    state = "return (document.getElementById('lmkit-calculator') || {dataset: {}}).dataset.state"
+    started = driver.current_url.startswith(url) and driver.execute_script(state) in ("ready", "error")
+    if fresh or not started:
+        driver.get_log("performance")  # drain what earlier pages left
+        driver.get_log("browser")
+        driver.get(url)
+        WebDriverWait(driver, 120, poll_frequency=0.2).until(lambda d: d.execute_script(state) != "loading")
+    current = driver.execute_script(state)
+    assert current in ("ready", "error"), (
+        f"the calculator did not start ({current}): {driver.find_element('id', 'calc-status').text}")
+    return driver
+
+
+@pytest.fixture
+def calculator(site: Site, driver, server):
+    if "05_parallelism_theory" not in site.executed:
+        pytest.skip("chapter 5 is not executed in this build")
+    return _open_calculator(driver, server)
+
+
+def _set(driver, key: str, value) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    element = driver.find_element("id", "calc-" + key.replace("_", "-"))
+    if element.tag_name == "select":
+        Select(element).select_by_value(str(value))
+    elif element.get_attribute("type") == "checkbox":
+        if element.is_selected() != bool(value):
+            element.click()
+    else:
+        element.clear()
+        element.send_keys(str(value))
+
+
+def _calculate_on_page(driver, inputs: dict) -> dict:
+    """Set `inputs` through the form, wait until the page has computed them, return its state."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if "preset" in inputs:
+        _set(driver, "preset", inputs["preset"])
+    else:
+        _set(driver, "preset", "custom")
+        for field_name in MODEL_FIELDS:
+            _set(driver, field_name, inputs["model"][field_name])
+    for field_name in CALCULATOR_FIELDS:
+        _set(driver, field_name, inputs[field_name])
+
+    def computed(d):
+        sent = d.execute_script("return document.getElementById('lmkit-calculator').dataset.inputs")
+        return sent is not None and json.loads(sent) == inputs
+
+    WebDriverWait(driver, 30, poll_frequency=0.1).until(computed)
+    return driver.execute_script("""
+        const root = document.getElementById('lmkit-calculator');
+        const error = document.getElementById('calc-error');
+        return {state: root.dataset.state, result: root.dataset.result, error: error.textContent,
+                errorShown: !error.hidden && error.offsetParent !== null,
+                outputs: [...root.querySelectorAll('[data-output]')].map(
+                    e => [e.dataset.output, e.dataset.value, e.textContent]),
+                bars: [...root.querySelectorAll('#calc-bar rect[id^="calc-bar-"]')].map(
+                    e => [e.id, e.dataset.value])};
+    """)
+
+
+@pytest.mark.parametrize("case", list(CALCULATOR_CASES))
+def test_calculator_shows_exactly_what_lmkit_costs_computes(calculator, case):
+    inputs = CALCULATOR_CASES[case]
+    expected = costs.calculate(json.loads(json.dumps(inputs)))
+    assert expected["error"] is None, f"{case}: the test case itself is invalid: {expected['error']}"
+    page = _calculate_on_page(calculator, inputs)
+    assert page["state"] == "ready", f"{case}: the page shows an error: {page['error']}"
+    assert not page["errorShown"]
+    assert json.loads(page["result"]) == expected  # the raw result, every field
+    wanted = _expected_outputs(expected)
+    shown = {key: (value, text) for key, value, text in page["outputs"]}
+    assert set(shown) == set(wanted), f"{case}: outputs {sorted(shown)} instead of {sorted(wanted)}"
+    for key, value in wanted.items():
+        raw, text = shown[key]
+        if isinstance(value, bool):
+            assert raw == str(value).lower(), (case, key, raw)
+        elif isinstance(value, (int, float)):
+            assert float(raw) == value, (case, key, raw, value)
+        else:
+            assert raw == value, (case, key, raw, value)
+        assert text == _shown(key, value), f"{case}: {key} shows {text!r}, expected {_shown(key, value)!r}"
+    bars = dict(page["bars"])
+    for part in ("params", "grads", "optimizer", "activations"):
+        assert float(bars[f"calc-bar-{part}"]) == expected["memory"][part], (case, part)
+
+
+def test_calculator_covers_pipelines_and_a_typed_model():
+    cases = CALCULATOR_CASES.values()
+    assert len(CALCULATOR_CASES) >= 5
+    assert {c["schedule"] for c in cases if c["pp"] > 1} >= {"gpipe", "1f1b", "interleaved"}
+    assert any("model" in c for c in cases) and any(c["zero"] == 3 for c in cases)
+
+
+def test_calculator_reports_an_impossible_layout_in_one_line(calculator):
+    expected = costs.calculate(dict(CALCULATOR_IMPOSSIBLE))["error"]
+    assert expected and "\n" not in expected
+    page = _calculate_on_page(calculator, CALCULATOR_IMPOSSIBLE)
+    assert page["state"] == "error" and page["errorShown"]
+    assert page["error"] == expected
+    assert json.loads(page["result"]) == {"error": expected}
+    assert all(value == "" and text == "" for _, value, text in page["outputs"]), "stale results are shown"
+
+
+def test_calculator_runs_the_tested_costs_py_from_the_site(site: Site, calculator, server):
+    served = (site.html / "_static" / "lmkit" / "costs.py").read_bytes()
+    assert served == (ROOT / "lmkit" / "costs.py").read_bytes(), "the site serves another costs.py"
+    browser = _open_calculator(calculator, server, fresh=True)  # every request from the page's start
+    _calculate_on_page(browser, CALCULATOR_CASES["7b tp8 zero1"])
+    resources = "return performance.getEntriesByType('resource').map(e => e.name)"
+    requests = set(browser.execute_script(resources))
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            requests.add(message["params"]["request"]["url"])
+    for needed in ("_static/pyodide/pyodide.mjs", "_static/pyodide/pyodide.asm.wasm",
+                   "_static/pyodide/python_stdlib.zip", "_static/lmkit/costs.py",
+                   "_static/lmkit-calculator.mjs"):
+        assert any(u.split("?")[0].endswith(needed) for u in requests), f"{needed} was not loaded"
+    network = [u for u in requests if re.match(r"(?i)(https?|wss?|ftp):", u)]
+    outside = sorted(u for u in network if not u.startswith(server))
+    assert not outside, f"the calculator requested resources from outside the site: {outside}"
+    console = [f"{e['level']}: {e['message'][:300]}" for e in browser.get_log("browser")
+               if e["level"] == "SEVERE" and not BENIGN_CONSOLE.search(e["message"])]
+    assert not console, "errors in the browser console:\n" + "\n".join(console)
+    assert "Pyodide" in browser.find_element("id", "calc-status").text
+
+
+@pytest.mark.parametrize("name", ["05_parallelism_theory", "06_hybrid_parallel_practice"])
+def test_parallelism_chapters_show_their_figures_math_and_diagrams(pages, site: Site, name):
+    """The generic checks above cover every page; here, what these two chapters must contain."""
+    if name not in site.executed:
+        pytest.skip(f"{name} is not executed in this build")
+    report = pages(f"chapters/{name}")
+    figures = sum(1 for img in report.images if img["output"] and img["complete"] and img["width"] > 0)
+    assert figures >= 3, f"{name}: {figures} figures"
+    if report.math_elements or name == "05_parallelism_theory":
+        assert report.math_elements > 0 and report.mathjax == "typeset" and not report.math_unrendered
+    if name == "05_parallelism_theory":  # the f/g operators of tensor parallelism
+        assert report.diagrams >= 1 and all(svg["svg"] and svg["nodes"] >= 5 for svg in report.diagram_svgs)
