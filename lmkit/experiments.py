@@ -641,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Chapter 6 (hybrid parallelism in practice): train the chapter's GPT "
                                      "under every layout of both engines and write the measurements.",
                          epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ch6.add_argument("--out", required=True, help="results folder (created; earlier results in it are kept)")
+    ch6.add_argument("--out", required=True,
+                     help="results folder (created; earlier results of the same model, optimisation and "
+                          "steps are kept, others replaced)")
     ch6.add_argument("--smoke", action="store_true",
                      help=f"a reduced set of layouts and {CHAPTER6_SMOKE_STEPS} steps (the notebook's SMOKE)")
     ch6.add_argument("--steps", type=int, default=None,
@@ -665,6 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device not in ("auto", "cpu", "cuda"):
             raise _UsageError(f"python -m lmkit.experiments chapter6: --device {args.device!r}: use auto, "
                               "cpu or cuda")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise _UsageError("python -m lmkit.experiments chapter6: --device cuda but CUDA is not available "
+                              "here; use auto or cpu")
         world = _env_world()
         if world is not None and world not in CHAPTER6_WORLDS:
             raise _UsageError(f"python -m lmkit.experiments chapter6: launched with {world} processes; the "

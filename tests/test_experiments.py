@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmkit.config import ParallelConfig
 from lmkit.experiments import (
@@ -74,6 +75,8 @@ def test_layouts_cover_both_engines_and_smoke_keeps_one_of_each_kind():
     (["chapter6", "--out", "FILE"], "is a file, not a folder"),
     (["chapter6", "--out", "DIR", "--steps", "2"], "--steps must be at least 6"),
     (["chapter6", "--out", "DIR", "--device", "tpu"], "use auto, cpu or cuda"),
+    pytest.param(["chapter6", "--out", "DIR", "--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_bad_input_exits_2_with_one_line(argv, fragment, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
