@@ -149,7 +149,7 @@ async function main() {
   try {
     const { loadPyodide } = await import(new URL("pyodide/pyodide.mjs", STATIC).href);
     const [runtime, source] = await Promise.all([
-      loadPyodide({ indexURL: new URL("pyodide/", STATIC).href }),
+      loadPyodide(),  // finds its runtime next to pyodide.mjs (the site's, or the CDN's with the fallback)
       fetch(new URL("lmkit/costs.py", STATIC)).then((r) => {
         if (!r.ok) throw new Error(`lmkit/costs.py: HTTP ${r.status}`);
         return r.text();
