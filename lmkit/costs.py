@@ -1,0 +1,780 @@
+"""What a training layout costs, on paper: parameters, FLOPs, memory, communication, bubble, step time.
+
+An analytical model of lmkit's GPT under a ``dp x tp x pp`` layout, in pure Python (it imports
+no torch), so that the same file runs in the tests, in `lmkit estimate` and in the browser
+(chapter 5's calculator loads it into Pyodide). Chapter 5 derives every formula; the tests
+check them against the engines' measured bytes and memory (``tests/test_costs_engine.py``) and
+against published figures (``tests/test_costs.py``). Units: bytes, FLOPs, seconds; "GB" is 1e9.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
+    "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
+    "model_states",
+    "activation_bytes_per_layer", "in_flight", "memory", "communication", "wire_bytes", "bubble_fraction",
+    "step_time", "search", "calculate", "format_bytes",
+]
+
+GB = 1e9
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("fp32", "mixed")
+
+
+class CostError(ValueError):
+    """An impossible model, layout or request; the message names the problem and the fix."""
+
+
+# --------------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class Model:
+    """lmkit's GPT (GPT-2 architecture: learned positions, LayerNorm, 4h GELU MLP, tied head)."""
+
+    n_layer: int
+    d_model: int
+    n_head: int
+    vocab_size: int
+    seq_len: int
+    bias: bool = True
+    dropout: bool = False
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, config: Any, name: str = "") -> Model:
+        """From an `lmkit.config.ModelConfig` (or anything with the same attributes)."""
+        return cls(n_layer=config.n_layer, d_model=config.d_model, n_head=config.n_head,
+                   vocab_size=config.vocab_size, seq_len=config.block_size, bias=bool(config.bias),
+                   dropout=float(getattr(config, "dropout", 0.0)) > 0, name=name).validate()
+
+    def validate(self) -> Model:
+        for f in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CostError(f"model {f} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_head:
+            raise CostError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                            "choose n_head dividing d_model")
+        return self
+
+
+#: Models for the calculator and `lmkit estimate`, in lmkit's GPT architecture. Vocabularies are
+#: padded to a multiple of 128 (50257 -> 50304, as Megatron and nanoGPT do) so that tp divides them.
+PRESETS: dict[str, Model] = {
+    "gpt2-124m": Model(12, 768, 12, 50304, 1024, name="GPT-2 124M"),
+    "7b": Model(32, 4096, 32, 32000, 2048, name="7B (LLaMA-7B shape)"),
+    "13b": Model(40, 5120, 40, 32000, 2048, name="13B (LLaMA-13B shape)"),
+    "70b": Model(80, 8192, 64, 32000, 4096, name="70B (LLaMA-70B shape)"),
+    "gpt3-175b": Model(96, 12288, 96, 50304, 2048, name="GPT-3 175B"),
+}
+
+
+def layer_split(n_layer: int, n_stages: int) -> list[range]:
+    """Contiguous, balanced chunks of ``range(n_layer)`` (earlier chunks get the remainder).
+
+    The one definition of the pipeline cut: `lmkit.parallel.stage` builds its stages from it.
+    """
+    if n_stages > n_layer:
+        raise CostError(
+            f"{n_stages} pipeline stages (pp x virtual_stages) but only {n_layer} layers; every stage "
+            "needs at least one block: lower pp or virtual_stages, or add layers")
+    base, extra = divmod(n_layer, n_stages)
+    chunks, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        chunks.append(range(start, start + size))
+        start += size
+    return chunks
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter tensor: its name, shape and how tensor parallelism splits it."""
+
+    name: str
+    shape: tuple[int, ...]
+    split: str  # "column" (output rows), "row" (input columns), "vocab" or "replicated"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def local_numel(self, tp: int) -> int:
+        return self.numel if self.split == "replicated" else self.numel // tp
+
+
+def parameter_table(model: Model, layers: range | None = None, first: bool = True, last: bool = True,
+                    head_copy: bool = False) -> list[Param]:
+    """The parameter tensors of a stage holding `layers` (all by default), in registration order.
+
+    `first` adds the embeddings, `last` the final LayerNorm; `head_copy` the last stage's own
+    copy of the tied embedding matrix (when the embedding lives on another pipeline stage).
+    """
+    h, V, s = model.d_model, model.vocab_size, model.seq_len
+    layers = range(model.n_layer) if layers is None else layers
+    out: list[Param] = []
+
+    def norm(name: str) -> None:
+        out.append(Param(f"{name}.weight", (h,), "replicated"))
+        if model.bias:
+            out.append(Param(f"{name}.bias", (h,), "replicated"))
+
+    def linear(name: str, n_out: int, n_in: int, split: str) -> None:
+        out.append(Param(f"{name}.weight", (n_out, n_in), split))
+        if model.bias:  # a column-parallel layer splits its bias too; a row-parallel one replicates it
+            out.append(Param(f"{name}.bias", (n_out,), "column" if split == "column" else "replicated"))
+
+    if first:
+        out += [Param("tok_emb.weight", (V, h), "vocab"), Param("pos_emb.weight", (s, h), "replicated")]
+    for i in layers:
+        b = f"blocks.{i}"
+        norm(f"{b}.ln1")
+        linear(f"{b}.attn.qkv", 3 * h, h, "column")
+        linear(f"{b}.attn.proj", h, h, "row")
+        norm(f"{b}.ln2")
+        linear(f"{b}.mlp.fc", 4 * h, h, "column")
+        linear(f"{b}.mlp.proj", h, 4 * h, "row")
+    if last:
+        norm("ln_f")
+        if head_copy:
+            out.append(Param("head.weight", (V, h), "vocab"))
+    return out
+
+
+def num_params(model: Model, non_embedding: bool = False) -> int:
+    """Parameters of the whole model, the tied head counted once (= ``GPT.num_params``)."""
+    n = sum(p.numel for p in parameter_table(model))
+    if non_embedding:
+        n -= (model.vocab_size + model.seq_len) * model.d_model
+    return n
+
+
+def flops_per_token(model: Model, training: bool = True) -> float:
+    """``6 N + 12 L h s`` for training, ``2 N + 4 L h s`` forward only (PaLM, appendix B).
+
+    N counts the non-embedding parameters plus the head's V x h matmul; = ``GPT.flops_per_token``.
+    """
+    n = num_params(model, non_embedding=True) + model.d_model * model.vocab_size
+    attn = 4 * model.n_layer * model.d_model * model.seq_len
+    return float(6 * n + 3 * attn) if training else float(2 * n + attn)
+
+
+def mfu(tokens_per_s: float, flops_per_token_: float, n_devices: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak (Chowdhery et al. 2022)."""
+    if peak_flops <= 0 or n_devices <= 0:
+        raise CostError("mfu needs a positive peak FLOP/s and device count")
+    return tokens_per_s * flops_per_token_ / (n_devices * peak_flops)
+
+
+# --------------------------------------------------------------------------------- the layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout (the fields of `lmkit.config.ParallelConfig`, plus recomputation)."""
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    recompute: str = "none"
+
+    @classmethod
+    def from_parallel_config(cls, pc: Any, recompute: str = "none") -> Layout:
+        return cls(dp=pc.dp, tp=pc.tp, pp=pc.pp, zero=pc.zero, sequence_parallel=bool(pc.sequence_parallel),
+                   microbatches=pc.microbatches, schedule=pc.schedule, virtual_stages=pc.virtual_stages,
+                   recompute=recompute)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def name(self) -> str:
+        parts = [f"dp{self.dp}" + (f" zero{self.zero}" if self.zero else "")] if self.dp > 1 else []
+        if self.zero and self.dp == 1:
+            parts.append(f"zero{self.zero}")
+        if self.tp > 1:
+            parts.append(f"tp{self.tp}" + (" sp" if self.sequence_parallel else ""))
+        if self.pp > 1:
+            v = f" v{self.virtual_stages}" if self.schedule == "interleaved" else ""
+            parts.append(f"pp{self.pp} {self.schedule}{v}")
+        parts.append(f"m{self.microbatches}")
+        if self.recompute != "none":
+            parts.append(f"recompute {self.recompute}")
+        return " x ".join(parts)
+
+    def validate(self, model: Model, global_batch: int) -> Layout:
+        """The rules of `lmkit.parallel.engine.validate_layout`, as one-line `CostError`s."""
+        for f in ("dp", "tp", "pp", "microbatches", "virtual_stages"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CostError(f"{f} must be a positive integer, got {value!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise CostError(f"zero={self.zero!r} is unknown; use 0, 1, 2 or 3")
+        if self.schedule not in SCHEDULES:
+            raise CostError(f"schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        if self.recompute not in RECOMPUTE:
+            raise CostError(f"recompute={self.recompute!r} is unknown; use one of {', '.join(RECOMPUTE)}")
+        if self.sequence_parallel and self.tp == 1:
+            raise CostError("sequence parallelism needs tp > 1")
+        if model.n_head % self.tp:
+            raise CostError(f"n_head={model.n_head} is not divisible by tp={self.tp}; "
+                            "attention heads are split over tensor-parallel ranks")
+        if model.vocab_size % self.tp:
+            raise CostError(f"the vocabulary ({model.vocab_size}) is not divisible by tp={self.tp}; "
+                            "pad it to a multiple of tp")
+        if self.sequence_parallel and model.seq_len % self.tp:
+            raise CostError(f"seq_len={model.seq_len} is not divisible by tp={self.tp} (sequence parallel)")
+        if self.schedule == "interleaved" and (self.pp < 2 or self.virtual_stages < 2):
+            raise CostError("the interleaved schedule needs pp >= 2 and virtual_stages >= 2")
+        if self.schedule != "interleaved" and self.virtual_stages != 1:
+            raise CostError(f"virtual_stages={self.virtual_stages} needs schedule='interleaved'")
+        if self.pp * self.virtual_stages > model.n_layer:
+            raise CostError(f"pp x virtual_stages = {self.pp * self.virtual_stages} stages but only "
+                            f"{model.n_layer} layers; every stage needs at least one block")
+        m = self.microbatches
+        if self.pp > 1 and self.schedule != "gpipe" and m < self.pp:
+            raise CostError(f"schedule {self.schedule!r} needs microbatches >= pp (got {m} < {self.pp})")
+        if self.pp > 1 and self.schedule == "interleaved" and m % self.pp:
+            raise CostError(f"the interleaved schedule needs microbatches divisible by pp "
+                            f"(got {m}, pp={self.pp})")
+        if not isinstance(global_batch, int) or global_batch <= 0:
+            raise CostError(f"the global batch must be a positive number of sequences, got {global_batch!r}")
+        if global_batch % (self.dp * m):
+            raise CostError(f"global batch {global_batch} is not divisible by dp x microbatches = "
+                            f"{self.dp} x {m}; every microbatch needs a whole number of sequences")
+        return self
+
+
+def _stage_chunks(model: Model, layout: Layout, stage: int) -> list[tuple[range, bool, bool]]:
+    """(layers, is_first, is_last) of every chunk pipeline rank `stage` holds."""
+    n = layout.pp * layout.virtual_stages
+    chunks = layer_split(model.n_layer, n)
+    return [(chunks[k * layout.pp + stage], k * layout.pp + stage == 0, k * layout.pp + stage == n - 1)
+            for k in range(layout.virtual_stages)]
+
+
+def stage_params(model: Model, layout: Layout, stage: int) -> list[Param]:
+    """The parameter tensors pipeline rank `stage` holds (before the tp split)."""
+    out: list[Param] = []
+    for layers, first, last in _stage_chunks(model, layout, stage):
+        out += parameter_table(model, layers, first=first, last=last, head_copy=last and layout.pp > 1)
+    return out
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+def model_states(numel: float, dp: int = 1, zero: int = 0,
+                 precision: str = "mixed") -> tuple[float, float, float]:
+    """Bytes of (parameters, gradients, Adam state) per rank for `numel` parameters.
+
+    Rajbhandari et al. 2020 (ZeRO), section 3.1 and 5: mixed precision keeps 2-byte parameters and
+    gradients plus K = 12 bytes of fp32 master weights and moments; fp32 training 4 + 4 + 8. ZeRO
+    stage 1 shards the optimizer state over dp, stage 2 also the gradients, stage 3 also the weights.
+    """
+    if precision not in PRECISIONS:
+        raise CostError(f"precision={precision!r} is unknown; use 'fp32' or 'mixed'")
+    p, g, k = (2, 2, 12) if precision == "mixed" else (4, 4, 8)
+    return (p * numel / (dp if zero >= 3 else 1), g * numel / (dp if zero >= 2 else 1),
+            k * numel / (dp if zero >= 1 else 1))
+
+
+def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
+                               recompute: str = "none", act_bytes: int = 2, dropout: bool = True,
+                               flash_attention: bool = False) -> float:
+    """Bytes one Transformer layer keeps for backward, for a microbatch of `b` sequences of `s` tokens.
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+    section 4: ``s b h (34 + 5 a s / h)`` with 2-byte activations and 1-byte dropout masks;
+    ``s b h (10 + 24/t + 5 a s/(h t))`` with tensor parallelism, ``s b h/t (34 + 5 a s / h)`` with
+    sequence parallelism, the ``5 a s / h`` term gone under selective recomputation, ``2 s b h``
+    (the layer's input) under full recomputation. Generalised here to `act_bytes` per element,
+    no masks without dropout, and flash attention (no ``a s^2`` matrix; ``4 a s b`` bytes of
+    log-sum-exp instead).
+    """
+    e, mask, t = act_bytes, (1 if dropout else 0), tp
+    sp = t if sequence_parallel else 1
+    sbh = s * b * h
+    if recompute == "full":
+        return e * sbh / sp
+    # Outside the tensor-parallel regions (replicated over tp unless sequence-parallel): the two
+    # LayerNorm inputs, the inputs of qkv and fc, and two dropout masks.
+    outside = (4 * e + 2 * mask) * sbh / sp
+    # Inside (split over tp): q, k, v, the attention output (proj input), the GELU input and output.
+    inside = (4 * e + 8 * e) * sbh / t
+    if flash_attention:
+        scores = 4 * a * s * b / t  # fp32 log-sum-exp per row and head
+    elif recompute == "selective":
+        scores = 0.0
+    else:  # softmax output, its dropout mask and the dropped-out copy
+        scores = (e + mask + (e if dropout else 0)) * a * s * s * b / t
+    return outside + inside + scores
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Most microbatch-chunks whose activations pipeline rank `stage` holds at once.
+
+    GPipe: ``m``; 1F1B: ``min(m, pp - r)``; interleaved 1F1B (Megatron's warm-up of
+    ``2 (pp - r - 1) + (v - 1) pp`` forwards, plus one): in units of one chunk's layers. Checked
+    against `lmkit.parallel.pipeline.peak_in_flight` of the real schedules.
+    """
+    pp, m, v, r = layout.pp, layout.microbatches, layout.virtual_stages, stage
+    if pp == 1:
+        return 1
+    if layout.schedule == "gpipe":
+        return m
+    if layout.schedule == "1f1b":
+        return min(m, pp - r)
+    if m == pp:
+        return m * v
+    return min(m * v, 2 * (pp - r - 1) + (v - 1) * pp + 1)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per rank: model states (exactly as lmkit allocates them in fp32) and activations."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    stage: int
+    numel: int
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, float]:
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "total": self.total}
+
+
+def _decay_groups(params: list[Param], tp: int) -> tuple[int, int, int]:
+    """(matrix numel, vector numel, tensor count) of a rank: AdamW's decay / no-decay groups."""
+    mats = sum(p.local_numel(tp) for p in params if len(p.shape) >= 2)
+    vecs = sum(p.local_numel(tp) for p in params if len(p.shape) < 2)
+    return mats, vecs, len(params)
+
+
+def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
+                     flash_attention: bool) -> Memory:
+    params = stage_params(model, layout, stage)
+    mats, vecs, count = _decay_groups(params, layout.tp)
+    numel, dp, zero = mats + vecs, layout.dp, layout.zero
+    if precision == "fp32":
+        # lmkit's engine: AdamW (4 + 4 + 8 bytes per parameter, and a 4-byte step counter per tensor
+        # it steps). Under ZeRO each group is one flat buffer padded to a multiple of dp, and the
+        # optimizer steps each group's shard (one counter per group).
+        padded = sum(math.ceil(n / dp) * dp for n in (mats, vecs))
+        shard = padded // dp
+        groups = sum(1 for n in (mats, vecs) if n)
+        if zero == 0:
+            p_bytes, g_bytes, o_bytes = 4 * numel, 4 * numel, 8 * numel + 4 * count
+        else:
+            p_bytes = 4 * (shard if zero >= 3 else padded)
+            g_bytes = 4 * (shard if zero >= 2 else padded)
+            o_bytes = 8 * shard + 4 * groups
+    else:
+        p_bytes, g_bytes, o_bytes = model_states(numel, dp, zero, precision)
+    act = _activations(model, layout, global_batch, precision, stage, flash_attention)
+    return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel)
+
+
+def _activations(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
+                 flash_attention: bool) -> float:
+    b = global_batch // (layout.dp * layout.microbatches)
+    s, h, a, t, V = model.seq_len, model.d_model, model.n_head, layout.tp, model.vocab_size
+    e = 4 if precision == "fp32" else 2
+    sp = t if layout.sequence_parallel else 1
+    chunks = _stage_chunks(model, layout, stage)
+    per_layer = activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, layout.recompute, e,
+                                           model.dropout, flash_attention)
+    layers = max(len(c[0]) for c in chunks)
+    units = in_flight(layout, stage) if layout.pp > 1 else 1
+    total = units * layers * per_layer
+    if layout.recompute == "full":  # the layer being recomputed holds its full activations once
+        total += activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, "none", e, model.dropout,
+                                            flash_attention)
+    if any(last for _, _, last in chunks):  # ln_f input, head input, fp32 log-softmax of the logits
+        held = 1 if layout.pp == 1 or layout.schedule != "gpipe" else layout.microbatches
+        total += held * (e * s * b * h / sp + e * s * b * h + 4 * s * b * V / t)
+    return float(total)
+
+
+def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp32", stage: int | None = None,
+           flash_attention: bool = True) -> Memory:
+    """Bytes per rank on pipeline rank `stage` (default: the rank that needs the most).
+
+    Model states: `model_states` with the layout's tp/pp split of every tensor (embedding and head
+    on the end stages). Activations: `activation_bytes_per_layer` times the layers of a chunk times
+    the microbatch-chunks in flight (`in_flight`), plus the head's logits on the last stage.
+    lmkit's ZeRO-2 keeps a full gradient buffer today; the formula is ZeRO's 1/dp.
+    """
+    model.validate()
+    layout.validate(model, global_batch)
+    if precision not in PRECISIONS:
+        raise CostError(f"precision={precision!r} is unknown; use 'fp32' or 'mixed'")
+    stages = range(layout.pp) if stage is None else [stage]
+    if stage is not None and not 0 <= stage < layout.pp:
+        raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
+    results = [_memory_of_stage(model, layout, global_batch, precision, r, flash_attention) for r in stages]
+    return max(results, key=lambda mem: mem.total)
+
+
+# --------------------------------------------------------------------------------- communication
+
+
+def wire_bytes(kind: str, nbytes: float, group_size: int) -> float:
+    """Bytes one rank sends for a collective of payload `nbytes` under ring algorithms (nccl-tests).
+
+    All-reduce ``2 (n-1)/n B``; reduce-scatter, all-gather, reduce, broadcast ``(n-1)/n B``; a send
+    ``B``, a receive 0. The same definition as `lmkit.parallel.instrument.wire_bytes`.
+    """
+    n = group_size
+    if kind == "send":
+        return float(nbytes)
+    if n <= 1 or kind in ("recv", "barrier"):
+        return 0.0
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * nbytes
+    if kind in ("gather", "scatter"):
+        return (n - 1) / n**2 * nbytes
+    return (n - 1) / n * nbytes
+
+
+@dataclass(frozen=True)
+class CommTerm:
+    """One kind of collective a rank issues in one optimizer step."""
+
+    group: str  # "dp", "tp", "pp" or "embedding" (first + last pipeline stage)
+    kind: str
+    what: str
+    calls: int | None  # None where the count depends on bucketing
+    bytes: float  # payload as nccl-tests defines it, summed over the calls
+    group_size: int
+    bookkeeping: bool = False  # a scalar for logging or the global gradient norm, not training data
+
+    @property
+    def wire_bytes(self) -> float:
+        return wire_bytes(self.kind, self.bytes, self.group_size)
+
+
+def communication(model: Model, layout: Layout, global_batch: int, precision: str = "fp32",
+                  stage: int = 0) -> list[CommTerm]:
+    """The collectives pipeline rank `stage` issues per optimizer step, term by term.
+
+    Data parallel: the gradient all-reduce (ZeRO-1: plus an all-gather of the updated parameters;
+    ZeRO-2: a reduce-scatter instead of the all-reduce; ZeRO-3: two parameter all-gathers, forward
+    and backward) -- Rajbhandari et al. 2020, section 7. Tensor parallel: ``2`` all-reduces of the
+    ``b s h`` activation per layer forward and ``2`` backward (Shoeybi et al. 2019) *plus* the
+    vocab-parallel embedding's forward and the head's input gradient: ``4 L + 2`` on one stage;
+    sequence parallel turns each into an all-gather and a reduce-scatter (Korthikanti et al. 2022).
+    Pipeline: one activation forward and one gradient backward per microbatch and boundary.
+    """
+    layout.validate(model, global_batch)
+    if not 0 <= stage < layout.pp:
+        raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
+    e = 4 if precision == "fp32" else 2
+    dp, tp, pp, m, v = layout.dp, layout.tp, layout.pp, layout.microbatches, layout.virtual_stages
+    b = global_batch // (dp * m)
+    s, h, V = model.seq_len, model.d_model, model.vocab_size
+    chunks = _stage_chunks(model, layout, stage)
+    params = stage_params(model, layout, stage)
+    mats, vecs, _ = _decay_groups(params, tp)
+    numel = mats + vecs
+    padded = sum(math.ceil(n / dp) * dp for n in (mats, vecs))
+    terms: list[CommTerm] = []
+    if dp > 1:
+        if layout.zero == 3:
+            terms.append(CommTerm("dp", "all_gather", "parameters gathered for forward and again for "
+                                  "backward", None, 2 * e * numel, dp))
+            terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
+                                  e * numel, dp))
+        elif layout.zero == 2:
+            terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their owner", None,
+                                  e * numel, dp))
+        else:
+            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce (buckets)", None, e * numel, dp))
+        if layout.zero in (1, 2):
+            terms.append(CommTerm("dp", "all_gather", "updated parameter shards all-gathered", None,
+                                  e * padded, dp))
+        if layout.zero == 2:
+            terms.append(CommTerm("dp", "all_reduce", "gradient norm^2 over dp", 1, 4, dp, True))
+        terms.append(CommTerm("dp", "all_reduce", "loss mean over dp (fp64)", 1, 8, dp, True))
+    layers = sum(len(c[0]) for c in chunks)
+    first = any(c[1] for c in chunks)
+    last = any(c[2] for c in chunks)
+    if tp > 1:
+        calls = m * (4 * layers + int(first) + int(last))
+        act = e * b * s * h
+        if layout.sequence_parallel:
+            for kind in ("all_gather", "reduce_scatter"):
+                terms.append(CommTerm("tp", kind, "activations: 2 per layer forward + 2 backward, "
+                                      "embedding, head", calls, calls * act, tp))
+            replicated = sum(p.numel for p in params if p.split == "replicated")
+            terms.append(CommTerm("tp", "all_reduce", "sequence-parallel replicated gradients (norms, "
+                                  "positions, row biases)", 1, 4 * replicated, tp))
+        else:
+            terms.append(CommTerm("tp", "all_reduce", "activations: 2 per layer forward + 2 backward, "
+                                  "embedding forward, head backward", calls, calls * act, tp))
+        if last:
+            terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: max", m,
+                                  m * 4 * b * s, tp))
+            terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: exp-sum, target logit",
+                                  m, m * 8 * b * s, tp))
+        terms.append(CommTerm("tp", "all_reduce", "gradient norm^2 over tp (fp64)", 1, 8, tp, True))
+    if pp > 1:
+        n_chunks = pp * v
+        index = [k * pp + stage for k in range(v)]
+        act = e * b * (s // tp if layout.sequence_parallel else s) * h
+        sends = m * (sum(1 for i in index if i != n_chunks - 1) + sum(1 for i in index if i != 0))
+        terms.append(CommTerm("pp", "send", "activations forward, gradients backward, 1 per microbatch "
+                              "and boundary", sends, sends * act, pp))
+        terms.append(CommTerm("pp", "recv", "the mirror image of the sends", sends, sends * act, pp))
+        if first or last:
+            terms.append(CommTerm("embedding", "all_reduce", "tied embedding gradients, first + last stage",
+                                  1, 4 * V * h // tp, 2))
+        terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
+        terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
+    return terms
+
+
+def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of a pipeline step: ``(p-1) / (v m + p - 1)`` (GPipe, 1F1B: ``v = 1``).
+
+    Huang et al. 2019 (GPipe); Narayanan et al. 2021, section 2.2 (interleaved).
+    """
+    if min(pp, microbatches, virtual_stages) < 1:
+        raise CostError("pp, microbatches and virtual_stages must be >= 1")
+    return (pp - 1) / (virtual_stages * microbatches + pp - 1)
+
+
+# --------------------------------------------------------------------------------- step time, search
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices and links: memory in GB (1e9 bytes), peak in FLOP/s, bandwidths in GB/s per device."""
+
+    devices: int
+    device_memory_gb: float
+    peak_flops: float
+    devices_per_node: int = 8
+    intra_node_gbps: float = 450.0  # NVLink 4 (H100 SXM), one direction
+    inter_node_gbps: float = 50.0  # one 400 Gb/s InfiniBand NIC per GPU
+    name: str = ""
+
+    def validate(self) -> Cluster:
+        if self.devices < 1 or self.devices_per_node < 1:
+            raise CostError("a cluster needs at least one device and one device per node")
+        if min(self.device_memory_gb, self.peak_flops, self.intra_node_gbps, self.inter_node_gbps) <= 0:
+            raise CostError("device memory, peak FLOP/s and bandwidths must be positive")
+        return self
+
+
+#: Devices for `lmkit estimate --device`: (memory GB, dense bf16 peak FLOP/s, intra-node GB/s,
+#: inter-node GB/s), from the vendors' datasheets (no sparsity).
+DEVICES: dict[str, tuple[float, float, float, float]] = {
+    "h100": (80, 989e12, 450, 50),
+    "h200": (141, 989e12, 450, 50),
+    "a100-80gb": (80, 312e12, 300, 25),
+    "a100-40gb": (40, 312e12, 300, 25),
+    "l4": (24, 121e12, 32, 12.5),
+}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A layout that fits, with its memory and estimated step time (seconds) by component."""
+
+    layout: Layout
+    memory: Memory
+    compute_s: float
+    bubble_s: float
+    tp_s: float
+    pp_s: float
+    dp_exposed_s: float
+    tokens_per_step: int
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.bubble_s + self.tp_s + self.pp_s + self.dp_exposed_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s
+
+
+def _bandwidth(cluster: Cluster, span: int) -> float:
+    """Bytes/s of a group whose ranks lie within `span` consecutive devices."""
+    gbps = cluster.intra_node_gbps if span <= cluster.devices_per_node else cluster.inter_node_gbps
+    return gbps * GB
+
+
+def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster, precision: str = "mixed",
+              efficiency: float = 0.5, flash_attention: bool = True) -> Candidate:
+    """Estimated step time: compute at `efficiency` of peak, bubble, exposed communication.
+
+    Compute: training FLOPs (plus one forward under full recomputation, the attention scores under
+    selective) over ``devices x peak x efficiency``; bubble: ``compute x bubble / (1 - bubble)``;
+    tensor- and pipeline-parallel traffic is on the critical path; the data-parallel reduction
+    overlaps the last microbatch's backward and only the rest is exposed. Ranks are ordered tp
+    fastest, then dp, then pp: a group is on NVLink when it spans at most one node.
+    """
+    mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention)
+    tokens = global_batch * model.seq_len
+    flops = flops_per_token(model) * tokens
+    if layout.recompute == "full":
+        flops += flops_per_token(model, training=False) * tokens
+    elif layout.recompute == "selective" and not flash_attention:
+        flops += 4 * model.n_layer * model.d_model * model.seq_len * tokens
+    compute = flops / (layout.world_size * cluster.peak_flops * efficiency)
+    bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages) if layout.pp > 1 else 0.0
+    bubble_s = compute * bubble / (1 - bubble)
+    tp_s = pp_s = dp_s = 0.0
+    worst = max(range(layout.pp), key=lambda r: sum(t.wire_bytes for t in
+                                                   communication(model, layout, global_batch, precision, r)))
+    for term in communication(model, layout, global_batch, precision, worst):
+        if term.group == "tp":
+            tp_s += term.wire_bytes / _bandwidth(cluster, layout.tp)
+        elif term.group in ("pp", "embedding"):
+            pp_s += term.wire_bytes / _bandwidth(cluster, layout.world_size)
+        else:
+            dp_s += term.wire_bytes / _bandwidth(cluster, layout.tp * layout.dp)
+    overlap = compute * 2 / 3 / layout.microbatches
+    return Candidate(layout, mem, compute, bubble_s, tp_s, pp_s, max(0.0, dp_s - overlap), tokens)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "mixed",
+           efficiency: float = 0.5, zero_stages: tuple[int, ...] = (0, 1, 2, 3), top: int | None = None,
+           flash_attention: bool = True) -> list[Candidate]:
+    """Every dp x tp x pp layout (with zero, sp, recomputation, microbatches, schedule) that fits.
+
+    Ranked by `step_time`. Raises `CostError` when nothing fits, saying by how much the layout
+    that needs the least memory misses.
+    """
+    model.validate()
+    cluster.validate()
+    if not isinstance(global_batch, int) or global_batch <= 0:
+        raise CostError(f"the global batch must be a positive number of sequences, got {global_batch!r}")
+    fits, best_miss = [], None
+    for tp, pp in itertools.product(_divisors(cluster.devices), repeat=2):
+        if cluster.devices % (tp * pp) or model.n_head % tp or model.vocab_size % tp or pp > model.n_layer:
+            continue
+        dp = cluster.devices // (tp * pp)
+        if global_batch % dp:
+            continue
+        per_dp = global_batch // dp
+        micro = [m for m in _divisors(per_dp) if m >= pp] if pp > 1 else _divisors(per_dp)
+        for m, zero, sp, rc in itertools.product(micro, zero_stages, (False, True), RECOMPUTE):
+            if (sp and tp == 1) or (zero and dp == 1) or (sp and model.seq_len % tp):
+                continue
+            schedules = [("1f1b", 1)]
+            if pp > 1 and m % pp == 0 and model.n_layer >= 2 * pp:
+                schedules.append(("interleaved", 2))
+            for schedule, v in schedules:
+                layout = Layout(dp, tp, pp, zero, sp, m, schedule, v, rc)
+                try:
+                    cand = step_time(model, layout, global_batch, cluster, precision, efficiency,
+                                     flash_attention)
+                except CostError:
+                    continue
+                need = cand.memory.total
+                if need <= cluster.device_memory_gb * GB:
+                    fits.append(cand)
+                elif best_miss is None or need < best_miss[0]:
+                    best_miss = (need, layout)
+    if not fits:
+        if best_miss is None:
+            raise CostError(f"no dp x tp x pp layout of {cluster.devices} devices suits this model and "
+                            f"a global batch of {global_batch}; check that heads, vocabulary and batch "
+                            "divide")
+        need, layout = best_miss
+        raise CostError(
+            f"{model.name or 'the model'} fits on no layout of {cluster.devices} devices of "
+            f"{cluster.device_memory_gb:g} GB: the leanest ({layout.name}) needs {need / GB:.1f} GB per "
+            f"device, {need / GB - cluster.device_memory_gb:.1f} GB too many; add devices or memory")
+    fits.sort(key=lambda c: (c.step_s, c.memory.total))
+    return fits[:top] if top else fits
+
+
+# --------------------------------------------------------------------------------- the calculator
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in decimal units, 3 significant digits: ``1.23 GB``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+_LAYOUT_FIELDS = {f.name: f.type for f in dataclasses.fields(Layout)}
+
+
+def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The calculator's one entry point (JSON in, JSON out): the page and the tests call it alike.
+
+    `inputs`: ``preset`` (a key of `PRESETS`) or ``model`` (the fields of `Model`), the fields of
+    `Layout`, ``global_batch``, ``precision`` and ``device_memory_gb``. Returns memory per rank of
+    the worst stage (bytes), whether it fits, bytes each rank sends per step by group, the bubble
+    and the parameter count; or ``{"error": "<one line>"}``.
+    """
+    try:
+        if inputs.get("preset"):
+            if inputs["preset"] not in PRESETS:
+                raise CostError(f"unknown preset {inputs['preset']!r}; use one of {', '.join(PRESETS)}")
+            model = PRESETS[inputs["preset"]]
+        else:
+            spec = dict(inputs.get("model") or {})
+            unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(Model)})
+            if unknown:
+                raise CostError(f"unknown model field(s) {unknown}")
+            model = Model(**{k: (int(v) if k not in ("bias", "dropout", "name") else v)
+                             for k, v in spec.items()}).validate()
+        values = {k: inputs[k] for k in _LAYOUT_FIELDS if k in inputs}
+        for k in ("dp", "tp", "pp", "zero", "microbatches", "virtual_stages"):
+            if k in values:
+                values[k] = int(values[k])
+        if "sequence_parallel" in values:
+            values["sequence_parallel"] = bool(values["sequence_parallel"])
+        layout = Layout(**values)
+        global_batch = int(inputs.get("global_batch", layout.dp * layout.microbatches))
+        precision = inputs.get("precision", "mixed")
+        device_gb = float(inputs.get("device_memory_gb", 80))
+        mem = memory(model, layout, global_batch, precision)
+        sent: dict[str, float] = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+        for term in communication(model, layout, global_batch, precision, mem.stage):
+            sent["pp" if term.group == "embedding" else term.group] += term.wire_bytes
+        sent["total"] = sent["dp"] + sent["tp"] + sent["pp"]
+        bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages)
+        return {"model": model.name or "custom", "num_params": num_params(model), "layout": layout.name,
+                "stage": mem.stage, "memory": mem.as_dict(), "device_memory": device_gb * GB,
+                "fits": mem.total <= device_gb * GB, "communication": sent, "bubble": bubble, "error": None}
+    except (CostError, TypeError, ValueError) as e:
+        return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+
