@@ -10,6 +10,7 @@ against published figures (``tests/test_costs.py``). Units: bytes, FLOPs, second
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -276,6 +277,22 @@ def stage_params(model: Model, layout: Layout, stage: int) -> list[Param]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _stage_counts(model: Model, pp: int, virtual_stages: int, tp: int, stage: int) -> tuple[int, ...]:
+    """(matrix numel, vector numel, tensors, replicated numel, layers, max chunk layers, first, last)
+    of pipeline rank `stage` after the tp split; cached, because the search asks again and again."""
+    schedule = "interleaved" if virtual_stages > 1 else "1f1b"
+    layout = Layout(pp=pp, virtual_stages=virtual_stages, schedule=schedule)
+    chunks = _stage_chunks(model, layout, stage)
+    params = stage_params(model, layout, stage)
+    mats = sum(p.local_numel(tp) for p in params if len(p.shape) >= 2)
+    vecs = sum(p.local_numel(tp) for p in params if len(p.shape) < 2)
+    replicated = sum(p.numel for p in params if p.split == "replicated")
+    layers = [len(c[0]) for c in chunks]
+    return (mats, vecs, len(params), replicated, sum(layers), max(layers),
+            int(any(c[1] for c in chunks)), int(any(c[2] for c in chunks)))
+
+
 # --------------------------------------------------------------------------------- memory
 
 
@@ -369,17 +386,9 @@ class Memory:
                 "activations": self.activations, "total": self.total}
 
 
-def _decay_groups(params: list[Param], tp: int) -> tuple[int, int, int]:
-    """(matrix numel, vector numel, tensor count) of a rank: AdamW's decay / no-decay groups."""
-    mats = sum(p.local_numel(tp) for p in params if len(p.shape) >= 2)
-    vecs = sum(p.local_numel(tp) for p in params if len(p.shape) < 2)
-    return mats, vecs, len(params)
-
-
 def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
                      flash_attention: bool) -> Memory:
-    params = stage_params(model, layout, stage)
-    mats, vecs, count = _decay_groups(params, layout.tp)
+    mats, vecs, count, *_ = _stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage)
     numel, dp, zero = mats + vecs, layout.dp, layout.zero
     if precision == "fp32":
         # lmkit's engine: AdamW (4 + 4 + 8 bytes per parameter, and a 4-byte step counter per tensor
@@ -406,16 +415,15 @@ def _activations(model: Model, layout: Layout, global_batch: int, precision: str
     s, h, a, t, V = model.seq_len, model.d_model, model.n_head, layout.tp, model.vocab_size
     e = 4 if precision == "fp32" else 2
     sp = t if layout.sequence_parallel else 1
-    chunks = _stage_chunks(model, layout, stage)
+    _, layers, _, last = _stage_counts(model, layout.pp, layout.virtual_stages, t, stage)[4:]
     per_layer = activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, layout.recompute, e,
                                            model.dropout, flash_attention)
-    layers = max(len(c[0]) for c in chunks)
     units = in_flight(layout, stage) if layout.pp > 1 else 1
     total = units * layers * per_layer
     if layout.recompute == "full":  # the layer being recomputed holds its full activations once
         total += activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, "none", e, model.dropout,
                                             flash_attention)
-    if any(last for _, _, last in chunks):  # ln_f input, head input, fp32 log-softmax of the logits
+    if last:  # ln_f input, head input, fp32 log-softmax of the logits
         held = 1 if layout.pp == 1 or layout.schedule != "gpipe" else layout.microbatches
         total += held * (e * s * b * h / sp + e * s * b * h + 4 * s * b * V / t)
     return float(total)
@@ -498,16 +506,14 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     dp, tp, pp, m, v = layout.dp, layout.tp, layout.pp, layout.microbatches, layout.virtual_stages
     b = global_batch // (dp * m)
     s, h, V = model.seq_len, model.d_model, model.vocab_size
-    chunks = _stage_chunks(model, layout, stage)
-    params = stage_params(model, layout, stage)
-    mats, vecs, _ = _decay_groups(params, tp)
+    mats, vecs, _, replicated, layers, _, first, last = _stage_counts(model, pp, v, tp, stage)
     numel = mats + vecs
     padded = sum(math.ceil(n / dp) * dp for n in (mats, vecs))
     terms: list[CommTerm] = []
     if dp > 1:
-        if layout.zero == 3:
+        if layout.zero == 3:  # FSDP2 gathers again for every microbatch (it reshards after forward)
             terms.append(CommTerm("dp", "all_gather", "parameters gathered for forward and again for "
-                                  "backward", None, 2 * e * numel, dp))
+                                  "backward, every microbatch", None, 2 * m * e * numel, dp))
             terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
                                   e * numel, dp))
         elif layout.zero == 2:
@@ -521,9 +527,6 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         if layout.zero == 2:
             terms.append(CommTerm("dp", "all_reduce", "gradient norm^2 over dp", 1, 4, dp, True))
         terms.append(CommTerm("dp", "all_reduce", "loss mean over dp (fp64)", 1, 8, dp, True))
-    layers = sum(len(c[0]) for c in chunks)
-    first = any(c[1] for c in chunks)
-    last = any(c[2] for c in chunks)
     if tp > 1:
         calls = m * (4 * layers + int(first) + int(last))
         act = e * b * s * h
@@ -531,7 +534,6 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
             for kind in ("all_gather", "reduce_scatter"):
                 terms.append(CommTerm("tp", kind, "activations: 2 per layer forward + 2 backward, "
                                       "embedding, head", calls, calls * act, tp))
-            replicated = sum(p.numel for p in params if p.split == "replicated")
             terms.append(CommTerm("tp", "all_reduce", "sequence-parallel replicated gradients (norms, "
                                   "positions, row biases)", 1, 4 * replicated, tp))
         else:
@@ -652,9 +654,11 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages) if layout.pp > 1 else 0.0
     bubble_s = compute * bubble / (1 - bubble)
     tp_s = pp_s = dp_s = 0.0
-    worst = max(range(layout.pp), key=lambda r: sum(t.wire_bytes for t in
-                                                   communication(model, layout, global_batch, precision, r)))
-    for term in communication(model, layout, global_batch, precision, worst):
+    # The busiest rank sets the pace: an end stage (embedding, head) or an inner one (both directions).
+    loads = {r: communication(model, layout, global_batch, precision, r) for r in {0, min(1, layout.pp - 1),
+                                                                                   layout.pp - 1}}
+    worst = max(loads, key=lambda r: sum(t.wire_bytes for t in loads[r]))
+    for term in loads[worst]:
         if term.group == "tp":
             tp_s += term.wire_bytes / _bandwidth(cluster, layout.tp)
         elif term.group in ("pp", "embedding"):
@@ -690,7 +694,9 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
             continue
         per_dp = global_batch // dp
         micro = [m for m in _divisors(per_dp) if m >= pp] if pp > 1 else _divisors(per_dp)
-        for m, zero, sp, rc in itertools.product(micro, zero_stages, (False, True), RECOMPUTE):
+        # Under flash attention nothing is left for selective recomputation to drop (no s x s matrix).
+        recomputes = [r for r in RECOMPUTE if not (flash_attention and r == "selective")]
+        for m, zero, sp, rc in itertools.product(micro, zero_stages, (False, True), recomputes):
             if (sp and tp == 1) or (zero and dp == 1) or (sp and model.seq_len % tp):
                 continue
             schedules = [("1f1b", 1)]
@@ -718,7 +724,7 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
             f"{model.name or 'the model'} fits on no layout of {cluster.devices} devices of "
             f"{cluster.device_memory_gb:g} GB: the leanest ({layout.name}) needs {need / GB:.1f} GB per "
             f"device, {need / GB - cluster.device_memory_gb:.1f} GB too many; add devices or memory")
-    fits.sort(key=lambda c: (c.step_s, c.memory.total))
+    fits.sort(key=lambda c: (round(c.step_s, 9), c.memory.total))  # equal times: the leaner first
     return fits[:top] if top else fits
 
 
@@ -728,8 +734,8 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
 def format_bytes(n: float) -> str:
     """Bytes in decimal units, 3 significant digits: ``1.23 GB``."""
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+        if abs(float(f"{n:.3g}")) >= size:  # round first: 999.7 MB is "1 GB", not "1e+03 MB"
+            return f"{float(f'{n / size:.3g}'):g} {unit}"
     return f"{n:.0f} B"
 
 

@@ -26,6 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# The formulas live in the cost model (pure Python, also in the browser); re-exported for the instruments.
+from lmkit.costs import bubble_fraction as bubble_formula
+from lmkit.costs import wire_bytes
+
 __all__ = [
     "COLLECTIVE_KINDS",
     "CommCounter",
@@ -70,20 +74,6 @@ _C10D_OPS: dict[str, tuple[str, int | None, bool]] = {
     "barrier": ("barrier", None, False),
     "monitored_barrier_": ("barrier", None, False),
 }
-
-
-def wire_bytes(kind: str, nbytes: float, group_size: int) -> float:
-    """Bytes one rank sends for a collective of payload `nbytes` (see the module docstring)."""
-    n = group_size
-    if kind == "send":
-        return float(nbytes)
-    if n <= 1 or kind in ("recv", "barrier"):
-        return 0.0
-    if kind == "all_reduce":
-        return 2 * (n - 1) / n * nbytes
-    if kind in ("gather", "scatter"):
-        return (n - 1) / n**2 * nbytes
-    return (n - 1) / n * nbytes
 
 
 # --------------------------------------------------------------------------- counting collectives
@@ -480,11 +470,6 @@ class Instrument:
 
 
 # --------------------------------------------------------------------------- bubble
-
-
-def bubble_formula(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
-    """The schedule's idle fraction ``(p-1) / (v m + p-1)`` (GPipe, 1F1B: ``v = 1``)."""
-    return (pp - 1) / (virtual_stages * microbatches + pp - 1)
 
 
 def _union_length(intervals: Iterable[tuple[float, float]]) -> float:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lmkit.config import ConfigError
+from lmkit.costs import layer_split  # the one definition of the cut, shared with the cost model
 
 __all__ = ["GPTStage", "layer_split", "build_stages", "cross_entropy_loss"]
 
@@ -35,21 +35,6 @@ __all__ = ["GPTStage", "layer_split", "build_stages", "cross_entropy_loss"]
 def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy (what `GPT.forward` computes)."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-
-
-def layer_split(n_layer: int, n_stages: int) -> list[range]:
-    """Contiguous, balanced chunks of ``range(n_layer)`` (earlier chunks get the remainder)."""
-    if n_stages > n_layer:
-        raise ConfigError(
-            f"{n_stages} pipeline stages (pp x virtual_stages) but only {n_layer} layers; every stage "
-            "needs at least one block: lower pp or virtual_stages, or add layers")
-    base, extra = divmod(n_layer, n_stages)
-    chunks, start = [], 0
-    for s in range(n_stages):
-        size = base + (1 if s < extra else 0)
-        chunks.append(range(start, start + size))
-        start += size
-    return chunks
 
 
 class GPTStage(nn.Module):

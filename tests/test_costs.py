@@ -1,0 +1,177 @@
+"""The analytical cost model (`lmkit.costs`) against the model's own counts and the published figures.
+
+Against the engines (bytes of model states and of every collective, measured): see
+``tests/test_costs_engine.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lmkit import costs
+from lmkit.config import ModelConfig
+from lmkit.model import GPT
+from lmkit.parallel.pipeline import peak_in_flight, schedule_actions
+
+GB = 1e9
+
+
+def test_importing_costs_leaves_torch_out():
+    """The calculator runs costs.py in the browser (Pyodide), where there is no torch."""
+    code = "import sys, lmkit.costs; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(),
+    ModelConfig(n_layer=3, n_head=6, d_model=48, vocab_size=77, block_size=20, bias=False),
+    ModelConfig(n_layer=1, n_head=1, d_model=8, vocab_size=5, block_size=3),
+], ids=["default", "no-bias", "tiny"])
+def test_parameters_and_flops_equal_the_models_own_counts(cfg):
+    gpt, model = GPT(cfg), costs.Model.from_config(cfg)
+    assert costs.num_params(model) == gpt.num_params(non_embedding=False)
+    assert costs.num_params(model, non_embedding=True) == gpt.num_params(non_embedding=True)
+    assert costs.flops_per_token(model) == gpt.flops_per_token()
+    assert costs.flops_per_token(model, training=False) == gpt.flops_per_token(training=False)
+    names = {name for name, _ in gpt.named_parameters()}  # the tied head is registered once
+    assert {p.name for p in costs.parameter_table(model)} == names
+    shapes = dict(gpt.named_parameters())
+    assert all(tuple(shapes[p.name].shape) == p.shape for p in costs.parameter_table(model))
+
+
+def test_presets_have_their_advertised_size():
+    sizes = {name: costs.num_params(m) / 1e9 for name, m in costs.PRESETS.items()}
+    assert sizes["gpt2-124m"] == pytest.approx(0.124, abs=0.001)  # 124.4M with the vocabulary padded to 50304
+    assert sizes["gpt3-175b"] == pytest.approx(175, rel=0.005)
+    assert 6.4 < sizes["7b"] < 6.8 and 12.5 < sizes["13b"] < 13.1 and 64 < sizes["70b"] < 66  # a 4h GELU MLP
+
+
+def test_zero_paper_figures():
+    """Rajbhandari et al. 2020, figure 1: a 7.5B model on 64 GPUs, mixed precision with Adam (K = 12)."""
+    per_gpu = [sum(costs.model_states(7.5e9, dp=64, zero=stage)) / GB for stage in range(4)]
+    assert per_gpu[0] == 120.0
+    assert round(per_gpu[1], 1) == 31.4 and round(per_gpu[2], 1) == 16.6 and round(per_gpu[3], 1) == 1.9
+    assert costs.model_states(10, precision="fp32") == (40, 40, 80)
+
+
+def test_activations_follow_korthikanti_et_al():
+    """Section 4 of "Reducing Activation Recomputation in Large Transformer Models" (2022), per layer."""
+    s, b, h, a, t = 2048, 1, 12288, 96, 8
+    act = costs.activation_bytes_per_layer
+    assert act(b, s, h, a) == s * b * h * (34 + 5 * a * s / h)
+    assert act(b, s, h, a, tp=t) == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
+    sp = {"tp": t, "sequence_parallel": True}
+    assert act(b, s, h, a, **sp) == pytest.approx(s * b * h / t * (34 + 5 * a * s / h))
+    assert act(b, s, h, a, **sp, recompute="selective") == pytest.approx(s * b * h * 34 / t)
+    assert act(b, s, h, a, tp=t, recompute="full") == 2 * s * b * h
+    # fp32, no dropout, flash attention (what lmkit's GPT runs on a CPU): 16 values of b s h x 4 bytes
+    assert act(b, s, h, a, act_bytes=4, dropout=False, flash_attention=True) == 64 * s * b * h + 4 * a * s * b
+
+
+@pytest.mark.parametrize("schedule,pp,m,v", [
+    ("gpipe", 2, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 2, 2, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 16, 1),
+    ("interleaved", 2, 2, 2), ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 2), ("interleaved", 4, 8, 3),
+    ("interleaved", 3, 9, 2)])
+def test_in_flight_equals_the_engines_schedules(schedule, pp, m, v):
+    layout = costs.Layout(pp=pp, microbatches=m, schedule=schedule, virtual_stages=v)
+    for rank in range(pp):
+        assert costs.in_flight(layout, rank) == peak_in_flight(schedule_actions(schedule, m, pp, rank, v))
+
+
+def test_bubble():
+    assert costs.bubble_fraction(1, 8) == 0.0
+    assert costs.bubble_fraction(4, 8) == 3 / 11
+    assert costs.bubble_fraction(4, 8, virtual_stages=2) == 3 / 19
+
+
+def test_tensor_parallel_traffic_is_4L_plus_2_activations():
+    """Megatron's "2 all-reduces forward + 2 backward per layer" (4L) misses the vocab-parallel
+    embedding's forward and the head's input gradient: 4L + 2 on a single stage."""
+    model = costs.Model(n_layer=4, d_model=64, n_head=4, vocab_size=66, seq_len=32)
+    terms = costs.communication(model, costs.Layout(tp=2), 16, "fp32")
+    act = [t for t in terms if t.what.startswith("activations")]
+    assert len(act) == 1 and act[0].calls == 4 * 4 + 2 and act[0].bytes == (4 * 4 + 2) * 4 * 16 * 32 * 64
+    sp = costs.communication(model, costs.Layout(tp=2, sequence_parallel=True), 16, "fp32")
+    gathers = [t for t in sp if t.kind == "all_gather"]
+    scatters = [t for t in sp if t.kind == "reduce_scatter"]
+    assert gathers[0].bytes == scatters[0].bytes == act[0].bytes  # the same volume, split in two halves
+    assert gathers[0].wire_bytes + scatters[0].wire_bytes == act[0].wire_bytes
+
+
+def test_zero_communication_volumes():
+    """ZeRO paper section 7: ZeRO-1/2 move what plain DP moves (2 Psi per rank); ZeRO-3 1.5x."""
+    model = costs.PRESETS["gpt2-124m"]
+
+    def sent(zero: int) -> float:
+        return sum(t.wire_bytes for t in costs.communication(model, costs.Layout(dp=8, zero=zero), 8, "mixed")
+                   if not t.bookkeeping)
+
+    assert sent(2) == pytest.approx(sent(0), rel=1e-6)
+    assert sent(3) == pytest.approx(1.5 * sent(0), rel=1e-6)
+    assert sent(1) == pytest.approx(1.5 * sent(0), rel=1e-6)  # all-reduce plus an all-gather of the shards
+
+
+def test_memory_shrinks_with_every_dimension():
+    model, batch = costs.PRESETS["7b"], 64
+    base = costs.memory(model, costs.Layout(dp=8), batch, "mixed")
+    for layout in (costs.Layout(dp=8, zero=1), costs.Layout(dp=8, zero=3), costs.Layout(tp=8, dp=1),
+                   costs.Layout(pp=8, microbatches=8)):
+        assert costs.memory(model, layout, batch, "mixed").model_states < base.model_states
+    tp = costs.memory(model, costs.Layout(tp=8), batch, "mixed")
+    sp = costs.memory(model, costs.Layout(tp=8, sequence_parallel=True), batch, "mixed")
+    full = costs.memory(model, costs.Layout(tp=8, sequence_parallel=True, recompute="full"), batch, "mixed")
+    assert full.activations < sp.activations < tp.activations
+    gpipe = costs.memory(model, costs.Layout(pp=4, microbatches=16, schedule="gpipe"), 64, "mixed", stage=0)
+    ofob = costs.memory(model, costs.Layout(pp=4, microbatches=16, schedule="1f1b"), 64, "mixed", stage=0)
+    assert gpipe.activations == pytest.approx(4 * ofob.activations)  # m = 16 in flight instead of p = 4
+
+
+def test_bad_layouts_name_the_problem():
+    model = costs.PRESETS["7b"]
+    cases = [(costs.Layout(tp=3), "n_head=32 is not divisible by tp=3"),
+             (costs.Layout(pp=4, microbatches=2), "needs microbatches >= pp"),
+             (costs.Layout(pp=64, microbatches=64), "only 32 layers"),
+             (costs.Layout(sequence_parallel=True), "needs tp > 1"),
+             (costs.Layout(dp=3), "not divisible by dp x microbatches")]
+    for layout, message in cases:
+        with pytest.raises(costs.CostError, match=message):
+            costs.memory(model, layout, 64)
+
+
+def test_search_ranks_layouts_that_fit():
+    h100 = costs.DEVICES["h100"]
+    cluster = costs.Cluster(1024, h100[0], h100[1], intra_node_gbps=h100[2], inter_node_gbps=h100[3])
+    found = costs.search(costs.PRESETS["gpt3-175b"], 1536, cluster, zero_stages=(0, 1))
+    assert found and all(c.memory.total <= 80 * GB for c in found)
+    assert all(a.step_s <= b.step_s + 1e-9 for a, b in zip(found, found[1:], strict=False))
+    best = found[0]
+    assert best.layout.world_size == 1024 and best.layout.tp <= 8  # tensor parallelism stays in a node
+    assert best.layout.pp > 1  # 175B in mixed precision needs the pipeline (or ZeRO-3) to fit in 80 GB
+    assert 0.3 < best.compute_s / best.step_s <= 1
+
+
+def test_search_says_by_how_much_a_model_misses():
+    l4 = costs.Cluster(1, 24, 121e12)
+    with pytest.raises(costs.CostError, match=r"fits on no layout of 1 devices of 24 GB: .* GB too many"):
+        costs.search(costs.PRESETS["70b"], 8, l4)
+
+
+def test_calculate_is_memory_and_communication_in_json():
+    inputs = {"preset": "70b", "dp": 2, "tp": 8, "pp": 4, "zero": 1, "microbatches": 16, "schedule": "1f1b",
+              "global_batch": 64, "precision": "mixed", "device_memory_gb": 80}
+    out = costs.calculate(inputs)
+    assert out["error"] is None
+    layout = costs.Layout(dp=2, tp=8, pp=4, zero=1, microbatches=16, schedule="1f1b")
+    mem = costs.memory(costs.PRESETS["70b"], layout, 64, "mixed")
+    assert out["memory"] == mem.as_dict() and out["fits"] == (mem.total <= 80 * GB)
+    assert out["bubble"] == costs.bubble_fraction(4, 16)
+    assert costs.calculate({**inputs, "tp": 3})["error"].startswith("n_head=64 is not divisible by tp=3")
+    assert costs.calculate({"preset": "nope"})["error"].startswith("unknown preset")
+
+
+def test_format_bytes_rounds_into_the_next_unit():
+    assert costs.format_bytes(999.7e6) == "1 GB"
+    assert costs.format_bytes(1.234e9) == "1.23 GB" and costs.format_bytes(12) == "12 B"
