@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lmkit import costs
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, from_dict
 
 __all__ = ["main", "load_toml", "resolve_configs"]
@@ -118,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (1 prompt)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+
+    est = sub.add_parser("estimate", help="rank the parallel layouts of a model on a cluster (lmkit.costs)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="Memory per device, communication, bubble and an estimated step time "
+                                     "for every dp x tp x pp layout that fits; the model of chapter 5.")
+    est.add_argument("--preset", choices=sorted(costs.PRESETS), default=None,
+                     help="a model of lmkit.costs.PRESETS (or give --n-layer ... --seq-len)")
+    for flag in ("n-layer", "d-model", "n-head", "vocab-size", "seq-len"):
+        est.add_argument(f"--{flag}", type=int, default=None, help="the model's shape, without --preset")
+    est.add_argument("--devices", type=int, required=True, help="number of devices (GPUs)")
+    est.add_argument("--device", choices=sorted(costs.DEVICES), default="h100",
+                     help="device preset: memory, peak FLOP/s, link bandwidths")
+    est.add_argument("--device-memory-gb", type=float, default=None, help="override the device's memory")
+    est.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense peak")
+    est.add_argument("--devices-per-node", type=int, default=8)
+    est.add_argument("--intra-node-gbps", type=float, default=None, help="GB/s per device inside a node")
+    est.add_argument("--inter-node-gbps", type=float, default=None, help="GB/s per device between nodes")
+    est.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
+    est.add_argument("--precision", choices=costs.PRECISIONS, default="mixed")
+    est.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the compute reaches")
+    est.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3], help="ZeRO stages to consider")
+    est.add_argument("--tp", type=int, default=None, help="only layouts with this tensor-parallel size")
+    est.add_argument("--pp", type=int, default=None, help="only layouts with this pipeline-parallel size")
+    est.add_argument("--top", type=int, default=10, help="rows to print")
+    est.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
 
 
@@ -268,7 +294,71 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+def _estimate_inputs(args: argparse.Namespace) -> tuple[costs.Model, costs.Cluster]:
+    shape = {k: getattr(args, k) for k in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len")}
+    given = [k for k, v in shape.items() if v is not None]
+    if args.preset and given:
+        raise UsageError(f"lmkit estimate: give --preset or the model's shape, not both (got --preset and "
+                         f"{', '.join('--' + k.replace('_', '-') for k in given)})")
+    if args.preset:
+        model = costs.PRESETS[args.preset]
+    elif len(given) == len(shape):
+        model = costs.Model(**shape, name="custom").validate()
+    else:
+        missing = [k for k in shape if shape[k] is None]
+        raise UsageError("lmkit estimate: give --preset, or all of --n-layer --d-model --n-head --vocab-size "
+                         f"--seq-len (missing {', '.join('--' + k.replace('_', '-') for k in missing)})")
+    memory_gb, peak, intra, inter = costs.DEVICES[args.device]
+    cluster = costs.Cluster(
+        args.devices, args.device_memory_gb or memory_gb, (args.peak_tflops or peak / 1e12) * 1e12,
+        args.devices_per_node, args.intra_node_gbps or intra, args.inter_node_gbps or inter,
+        name=args.device).validate()
+    if not 0 < args.efficiency <= 1:
+        raise UsageError(f"lmkit estimate: --efficiency must be in (0, 1], got {args.efficiency}")
+    if any(z not in (0, 1, 2, 3) for z in args.zero):
+        raise UsageError(f"lmkit estimate: --zero takes stages among 0 1 2 3, got {args.zero}")
+    return model, cluster
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """Rank the layouts that fit (`lmkit.costs.search`) and print them as a table (chapter 5)."""
+    model, cluster = _estimate_inputs(args)
+    found = costs.search(model, args.global_batch, cluster, args.precision, args.efficiency,
+                         zero_stages=tuple(sorted(set(args.zero))))
+    found = [c for c in found if (args.tp is None or c.layout.tp == args.tp)
+             and (args.pp is None or c.layout.pp == args.pp)]
+    if not found:
+        raise costs.CostError(f"no layout with tp={args.tp} and pp={args.pp} fits; drop --tp/--pp to see "
+                              "the layouts that do")
+    flops = costs.flops_per_token(model)
+    rows = []
+    for c in found[:args.top]:
+        rows.append({"layout": c.layout.name, "gb_per_device": c.memory.total / costs.GB,
+                     "states_gb": c.memory.model_states / costs.GB,
+                     "activations_gb": c.memory.activations / costs.GB,
+                     "step_s": c.step_s, "compute_s": c.compute_s, "bubble_s": c.bubble_s,
+                     "comm_s": c.tp_s + c.pp_s + c.dp_exposed_s, "tokens_per_s": c.tokens_per_s,
+                     "mfu": costs.mfu(c.tokens_per_s, flops, cluster.devices, cluster.peak_flops)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{model.name or 'model'}: {costs.num_params(model) / 1e9:.2f}B parameters, {cluster.devices} x "
+          f"{cluster.name} ({cluster.device_memory_gb:g} GB, {cluster.peak_flops / 1e12:g} TFLOP/s), "
+          f"global batch {args.global_batch} x {model.seq_len} tokens, {args.precision} precision, "
+          f"compute at {args.efficiency:.0%} of peak; {len(found):,} layouts fit, the {len(rows)} fastest:")
+    header = ["layout", "GB/device", "states", "activ.", "step s", "compute", "bubble", "comm", "tokens/s",
+              "MFU"]
+    table = [[r["layout"], f"{r['gb_per_device']:.1f}", f"{r['states_gb']:.1f}", f"{r['activations_gb']:.1f}",
+              f"{r['step_s']:.2f}", f"{r['compute_s']:.2f}", f"{r['bubble_s']:.2f}", f"{r['comm_s']:.2f}",
+              f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=True)]
+    for line in [header, ["-" * w for w in widths], *table]:
+        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
+                        for i, (x, w) in enumerate(zip(line, widths, strict=True))))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "estimate": cmd_estimate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, costs.CostError) as e:
         print(f"lmkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

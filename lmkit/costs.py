@@ -721,7 +721,8 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
                             "divide")
         need, layout = best_miss
         raise CostError(
-            f"{model.name or 'the model'} fits on no layout of {cluster.devices} devices of "
+            f"{model.name or 'the model'} fits on no layout of {cluster.devices} "
+            f"device{'s' if cluster.devices > 1 else ''} of "
             f"{cluster.device_memory_gb:g} GB: the leanest ({layout.name}) needs {need / GB:.1f} GB per "
             f"device, {need / GB - cluster.device_memory_gb:.1f} GB too many; add devices or memory")
     fits.sort(key=lambda c: (round(c.step_s, 9), c.memory.total))  # equal times: the leaner first

@@ -6,12 +6,14 @@ Against the engines (bytes of model states and of every collective, measured): s
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from lmkit import costs
+from lmkit.cli import main
 from lmkit.config import ModelConfig
 from lmkit.model import GPT
 from lmkit.parallel.pipeline import peak_in_flight, schedule_actions
@@ -155,7 +157,7 @@ def test_search_ranks_layouts_that_fit():
 
 def test_search_says_by_how_much_a_model_misses():
     l4 = costs.Cluster(1, 24, 121e12)
-    with pytest.raises(costs.CostError, match=r"fits on no layout of 1 devices of 24 GB: .* GB too many"):
+    with pytest.raises(costs.CostError, match=r"fits on no layout of 1 device of 24 GB: .* GB too many"):
         costs.search(costs.PRESETS["70b"], 8, l4)
 
 
@@ -175,3 +177,29 @@ def test_calculate_is_memory_and_communication_in_json():
 def test_format_bytes_rounds_into_the_next_unit():
     assert costs.format_bytes(999.7e6) == "1 GB"
     assert costs.format_bytes(1.234e9) == "1.23 GB" and costs.format_bytes(12) == "12 B"
+
+
+def test_estimate_prints_the_ranked_table(capsys):
+    assert main(["estimate", "--preset", "gpt3-175b", "--devices", "1024", "--device", "h100",
+                 "--global-batch", "1536", "--zero", "0", "1", "--top", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("GPT-3 175B: 174.60B parameters, 1024 x h100") and "layouts fit" in lines[0]
+    assert lines[1].split()[:3] == ["layout", "GB/device", "states"] and len(lines) == 3 + 3
+    assert main(["estimate", "--n-layer", "4", "--d-model", "64", "--n-head", "4", "--vocab-size", "66",
+                 "--seq-len", "32", "--devices", "2", "--global-batch", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["gb_per_device"] <= 80 for r in rows)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--preset", "70b", "--devices", "1", "--device", "l4", "--global-batch", "8"],
+     "lmkit: error: 70B (LLaMA-70B shape) fits on no layout of 1 device of 24 GB"),
+    (["--preset", "7b", "--n-layer", "3", "--devices", "8", "--global-batch", "8"],
+     "give --preset or the model's shape, not both"),
+    (["--n-layer", "3", "--devices", "8", "--global-batch", "8"], "missing --d-model"),
+    (["--preset", "7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
+])
+def test_estimate_rejects_impossible_requests_in_one_line(argv, message, capsys):
+    assert main(["estimate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
