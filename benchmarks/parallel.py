@@ -21,119 +21,63 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-from lmkit.experiments import measure_layouts
+from lmkit.experiments import group_label, measure_layouts
 from lmkit.parallel.instrument import bubble_formula, idle_fractions, mfu, peak_flops
 from lmkit.train import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass
-class Row:
-    """One term of a formula: the collectives of `kind` whose per-call size passes `match`."""
+def bytes_table(result: dict, model: costs.Model, batch: int, ranks: list[int]) -> list[list[str]]:
+    """Measured bytes per (group, collective) of the given ranks next to `lmkit.costs.communication`.
 
-    what: str
-    kind: str
-    match: Callable[[int], bool]
-    formula: str
-    bytes: int
-    calls: int | None = None
-    textbook: int | None = None  # the simple textbook number, where it differs from the exact one
-
-
-def _any(_n: int) -> bool:
-    return True
-
-
-def _eq(value: int) -> Callable[[int], bool]:
-    return lambda n: n == value
-
-
-def formula_rows(layout, rank: int, dims: dict) -> list[Row]:
-    """The collectives one rank issues in one step, term by term (fp32: 4 bytes per element)."""
-    L, h, s, V, b = dims["n_layer"], dims["d_model"], dims["block_size"], dims["vocab"], dims["batch"]
-    P, Ppad = dims["params"], dims["params_padded"]
-    rows: list[Row] = []
-    if layout.pp == 1 and layout.tp == 1 and layout.dp > 1:
-        if layout.zero == 2:
-            rows.append(Row("gradients reduced to their owner (a reduce-scatter)", "reduce", _any,
-                            "4 P", 4 * P, textbook=4 * P))
-            rows.append(Row("gradient norm^2 over dp (fp32)", "all_reduce", _eq(4), "4", 4, 1))
-        else:
-            rows.append(Row("gradient all-reduce (buckets)", "all_reduce", lambda n: n > 8, "4 P", 4 * P,
-                            textbook=4 * P))
-        if layout.zero:
-            rows.append(Row("updated parameters all-gathered", "all_gather", _any, "4 P (padded to dp)",
-                            4 * Ppad, 2))
-        rows.append(Row("loss mean over dp (fp64)", "all_reduce", _eq(8), "8", 8, 1))
-    elif layout.tp > 1 and layout.pp == 1 and layout.dp == 1:
-        A = 4 * b * s * h
-        if layout.sequence_parallel:
-            for kind in ("all_gather", "reduce_scatter"):
-                rows.append(Row(f"activations: {kind} (2 per block fwd + 2 bwd, embedding, head)", kind,
-                                _eq(A), "(4L+2) 4bsh", (4 * L + 2) * A, 4 * L + 2, textbook=4 * L * A))
-            rows.append(Row("SP-replicated grads (LayerNorms, pos-emb, row biases)", "all_reduce",
-                            _eq(4 * dims["sp_grads"]), "4 (6Lh + 2h + sh)", 4 * dims["sp_grads"], 1))
-        else:
-            rows.append(Row("activations: 2 per block fwd + 2 bwd, embedding fwd, head bwd", "all_reduce",
-                            _eq(A), "(4L+2) 4bsh", (4 * L + 2) * A, 4 * L + 2, textbook=4 * L * A))
-        rows.append(Row("vocab-parallel CE: max", "all_reduce", _eq(4 * b * s), "4 bs", 4 * b * s, 1))
-        rows.append(Row("vocab-parallel CE: exp-sum, target logit", "all_reduce", _eq(8 * b * s), "8 bs",
-                        8 * b * s, 1))
-        rows.append(Row("gradient norm^2 over tp (fp64)", "all_reduce", _eq(8), "8", 8, 1))
-    elif layout.pp > 1 and layout.tp == 1 and layout.dp == 1:
-        p, m = layout.pp, layout.microbatches
-        act = 4 * (b // m) * s * h
-        ends = int(rank == 0) + int(rank == p - 1)
-        n = 2 * m - ends * m  # rank 0 sends activations, the last rank gradients, the others both
-        what = {0: "activations", p - 1: "gradients"}.get(rank, "activations and gradients")
-        rows.append(Row(f"send: {what}, 1 per microbatch per boundary", "send", _any,
-                        f"{n // m} m 4(b/m)sh", n * act, n))
-        rows.append(Row("recv (the mirror image)", "recv", _any, f"{n // m} m 4(b/m)sh", n * act, n))
-        if ends:
-            rows.append(Row("tied embedding grads, first + last stage", "all_reduce", _eq(4 * V * h), "4 Vh",
-                            4 * V * h, 1))
-        rows.append(Row("gradient norm^2 over pp (fp64)", "all_reduce", _eq(8), "8", 8, 1))
-        rows.append(Row("loss broadcast from the last stage (fp64)", "broadcast", _eq(8), "8", 8, 1))
-    return rows
-
-
-def bytes_table(result: dict, dims: dict, ranks: list[int]) -> list[list[str]]:
-    """Measured vs formula for the given ranks; unmatched collectives show up as 'other'."""
-    layout = ParallelConfig(**result["layout"])
+    Collectives that no term of the cost model covers show up as 'other' rows (UNEXPLAINED).
+    """
+    pc = ParallelConfig(**result["layout"])
+    layout = costs.Layout.from_parallel_config(pc)
     out = []
     for rank in ranks:
-        records = [dict(r, used=False) for r in result["ranks"][rank]["records"] if r["kind"] != "barrier"]
-        rows = formula_rows(layout, rank, dims)
-        for row in rows:
-            hit = [r for r in records if not r["used"] and r["kind"] == row.kind and row.match(r["bytes"])]
-            for r in hit:
-                r["used"] = True
-            got, wire = sum(r["bytes"] for r in hit), sum(r["wire_bytes"] for r in hit)
-            same = got == row.bytes and (row.calls is None or len(hit) == row.calls)
-            exact = "exact" if same else "DIFFERS"
+        info = result["ranks"][rank]
+        got: dict[tuple[str, str], list[float]] = {}
+        for r in info["records"]:
+            if r["kind"] == "barrier":
+                continue
+            kind = "reduce_scatter" if r["kind"] == "reduce" else r["kind"]  # lmkit's ZeRO-2 reduces
+            group = "pp" if kind in ("send", "recv") else group_label(r["ranks"], pc)
+            entry = got.setdefault((group, kind), [0, 0, 0.0])
+            entry[0] += 1
+            entry[1] += r["bytes"]
+            entry[2] += r["wire_bytes"]
+        predicted: dict[tuple[str, str], list] = {}
+        for t in costs.communication(model, layout, batch, "fp32", info["coords"]["pp"]):
+            group = "pp" if t.group == "embedding" and pc.pp == 2 else t.group
+            entry = predicted.setdefault((group, t.kind), [0.0, []])
+            entry[0] += t.bytes
+            entry[1].append(t.what)
+        for key in sorted(set(got) | set(predicted)):
+            calls, measured, wire = got.get(key, [0, 0, 0.0])
+            formula, what = predicted.get(key, [None, ["other (not in the cost model)"]])
+            check = "UNEXPLAINED" if formula is None else ("exact" if measured == formula else "DIFFERS")
             textbook = ""
-            if row.textbook is not None:
-                textbook = f"{row.textbook:,} ({got / row.textbook:.3f}x)"
-            out.append([result["name"], str(rank), row.kind, row.what, str(len(hit)), f"{got:,}",
-                        f"{row.formula} = {row.bytes:,}", exact, textbook, f"{wire:,.0f}"])
-        for kind in sorted({r["kind"] for r in records if not r["used"]}):
-            left = [r for r in records if not r["used"] and r["kind"] == kind]
-            out.append([result["name"], str(rank), kind, "other (not in the formula)", str(len(left)),
-                        f"{sum(r['bytes'] for r in left):,}", "-", "UNEXPLAINED", "",
-                        f"{sum(r['wire_bytes'] for r in left):,.0f}"])
+            if key[0] == "tp" and key[1] in ("all_reduce", "all_gather", "reduce_scatter") and formula:
+                # Megatron's 4L activations per step (2 forward + 2 backward per layer)
+                four_l = 4 * model.n_layer * 4 * batch * model.seq_len * model.d_model
+                act = (4 * model.n_layer + 2) * 4 * batch * model.seq_len * model.d_model
+                if measured >= act:
+                    textbook = f"{four_l:,} ({act / four_l:.3f}x for the activations)"
+            out.append([result["name"], str(rank), key[0], key[1], "; ".join(what), str(calls),
+                        f"{measured:,}", "-" if formula is None else f"{formula:,.0f}", check, textbook,
+                        f"{wire:,.0f}"])
     return out
 
 
@@ -146,21 +90,6 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     text = "\n".join(lines)
     print(text + "\n", flush=True)
     return text
-
-
-def model_dims(model, batch: int) -> dict:
-    """Sizes the formulas need, read off the full single-process model."""
-    cfg = model.config
-    params = list(model.parameters())  # the tied head counted once
-    decay = sum(p.numel() for p in params if p.dim() >= 2)
-    no_decay = sum(p.numel() for p in params if p.dim() < 2)
-    pad = sum(math.ceil(n / 2) * 2 for n in (decay, no_decay))  # ZeRO shards each group over dp=2
-    sp = sum(p.numel() for n, p in model.named_parameters()
-             if ".ln1." in n or ".ln2." in n or n.startswith("ln_f.") or n == "pos_emb.weight"
-             or n.endswith("attn.proj.bias") or n.endswith("mlp.proj.bias"))
-    return {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "block_size": cfg.block_size,
-            "vocab": cfg.vocab_size, "batch": batch, "params": decay + no_decay, "params_padded": pad,
-            "sp_grads": sp}
 
 
 def native_available() -> tuple[bool, str]:
@@ -201,7 +130,9 @@ def main() -> None:
                             warmup_steps=10, eval_interval=0, seed=1337, device=args.device,
                             out_dir=str(Path(tmp) / "run"))
     run = prepare_run(model_cfg, train_cfg, cache_dir=Path(tmp) / "cache")  # also fills the token cache
-    dims = model_dims(run.model, train_cfg.batch_size)
+    model = costs.Model.from_config(run.model_config)
+    dims = {"params": costs.num_params(model), "n_layer": model.n_layer, "d_model": model.d_model,
+            "block_size": model.seq_len, "vocab": model.vocab_size, "batch": train_cfg.batch_size}
     print(f"GPT: {dims['params']:,} parameters (P), L={dims['n_layer']}, h={dims['d_model']}, "
           f"s={dims['block_size']}, V={dims['vocab']}, global batch b={dims['batch']}, fp32; "
           f"torch {torch.__version__}, {os.cpu_count()} CPU cores\n", flush=True)
@@ -230,10 +161,10 @@ def main() -> None:
     for name in bytes_names:
         world = len(ok[name]["ranks"])
         ranks = [0] if ok[name]["layout"]["pp"] == 1 else list(range(world))
-        rows += bytes_table(ok[name], dims, ranks)
-    header = ["layout", "rank", "collective", "what", "calls", "measured bytes", "formula (bytes)", "check",
-              "textbook (measured/textbook)", "wire bytes sent"]
-    print_table("Bytes per collective in one step (payload B as in nccl-tests; wire = ring formulas)",
+        rows += bytes_table(ok[name], model, train_cfg.batch_size, ranks)
+    header = ["layout", "rank", "group", "collective", "what (lmkit.costs terms)", "calls", "measured bytes",
+              "lmkit.costs (bytes)", "check", "Megatron's 4L (measured/4L)", "wire bytes sent"]
+    print_table("Bytes per collective in one step vs lmkit.costs (payload B as in nccl-tests; wire = ring)",
                 header, rows)
 
     # ---------------------------------------------------------------- idle fraction vs formula
