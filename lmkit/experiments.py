@@ -336,11 +336,12 @@ def chapter6_layouts(smoke: bool = False) -> list[ParallelConfig | None]:
     return [None, *lmkit_layouts, *native]
 
 
-def chapter6_checkpoint_plan(world: int | None) -> tuple[ParallelConfig, ParallelConfig]:
+def chapter6_checkpoint_plan(world: int | None, smoke: bool = False) -> tuple[ParallelConfig, ParallelConfig]:
     """(save under, resume under) for a checkpoint moved between layouts; then 1 process resumes.
 
-    ``None`` (forked gloo processes): dp2 x tp2 ZeRO-1 saves, pp2 resumes. Under torchrun both
-    use the launched world: 2 ranks dp2 ZeRO-1 -> pp2; 8 ranks dp2 x tp2 x pp2 ZeRO-1 -> dp4 x tp2.
+    ``None`` (forked gloo processes): dp2 x tp2 ZeRO-1 saves, pp2 resumes (with `smoke`, dp2
+    ZeRO-1 saves: two processes start faster than four). Under torchrun both use the launched
+    world: 2 ranks dp2 ZeRO-1 -> pp2; 8 ranks dp2 x tp2 x pp2 ZeRO-1 -> dp4 x tp2.
     """
     P = ParallelConfig
     plans = {None: (P(dp=2, tp=2, zero=1), P(pp=2, schedule="1f1b", microbatches=2)),
@@ -348,7 +349,7 @@ def chapter6_checkpoint_plan(world: int | None) -> tuple[ParallelConfig, Paralle
              8: (P(dp=2, tp=2, pp=2, zero=1, sequence_parallel=True, microbatches=2), P(dp=4, tp=2, zero=1))}
     if world not in plans:
         raise ValueError(f"no checkpoint plan for a world of {world} processes")
-    return plans[world]
+    return plans[2 if world is None and smoke else world]
 
 
 def label(layout: ParallelConfig | None) -> str:
@@ -483,7 +484,7 @@ def run_chapter6(out: str | Path, smoke: bool = False, steps: int | None = None,
         reference = _run_here(model, train, [None], pairs, warmup, cache) if rank == 0 else [{}]
         _barrier()
         measured, here = reference + measured, [None, *here]
-    checkpoint = _chapter6_checkpoint(model, train, steps, world, out, timeout)
+    checkpoint = _chapter6_checkpoint(model, train, steps, world, out, timeout, smoke)
     if not talk:
         return {}
     entries = [_measured_entry(r, p) for r, p in zip(measured, here, strict=True)]
@@ -527,11 +528,11 @@ def run_chapter6(out: str | Path, smoke: bool = False, steps: int | None = None,
 
 
 def _chapter6_checkpoint(model: dict, train: dict, steps: int, world: int | None, out: Path,
-                         timeout: float) -> dict[str, Any] | None:
+                         timeout: float, smoke: bool = False) -> dict[str, Any] | None:
     """Train half the steps under one layout and save; resume under another, and on 1 process."""
     if world == 1:
         return None
-    first, second = chapter6_checkpoint_plan(world)
+    first, second = chapter6_checkpoint_plan(world, smoke)
     half = steps // 2
     mc, tc = ModelConfig(**model), TrainConfig(**train)
     cache = str(out / "cache")
