@@ -481,6 +481,7 @@ class CommTerm:
     bytes: float  # payload as nccl-tests defines it, summed over the calls
     group_size: int
     bookkeeping: bool = False  # a scalar for logging or the global gradient norm, not training data
+    hidden_by: str = ""  # compute it can overlap: "backward" (the last microbatch's), "compute", or none
 
     @property
     def wire_bytes(self) -> float:
@@ -513,14 +514,16 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     if dp > 1:
         if layout.zero == 3:  # FSDP2 gathers again for every microbatch (it reshards after forward)
             terms.append(CommTerm("dp", "all_gather", "parameters gathered for forward and again for "
-                                  "backward, every microbatch", None, 2 * m * e * numel, dp))
+                                  "backward, every microbatch", None, 2 * m * e * numel, dp,
+                                  hidden_by="compute"))  # prefetched while the previous layer computes
             terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
-                                  e * numel, dp))
+                                  e * numel, dp, hidden_by="backward"))
         elif layout.zero == 2:
             terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their owner", None,
-                                  e * numel, dp))
+                                  e * numel, dp, hidden_by="backward"))
         else:
-            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce (buckets)", None, e * numel, dp))
+            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce (buckets)", None, e * numel, dp,
+                                  hidden_by="backward"))
         if layout.zero in (1, 2):
             terms.append(CommTerm("dp", "all_gather", "updated parameter shards all-gathered", None,
                                   e * padded, dp))
@@ -639,8 +642,10 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
 
     Compute: training FLOPs (plus one forward under full recomputation, the attention scores under
     selective) over ``devices x peak x efficiency``; bubble: ``compute x bubble / (1 - bubble)``;
-    tensor- and pipeline-parallel traffic is on the critical path; the data-parallel reduction
-    overlaps the last microbatch's backward and only the rest is exposed. Ranks are ordered tp
+    tensor- and pipeline-parallel traffic is on the critical path; the data-parallel gradient
+    reduction overlaps the last microbatch's backward (2/3 of its compute) and ZeRO-3's parameter
+    gathers the whole step's compute, only the rest is exposed; ZeRO-1/2's all-gather of the updated
+    parameters follows the optimizer step and is exposed (as in lmkit's engine). Ranks are ordered tp
     fastest, then dp, then pp: a group is on NVLink when it spans at most one node.
     """
     mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention)
@@ -654,6 +659,7 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages) if layout.pp > 1 else 0.0
     bubble_s = compute * bubble / (1 - bubble)
     tp_s = pp_s = dp_s = 0.0
+    hidden = {"backward": [0.0, compute * 2 / 3 / layout.microbatches], "compute": [0.0, compute]}
     # The busiest rank sets the pace: an end stage (embedding, head) or an inner one (both directions).
     loads = {r: communication(model, layout, global_batch, precision, r) for r in {0, min(1, layout.pp - 1),
                                                                                    layout.pp - 1}}
@@ -664,9 +670,13 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
         elif term.group in ("pp", "embedding"):
             pp_s += term.wire_bytes / _bandwidth(cluster, layout.world_size)
         else:
-            dp_s += term.wire_bytes / _bandwidth(cluster, layout.tp * layout.dp)
-    overlap = compute * 2 / 3 / layout.microbatches
-    return Candidate(layout, mem, compute, bubble_s, tp_s, pp_s, max(0.0, dp_s - overlap), tokens)
+            seconds = term.wire_bytes / _bandwidth(cluster, layout.tp * layout.dp)
+            if term.hidden_by:
+                hidden[term.hidden_by][0] += seconds
+            else:
+                dp_s += seconds
+    dp_s += sum(max(0.0, busy - window) for busy, window in hidden.values())
+    return Candidate(layout, mem, compute, bubble_s, tp_s, pp_s, dp_s, tokens)
 
 
 def _divisors(n: int) -> list[int]:
