@@ -203,7 +203,7 @@ class ParallelEngine:
         """The global-batch mean of a per-rank mean (every dp rank has equally many tokens)."""
         if self.pcfg.dp == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.topo.device)  # NCCL: device tensors only
         dist.all_reduce(t, group=self.topo.dp_group)
         return float(t) / self.pcfg.dp
 

@@ -17,14 +17,17 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 # The formulas live in the cost model (pure Python, also in the browser); re-exported for the instruments.
 from lmkit.costs import bubble_fraction as bubble_formula
@@ -33,6 +36,7 @@ from lmkit.costs import wire_bytes
 __all__ = [
     "COLLECTIVE_KINDS",
     "CommCounter",
+    "DeviceAudit",
     "wire_bytes",
     "Timeline",
     "attach_timeline",
@@ -92,27 +96,29 @@ def _nbytes(value: Any) -> int:
 
 
 class _Registry:
-    """The process-wide ``BackendSelect`` kernels and the counters they report to."""
+    """The process-wide ``BackendSelect`` kernels and the counters and audits they report to."""
 
     lock = threading.Lock()
     library: Any = None
     active: list[CommCounter] = []
+    audits: list[DeviceAudit] = []
     groups: dict[str, tuple[int, tuple[int, ...]]] = {}  # group name -> (size, global ranks)
 
     @classmethod
-    def add(cls, counter: CommCounter) -> None:
+    def add(cls, listener: CommCounter | DeviceAudit) -> None:
         with cls.lock:
             if cls.library is None:
                 cls.groups.clear()  # process groups may have been destroyed and re-created since
                 cls.library = _register_kernels()
-            cls.active.append(counter)
+            (cls.audits if isinstance(listener, DeviceAudit) else cls.active).append(listener)
 
     @classmethod
-    def remove(cls, counter: CommCounter) -> None:
+    def remove(cls, listener: CommCounter | DeviceAudit) -> None:
         with cls.lock:
-            if counter in cls.active:
-                cls.active.remove(counter)
-            if not cls.active and cls.library is not None:
+            for listeners in (cls.active, cls.audits):
+                if listener in listeners:
+                    listeners.remove(listener)
+            if not cls.active and not cls.audits and cls.library is not None:
                 cls.library._destroy()
                 cls.library = None
 
@@ -147,6 +153,8 @@ def _register_kernels():
         def kernel(*args, _op=op, _spec=spec, _pg=pg_index, **kwargs):
             first = next(_tensors(args), None)
             keys = (torch._C._dispatch_keys(first) & after) if first is not None else cpu
+            for audit in list(_Registry.audits):
+                audit._inspect(_spec[0], args)
             counters = list(_Registry.active)
             if not counters:
                 return _op.redispatch(keys, *args, **kwargs)
@@ -238,6 +246,119 @@ class CommCounter:
             agg["bytes"] += nbytes
             agg["wire_bytes"] += wire
         return out
+
+
+# --------------------------------------------------------------------------- device audit
+
+_LMKIT_DIR = str(Path(__file__).resolve().parents[1])
+_THIS_FILE = str(Path(__file__).resolve())
+# Factories that place their result on the default device (the CPU) unless given ``device=``.
+_FACTORIES = frozenset(getattr(torch, n) for n in (
+    "tensor", "as_tensor", "from_numpy", "zeros", "ones", "empty", "full", "arange", "linspace", "rand",
+    "randn", "randint", "eye", "scalar_tensor"))
+_MOVES = frozenset((Tensor.to, Tensor.cuda, Tensor.cpu))
+
+
+def _caller_file() -> str:
+    """File of the code that called the torch function being handled (skipping this module)."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == _THIS_FILE:
+        frame = frame.f_back
+    return frame.f_code.co_filename if frame is not None else ""
+
+
+class DeviceAudit(TorchFunctionMode):
+    """Checks that every tensor handed to a ``c10d`` collective lives on the engine's device.
+
+    NCCL rejects a CPU tensor; gloo takes any, so on a CPU the mistake is invisible. The audit
+    makes it visible without a GPU, in two ways (the book, chapter 6, section 6.9 "On GPUs"):
+
+    * ``records``: every tensor argument of every collective, with its device; `violations` lists
+      those whose device is not ``device`` (the group's device: the engine's);
+    * *placement*: while active it is a ``TorchFunctionMode`` that marks every tensor which lmkit's
+      own code creates with a factory (``torch.tensor``, ``torch.zeros``, ...) **without**
+      ``device=`` (``code``: the files or folders whose code is audited; lmkit's by default),
+      and every tensor computed from marked tensors only; ``.to(device)`` clears the
+      mark. Such a tensor sits on the CPU on a GPU run too, so handing it to a collective is a
+      violation even when the run is on a CPU. ``torch``'s own tensors (e.g. AdamW's CPU step
+      counters, object collectives' byte buffers) are not marked: torch places those itself.
+
+    Example (every rank)::
+
+        with DeviceAudit(topo.device) as audit:
+            trainer.train_step()
+        assert not audit.violations, audit.violations
+    """
+
+    def __init__(self, device: torch.device | str, code: Sequence[str] = (_LMKIT_DIR,)) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.code = tuple(str(c) for c in code)
+        self.records: list[dict[str, Any]] = []
+        self._marked: dict[int, weakref.ref] = {}  # id -> tensor created on the default device
+
+    # -- placement marks
+    def _mark(self, value: Any) -> None:
+        for t in _tensors(value):
+            self._marked[id(t)] = weakref.ref(t)
+
+    def _unmark(self, value: Any) -> None:
+        for t in _tensors(value):
+            self._marked.pop(id(t), None)
+
+    def is_marked(self, t: Tensor) -> bool:
+        """Whether `t` (or the tensor it is a view of) was created without a device by lmkit."""
+        with torch._C.DisableTorchFunction():
+            base = t._base
+        for candidate in (t, base):
+            if candidate is None:
+                continue
+            ref = self._marked.get(id(candidate))
+            if ref is not None and ref() is candidate:
+                return True
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _FACTORIES:
+            if kwargs.get("device") is None and _caller_file().startswith(self.code):
+                self._mark(out)
+        elif func in _MOVES:
+            explicit = func is not Tensor.to or "device" in kwargs or any(
+                isinstance(a, (str, torch.device, Tensor)) for a in args[1:])
+            source_marked = isinstance(args[0], Tensor) and self.is_marked(args[0])
+            if explicit:
+                self._unmark(out)
+            elif source_marked:
+                self._mark(out)
+        else:
+            inputs = list(_tensors(list(args) + list(kwargs.values())))
+            if inputs and all(self.is_marked(t) for t in inputs):
+                self._mark(out)  # computed from default-device tensors only: on the CPU as well
+        return out
+
+    # -- collectives
+    def _inspect(self, kind: str, args: tuple) -> None:
+        for t in _tensors(args):  # (called by the c10d kernel, outside the mode's handler)
+            self.records.append({"kind": kind, "device": str(t.device), "shape": tuple(t.shape),
+                                 "placed_by_default": self.is_marked(t)})
+
+    @property
+    def violations(self) -> list[dict[str, Any]]:
+        """Records of tensors not on ``device``, or created by lmkit without a device."""
+        return [r for r in self.records if torch.device(r["device"]) != self.device or r["placed_by_default"]]
+
+    def __enter__(self) -> DeviceAudit:
+        import torch.distributed as dist
+
+        if dist.is_available():
+            _Registry.add(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        _Registry.remove(self)
 
 
 # --------------------------------------------------------------------------- timelines

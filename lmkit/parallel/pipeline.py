@@ -364,9 +364,9 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
         received.update(p2p.exchange(sends, produced, recvs))
         del produced
 
-    mean = torch.stack(losses).mean().double() if losses else torch.zeros((), dtype=torch.float64)
+    mean = (torch.stack(losses).mean().double() if losses
+            else torch.zeros((), dtype=torch.float64, device=topo.device))  # NCCL: device tensors only
     if pp > 1:
-        mean = mean.to(topo.device)
         dist.broadcast(mean, src=topo.pp_peer(pp - 1), group=topo.pp_group)
     stats.wall_s = time.perf_counter() - t_step
     return float(mean)
