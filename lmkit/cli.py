@@ -154,6 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train on one process, or on one rank of a torchrun launch (``--dp/--tp/--pp`` > 1)."""
     import os
 
+    from lmkit import checkpoint as ckpt
     from lmkit.parallel.engine import validate_layout
     from lmkit.train import Trainer, prepare_run
 
@@ -176,7 +177,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                       tokenizer=run.tokenizer, parallel=layout, topology=topology)
     run.model = None  # the trainer holds what this rank needs
     talk = trainer.is_logging_rank
-    if args.resume:
+    if args.resume == "auto" and ckpt.find_latest(train_cfg.out_dir) is None:
+        if talk:  # the command that starts a run also restarts it (torchrun --max-restarts, requeues)
+            print(f"no checkpoint in {train_cfg.out_dir} yet: starting from step 0", flush=True)
+    elif args.resume:
         source = train_cfg.out_dir if args.resume == "auto" else args.resume
         info = trainer.resume(source)
         if talk:

@@ -30,7 +30,8 @@ import torch.distributed as dist
 
 from lmkit.config import ConfigError, ParallelConfig
 
-__all__ = ["Topology", "init_topology", "rank_of", "coords_of", "single_process_topology"]
+__all__ = ["Topology", "init_topology", "elastic_attempt_store", "rank_of", "coords_of",
+           "single_process_topology"]
 
 
 def rank_of(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int) -> int:
@@ -94,6 +95,26 @@ def single_process_topology(device: torch.device | None = None) -> Topology:
     return Topology(device=device or torch.device("cpu"))
 
 
+def elastic_attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store seen through a prefix of this restart attempt; else None.
+
+    torchrun (c10d rendezvous, torch 2.13) hosts one TCPStore in its agent for the whole job and
+    hands every attempt of ``--max-restarts`` the same ``MASTER_ADDR:MASTER_PORT``
+    (``TORCHELASTIC_USE_AGENT_STORE=True``). ``init_process_group`` keys the group's addresses
+    by group name only, so a restarted rank can read the address a killed rank published in
+    the previous attempt and gloo's ``connectFullMesh`` fails ("Connection refused"; NCCL gets
+    a stale unique id, pytorch#135712). Keying by ``TORCHELASTIC_RESTART_COUNT`` gives every
+    attempt fresh keys. The count is per agent: on several nodes where only one restarts,
+    launch torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` instead (a new store each time).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"lmkit/attempt_{attempt}/", store)
+
+
 def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 300.0) -> Topology:
     """Initialise ``torch.distributed`` from torchrun's environment and build the groups.
 
@@ -115,7 +136,11 @@ def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 
     if world == 1:
         return single_process_topology(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = elastic_attempt_store(timeout)
+        kwargs: dict = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                                 "world_size": world}
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, **kwargs)
     rank = dist.get_rank()
     pp_rank, dp_rank, tp_rank = coords_of(rank, cfg.dp, cfg.tp)
     topo = Topology(cfg.dp, cfg.tp, cfg.pp, rank, dp_rank, tp_rank, pp_rank, dev)
