@@ -184,13 +184,20 @@ class ParallelEngine:
         self.dp.finish_grad_sync()
         return loss_value
 
-    def clip_and_step(self, max_norm: float) -> float:
-        """Global gradient norm over all ranks, clipping, optimizer step; returns the norm."""
+    def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
+        """Global gradient norm over all ranks, clipping, optimizer step; returns the norm.
+
+        The step is applied only when `finite_loss` and the norm is finite (the same decision on
+        every rank: both are global); otherwise the gradients are dropped and the weights kept.
+        """
         sq = self.dp.grad_sq_sum().detach().to(torch.float64)
         for group, size in ((self.topo.tp_group, self.pcfg.tp), (self.topo.pp_group, self.pcfg.pp)):
             if size > 1:
                 dist.all_reduce(sq, group=group)
         norm = math.sqrt(float(sq))
+        if not (finite_loss and math.isfinite(norm)):  # a non-finite update would poison the weights
+            self.dp.zero_grad()
+            return norm
         if max_norm > 0:
             coef = max_norm / (norm + 1e-6)
             if coef < 1.0:

@@ -71,6 +71,7 @@ from each rank's own generator (the from-scratch engine manages tp RNG streams; 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -436,10 +437,16 @@ class NativeEngine:
             grad = param.grad.to_local() if _is_dtensor(param.grad) else param.grad
             dist.all_reduce(grad, group=self.topo.embedding_group)
 
-    def clip_and_step(self, max_norm: float) -> float:
-        """True global gradient norm (before clipping), clipping as clip_grad_norm_, AdamW step."""
+    def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
+        """True global gradient norm (before clipping), clipping as clip_grad_norm_, AdamW step.
+
+        As the lmkit engine: no step (gradients dropped) unless `finite_loss` and the norm is finite.
+        """
         params = [p for name, p in self.named_params if name != "head.weight" or self.pcfg.pp == 1]
         norm = global_grad_norm(params, self.topo.pp_group if self.pcfg.pp > 1 else None, self.device)
+        if not (finite_loss and math.isfinite(float(norm))):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         if max_norm > 0:  # clip_grads_with_norm_ groups tensors by device only: keep meshes apart
             by_layout: dict[Any, list[Tensor]] = {}
             for _, p in self.named_params:
