@@ -12,13 +12,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmkit import costs
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, from_dict
+from lmkit.config import (
+    CORPUS_NAMES,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    describe,
+    from_dict,
+)
 
 __all__ = ["main", "load_toml", "resolve_configs"]
 
@@ -35,16 +45,44 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
+    """One flag per dataclass field: its description, choices and default come from `lmkit.config`."""
     group = parser.add_argument_group(f"[{section}] options (also settable in the TOML file)")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
+        text, choices = describe(f)
         default = f.default
+        shown = f"{text} (default: {default})"
         if isinstance(default, bool):
             group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None, help=f"(default: {default})")
+                               default=None, help=shown)
+        elif f.name in _TYPES:
+            group.add_argument(flag, dest=f"{section}.{f.name}", type=_TYPES[f.name], default=None,
+                               metavar="{" + ",".join(map(str, choices)) + "}", help=shown)
         else:
             group.add_argument(flag, dest=f"{section}.{f.name}", type=type(default), default=None,
-                               metavar=type(default).__name__.upper(), help=f"(default: {default})")
+                               choices=choices, help=shown,
+                               metavar=None if choices else type(default).__name__.upper())
+
+
+def _corpus(value: str) -> str:
+    """A corpus name, or several joined with '+' (argparse type of ``--corpus``)."""
+    unknown = [part for part in value.split("+") if part.strip() not in CORPUS_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {unknown[0]!r} (choose from {', '.join(map(repr, CORPUS_NAMES))}; join several "
+            "with '+')")
+    return value
+
+
+def _device(value: str) -> str:
+    """auto, cpu, cuda or cuda:N (argparse type of ``--device``)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from 'auto', 'cpu', 'cuda', "
+                                         "'cuda:N')")
+    return value
+
+
+_TYPES = {"corpus": _corpus, "device": _device}  # enumerated, but not a fixed list of strings
 
 
 def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -87,11 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a model (= python -m lmkit train; torchrun -m lmkit train)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--config", type=str, default=None,
-                       help="TOML file with [model], [train] and [parallel] sections")
-    train.add_argument("--resume", type=str, default=None,
-                       help="checkpoint or run directory to resume from ('auto' = the latest in --out-dir)")
+                           description="Train a model on one process, or on every rank of a torchrun launch.")
+    train.add_argument("--config", type=str, default=None, metavar="TOML",
+                       help="file with [model], [train] and [parallel] sections (default: none)")
+    train.add_argument("--resume", type=str, default=None, metavar="{auto,DIR}",
+                       help="checkpoint or run directory to continue; auto = the latest in --out-dir, "
+                            "or a fresh start when it has none (default: none)")
+    train.add_argument("--allow-schedule-change", action="store_true",
+                       help="resume although --max-steps, --lr, --min-lr or --warmup-steps differ from the "
+                            "checkpoint's (the schedule continues from the current step; default: refuse)")
     for section, cls in SECTIONS.items():
         _add_config_flags(train, section, cls)
 
@@ -152,15 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on one process, or on one rank of a torchrun launch (``--dp/--tp/--pp`` > 1)."""
-    import os
-
-    from lmkit import checkpoint as ckpt
     from lmkit.parallel.engine import validate_layout
-    from lmkit.train import Trainer, prepare_run
+    from lmkit.train import prepare_run
 
     model_cfg, train_cfg, parallel_cfg = resolve_configs(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel_cfg.validate(world_size=world)  # before any work: a wrong launch fails on every rank at once
+    check_out_dir(train_cfg.out_dir)  # before the corpus, the model and the first step
     run = prepare_run(model_cfg, train_cfg)
     layout = parallel_cfg if parallel_cfg.world_size > 1 else None
     topology = None
@@ -171,7 +211,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("parallel layouts need model.arch='gpt' (the LSTM baseline is single-process)")
         from lmkit.parallel.mesh import init_topology
 
-        topology = init_topology(parallel_cfg, train_cfg.device)
+        topology = init_topology(parallel_cfg, train_cfg.device, timeout_s=train_cfg.timeout)
+    try:
+        return _train(args, run, train_cfg, parallel_cfg, layout, topology, world)
+    except RuntimeError as e:
+        if topology is None or not _is_peer_failure(e):
+            raise
+        raise PeerError(
+            f"rank {topology.rank}: a collective failed ({_first_line(e)}): another rank died or hung for "
+            f"more than --timeout {train_cfg.timeout:g} s; see that rank's log, then restart with "
+            "--resume auto (torchrun --max-restarts does it)") from e
+
+
+def _train(args: argparse.Namespace, run: Any, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
+           layout: ParallelConfig | None, topology: Any, world: int) -> int:
+    """The part of `cmd_train` after the set-up: build the trainer, resume, fit, save."""
+    from lmkit import checkpoint as ckpt
+    from lmkit.train import Trainer
+
     n_params = sum(p.numel() for p in run.model.parameters())
     trainer = Trainer(run.model, train_cfg, run.train_tokens, run.val_tokens, model_config=run.model_config,
                       tokenizer=run.tokenizer, parallel=layout, topology=topology)
@@ -182,7 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"no checkpoint in {train_cfg.out_dir} yet: starting from step 0", flush=True)
     elif args.resume:
         source = train_cfg.out_dir if args.resume == "auto" else args.resume
-        info = trainer.resume(source)
+        info = trainer.resume(source, allow_schedule_change=args.allow_schedule_change)
         if talk:
             print(f"resumed from {info.directory} at step {info.step}", flush=True)
     if talk:
@@ -205,8 +262,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class PeerError(Exception):
+    """Another rank of a parallel run died or hung: one line, exit status 1."""
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    """A gloo / NCCL error raised because a peer rank vanished or a collective timed out."""
+    import torch.distributed as dist
+
+    if isinstance(error, dist.DistError):
+        return True
+    return re.search(r"gloo|NCCL|[Tt]imed out|Connection (closed|reset|refused)", str(error)) is not None
+
+
+def _first_line(error: BaseException) -> str:
+    line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^\[[^\]]*\] ", "", line)[:160]  # drop gloo's "[/path/to/file.cc:78] "
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse (one line) an out-dir that cannot hold a run, before any work; changes nothing on disk.
+
+    The nearest existing ancestor must be a directory in which this process can create files
+    (probed with a temporary file or directory, removed at once; root ignores permission bits).
+    """
+    import tempfile
+
+    path = Path(out_dir)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"lmkit train: --out-dir {path}: {existing} is a file, not a directory; choose "
+                         "another --out-dir")
+    try:
+        if existing == path:
+            fd, probe = tempfile.mkstemp(prefix=".lmkit-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".lmkit-probe-", dir=existing))
+    except OSError as e:
+        raise UsageError(f"lmkit train: --out-dir {path} is not writable ({e.strerror} in {existing}); "
+                         "choose a directory you can write, or fix its permissions") from e
+
+
 def _print_event(event: dict[str, Any]) -> None:
-    if event["kind"] == "eval":
+    if event["kind"] == "skip":
+        print(f"step {event['step']:>6} | skipped: {event['problem']} ({event['skipped_steps']} skipped so "
+              "far; the weights are unchanged)", flush=True)
+    elif event["kind"] == "eval":
         print(f"step {event['step']:>6} | val loss {event['val_loss']:.4f} | val ppl {event['val_ppl']:.2f}",
               flush=True)
     else:
@@ -262,9 +367,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmkit.generate import generate_text, stream
+    from lmkit.generate import GenerationError, check_options, generate_text, stream
 
+    try:  # the options first: a typo costs no checkpoint load
+        check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except GenerationError as e:
+        raise UsageError(f"lmkit generate: --{str(e).replace('_', '-', 2)}") from None
     model, tokenizer, *_ = _load_for_inference(args.checkpoint, args.device)
+    for prompt in args.prompt:
+        try:
+            tokenizer.encode(prompt)
+        except ValueError as e:
+            raise UsageError(f"lmkit generate: --prompt {prompt!r}: {e}") from None
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed,
                    use_cache=not args.no_cache, stop_token_ids=[tokenizer.eot_id])
@@ -369,6 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lmkit`` command; returns the exit status."""
     from lmkit.checkpoint import CheckpointError
     from lmkit.data import CorpusError
+    from lmkit.generate import GenerationError
+    from lmkit.train import NonFiniteError
 
     try:
         args = build_parser().parse_args(argv)
@@ -376,9 +492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, costs.CostError) as e:
+    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, costs.CostError, NonFiniteError,
+            GenerationError) as e:
         print(f"lmkit: error: {e}", file=sys.stderr)
         return 2
+    except PeerError as e:
+        print(f"lmkit: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lmkit: interrupted", file=sys.stderr)
         return 130

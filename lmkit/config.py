@@ -3,13 +3,15 @@
 Every knob of a run lives in one of three dataclasses so that a run can be described by a
 TOML file, overridden on the command line, stored in a checkpoint and compared across runs.
 Each class validates itself (`validate()`) and raises a `ConfigError` whose message names the
-offending field and the fix, *before* any process starts real work.
+offending field and the fix, *before* any process starts real work. Each field carries its
+one-line description and, where the values are enumerated, its choices (``field(metadata=...)``,
+read with `describe`): the TOML file and ``lmkit train --help`` share them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -19,7 +21,26 @@ __all__ = [
     "ParallelConfig",
     "from_dict",
     "to_dict",
+    "describe",
+    "CORPUS_NAMES",
+    "NONFINITE_POLICIES",
 ]
+
+CORPUS_NAMES = ("kjv", "tang", "tinyshakespeare")  # = lmkit.data.CORPORA (kept here: no torch import)
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field with its one-line description (and choices) for the CLI and the docs."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+def describe(f: dataclasses.Field) -> tuple[str, tuple | None]:
+    """(one-line help, choices or None) of a config field."""
+    return f.metadata.get("help", ""), f.metadata.get("choices")
 
 
 class ConfigError(ValueError):
@@ -35,14 +56,14 @@ class ModelConfig:
     `vocab_size`, `dropout` and ignores the attention fields.
     """
 
-    vocab_size: int = 256
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    arch: str = "gpt"
+    vocab_size: int = _opt(256, "vocabulary size (replaced by the tokenizer's)")
+    block_size: int = _opt(128, "context length in tokens")
+    n_layer: int = _opt(4, "number of Transformer blocks (LSTM layers for arch=lstm)")
+    n_head: int = _opt(4, "attention heads per block (divides d_model; tp divides it)")
+    d_model: int = _opt(128, "width of the residual stream")
+    dropout: float = _opt(0.0, "dropout probability in [0, 1)")
+    bias: bool = _opt(True, "biases in linear layers and LayerNorms")
+    arch: str = _opt("gpt", "network: decoder-only Transformer or the LSTM baseline", ("gpt", "lstm"))
 
     def validate(self) -> ModelConfig:
         if self.arch not in ("gpt", "lstm"):
@@ -69,31 +90,38 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, data and bookkeeping for one training run."""
 
-    corpus: str = "kjv"
-    tokenizer: str = "char"  # "char" or "bpe"
-    bpe_vocab_size: int = 2048
-    batch_size: int = 12  # sequences per optimizer step (global, over all data-parallel ranks)
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    seed: int = 1337
-    dtype: str = "float32"  # "float32", "bfloat16" or "float16" (autocast)
-    activation_checkpointing: bool = False
-    compile: bool = False
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    num_threads: int = 0  # 0 = leave torch's default
-    out_dir: str = "runs/default"
-    checkpoint_interval: int = 0  # 0 = only at the end
-    tensorboard: bool = False
+    corpus: str = _opt("kjv", "training text; join several with '+', e.g. kjv+tang", CORPUS_NAMES)
+    tokenizer: str = _opt("char", "characters of the corpus, or byte-level BPE trained on it",
+                          ("char", "bpe"))
+    bpe_vocab_size: int = _opt(2048, "vocabulary size of the BPE tokenizer")
+    batch_size: int = _opt(12, "sequences per optimizer step (global, over all data-parallel ranks)")
+    grad_accum: int = _opt(1, "micro-steps per optimizer step (divides batch_size)")
+    max_steps: int = _opt(2000, "optimizer steps of the run (the end of the cosine schedule)")
+    lr: float = _opt(1e-3, "peak learning rate (after warmup)")
+    min_lr: float = _opt(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _opt(100, "steps of linear warmup")
+    weight_decay: float = _opt(0.1, "AdamW weight decay of matrices")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.99, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    eval_interval: int = _opt(250, "steps between validation losses (0 = none)")
+    eval_iters: int = _opt(20, "validation batches per evaluation")
+    log_interval: int = _opt(10, "steps between logged training losses")
+    seed: int = _opt(1337, "seed of the weights, the batches and dropout")
+    dtype: str = _opt("float32", "compute precision (autocast; float16 needs CUDA)",
+                      ("float32", "bfloat16", "float16"))
+    activation_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    compile: bool = _opt(False, "torch.compile the model (single process)")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N",
+                       ("auto", "cpu", "cuda", "cuda:N"))
+    num_threads: int = _opt(0, "torch CPU threads (0 = torch's default)")
+    out_dir: str = _opt("runs/default", "run directory: checkpoints, latest, metrics.jsonl")
+    checkpoint_interval: int = _opt(0, "steps between checkpoints (0 = only at the end)")
+    tensorboard: bool = _opt(False, "also write TensorBoard scalars to out_dir/tensorboard")
+    nonfinite: str = _opt("stop", "a non-finite loss or gradient norm: stop, or skip that update",
+                          NONFINITE_POLICIES)
+    max_skips: int = _opt(10, "with nonfinite=skip, stop once more steps than this were skipped in the run")
+    timeout: float = _opt(300.0, "seconds a collective waits for the other ranks before this rank fails")
 
     def validate(self) -> TrainConfig:
         if self.tokenizer not in ("char", "bpe"):
@@ -113,6 +141,12 @@ class TrainConfig:
                 f"train.batch_size={self.batch_size} is not divisible by "
                 f"train.grad_accum={self.grad_accum}; each micro-step needs a whole number of sequences"
             )
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"train.nonfinite={self.nonfinite!r} is unknown; use 'stop' or 'skip'")
+        if not isinstance(self.max_skips, int) or self.max_skips < 0:
+            raise ConfigError(f"train.max_skips must be an integer >= 0, got {self.max_skips!r}")
+        if not self.timeout > 0:
+            raise ConfigError(f"train.timeout must be a positive number of seconds, got {self.timeout!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={self.lr}, "
                               f"min_lr={self.min_lr})")
@@ -126,15 +160,17 @@ class ParallelConfig:
     Rank order is tp fastest, then dp, then pp (see `lmkit.parallel.mesh`).
     """
 
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    zero: int = 0  # 0 = plain data parallel, 1 = shard optimizer state, 2 = also gradients
-    microbatches: int = 1
-    schedule: str = "1f1b"  # "gpipe", "1f1b" or "interleaved"
-    virtual_stages: int = 1
-    sequence_parallel: bool = False
-    engine: str = "lmkit"  # "lmkit" (from scratch) or "native" (FSDP2 / DTensor / pipelining)
+    dp: int = _opt(1, "data-parallel size")
+    tp: int = _opt(1, "tensor-parallel size (divides n_head and the vocabulary)")
+    pp: int = _opt(1, "pipeline-parallel size (stages)")
+    zero: int = _opt(0, "ZeRO stage: 0 off, 1 optimizer state, 2 also gradients, 3 also weights (native)",
+                     (0, 1, 2, 3))
+    microbatches: int = _opt(1, "microbatches per step through the pipeline")
+    schedule: str = _opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved"))
+    virtual_stages: int = _opt(1, "model chunks per pipeline rank (interleaved schedule)")
+    sequence_parallel: bool = _opt(False, "shard LayerNorm and dropout activations over tp (needs tp > 1)")
+    engine: str = _opt("lmkit", "lmkit (from scratch) or native (FSDP2 / DTensor / pipelining)",
+                       ("lmkit", "native"))
 
     @property
     def world_size(self) -> int:

@@ -28,9 +28,11 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "GenerationError",
     "apply_repetition_penalty",
     "apply_top_k",
     "apply_top_p",
+    "check_options",
     "generate",
     "generate_text",
     "sample_next",
@@ -38,6 +40,10 @@ __all__ = [
 ]
 
 Prompts = Sequence[Sequence[int]] | Tensor
+
+
+class GenerationError(ValueError):
+    """A decoding option or prompt that cannot work; the message names it and the allowed values."""
 
 
 class Tokenizer(Protocol):
@@ -60,7 +66,7 @@ def apply_repetition_penalty(
     tensor.
     """
     if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        raise GenerationError(f"repetition_penalty must be > 0, got {penalty}")
     if penalty == 1.0:
         return logits
     if not isinstance(seen, Tensor) or seen.dtype != torch.bool:
@@ -80,7 +86,7 @@ def apply_top_k(logits: Tensor, k: int | None) -> Tensor:
     if k is None or k >= logits.size(-1):
         return logits
     if k < 1:
-        raise ValueError(f"top_k must be >= 1, got {k}")
+        raise GenerationError(f"top_k must be >= 1, got {k}")
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -94,7 +100,7 @@ def apply_top_p(logits: Tensor, p: float | None) -> Tensor:
     if p is None or p >= 1.0:
         return logits
     if p <= 0.0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
+        raise GenerationError(f"top_p must be in (0, 1], got {p}")
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
@@ -126,15 +132,32 @@ def _prompt_rows(prompts: Prompts) -> list[list[int]]:
         if prompts.dim() == 1:
             prompts = prompts[None]
         if prompts.dim() != 2:
-            raise ValueError(f"prompt tensor must be [T] or [B, T], got shape {tuple(prompts.shape)}")
+            raise GenerationError(f"prompt tensor must be [T] or [B, T], got shape {tuple(prompts.shape)}")
         return [[int(t) for t in row] for row in prompts.tolist()]
     rows = [list(map(int, p)) for p in prompts]
     if not rows:
-        raise ValueError("no prompts given")
+        raise GenerationError("no prompts given")
     for i, row in enumerate(rows):
         if not row:
-            raise ValueError(f"prompt {i} is empty: start it with at least one token (e.g. a BOS/newline id)")
+            raise GenerationError(f"prompt {i} is empty: start it with at least one token (e.g. a newline)")
     return rows
+
+
+def check_options(max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, repetition_penalty: float = 1.0) -> None:
+    """Raise `GenerationError` for a decoding option outside its range (before any model work)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}; "
+                              "use 0 or more")
+    if not temperature >= 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}; use 0 (greedy) "
+                              "or a positive value")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"top_k must be >= 1, got {top_k}; use a positive count, or unset for no top-k")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}; use e.g. 0.9, or 1 for no nucleus cut")
+    if not repetition_penalty > 0:
+        raise GenerationError(f"repetition_penalty must be > 0, got {repetition_penalty}; use 1 for none")
 
 
 def stream(
@@ -160,16 +183,7 @@ def stream(
     ``use_cache`` and ``block_size`` interact. The model is put in eval mode while iterating.
     """
     rows = _prompt_rows(prompts)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     return _decode(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                    greedy or temperature == 0, stop_token_ids, seed, use_cache, pad_id)
 

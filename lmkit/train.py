@@ -7,6 +7,12 @@
         clip the global gradient norm;  optimizer.step();  scheduler.step()
         every eval_interval steps: validation loss and perplexity;  maybe save a checkpoint
 
+The numerical guard: a step whose loss or global gradient norm is non-finite is never applied
+(the engines drop its gradients), and then the run stops (``nonfinite="stop"``) or goes on with
+the next batch (``"skip"``, at most ``max_skips`` times in the run); the weights are checked
+before every save, so no checkpoint, and no ``latest``, ever holds a NaN. `NonFiniteError`
+says which step, what was non-finite and which checkpoint is the last good one.
+
 Batches are a pure function of ``(seed, step)`` (`lmkit.data.BatchSampler`), and the RNG
 states are saved in checkpoints, so a resumed run reproduces an uninterrupted one bit for bit.
 
@@ -40,6 +46,8 @@ from lmkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 __all__ = [
     "Trainer",
+    "NonFiniteError",
+    "SCHEDULE_FIELDS",
     "Run",
     "prepare_run",
     "build_tokenizer",
@@ -50,6 +58,11 @@ __all__ = [
 ]
 
 EVAL_STREAM = 1  # sampler stream for validation batches (training uses stream 0)
+SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")  # what a resume must not change silently
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient norm or weight stopped the run; the message is one line."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -296,6 +309,7 @@ class Trainer:
         self.forward_model = torch.compile(self.model) if compiled else self.model
         self.step = 0
         self.tokens_seen = 0
+        self.skipped_steps = 0  # steps whose update the numerical guard dropped (nonfinite="skip")
         self._writer = None
 
     # ------------------------------------------------------------------ pieces
@@ -310,14 +324,27 @@ class Trainer:
         if self.engine is not None:
             micro = self.engine.microbatches(self.train_sampler, self.step)
             local = self.engine.forward_backward(micro, self.autocast)
-            grad_norm = self.engine.clip_and_step(self.cfg.grad_clip)
-            loss = self.engine.mean_over_dp(local)
+            loss = self.engine.mean_over_dp(local)  # global: the same value on every rank
+            grad_norm = self.engine.clip_and_step(self.cfg.grad_clip, finite_loss=math.isfinite(loss))
         else:
             loss, grad_norm = self._single_process_step()
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.cfg.batch_size * self.block_size
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    def nonfinite(self, stats: dict[str, float]) -> str | None:
+        """What was non-finite in a step's `stats` ("the loss is nan", ...), or None.
+
+        Under float16 loss scaling an infinite gradient norm is the scaler's business (it skips
+        the step and lowers the scale), so only the loss counts there.
+        """
+        problems = []
+        if not math.isfinite(stats["loss"]):
+            problems.append(f"the loss is {stats['loss']}")
+        if not math.isfinite(stats["grad_norm"]) and not self.scaler.is_enabled():
+            problems.append(f"the global gradient norm is {stats['grad_norm']}")
+        return " and ".join(problems) or None
 
     def _single_process_step(self) -> tuple[float, float]:
         self.model.train()
@@ -332,11 +359,16 @@ class Trainer:
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        loss = (total / micro_steps).item()
+        if self.scaler.is_enabled():  # the scaler skips steps with inf/nan gradients itself
+            if math.isfinite(loss):
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif math.isfinite(loss) and math.isfinite(grad_norm):  # never apply a non-finite update
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return (total / micro_steps).item(), float(grad_norm)
+        return loss, grad_norm
 
     @torch.no_grad()
     def evaluate(self, iters: int | None = None) -> dict[str, float]:
@@ -373,11 +405,19 @@ class Trainer:
             stats = self.train_step()
             window_seconds += time.perf_counter() - started
             window_tokens += cfg.batch_size * self.block_size
-            if not math.isfinite(stats["loss"]):
-                raise FloatingPointError(
-                    f"loss became {stats['loss']} at step {self.step}; lower train.lr or enable "
-                    "train.grad_clip (the last checkpoint is intact)")
-            if self.step % cfg.log_interval == 0 or self.step == end:
+            problem = self.nonfinite(stats)
+            if problem is not None:  # the update was not applied; the decision is the same on every rank
+                self.skipped_steps += 1
+                if cfg.nonfinite == "stop" or self.skipped_steps > cfg.max_skips:
+                    why = ("" if cfg.nonfinite == "stop"
+                           else f" ({self.skipped_steps} skipped steps > train.max_skips={cfg.max_skips})")
+                    raise NonFiniteError(
+                        f"step {self.step}: {problem}{why}; the update was not applied and nothing was "
+                        f"saved; {self._last_good(out_dir)}; lower --lr (or --grad-clip), or pass "
+                        "--nonfinite skip to skip such steps")
+                self._emit({"kind": "skip", "step": self.step, **stats, "problem": problem,
+                            "skipped_steps": self.skipped_steps})
+            elif self.step % cfg.log_interval == 0 or self.step == end:
                 stats["tokens_per_s"] = window_tokens / max(window_seconds, 1e-9)
                 window_seconds, window_tokens = 0.0, 0
                 self._emit({"kind": "train", "step": self.step, **stats})
@@ -420,11 +460,16 @@ class Trainer:
         are gathered collectively); rank 0 writes the files.
         """
         out_dir = Path(out_dir or self.cfg.out_dir)
+        bad = self.nonfinite_weights()
+        if bad:
+            raise NonFiniteError(
+                f"step {self.step}: the weights {_short(bad)} are non-finite, so no checkpoint was saved; "
+                f"{self._last_good(out_dir)}; lower --lr (or --grad-clip) and resume from it")
         name = ckpt.step_dir_name(self.step)
         configs: dict[str, Any] = {"train": self.cfg, "model": self.model_config}
         if self.parallel is not None:
             configs["parallel"] = self.parallel
-        extra: dict[str, Any] = {"tokens_seen": self.tokens_seen}
+        extra: dict[str, Any] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
         if self.engine is not None:
             weights: Any = self.engine.full_state_dict()
             optimizer = self.engine.full_optimizer_state()
@@ -440,15 +485,21 @@ class Trainer:
         self._barrier()
         return path
 
-    def resume(self, path: str | Path) -> ckpt.CheckpointInfo:
+    def resume(self, path: str | Path, allow_schedule_change: bool = False) -> ckpt.CheckpointInfo:
         """Restore weights, optimizer, schedule, RNG and step from a checkpoint directory.
 
         `path` may be a checkpoint or a run directory (its ``latest`` is used). The checkpoint
         may come from any layout: weights and optimizer state are stored whole, by name.
+
+        A schedule (`SCHEDULE_FIELDS`) that differs from the checkpoint's is refused, since the
+        learning rate would jump (a longer ``max_steps`` re-stretches the cosine); with
+        `allow_schedule_change` the new schedule is evaluated from the checkpoint's step on:
+        the learning rate of step ``s`` is ``lr * lr_multiplier(s, new config)``.
         """
         path = Path(path)
         if not (path / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(path)) is not None:
             path = latest
+        self._check_schedule(path, allow_schedule_change)
         if self.engine is not None:
             info = ckpt.load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
             weights = ckpt.load_model_state(path)
@@ -461,7 +512,62 @@ class Trainer:
                 load_named_optimizer_state(self.model, self.optimizer, info.optimizer_state)
         self.step = info.step
         self.tokens_seen = int(info.extra.get("tokens_seen", 0))
+        self.skipped_steps = int(info.extra.get("skipped_steps", 0))
+        if allow_schedule_change:  # the checkpoint's scheduler state holds the old peak lr
+            self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups:
+                group["initial_lr"] = self.cfg.lr
+                group["lr"] = self.cfg.lr * lr_multiplier(self.step, self.cfg)
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        bad = self.nonfinite_weights()
+        if bad:
+            earlier = _short([p.name for p in ckpt.list_checkpoints(path.parent) if p.name < path.name])
+            raise NonFiniteError(f"{path} holds non-finite weights ({_short(bad)}); resume from an earlier "
+                                 f"checkpoint ({earlier or 'none in ' + str(path.parent)})")
         return info
+
+    def _check_schedule(self, path: Path, allow: bool) -> None:
+        """Refuse (one line) a resume whose learning-rate schedule differs from the checkpoint's."""
+        try:  # only the manifest: a missing or corrupt checkpoint is reported by the load itself
+            meta = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
+            saved = dict(meta.get("configs", {}).get("train") or {})
+        except (OSError, ValueError, AttributeError):
+            return
+        changed = [(name, saved[name], getattr(self.cfg, name)) for name in SCHEDULE_FIELDS
+                   if name in saved and saved[name] != getattr(self.cfg, name)]
+        if changed and not allow:
+            what = ", ".join(f"--{n.replace('_', '-')} {new} (checkpoint: {old})" for n, old, new in changed)
+            raise ConfigError(
+                f"{path} was trained with another learning-rate schedule: {what}; the learning rate would "
+                "jump at the resumed step. Pass --allow-schedule-change to continue with the new schedule "
+                "from this step, or resume with the checkpoint's values")
+
+    def nonfinite_weights(self) -> list[str]:
+        """Names of this rank's parameters holding a NaN or an infinity, agreed by all ranks.
+
+        Under a layout each rank checks its own shards and one all-reduce tells every rank the
+        total, so all of them raise (or save) together; the names listed are this rank's.
+        """
+        bad = []
+        for name, param in self.model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if not bool(torch.isfinite(local.detach()).all()):
+                bad.append(name)
+        if self.engine is not None and self.parallel.world_size > 1:
+            import torch.distributed as dist
+
+            count = torch.tensor([len(bad)], dtype=torch.int64, device=self.device)
+            dist.all_reduce(count)
+            if count.item() and not bad:
+                bad = [f"{int(count.item())} tensors on other ranks"]
+        return bad
+
+    def _last_good(self, out_dir: Path) -> str:
+        """"the last good checkpoint is ..." for the guard's messages (every saved one is finite)."""
+        latest = ckpt.find_latest(out_dir)
+        if latest is None:
+            return f"no checkpoint was saved in {out_dir} yet"
+        return f"the last good checkpoint is {latest}"
 
     def _gather_rank_rng(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (and tensor-parallel dropout stream), in rank order (collective).
@@ -497,6 +603,11 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def _short(names: list[str], n: int = 4) -> str:
+    """At most `n` names, then "and k more"."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _progress(steps: Iterable[int], desc: str, enabled: bool = True):

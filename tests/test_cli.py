@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lmkit.cli import build_parser, main, resolve_configs
-from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+from lmkit.config import CORPUS_NAMES, ModelConfig, ParallelConfig, TrainConfig, describe
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--eval-interval", "0", "--log-interval", "1"]
@@ -20,19 +20,73 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMKIT_CACHE", str(tmp_path / "cache"))
 
 
-def test_help_lists_every_option_with_its_default(capsys):
+def _help_entries(text: str) -> dict[str, str]:
+    """``--flag`` -> its help entry (invocation and description joined on one line)."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("  --") or line.startswith("  -h"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line.strip()
+        elif current and line.startswith("    ") and line.strip():
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_help_lists_every_option_with_its_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0
-    text = capsys.readouterr().out
+    entries = _help_entries(capsys.readouterr().out)
     for cls in (ModelConfig, TrainConfig, ParallelConfig):
         for f in dataclasses.fields(cls):
-            assert "--" + f.name.replace("_", "-") in text, f.name
-            assert f"(default: {f.default})" in text
+            flag = "--" + f.name.replace("_", "-")
+            entry = entries[flag]
+            description, choices = describe(f)
+            assert description and " ".join(description.split()) in entry, flag
+            assert entry.count("(default:") == 1 and f"(default: {f.default})" in entry, entry
+            if choices:
+                assert "{" + ",".join(map(str, choices)) + "}" in entry, entry
+    for flag in ("--config", "--resume", "--allow-schedule-change"):
+        assert entries[flag].count("(default:") == 1 or "default: refuse" in entries[flag], entries[flag]
+    for name in ("engine", "schedule", "zero", "tokenizer", "corpus", "dtype", "device"):
+        assert "{" in entries["--" + name], name
     for command in ("eval", "generate"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "default" in capsys.readouterr().out
+
+
+def test_corpus_names_match_the_installed_corpora():
+    from lmkit.data import CORPORA
+
+    assert tuple(CORPORA) == CORPUS_NAMES
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--engine", "fsdp"], "argument --engine: invalid choice: 'fsdp' (choose from 'lmkit', 'native')"),
+    (["--schedule", "zb"], "argument --schedule: invalid choice: 'zb'"),
+    (["--zero", "4"], "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)"),
+    (["--tokenizer", "word"], "argument --tokenizer: invalid choice: 'word'"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda'"),
+    (["--corpus", "kjv+wiki"], "argument --corpus: invalid choice: 'wiki'"),
+    (["--nonfinite", "ignore"], "argument --nonfinite: invalid choice: 'ignore'"),
+])
+def test_argparse_rejects_values_outside_the_choices(argv, fragment, capsys):
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_choices_accept_their_values():
+    args = build_parser().parse_args(["train", "--corpus", "kjv+tang", "--device", "cuda:1", "--zero", "2",
+                                      "--engine", "native", "--nonfinite", "skip"])
+    assert (vars(args)["train.corpus"], vars(args)["train.device"], vars(args)["parallel.zero"]) == \
+        ("kjv+tang", "cuda:1", 2)
 
 
 def test_toml_then_flags_take_precedence(tmp_path):
@@ -50,7 +104,7 @@ def test_toml_then_flags_take_precedence(tmp_path):
     "argv, fragment",
     [
         (["train", "--n-head", "3"], "not divisible by model.n_head=3"),
-        (["train", "--corpus", "nope", "--max-steps", "1"], "unknown corpus 'nope'"),
+        (["train", "--corpus", "nope", "--max-steps", "1"], "invalid choice: 'nope'"),
         (["train", "--bogus"], "unrecognized arguments: --bogus"),
         (["train", "--lr", "fast"], "invalid float value"),
         (["generate", "/no/such/run", "--prompt", "x"], "neither a checkpoint"),
@@ -89,9 +143,12 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert first.startswith("ROMEO:") and len(first.strip()) > len("ROMEO:")
     assert main(["generate", out, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "0"]) == 0
     assert capsys.readouterr().out == first  # seeded sampling is reproducible
-    # resuming continues from the saved step
-    assert main(["train", "--corpus", "tinyshakespeare", "--max-steps", "6", "--out-dir", out,
-                 "--resume", "auto", *TINY]) == 0
+    # a longer run from the saved step: refused without the flag (the cosine would re-stretch), then allowed
+    longer = ["train", "--corpus", "tinyshakespeare", "--max-steps", "6", "--out-dir", out,
+              "--resume", "auto", *TINY]
+    assert main(longer) == 2
+    assert "--allow-schedule-change" in capsys.readouterr().err
+    assert main([*longer, "--allow-schedule-change"]) == 0
     assert "resumed from" in capsys.readouterr().out
 
 
