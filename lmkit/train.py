@@ -527,12 +527,18 @@ class Trainer:
         return info
 
     def _check_schedule(self, path: Path, allow: bool) -> None:
-        """Refuse (one line) a resume whose learning-rate schedule differs from the checkpoint's."""
+        """Refuse (one line) a resume of another model, or whose learning-rate schedule differs."""
         try:  # only the manifest: a missing or corrupt checkpoint is reported by the load itself
             meta = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
             saved = dict(meta.get("configs", {}).get("train") or {})
         except (OSError, ValueError, AttributeError):
             return
+        model = dict(meta.get("configs", {}).get("model") or {})
+        differ = [f"{k}={model[k]!r} (now {v!r})" for k, v in to_dict(self.model_config).items()
+                  if k in model and model[k] != v]
+        if differ:
+            raise ConfigError(f"{path} holds another model: {', '.join(differ)}; resume with the "
+                              "checkpoint's model options, or train into a new --out-dir")
         changed = [(name, saved[name], getattr(self.cfg, name)) for name in SCHEDULE_FIELDS
                    if name in saved and saved[name] != getattr(self.cfg, name)]
         if changed and not allow:

@@ -57,7 +57,8 @@ def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_hea
         raise ConfigError(f"parallel.zero={pcfg.zero} shards over data-parallel ranks but dp=1; set dp > 1")
     if n_head % pcfg.tp:
         raise ConfigError(f"model.n_head={n_head} is not divisible by parallel.tp={pcfg.tp}; "
-                          "attention heads are split over tensor-parallel ranks")
+                          "attention heads are split over tensor-parallel ranks: choose tp among "
+                          f"{[d for d in range(1, n_head + 1) if n_head % d == 0]} or change n_head")
     if vocab_size % pcfg.tp:
         raise ConfigError(f"the vocabulary ({vocab_size} tokens) is not divisible by parallel.tp={pcfg.tp}; "
                           "the embedding and the output layer are split by vocabulary rows: choose tp "
@@ -103,7 +104,11 @@ class ParallelEngine:
             stage.to(topo.device)
         self.named_params = self._named_parameters()
         self._mark_norm_weights()
-        self.dp = DataParallel(self.named_params, topo, tcfg, zero=pcfg.zero)
+        # Under pipelining the tied embedding's two copies get buckets of their own, so that ZeRO-2
+        # gives the first and the last stage the same shard of it (their gradients are summed).
+        self.dp = DataParallel(self.named_params, topo, tcfg, zero=pcfg.zero,
+                               isolate=("tok_emb.weight", "head.weight") if pcfg.pp > 1 and pcfg.zero == 2
+                               else ())
         self.optimizer = self.dp.optimizer
         self.micro_steps = tcfg.grad_accum * pcfg.microbatches
         self.checkpointing = False
@@ -176,6 +181,11 @@ class ParallelEngine:
                 loss_value = run_pipeline(pcfg.schedule, self.stages, topo, micro, shape, dtype=dtype,
                                           autocast=autocast if self.tcfg.dtype != "float32" else None,
                                           on_event=on_event)
+        if pcfg.zero == 2:  # the gradients are in the dp shards: the fix-ups sum shards (same layout)
+            self.dp.finish_grad_sync()
+            self._sum_shards_of_fixups()
+            return loss_value
+        if pcfg.pp > 1:
             allreduce_tied_embedding_grads(self.stages, topo)
         if pcfg.sequence_parallel:
             from lmkit.parallel.tensor_parallel import allreduce_sequence_parallel_grads
@@ -183,6 +193,18 @@ class ParallelEngine:
             allreduce_sequence_parallel_grads(self.stages, topo)
         self.dp.finish_grad_sync()
         return loss_value
+
+    def _sum_shards_of_fixups(self) -> None:
+        """ZeRO-2: the tied embedding's copies (first + last stage) and the sequence-parallel
+        replicated gradients (over tp) summed after the dp reduce-scatter, on the shards: both sums
+        are linear, so their order with the dp average does not matter."""
+        topo = self.topo
+        if self.pcfg.pp > 1 and (topo.is_first_stage or topo.is_last_stage):
+            tied = [p for name, p in self.named_params if name in ("tok_emb.weight", "head.weight")]
+            self.dp.all_reduce_grads(tied, topo.embedding_group)
+        if self.pcfg.sequence_parallel and self.pcfg.tp > 1:
+            replicated = [p for _, p in self.named_params if getattr(p, "sequence_parallel_grad", False)]
+            self.dp.all_reduce_grads(replicated, topo.tp_group)
 
     def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
         """Global gradient norm over all ranks, clipping, optimizer step; returns the norm.
