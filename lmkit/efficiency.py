@@ -1,0 +1,282 @@
+"""Measurements behind the efficiency chapter: memory, model size, speed and quality of a model.
+
+Each technique of chapter 7 trades one resource for another. This module holds the small,
+tested tools that measure both sides of each trade on a `GPT`:
+
+* `saved_tensor_bytes` - bytes autograd keeps for the backward pass (activation memory), seen
+  through ``torch.autograd.graph.saved_tensors_hooks``;
+* `kv_cache_bytes` / `kv_cache_tensor_bytes` - the KV cache's formula and its allocated tensors;
+* `magnitude_prune` - global unstructured pruning of the blocks' linear weights;
+* `quantize_int8` / `Int8Linear` - int8 weights: PyTorch's dynamic quantization (fbgemm/x86
+  kernels) for speed, and a readable weight-only version that shows the arithmetic;
+* `serialized_bytes` - the size of a model's state dict on disk;
+* `eval_loss` - the mean cross-entropy over fixed, contiguous windows of a token array;
+* `interleaved_medians` - timings of several variants, interleaved round by round, so that a
+  noisy machine slows all of them alike.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "saved_tensor_bytes",
+    "kv_cache_bytes",
+    "kv_cache_tensor_bytes",
+    "prunable_linears",
+    "magnitude_prune",
+    "sparsity",
+    "Int8Linear",
+    "quantize_weight_int8",
+    "quantize_int8",
+    "dynamic_quantization_available",
+    "serialized_bytes",
+    "eval_loss",
+    "interleaved_medians",
+    "decode_tokens_per_s",
+]
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def saved_tensor_bytes(fn: Callable[[], Tensor], exclude: nn.Module | None = None) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `fn()` runs.
+
+    Parameters of `exclude` (the model) are not activations and are left out; views of one
+    storage (Q, K and V are slices of one QKV output) are counted once. With activation
+    checkpointing (non-reentrant) the recomputed blocks save nothing but their inputs here.
+    """
+    params = set() if exclude is None else {p.untyped_storage().data_ptr() for p in exclude.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def kv_cache_bytes(n_layer: int, d_model: int, batch: int, length: int, bytes_per_element: int = 4,
+                   kv_heads_fraction: float = 1.0) -> float:
+    """Bytes of a KV cache: keys and values (2) x layers x batch x positions x width x element size.
+
+    ``kv_heads_fraction`` is n_kv_heads / n_head for grouped-query attention (1 for GPT-2/lmkit).
+    """
+    return 2 * n_layer * batch * length * d_model * kv_heads_fraction * bytes_per_element
+
+
+def kv_cache_tensor_bytes(cache) -> int:
+    """Bytes actually allocated by an `lmkit.model.KVCache` (its key and value tensors)."""
+    return sum(t.numel() * t.element_size() for t in (*cache.k, *cache.v) if t is not None)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+def prunable_linears(model: nn.Module) -> list[nn.Linear]:
+    """The linear layers inside the Transformer blocks (qkv, attention and MLP projections).
+
+    The token embedding (tied to the LM head) and the position embedding are left alone: they
+    are lookups, a small share of a large model, and pruning a tied matrix prunes two layers.
+    """
+    blocks = getattr(model, "blocks", model)
+    return [m for m in blocks.modules() if isinstance(m, nn.Linear)]
+
+
+@torch.no_grad()
+def magnitude_prune(model: nn.Module, fraction: float) -> float:
+    """Zero the `fraction` of the blocks' linear weights with the smallest magnitude, in place.
+
+    One global threshold over all those layers (global magnitude pruning); biases are kept.
+    Returns the sparsity reached over the pruned weights.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    weights = [m.weight for m in prunable_linears(model)]
+    if not weights:
+        raise ValueError("the model has no linear layers inside blocks to prune")
+    if fraction > 0:
+        magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
+        k = int(fraction * magnitudes.numel())
+        if k > 0:
+            threshold = magnitudes.kthvalue(k).values
+            for w in weights:
+                w.masked_fill_(w.abs() <= threshold, 0.0)
+    return sparsity(model)
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of exact zeros in the blocks' linear weights."""
+    weights = [m.weight for m in prunable_linears(model)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / sum(w.numel() for w in weights)
+
+
+# --------------------------------------------------------------------------- int8 weights
+
+
+def quantize_weight_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: ``weight ~ q * scale[:, None]`` with q in [-127, 127].
+
+    The scale of each row is its largest magnitude / 127, so the rounding error of every weight
+    is at most half a step, ``scale / 2``.
+    """
+    scale = weight.detach().abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    q = torch.round(weight.detach() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(torch.float32)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer that stores int8 weights and one fp32 scale per output (weight-only int8).
+
+    Readable rather than fast: forward dequantizes the weight and calls a float matmul, so it
+    saves memory (1 byte per weight instead of 4) but not time. A fast kernel reads the int8
+    weights directly (`quantize_int8` uses PyTorch's).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_weight_int8(linear.weight)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def dequantized_weight(self) -> Tensor:
+        return self.weight_int8.to(torch.float32) * self.scale[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype),
+                                    None if self.bias is None else self.bias.to(x.dtype))
+
+
+def dynamic_quantization_available() -> bool:
+    """Whether this torch still has eager dynamic quantization with an int8 CPU engine."""
+    try:
+        from torch.ao.quantization import quantize_dynamic  # noqa: F401
+    except ImportError:
+        return False
+    return bool(set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "qnnpack", "onednn"})
+
+
+def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+    blocks = getattr(model, "blocks", model)
+    for parent in list(blocks.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child))
+
+
+def quantize_int8(model: nn.Module, method: str = "dynamic") -> nn.Module:
+    """The blocks' linear layers of `model` with int8 weights (in place; returns the model).
+
+    ``method="dynamic"``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``),
+    int8 weights and activations quantized on the fly per batch, with int8 matmul kernels.
+    PyTorch 2.13 still ships it but warns that it is deprecated in favour of torchao; the
+    warning is silenced here and `dynamic_quantization_available` says whether it is present.
+    ``method="weight_only"``: `Int8Linear` (the arithmetic, no fast kernel).
+    The embeddings and the tied LM head stay fp32.
+    """
+    if method == "weight_only":
+        _replace_linears(model, Int8Linear)
+        return model
+    if method != "dynamic":
+        raise ValueError(f"method={method!r} is unknown; use 'dynamic' or 'weight_only'")
+    if not dynamic_quantization_available():
+        raise RuntimeError("this torch has no torch.ao.quantization.quantize_dynamic with an int8 engine; "
+                           "use method='weight_only' or install torchao")
+    from torch.ao.quantization import quantize_dynamic
+
+    blocks = getattr(model, "blocks", model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        quantized = quantize_dynamic(blocks, {nn.Linear}, dtype=torch.qint8, inplace=False)
+    if blocks is model:
+        return quantized
+    model.blocks = quantized
+    return model
+
+
+def serialized_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())`` (shared storages such as tied weights once)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*deprecated.*")
+        torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+# --------------------------------------------------------------------------- quality and speed
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, tokens: np.ndarray, block_size: int, max_windows: int = 32,
+              batch_size: int = 8, autocast_dtype: torch.dtype | None = None) -> float:
+    """Mean cross-entropy (nats per token) over the first `max_windows` non-overlapping windows.
+
+    The same windows every time, so two variants of one model are compared on identical text.
+    """
+    span = block_size + 1
+    n = min(max_windows, (len(tokens) - 1) // block_size)
+    if n < 1:
+        raise ValueError(f"need more than {span} tokens to evaluate, got {len(tokens)}")
+    windows = np.stack([np.asarray(tokens[i * block_size : i * block_size + span], dtype=np.int64)
+                        for i in range(n)])
+    data = torch.from_numpy(windows)
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        chunk = data[start : start + batch_size]
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        if autocast_dtype is None:
+            _, loss = model(x, y)
+        else:
+            with torch.autocast("cpu", dtype=autocast_dtype):
+                _, loss = model(x, y)
+        total += float(loss) * y.numel()
+        count += y.numel()
+    return total / count
+
+
+def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int = 5,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median wall time (s) of each variant, run round-robin: A B C, A B C, ...
+
+    Interleaving spreads a noisy neighbour's load over all variants instead of one, and the
+    median ignores the slowest rounds; ratios between the medians are what to trust.
+    """
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: nn.Module, prompt: list[int], new_tokens: int) -> float:
+    """Greedy KV-cache decoding speed of one sequence, in new tokens per second."""
+    from lmkit.generate import generate
+
+    start = time.perf_counter()
+    out = generate(model, [prompt], new_tokens, greedy=True)
+    seconds = time.perf_counter() - start
+    return len(out[0]) / max(seconds, 1e-9)

@@ -1,0 +1,134 @@
+"""lmkit.efficiency: the measuring tools of chapter 7 (memory, size, quality and speed)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkit import costs, efficiency
+from lmkit.config import ModelConfig
+from lmkit.model import GPT
+
+CFG = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=4, d_model=32)
+
+
+def tiny(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CFG)
+
+
+def test_saved_tensor_bytes_counts_activations_once_and_not_parameters():
+    lin = nn.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    # linear saves its input (and the weight, a parameter): only the input counts
+    assert efficiency.saved_tensor_bytes(lambda: lin(x), exclude=lin) == x.numel() * 4
+    # two views of one storage are one storage
+    t = torch.randn(8, 8, requires_grad=True)
+    assert efficiency.saved_tensor_bytes(lambda: (t[:4] * t[4:]).sum()) == t.numel() * 4
+
+
+def test_checkpointing_keeps_only_block_inputs_as_the_cost_model_says():
+    model = tiny().train()
+    x = torch.randint(0, CFG.vocab_size, (3, CFG.block_size))
+    saved = {}
+    for enabled in (False, True):
+        model.set_activation_checkpointing(enabled)
+        saved[enabled] = efficiency.saved_tensor_bytes(lambda: model(x, x)[1], exclude=model)
+    shape = (3, CFG.block_size, CFG.d_model, CFG.n_head)
+    per_layer = {rc: costs.activation_bytes_per_layer(*shape, recompute=rc, act_bytes=4, dropout=False,
+                                                      flash_attention=True)
+                 for rc in ("none", "full")}
+    measured = saved[False] - saved[True]
+    predicted = CFG.n_layer * (per_layer["none"] - per_layer["full"])
+    assert abs(measured / predicted - 1) < 0.03
+    assert saved[True] < saved[False] / 3
+
+
+def test_kv_cache_formula_equals_allocated_tensors():
+    model = tiny().eval()
+    for batch, length in ((1, 5), (3, 32)):
+        cache = model.new_kv_cache(batch, max_len=length)
+        with torch.no_grad():
+            model(torch.randint(0, CFG.vocab_size, (batch, length)), kv_cache=cache)
+        assert efficiency.kv_cache_tensor_bytes(cache) == efficiency.kv_cache_bytes(
+            CFG.n_layer, CFG.d_model, batch, length, 4)
+    assert efficiency.kv_cache_bytes(2, 8, 1, 10, 2, kv_heads_fraction=0.25) == 2 * 2 * 10 * 8 * 2 / 4
+
+
+def test_magnitude_prune_zeros_the_smallest_block_weights_only():
+    model = tiny()
+    emb = model.tok_emb.weight.detach().clone()
+    before = [m.weight.detach().clone() for m in efficiency.prunable_linears(model)]
+    reached = efficiency.magnitude_prune(model, 0.6)
+    assert abs(reached - 0.6) < 0.01 and efficiency.sparsity(model) == reached
+    assert torch.equal(model.tok_emb.weight, emb), "the (tied) embedding is not pruned"
+    pairs = list(zip(before, efficiency.prunable_linears(model), strict=True))
+    kept = torch.cat([w[m.weight != 0].abs() for w, m in pairs])
+    dropped = torch.cat([w[m.weight == 0].abs() for w, m in pairs])
+    assert dropped.max() <= kept.min(), "one global threshold: each pruned weight is below each kept one"
+    assert efficiency.magnitude_prune(tiny(), 0.0) == 0.0
+    with pytest.raises(ValueError, match="fraction"):
+        efficiency.magnitude_prune(model, 1.0)
+
+
+def test_int8_weights_round_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(24, 40) * torch.linspace(0.01, 2.0, 24)[:, None]
+    q, s = efficiency.quantize_weight_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert bool(((w - q.float() * s[:, None]).abs() <= s[:, None] / 2 + 1e-7).all())
+
+
+def test_int8_linear_matches_its_dequantized_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    qlin = efficiency.Int8Linear(lin)
+    x = torch.randn(5, 32)
+    assert torch.allclose(qlin(x), F.linear(x, qlin.dequantized_weight(), lin.bias), atol=1e-6)
+    assert (qlin(x) - lin(x)).abs().max() < 0.02 * lin(x).abs().max()
+
+
+@pytest.mark.parametrize("method", ["weight_only", "dynamic"])
+def test_quantize_int8_shrinks_the_model_and_keeps_its_outputs(method):
+    if method == "dynamic" and not efficiency.dynamic_quantization_available():
+        pytest.skip("this torch has no dynamic quantization")
+    model = tiny().eval()
+    quantized = efficiency.quantize_int8(copy.deepcopy(model), method)
+    assert not any(isinstance(m, nn.Linear) and type(m) is nn.Linear for m in quantized.blocks.modules())
+    assert quantized.head.weight is quantized.tok_emb.weight, "the tied head stays fp32"
+    x = torch.randint(0, CFG.vocab_size, (2, 16))
+    with torch.no_grad():
+        ref, out = model(x)[0], quantized(x)[0]
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    assert efficiency.serialized_bytes(quantized) < 0.6 * efficiency.serialized_bytes(model)
+    assert efficiency.decode_tokens_per_s(quantized, [1, 2, 3], 4) > 0
+    with pytest.raises(ValueError, match="unknown"):
+        efficiency.quantize_int8(model, "int4")
+
+
+def test_eval_loss_is_the_mean_cross_entropy_of_fixed_windows():
+    model = tiny().eval()
+    tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, 10 * CFG.block_size).astype(np.uint16)
+    loss = efficiency.eval_loss(model, tokens, CFG.block_size, max_windows=4, batch_size=3)
+    T = CFG.block_size
+    data = torch.from_numpy(tokens[: 4 * T + 1].astype(np.int64))
+    x, y = data[:-1].view(4, T), data[1:].view(4, T)
+    with torch.no_grad():
+        expected = model(x, y)[1].item()
+    assert loss == pytest.approx(expected, rel=1e-5)
+    bf16 = efficiency.eval_loss(model, tokens, T, 4, autocast_dtype=torch.bfloat16)
+    assert bf16 == pytest.approx(loss, rel=0.01)
+    with pytest.raises(ValueError, match="tokens"):
+        efficiency.eval_loss(model, tokens[:T], T)
+
+
+def test_interleaved_medians_runs_variants_round_robin():
+    calls = []
+    medians = efficiency.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                             repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
