@@ -52,7 +52,7 @@ def bytes_table(result: dict, model: costs.Model, batch: int, ranks: list[int]) 
         for r in info["records"]:
             if r["kind"] == "barrier":
                 continue
-            kind = "reduce_scatter" if r["kind"] == "reduce" else r["kind"]  # lmkit's ZeRO-2 reduces
+            kind = r["kind"]
             group = "pp" if kind in ("send", "recv") else group_label(r["ranks"], pc)
             entry = got.setdefault((group, kind), [0, 0, 0.0])
             entry[0] += 1

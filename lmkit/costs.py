@@ -19,7 +19,7 @@ from typing import Any
 __all__ = [
     "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
     "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
-    "model_states",
+    "model_states", "zero_buckets",
     "activation_bytes_per_layer", "in_flight", "memory", "communication", "wire_bytes", "bubble_fraction",
     "step_time", "search", "calculate", "format_bytes",
 ]
@@ -293,6 +293,27 @@ def _stage_counts(model: Model, pp: int, virtual_stages: int, tp: int, stage: in
             int(any(c[1] for c in chunks)), int(any(c[2] for c in chunks)))
 
 
+def zero_buckets(model: Model, layout: Layout, stage: int) -> list[int]:
+    """Elements of the flat buckets lmkit's ZeRO shards on pipeline rank `stage`, unpadded.
+
+    One bucket per optimizer group (matrices, vectors), which is what the engine builds while a
+    group fits its 25 MiB bucket cap (a larger group has more buckets, each padded: at most
+    ``dp - 1`` more elements per bucket than counted here). Under ZeRO-2 with pipelining the tied
+    embedding's copy on the first and the last stage is a bucket of its own, so both stages shard
+    it alike (chapter 5, section 5.3).
+    """
+    mats, vecs, _, _, _, _, first, last = _stage_counts(model, layout.pp, layout.virtual_stages, layout.tp,
+                                                        stage)
+    if layout.zero == 2 and layout.pp > 1 and (first or last):
+        emb = model.vocab_size * model.d_model // layout.tp
+        return [n for n in (emb, mats - emb, vecs) if n]
+    return [n for n in (mats, vecs) if n]
+
+
+def _padded(buckets: list[int], dp: int) -> int:
+    return sum(math.ceil(n / dp) * dp for n in buckets)
+
+
 # --------------------------------------------------------------------------------- memory
 
 
@@ -392,11 +413,13 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
     numel, dp, zero = mats + vecs, layout.dp, layout.zero
     if precision == "fp32":
         # lmkit's engine: AdamW (4 + 4 + 8 bytes per parameter, and a 4-byte step counter per tensor
-        # it steps). Under ZeRO each group is one flat buffer padded to a multiple of dp, and the
-        # optimizer steps each group's shard (one counter per group).
-        padded = sum(math.ceil(n / dp) * dp for n in (mats, vecs))
+        # it steps). Under ZeRO every bucket is padded to a multiple of dp and split into dp chunks;
+        # the optimizer steps this rank's chunk of each (one counter per bucket), and ZeRO-2 keeps
+        # only the gradients of those chunks.
+        buckets = zero_buckets(model, layout, stage)
+        padded = _padded(buckets, dp)
         shard = padded // dp
-        groups = sum(1 for n in (mats, vecs) if n)
+        groups = len(buckets)
         if zero == 0:
             p_bytes, g_bytes, o_bytes = 4 * numel, 4 * numel, 8 * numel + 4 * count
         else:
@@ -436,7 +459,7 @@ def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp
     Model states: `model_states` with the layout's tp/pp split of every tensor (embedding and head
     on the end stages). Activations: `activation_bytes_per_layer` times the layers of a chunk times
     the microbatch-chunks in flight (`in_flight`), plus the head's logits on the last stage.
-    lmkit's ZeRO-2 keeps a full gradient buffer today; the formula is ZeRO's 1/dp.
+    lmkit's ZeRO-2 keeps only this rank's shard of the gradients, ZeRO's 1/dp (plus padding).
     """
     model.validate()
     layout.validate(model, global_batch)
@@ -493,11 +516,12 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     """The collectives pipeline rank `stage` issues per optimizer step, term by term.
 
     Data parallel: the gradient all-reduce (ZeRO-1: plus an all-gather of the updated parameters;
-    ZeRO-2: a reduce-scatter instead of the all-reduce; ZeRO-3: two parameter all-gathers, forward
-    and backward) -- Rajbhandari et al. 2020, section 7. Tensor parallel: ``2`` all-reduces of the
-    ``b s h`` activation per layer forward and ``2`` backward (Shoeybi et al. 2019) *plus* the
-    vocab-parallel embedding's forward and the head's input gradient: ``4 L + 2`` on one stage;
-    sequence parallel turns each into an all-gather and a reduce-scatter (Korthikanti et al. 2022).
+    ZeRO-2: one reduce-scatter per bucket and microbatch instead of the all-reduce; ZeRO-3: two
+    parameter all-gathers, forward and backward) -- Rajbhandari et al. 2020, section 7. Tensor parallel:
+    ``2`` all-reduces of the ``b s h`` activation per layer forward and ``2`` backward (Shoeybi et al.
+    2019) *plus* the vocab-parallel embedding's forward and the head's input gradient: ``4 L + 2`` on
+    one stage; sequence parallel turns each into an all-gather and a reduce-scatter (Korthikanti et al.
+    2022).
     Pipeline: one activation forward and one gradient backward per microbatch and boundary.
     """
     layout.validate(model, global_batch)
@@ -509,7 +533,8 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     s, h, V = model.seq_len, model.d_model, model.vocab_size
     mats, vecs, _, replicated, layers, _, first, last = _stage_counts(model, pp, v, tp, stage)
     numel = mats + vecs
-    padded = sum(math.ceil(n / dp) * dp for n in (mats, vecs))
+    buckets = zero_buckets(model, layout, stage)
+    padded = _padded(buckets, dp)
     terms: list[CommTerm] = []
     if dp > 1:
         if layout.zero == 3:
@@ -522,8 +547,12 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
             terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
                                   e * numel, dp, hidden_by="backward"))
         elif layout.zero == 2:
-            terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their owner", None,
-                                  e * numel, dp, hidden_by="backward"))
+            # one reduce-scatter per bucket and backward pass: the padded bucket in, the rank's chunk
+            # out, accumulated in the shard over the microbatches (an upper bound with interleaved
+            # stages, whose buckets may wait for more than one backward)
+            terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
+                                  "shards, every microbatch", m * len(buckets), m * e * padded, dp,
+                                  hidden_by="backward"))
         else:
             terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce (buckets)", None, e * numel, dp,
                                   hidden_by="backward"))
@@ -540,8 +569,10 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
             for kind in ("all_gather", "reduce_scatter"):
                 terms.append(CommTerm("tp", kind, "activations: 2 per layer forward + 2 backward, "
                                       "embedding, head", calls, calls * act, tp))
+            # ZeRO-2 sums them on the dp shards after the reduce-scatter: about 1/dp of them
+            share = math.ceil(replicated / dp) if layout.zero == 2 else replicated
             terms.append(CommTerm("tp", "all_reduce", "sequence-parallel replicated gradients (norms, "
-                                  "positions, row biases)", 1, 4 * replicated, tp))
+                                  "positions, row biases)", 1, 4 * share, tp))
         else:
             terms.append(CommTerm("tp", "all_reduce", "activations: 2 per layer forward + 2 backward, "
                                   "embedding forward, head backward", calls, calls * act, tp))
@@ -559,9 +590,11 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         terms.append(CommTerm("pp", "send", "activations forward, gradients backward, 1 per microbatch "
                               "and boundary", sends, sends * act, pp))
         terms.append(CommTerm("pp", "recv", "the mirror image of the sends", sends, sends * act, pp))
-        if first or last:
+        if first or last:  # ZeRO-2: on the dp shard of the embedding's own bucket
+            emb = V * h // tp
+            emb = math.ceil(emb / dp) if layout.zero == 2 else emb
             terms.append(CommTerm("embedding", "all_reduce", "tied embedding gradients, first + last stage",
-                                  1, 4 * V * h // tp, 2))
+                                  1, 4 * emb, 2))
         terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
         terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
     return terms

@@ -20,6 +20,7 @@ import torch
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
 from lmkit.model import GPT
 from lmkit.parallel.data_parallel import DataParallel
+from lmkit.parallel.instrument import memory_report
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology, single_process_topology
 from lmkit.train import configure_optimizer, lr_multiplier
@@ -120,7 +121,8 @@ def _train_worker(topo, zero: int) -> dict:
     out["params"] = params_of(model)
     out["n_buckets"] = len(dp.buckets)
     out["n_params"] = len(dp.params)
-    out["owners"] = [b.owner for b in dp.buckets]
+    out["chunks"] = [b.chunk for b, _ in dp._chunks] if zero else []
+    out["memory"] = memory_report(model, dp.optimizer)
     out["opt_state_numel"] = [sum(v.numel() for v in dp.optimizer.state[p].values() if v.dim())
                               for pg in dp.optimizer.param_groups for p in pg["params"]]
     out["group_numel"] = [g.numel for g in dp.groups]
@@ -239,10 +241,14 @@ def test_zero_shards_optimizer_state(dp2):
     for r in dp2:
         plain, z1, z2 = (r["runs"][z] for z in (0, 1, 2))
         assert sum(plain["opt_state_numel"]) == 2 * sum(plain["group_numel"])  # exp_avg + exp_avg_sq
-        for run in (z1, z2):
-            assert run["opt_state_numel"] == [2 * -(-n // 2) for n in run["group_numel"]]  # ceil(n / dp)
-        assert set(z2["owners"]) == {0, 1}  # ZeRO-2: every bucket is reduced to one owner
-        assert set(plain["owners"]) == {None}
+        for run in (z1, z2):  # AdamW's two moments for this rank's chunk of every bucket only
+            assert run["opt_state_numel"] == [2 * c for c in run["chunks"]]
+            assert 2 * sum(run["chunks"]) == sum(run["group_numel"])  # padded buckets split in two
+            assert len(run["chunks"]) == run["n_buckets"] >= 4
+        # gradient memory: ZeRO-0/1 the full flat buffer, ZeRO-2 this rank's shard (1/dp, padded)
+        assert plain["memory"]["grad_bytes"] == 4 * sum(plain["group_numel"])
+        assert z1["memory"]["grad_bytes"] == 4 * sum(z1["group_numel"])
+        assert z2["memory"]["grad_bytes"] == 4 * sum(z2["chunks"]) == z1["memory"]["grad_bytes"] // 2
 
 
 @pytest.mark.distributed
@@ -263,10 +269,9 @@ def test_dp_grads_equal_pytorch_ddp(dp2):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", [0, 2])
-def test_buckets_launch_during_backward(dp2, zero):
+def test_buckets_launch_during_backward(dp2):
     for r in dp2:
-        run = r["runs"][zero]
+        run = r["runs"][0]
         rec, n = run["record"], run["n_buckets"]
         assert n >= 4
         assert rec["after_no_sync_backward"] == []  # no_sync: no communication at all
@@ -279,6 +284,20 @@ def test_buckets_launch_during_backward(dp2, zero):
         # each bucket goes as soon as it is complete: only the last waits for the last gradient
         assert launched[-2][2] < run["n_params"]
         assert rec["after_finish"] == launched
+
+
+@pytest.mark.distributed
+def test_zero2_reduce_scatters_every_bucket_in_every_backward(dp2):
+    """ZeRO-2 accumulates in the shard: each backward (no_sync or not) reduce-scatters every bucket
+    once, as soon as it is complete, in the launch order; nothing is left for finish_grad_sync."""
+    for r in dp2:
+        run = r["runs"][2]
+        rec, n = run["record"], run["n_buckets"]
+        first, both = rec["after_no_sync_backward"], rec["after_backward"]
+        assert [b for b, _, _ in first] == list(range(n)) and [b for b, _, _ in both[n:]] == list(range(n))
+        assert all(where == "backward" for _, where, _ in both)
+        assert first[0][2] < run["n_params"] // 2  # overlapping the backward
+        assert rec["after_finish"] == both
 
 
 @pytest.mark.distributed
@@ -352,24 +371,35 @@ def test_single_process_matches_torch_adamw(reference, zero):
     assert_params_close(params_of(model), reference["params"])
 
 
-def test_clip_grad_norm_matches_torch_and_norm_weight():
+@pytest.mark.parametrize("zero", [1, 2])
+def test_clip_grad_norm_matches_torch_and_norm_weight(zero):
     ours, theirs = build_model(), build_model()
-    dp = DataParallel(list(ours.named_parameters()), single_process_topology(), TRAIN, zero=2)
+    dp = DataParallel(list(ours.named_parameters()), single_process_topology(), TRAIN, zero=zero)
     x, y = global_batch(0)
     ours(x, y)[1].backward()
     theirs(x, y)[1].backward()
     dp.finish_grad_sync()
+
+    def grads() -> dict[str, torch.Tensor]:  # ZeRO-2 keeps them in its shard (the whole, with dp=1)
+        shards = dp.grad_shards()
+        sizes = dict(zip(dp.names, (p.numel() for p in dp.params), strict=True))
+        assert all(lo == 0 and hi == sizes[name] for name, (lo, hi, _) in shards.items())
+        return {name: values for name, (_, _, values) in shards.items()}
+
+    if zero == 2:
+        assert all(p.grad is None for p in ours.parameters())  # no full gradient left behind
     full_sq = dp.grad_sq_sum()
     ours.ln_f.weight.norm_weight = 0.0  # e.g. a tensor-parallel replica counted on another rank
     partial = dp.grad_sq_sum()
-    torch.testing.assert_close(full_sq - partial, ours.ln_f.weight.grad.square().sum(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(full_sq - partial, grads()["ln_f.weight"].square().sum(), rtol=1e-4, atol=1e-9)
     del ours.ln_f.weight.norm_weight
     norm = dp.clip_grad_norm_(0.1)
     want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1)
     torch.testing.assert_close(norm, want, rtol=RTOL, atol=0)
     assert want > 0.1
-    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    got = grads()
+    for (name, b) in theirs.named_parameters():
+        torch.testing.assert_close(got[name], b.grad.reshape(-1), rtol=1e-6, atol=1e-9)
 
 
 def test_grads_set_to_none_come_back_as_zero_views():
@@ -386,3 +416,28 @@ def test_grads_set_to_none_come_back_as_zero_views():
     dp.optimizer.zero_grad()  # redirected to dp.zero_grad(): zeroes, keeps the views
     assert flat.abs().sum() == 0
     assert model.tok_emb.weight.grad.data_ptr() == flat.data_ptr() + dp.groups[0].offsets[0] * 4
+
+
+def _zero2_memory_worker(dp: int) -> dict:
+    """One accumulated step (2 microbatches) of ZeRO-2 on `dp` ranks: this rank's memory report."""
+    topo = init_topology(ParallelConfig(dp=dp), device="cpu") if dp > 1 else single_process_topology()
+    model = build_model()
+    zero = DataParallel(list(model.named_parameters()), topo, TRAIN, zero=2, bucket_cap_mb=BUCKET_MB)
+    dp_step(model, zero, 0, topo.dp, topo.dp_rank)
+    return {"memory": memory_report(model, zero.optimizer), "padded": sum(b.numel for b in zero.buckets)}
+
+
+@pytest.mark.distributed
+def test_zero2_gradient_memory_per_rank_is_divided_by_dp():
+    """ZeRO-2's gradient bytes per rank, measured by `memory_report` after a step, for dp = 1, 2, 4."""
+    full = 4 * sum(p.numel() for p in build_model().parameters())
+    measured = {}
+    for dp in (1, 2, 4):
+        ranks = [_zero2_memory_worker(1)] if dp == 1 else run_local(dp, _zero2_memory_worker, dp)
+        grads = [r["memory"]["grad_bytes"] for r in ranks]
+        assert grads == [4 * ranks[0]["padded"] // dp] * dp  # every rank the same shard of the padded buckets
+        assert full <= 4 * ranks[0]["padded"] < full + 4 * dp * len(build_model().state_dict())
+        measured[dp] = grads[0]
+    print(f"ZeRO-2 gradient bytes per rank: {measured} (full gradients {full:,} bytes)")
+    assert measured[1] == full
+    assert abs(measured[2] / full - 1 / 2) < 0.01 and abs(measured[4] / full - 1 / 4) < 0.01

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_native import LAYOUTS as NATIVE_LAYOUTS  # tests/ is on sys.path (pytest)
-from test_parallel_equivalence import LAYOUTS, MODEL, TEXT, TRAIN
+from test_parallel_equivalence import LAYOUTS, MODEL, TEXT, TRAIN, ZERO2_LAYOUTS
 
 import lmkit
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
@@ -75,7 +75,7 @@ def _audit_worker(model: dict, train: dict, layouts: list[dict], cache_dir: str,
 def audited(tmp_path_factory) -> list[dict[str, Any]]:
     cache = str(tmp_path_factory.mktemp("cache"))
     by_world: dict[int, list[ParallelConfig]] = {}
-    for layout in LAYOUTS + NATIVE_LAYOUTS:
+    for layout in LAYOUTS + ZERO2_LAYOUTS + NATIVE_LAYOUTS:
         by_world.setdefault(layout.world_size, []).append(layout)
     out = []
     for world, layouts in sorted(by_world.items()):
@@ -87,7 +87,7 @@ def audited(tmp_path_factory) -> list[dict[str, Any]]:
 
 
 def test_every_collective_tensor_is_on_the_engine_device(audited):
-    assert len(audited) == sum(p.world_size for p in LAYOUTS + NATIVE_LAYOUTS)
+    assert len(audited) == sum(p.world_size for p in LAYOUTS + ZERO2_LAYOUTS + NATIVE_LAYOUTS)
     for entry in audited:
         where = f"{entry['engine']} {entry['name']}"
         assert entry["kinds"]["all_reduce"] > 0, where  # the audit saw the run's collectives

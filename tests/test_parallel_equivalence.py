@@ -44,6 +44,12 @@ LAYOUTS = [
     ParallelConfig(tp=2, pp=2, microbatches=2),
     ParallelConfig(dp=2, tp=2, pp=2, zero=1, sequence_parallel=True, microbatches=2),
 ]
+# ZeRO-2 accumulating in its shard over microbatches, with the tied embedding's two copies sharded
+# alike across pipeline stages, and with sequence-parallel gradients summed on the shards.
+ZERO2_LAYOUTS = [
+    ParallelConfig(dp=2, pp=2, zero=2, microbatches=2),
+    ParallelConfig(dp=2, tp=2, zero=2, sequence_parallel=True),
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,8 @@ def reference(tmp_path_factory):
     return layout_losses(MODEL, TRAIN, None, STEPS, text=TEXT, cache_dir=cache), cache
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=[layout_name(p) for p in LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS,
+                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS])
 def test_layout_reproduces_single_process_losses(layout, reference):
     ref, cache = reference
     got = layout_losses(MODEL, TRAIN, layout, STEPS, text=TEXT, cache_dir=cache)

@@ -1,10 +1,12 @@
 """Data parallelism by hand: bucketed gradient all-reduce, ``no_sync`` accumulation, ZeRO-1/2 AdamW.
 
 Gradients live in flat buckets (views, no copies) all-reduced as soon as backward fills them
-(PyTorch DDP, Li et al. 2020); ZeRO-1 shards AdamW's state over the dp ranks, ZeRO-2 also reduces
-each gradient bucket only to its owner (Rajbhandari et al. 2020). Checkpoints hold the full state,
-so they load under any dp/zero. Explained in the book, chapter 5, section 5.3 (including why
-ZeRO-2 here keeps the full gradient buffer).
+(PyTorch DDP, Li et al. 2020). Under ZeRO every bucket is padded to a multiple of dp and split
+into dp chunks, one per rank (Megatron-LM's distributed optimizer); ZeRO-1 steps AdamW on the
+rank's chunks only, ZeRO-2 also keeps only their gradients: one reduce-scatter per bucket and
+backward into the rank's shard (Rajbhandari et al. 2020), so gradient memory is divided by dp.
+Checkpoints hold the full state, so they load under any dp/zero. Explained in the book,
+chapter 5, section 5.3.
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ __all__ = ["DataParallel", "Bucket"]
 
 # torch 2.13 renamed the tensor collectives; keep working on older releases.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
 class Bucket:
-    """A contiguous range ``[start, end)`` of parameter group ``group``'s flat gradient buffer.
+    """A contiguous range ``[start, end)`` of parameter group ``group``'s flat buffers.
 
     ``index`` is the launch order (all ranks launch in this order); ``params`` are the indices
-    of the parameters overlapping the range; ``owner`` is the dp rank that receives the reduced
-    bucket under ZeRO-2 (None otherwise).
+    of the parameters it holds, whole (a larger parameter than the cap gets a bucket of its own).
+    Under ZeRO the range is padded to a multiple of dp and each dp rank owns one ``chunk`` of it,
+    ``[start + r * chunk, start + (r + 1) * chunk)`` (Megatron-LM's distributed optimizer: every
+    bucket sharded over all dp ranks); ``shard_offset`` is where that chunk sits in the rank's
+    shard of the group (ZeRO-2's gradient accumulator).
     """
 
     index: int
@@ -42,7 +48,8 @@ class Bucket:
     start: int
     end: int
     params: list[int]
-    owner: int | None = None
+    chunk: int = 0
+    shard_offset: int = 0
 
     @property
     def numel(self) -> int:
@@ -51,13 +58,14 @@ class Bucket:
 
 @dataclass
 class _FlatGroup:
-    """One optimizer parameter group laid out in a flat buffer (reverse registration order)."""
+    """One optimizer parameter group laid out in flat buffers (reverse registration order)."""
 
     members: list[int]  # parameter indices, in buffer order
     offsets: dict[int, int] = field(default_factory=dict)  # parameter index -> start in the buffer
-    numel: int = 0  # parameters' elements; the buffer is padded to `shard * dp`
-    shard: int = 0  # elements per dp shard (ceil(numel / dp) under ZeRO, else numel)
-    grad: Tensor | None = None  # flat gradients; every member's .grad is a view into it
+    numel: int = 0  # buffer elements (with ZeRO's padding: every bucket a multiple of dp)
+    shard: int = 0  # elements this rank owns under ZeRO (the sum of its buckets' chunks), else numel
+    grad: Tensor | None = None  # ZeRO-0/1: flat gradients; every member's .grad is a view into it
+    shard_grad: Tensor | None = None  # ZeRO-2: this rank's reduced gradient shard (the accumulator)
     param: Tensor | None = None  # ZeRO only: flat parameters; every member's .data is a view into it
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # norm's share: (param, lo, hi)
 
@@ -68,17 +76,23 @@ class DataParallel:
     ``named_params``: ``(name, parameter)`` pairs, possibly from several pipeline chunks; names
     must be unique (they key the checkpointed optimizer state). Parameters that do not require
     grad are ignored; all others must share one dtype and device. ``zero``: 0, 1 or 2 (the book,
-    section 5.3). ``bucket_cap_mb``: the most bytes of gradients per bucket (MiB, as DDP;
-    a larger parameter gets a bucket of its own).
+    chapter 5, section 5.3). ``bucket_cap_mb``: the most bytes of gradients per bucket (MiB, as
+    DDP; a larger parameter gets a bucket of its own). ``isolate``: names that get a bucket of
+    their own (the tied embedding's two copies under pipelining, so that ZeRO-2 shards both alike).
 
     Construction is a collective over the dp group: dp rank 0's parameters are broadcast, as
-    DDP does, so replicas start identical. From then on every ``p.grad`` is a view into a flat
-    buffer (call `zero_grad`; ``dp.optimizer.zero_grad()`` is redirected to it), and under ZeRO
-    every ``p.data`` is a view into a flat parameter buffer: replacing ``p.data`` afterwards
-    (``model.to(...)``) would cut the model off from the optimizer. ``dp.optimizer`` is a real
-    `torch.optim.AdamW` (over shards under ZeRO), so ``LambdaLR(dp.optimizer, ...)`` drives its
-    learning rate. Set ``dp.comm_log = []`` to record ``(bucket, "backward" | "finish",
-    gradients ready)`` at every launch.
+    DDP does, so replicas start identical. ZeRO-0/1: every ``p.grad`` is a view into a flat
+    buffer (call `zero_grad`; ``dp.optimizer.zero_grad()`` is redirected to it) and each bucket
+    is all-reduced as soon as backward fills it. ZeRO-2 keeps no full gradient buffer: when a
+    bucket's gradients are complete it is reduce-scattered (one collective) into every rank's
+    shard of it, added to the shard accumulator, and the full ``p.grad`` are dropped; this
+    happens after *every* backward (accumulation happens in the shard, as DeepSpeed's ZeRO-2
+    does), so ``no_sync`` does not apply to it. Under ZeRO every ``p.data`` is a view into a
+    flat parameter buffer: replacing ``p.data`` afterwards (``model.to(...)``) would cut the model
+    off from the optimizer. ``dp.optimizer`` is a real `torch.optim.AdamW` (over this rank's
+    bucket chunks under ZeRO), so ``LambdaLR(dp.optimizer, ...)`` drives its learning rate. Set
+    ``dp.comm_log = []`` to record ``(bucket, "backward" | "finish", gradients ready)`` at every
+    launch.
 
     Typical step::
 
@@ -92,7 +106,8 @@ class DataParallel:
     """
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], topo: Topology,
-                 train_cfg: TrainConfig, zero: int = 0, bucket_cap_mb: float = 25.0):
+                 train_cfg: TrainConfig, zero: int = 0, bucket_cap_mb: float = 25.0,
+                 isolate: Iterable[str] = ()):
         if zero not in (0, 1, 2):
             raise ValueError(f"zero={zero} is not supported by the lmkit engine; use 0, 1 or 2 "
                              "(ZeRO-3 is the native engine's FSDP2)")
@@ -118,104 +133,104 @@ class DataParallel:
         if self.dp > 1 and not dist.is_initialized():
             raise RuntimeError(f"dp={self.dp} but torch.distributed is not initialised")
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        isolated = {self.names.index(n) for n in isolate if n in self.names}
 
-        self.groups = self._layout()
-        self.buckets = self._make_buckets(int(bucket_cap_mb * 2**20) // self.params[0].element_size())
-        self._buckets_of: list[list[int]] = [[] for _ in self.params]
+        cap = int(bucket_cap_mb * 2**20) // self.params[0].element_size()
+        self.groups, self.buckets = self._layout(cap, isolated)
+        self._bucket_of = [0] * len(self.params)
         for b in self.buckets:
             for i in b.params:
-                self._buckets_of[i].append(b.index)
+                self._bucket_of[i] = b.index
         self._allocate_buffers()
-        self._grad_views = [self._grad_view(i) for i in range(len(self.params))]
+        self._grad_views = [self._grad_view(i) for i in range(len(self.params))] if zero < 2 else []
         self.optimizer = self._make_optimizer()
         # `dp.optimizer.zero_grad()` (train.py's habit) would drop the gradient views; route it here.
         self.optimizer.zero_grad = lambda set_to_none=True: self.zero_grad()  # type: ignore[method-assign]
 
         self._require_sync = True
         self.comm_log: list[tuple[int, str, int]] | None = None  # set to [] to record launches
+        self._in_flight: dict[int, tuple[Any, Tensor, Tensor]] = {}  # ZeRO-2: bucket -> (work, out, in)
         self._reset_round()
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_hook(i))
                        for i, p in enumerate(self.params)]
 
     # ------------------------------------------------------------------ layout
 
-    def _layout(self) -> list[_FlatGroup]:
-        """Two groups like `lmkit.train.configure_optimizer`: decay (dim >= 2), then no decay.
+    def _layout(self, cap: int, isolated: set[int]) -> tuple[list[_FlatGroup], list[Bucket]]:
+        """Two groups like `lmkit.train.configure_optimizer` (decay: dim >= 2, then no decay), and
+        greedy buckets of at most `cap` elements of whole parameters.
 
         Within a group the buffer holds the parameters in *reverse* registration order, the
-        order backward produces their gradients, so that buckets fill one after another.
+        order backward produces their gradients, so that buckets fill one after another. Under
+        ZeRO each bucket is padded to a multiple of dp and split into dp equal chunks.
         """
         decay = [i for i, p in enumerate(self.params) if p.dim() >= 2]
         no_decay = [i for i, p in enumerate(self.params) if p.dim() < 2]
-        groups = []
-        for members in (decay, no_decay):
-            g = _FlatGroup(members=list(reversed(members)))
-            for i in g.members:
-                g.offsets[i] = g.numel
-                g.numel += self.params[i].numel()
-            g.shard = math.ceil(g.numel / self.dp) if self.zero else g.numel
-            # The gradients this rank is responsible for: its shard under ZeRO-2, else all.
-            lo, hi = 0, g.numel
-            if self.zero == 2:
-                lo, hi = self.dp_rank * g.shard, (self.dp_rank + 1) * g.shard
-            for i in g.members:
-                a, b = g.offsets[i], g.offsets[i] + self.params[i].numel()
-                if max(a, lo) < min(b, hi):
-                    g.segments.append((i, max(a, lo), min(b, hi)))
-            groups.append(g)
-        return groups
-
-    def _make_buckets(self, cap: int) -> list[Bucket]:
-        """Greedy buckets of at most `cap` elements (a larger parameter gets a bucket of its own).
-
-        Under ZeRO-2 a bucket never crosses a shard boundary, so it has a single owner; a
-        parameter straddling a boundary is split between two buckets.
-        """
+        groups: list[_FlatGroup] = []
         raw: list[Bucket] = []
-        for gi, g in enumerate(self.groups):
-            pieces = []  # (start, end, param, owner)
+        for gi, members in enumerate((decay, no_decay)):
+            g = _FlatGroup(members=list(reversed(members)))
+            runs: list[list[int]] = []
             for i in g.members:
-                a, b = g.offsets[i], g.offsets[i] + self.params[i].numel()
-                while a < b:
-                    if self.zero == 2:
-                        owner = a // g.shard
-                        end = min(b, (owner + 1) * g.shard)
-                    else:
-                        owner, end = None, b
-                    pieces.append((a, end, i, owner))
-                    a = end
-            current: Bucket | None = None
-            for a, b, i, owner in pieces:
-                if current is not None and (owner != current.owner or current.numel + (b - a) > cap):
-                    raw.append(current)
-                    current = None
-                if current is None:
-                    current = Bucket(-1, gi, a, a, [], owner)
-                current.end = b
-                if not current.params or current.params[-1] != i:
-                    current.params.append(i)
-            if current is not None:
-                raw.append(current)
+                n = self.params[i].numel()
+                if (not runs or i in isolated or runs[-1][0] in isolated
+                        or sum(self.params[j].numel() for j in runs[-1]) + n > cap):
+                    runs.append([i])
+                else:
+                    runs[-1].append(i)
+            for run in runs:
+                start = g.numel
+                for i in run:
+                    g.offsets[i] = g.numel
+                    g.numel += self.params[i].numel()
+                chunk = 0
+                if self.zero:
+                    chunk = math.ceil((g.numel - start) / self.dp)
+                    g.numel = start + chunk * self.dp
+                raw.append(Bucket(-1, gi, start, g.numel, run, chunk, g.shard))
+                g.shard += chunk
+            if not self.zero:
+                g.shard = g.numel
+            groups.append(g)
         # Launch order: a bucket is complete when its earliest-registered parameter's gradient
         # arrives, and backward reaches early-registered parameters last.
         raw.sort(key=lambda b: (-min(b.params), b.group, b.start))
         for k, b in enumerate(raw):
             b.index = k
-        return raw
+        for b in raw:  # the gradients this rank is responsible for: its chunks under ZeRO-2, else all
+            g = groups[b.group]
+            lo, hi = (b.start + self.dp_rank * b.chunk, b.start + (self.dp_rank + 1) * b.chunk) \
+                if self.zero == 2 else (b.start, b.end)
+            for i in b.params:
+                a, e = g.offsets[i], g.offsets[i] + self.params[i].numel()
+                if max(a, lo) < min(e, hi):
+                    shift = b.shard_offset - lo if self.zero == 2 else 0
+                    g.segments.append((i, max(a, lo) + shift, min(e, hi) + shift))
+        return groups, raw
+
+    def _chunk_range(self, b: Bucket) -> tuple[int, int]:
+        """This rank's chunk of bucket `b` in its group's flat buffer (ZeRO)."""
+        lo = b.start + self.dp_rank * b.chunk
+        return lo, lo + b.chunk
 
     def _allocate_buffers(self) -> None:
         for g in self.groups:
-            size = g.shard * self.dp if self.zero else g.numel
-            g.grad = torch.zeros(size, dtype=self.dtype, device=self.device)
+            if self.zero == 2:
+                g.shard_grad = torch.zeros(g.shard, dtype=self.dtype, device=self.device)
+            else:
+                g.grad = torch.zeros(g.numel, dtype=self.dtype, device=self.device)
             if self.zero:
-                g.param = torch.zeros(size, dtype=self.dtype, device=self.device)
+                g.param = torch.zeros(g.numel, dtype=self.dtype, device=self.device)
             with torch.no_grad():
                 for i in g.members:
                     p = self.params[i]
-                    view = self._grad_view(i)
-                    if p.grad is not None:
-                        view.copy_(p.grad)
-                    p.grad = view
+                    if g.grad is not None:
+                        view = self._grad_view(i)
+                        if p.grad is not None:
+                            view.copy_(p.grad)
+                        p.grad = view
+                    else:
+                        p.grad = None  # ZeRO-2: full gradients exist only until their bucket is reduced
                     if g.param is not None:
                         flat = g.param[g.offsets[i]:g.offsets[i] + p.numel()].view_as(p)
                         flat.copy_(p)
@@ -236,28 +251,28 @@ class DataParallel:
         start = g.offsets[i]
         return g.grad[start:start + self.params[i].numel()].view_as(self.params[i])
 
-    def _shard(self, flat: Tensor, g: _FlatGroup) -> Tensor:
-        """This rank's shard of a group's flat buffer (the whole buffer without ZeRO)."""
-        if not self.zero:
-            return flat
-        return flat[self.dp_rank * g.shard:(self.dp_rank + 1) * g.shard]
-
     def _make_optimizer(self) -> torch.optim.AdamW:
         """AdamW with `lmkit.train.configure_optimizer`'s hyper-parameters and groups.
 
-        ZeRO: each group's single "parameter" is this rank's shard of the flat parameter buffer,
-        so `torch.optim.AdamW` keeps moments for the shard only and writes into the model.
+        ZeRO: each group's "parameters" are this rank's chunks of its buckets (views of the flat
+        parameter buffer), so `torch.optim.AdamW` keeps moments for the chunks only and writes
+        into the model; their gradients are views of the reduced gradients (ZeRO-1: of the full
+        buffer; ZeRO-2: of the shard accumulator).
         """
         cfg = self.cfg
         decays = (cfg.weight_decay, 0.0)
         if self.zero:
-            self._shard_params = []
-            for g in self.groups:
-                shard = self._shard(g.param, g)
-                shard.grad = self._shard(g.grad, g)
-                self._shard_params.append(shard)
-            groups = [{"params": [s], "weight_decay": wd}
-                      for s, wd in zip(self._shard_params, decays, strict=True)]
+            self._chunks: list[tuple[Bucket, Tensor]] = []
+            groups = []
+            for gi, (g, wd) in enumerate(zip(self.groups, decays, strict=True)):
+                chunk_params = []
+                for b in (b for b in sorted(self.buckets, key=lambda b: b.start) if b.group == gi):
+                    lo, hi = self._chunk_range(b)
+                    chunk = g.param[lo:hi]
+                    chunk.grad = self._chunk_grad(b)
+                    self._chunks.append((b, chunk))
+                    chunk_params.append(chunk)
+                groups.append({"params": chunk_params, "weight_decay": wd})
         else:
             groups = [{"params": [self.params[i] for i in sorted(g.members)], "weight_decay": wd}
                       for g, wd in zip(self.groups, decays, strict=True)]
@@ -265,17 +280,26 @@ class DataParallel:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                  fused=fused or None)
 
+    def _chunk_grad(self, b: Bucket) -> Tensor:
+        """The reduced gradient of this rank's chunk of bucket `b` (ZeRO)."""
+        g = self.groups[b.group]
+        if self.zero == 2:
+            return g.shard_grad[b.shard_offset:b.shard_offset + b.chunk]
+        lo, hi = self._chunk_range(b)
+        return g.grad[lo:hi]
+
     # ------------------------------------------------------------------ gradient sync
 
     def _reset_round(self) -> None:
         self._pending = [len(b.params) for b in self.buckets]
-        self._next = 0  # buckets [0, _next) are launched
+        self._arrived = [False] * len(self.params)  # ZeRO-2: a gradient waits in p.grad
+        self._next = 0  # buckets [0, _next) are launched (ZeRO-0/1)
         self._works: list[Any] = []
         self._n_ready = 0  # gradients that arrived in this synchronised round (for comm_log)
         self._dirty = False  # a gradient arrived since the last sync
 
     def _adopt_grad(self, i: int) -> None:
-        """Make ``p.grad`` the view into the flat buffer again if someone replaced it."""
+        """Make ``p.grad`` the view into the flat buffer again if someone replaced it (ZeRO-0/1)."""
         p, view = self.params[i], self._grad_views[i]
         if p.grad is None:
             view.zero_()  # no gradient since it was set to None: zero, not stale
@@ -290,33 +314,75 @@ class DataParallel:
         return hook
 
     def _grad_ready(self, i: int) -> None:
-        self._adopt_grad(i)
         self._dirty = True
+        if self.zero == 2:
+            self._n_ready += 1
+            self._arrived[i] = True
+            b = self._bucket_of[i]
+            if all(self._arrived[j] for j in self.buckets[b].params):
+                self._reduce_scatter(b, "backward")
+            return
+        self._adopt_grad(i)
         if not self._require_sync or self.dp == 1:
             return
         self._n_ready += 1
-        for b in self._buckets_of[i]:
-            if self._pending[b] == 0:
-                raise RuntimeError(
-                    f"gradient of {self.names[i]!r} arrived twice in one synchronised step; run every "
-                    "backward but the last inside DataParallel.no_sync()")
-            self._pending[b] -= 1
+        b = self._bucket_of[i]
+        if self._pending[b] == 0:
+            raise RuntimeError(
+                f"gradient of {self.names[i]!r} arrived twice in one synchronised step; run every "
+                "backward but the last inside DataParallel.no_sync()")
+        self._pending[b] -= 1
         # Launch in the fixed order, so every rank issues the same collective sequence.
         while self._next < len(self.buckets) and self._pending[self._next] == 0:
             self._launch(self._next, "backward")
 
     def _launch(self, b: int, where: str) -> None:
+        """ZeRO-0/1: all-reduce bucket `b` of the flat gradient buffer, asynchronously."""
         bucket = self.buckets[b]
         flat = self.groups[bucket.group].grad[bucket.start:bucket.end]
         flat.div_(self.dp)  # average = sum of grad / dp; dividing first keeps magnitudes small
-        if self.zero == 2:
-            work = dist.reduce(flat, dst=self.dp_ranks[bucket.owner], group=self.dp_group, async_op=True)
-        else:
-            work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
-        self._works.append(work)
+        self._works.append(dist.all_reduce(flat, group=self.dp_group, async_op=True))
         self._next = b + 1
         if self.comm_log is not None:
             self.comm_log.append((b, where, self._n_ready))
+
+    def _reduce_scatter(self, b: int, where: str) -> None:
+        """ZeRO-2: one reduce-scatter of bucket `b`'s gradients into every rank's chunk of it.
+
+        The bucket's ``p.grad`` are copied into one padded flat input (divided by dp) and dropped;
+        the reduced chunk is added to the shard accumulator when the work completes (`_settle`),
+        so gradients accumulate over backward passes in the shard, never in a full buffer.
+        """
+        bucket, g = self.buckets[b], self.groups[self.buckets[b].group]
+        self._settle(b)  # at most one reduction of a bucket in flight
+        flat = torch.zeros(bucket.numel, dtype=self.dtype, device=self.device)
+        for i in bucket.params:
+            p = self.params[i]
+            if p.grad is not None:
+                start = g.offsets[i] - bucket.start
+                flat[start:start + p.numel()].copy_(p.grad.reshape(-1))
+            p.grad = None
+            self._arrived[i] = False
+        flat.div_(self.dp)
+        if self.dp == 1:
+            g.shard_grad[bucket.shard_offset:bucket.shard_offset + bucket.chunk].add_(flat)
+        else:
+            out = torch.empty(bucket.chunk, dtype=self.dtype, device=self.device)
+            work = _reduce_scatter_single(out, flat, group=self.dp_group, async_op=True)
+            self._in_flight[b] = (work, out, flat)
+        if self.comm_log is not None:
+            self.comm_log.append((b, where, self._n_ready))
+
+    def _settle(self, b: int | None = None) -> None:
+        """Wait for ZeRO-2's reduction of bucket `b` (None: all) and add it to the accumulator."""
+        for k in ([b] if b is not None else sorted(self._in_flight)):
+            if k not in self._in_flight:
+                continue
+            work, out, _ = self._in_flight.pop(k)
+            work.wait()
+            bucket = self.buckets[k]
+            acc = self.groups[bucket.group].shard_grad
+            acc[bucket.shard_offset:bucket.shard_offset + bucket.chunk].add_(out)
 
     def remove_hooks(self) -> None:
         """Detach the backward hooks (e.g. before wrapping the same parameters again)."""
@@ -325,12 +391,16 @@ class DataParallel:
         self._hooks = []
 
     def require_sync(self, flag: bool) -> None:
-        """Whether backward hooks communicate (False = accumulate locally, like `no_sync`)."""
+        """Whether backward hooks communicate (False = accumulate locally, like `no_sync`; ZeRO-0/1)."""
         self._require_sync = bool(flag)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Backward passes inside only accumulate gradients locally (DDP's ``no_sync``)."""
+        """Backward passes inside only accumulate gradients locally (DDP's ``no_sync``).
+
+        ZeRO-2 has no full buffer to accumulate in: its backward passes reduce-scatter into the
+        shard regardless (one reduce-scatter per bucket and backward).
+        """
         previous = self._require_sync
         self._require_sync = False
         try:
@@ -342,9 +412,19 @@ class DataParallel:
         """Launch the buckets that have not been launched, and wait for all of them.
 
         Afterwards every rank holds the averaged gradients (ZeRO-0/1) or the averaged
-        gradients of its own shard (ZeRO-2). A call with no new gradient since the last one
-        does nothing (it would average the averages again: harmless, but wasted traffic).
+        gradients of its own chunks in the shard accumulator (ZeRO-2). A call with no new
+        gradient since the last one does nothing (it would average the averages again).
         """
+        if self.zero == 2:
+            for i, p in enumerate(self.params):  # gradients set by hand (no hook): reduce them too
+                if p.grad is not None:
+                    self._arrived[i] = True
+            for b in range(len(self.buckets)):
+                if any(self._arrived[i] for i in self.buckets[b].params):
+                    self._reduce_scatter(b, "finish")
+            self._settle()
+            self._reset_round()
+            return
         for i in range(len(self.params)):
             self._adopt_grad(i)
         if self.dp > 1 and (self._dirty or self._next > 0):
@@ -354,10 +434,55 @@ class DataParallel:
                 work.wait()
         self._reset_round()
 
+    def grad_shards(self) -> dict[str, tuple[int, int, Tensor]]:
+        """The reduced gradients this rank holds, by name: ``(lo, hi, values)`` where `values` are
+        elements ``[lo, hi)`` of the flattened parameter (ZeRO-2: its share of the shard; else all)."""
+        out = {}
+        for g in self.groups:
+            store = g.shard_grad if self.zero == 2 else g.grad
+            for i, lo, hi in g.segments:
+                start = lo - g.offsets[i] if self.zero != 2 else self._flat_start(i, lo)
+                out[self.names[i]] = (start, start + hi - lo, store[lo:hi])
+        return out
+
+    def _flat_start(self, i: int, lo: int) -> int:
+        """Element of parameter `i` (flattened) at position `lo` of its group's shard accumulator."""
+        b = self.buckets[self._bucket_of[i]]
+        g = self.groups[b.group]
+        return lo - b.shard_offset + self._chunk_range(b)[0] - g.offsets[i]
+
+    def all_reduce_grads(self, params: Sequence[Tensor], group: Any) -> None:
+        """Sum the (dp-reduced) gradients of `params` over `group`, whose ranks hold the same
+        parameters with the same layout (the tensor-parallel group for sequence-parallel
+        LayerNorms; the first and last pipeline stage for the tied embedding, isolated in a
+        bucket of its own). ZeRO-0/1: the full gradients; ZeRO-2: this rank's shard of them.
+        One all-reduce of one flat tensor."""
+        wanted = {self._index[id(p)] for p in params if id(p) in self._index}
+        views = []
+        for g in self.groups:
+            store = g.shard_grad if self.zero == 2 else g.grad
+            views += [store[lo:hi] for i, lo, hi in g.segments if i in wanted]
+        if not views:
+            return
+        flat = torch.cat(views)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for v in views:
+            v.copy_(flat[offset:offset + v.numel()])
+            offset += v.numel()
+
     # ------------------------------------------------------------------ optimizer
 
     def zero_grad(self) -> None:
-        """Zero the flat gradient buffers (the ``.grad`` views stay in place)."""
+        """Zero the gradient buffers (ZeRO-0/1: the ``.grad`` views stay in place)."""
+        if self.zero == 2:
+            self._settle()
+            for g in self.groups:
+                g.shard_grad.zero_()
+            for p in self.params:
+                p.grad = None
+            self._reset_round()
+            return
         for g in self.groups:
             g.grad.zero_()
         for i in range(len(self.params)):
@@ -365,18 +490,18 @@ class DataParallel:
         self._reset_round()
 
     def step(self) -> None:
-        """One AdamW step (on this rank's shard under ZeRO, then all-gather the parameters)."""
+        """One AdamW step (on this rank's chunks under ZeRO, then all-gather every bucket)."""
         if self._dirty or self._next > 0:
             self.finish_grad_sync()
         if not self.zero:
             self.optimizer.step()
             return
-        for g, shard in zip(self.groups, self._shard_params, strict=True):
-            shard.grad = self._shard(g.grad, g)  # in case someone reset it
+        for b, chunk in self._chunks:
+            chunk.grad = self._chunk_grad(b)  # in case someone reset it
         self.optimizer.step()
         if self.dp > 1:
-            works = [_all_gather_single(g.param, shard.clone(), group=self.dp_group, async_op=True)
-                     for g, shard in zip(self.groups, self._shard_params, strict=True) if g.numel]
+            works = [_all_gather_single(self.groups[b.group].param[b.start:b.end], chunk.clone(),
+                                        group=self.dp_group, async_op=True) for b, chunk in self._chunks]
             for w in works:
                 w.wait()
 
@@ -393,10 +518,11 @@ class DataParallel:
         """
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in self.groups:
+            store = g.shard_grad if self.zero == 2 else g.grad
             for i, lo, hi in g.segments:
                 weight = float(getattr(self.params[i], "norm_weight", 1.0))
                 if weight:
-                    total += weight * torch.linalg.vector_norm(g.grad[lo:hi], dtype=torch.float32) ** 2
+                    total += weight * torch.linalg.vector_norm(store[lo:hi], dtype=torch.float32) ** 2
         if self.zero == 2 and self.dp > 1:
             dist.all_reduce(total, group=self.dp_group)
         return total
@@ -404,7 +530,7 @@ class DataParallel:
     def scale_grads(self, factor: float | Tensor) -> None:
         """Multiply the (averaged) gradients in place; under ZeRO-2 only the own shard."""
         for g in self.groups:
-            (self._shard(g.grad, g) if self.zero == 2 else g.grad).mul_(factor)
+            (g.shard_grad if self.zero == 2 else g.grad).mul_(factor)
 
     def clip_grad_norm_(self, max_norm: float, extra_groups: Sequence[Any] = ()) -> Tensor:
         """Clip like `torch.nn.utils.clip_grad_norm_` and return the total norm (before clipping).
@@ -423,11 +549,12 @@ class DataParallel:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _gather_flat(self, shard: Tensor, g: _FlatGroup) -> Tensor:
-        if self.dp == 1 or not g.numel:
-            return shard
-        full = torch.empty(g.shard * self.dp, dtype=shard.dtype, device=shard.device)
-        _all_gather_single(full, shard.contiguous(), group=self.dp_group)
+    def _gather_bucket(self, b: Bucket, chunk: Tensor) -> Tensor:
+        """The whole (padded) bucket from every dp rank's chunk (collective over dp)."""
+        if self.dp == 1:
+            return chunk
+        full = torch.empty(b.numel, dtype=chunk.dtype, device=chunk.device)
+        _all_gather_single(full, chunk.contiguous(), group=self.dp_group)
         return full
 
     def state_dict(self) -> dict[str, Any]:
@@ -443,13 +570,14 @@ class DataParallel:
                 if self.optimizer.state.get(p):
                     state[name] = {k: v.detach().clone() for k, v in self.optimizer.state[p].items()}
             return {"state": state, "param_groups": param_groups}
-        for g, shard in zip(self.groups, self._shard_params, strict=True):
-            st = self.optimizer.state.get(shard)
+        for b, chunk in self._chunks:
+            st = self.optimizer.state.get(chunk)
             if not st:  # no step taken yet: the same on every rank
                 continue
-            full = {k: self._gather_flat(v, g) for k, v in st.items() if v.dim() > 0}
-            for i in g.members:
-                p, off = self.params[i], g.offsets[i]
+            full = {k: self._gather_bucket(b, v) for k, v in st.items() if v.dim() > 0}
+            g = self.groups[b.group]
+            for i in b.params:
+                p, off = self.params[i], g.offsets[i] - b.start
                 entry = {k: v.detach().clone() for k, v in st.items() if v.dim() == 0}
                 entry.update({k: v[off:off + p.numel()].view_as(p).clone() for k, v in full.items()})
                 state[self.names[i]] = entry
@@ -471,8 +599,8 @@ class DataParallel:
                         raise ValueError(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, the "
                                          f"parameter {tuple(p.shape)}: saved under another tensor layout?")
         torch_sd: dict[str, Any] = {"state": {}, "param_groups": []}
+        idx = 0
         if not self.zero:
-            idx = 0
             for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
                 ids = []
                 for p in pg["params"]:
@@ -482,23 +610,34 @@ class DataParallel:
                     ids.append(idx)
                     idx += 1
                 torch_sd["param_groups"].append({**saved, "params": ids})
-        else:
-            for gi, (g, saved) in enumerate(zip(self.groups, saved_groups, strict=True)):
-                names = [self.names[i] for i in g.members]
+            self.optimizer.load_state_dict(torch_sd)
+            return
+        index_of = {id(chunk): k for k, (_, chunk) in enumerate(self._chunks)}
+        for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
+            ids = []
+            for chunk in pg["params"]:
+                k = index_of[id(chunk)]
+                b = self._chunks[k][0]
+                names = [self.names[i] for i in b.params]
                 present = [n for n in names if n in state]
                 if present and len(present) != len(names):
                     missing = sorted(set(names) - set(present))
                     raise ValueError(f"optimizer state lacks {missing[:5]}; ZeRO needs all or none of "
-                                     "a parameter group")
+                                     "a bucket's parameters")
                 if present:
                     first = state[present[0]]
-                    entry = {k: v.clone() for k, v in first.items() if v.dim() == 0}
-                    for k in (k for k, v in first.items() if v.dim() > 0):
-                        full = torch.zeros(g.shard * self.dp, dtype=self.dtype, device=self.device)
-                        for i in g.members:
-                            off = g.offsets[i]
-                            full[off:off + self.params[i].numel()].copy_(state[self.names[i]][k].reshape(-1))
-                        entry[k] = self._shard(full, g).clone()
-                    torch_sd["state"][gi] = entry
-                torch_sd["param_groups"].append({**saved, "params": [gi]})
+                    entry = {key: v.clone() for key, v in first.items() if v.dim() == 0}
+                    g = self.groups[b.group]
+                    lo, hi = self._chunk_range(b)
+                    for key in (key for key, v in first.items() if v.dim() > 0):
+                        full = torch.zeros(b.numel, dtype=self.dtype, device=self.device)
+                        for i in b.params:
+                            off = g.offsets[i] - b.start
+                            values = state[self.names[i]][key].reshape(-1)
+                            full[off:off + values.numel()].copy_(values)
+                        entry[key] = full[lo - b.start:hi - b.start].clone()
+                    torch_sd["state"][idx] = entry
+                ids.append(idx)
+                idx += 1
+            torch_sd["param_groups"].append({**saved, "params": ids})
         self.optimizer.load_state_dict(torch_sd)
