@@ -218,9 +218,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if topology is None or not _is_peer_failure(e):
             raise
         raise PeerError(
-            f"rank {topology.rank}: a collective failed ({_first_line(e)}): another rank died or hung for "
-            f"more than --timeout {train_cfg.timeout:g} s; see that rank's log, then restart with "
-            "--resume auto (torchrun --max-restarts does it)") from e
+            f"rank {topology.rank}: a collective failed ({_first_line(e)}): another rank died, or hung "
+            f"past --timeout {train_cfg.timeout:g} s; see that rank's log, then restart with --resume auto "
+            "(torchrun --max-restarts does it)") from e
 
 
 def _train(args: argparse.Namespace, run: Any, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
@@ -277,7 +277,8 @@ def _is_peer_failure(error: BaseException) -> bool:
 
 def _first_line(error: BaseException) -> str:
     line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return re.sub(r"^\[[^\]]*\] ", "", line)[:160]  # drop gloo's "[/path/to/file.cc:78] "
+    line = re.sub(r"^\[[^\]]*\] ", "", line)  # drop gloo's "[/path/to/file.cc:78] "
+    return line.split(". ")[0][:160]
 
 
 def check_out_dir(out_dir: str | Path) -> None:
