@@ -8,6 +8,7 @@ A checkpoint is a directory::
                           (torch.save; loaded with weights_only=True, so no code runs on load)
       tokenizer.json      optional copy of the tokenizer (lmkit.tokenizer format)
       meta.json           format version, configs, step, time, lmkit version, sha256 of each file
+      meta.json.sha256    sha256 of meta.json itself (the manifest is verified too)
 
 Why this shape:
 
@@ -25,7 +26,11 @@ Why this shape:
   directory visible under the final name. A run directory additionally has a ``latest`` text
   file (written with os.replace) naming the newest checkpoint: `update_latest`, `find_latest`.
 * *Verified.* ``meta.json`` holds the size and sha256 of every other file, so truncation or
-  corruption is reported by name instead of surfacing as a cryptic deserialisation error.
+  corruption is reported by name instead of surfacing as a cryptic deserialisation error; its own
+  sha256 sits in ``meta.json.sha256``, so an edited manifest is refused too. The step and the
+  configs are also recorded in ``state.pt`` and in the safetensors header (a digest of the configs)
+  and cross-checked on load: a manifest that disagrees with the state it describes is refused.
+  Checkpoints of format 1 (before the manifest hash) stay readable, with the step cross-check.
 
 Tied weights (e.g. GPT's token embedding and output head) share one storage; safetensors
 refuses shared tensors, so each tensor is stored once and the other names are recorded as
@@ -75,15 +80,19 @@ __all__ = [
     "list_checkpoints",
     "prune_checkpoints",
     "step_dir_name",
+    "configs_digest",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+META_HASH_FILE = "meta.json.sha256"
 TOKENIZER_FILE = "tokenizer.json"
 LATEST_FILE = "latest"
 _ALIAS_KEY = "lmkit.aliases"
+_STEP_KEY = "lmkit.step"
+_CONFIGS_KEY = "lmkit.configs_sha256"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 PathLike = str | os.PathLike[str]
@@ -231,12 +240,14 @@ def save_checkpoint(
         "rng": dict(rng_state) if rng_state is not None else capture_rng_state(),
         "extra": dict(extra or {}),
     }
-    _check_weights_only_safe(state, "state")
     config_dicts = {name: _config_dict(name, cfg) for name, cfg in (configs or {}).items()}
+    state["configs_sha256"] = configs_digest(config_dicts)  # cross-checked against meta.json on load
+    _check_weights_only_safe(state, "state")
 
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=parent))
     try:
-        n_tensors, aliases = _write_safetensors(model_sd, tmp / MODEL_FILE)
+        header = {_STEP_KEY: str(step), _CONFIGS_KEY: state["configs_sha256"]}
+        n_tensors, aliases = _write_safetensors(model_sd, tmp / MODEL_FILE, header)
         torch.save(state, tmp / STATE_FILE)
         _fsync_file(tmp / STATE_FILE)
         if tokenizer is not None:
@@ -255,8 +266,10 @@ def save_checkpoint(
             "model": {"tensors": n_tensors, "aliases": aliases},
             "files": files,
         }
-        # meta.json is written last: a directory with meta.json had all its files written.
-        _write_bytes(tmp / META_FILE, json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+        # meta.json (and its hash) are written last: a directory with meta.json had all its files written.
+        manifest = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+        _write_bytes(tmp / META_FILE, manifest)
+        _write_bytes(tmp / META_HASH_FILE, (hashlib.sha256(manifest).hexdigest() + "\n").encode("ascii"))
         _fsync_dir(tmp)
         _swap_into_place(tmp, target)
     except BaseException:
@@ -361,7 +374,13 @@ def _check_weights_only_safe(obj: Any, path: str) -> None:
     )
 
 
-def _write_safetensors(sd: Mapping[str, torch.Tensor], path: Path) -> tuple[int, dict[str, str]]:
+def configs_digest(configs: Mapping[str, Any]) -> str:
+    """sha256 of the configs' canonical JSON: what state.pt and the weights record of meta.json's."""
+    return hashlib.sha256(json.dumps(configs, sort_keys=True, ensure_ascii=True).encode("ascii")).hexdigest()
+
+
+def _write_safetensors(sd: Mapping[str, torch.Tensor], path: Path,
+                       header: Mapping[str, str] | None = None) -> tuple[int, dict[str, str]]:
     """Save `sd` with each storage once; return (tensors written, alias -> stored name)."""
     from safetensors.torch import save_file
 
@@ -387,7 +406,8 @@ def _write_safetensors(sd: Mapping[str, torch.Tensor], path: Path) -> tuple[int,
         storages.add(ptr)
         seen[key] = name
         tensors[name] = t.contiguous().cpu()
-    save_file(tensors, str(path), metadata={_ALIAS_KEY: json.dumps(aliases), "format": "pt"})
+    metadata = {_ALIAS_KEY: json.dumps(aliases), "format": "pt", **(header or {})}
+    save_file(tensors, str(path), metadata=metadata)
     _fsync_file(path)
     return len(tensors), aliases
 
@@ -468,10 +488,13 @@ def _read_meta(directory: Path, verify: bool) -> dict[str, Any]:
             f"{meta_path} is missing: {directory} is not a complete lmkit checkpoint "
             "(meta.json is written last, so the save did not finish); pick another checkpoint"
         )
+    manifest = meta_path.read_bytes()
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(manifest.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON ({e}): truncated or corrupt") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is not an lmkit manifest (a JSON object): corrupt or edited")
     version = meta.get("format_version")
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise CheckpointError(
@@ -479,6 +502,17 @@ def _read_meta(directory: Path, verify: bool) -> dict[str, Any]:
             f"1..{FORMAT_VERSION}. It was written by lmkit {meta.get('lmkit_version', '?')}; "
             "use a matching lmkit version"
         )
+    if version >= 2:  # the manifest's own hash (format 1 had none)
+        hash_path = directory / META_HASH_FILE
+        recorded = hash_path.read_text(encoding="ascii").strip() if hash_path.is_file() else None
+        if recorded != hashlib.sha256(manifest).hexdigest():
+            what = "is missing" if recorded is None else "does not match meta.json"
+            raise CheckpointError(
+                f"{hash_path} {what}: the manifest {meta_path} was edited or is corrupt, so the checkpoint "
+                "is refused; re-save it or pick an earlier checkpoint")
+    if not isinstance(meta.get("step"), int) or meta["step"] < 0:
+        raise CheckpointError(f"{meta_path} has step {meta.get('step')!r}, not a non-negative integer: "
+                              "corrupt or edited; pick an earlier checkpoint")
     for name, info in meta.get("files", {}).items():
         path = directory / name
         if not path.is_file():
@@ -504,24 +538,44 @@ def load_model_state(
 ) -> dict[str, torch.Tensor]:
     """The full model state dict of a checkpoint (aliases of tied weights included)."""
     directory = Path(directory)
-    _read_meta(directory, verify)
-    return _read_safetensors(directory / MODEL_FILE, map_location)
+    meta = _read_meta(directory, verify)
+    return _read_safetensors(directory / MODEL_FILE, map_location, meta)
 
 
-def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, map_location: str | torch.device,
+                      meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a model file (aliases restored), cross-checked against `meta`."""
     from safetensors import safe_open
 
     device = str(torch.device(map_location))
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
-            aliases = json.loads((f.metadata() or {}).get(_ALIAS_KEY, "{}"))
+            header = f.metadata() or {}
+            aliases = json.loads(header.get(_ALIAS_KEY, "{}"))
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path} cannot be read ({e}): truncated or corrupt, re-save or pick an "
                               "earlier checkpoint") from e
+    if meta is not None:  # format 1 has no step or configs in the header: only the tensor count
+        manifest = {"step": str(meta["step"]), "tensors": meta.get("model", {}).get("tensors", len(sd))}
+        stored = {"step": header.get(_STEP_KEY, manifest["step"]), "tensors": len(sd)}
+        if meta.get("format_version", 1) >= 2:
+            manifest["configs"] = configs_digest(meta.get("configs", {}))
+            stored["configs"] = header.get(_CONFIGS_KEY)
+        _cross_check(path, manifest, stored)
     for alias, name in aliases.items():
         sd[alias] = sd[name]
     return sd
+
+
+def _cross_check(path: Path, manifest: Mapping[str, Any], stored: Mapping[str, Any]) -> None:
+    """Refuse a file whose step / configs / tensor count disagree with meta.json's (one line)."""
+    for key, value in manifest.items():
+        if stored[key] != value:
+            raise CheckpointError(
+                f"{path} disagrees with {META_FILE} about the {key} ({stored[key]!r} in the file, {value!r} "
+                "in the manifest): the manifest was edited or belongs to another checkpoint; re-save it or "
+                "pick an earlier checkpoint")
 
 
 def load_checkpoint(
@@ -555,6 +609,12 @@ def load_checkpoint(
         raise CheckpointError(f"{state_path} cannot be loaded ({type(e).__name__}: {e}): truncated or "
                               "corrupt, re-save or pick an earlier checkpoint") from e
 
+    stored = {"step": state.get("step") if isinstance(state, dict) else None}
+    manifest = {"step": meta["step"]}
+    if meta["format_version"] >= 2:
+        stored["configs"] = state.get("configs_sha256")
+        manifest["configs"] = configs_digest(meta.get("configs", {}))
+    _cross_check(state_path, manifest, stored)
     info = CheckpointInfo(
         directory=directory,
         step=int(meta["step"]),
@@ -570,7 +630,7 @@ def load_checkpoint(
 
     if model is not None:
         model = _unwrap(model)
-        sd = _read_safetensors(directory / MODEL_FILE, map_location)
+        sd = _read_safetensors(directory / MODEL_FILE, map_location, meta)
         missing, unexpected = _check_against_model(sd, model, directory / MODEL_FILE, strict)
         info.missing_keys, info.unexpected_keys = missing, unexpected
         model.load_state_dict(sd, strict=strict)

@@ -86,7 +86,7 @@ def test_round_trip_model_optimizer_scheduler(tmp_path):
         configs=cfgs, tokenizer=tok, extra={"best_val": 1.25, "tokens": torch.tensor([7, 8])},
     )
     assert sorted(p.name for p in path.iterdir()) == [
-        "meta.json", "model.safetensors", "state.pt", "tokenizer.json"
+        "meta.json", "meta.json.sha256", "model.safetensors", "state.pt", "tokenizer.json"
     ]
     meta = json.loads((path / "meta.json").read_text())
     assert meta["format_version"] == ckpt.FORMAT_VERSION and meta["step"] == 3
@@ -353,3 +353,88 @@ def test_gpt_round_trip_with_tied_embeddings(tmp_path):
     gpt2.eval()
     with torch.no_grad():
         assert torch.equal(gpt(idx)[0], gpt2(idx)[0])
+
+
+# ---------------------------------------------------------------------- integrity of the manifest
+
+
+def _edit_meta(path, change, rehash: bool = False) -> None:
+    """Edit meta.json; with `rehash`, also rewrite its recorded sha256 (a careful forger)."""
+    import hashlib
+
+    meta = json.loads((path / "meta.json").read_text())
+    change(meta)
+    data = json.dumps(meta).encode()
+    (path / "meta.json").write_bytes(data)
+    if rehash:
+        (path / "meta.json.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+
+
+@pytest.mark.parametrize("field", ["step", "configs", "whitespace"])
+def test_an_edited_manifest_is_refused_in_one_line(tmp_path, field):
+    model, opt, sched = make()
+    configs = {"train": TrainConfig(max_steps=7)}
+    path = save_checkpoint(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, step=3,
+                           configs=configs)
+    changes = {"step": lambda m: m.update(step=999),
+               "configs": lambda m: m["configs"]["train"].update(max_steps=70),
+               "whitespace": lambda m: None}  # even re-serialising changes the bytes
+    _edit_meta(path, changes[field])
+    for load in (load_checkpoint, load_model_state):
+        with pytest.raises(CheckpointError, match=r"meta\.json\.sha256 does not match meta\.json: the "
+                                                  r"manifest .* was edited") as err:
+            load(path)
+        assert "\n" not in str(err.value)
+    (path / "meta.json.sha256").unlink()
+    with pytest.raises(CheckpointError, match=r"meta\.json\.sha256 is missing"):
+        load_checkpoint(path)
+
+
+def test_step_and_configs_are_cross_checked_against_the_state(tmp_path):
+    """Even with its hash rewritten, a manifest that disagrees with state.pt / the weights is refused."""
+    model, opt, sched = make()
+    configs = {"train": TrainConfig(max_steps=7)}
+    path = save_checkpoint(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, step=3,
+                           configs=configs)
+    assert load_checkpoint(path).step == 3
+    _edit_meta(path, lambda m: m.update(step=999), rehash=True)
+    with pytest.raises(CheckpointError, match=r"state\.pt disagrees with meta\.json about the step \(3 in "
+                                              r"the file, 999 in the manifest\)"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors disagrees with meta\.json about the step"):
+        load_model_state(path)
+    _edit_meta(path, lambda m: m.update(step=3), rehash=True)
+    _edit_meta(path, lambda m: m["configs"]["train"].update(max_steps=70), rehash=True)
+    with pytest.raises(CheckpointError, match=r"state\.pt disagrees with meta\.json about the configs"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"safetensors disagrees with meta\.json about the configs"):
+        load_model_state(path)
+
+
+def test_format_1_checkpoints_stay_readable(tmp_path):
+    """A checkpoint written before the manifest hash (format 1) loads; its step is still cross-checked."""
+    from safetensors.torch import load_file, save_file
+
+    model, opt, sched = make()
+    path = save_checkpoint(tmp_path / "c", model=model, optimizer=opt, scheduler=sched, step=3)
+    weights = load_file(str(path / "model.safetensors"))  # rewrite the files as lmkit 1 wrote them
+    save_file(weights, str(path / "model.safetensors"), metadata={"lmkit.aliases": json.dumps(
+        {"head.weight": "emb.weight"}), "format": "pt"})
+    state = torch.load(path / "state.pt", weights_only=True)
+    del state["configs_sha256"]
+    torch.save(state, path / "state.pt")
+    (path / "meta.json.sha256").unlink()
+
+    def as_format_1(meta):
+        meta["format_version"] = 1
+        for name in ("model.safetensors", "state.pt"):
+            meta["files"][name] = {"sha256": ckpt._sha256(path / name), "bytes": (path / name).stat().st_size}
+
+    _edit_meta(path, as_format_1)
+    other, opt2, sched2 = make(seed=5)
+    info = load_checkpoint(path, model=other, optimizer=opt2, scheduler=sched2)
+    assert info.step == 3 and info.meta["format_version"] == 1
+    assert torch.equal(other.emb.weight, model.emb.weight)
+    _edit_meta(path, lambda m: m.update(step=999))
+    with pytest.raises(CheckpointError, match="about the step"):
+        load_checkpoint(path)
