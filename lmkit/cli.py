@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -109,6 +110,13 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig,
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if getattr(args, "config", None):
         for section, items in load_toml(args.config).items():
+            known = [f.name for f in dataclasses.fields(SECTIONS[section])]
+            unknown = sorted(set(items) - set(known))
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.4)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"config file {args.config}: [{section}] has unknown key(s) {unknown}; "
+                                  f"{hint}known keys: {', '.join(known)}")
             values[section].update(items)
     for key, value in vars(args).items():
         if "." in key and value is not None:
@@ -186,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--pp", type=int, default=None, help="only layouts with this pipeline-parallel size")
     est.add_argument("--top", type=int, default=10, help="rows to print")
     est.add_argument("--json", action="store_true", help="print the rows as JSON")
+    _add_export_parser(sub)
     return parser
 
 
@@ -201,6 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel_cfg.validate(world_size=world)  # before any work: a wrong launch fails on every rank at once
     check_out_dir(train_cfg.out_dir)  # before the corpus, the model and the first step
+    if args.resume not in (None, "auto") and not Path(args.resume).exists():
+        raise UsageError(f"lmkit train: --resume {args.resume} does not exist; pass a run directory (its "
+                         "latest checkpoint is used) or one of its step_* directories, or --resume auto")
     run = prepare_run(model_cfg, train_cfg)
     layout = parallel_cfg if parallel_cfg.world_size > 1 else None
     topology = None
@@ -379,7 +391,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         try:
             tokenizer.encode(prompt)
         except ValueError as e:
-            raise UsageError(f"lmkit generate: --prompt {prompt!r}: {e}") from None
+            problem = str(e).split(";")[0]  # the tokenizer's advice is for its Python users
+            raise UsageError(f"lmkit generate: --prompt {prompt!r}: {problem}; leave that character out, or "
+                             "train with --tokenizer bpe (byte-level: it encodes any text)") from None
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    repetition_penalty=args.repetition_penalty, greedy=args.greedy, seed=args.seed,
                    use_cache=not args.no_cache, stop_token_ids=[tokenizer.eot_id])
@@ -477,7 +491,38 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "estimate": cmd_estimate}
+# --------------------------------------------------------------------------- export (issue 9, item 5)
+
+
+def _add_export_parser(sub: Any) -> None:
+    exp = sub.add_parser("export", help="a sharded checkpoint as one safetensors directory (for generate, "
+                                        "transformers users)",
+                         description="Read every shard of a sharded checkpoint (any layout) in this process "
+                                     "and write today's single-directory checkpoint: model.safetensors, "
+                                     "state.pt, tokenizer.json, meta.json.")
+    exp.add_argument("checkpoint", help="sharded checkpoint directory, or a run directory (uses its latest)")
+    exp.add_argument("out", help="directory to write (a new one, or an lmkit checkpoint to replace)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``lmkit export CHECKPOINT OUT``: `lmkit.checkpoint.export_checkpoint`, with one-line errors."""
+    from lmkit import checkpoint as ckpt
+
+    source, out = Path(args.checkpoint), Path(args.out)
+    if not (source / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(source)) is not None:
+        source = latest
+    if out.exists() and not (out / ckpt.META_FILE).is_file():
+        raise UsageError(f"lmkit export: {out} exists and is not an lmkit checkpoint; choose a new directory")
+    if out.resolve() == source.resolve():
+        raise UsageError(f"lmkit export: {out} is the checkpoint itself; choose another directory")
+    path = ckpt.export_checkpoint(source, out)
+    kind = "sharded" if ckpt.is_sharded(source) else "single-directory"
+    print(f"exported the {kind} checkpoint {source} (step {ckpt.load_checkpoint(path).step}) to {path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "estimate": cmd_estimate,
+            "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

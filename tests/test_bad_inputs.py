@@ -114,7 +114,8 @@ ROWS = {
                              "use 0 or more"),
     "prompt outside the vocabulary": Row(
         lambda w: ["generate", str(w / "run"), "--prompt", "ROMEO ☃"],
-        "character '☃' (U+2603) at position 6 is not in the CharTokenizer vocabulary", "or use BPETokenizer"),
+        "character '☃' (U+2603) at position 6 is not in the CharTokenizer vocabulary",
+        "leave that character out, or train with --tokenizer bpe"),
     "out-dir under a regular file": Row(
         lambda w: ["train", "--max-steps", "1", "--out-dir", str(_regular_file(w)), *TINY],
         "a_file is a file, not a directory", "choose another --out-dir"),
@@ -138,7 +139,7 @@ ROWS = {
         env={"WORLD_SIZE": "4"}),
     "missing checkpoint": Row(
         lambda w: ["train", "--resume", str(w / "no_such_run"), "--out-dir", str(w / "missing"), *TINY],
-        "no_such_run", "checkpoint"),
+        "no_such_run does not exist", "or --resume auto"),
     "truncated checkpoint": Row(
         lambda w: ["generate", str(_truncate(w)), "--prompt", "ROMEO:"], "model.safetensors",
         "earlier checkpoint"),
@@ -153,9 +154,10 @@ ROWS = {
                    "--out-dir", str(w / "corpus")],
         "unknown corpus 'wikipedia'", "kjv"),
     "unknown TOML key": Row(
-        lambda w: ["train", "--config", str(_toml(w, "[train]\nlearning_rate = 0.1\n", "key.toml")),
+        lambda w: ["train", "--config", str(_toml(w, "[train]\nwarmup = 10\n", "key.toml")),
                    "--out-dir", str(w / "key")],
-        "unknown TrainConfig option(s) ['learning_rate']", "known options:"),
+        "key.toml: [train] has unknown key(s) ['warmup']",
+        "did you mean 'warmup_steps'? known keys: corpus,"),
 }
 
 
