@@ -36,12 +36,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Headless Chromium for the site test (Debian packages); installed only when missing.
+# Headless Chromium for the site test, and CJK fonts so that its Chinese shows as characters
+# rather than boxes (Debian packages); installed only when missing.
+BROWSER_PKGS := chromium chromium-driver fonts-noto-cjk
 browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "NOTICE: installing chromium + chromium-driver with sudo (needed by the site test)"; \
-	     sudo apt-get update -qq && sudo apt-get install -y -qq chromium chromium-driver >/dev/null; fi
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	    && fc-list 2>/dev/null | grep -q "Noto Sans CJK"; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(BROWSER_PKGS) >/dev/null; \
+	else echo "NOTICE: installing $(BROWSER_PKGS) with sudo (needed by the site test)"; \
+	     sudo apt-get update -qq && sudo apt-get install -y -qq $(BROWSER_PKGS) >/dev/null; fi
 
 # --- book ------------------------------------------------------------------------------------
 book/chapters/%.ipynb: notebooks/%.ipynb $(LMKIT_SRC) book/tools/execute.py $(STAMP)

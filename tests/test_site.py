@@ -504,6 +504,51 @@ def test_intro_links_the_glossary(site: Site):
     assert 'href="glossary.html"' in html
 
 
+# --- Chinese text ------------------------------------------------------------------------------
+# For every distinct Chinese character of the page's first heading: its rendering in the heading's
+# own font stack (a canvas uses the same font fallback as the page), that of a code point no font
+# has (U+10FFFD: the missing-glyph box), and the widths of both strings.
+_CJK_PROBE = """
+const h = document.querySelector('h1');
+const style = getComputedStyle(h);
+const chars = [...new Set([...h.textContent].filter(c => /[\\u4e00-\\u9fff]/.test(c)))];
+const canvas = document.createElement('canvas');
+canvas.width = 80; canvas.height = 80;
+const ctx = canvas.getContext('2d', {willReadFrequently: true});
+ctx.font = `64px ${style.fontFamily}`;
+const render = c => {
+  ctx.clearRect(0, 0, 80, 80); ctx.fillText(c, 4, 66);
+  const px = ctx.getImageData(0, 0, 80, 80).data;
+  let hash = 0, ink = 0;
+  for (let i = 3; i < px.length; i += 4) { hash = (hash * 31 + px[i]) | 0; ink += px[i] > 0; }
+  return {hash, ink};
+};
+const box = render('\\u{10FFFD}');
+const glyphs = chars.map(render);
+return {family: style.fontFamily, chars: chars.join(''), box: box.hash,
+        hashes: glyphs.map(g => g.hash), ink: glyphs.map(g => g.ink),
+        width: ctx.measureText(chars.join('')).width,
+        boxWidth: ctx.measureText('\\u{10FFFD}'.repeat(chars.length)).width};
+"""
+
+
+def test_chinese_headings_render_with_glyphs(pages, driver, server):
+    page = "chapters/01_concepts"
+    pages(page)  # builds the site if needed
+    driver.get(server + f"{page}.html")
+    probe = driver.execute_script(_CJK_PROBE)
+    assert len(probe["chars"]) >= 2, f"the heading of {page} has no Chinese to check: {probe}"
+    assert "Noto Sans CJK SC" in probe["family"], f"no CJK font in the site's font stack: {probe['family']}"
+    n = len(probe["chars"])
+    # drawn glyphs: each character has ink, differs from the missing-glyph box and from the others
+    assert all(ink > 50 for ink in probe["ink"]), probe
+    assert probe["box"] not in probe["hashes"], f"Chinese drawn as missing-glyph boxes: {probe}"
+    assert len(set(probe["hashes"])) == n, f"distinct characters drawn alike (boxes): {probe}"
+    # CJK glyphs are full-width: n characters at 64 px are about n x 64 px wide
+    assert abs(probe["width"] - 64 * n) < 0.1 * 64 * n, probe
+    assert abs(probe["width"] - probe["boxWidth"]) > 1.0, probe
+
+
 # --- the layout calculator of chapter 5 --------------------------------------------------------
 CALCULATOR_PAGE = "chapters/05_parallelism_theory"
 # Every input of the calculator (book/_ext/calculator.py), in the order a reader sets them: the
