@@ -535,7 +535,7 @@ class Trainer:
             return
         model = dict(meta.get("configs", {}).get("model") or {})
         differ = [f"{k}={model[k]!r} (now {v!r})" for k, v in to_dict(self.model_config).items()
-                  if k in model and model[k] != v]
+                  if k in model and model[k] != v and k != "dropout"]  # dropout may change, shapes not
         if differ:
             raise ConfigError(f"{path} holds another model: {', '.join(differ)}; resume with the "
                               "checkpoint's model options, or train into a new --out-dir")
