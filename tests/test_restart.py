@@ -136,3 +136,30 @@ def test_a_hung_rank_makes_its_peers_fail_after_the_timeout_with_one_line(tmp_pa
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("lmkit: error: rank 0: a collective failed (") and "past --timeout 3 s" in err, err
     assert "Traceback" not in err and time.monotonic() - started < 60
+
+
+def _subgroup_timeout_worker(layout: dict, group: str) -> float | None:
+    """Rank 1 never joins; rank 0 reports how long its collective on `group` waited before failing."""
+    import torch
+    import torch.distributed as dist
+
+    from lmkit.parallel.mesh import init_topology
+
+    topo = init_topology(ParallelConfig(**layout), "cpu", timeout_s=2)
+    if topo.rank == 1:
+        time.sleep(5)
+        return None
+    started = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=getattr(topo, group))
+    except RuntimeError:
+        return time.monotonic() - started
+    raise AssertionError("the collective succeeded without rank 1")
+
+
+@pytest.mark.parametrize("layout, group", [({"dp": 2}, "dp_group"), ({"tp": 2}, "tp_group"),
+                                           ({"pp": 2, "microbatches": 2}, "pp_group")])
+def test_the_timeout_holds_for_every_process_group(layout, group):
+    """``new_group`` defaults to 30 minutes on gloo; every group of the layout gets ``--timeout``."""
+    waited, _ = run_local(2, _subgroup_timeout_worker, layout, group, timeout=60)
+    assert 1.5 < waited < 5, waited

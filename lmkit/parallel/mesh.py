@@ -135,8 +135,8 @@ def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 
         dev = torch.device("cpu")
     if world == 1:
         return single_process_topology(dev)
+    timeout = datetime.timedelta(seconds=timeout_s)  # every group's: new_group defaults to 30 min, not this
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
         store = elastic_attempt_store(timeout)
         kwargs: dict = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
                                                  "world_size": world}
@@ -148,7 +148,7 @@ def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 
     def build(groups: list[list[int]]) -> tuple[object, list[int]]:
         mine, ranks_of_mine = None, [rank]
         for ranks in groups:
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timeout)
             if rank in ranks:
                 mine, ranks_of_mine = group, ranks
         return mine, ranks_of_mine
