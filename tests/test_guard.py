@@ -131,24 +131,28 @@ def _poison_forward(trainer: Trainer, at_step: int) -> None:
     first.register_forward_hook(hook)
 
 
-def _layout_worker(layout: dict, poison_rank: int, policy: str, out_dir: str) -> dict:
-    """Train 4 steps; rank `poison_rank` alone computes NaNs in step 2 (its peers learn it by reduction)."""
+def _layout_worker(layout: dict, out_dir: str) -> dict:
+    """Two 4-step runs on one process group: with ``skip`` rank 1 alone computes NaNs in step 2,
+    with ``stop`` rank 0 does (its peers learn it by reduction)."""
     pcfg = ParallelConfig(**layout)
     topo = init_topology(pcfg, "cpu")
-    seed_everything(3)
-    cfg = _cfg(out_dir, max_steps=4, nonfinite=policy, max_skips=2)
-    trainer = Trainer(GPT(MODEL), cfg, TOKENS, TOKENS, model_config=MODEL, parallel=pcfg, topology=topo)
-    if topo.rank == poison_rank:
-        _poison_forward(trainer, at_step=2)
-    try:
-        trainer.fit()
-        error = None
-    except NonFiniteError as e:
-        error = str(e)
-    losses = [e["loss"] for e in trainer.history if e["kind"] == "train"]
-    skips = [(e["step"], e["problem"]) for e in trainer.history if e["kind"] == "skip"]
-    return {"rank": topo.rank, "step": trainer.step, "skipped": trainer.skipped_steps, "error": error,
-            "losses": losses, "skips": skips}
+    results = {}
+    for policy, poison_rank in (("skip", 1), ("stop", 0)):
+        seed_everything(3)
+        cfg = _cfg(f"{out_dir}/{policy}", max_steps=4, nonfinite=policy, max_skips=2)
+        trainer = Trainer(GPT(MODEL), cfg, TOKENS, TOKENS, model_config=MODEL, parallel=pcfg, topology=topo)
+        if topo.rank == poison_rank:
+            _poison_forward(trainer, at_step=2)
+        try:
+            trainer.fit()
+            error = None
+        except NonFiniteError as e:
+            error = str(e)
+        results[policy] = {
+            "step": trainer.step, "skipped": trainer.skipped_steps, "error": error,
+            "losses": [e["loss"] for e in trainer.history if e["kind"] == "train"],
+            "skips": [(e["step"], e["problem"]) for e in trainer.history if e["kind"] == "skip"]}
+    return results
 
 
 @pytest.mark.distributed
@@ -156,13 +160,14 @@ def _layout_worker(layout: dict, poison_rank: int, policy: str, out_dir: str) ->
                                     {"dp": 2, "zero": 2}, {"dp": 2, "engine": "native"}])
 def test_every_rank_decides_the_same(layout, tmp_path):
     """One rank's NaN makes the global loss and norm NaN, so all ranks skip (or stop) together."""
-    skip = run_local(2, _layout_worker, layout, 1, "skip", str(tmp_path / "skip"))
+    ranks = run_local(2, _layout_worker, layout, str(tmp_path))
+    skip = [r["skip"] for r in ranks]
     assert [r["skipped"] for r in skip] == [1, 1] and [r["step"] for r in skip] == [4, 4]
     assert all(r["error"] is None for r in skip)
     both = "the loss is nan and the global gradient norm is nan"
     assert skip[0]["skips"] == skip[1]["skips"] == [(2, both)]
     assert len(skip[0]["losses"]) == 3 and all(math.isfinite(x) for x in skip[0]["losses"])
     assert skip[0]["losses"] == skip[1]["losses"]
-    stop = run_local(2, _layout_worker, layout, 0, "stop", str(tmp_path / "stop"))
+    stop = [r["stop"] for r in ranks]
     assert [r["step"] for r in stop] == [2, 2]
     assert all(r["error"] and r["error"].startswith("step 2: the loss is nan") for r in stop), stop
