@@ -12,9 +12,13 @@ A checkpoint is a directory::
 
 Why this shape:
 
-* *Layout independent.* Weights are stored whole, by parameter name, never per rank. A run
-  saved under dp=2, tp=2 resumes under pp=4 or on one CPU: the parallel wrapper gathers the
-  full state dict before saving (pass it as a mapping) and re-shards after loading.
+* *Layout independent.* Weights are stored by parameter name, as the single-process model's
+  tensors. A run saved under dp=2, tp=2 resumes under pp=4 or on one CPU. A single process writes
+  them whole (this directory); a parallel run writes a *sharded* checkpoint (`save_sharded_checkpoint`,
+  section at the end): every rank writes only its own boxes of those tensors with
+  ``torch.distributed.checkpoint`` into ``shards/``, and a resume under any layout reads only the
+  overlapping parts (`load_sharded_checkpoint`); `export_checkpoint` (``lmkit export``) turns it
+  into this single directory.
 * *Safe.* safetensors cannot execute code; ``state.pt`` is read with ``weights_only=True``.
   Everything stored there is therefore restricted to tensors and plain Python values; the
   save side checks this (`CheckpointError` naming the offending key) so a bad value fails at
@@ -48,20 +52,45 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import hashlib
+import io
 import json
+import math
 import os
 import random
 import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from lmkit import __version__, atomic
 from lmkit.config import to_dict
@@ -81,6 +110,12 @@ __all__ = [
     "prune_checkpoints",
     "step_dir_name",
     "configs_digest",
+    "Piece",
+    "is_sharded",
+    "save_sharded_checkpoint",
+    "load_sharded_checkpoint",
+    "load_sharded_full",
+    "export_checkpoint",
 ]
 
 FORMAT_VERSION = 2
@@ -186,8 +221,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
         else:
-            import warnings
-
             warnings.warn(
                 f"checkpoint has CUDA RNG states for {len(cuda)} device(s) but {torch.cuda.device_count()} "
                 "are visible; CUDA RNG not restored (dropout masks will differ from the original run)",
@@ -469,7 +502,8 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_meta(directory: Path, verify: bool) -> dict[str, Any]:
+def _read_meta(directory: Path, verify: bool,
+               skip_hash: Callable[[str], bool] | None = None) -> dict[str, Any]:
     _recover(directory)
     if not directory.is_dir():
         hint = ""
@@ -520,6 +554,11 @@ def _read_meta(directory: Path, verify: bool) -> dict[str, Any]:
         if not verify:
             continue
         size = path.stat().st_size
+        if skip_hash is not None and skip_hash(name):  # verified where it is read (sharded checkpoints)
+            if size != info["bytes"]:
+                raise CheckpointError(f"{path} is {size} bytes but {META_FILE} recorded {info['bytes']}: the "
+                                      "file is truncated or corrupt, re-save or pick an earlier checkpoint")
+            continue
         if size != info["bytes"]:
             raise CheckpointError(
                 f"{path} is {size} bytes but {META_FILE} recorded {info['bytes']}: the file is truncated or "
@@ -746,3 +785,312 @@ def prune_checkpoints(out_dir: PathLike, keep_last: int) -> list[Path]:
         shutil.rmtree(p)
         removed.append(p)
     return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint): each rank writes and reads its own pieces
+# --------------------------------------------------------------------------------------------
+
+SHARDS_DIR = "shards"  # DCP's files: .metadata (the global index) and one __<rank>_0.distcp per rank
+
+
+@dataclass
+class Piece:
+    """A box of one global (layout-independent) tensor that this rank holds.
+
+    ``fqn``: ``model.<GPT name>`` or ``optim.<GPT name>.<exp_avg | exp_avg_sq>``; ``shape``: the
+    full tensor's shape; ``offsets``: where `tensor` (this rank's values, a view) starts in it;
+    ``write``: whether this rank is the one that saves it (one replica of each box writes).
+    """
+
+    fqn: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    tensor: torch.Tensor
+    write: bool = True
+
+
+class _PieceSavePlanner(DefaultSavePlanner):
+    """DCP's default planner (dedup, global metadata) over exactly this rank's pieces and objects."""
+
+    def __init__(self, pieces: list[Piece], objects: Mapping[str, Any]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.pieces, self.objects = pieces, dict(objects)
+        self.data: dict[Any, Any] = {}
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for piece in self.pieces:
+            offsets = torch.Size(piece.offsets)
+            chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size(piece.tensor.shape))
+            data = TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(piece.tensor),
+                                   size=torch.Size(piece.shape))
+            items.append(WriteItem(index=MetadataIndex(piece.fqn, offsets), type=WriteItemType.SHARD,
+                                   tensor_data=data))
+            self.data[(piece.fqn, tuple(piece.offsets))] = piece.tensor
+        for key, value in self.objects.items():
+            items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
+            self.data[(key, None)] = value
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        offset = write_item.index.offset
+        value = self.data[(write_item.index.fqn, tuple(offset) if offset is not None else None)]
+        if write_item.type == WriteItemType.BYTE_IO:
+            buffer = io.BytesIO()
+            torch.save(value, buffer)
+            buffer.seek(0)
+            return buffer
+        return value.detach().contiguous().cpu()  # the box alone, not the storage it views
+
+
+class _PieceLoadPlanner(DefaultLoadPlanner):
+    """Reads, for every piece, its overlap with every saved chunk (DCP's resharding), in place."""
+
+    def __init__(self, pieces: list[Piece], objects: Sequence[str], received: dict[str, Any]) -> None:
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.pieces, self.objects, self.received = pieces, list(objects), received
+        self.bytes_read = 0  # tensor bytes this rank reads (what the resume costs it)
+
+    def create_local_plan(self) -> LoadPlan:
+        items, self.targets = [], {}
+        by_fqn: dict[str, list[Piece]] = {}
+        for piece in self.pieces:
+            by_fqn.setdefault(piece.fqn, []).append(piece)
+        for fqn, group in by_fqn.items():
+            saved = self.metadata.state_dict_metadata.get(fqn)
+            if not isinstance(saved, TensorStorageMetadata):
+                raise CheckpointError(f"the sharded checkpoint has no tensor {fqn!r}; it was saved from "
+                                      "another model (compare meta.json 'configs')")
+            if tuple(saved.size) != tuple(group[0].shape):
+                raise CheckpointError(f"tensor {fqn!r} has shape {tuple(saved.size)} in the checkpoint but "
+                                      f"{tuple(group[0].shape)} in the model; the model config differs")
+            chunks = [ChunkStorageMetadata(offsets=torch.Size(p.offsets), sizes=torch.Size(p.tensor.shape))
+                      for p in group]
+            for item in create_read_items_for_chunk_list(fqn, saved, chunks):
+                items.append(item)
+                self.bytes_read += math.prod(item.lengths) * group[0].tensor.element_size()
+            for k, p in enumerate(group):
+                self.targets[(fqn, k)] = p.tensor
+        for key in self.objects:
+            items.append(ReadItem(type=LoadItemType.BYTE_IO, dest_index=MetadataIndex(key),
+                                  dest_offsets=torch.Size([0]), storage_index=MetadataIndex(key),
+                                  storage_offsets=torch.Size([0]), lengths=torch.Size([0])))
+        self.plan = LoadPlan(items)
+        return self.plan
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        target = self.targets[(read_item.dest_index.fqn, read_item.dest_index.index)]
+        return narrow_tensor_by_index(target, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass  # resolve_tensor handed out a view of the destination: the values are in place
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        self.received[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+
+class _VerifyingReader(FileSystemReader):
+    """DCP's file reader that checks the sha256 of each shard file before this rank reads from it
+    (only the files it reads: a rank never hashes the whole checkpoint)."""
+
+    def __init__(self, path: Path, files: Mapping[str, Any], verify: bool = True) -> None:
+        super().__init__(path)
+        self.files, self.root, self.verify, self.checked = files, Path(path), verify, set()
+        self.bytes_hashed = 0
+
+    def read_data(self, plan: LoadPlan, planner: Any) -> Any:
+        for item in plan.items if self.verify else ():
+            relative = self.storage_data[item.storage_index].relative_path
+            if relative in self.checked:
+                continue
+            name, path = f"{SHARDS_DIR}/{relative}", self.root / relative
+            info = self.files.get(name)
+            if info is None or _sha256(path) != info["sha256"]:
+                raise CheckpointError(f"{path} fails its sha256 check (or is not listed in {META_FILE}): the "
+                                      "shard is corrupt, re-save or pick an earlier checkpoint")
+            self.bytes_hashed += path.stat().st_size
+            self.checked.add(relative)
+        return super().read_data(plan, planner)
+
+
+def _dcp_load(**kwargs: Any) -> None:
+    """``dcp.load``, with the `CheckpointError` a rank raised inside it surfacing as itself (one line)."""
+    try:
+        dcp.load({}, **kwargs)
+    except CheckpointException as e:
+        for inner, _trace in e.failures.values():  # (exception, stack) per failed rank
+            if isinstance(inner, CheckpointError):
+                raise inner from None
+        raise CheckpointError(f"the sharded checkpoint cannot be read: {str(e).splitlines()[0]}") from e
+
+
+def is_sharded(directory: PathLike) -> bool:
+    """Whether `directory` is a sharded checkpoint (written by `save_sharded_checkpoint`)."""
+    return (Path(directory) / SHARDS_DIR).is_dir()
+
+
+def save_sharded_checkpoint(directory: PathLike, *, pieces: list[Piece], rank_state: Mapping[str, Any],
+                            step: int, configs: Mapping[str, Any] | None = None, scheduler: Any = None,
+                            optimizer: Mapping[str, Any] | None = None, tokenizer: Any = None,
+                            extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a sharded checkpoint: every rank its own `pieces` and `rank_state` (collective).
+
+    The tensors go through ``torch.distributed.checkpoint`` (one ``__<rank>_0.distcp`` file per
+    rank, ``.metadata`` the global index of every box); rank 0 adds state.pt (step, schedule,
+    ``optimizer``'s hyper-parameters and step count, `extra`), the tokenizer and meta.json, whose
+    file list holds each shard's sha256, computed by the rank that wrote it. Atomic like
+    `save_checkpoint`: all ranks write into one temp directory that rank 0 renames into place.
+    Nothing is gathered but file names and hashes (the book, chapter 6, section 6.5).
+    """
+    target = Path(directory)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    where: list[Any] = [None]
+    if rank == 0:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _recover(target)
+        for stale in target.parent.glob(f".tmp-{target.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        where[0] = tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent)
+        (Path(where[0]) / SHARDS_DIR).mkdir()
+    dist.broadcast_object_list(where, src=0)
+    tmp = Path(where[0])
+    try:
+        _check_weights_only_safe(dict(rank_state), "rank state")
+        dcp.save({}, storage_writer=FileSystemWriter(tmp / SHARDS_DIR),
+                 planner=_PieceSavePlanner(pieces, {f"rank_state/{rank}": dict(rank_state)}))
+        mine = {f"{SHARDS_DIR}/{p.name}": {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                for p in sorted((tmp / SHARDS_DIR).glob(f"__{rank}_*.distcp"))}
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, mine)
+        if rank == 0:
+            config_dicts = {name: _config_dict(name, cfg) for name, cfg in (configs or {}).items()}
+            state = {"step": step, "sharded": True, "optimizer": dict(optimizer) if optimizer else None,
+                     "scheduler": _state_dict(scheduler, "scheduler") if scheduler is not None else None,
+                     "extra": dict(extra or {}), "rng": dict(rank_state.get("rng", {})),
+                     "configs_sha256": configs_digest(config_dicts)}
+            _check_weights_only_safe(state, "state")
+            torch.save(state, tmp / STATE_FILE)
+            _fsync_file(tmp / STATE_FILE)
+            if tokenizer is not None:
+                _write_tokenizer(tokenizer, tmp / TOKENIZER_FILE)
+            files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                     for p in sorted(tmp.iterdir()) if p.is_file()}
+            files[f"{SHARDS_DIR}/.metadata"] = {"sha256": _sha256(tmp / SHARDS_DIR / ".metadata"),
+                                                "bytes": (tmp / SHARDS_DIR / ".metadata").stat().st_size}
+            for part in every:
+                files.update(part)
+            models = sorted({p.fqn for p in pieces if p.fqn.startswith("model.")})
+            meta = {"format_version": FORMAT_VERSION, "lmkit_version": __version__,
+                    "torch_version": torch.__version__,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "step": step, "configs": config_dicts,
+                    "tokenizer": TOKENIZER_FILE if tokenizer is not None else None,
+                    "sharded": {"world_size": world, "format": "torch.distributed.checkpoint"},
+                    "model": {"tensors": len(models), "aliases": {}}, "files": files}
+            manifest = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+            _write_bytes(tmp / META_FILE, manifest)
+            _write_bytes(tmp / META_HASH_FILE, (hashlib.sha256(manifest).hexdigest() + "\n").encode("ascii"))
+            _fsync_dir(tmp / SHARDS_DIR)
+            _fsync_dir(tmp)
+            _swap_into_place(tmp, target)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()
+    return target
+
+
+def _read_sharded(directory: Path, verify: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """meta.json (shard files: sizes only, each is hashed where it is read) and state.pt, cross-checked."""
+    meta = _read_meta(directory, verify, skip_hash=lambda name: name.endswith(".distcp"))
+    if not meta.get("sharded"):
+        raise CheckpointError(f"{directory} is not a sharded checkpoint (no 'sharded' in {META_FILE})")
+    state_path = directory / STATE_FILE
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{state_path} cannot be loaded ({type(e).__name__}: {e}): truncated or "
+                              "corrupt, re-save or pick an earlier checkpoint") from e
+    _cross_check(state_path, {"step": meta["step"], "configs": configs_digest(meta.get("configs", {}))},
+                 {"step": state.get("step"), "configs": state.get("configs_sha256")})
+    return meta, state
+
+
+def _info(directory: Path, meta: dict[str, Any], state: dict[str, Any]) -> CheckpointInfo:
+    return CheckpointInfo(directory=directory, step=int(meta["step"]), meta=meta,
+                          configs=meta.get("configs", {}), extra=state.get("extra") or {},
+                          rng_state=state.get("rng"),
+                          optimizer_state=state.get("optimizer"), scheduler_state=state.get("scheduler"),
+                          tokenizer_path=directory / meta["tokenizer"] if meta.get("tokenizer") else None)
+
+
+def load_sharded_checkpoint(directory: PathLike, *, pieces: list[Piece], rank_state_of: int | None = None,
+                            verify: bool = True
+                            ) -> tuple[CheckpointInfo, dict[str, Any] | None, dict[str, int]]:
+    """Read this rank's `pieces` (in place) from a sharded checkpoint saved under any layout.
+
+    Each piece gets exactly the overlapping parts of the saved boxes (DCP's resharding); a rank
+    hashes only the shard files it reads. `rank_state_of`: also return that rank's saved RNG
+    state (same layout only). Returns the info, that state, and ``{"bytes_read", "bytes_hashed"}``.
+    """
+    directory = Path(directory)
+    meta, state = _read_sharded(directory, verify)
+    if state.get("optimizer") is None:  # saved before the first step: no moments to read
+        pieces = [p for p in pieces if not p.fqn.startswith("optim.")]
+    received: dict[str, Any] = {}
+    objects = [f"rank_state/{rank_state_of}"] if rank_state_of is not None else []
+    planner = _PieceLoadPlanner(pieces, objects, received)
+    reader = _VerifyingReader(directory / SHARDS_DIR, meta["files"], verify)
+    _dcp_load(storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+    stats = {"bytes_read": planner.bytes_read, "bytes_hashed": reader.bytes_hashed}
+    return _info(directory, meta, state), received.get(objects[0]) if objects else None, stats
+
+
+def load_sharded_full(directory: PathLike, verify: bool = True
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, CheckpointInfo]:
+    """Every tensor of a sharded checkpoint, whole, in this process (no collective): the full weights
+    by GPT name and the name-keyed optimizer state of `save_checkpoint`'s format. What `export`, the
+    single process and the native engine use."""
+    directory = Path(directory)
+    meta, state = _read_sharded(directory, verify)
+    reader = FileSystemReader(directory / SHARDS_DIR)
+    tensors = {fqn: md for fqn, md in reader.read_metadata().state_dict_metadata.items()
+               if isinstance(md, TensorStorageMetadata)}
+    full = {fqn: torch.zeros(tuple(md.size), dtype=md.properties.dtype) for fqn, md in tensors.items()}
+    pieces = [Piece(fqn, tuple(t.shape), (0,) * t.dim(), t) for fqn, t in full.items()]
+    reader = _VerifyingReader(directory / SHARDS_DIR, meta["files"])
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        _dcp_load(storage_reader=reader, planner=_PieceLoadPlanner(pieces, [], {}), no_dist=True)
+    weights = {fqn[len("model."):]: t for fqn, t in full.items() if fqn.startswith("model.")}
+    if "tok_emb.weight" in weights:
+        weights.setdefault("head.weight", weights["tok_emb.weight"])
+    info = _info(directory, meta, state)
+    optimizer = None
+    saved = state.get("optimizer")
+    if saved:
+        entries: dict[str, dict[str, torch.Tensor]] = {}
+        for fqn, t in full.items():
+            if fqn.startswith("optim."):
+                name, key = fqn[len("optim."):].rsplit(".", 1)
+                entries.setdefault(name, {"step": torch.tensor(float(saved["step"]))})[key] = t
+        optimizer = {"state": entries, "param_groups": saved["param_groups"]}
+    return weights, optimizer, info
+
+
+def export_checkpoint(source: PathLike, target: PathLike) -> Path:
+    """A sharded checkpoint as today's single directory (model.safetensors + state.pt): what
+    ``lmkit generate`` and Hugging Face users load. A single-directory source is copied as is."""
+    source, target = Path(source), Path(target)
+    if not is_sharded(source):
+        info = load_checkpoint(source)
+        return save_checkpoint(target, model=load_model_state(source), optimizer=info.optimizer_state,
+                               scheduler=info.scheduler_state, step=info.step, configs=info.configs,
+                               tokenizer=info.tokenizer_path, extra=info.extra, rng_state=info.rng_state)
+    weights, optimizer, info = load_sharded_full(source)
+    return save_checkpoint(target, model=weights, optimizer=optimizer, scheduler=info.scheduler_state,
+                           step=info.step, configs=info.configs, tokenizer=info.tokenizer_path,
+                           extra=info.extra, rng_state=info.rng_state or None)

@@ -456,8 +456,9 @@ class Trainer:
     def save(self, out_dir: str | Path | None = None) -> Path:
         """Save a layout-independent checkpoint ``out_dir/step_NNNNNN`` and point ``latest`` at it.
 
-        Under a parallel layout every rank must call it (the full weights and optimizer state
-        are gathered collectively); rank 0 writes the files.
+        Under a parallel layout every rank must call it. The lmkit engine writes a sharded
+        checkpoint (each rank its own pieces, `lmkit.checkpoint.save_sharded_checkpoint`); the
+        native engine gathers the full weights and optimizer state and rank 0 writes them.
         """
         out_dir = Path(out_dir or self.cfg.out_dir)
         bad = self.nonfinite_weights()
@@ -470,6 +471,19 @@ class Trainer:
         if self.parallel is not None:
             configs["parallel"] = self.parallel
         extra: dict[str, Any] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
+        if self._sharded():  # every rank writes its own shards (torch.distributed.checkpoint)
+            from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
+
+            pieces, optimizer_meta = self.engine.sharded_state()
+            rank_state = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
+            path = ckpt.save_sharded_checkpoint(
+                out_dir / name, pieces=[p for p in pieces if p.write], rank_state=rank_state, step=self.step,
+                configs=configs, scheduler=self.scheduler, optimizer=optimizer_meta, tokenizer=self.tokenizer,
+                extra=extra)
+            if self.is_logging_rank:
+                ckpt.update_latest(out_dir, name)
+            self._barrier()
+            return path
         if self.engine is not None:
             weights: Any = self.engine.full_state_dict()
             optimizer = self.engine.full_optimizer_state()
@@ -500,7 +514,9 @@ class Trainer:
         if not (path / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(path)) is not None:
             path = latest
         self._check_schedule(path, allow_schedule_change)
-        if self.engine is not None:
+        if ckpt.is_sharded(path):
+            info = self._resume_sharded(path)
+        elif self.engine is not None:
             info = ckpt.load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
             weights = ckpt.load_model_state(path)
             self.engine.load_full_state(weights, info.optimizer_state)
@@ -524,6 +540,40 @@ class Trainer:
             earlier = _short([p.name for p in ckpt.list_checkpoints(path.parent) if p.name < path.name])
             raise NonFiniteError(f"{path} holds non-finite weights ({_short(bad)}); resume from an earlier "
                                  f"checkpoint ({earlier or 'none in ' + str(path.parent)})")
+        return info
+
+    def _sharded(self) -> bool:
+        """Whether this run saves sharded checkpoints: the lmkit engine over several processes."""
+        engine = self.engine
+        return engine is not None and self.parallel.world_size > 1 and hasattr(engine, "sharded_state")
+
+    def _resume_sharded(self, path: Path) -> ckpt.CheckpointInfo:
+        """Each rank reads its own boxes (resharded from any saved layout); otherwise every tensor
+        whole, in this process (the single process, the native engine)."""
+        if not self._sharded():
+            weights, optimizer, info = ckpt.load_sharded_full(path)
+            if self.engine is not None:
+                self.engine.load_full_state(weights, optimizer)
+            else:
+                self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+                if optimizer is not None:
+                    load_named_optimizer_state(self.model, self.optimizer, optimizer)
+            ckpt.restore_rng_state(info.rng_state or {})
+        else:
+            from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
+
+            saved = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
+            same = saved.get("configs", {}).get("parallel") == to_dict(self.parallel)
+            pieces, _ = self.engine.sharded_state(create=True)
+            info, mine, self.last_resume_stats = ckpt.load_sharded_checkpoint(
+                path, pieces=pieces, rank_state_of=self.topology.rank if same else None)
+            if info.optimizer_state is not None:
+                self.engine.dp.load_optimizer_meta(info.optimizer_state)
+            ckpt.restore_rng_state((mine or {}).get("rng") or info.rng_state or {})
+            if mine and mine["tp"]["states"] is not None:
+                get_tp_rng_tracker().load_state_dict(mine["tp"])
+        if info.scheduler_state is not None:
+            self.scheduler.load_state_dict(info.scheduler_state)
         return info
 
     def _check_schedule(self, path: Path, allow: bool) -> None:

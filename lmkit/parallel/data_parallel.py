@@ -549,6 +549,51 @@ class DataParallel:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def optimizer_segments(self, create: bool = False) -> list[tuple[int, int, int, dict[str, Tensor]]]:
+        """This rank's AdamW moments without any gathering: ``(param index, lo, hi, {exp_avg,
+        exp_avg_sq})`` with the moments of elements ``[lo, hi)`` of the flattened parameter (views;
+        ZeRO: the parts of the rank's bucket chunks). `create`: allocate zero moments first where no
+        step was taken yet (to load into). For sharded checkpoints (chapter 6, section 6.5)."""
+        if create:
+            for p in (p for pg in self.optimizer.param_groups for p in pg["params"]):
+                if not self.optimizer.state.get(p):
+                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                               "exp_avg_sq": torch.zeros_like(p)}
+        out = []
+        if not self.zero:
+            for i, p in enumerate(self.params):
+                st = self.optimizer.state.get(p)
+                if st:
+                    out.append((i, 0, p.numel(), {k: st[k].view(-1) for k in ("exp_avg", "exp_avg_sq")}))
+            return out
+        for b, chunk in self._chunks:
+            st = self.optimizer.state.get(chunk)
+            if not st:
+                continue
+            g, (clo, chi) = self.groups[b.group], self._chunk_range(b)
+            for i in b.params:
+                a, e = max(g.offsets[i], clo), min(g.offsets[i] + self.params[i].numel(), chi)
+                if a < e:
+                    out.append((i, a - g.offsets[i], e - g.offsets[i],
+                                {k: st[k][a - clo:e - clo] for k in ("exp_avg", "exp_avg_sq")}))
+        return out
+
+    def optimizer_meta(self) -> dict[str, Any] | None:
+        """Hyper-parameters of the two groups and the step count (the same on every rank), or None."""
+        steps = [float(st["step"]) for st in self.optimizer.state.values() if st]
+        if not steps:
+            return None
+        groups = [{k: v for k, v in pg.items() if k != "params"} for pg in self.optimizer.param_groups]
+        return {"param_groups": groups, "step": steps[0]}
+
+    def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
+        """Inverse of `optimizer_meta` (after the moments were loaded into `optimizer_segments`)."""
+        for group, saved in zip(self.optimizer.param_groups, meta["param_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        for st in self.optimizer.state.values():
+            if st:
+                st["step"] = torch.tensor(float(meta["step"]))
+
     def _gather_bucket(self, b: Bucket, chunk: Tensor) -> Tensor:
         """The whole (padded) bucket from every dp rank's chunk (collective over dp)."""
         if self.dp == 1:

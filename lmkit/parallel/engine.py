@@ -20,8 +20,10 @@ One step (`train_step`):
   the optimizer step, the learning-rate schedule;
 * the loss reported on *every* rank is the mean over the global batch.
 
-The same object gathers a full, layout-independent state (weights and optimizer state by
-parameter name) for checkpoints and loads one saved under any other layout.
+For checkpoints it describes this rank's boxes of the layout-independent tensors (weights and
+AdamW moments by GPT parameter name, `sharded_state`: what each rank writes and reads with
+``torch.distributed.checkpoint``, nothing gathered), and it still gathers or loads the full state
+(`full_state_dict`, `load_full_state`) for single-directory checkpoints of any layout.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmkit.checkpoint import Piece
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.stage import GPTStage, activation_shape, build_stages
@@ -110,6 +113,8 @@ class ParallelEngine:
                                isolate=("tok_emb.weight", "head.weight") if pcfg.pp > 1 and pcfg.zero == 2
                                else ())
         self.optimizer = self.dp.optimizer
+        index = {id(p): k for k, (_, p) in enumerate(self.named_params)}
+        self._dp_index = [index[id(p)] for p in self.dp.params]  # DataParallel's order -> named_params
         self.micro_steps = tcfg.grad_accum * pcfg.microbatches
         self.checkpointing = False
 
@@ -291,6 +296,35 @@ class ParallelEngine:
                                for k, v in entry.items()}
             self.dp.load_state_dict({"state": state, "param_groups": optimizer["param_groups"]})
 
+    def sharded_state(self, create: bool = False) -> tuple[list[Piece], dict[str, Any] | None]:
+        """This rank's boxes of the layout-independent tensors (weights, AdamW moments), as views,
+        and the optimizer's hyper-parameters: what a sharded checkpoint saves and loads. Nothing is
+        gathered; each box names its place in the full GPT tensor, and one replica of each writes
+        (dp rank 0 for weights and unsharded moments, tp rank 0 for tp-replicated tensors)."""
+        topo, pieces = self.topo, []
+        specs = {name: self._spec(name) for name, _ in self.named_params}
+        for name, param in self.named_params:
+            source, spec = ("tok_emb.weight" if name == "head.weight" else name), specs[name]
+            replica = name != "head.weight" and (spec is not None or topo.tp_rank == 0)
+            pieces += _pieces(f"model.{source}", param.detach().view(-1), 0, param.numel(),
+                              tuple(param.shape), spec, topo.tp_rank, replica and topo.dp_rank == 0)
+        for i, lo, hi, moments in self.dp.optimizer_segments(create):
+            name, param = self.named_params[self._dp_index[i]]
+            source, spec = ("tok_emb.weight" if name == "head.weight" else name), specs[name]
+            replica = name != "head.weight" and (spec is not None or topo.tp_rank == 0)
+            for key, flat in moments.items():
+                pieces += _pieces(f"optim.{source}.{key}", flat, lo, hi, tuple(param.shape), spec,
+                                  topo.tp_rank, replica and (self.pcfg.zero > 0 or topo.dp_rank == 0))
+        return pieces, self.dp.optimizer_meta()
+
+    def _spec(self, name: str) -> Any:
+        if self.pcfg.tp == 1:
+            return None
+        from lmkit.parallel.tensor_parallel import shard_spec
+
+        stage, local = self._stage_of(name)
+        return shard_spec(stage).get(local)
+
     def _stage_of(self, name: str) -> tuple[GPTStage, str]:
         for stage in self.stages:
             for local, param in stage.named_parameters():
@@ -333,3 +367,55 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
+
+
+def _boxes(lo: int, hi: int, shape: tuple[int, ...], spec: Any, tp_rank: int
+           ) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """``(flat start, global offsets, sizes)`` of the boxes covering elements ``[lo, hi)`` of a
+    local (tensor-parallel) shard of `shape`: a partial row, whole rows, a partial row, each mapped
+    into the full tensor by the shard's `spec` (contiguous chunks, or rows picked by an index, cut
+    into runs of consecutive rows). Every box is contiguous in the flattened shard."""
+    stride = math.prod(shape[1:])
+    local = []
+    a = lo
+    while a < hi:
+        row, col = divmod(a, stride)
+        if len(shape) == 1:
+            n, off, size = hi - a, (a,), (hi - a,)
+        elif col or hi - a < stride:
+            n = min(stride - col, hi - a)
+            off, size = (row, col), (1, n)
+        else:
+            rows = (hi - a) // stride
+            n, off, size = rows * stride, (row, 0), (rows, stride)
+        local.append((a, off, size))
+        a += n
+    if spec is None:
+        return local
+    out = []
+    for start, off, size in local:
+        if spec.index is None:
+            moved = list(off)
+            moved[spec.dim] += tp_rank * shape[spec.dim]
+            out.append((start, tuple(moved), size))
+            continue
+        rows = spec.index.tolist()
+        unit = stride if len(shape) > 1 else 1
+        k = 0
+        while k < size[0]:
+            j = k
+            while j + 1 < size[0] and rows[off[0] + j + 1] == rows[off[0] + j] + 1:
+                j += 1
+            out.append((start + k * unit, (rows[off[0] + k], *off[1:]), (j - k + 1, *size[1:])))
+            k = j + 1
+    return out
+
+
+def _pieces(fqn: str, flat: torch.Tensor, lo: int, hi: int, shape: tuple[int, ...], spec: Any, tp_rank: int,
+            write: bool) -> list[Piece]:
+    """`Piece`s of elements ``[lo, hi)`` of a local shard whose values `flat` holds (flat[0] = lo)."""
+    full = list(shape)
+    if spec is not None:
+        full[spec.dim] = spec.full_size
+    return [Piece(fqn, tuple(full), off, flat[start - lo:start - lo + math.prod(size)].view(size), write)
+            for start, off, size in _boxes(lo, hi, shape, spec, tp_rank)]

@@ -342,6 +342,8 @@ class DeviceAudit(TorchFunctionMode):
     def _inspect(self, kind: str, args: tuple) -> None:
         for t in _tensors(args):  # (called by the c10d kernel, outside the mode's handler)
             self.records.append({"kind": kind, "device": str(t.device), "shape": tuple(t.shape),
+                                 "dtype": str(t.dtype).replace("torch.", ""),
+                                 "bytes": t.numel() * t.element_size(),
                                  "placed_by_default": self.is_marked(t)})
 
     @property
