@@ -456,9 +456,8 @@ class Trainer:
     def save(self, out_dir: str | Path | None = None) -> Path:
         """Save a layout-independent checkpoint ``out_dir/step_NNNNNN`` and point ``latest`` at it.
 
-        Under a parallel layout every rank must call it. The lmkit engine writes a sharded
-        checkpoint (each rank its own pieces, `lmkit.checkpoint.save_sharded_checkpoint`); the
-        native engine gathers the full weights and optimizer state and rank 0 writes them.
+        Under a parallel layout every rank must call it: each writes its own pieces of a sharded
+        checkpoint (`lmkit.checkpoint.save_sharded_checkpoint`), both engines alike.
         """
         out_dir = Path(out_dir or self.cfg.out_dir)
         bad = self.nonfinite_weights()
@@ -543,7 +542,7 @@ class Trainer:
         return info
 
     def _sharded(self) -> bool:
-        """Whether this run saves sharded checkpoints: the lmkit engine over several processes."""
+        """Whether this run saves sharded checkpoints: either engine over several processes."""
         engine = self.engine
         return engine is not None and self.parallel.world_size > 1 and hasattr(engine, "sharded_state")
 
@@ -568,7 +567,7 @@ class Trainer:
             info, mine, self.last_resume_stats = ckpt.load_sharded_checkpoint(
                 path, pieces=pieces, rank_state_of=self.topology.rank if same else None)
             if info.optimizer_state is not None:
-                self.engine.dp.load_optimizer_meta(info.optimizer_state)
+                self.engine.load_optimizer_meta(info.optimizer_state)
             ckpt.restore_rng_state((mine or {}).get("rng") or info.rng_state or {})
             if mine and mine["tp"]["states"] is not None:
                 get_tp_rng_tracker().load_state_dict(mine["tp"])

@@ -317,6 +317,10 @@ class ParallelEngine:
                                   topo.tp_rank, replica and (self.pcfg.zero > 0 or topo.dp_rank == 0))
         return pieces, self.dp.optimizer_meta()
 
+    def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
+        """The hyper-parameters and the step count of a sharded checkpoint (moments already loaded)."""
+        self.dp.load_optimizer_meta(meta)
+
     def _spec(self, name: str) -> Any:
         if self.pcfg.tp == 1:
             return None

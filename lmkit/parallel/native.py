@@ -79,11 +79,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils.checkpoint import checkpoint
 
+from lmkit.checkpoint import Piece
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.parallel.engine import _pieces
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.stage import layer_split
+from lmkit.parallel.tensor_parallel import ShardSpec
 
 __all__ = ["NativeEngine", "NativeStage", "build_native_stages", "qkv_permutation", "global_grad_norm",
            "native_loss"]
@@ -517,6 +521,54 @@ class NativeEngine:
         for part in parts:
             merged.update(part)
         return merged
+
+    def sharded_state(self, create: bool = False) -> tuple[list[Piece], dict[str, Any] | None]:
+        """This rank's boxes of the layout-independent tensors (weights and AdamW moments by GPT
+        name, the qkv rows un-permuted), as views of the DTensors' local shards: what a sharded
+        checkpoint saves and loads. Replicas write the same boxes; DCP's planner keeps one."""
+        if create:
+            for _, p in self.named_params:
+                if not self.optimizer.state.get(p):
+                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                               "exp_avg_sq": torch.zeros_like(p)}
+        pieces = []
+        for name, p in self.named_params:
+            source = "tok_emb.weight" if name == "head.weight" else name
+            write = name != "head.weight"
+            tensors = {"model": p.detach()}
+            tensors.update({key: self.optimizer.state[p][key] for key in ("exp_avg", "exp_avg_sq")
+                            if self.optimizer.state.get(p)})
+            for key, tensor in tensors.items():
+                fqn = f"model.{source}" if key == "model" else f"optim.{source}.{key}"
+                pieces += self._pieces(fqn, name, tensor, write)
+        meta = None
+        steps = [float(st["step"]) for st in self.optimizer.state.values() if st]
+        if steps:
+            meta = {"param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                     for g in self.optimizer.param_groups], "step": steps[0]}
+        return pieces, meta
+
+    def _pieces(self, fqn: str, name: str, tensor: Tensor, write: bool) -> list[Piece]:
+        local = tensor.to_local() if _is_dtensor(tensor) else tensor
+        if local.numel() == 0:  # an uneven FSDP2 split can leave a rank without rows
+            return []
+        shape, offsets = tuple(tensor.shape), (0,) * tensor.dim()
+        if _is_dtensor(tensor):
+            _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                               tensor.placements)
+        if self.pcfg.tp > 1 and name.endswith(QKV_NAMES):  # rows of the permuted layout: map them back
+            rows = self._perm[offsets[0]:offsets[0] + local.shape[0]]
+            spec = ShardSpec(0, shape[0], rows)
+            return _pieces(fqn, local.reshape(-1), 0, local.numel(), tuple(local.shape), spec, 0, write)
+        return [Piece(fqn, shape, tuple(offsets), local, write)]
+
+    def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
+        """The hyper-parameters and the step count of a sharded checkpoint (moments already loaded)."""
+        for group, saved in zip(self.optimizer.param_groups, meta["param_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        for st in self.optimizer.state.values():
+            if st:
+                st["step"] = torch.tensor(float(meta["step"]))
 
     def full_state_dict(self) -> dict[str, Tensor]:
         """Full weights by `GPT` parameter name (collective: every rank calls it)."""
