@@ -577,6 +577,8 @@ def load_model_state(
 ) -> dict[str, torch.Tensor]:
     """The full model state dict of a checkpoint (aliases of tied weights included)."""
     directory = Path(directory)
+    if is_sharded(directory):
+        return {k: v.to(map_location) for k, v in load_sharded_full(directory, verify)[0].items()}
     meta = _read_meta(directory, verify)
     return _read_safetensors(directory / MODEL_FILE, map_location, meta)
 
@@ -638,6 +640,22 @@ def load_checkpoint(
     numbers). States of objects not passed are returned in the `CheckpointInfo`.
     """
     directory = Path(directory)
+    if is_sharded(directory):  # every tensor whole, here: generate, eval, a single process
+        weights, optimizer_state, info = load_sharded_full(directory, verify)
+        info.optimizer_state = optimizer_state
+        if model is not None:
+            model = _unwrap(model)
+            path = directory / SHARDS_DIR
+            info.missing_keys, info.unexpected_keys = _check_against_model(weights, model, path, strict)
+            model.load_state_dict({k: v.to(map_location) for k, v in weights.items()}, strict=strict)
+        if optimizer is not None:
+            raise CheckpointError(f"{directory} is a sharded checkpoint: its optimizer state is keyed by "
+                                  "parameter name; resume it with lmkit train, or `lmkit export` it first")
+        if scheduler is not None and info.scheduler_state is not None:
+            scheduler.load_state_dict(info.scheduler_state)
+        if restore_rng and info.rng_state:
+            restore_rng_state(info.rng_state)
+        return info
     meta = _read_meta(directory, verify)
     state_path = directory / STATE_FILE
     try:

@@ -138,6 +138,8 @@ def test_export_gives_the_single_directory_that_generate_loads(runs, tmp_path, c
     assert set(loaded.optimizer_state["state"]) == set(optimizer["state"])
     assert main(["generate", str(out), "--prompt", "the cat", "--max-new-tokens", "4", "--seed", "1"]) == 0
     assert main(["export", str(path), str(path)]) == 2  # one line, nothing written
+    # generate (and eval) also read a sharded checkpoint directly, whole, in their one process
+    assert main(["generate", str(path), "--prompt", "the cat", "--max-new-tokens", "4", "--seed", "1"]) == 0
 
 
 def test_a_corrupt_shard_is_refused_by_the_rank_that_reads_it(runs, tmp_path):
