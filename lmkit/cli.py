@@ -284,7 +284,10 @@ def _is_peer_failure(error: BaseException) -> bool:
 
     if isinstance(error, dist.DistError):
         return True
-    return re.search(r"gloo|NCCL|[Tt]imed out|Connection (closed|reset|refused)", str(error)) is not None
+    # gloo words it "Timed out waiting ..." in a collective, "Application timeout caused pair closure"
+    # when the wait began before the timeout was set off by a peer that never arrived.
+    pattern = r"gloo|NCCL|[Tt]imed out|[Tt]imeout caused pair closure|Connection (closed|reset|refused)"
+    return re.search(pattern, str(error)) is not None
 
 
 def _first_line(error: BaseException) -> str:
