@@ -95,9 +95,10 @@ def test_bytes_of_every_collective_equal_the_formula(measured):
 
 @pytest.mark.slow
 def test_bubble_formula_within_ten_percent_when_compute_dominates(tmp_path):
-    """pp2 1F1B on a model whose microbatch compute dwarfs a gloo message (8 layers, width 256)."""
+    """pp2 1F1B on a model whose microbatch compute dwarfs a gloo message (8 layers, width 256,
+    8 sequences of 128 tokens per microbatch; measured here: median idle 0.214-0.215 against 0.200)."""
     model = ModelConfig(n_layer=8, n_head=8, d_model=256, block_size=128, dropout=0.0)
-    train = TrainConfig(batch_size=8, max_steps=10, warmup_steps=1, eval_interval=0, seed=3,
+    train = TrainConfig(batch_size=32, max_steps=10, warmup_steps=1, eval_interval=0, seed=3,
                         out_dir=str(tmp_path / "run"))
     layout = ParallelConfig(pp=2, microbatches=4, schedule="1f1b")
     idles = []
