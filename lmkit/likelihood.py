@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Score", "model_nll", "ngram_nll", "char_sentences", "continuation_nll", "bits_per_byte"]
+from lmkit.metrics import nats_to_bits
 
-LN2 = math.log(2.0)
+__all__ = ["Score", "model_nll", "ngram_nll", "char_sentences", "continuation_nll"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,10 @@ class Score:
 
     @property
     def bits_per_byte(self) -> float:
-        return bits_per_byte(self.nats, self.n_bytes)
-
-
-def bits_per_byte(nats: float, n_bytes: int) -> float:
-    """Convert a total negative log-likelihood in nats into bits per UTF-8 byte."""
-    if n_bytes <= 0:
-        raise ValueError(f"n_bytes must be positive, got {n_bytes}")
-    return nats / LN2 / n_bytes
+        """Bits per UTF-8 byte of the scored text (one definition: `lmkit.metrics`)."""
+        if self.n_bytes <= 0:
+            raise ValueError(f"n_bytes must be positive, got {self.n_bytes}")
+        return nats_to_bits(self.nats) / self.n_bytes
 
 
 @torch.no_grad()

@@ -36,9 +36,9 @@ def test_model_nll_equals_manual_windows(model):
 
 
 def test_uniform_model_costs_log2_vocab_bits_per_token():
-    assert likelihood.bits_per_byte(math.log(256) * 10, 10) == pytest.approx(8.0)
+    assert likelihood.Score(math.log(256) * 10, 10, 10).bits_per_byte == pytest.approx(8.0)
     with pytest.raises(ValueError):
-        likelihood.bits_per_byte(1.0, 0)
+        _ = likelihood.Score(1.0, 1, 0).bits_per_byte
 
 
 def test_ngram_nll_counts_every_character_and_newline():
