@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -202,86 +203,97 @@ def npm_tarball(package: str, version: str, sha512: str, cache: Path) -> Path | 
     return tarball
 
 
-def vendor_mermaid(vendor: Path, cache: Path) -> str:
-    target = vendor / "mermaid"
-    stamp = f"mermaid {MERMAID_VERSION} (npm, sha512 {MERMAID_SHA512[:16]}...)\n"
-    if _stamped(target, stamp, MERMAID_ENTRY):
-        return f"local (npm mermaid {MERMAID_VERSION})"
-    tarball = npm_tarball("mermaid", MERMAID_VERSION, MERMAID_SHA512, cache)
+def _vendor_npm(vendor: Path, cache: Path, package: str, version: str, sha512: str, entry: str,
+                fallback: str, fallback_notice: str, extract: Callable[[Path, Path], None]) -> str:
+    """Install ``package@version`` from its verified npm tarball into ``vendor/package``.
+
+    ``extract(tarball, staging)`` copies the files the site needs; without npm the folder gets a
+    one-line ES module ``entry`` that re-exports ``fallback`` from the CDN, with a NOTICE.
+    """
+    target = vendor / package
+    stamp = f"{package} {version} (npm, sha512 {sha512[:16]}...)\n"
+    if _stamped(target, stamp, entry):
+        return f"local (npm {package} {version})"
+    tarball = npm_tarball(package, version, sha512, cache)
     with tempfile.TemporaryDirectory(dir=vendor) as tmp:
-        staging = Path(tmp) / "mermaid"
+        staging = Path(tmp) / package
         staging.mkdir()
         if tarball is None:
-            notice(f"the site will load mermaid from {MERMAID_CDN} and needs the network to draw diagrams")
-            (staging / MERMAID_ENTRY).write_text(
-                "// Fallback written by book/tools/assets.py: mermaid could not be fetched with npm.\n"
-                f'export {{ default }} from "{MERMAID_CDN}";\n'
+            notice(fallback_notice)
+            (staging / entry).write_text(
+                f"// Fallback written by book/tools/assets.py: {package} could not be fetched with npm.\n"
+                f"{fallback}\n"
             )
-            _install(staging, target, f"mermaid from CDN {MERMAID_CDN}\n")
+            _install(staging, target, f"{package} from CDN\n")
             return "CDN fallback"
-        # Only the ES module build (entry + its chunks) and the licence; no source maps.
-        wanted = f"package/dist/{MERMAID_ENTRY}"
-        chunks = "package/dist/chunks/mermaid.esm.min/"
-        count = 0
-        with tarfile.open(tarball, "r:gz") as archive:
-            for member in archive.getmembers():
-                name = member.name
-                if not member.isfile() or ".." in Path(name).parts:
-                    continue
-                if name == wanted:
-                    out = staging / MERMAID_ENTRY
-                elif name.startswith(chunks) and name.endswith(".mjs") and "/" not in name[len(chunks):]:
-                    out = staging / "chunks" / "mermaid.esm.min" / name[len(chunks):]
-                elif name == "package/LICENSE":
-                    out = staging / "LICENSE"
-                else:
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with archive.extractfile(member) as src, out.open("wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                count += 1
-        if not (staging / MERMAID_ENTRY).is_file() or count < 10:
-            raise SystemExit(f"{tarball} does not contain mermaid's ES module build")
+        extract(tarball, staging)
         _install(staging, target, stamp)
-    return f"local (npm mermaid {MERMAID_VERSION})"
+    return f"local (npm {package} {version})"
+
+
+def _extract_mermaid(tarball: Path, staging: Path) -> None:
+    """Only the ES module build (entry + its chunks) and the licence; no source maps."""
+    wanted = f"package/dist/{MERMAID_ENTRY}"
+    chunks = "package/dist/chunks/mermaid.esm.min/"
+    count = 0
+    with tarfile.open(tarball, "r:gz") as archive:
+        for member in archive.getmembers():
+            name = member.name
+            if not member.isfile() or ".." in Path(name).parts:
+                continue
+            if name == wanted:
+                out = staging / MERMAID_ENTRY
+            elif name.startswith(chunks) and name.endswith(".mjs") and "/" not in name[len(chunks):]:
+                out = staging / "chunks" / "mermaid.esm.min" / name[len(chunks):]
+            elif name == "package/LICENSE":
+                out = staging / "LICENSE"
+            else:
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as src, out.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+            count += 1
+    if not (staging / MERMAID_ENTRY).is_file() or count < 10:
+        raise SystemExit(f"{tarball} does not contain mermaid's ES module build")
+
+
+def vendor_mermaid(vendor: Path, cache: Path) -> str:
+    return _vendor_npm(
+        vendor, cache, "mermaid", MERMAID_VERSION, MERMAID_SHA512, MERMAID_ENTRY,
+        fallback=f'export {{ default }} from "{MERMAID_CDN}";',
+        fallback_notice=f"the site will load mermaid from {MERMAID_CDN} and needs the network to draw "
+                        "diagrams",
+        extract=_extract_mermaid,
+    )
 
 
 # --- 4. Pyodide and lmkit.costs -------------------------------------------------------------
+def _extract_pyodide(tarball: Path, staging: Path) -> None:
+    wanted = {f"package/{name}": name for name in PYODIDE_FILES}
+    with tarfile.open(tarball, "r:gz") as archive:
+        for member in archive.getmembers():
+            if member.isfile() and member.name in wanted:
+                out = staging / wanted[member.name]
+                with archive.extractfile(member) as src, out.open("wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    missing = [name for name in PYODIDE_FILES if not (staging / name).is_file()]
+    if missing:
+        raise SystemExit(f"{tarball} lacks {', '.join(missing)}: not the Pyodide runtime expected")
+    # The npm package ships no licence file; its package.json declares MPL-2.0.
+    (staging / "LICENSE").write_text(
+        f"Pyodide {PYODIDE_VERSION}, https://github.com/pyodide/pyodide, licensed under the Mozilla "
+        "Public License 2.0 (https://mozilla.org/MPL/2.0/); CPython inside it under the PSF License.\n"
+    )
+
+
 def vendor_pyodide(vendor: Path, cache: Path) -> str:
-    target = vendor / "pyodide"
-    stamp = f"pyodide {PYODIDE_VERSION} (npm, sha512 {PYODIDE_SHA512[:16]}...)\n"
-    if _stamped(target, stamp, PYODIDE_ENTRY):
-        return f"local (npm pyodide {PYODIDE_VERSION})"
-    tarball = npm_tarball("pyodide", PYODIDE_VERSION, PYODIDE_SHA512, cache)
-    with tempfile.TemporaryDirectory(dir=vendor) as tmp:
-        staging = Path(tmp) / "pyodide"
-        staging.mkdir()
-        if tarball is None:
-            notice(f"the site will load Pyodide from {PYODIDE_CDN} and needs the network for the "
-                   "calculator of chapter 5")
-            (staging / PYODIDE_ENTRY).write_text(
-                "// Fallback written by book/tools/assets.py: pyodide could not be fetched with npm.\n"
-                f'export * from "{PYODIDE_CDN}{PYODIDE_ENTRY}";\n'
-            )
-            _install(staging, target, f"pyodide from CDN {PYODIDE_CDN}\n")
-            return "CDN fallback"
-        wanted = {f"package/{name}": name for name in PYODIDE_FILES}
-        with tarfile.open(tarball, "r:gz") as archive:
-            for member in archive.getmembers():
-                if member.isfile() and member.name in wanted:
-                    out = staging / wanted[member.name]
-                    with archive.extractfile(member) as src, out.open("wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        missing = [name for name in PYODIDE_FILES if not (staging / name).is_file()]
-        if missing:
-            raise SystemExit(f"{tarball} lacks {', '.join(missing)}: not the Pyodide runtime expected")
-        # The npm package ships no licence file; its package.json declares MPL-2.0.
-        (staging / "LICENSE").write_text(
-            f"Pyodide {PYODIDE_VERSION}, https://github.com/pyodide/pyodide, licensed under the Mozilla "
-            "Public License 2.0 (https://mozilla.org/MPL/2.0/); CPython inside it under the PSF License.\n"
-        )
-        _install(staging, target, stamp)
-    return f"local (npm pyodide {PYODIDE_VERSION})"
+    return _vendor_npm(
+        vendor, cache, "pyodide", PYODIDE_VERSION, PYODIDE_SHA512, PYODIDE_ENTRY,
+        fallback=f'export * from "{PYODIDE_CDN}{PYODIDE_ENTRY}";',
+        fallback_notice=f"the site will load Pyodide from {PYODIDE_CDN} and needs the network for the "
+                        "calculator of chapter 5",
+        extract=_extract_pyodide,
+    )
 
 
 def vendor_costs(vendor: Path, source: Path = COSTS) -> str:
