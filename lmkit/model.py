@@ -29,8 +29,9 @@ its queries never attend to the padding, so a padded row computes exactly what i
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,16 @@ from lmkit.config import ModelConfig
 
 __all__ = [
     "GPT",
+    "InitialWeights",
     "KVCache",
     "LSTMLanguageModel",
     "LSTMState",
     "build_model",
     "gpt2_state_dict_from_hf",
     "gpt2_state_dict_to_hf",
+    "initial_parameter",
+    "materialize",
+    "parameter_seed",
 ]
 
 
@@ -209,6 +214,85 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+# --------------------------------------------------------------------------- initialisation
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for parameter `name` of a model seeded with `seed` (sha256: stable across
+    processes, unlike Python's salted ``hash``)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+_NORMAL, _RESIDUAL = ("tok_emb", "pos_emb", "qkv", "fc"), ("proj",)  # last module name of a weight
+
+
+def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed: int) -> Tensor:
+    """The initial value of `GPT` parameter `name` (float32, CPU): a pure function of
+    ``(seed, name, shape)``, so it does not depend on which modules exist or in which order they
+    are built. Every layout of chapter 6 therefore starts from the single-process weights, and a
+    rank can draw one parameter, keep its shard and free the rest (`InitialWeights`).
+
+    GPT-2's initialisation: weights of linears and embeddings ~ N(0, 0.02); the two projections
+    that write into the residual stream (``attn.proj``, ``mlp.proj``) ~ N(0, 0.02 / sqrt(2 L)),
+    so the residual's variance does not grow with depth; biases 0; LayerNorm gains 1.
+    """
+    if name == "head.weight":
+        name = "tok_emb.weight"  # tied: the head *is* the embedding
+    module, _, leaf = name.rpartition(".")
+    kind = module.rpartition(".")[2]
+    if leaf == "bias":
+        return torch.zeros(tuple(shape), device="cpu")
+    if kind in ("ln1", "ln2", "ln_f") and leaf == "weight":
+        return torch.ones(tuple(shape), device="cpu")
+    if leaf != "weight" or kind not in _NORMAL + _RESIDUAL:
+        raise ValueError(f"{name!r} is not a GPT parameter name (see lmkit.model's docstring)")
+    std = 0.02 / math.sqrt(2 * config.n_layer) if kind in _RESIDUAL else 0.02
+    generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name))
+    return torch.empty(tuple(shape), device="cpu").normal_(0.0, std, generator=generator)
+
+
+class InitialWeights(Mapping):
+    """A GPT's initial weights by parameter name, each drawn only when looked up.
+
+    What a parallel engine loads into a model built on the meta device: it looks up one name,
+    keeps its own shard and drops the full tensor before the next, so no rank ever holds the
+    whole model (chapter 6, "Construction at scale").
+    """
+
+    def __init__(self, model: GPT) -> None:
+        self.config, self.seed = model.config, model.init_seed
+        self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return initial_parameter(name, self.shapes[name], self.config, self.seed)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Give every meta-device parameter of `module` real, uninitialised storage on `device`.
+
+    Unlike ``module.to_empty`` it keeps each Parameter object (swapping its contents), so tied
+    weights stay tied and attributes set on parameters (tensor-parallel tags) survive. Values
+    are garbage until set (`GPT.reset_parameters`, or an engine loading `InitialWeights`).
+    """
+    seen: set[int] = set()
+    for p in module.parameters():
+        if id(p) in seen or not p.is_meta:
+            continue
+        seen.add(id(p))
+        attrs = dict(p.__dict__)
+        torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device),
+                                                 requires_grad=p.requires_grad))
+        p.__dict__.update(attrs)
+    return module
+
+
 class GPT(nn.Module):
     """GPT-2-style decoder-only Transformer (see the module docstring for names and layout)."""
 
@@ -222,31 +306,30 @@ class GPT(nn.Module):
         if config.arch != "gpt":
             raise ValueError(f"GPT needs config.arch='gpt', got {config.arch!r}; use build_model(config)")
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.block_size, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # The one draw from the global RNG: `torch.manual_seed(s); GPT(config)` stays reproducible,
+        # and every weight is then a pure function of (init_seed, name, shape), see `initial_parameter`.
+        self.init_seed = int(torch.randint(0, 2**62, (), device="cpu"))
+        device = torch.get_default_device()
+        with torch.device("meta"):  # no storage yet: torch's default inits would be overwritten anyway
+            self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+            self.pos_emb = nn.Embedding(config.block_size, config.d_model)
+            self.drop = nn.Dropout(config.dropout)
+            self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+            self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the input embedding (saves V*d parameters and
         # is what GPT-2 does). Both names stay in state_dict(), sharing one storage.
         self.head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False
-        self.apply(self._init_weights)
-        # GPT-2: scale the init of the projections that write into the residual stream by
-        # 1/sqrt(2 * n_layer), so the residual's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if device.type != "meta":  # under `with torch.device("meta")`: shapes only (parallel/ cuts it)
+            materialize(self, device)
+            self.reset_parameters()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Set every weight to its initial value for ``self.init_seed`` (`initial_parameter`)."""
+        for name, p in self.named_parameters():  # the tied head is the embedding: drawn once
+            p.copy_(initial_parameter(name, p.shape, self.config, self.init_seed))
 
     # ------------------------------------------------------------------ knobs and counts
 

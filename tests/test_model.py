@@ -12,10 +12,14 @@ import torch
 from lmkit.config import ConfigError, ModelConfig
 from lmkit.model import (
     GPT,
+    InitialWeights,
     LSTMLanguageModel,
     build_model,
     gpt2_state_dict_from_hf,
     gpt2_state_dict_to_hf,
+    initial_parameter,
+    materialize,
+    parameter_seed,
 )
 
 V, BLOCK, L, H, D = 65, 32, 2, 4, 32
@@ -103,6 +107,62 @@ def test_gpt2_init_std():
     assert abs(m.blocks[3].attn.proj.weight.std().item() - want) < want * 0.1
     assert abs(m.blocks[3].mlp.proj.weight.std().item() - want) < want * 0.1
     assert torch.all(m.blocks[0].attn.qkv.bias == 0)
+    assert torch.all(m.ln_f.weight == 1) and torch.all(m.blocks[1].ln2.bias == 0)
+
+
+def _same_weights(a: GPT, b: GPT) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_init_follows_the_global_seed():
+    torch.manual_seed(3)
+    a, b = GPT(tiny()), GPT(tiny())  # two draws: two different models, as before
+    torch.manual_seed(3)
+    again = GPT(tiny())
+    torch.manual_seed(4)
+    other = GPT(tiny())
+    assert _same_weights(a, again) and a.init_seed == again.init_seed
+    assert not torch.equal(a.tok_emb.weight, b.tok_emb.weight)
+    assert not torch.equal(a.blocks[0].mlp.fc.weight, other.blocks[0].mlp.fc.weight)
+    assert a.head.weight is a.tok_emb.weight
+
+
+def test_init_is_a_function_of_seed_name_and_shape():
+    """Independent of the other modules: a deeper model starts with the same first blocks, and
+    each parameter is `initial_parameter` of its name (what a rank draws for its shard)."""
+    torch.manual_seed(0)
+    small = GPT(tiny(n_layer=2))
+    torch.manual_seed(0)
+    deep = GPT(tiny(n_layer=4))  # residual projections are scaled by depth, the rest is equal
+    for name, p in small.named_parameters():
+        assert torch.equal(p, initial_parameter(name, p.shape, small.config, small.init_seed)), name
+    for name, p in small.named_parameters():
+        same = torch.equal(p, deep.get_parameter(name))
+        assert same == (not name.endswith("proj.weight")), name
+    assert torch.equal(initial_parameter("head.weight", (V, D), small.config, small.init_seed),
+                       small.tok_emb.weight)
+    # stable across processes (sha256, not the salted hash) and distinct per name
+    assert parameter_seed(0, "tok_emb.weight") == 6220692838476482389
+    assert parameter_seed(0, "pos_emb.weight") != parameter_seed(0, "tok_emb.weight")
+    with pytest.raises(ValueError, match="not a GPT parameter"):
+        initial_parameter("blocks.0.attn.qkv.scale", (3,), small.config, 0)
+
+
+def test_meta_construction_then_materialize_gives_the_same_weights():
+    torch.manual_seed(5)
+    real = GPT(tiny())
+    torch.manual_seed(5)
+    with torch.device("meta"):
+        lazy = GPT(tiny())
+    assert all(p.is_meta for p in lazy.parameters()) and lazy.init_seed == real.init_seed
+    weights = InitialWeights(lazy)
+    assert set(weights) == set(real.state_dict()) and len(weights) == len(real.state_dict())
+    assert all(torch.equal(weights[k], v) for k, v in real.state_dict().items())
+    lazy.tok_emb.weight.tag = "kept"
+    materialize(lazy, "cpu").reset_parameters()
+    assert lazy.head.weight is lazy.tok_emb.weight and lazy.tok_emb.weight.tag == "kept"
+    assert _same_weights(lazy, real)
 
 
 # --------------------------------------------------------------------------- errors
