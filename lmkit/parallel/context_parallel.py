@@ -1,0 +1,351 @@
+"""Context parallelism: ring attention over a process group, with load-balanced causal sharding.
+
+The sequence of every layer is split over the ``cp`` ranks of a context-parallel group. Each rank
+keeps the queries of its tokens; the key/value blocks travel around the ring, one hop per step, and
+the rank computes blockwise attention of its queries against the block it holds while the next one
+is in transit (Liu et al. 2023, "Ring Attention with Blockwise Transformers"). The partial results
+are merged with the online-softmax (log-sum-exp) rule, so the output equals full causal attention.
+
+Causal masking makes a contiguous split unbalanced: the rank holding the end of the sequence attends
+to every key, the first rank to almost none. With the *zigzag* (head-tail) split the sequence is cut
+into ``2 cp`` chunks and rank ``r`` holds chunks ``r`` and ``2 cp - 1 - r``, one from each end, so
+every rank computes the same number of score entries. Tensors have lmkit's attention layout
+``[B, H, T, head_dim]`` (`lmkit.model.CausalSelfAttention`), ``T`` being this rank's ``seq_len / cp``
+tokens in the order `shard_sequence` gives them. Explained in the book, chapter 5, section 5.8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lmkit.config import ConfigError
+from lmkit.parallel.instrument import CommCounter
+
+__all__ = [
+    "LAYOUTS",
+    "validate_cp",
+    "chunk_ids",
+    "shard_sequence",
+    "unshard_sequence",
+    "position_ids",
+    "block_attention",
+    "merge_partials",
+    "ring_attention",
+    "RingAttention",
+    "ring_attention_worker",
+]
+
+#: "zigzag": rank r holds chunks r and 2 cp - 1 - r of 2 cp; "contiguous": chunk r of cp (unbalanced).
+LAYOUTS = ("zigzag", "contiguous")
+
+
+# --------------------------------------------------------------------------- sharding the sequence
+
+
+def validate_cp(seq_len: int, cp: int, layout: str = "zigzag") -> None:
+    """Raise `ConfigError` (a ValueError) in one line if `seq_len` cannot be split over `cp` ranks."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"context-parallel layout {layout!r} is unknown; use one of {LAYOUTS}")
+    if not isinstance(cp, int) or cp < 1:
+        raise ConfigError(f"cp must be a positive integer, got {cp!r}")
+    chunks = 2 * cp if layout == "zigzag" else cp
+    if seq_len % chunks:
+        what = "2 cp chunks, two per rank" if layout == "zigzag" else "cp chunks, one per rank"
+        raise ConfigError(
+            f"sequence length {seq_len} is not divisible by {chunks} ({layout} context parallelism with "
+            f"cp={cp} cuts it into {what}); use a sequence length that is a multiple of {chunks}")
+
+
+def chunk_ids(rank: int, cp: int, layout: str = "zigzag") -> tuple[int, ...]:
+    """The chunks of the sequence rank `rank` holds, in the order it holds them."""
+    return (rank, 2 * cp - 1 - rank) if layout == "zigzag" else (rank,)
+
+
+def _n_chunks(cp: int, layout: str) -> int:
+    return 2 * cp if layout == "zigzag" else cp
+
+
+def shard_sequence(x: Tensor, rank: int, cp: int, dim: int = 1, layout: str = "zigzag") -> Tensor:
+    """This rank's tokens of the full sequence `x` (its chunks along `dim`, concatenated)."""
+    validate_cp(x.size(dim), cp, layout)
+    chunks = x.chunk(_n_chunks(cp, layout), dim=dim)
+    return torch.cat([chunks[i] for i in chunk_ids(rank, cp, layout)], dim=dim)
+
+
+def unshard_sequence(parts: Sequence[Tensor], dim: int = 1, layout: str = "zigzag") -> Tensor:
+    """The inverse of `shard_sequence`: the full sequence from every rank's part, in rank order."""
+    cp = len(parts)
+    per_rank = 2 if layout == "zigzag" else 1
+    chunks: list[Tensor | None] = [None] * (per_rank * cp)
+    for rank, part in enumerate(parts):
+        for i, piece in zip(chunk_ids(rank, cp, layout), part.chunk(per_rank, dim=dim), strict=True):
+            chunks[i] = piece
+    return torch.cat(chunks, dim=dim)
+
+
+def position_ids(seq_len: int, rank: int, cp: int, layout: str = "zigzag", start: int = 0,
+                 device: torch.device | str | None = None) -> Tensor:
+    """The positions (columns) of this rank's tokens: what its position embedding must look up."""
+    return shard_sequence(torch.arange(start, start + seq_len, device=device), rank, cp, dim=0, layout=layout)
+
+
+# --------------------------------------------------------------------------- one block, and the merge
+
+
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
+    """Scaled scores ``q k^T / sqrt(d)``; on a diagonal block, -inf above the diagonal (future keys)."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        n, m = scores.shape[-2:]
+        future = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores
+
+
+def block_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of `q` over one block of keys: the output and the log-sum-exp of every query's scores.
+
+    ``causal`` masks the upper triangle (the block on the diagonal, queries and keys at the same
+    positions). The pair (output, lse) is all the merge needs: the output is already normalised
+    over this block, and ``exp(lse)`` is the normaliser it was divided by.
+    """
+    scores = _scores(q, k, causal, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
+
+
+def merge_partials(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Online-softmax merge of two partial attentions of the same queries over disjoint key sets.
+
+    ``lse = log(exp(lse_1) + exp(lse_2))`` and ``out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2``:
+    each partial output is re-weighted by its share of the combined normaliser.
+    """
+    new_lse = torch.logaddexp(lse, block_lse)
+    old_share, block_share = torch.exp(lse - new_lse), torch.exp(block_lse - new_lse)
+    out = old_share.unsqueeze(-1) * out + block_share.unsqueeze(-1) * block_out
+    return out, new_lse
+
+
+# --------------------------------------------------------------------------- the ring
+
+
+def _ring_peers(group) -> tuple[int, int, int, int]:
+    """(cp, this rank in the group, global rank of the right neighbour, of the left neighbour)."""
+    if not dist.is_initialized():
+        return 1, 0, 0, 0  # one rank, no ring: plain blockwise causal attention
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    right, left = (rank + 1) % cp, (rank - 1) % cp
+    if group is not None:
+        right, left = dist.get_global_rank(group, right), dist.get_global_rank(group, left)
+    return cp, rank, right, left
+
+
+def _start_exchange(send: Tensor, recv: Tensor, right: int, left: int, group, tag: int) -> list:
+    """Post "send to the right, receive from the left" together (no deadlock) and return the works."""
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, right, group, tag),
+                                   dist.P2POp(dist.irecv, recv, left, group, tag)])
+
+
+def _wait(works: list) -> None:
+    for work in works:
+        work.wait()
+
+
+def _block_pairs(rank: int, src: int, cp: int, layout: str):
+    """(query chunk slot, key chunk slot, causal) for each score block rank `rank` computes against
+    the keys of rank `src`; blocks entirely above the diagonal (keys after every query) are skipped."""
+    for i, qc in enumerate(chunk_ids(rank, cp, layout)):
+        for j, kc in enumerate(chunk_ids(src, cp, layout)):
+            if kc <= qc:
+                yield i, j, kc == qc
+
+
+def _count(stats: dict | None, q: Tensor, k: Tensor, causal: bool) -> None:
+    """Tally the score entries one block computes (and how many the causal mask keeps)."""
+    if stats is None:
+        return
+    n, m = q.size(-2), k.size(-2)
+    heads = math.prod(q.shape[:-2])
+    stats["blocks"] = stats.get("blocks", 0) + 1
+    stats["scores"] = stats.get("scores", 0) + heads * n * m
+    stats["unmasked"] = stats.get("unmasked", 0) + heads * (n * (n + 1) // 2 if causal else n * m)
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal attention of this rank's queries over the whole sequence, K/V passed around the ring.
+
+    Forward: ``cp`` steps; in step ``i`` the rank holds the K/V block of rank ``r - i``, sends it to
+    ``r + 1`` and receives the next from ``r - 1`` while it computes, then merges. Backward: the
+    same ring again. The rank keeps only its own q, k, v, output and log-sum-exp and receives the
+    K/V blocks a second time instead of storing all ``cp`` of them (that would bring back the
+    activation memory context parallelism is there to divide); the score blocks are recomputed
+    from lse as in flash attention. The gradient of a K/V block is accumulated by every rank that
+    used it: an accumulator travels with the block, one hop behind, and its ``cp``-th hop brings
+    it home to the owner.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group, layout: str, scale: float,
+                stats: dict | None) -> Tensor:
+        cp, rank, right, left = _ring_peers(group)
+        acc = torch.promote_types(q.dtype, torch.float32)  # softmax statistics in at least fp32
+        n = len(chunk_ids(rank, cp, layout))
+        qs = q.chunk(n, dim=-2)
+        outs: list[Tensor | None] = [None] * n
+        lses: list[Tensor | None] = [None] * n
+        kv = torch.stack([k, v]).contiguous()  # one message per step: [2, B, H, T, hd]
+        for step in range(cp):
+            src = (rank - step) % cp  # whose block this rank holds now
+            if step < cp - 1:  # start moving it on before computing with it: overlap
+                incoming = torch.empty_like(kv)
+                works = _start_exchange(kv, incoming, right, left, group, tag=0)
+            ks, vs = kv[0].chunk(n, dim=-2), kv[1].chunk(n, dim=-2)
+            for i, j, causal in _block_pairs(rank, src, cp, layout):
+                _count(stats, qs[i], ks[j], causal)
+                o, lse = block_attention(qs[i].to(acc), ks[j].to(acc), vs[j].to(acc), causal, scale)
+                if outs[i] is None:
+                    outs[i], lses[i] = o, lse
+                else:
+                    outs[i], lses[i] = merge_partials(outs[i], lses[i], o, lse)
+            if step < cp - 1:
+                _wait(works)
+                kv = incoming
+        out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.layout, ctx.scale = group, layout, scale
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, layout, scale = ctx.group, ctx.layout, ctx.scale
+        cp, rank, right, left = _ring_peers(group)
+        acc = out.dtype
+        n = len(chunk_ids(rank, cp, layout))
+        dout = dout.to(acc)
+        delta = (dout * out).sum(-1)  # D_i = sum_j P_ij dP_ij = rowsum(dO * O)
+        qs, dos = q.to(acc).chunk(n, dim=-2), dout.chunk(n, dim=-2)
+        lses, deltas = lse.chunk(n, dim=-1), delta.chunk(n, dim=-1)
+        dq = torch.zeros_like(q, dtype=acc)
+        dqs = dq.chunk(n, dim=-2)
+        kv = torch.stack([k, v]).contiguous()
+        dkv_in: Tensor | None = None  # the accumulator arriving from the left: for the next block
+        dkv_works: list = []
+        for step in range(cp):
+            src = (rank - step) % cp
+            if step < cp - 1:
+                incoming = torch.empty_like(kv)
+                kv_works = _start_exchange(kv, incoming, right, left, group, tag=0)
+            ks, vs = kv[0].to(acc).chunk(n, dim=-2), kv[1].to(acc).chunk(n, dim=-2)
+            dkv = torch.zeros_like(kv, dtype=acc)  # this rank's share of src's block gradient
+            dks, dvs = dkv[0].chunk(n, dim=-2), dkv[1].chunk(n, dim=-2)
+            for i, j, causal in _block_pairs(rank, src, cp, layout):
+                # the forward's probabilities, recomputed from its scores and log-sum-exp
+                p = torch.exp(_scores(qs[i], ks[j], causal, scale) - lses[i].unsqueeze(-1))
+                dvs[j].add_(p.transpose(-2, -1) @ dos[i])
+                ds = p * (dos[i] @ vs[j].transpose(-2, -1) - deltas[i].unsqueeze(-1))
+                dqs[i].add_((ds @ ks[j]) * scale)
+                dks[j].add_((ds.transpose(-2, -1) @ qs[i]) * scale)
+            if step > 0:  # add what the ranks before us accumulated for the same block
+                _wait(dkv_works)
+                dkv += dkv_in
+            if cp == 1:
+                dkv_in = dkv
+            else:  # pass the accumulator on, one hop behind its block
+                dkv_in = torch.empty_like(dkv)
+                dkv_works = _start_exchange(dkv, dkv_in, right, left, group, tag=1)
+            if step < cp - 1:
+                _wait(kv_works)
+                kv = incoming
+        _wait(dkv_works)  # the last hop: our own block's gradient, summed over every rank
+        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None)
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, layout: str = "zigzag",
+                   scale: float | None = None, stats: dict | None = None) -> Tensor:
+    """Causal attention of this rank's ``[B, H, T, hd]`` q, k, v (its `shard_sequence` part) over the
+    whole sequence held by the ranks of `group`; the output is this rank's part of the full result.
+
+    `stats`, if given, accumulates the forward's work on this rank: ``blocks`` (score blocks computed),
+    ``scores`` (score entries computed) and ``unmasked`` (entries the causal mask keeps).
+    """
+    cp = _ring_peers(group)[0]
+    validate_cp(q.size(-2) * cp, cp, layout)
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"ring_attention needs q, k and v of one shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    return RingAttention.apply(q, k, v, group, layout, scale, stats)
+
+
+# --------------------------------------------------------------------------- a check of itself
+
+
+def ring_attention_worker(cases: Sequence[tuple[int, int, str, str]], batch: int = 2, heads: int = 3,
+                          head_dim: int = 8, seed: int = 0) -> list[dict]:
+    """For `lmkit.parallel.launch.run_local`: ring attention against full causal attention, per case.
+
+    Each case is ``(cp, seq_len, layout, dtype)``; the world is cut into groups of ``cp``
+    consecutive ranks (ranks left over sit the case out), so one launch checks several ring sizes
+    on groups that are not the world. Every rank draws the same full q, k, v and output gradient,
+    computes the reference with ``F.scaled_dot_product_attention(is_causal=True)`` and its
+    gradients, then runs `ring_attention` on its own shard. Returns, per case this rank took part
+    in, the largest absolute difference of the output and of dq, dk, dv from this rank's part of
+    the reference (and the reference's largest magnitude); the forward's work (`ring_attention`'s
+    ``stats``); the calls and bytes of the sends and receives forward and backward
+    (`lmkit.parallel.instrument.CommCounter`); and the bytes the forward saves for backward.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    world, me = dist.get_world_size(), dist.get_rank()
+    groups = {}
+    for cp in sorted({case[0] for case in cases}):  # every rank creates every group, in one order
+        for first in range(0, world - cp + 1, cp):
+            group = dist.new_group(list(range(first, first + cp)))
+            if first <= me < first + cp:
+                groups[cp] = group
+    return [_check_case(groups[cp], cp, seq_len, layout, dtype, (batch, heads, head_dim), seed)
+            for cp, seq_len, layout, dtype in cases if cp in groups]
+
+
+def _check_case(group, cp: int, seq_len: int, layout: str, dtype: str, dims: tuple[int, int, int],
+                seed: int) -> dict:
+    rank, (batch, heads, head_dim) = dist.get_rank(group), dims
+    g = torch.Generator().manual_seed(seed + seq_len)
+    q, k, v, dout = (torch.randn(batch, heads, seq_len, head_dim, generator=g, dtype=getattr(torch, dtype))
+                     for _ in range(4))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*full, is_causal=True)
+    ref.backward(dout)
+
+    def part(t: Tensor) -> Tensor:
+        return shard_sequence(t.detach(), rank, cp, dim=2, layout=layout)
+
+    mine = [part(t).requires_grad_() for t in (q, k, v)]
+    saved: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    stats: dict[str, int] = {}
+    with CommCounter() as forward_comm, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ring_attention(*mine, group=group, layout=layout, stats=stats)
+    with CommCounter() as backward_comm:
+        out.backward(part(dout))
+    pairs = {"out": (out, ref), "dq": (mine[0].grad, full[0].grad), "dk": (mine[1].grad, full[1].grad),
+             "dv": (mine[2].grad, full[2].grad)}
+    return {
+        "cp": cp, "seq_len": seq_len, "layout": layout, "dtype": dtype, "rank": rank,
+        "shape": [batch, heads, seq_len // cp, head_dim], "chunks": list(chunk_ids(rank, cp, layout)),
+        "positions": position_ids(seq_len, rank, cp, layout).tolist(),
+        "max_diff": {name: (a.detach() - part(b)).abs().max().item() for name, (a, b) in pairs.items()},
+        "max_abs": {name: b.detach().abs().max().item() for name, (_, b) in pairs.items()},
+        "work": stats, "saved_bytes": sum(saved),
+        "comm": {"forward": forward_comm.summary(), "backward": backward_comm.summary()},
+    }
