@@ -22,6 +22,7 @@ __all__ = [
     "model_states", "zero_buckets",
     "activation_bytes_per_layer", "in_flight", "memory", "communication", "wire_bytes", "bubble_fraction",
     "step_time", "search", "calculate", "format_bytes",
+    "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication", "cp_ring_step",
 ]
 
 GB = 1e9
@@ -334,7 +335,7 @@ def model_states(numel: float, dp: int = 1, zero: int = 0,
 
 def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
                                recompute: str = "none", act_bytes: int = 2, dropout: bool = True,
-                               flash_attention: bool = False) -> float:
+                               flash_attention: bool = False, cp: int = 1) -> float:
     """Bytes one Transformer layer keeps for backward, for a microbatch of `b` sequences of `s` tokens.
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
@@ -343,11 +344,16 @@ def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequ
     sequence parallelism, the ``5 a s / h`` term gone under selective recomputation, ``2 s b h``
     (the layer's input) under full recomputation. Generalised here to `act_bytes` per element,
     no masks without dropout, and flash attention (no ``a s^2`` matrix; ``4 a s b`` bytes of
-    log-sum-exp instead).
+    log-sum-exp instead). Context parallelism over `cp` ranks gives each rank ``s / cp`` of the
+    tokens: every ``s b h`` term is divided by ``cp``, and so is the score term, whose rows are this
+    rank's queries against all ``s`` keys (``a (s/cp) s b``); ring attention (`cp_attention_memory`)
+    keeps none of it.
     """
     e, mask, t = act_bytes, (1 if dropout else 0), tp
     sp = t if sequence_parallel else 1
-    sbh = s * b * h
+    if cp > 1 and s % cp:
+        raise CostError(f"seq_len={s} is not divisible by cp={cp}; use a multiple of cp (2 cp for zigzag)")
+    sbh, local = s // cp * b * h, s // cp
     if recompute == "full":
         return e * sbh / sp
     # Outside the tensor-parallel regions (replicated over tp unless sequence-parallel): the two
@@ -356,11 +362,11 @@ def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequ
     # Inside (split over tp): q, k, v, the attention output (proj input), the GELU input and output.
     inside = (4 * e + 8 * e) * sbh / t
     if flash_attention:
-        scores = 4 * a * s * b / t  # fp32 log-sum-exp per row and head
+        scores = 4 * a * local * b / t  # fp32 log-sum-exp per row and head
     elif recompute == "selective":
         scores = 0.0
     else:  # softmax output, its dropout mask and the dropped-out copy
-        scores = (e + mask + (e if dropout else 0)) * a * s * s * b / t
+        scores = (e + mask + (e if dropout else 0)) * a * local * s * b / t
     return outside + inside + scores
 
 
@@ -497,7 +503,7 @@ def wire_bytes(kind: str, nbytes: float, group_size: int) -> float:
 class CommTerm:
     """One kind of collective a rank issues in one optimizer step."""
 
-    group: str  # "dp", "tp", "pp" or "embedding" (first + last pipeline stage)
+    group: str  # "dp", "tp", "pp", "cp" or "embedding" (first + last pipeline stage)
     kind: str
     what: str
     calls: int | None  # None where the count depends on bucketing
@@ -598,6 +604,107 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
         terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
     return terms
+
+
+# --------------------------------------------------------------------------------- context parallelism
+# lmkit.parallel.context_parallel: ring attention over cp ranks, zigzag ("head-tail") or contiguous
+# causal sharding. Per layer and microbatch, for this rank's s/cp tokens and h/t of the width (its heads).
+
+CP_LAYOUTS = ("zigzag", "contiguous")
+
+
+def _cp_chunks(s: int, cp: int, layout: str) -> tuple[int, int]:
+    """(chunks of the sequence, tokens per chunk), validated."""
+    if layout not in CP_LAYOUTS:
+        raise CostError(f"context-parallel layout {layout!r} is unknown; use one of {CP_LAYOUTS}")
+    n = 2 * cp if layout == "zigzag" else cp
+    if cp < 1 or s % n:
+        raise CostError(f"seq_len={s} is not divisible by {n} ({layout} sharding over cp={cp}); "
+                        f"use a multiple of {n}")
+    return n, s // n
+
+
+def cp_attention_work(s: int, cp: int, layout: str = "zigzag") -> list[dict[str, int]]:
+    """Per rank: score blocks, score entries and unmasked (causal) entries of one head's forward.
+
+    Rank ``r`` holds chunks ``r`` and ``2 cp - 1 - r`` (zigzag) or chunk ``r`` (contiguous) of ``C``
+    tokens. Its queries of chunk ``i`` meet keys of chunk ``j <= i``: a full ``C x C`` block below
+    the diagonal, a triangle of ``C (C+1)/2`` on it. Zigzag: ``2 cp + 1`` blocks and
+    ``(2 cp - 1) C^2 + C (C + 1)`` unmasked entries on every rank; contiguous: ``r + 1`` blocks and
+    ``r C^2 + C (C+1)/2``, growing with the rank.
+    """
+    n, c = _cp_chunks(s, cp, layout)
+    out = []
+    for r in range(cp):
+        mine = (r, n - 1 - r) if layout == "zigzag" else (r,)
+        blocks = [(i, j) for i in mine for src in range(cp)
+                  for j in ((src, n - 1 - src) if layout == "zigzag" else (src,)) if j <= i]
+        diagonal = sum(1 for i, j in blocks if i == j)
+        out.append({"blocks": len(blocks), "scores": len(blocks) * c * c,
+                    "unmasked": (len(blocks) - diagonal) * c * c + diagonal * c * (c + 1) // 2})
+    return out
+
+
+def cp_attention_memory(b: int, s: int, h: int, a: int, cp: int, tp: int = 1, act_bytes: int = 4,
+                        layout: str = "zigzag") -> dict[str, float]:
+    """Bytes one rank's ring attention holds, against the score matrix of attention without it.
+
+    - ``saved``: what the forward keeps for backward: q, k, v (``act_bytes``) and the output and
+      log-sum-exp in the accumulation precision (``max(act_bytes, 4)``): linear in ``s / cp``;
+    - ``kv_in_flight``: the K/V block computed on plus the one arriving (2 blocks of ``2 b (s/cp) h/t``);
+    - ``score_block``: the largest score block alive at once (one chunk pair, fp32 or wider);
+    - ``scores_full``: the ``a s^2 b / t`` score matrix one rank would hold without context parallelism.
+    """
+    n, c = _cp_chunks(s, cp, layout)
+    acc = max(act_bytes, 4)
+    local, width = s // cp, h // tp
+    return {"saved": (3 * act_bytes + acc) * b * local * width + acc * b * (a // tp) * local,
+            "kv_in_flight": 2 * 2 * b * local * width * act_bytes,
+            "score_block": acc * b * (a // tp) * c * c,
+            "scores_full": act_bytes * b * (a // tp) * s * s}
+
+
+def cp_communication(b: int, s: int, h: int, cp: int, tp: int = 1, layers: int = 1, microbatches: int = 1,
+                     act_bytes: int = 4) -> list[CommTerm]:
+    """The sends (and mirrored receives) of ring attention for `layers` layers and `microbatches`.
+
+    A K/V block is ``2 b (s/cp) (h/t) e`` bytes (its heads under tensor parallelism). Forward: ``cp - 1``
+    ring steps pass it on. Backward: the blocks go round again (``cp - 1`` sends; the alternative,
+    keeping all ``cp`` blocks from the forward, would cost ``cp`` times the K/V memory), and the dK/dV
+    accumulators, in the accumulation precision ``max(e, 4)``, make ``cp`` hops, the last one home.
+    """
+    if cp == 1:
+        return []
+    _cp_chunks(s, cp, "contiguous")
+    e, acc, n = act_bytes, max(act_bytes, 4), layers * microbatches
+    block, grad_block = 2 * b * (s // cp) * (h // tp) * e, 2 * b * (s // cp) * (h // tp) * acc
+    terms = []
+    for kind in ("send", "recv"):
+        terms += [CommTerm("cp", kind, "K/V blocks forward: cp - 1 ring steps per layer", n * (cp - 1),
+                           n * (cp - 1) * block, cp, hidden_by="compute"),
+                  CommTerm("cp", kind, "K/V blocks again in backward: cp - 1 steps", n * (cp - 1),
+                           n * (cp - 1) * block, cp, hidden_by="compute"),
+                  CommTerm("cp", kind, "dK/dV accumulators in backward: cp hops, the last one home", n * cp,
+                           n * cp * grad_block, cp, hidden_by="compute")]
+    return terms
+
+
+def cp_ring_step(b: int, s: int, h: int, cp: int, peak_flops: float, bandwidth: float, tp: int = 1,
+                 act_bytes: int = 2, layout: str = "zigzag") -> dict[str, float]:
+    """Seconds of one forward ring step (a K/V block that is not the rank's own): compute and transfer.
+
+    Zigzag: two ``C x C`` blocks (``C = s / 2cp``) of ``QK^T`` and ``PV``, ``4 b C^2 h/t`` FLOPs each
+    (a contiguous rank below the diagonal: one ``(s/cp)^2`` block, twice as much); the transfer is one
+    K/V block, ``2 b (s/cp) (h/t) e`` bytes at `bandwidth` bytes/s. The transfer hides behind the
+    compute when ``compute_s >= comm_s``: for zigzag when ``s / cp >= e F / beta`` tokens per rank.
+    """
+    _, c = _cp_chunks(s, cp, layout)
+    width = h // tp
+    block_pairs = 2 if layout == "zigzag" else 1
+    flops = block_pairs * 4 * b * c * c * width
+    comm = 2 * b * (s // cp) * width * act_bytes
+    return {"flops": float(flops), "compute_s": flops / peak_flops, "bytes": float(comm),
+            "comm_s": comm / bandwidth}
 
 
 def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:

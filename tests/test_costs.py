@@ -203,3 +203,58 @@ def test_estimate_rejects_impossible_requests_in_one_line(argv, message, capsys)
     assert main(["estimate", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- context parallelism
+# (the bytes and work against lmkit's ring attention: tests/test_context_parallel.py)
+
+
+def test_context_parallel_divides_every_activation_term_including_the_scores_by_cp():
+    kw = {"b": 2, "s": 4096, "h": 1024, "a": 16, "tp": 2, "act_bytes": 2}
+    for flags in ({}, {"flash_attention": True}, {"sequence_parallel": True}, {"recompute": "full"}):
+        one = costs.activation_bytes_per_layer(**kw, **flags)
+        assert costs.activation_bytes_per_layer(**kw, **flags, cp=1) == one
+        assert costs.activation_bytes_per_layer(**kw, **flags, cp=8) == pytest.approx(one / 8, rel=1e-12)
+    with pytest.raises(costs.CostError, match="multiple of cp"):
+        costs.activation_bytes_per_layer(**{**kw, "s": 100}, cp=8)
+
+
+def test_causal_work_is_shared_exactly_by_zigzag_and_grows_with_the_rank_when_contiguous():
+    for cp in (1, 2, 3, 4, 8):
+        for s in (2 * cp, 16 * cp):
+            for layout in costs.CP_LAYOUTS:
+                work = costs.cp_attention_work(s, cp, layout)
+                assert sum(w["unmasked"] for w in work) == s * (s + 1) // 2  # the causal triangle, once
+            zigzag = [w["unmasked"] for w in costs.cp_attention_work(s, cp)]
+            contiguous = [w["unmasked"] for w in costs.cp_attention_work(s, cp, "contiguous")]
+            assert len(set(zigzag)) == 1
+            assert contiguous == sorted(contiguous) and (cp == 1 or contiguous[-1] > contiguous[0])
+    c = 1024 // 4  # long chunks: the last contiguous rank does nearly 2 cp - 1 = 7 times the first's work
+    work = costs.cp_attention_work(1024, 4, "contiguous")
+    ratio = work[-1]["unmasked"] / work[0]["unmasked"]
+    assert ratio == pytest.approx((3 * c * c + c * (c + 1) / 2) / (c * (c + 1) / 2), rel=1e-12)
+    assert 6.9 < ratio < 7
+
+
+def test_ring_attention_memory_and_bytes_by_hand():
+    b, s, h, a, cp = 1, 8192, 4096, 32, 4
+    mem = costs.cp_attention_memory(b, s, h, a, cp, act_bytes=2)
+    local = s // cp
+    assert mem["saved"] == (3 * 2 + 4) * local * h + 4 * a * local
+    assert mem["kv_in_flight"] == 2 * 2 * local * h * 2
+    assert mem["score_block"] == 4 * a * (s // (2 * cp)) ** 2
+    assert mem["scores_full"] == 2 * a * s * s
+    terms = costs.cp_communication(b, s, h, cp, layers=2, microbatches=3, act_bytes=2)
+    sends = [t for t in terms if t.kind == "send"]
+    block = 2 * local * h * 2
+    assert [t.calls for t in sends] == [6 * 3, 6 * 3, 6 * 4]
+    assert sum(t.bytes for t in sends) == 6 * (3 * block + 3 * block + 4 * 2 * block)
+    assert sum(t.wire_bytes for t in terms) == sum(t.bytes for t in sends)  # receives send nothing
+    assert all(t.group == "cp" and t.group_size == cp for t in terms)
+    assert costs.cp_communication(b, s, h, 1) == []
+    # a ring step's transfer hides behind its compute once a rank holds e F / beta tokens (zigzag)
+    peak, beta = 1e15, 1e11
+    even = costs.cp_ring_step(b, 4 * 2 * 10_000, h, 4, peak, beta, act_bytes=2)
+    assert even["compute_s"] == pytest.approx(even["comm_s"], rel=1e-12)
+    contiguous = costs.cp_ring_step(b, 4 * 2 * 10_000, h, 4, peak, beta, act_bytes=2, layout="contiguous")
+    assert contiguous["flops"] == 2 * even["flops"] and contiguous["bytes"] == even["bytes"]
