@@ -156,8 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue prompts with a trained checkpoint",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    gen.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest)")
-    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    gen.add_argument("checkpoint", nargs="?", default=None,
+                     help="checkpoint directory or run directory (uses its latest); or give --hf-dir")
+    gen.add_argument("--hf-dir", default=None, metavar="DIR",
+                     help="a transformers GPT-2 directory (lmkit export --hf-dir, or save_pretrained) "
+                          "instead of a checkpoint")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="prompt text (repeat for a batch: decoded together, left-padded)")
     gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -167,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
+    gen.add_argument("--int8", action="store_true",
+                     help="int8 weights in the blocks' linear layers (PyTorch dynamic quantization, CPU; "
+                          "chapter 7): ~4x smaller weights, faster decoding")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (1 prompt)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
 
@@ -213,8 +221,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume not in (None, "auto") and not Path(args.resume).exists():
         raise UsageError(f"lmkit train: --resume {args.resume} does not exist; pass a run directory (its "
                          "latest checkpoint is used) or one of its step_* directories, or --resume auto")
-    run = prepare_run(model_cfg, train_cfg)
     layout = parallel_cfg if parallel_cfg.world_size > 1 else None
+    run = prepare_run(model_cfg, train_cfg, meta=layout is not None)  # a rank allocates only its part
     topology = None
     if layout is not None:
         mc = run.model_config
@@ -382,14 +390,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_hf_dir(path: str, device_name: str):
+    """Model (eval mode, on device) and tokenizer from a transformers GPT-2 directory."""
+    from lmkit.hf import TOKENIZER_FILE, load_pretrained
+    from lmkit.train import resolve_device
+
+    model, tokenizer = load_pretrained(path)
+    if tokenizer is None:
+        raise UsageError(f"lmkit generate: --hf-dir {path} has no tokenizer ({TOKENIZER_FILE} or a "
+                         "byte-level BPE tokenizer.json); export it with lmkit export --hf-dir, which "
+                         "writes one")
+    return model.to(resolve_device(device_name)).eval(), tokenizer
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from lmkit.efficiency import dynamic_quantization_available, quantize_int8
     from lmkit.generate import GenerationError, check_options, generate_text, stream
+    from lmkit.train import resolve_device
 
     try:  # the options first: a typo costs no checkpoint load
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     except GenerationError as e:
         raise UsageError(f"lmkit generate: --{str(e).replace('_', '-', 2)}") from None
-    model, tokenizer, *_ = _load_for_inference(args.checkpoint, args.device)
+    if (args.checkpoint is None) == (args.hf_dir is None):
+        raise UsageError("lmkit generate: give a checkpoint directory or --hf-dir DIR (exactly one of them)")
+    if args.int8:
+        if resolve_device(args.device).type != "cpu":
+            raise UsageError("lmkit generate: --int8 uses PyTorch's CPU int8 kernels; add --device cpu")
+        if not dynamic_quantization_available():
+            raise UsageError("lmkit generate: --int8 needs torch.ao.quantization's dynamic quantization, "
+                             "which this torch lacks; drop --int8")
+    if args.hf_dir is not None:
+        model, tokenizer = _load_hf_dir(args.hf_dir, args.device)
+    else:
+        model, tokenizer, *_ = _load_for_inference(args.checkpoint, args.device)
+    if args.int8:
+        model = quantize_int8(model)
     for prompt in args.prompt:
         try:
             tokenizer.encode(prompt)
@@ -504,16 +540,25 @@ def _add_export_parser(sub: Any) -> None:
                                      "and write today's single-directory checkpoint: model.safetensors, "
                                      "state.pt, tokenizer.json, meta.json.")
     exp.add_argument("checkpoint", help="sharded checkpoint directory, or a run directory (uses its latest)")
-    exp.add_argument("out", help="directory to write (a new one, or an lmkit checkpoint to replace)")
+    exp.add_argument("out", nargs="?", default=None,
+                     help="directory to write (a new one, or an lmkit checkpoint to replace); or --hf-dir")
+    exp.add_argument("--hf-dir", default=None, metavar="DIR",
+                     help="write a transformers GPT-2 directory instead (GPT2LMHeadModel.from_pretrained "
+                          "loads it; lmkit's tokenizer beside it)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``lmkit export CHECKPOINT OUT``: `lmkit.checkpoint.export_checkpoint`, with one-line errors."""
     from lmkit import checkpoint as ckpt
 
-    source, out = Path(args.checkpoint), Path(args.out)
+    if (args.out is None) == (args.hf_dir is None):
+        raise UsageError("lmkit export: give an output directory or --hf-dir DIR (exactly one of them)")
+    source = Path(args.checkpoint)
     if not (source / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(source)) is not None:
         source = latest
+    if args.hf_dir is not None:
+        return _export_hf(source, Path(args.hf_dir))
+    out = Path(args.out)
     if out.exists() and not (out / ckpt.META_FILE).is_file():
         raise UsageError(f"lmkit export: {out} exists and is not an lmkit checkpoint; choose a new directory")
     if out.resolve() == source.resolve():
@@ -521,6 +566,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = ckpt.export_checkpoint(source, out)
     kind = "sharded" if ckpt.is_sharded(source) else "single-directory"
     print(f"exported the {kind} checkpoint {source} (step {ckpt.load_checkpoint(path).step}) to {path}")
+    return 0
+
+
+def _export_hf(source: Path, out: Path) -> int:
+    """``lmkit export CHECKPOINT --hf-dir DIR``: the checkpoint as a transformers GPT-2 directory."""
+    from lmkit import checkpoint as ckpt
+    from lmkit.hf import gpt2_config, save_pretrained
+    from lmkit.model import GPT
+
+    if out.exists() and not (out / "config.json").is_file():
+        raise UsageError(f"lmkit export: --hf-dir {out} exists and is not a transformers model directory; "
+                         "choose a new directory")
+    if not (source / ckpt.META_FILE).is_file():
+        raise ckpt.CheckpointError(f"{source} is neither a checkpoint (no {ckpt.META_FILE}) nor a run "
+                                   "directory with checkpoints; pass the out_dir of a training run or a "
+                                   "step_* directory")
+    info = ckpt.load_checkpoint(source)
+    model_cfg = info.config("model", ModelConfig)
+    gpt2_config(model_cfg)  # refuses what GPT-2 cannot express, before the weights are read
+    model = GPT(model_cfg)
+    model.load_state_dict(ckpt.load_model_state(source))
+    path = save_pretrained(model, out, info.load_tokenizer())
+    print(f"exported {source} (step {info.step}) as a transformers GPT-2 directory {path}")
     return 0
 
 
@@ -533,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmkit.checkpoint import CheckpointError
     from lmkit.data import CorpusError
     from lmkit.generate import GenerationError
+    from lmkit.hf import HFError
     from lmkit.train import NonFiniteError
 
     try:
@@ -542,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, costs.CostError, NonFiniteError,
-            GenerationError) as e:
+            GenerationError, HFError) as e:
         print(f"lmkit: error: {e}", file=sys.stderr)
         return 2
     except PeerError as e:

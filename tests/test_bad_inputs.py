@@ -84,6 +84,23 @@ def _unwritable(workspace: Path) -> Path:
     return locked / "run"
 
 
+def _hf_without_tokenizer(workspace: Path) -> Path:
+    """A transformers GPT-2 directory (exported from the run) whose tokenizer file was removed."""
+    target = workspace / "hf_no_tokenizer"
+    if not target.exists():
+        assert main(["export", str(workspace / "run"), "--hf-dir", str(target)]) == 0
+        (target / "lmkit_tokenizer.json").unlink()
+    return target
+
+
+def _lstm_run(workspace: Path) -> Path:
+    """A 1-step run of the LSTM baseline."""
+    target = workspace / "lstm"
+    if not target.exists():
+        assert main(["train", "--arch", "lstm", "--max-steps", "1", "--out-dir", str(target), *TINY]) == 0
+    return target
+
+
 def _toml(workspace: Path, text: str, name: str) -> Path:
     path = workspace / name
     path.write_text(text)
@@ -149,6 +166,24 @@ ROWS = {
         lambda w: ["train", "--resume", "auto", "--max-steps", "2", "--out-dir", str(w / "run"), *TINY,
                    "--n-layer", "2"],
         "holds another model: n_layer=1 (now 2)", "resume with the checkpoint's model options"),
+    "generate with a checkpoint and --hf-dir": Row(
+        lambda w: ["generate", str(w / "run"), "--hf-dir", str(w / "run"), "--prompt", "x"],
+        "give a checkpoint directory or --hf-dir DIR", "exactly one of them"),
+    "generate --hf-dir of a non-model": Row(
+        lambda w: ["generate", "--hf-dir", str(w / "run"), "--prompt", "x"],
+        "is not a transformers model directory (no config.json)", "lmkit export --hf-dir"),
+    "generate --hf-dir without a tokenizer": Row(
+        lambda w: ["generate", "--hf-dir", str(_hf_without_tokenizer(w)), "--prompt", "x"],
+        "has no tokenizer", "export it with lmkit export --hf-dir"),
+    "export with an out dir and --hf-dir": Row(
+        lambda w: ["export", str(w / "run"), str(w / "out"), "--hf-dir", str(w / "hf")],
+        "give an output directory or --hf-dir DIR", "exactly one of them"),
+    "export --hf-dir over a non-model directory": Row(
+        lambda w: ["export", str(w / "run"), "--hf-dir", str(w / "run")],
+        "exists and is not a transformers model directory", "choose a new directory"),
+    "export --hf-dir of an LSTM": Row(
+        lambda w: ["export", str(_lstm_run(w)), "--hf-dir", str(w / "lstm_hf")],
+        "model.arch='lstm' has no GPT-2 equivalent", "only arch='gpt' converts"),
     "unknown corpus": Row(
         lambda w: ["train", "--config", str(_toml(w, '[train]\ncorpus = "wikipedia"\n', "corpus.toml")),
                    "--out-dir", str(w / "corpus")],

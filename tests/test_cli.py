@@ -161,3 +161,36 @@ def test_generate_chinese_prompt_with_byte_level_bpe(tmp_path, capsys):
                  "--stream"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("我喜欢编程") and len(printed.strip()) > len("我喜欢编程")
+
+
+def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
+    """export --hf-dir writes what transformers loads; generate --hf-dir decodes what the checkpoint does;
+    --int8 decodes a batch of prompts with int8 weights."""
+    import torch
+    import transformers
+
+    from lmkit import checkpoint as ckpt
+    from lmkit.model import GPT
+
+    out, hf_dir = tmp_path / "run", tmp_path / "hf"
+    train = ["train", "--corpus", "tinyshakespeare", "--max-steps", "4", "--out-dir", str(out), *TINY]
+    assert main(train) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 0
+    assert "transformers GPT-2 directory" in capsys.readouterr().out
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    latest = ckpt.find_latest(out)
+    info = ckpt.load_checkpoint(latest)
+    ours = GPT(info.config("model", ModelConfig))
+    ckpt.load_checkpoint(latest, model=ours)
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
+    greedy = ["--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "12", "--greedy"]
+    assert main(["generate", str(out), *greedy]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["generate", "--hf-dir", str(hf_dir), *greedy]) == 0
+    assert capsys.readouterr().out == from_checkpoint
+    assert main(["generate", str(out), "--int8", "--device", "cpu", *greedy]) == 0
+    int8 = capsys.readouterr().out.split("-" * 40 + "\n")
+    assert int8[0].startswith("ROMEO:") and int8[1].startswith("To be") and len(int8[0]) > len("ROMEO:\n")
