@@ -11,6 +11,8 @@ tested tools that measure both sides of each trade on a `GPT`:
   kernels) for speed, and a readable weight-only version that shows the arithmetic;
 * `serialized_bytes` - the size of a model's state dict on disk;
 * `eval_loss` - the mean cross-entropy over fixed, contiguous windows of a token array;
+* `greedy_agreement` - how often a changed model (int8, pruned) picks the same next token;
+* `decode_tokens_per_s` - greedy KV-cache decoding speed of one prompt or a batch;
 * `interleaved_medians` - timings of several variants, interleaved round by round, so that a
   noisy machine slows all of them alike.
 """
@@ -41,6 +43,7 @@ __all__ = [
     "serialized_bytes",
     "eval_loss",
     "interleaved_medians",
+    "greedy_agreement",
     "decode_tokens_per_s",
 ]
 
@@ -230,13 +233,8 @@ def eval_loss(model: nn.Module, tokens: np.ndarray, block_size: int, max_windows
 
     The same windows every time, so two variants of one model are compared on identical text.
     """
-    span = block_size + 1
-    n = min(max_windows, (len(tokens) - 1) // block_size)
-    if n < 1:
-        raise ValueError(f"need more than {span} tokens to evaluate, got {len(tokens)}")
-    windows = np.stack([np.asarray(tokens[i * block_size : i * block_size + span], dtype=np.int64)
-                        for i in range(n)])
-    data = torch.from_numpy(windows)
+    data = _windows(tokens, block_size, max_windows)
+    n = len(data)
     model.eval()
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
@@ -271,12 +269,45 @@ def interleaved_medians(variants: dict[str, Callable[[], object]], repeats: int 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _windows(tokens: np.ndarray, block_size: int, max_windows: int) -> Tensor:
+    """The first `max_windows` non-overlapping windows of ``block_size + 1`` tokens, as [n, T+1]."""
+    span = block_size + 1
+    n = min(max_windows, (len(tokens) - 1) // block_size)
+    if n < 1:
+        raise ValueError(f"need more than {span} tokens to evaluate, got {len(tokens)}")
+    rows = [np.asarray(tokens[i * block_size : i * block_size + span], dtype=np.int64) for i in range(n)]
+    return torch.from_numpy(np.stack(rows))
+
+
 @torch.no_grad()
-def decode_tokens_per_s(model: nn.Module, prompt: list[int], new_tokens: int) -> float:
-    """Greedy KV-cache decoding speed of one sequence, in new tokens per second."""
+def greedy_agreement(reference: nn.Module, other: nn.Module, tokens: np.ndarray, block_size: int,
+                     max_windows: int = 32, batch_size: int = 8) -> float:
+    """Fraction of positions where `other` predicts the same most likely next token as `reference`.
+
+    Teacher-forced on the windows `eval_loss` uses: both models read the same real text, so one
+    disagreement does not derail the positions after it (as it would in free-running decoding).
+    """
+    data = _windows(tokens, block_size, max_windows)[:, :-1]
+    reference.eval()
+    other.eval()
+    same = 0
+    for start in range(0, len(data), batch_size):
+        x = data[start : start + batch_size]
+        same += int((reference(x)[0].argmax(-1) == other(x)[0].argmax(-1)).sum())
+    return same / data.numel()
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: nn.Module, prompt: list[int] | list[list[int]], new_tokens: int) -> float:
+    """Greedy KV-cache decoding speed in new tokens per second, summed over the batch.
+
+    `prompt` is one prompt (a list of ids) or several (a list of lists, decoded together as one
+    left-padded batch).
+    """
     from lmkit.generate import generate
 
+    prompts = prompt if prompt and isinstance(prompt[0], (list, tuple)) else [prompt]
     start = time.perf_counter()
-    out = generate(model, [prompt], new_tokens, greedy=True)
+    out = generate(model, prompts, new_tokens, greedy=True)
     seconds = time.perf_counter() - start
-    return len(out[0]) / max(seconds, 1e-9)
+    return sum(len(o) for o in out) / max(seconds, 1e-9)

@@ -184,6 +184,10 @@ def stream(
     """
     rows = _prompt_rows(prompts)
     check_options(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    vocab = model.config.vocab_size
+    if not 0 <= pad_id < vocab:
+        raise GenerationError(f"pad_id={pad_id} is outside the vocabulary [0, {vocab}); use a token id of "
+                              "the model, e.g. 0")
     return _decode(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                    greedy or temperature == 0, stop_token_ids, seed, use_cache, pad_id)
 
@@ -215,6 +219,10 @@ def _decode(
     pads = [P - len(r) for r in rows]
     stops = set(stop_token_ids or ())
     was_training = model.training
+    # The prompt is checked by the model's first forward; every later input is a token the model
+    # itself picked from its vocabulary (or pad_id, checked above), so the per-step range check,
+    # a device-to-host sync on a GPU, is switched off until decoding ends.
+    checks = "check_token_ids" in vars(model), getattr(model, "check_token_ids", None)
     model.eval()
     try:
         with torch.inference_mode():
@@ -254,6 +262,8 @@ def _decode(
                             f"prompt + generated tokens exceed block_size={limit}; continuing without the "
                             f"KV cache on the last {limit} tokens (the window now slides)", stacklevel=2)
                         cache = None
+                if step == 1 and checks[1] is not None:
+                    model.check_token_ids = False
                 if cache is not None:
                     logits, _ = model(inp, kv_cache=cache, last_only=True)
                 else:
@@ -286,6 +296,11 @@ def _decode(
                 return
     finally:
         model.train(was_training)
+        if checks[1] is not None:
+            if checks[0]:
+                model.check_token_ids = checks[1]
+            else:
+                vars(model).pop("check_token_ids", None)  # back to the class default
 
 
 def generate(

@@ -132,3 +132,37 @@ def test_interleaved_medians_runs_variants_round_robin():
     medians = efficiency.interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                              repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4 and set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
+
+
+def test_greedy_agreement_counts_equal_argmax_positions():
+    model = tiny().eval()
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, 6 * CFG.block_size).astype(np.uint16)
+    assert efficiency.greedy_agreement(model, copy.deepcopy(model), tokens, CFG.block_size, 3) == 1.0
+    other = tiny(seed=5).eval()  # another model: its own predictions
+    got = efficiency.greedy_agreement(model, other, tokens, CFG.block_size, max_windows=3, batch_size=2)
+    T = CFG.block_size
+    x = torch.from_numpy(tokens[: 3 * T + 1].astype(np.int64))[:-1].view(3, T)
+    with torch.no_grad():
+        expected = (model(x)[0].argmax(-1) == other(x)[0].argmax(-1)).float().mean().item()
+    assert got == pytest.approx(expected) and got < 1.0
+
+
+def test_decode_tokens_per_s_counts_every_row_of_a_batch(monkeypatch):
+    import lmkit.generate
+
+    model = tiny().eval()
+    seen = []
+    real = lmkit.generate.generate
+
+    def spy(m, prompts, new, **kw):
+        seen.append(prompts)
+        return real(m, prompts, new, **kw)
+
+    monkeypatch.setattr(lmkit.generate, "generate", spy)
+    clock = iter([10.0, 12.0])  # the call takes 2 "seconds"
+    monkeypatch.setattr(efficiency.time, "perf_counter", lambda: next(clock))
+    assert efficiency.decode_tokens_per_s(model, [[1, 2, 3], [4, 5]], 6) == pytest.approx(2 * 6 / 2.0)
+    assert seen == [[[1, 2, 3], [4, 5]]]
+    clock = iter([0.0, 0.5])
+    assert efficiency.decode_tokens_per_s(model, [1, 2, 3], 6) == pytest.approx(6 / 0.5)
+    assert seen[-1] == [[1, 2, 3]]

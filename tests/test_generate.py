@@ -198,3 +198,24 @@ def test_training_mode_restored_and_errors(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert generate(model, [[1]], 0) == [[]]
+
+
+def test_token_ids_are_checked_for_the_prompt_only_and_the_flag_is_restored(model, monkeypatch):
+    import lmkit.model
+
+    calls = []
+    real = lmkit.model._check_token_ids
+    monkeypatch.setattr(lmkit.model, "_check_token_ids",
+                        lambda idx, v: (calls.append(tuple(idx.shape)), real(idx, v)))
+    out = generate(model, [[1, 2, 3], [4, 5]], 6, greedy=True)
+    assert calls == [(2, 3)] and "check_token_ids" not in vars(model) and model.check_token_ids
+    alone = [generate(model, [p], 6, greedy=True)[0] for p in ([1, 2, 3], [4, 5])]
+    assert out == alone  # a left-padded batch decodes what each prompt decodes alone
+    model.check_token_ids = False  # an instance setting survives decoding
+    try:
+        generate(model, [[1]], 3, greedy=True)
+        assert vars(model)["check_token_ids"] is False
+    finally:
+        del model.check_token_ids
+    with pytest.raises(ValueError, match="pad_id=65 is outside the vocabulary"):
+        stream(model, [[1]], 2, pad_id=V)
