@@ -4,8 +4,8 @@ One `run_local` launch of 4 gloo processes checks every ring size: the world is 
 cp = 2 (two groups), 3 (rank 3 sits out) and 4 ranks, so groups that are not the world (global ranks
 2 and 3 as a ring of two) are exercised too. Outputs and the gradients of q, k and v are compared
 with ``F.scaled_dot_product_attention(is_causal=True)`` in float64 (within 1e-12: the algorithm is
-exact) and in float32 (within 1e-6 of the reference's largest magnitude: what is left is rounding,
-of the reference as much as of the ring).
+exact), in float32 (within 1e-6 of the reference's largest magnitude: what is left is rounding, of
+the reference as much as of the ring) and in bfloat16 with fp32 accumulators (within 1e-2 of it).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ DIMS = {"batch": 2, "heads": 3, "head_dim": 8}
 SEQ_LENS = {2: (8, 24, 64), 3: (12, 36), 4: (16, 48)}  # multiples of 2 cp
 CASES = [(cp, s, layout, dtype) for cp, lens in SEQ_LENS.items() for s in lens
          for layout in ("zigzag", "contiguous") for dtype in ("float32", "float64")]
+CASES += [(2, 64, "zigzag", "bfloat16"), (4, 64, "contiguous", "bfloat16")]  # fp32 accumulators, bf16 K/V
+BYTES = {"float64": 8, "float32": 4, "bfloat16": 2}
+TOLERANCE = {"float64": 1e-12, "float32": 1e-6, "bfloat16": 1e-2}  # times max(1, the reference's magnitude)
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +54,14 @@ def ring_results():
 @pytest.mark.distributed
 def test_ring_attention_output_and_gradients_equal_full_causal_attention(ring_results):
     assert set(ring_results) == set(CASES)
-    worst = {"float32": 0.0, "float64": 0.0}
+    worst = dict.fromkeys(BYTES, 0.0)
     for (cp, s, layout, dtype), ranks in ring_results.items():
         for r in ranks:
             for name, d in r["max_diff"].items():
-                if dtype == "float64":
-                    assert d <= 1e-12, (cp, s, layout, r["rank"], name, d)
-                else:
-                    assert d <= 1e-6 * max(1.0, r["max_abs"][name]), (cp, s, layout, r["rank"], name, d)
+                bound = TOLERANCE[dtype] * (1.0 if dtype == "float64" else max(1.0, r["max_abs"][name]))
+                assert d <= bound, (cp, s, layout, dtype, r["rank"], name, d)
                 worst[dtype] = max(worst[dtype], d)
-    print(f"largest differences from SDPA: float32 {worst['float32']:.2e}, float64 {worst['float64']:.2e}")
+    print("largest differences from SDPA:", {k: f"{v:.2e}" for k, v in worst.items()})
 
 
 @pytest.mark.distributed
@@ -97,7 +98,7 @@ def test_zigzag_balances_the_causal_work_and_contiguous_does_not(ring_results):
 def test_bytes_sent_and_saved_equal_the_cost_model(ring_results):
     b, a, hd = DIMS["batch"], DIMS["heads"], DIMS["head_dim"]
     for (cp, s, layout, dtype), ranks in ring_results.items():
-        e = 8 if dtype == "float64" else 4
+        e = BYTES[dtype]
         terms = costs.cp_communication(b, s, a * hd, cp, act_bytes=e)
         forward = [t for t in terms if "forward" in t.what]
         backward = [t for t in terms if "forward" not in t.what]
