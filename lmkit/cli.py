@@ -339,8 +339,9 @@ def _print_event(event: dict[str, Any]) -> None:
         print(f"step {event['step']:>6} | val loss {event['val_loss']:.4f} | val ppl {event['val_ppl']:.2f}",
               flush=True)
     else:
+        mfu = "" if event.get("mfu") is None else f" | MFU {100 * event['mfu']:.1f} %"
         print(f"step {event['step']:>6} | loss {event['loss']:.4f} | lr {event['lr']:.2e} | "
-              f"grad norm {event['grad_norm']:.3f} | {event['tokens_per_s']:,.0f} tok/s", flush=True)
+              f"grad norm {event['grad_norm']:.3f} | {event['tokens_per_s']:,.0f} tok/s{mfu}", flush=True)
 
 
 def _load_for_inference(path: str, device_name: str):

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lmkit import checkpoint as ckpt
+from lmkit import costs
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.data import BatchSampler, encode_to_file, load_splits, train_val_split
 from lmkit.model import build_model
@@ -51,8 +52,10 @@ __all__ = [
     "Run",
     "prepare_run",
     "build_tokenizer",
+    "configure_cuda_matmul",
     "configure_optimizer",
     "lr_multiplier",
+    "peak_flops_of",
     "resolve_device",
     "seed_everything",
 ]
@@ -73,6 +76,39 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
     return device
+
+
+def configure_cuda_matmul(device: torch.device, autocast_dtype: torch.dtype | None,
+                          allow_tf32: bool | None = None) -> bool:
+    """Turn TF32 tensor cores on or off for fp32 matmuls on CUDA Ampere (sm_80) and later; returns
+    whether they are on (always False on a CPU, where nothing is changed).
+
+    ``allow_tf32=None`` (auto) turns them on for mixed-precision runs (bf16/fp16 autocast, where
+    only a few fp32 matmuls remain) and leaves float32 runs in IEEE fp32, so that the fp32
+    loss-compare of every parallel layout holds on a GPU too; True turns them on for float32 runs
+    as well (several times the fp32 matmul throughput, products rounded to a 10-bit mantissa).
+    The setting is process-wide (``torch.set_float32_matmul_precision``). Book: chapter 7.
+    """
+    if device.type != "cuda":
+        return False
+    wanted = autocast_dtype is not None if allow_tf32 is None else allow_tf32
+    on = bool(wanted) and torch.cuda.get_device_capability(device)[0] >= 8
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
+def peak_flops_of(device: torch.device, autocast_dtype: torch.dtype | None, tf32: bool) -> float | None:
+    """The dense peak FLOP/s MFU divides by: the GPU's (`lmkit.parallel.instrument.PEAK_FLOPS`, by
+    device name) for the dtype the matmuls run in; None (MFU unknown) on a CPU, an unknown GPU, or
+    TF32, which the table does not list. Never a guess."""
+    if device.type != "cuda":
+        return None
+    if tf32 and autocast_dtype is None:
+        return None
+    from lmkit.parallel.instrument import peak_flops
+
+    return peak_flops(device, autocast_dtype or torch.float32)
 
 
 def seed_everything(seed: int) -> None:
@@ -244,6 +280,10 @@ class Trainer:
             (`lmkit.parallel.mesh.init_topology`); None for a single process.
         callbacks: called with every logged event (a dict with ``kind`` = "train" or "eval"),
             e.g. to draw a live loss curve in a notebook.
+        allow_tf32: TF32 matmuls on CUDA (`configure_cuda_matmul`; None = for mixed precision only).
+
+    Logged training events carry ``tokens_per_s`` and ``mfu`` (model FLOPs utilisation from
+    ``flops_per_token`` and the GPU's peak, `peak_flops_of`; None when the peak is unknown).
     """
 
     model: nn.Module
@@ -256,6 +296,7 @@ class Trainer:
     history: list[dict[str, Any]] = field(default_factory=list)
     parallel: ParallelConfig | None = None
     topology: Any = None
+    allow_tf32: bool | None = None
 
     def __post_init__(self) -> None:
         self.cfg.validate()
@@ -264,6 +305,8 @@ class Trainer:
         if self.model_config is None:
             self.model_config = getattr(self.model, "config", None)
         self.block_size = self.model_config.block_size
+        count = getattr(self.model, "flops_per_token", None)  # before a layout keeps only this rank's part
+        self.flops_per_token = count(training=True) if count is not None else None
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
                                "float16": torch.float16}[self.cfg.dtype]
         self.engine = None
@@ -292,6 +335,8 @@ class Trainer:
                 self.model.set_activation_checkpointing(True)
             self.optimizer = configure_optimizer(self.model, self.cfg, self.device)
         self.is_logging_rank = self.topology is None or self.topology.rank == 0
+        self.tf32 = configure_cuda_matmul(self.device, self.autocast_dtype, self.allow_tf32)
+        self.peak_flops = peak_flops_of(self.device, self.autocast_dtype, self.tf32)
         batch, seed = self.cfg.batch_size, self.cfg.seed
         self.train_sampler = BatchSampler(self.train_tokens, self.block_size, batch, seed)
         self.val_sampler = (BatchSampler(self.val_tokens, self.block_size, batch, seed)
@@ -313,6 +358,13 @@ class Trainer:
         self._writer = None
 
     # ------------------------------------------------------------------ pieces
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation of a global throughput over all devices (`lmkit.costs.mfu`)."""
+        if self.peak_flops is None or self.flops_per_token is None:
+            return None
+        devices = self.parallel.world_size if self.engine is not None else 1
+        return costs.mfu(tokens_per_s, self.flops_per_token, devices, self.peak_flops)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -419,6 +471,7 @@ class Trainer:
                             "skipped_steps": self.skipped_steps})
             elif self.step % cfg.log_interval == 0 or self.step == end:
                 stats["tokens_per_s"] = window_tokens / max(window_seconds, 1e-9)
+                stats["mfu"] = self.mfu(stats["tokens_per_s"])
                 window_seconds, window_tokens = 0.0, 0
                 self._emit({"kind": "train", "step": self.step, **stats})
                 if hasattr(progress, "set_postfix"):
