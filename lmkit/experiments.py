@@ -8,6 +8,8 @@ notebooks, the benchmarks and the tests call the same functions:
   torchtitan and picotron: every layout must reproduce the single-process curve, chapter 6);
 - `measure_layouts` trains layouts and returns every rank's bytes per collective, timeline,
   memory and step times (``benchmarks/parallel.py``, chapter 6);
+- `start_memory` measures each rank's peak memory while it builds its part of the model
+  (from the meta device) against building the whole model (chapter 6, construction at scale);
 - `max_relative_difference` and `layout_name` are the criterion and the labels.
 
 Layouts run in gloo processes forked by `lmkit.parallel.launch.run_local` from a parent that
@@ -18,6 +20,7 @@ start-up cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -35,15 +38,16 @@ import torch.distributed as dist
 from lmkit import atomic
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.model import build_model
-from lmkit.parallel.instrument import Instrument, memory_report
+from lmkit.parallel.instrument import AllocationTracker, Instrument, memory_report
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import coords_of, init_topology
 from lmkit.parallel.pipeline import schedule_actions
 from lmkit.tokenizer import CharTokenizer
-from lmkit.train import Trainer, prepare_run, seed_everything
+from lmkit.train import Trainer, build_engine, prepare_run, seed_everything
 
 __all__ = [
-    "layout_losses", "layout_name", "label", "max_relative_difference", "measure_layouts", "ideal_timeline",
+    "layout_losses", "layout_name", "label", "max_relative_difference", "measure_layouts", "start_memory",
+    "ideal_timeline",
     "group_label", "CHAPTER6_MODEL", "CHAPTER6_TEXT", "chapter6_model_config", "chapter6_train_config",
     "chapter6_layouts", "chapter6_checkpoint_plan", "run_chapter6", "load_results", "summary_table", "main",
 ]
@@ -84,7 +88,8 @@ def _train_worker(model: dict, train: dict, parallel: dict | None, text: str | N
     mc, tc = ModelConfig(**model), TrainConfig(**train)
     pc = ParallelConfig(**parallel) if parallel else None
     topology = init_topology(pc, tc.device) if pc is not None else None
-    run = prepare_run(mc, tc, text=text, cache_dir=Path(cache_dir) if cache_dir else None)
+    run = prepare_run(mc, tc, text=text, cache_dir=Path(cache_dir) if cache_dir else None,
+                      meta=pc is not None)  # each rank allocates its own part only
     trainer = Trainer(run.model, tc, run.train_tokens, run.val_tokens, model_config=run.model_config,
                       tokenizer=run.tokenizer, parallel=pc, topology=topology)
     run.model = None
@@ -154,7 +159,8 @@ def _measure_worker(model: dict, train: dict, layouts: list[dict | None], steps:
     for layout in layouts:
         pc = ParallelConfig(**layout) if layout is not None else None
         seed_everything(tc.seed)
-        model_ = build_model(run.model_config)
+        with torch.device("meta") if pc is not None else contextlib.nullcontext():  # a rank builds its part
+            model_ = build_model(run.model_config)
         flops = model_.flops_per_token()
         try:
             trainer = Trainer(model_, tc, run.train_tokens, run.val_tokens, model_config=run.model_config,
@@ -235,6 +241,73 @@ def measure_layouts(model_cfg: ModelConfig, train_cfg: TrainConfig, layouts: Seq
                 entry["ranks"] = ranks
             out[index] = entry
     return out
+
+
+# --------------------------------------------------------------------------- memory at start
+
+
+def _built(model_cfg: ModelConfig, train_cfg: TrainConfig, layout: ParallelConfig | None, topology: Any,
+           meta: bool) -> tuple[Any, int]:
+    """A model built with the run's seed (on meta or whole) and, under a layout, this rank's engine
+    cut from it; with the peak bytes allocated on the way."""
+    seed_everything(train_cfg.seed)
+    with AllocationTracker() as alloc:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = build_model(model_cfg)
+        built = model if layout is None else build_engine(model, layout, train_cfg, topology)
+        del model
+    return built, alloc.peak_bytes
+
+
+def _start_memory_worker(model: dict, train: dict, layout: dict) -> dict[str, Any]:
+    """One rank of `start_memory`."""
+    mc, tc, pc = ModelConfig(**model), TrainConfig(**train), ParallelConfig(**layout)
+    topology = init_topology(pc, tc.device)
+    full, full_peak = _built(mc, tc, None, topology, meta=False)
+    full_bytes = memory_report(full)["param_bytes"]
+    del full
+    gc.collect()
+    cut, cut_peak = _built(mc, tc, pc, topology, meta=False)  # the whole model first, then cut
+    from_meta, meta_peak = _built(mc, tc, pc, topology, meta=True)
+    local = memory_report(from_meta)
+    same = [torch.equal(_local_tensor(a), _local_tensor(b))
+            for (_, a), (_, b) in zip(cut.named_params, from_meta.named_params, strict=True)]
+    return {"rank": topology.rank, "coords": {"pp": topology.pp_rank, "dp": topology.dp_rank,
+                                              "tp": topology.tp_rank},
+            "full_model_bytes": full_bytes, "full_model_peak_bytes": full_peak,
+            "cut_from_full_peak_bytes": cut_peak, "meta_peak_bytes": meta_peak,
+            "local_param_bytes": local["param_bytes"], "local_grad_bytes": local["grad_bytes"],
+            "largest_parameter_bytes": max(p.numel() * p.element_size() for p in _model_shapes(mc)),
+            "same_weights": all(same)}
+
+
+def _local_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _model_shapes(model_cfg: ModelConfig) -> list[torch.Tensor]:
+    with torch.device("meta"):
+        return list(build_model(model_cfg).parameters())
+
+
+def start_memory(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: TrainConfig | None = None,
+                 timeout: float = 300.0) -> list[dict[str, Any]]:
+    """Each rank's peak memory while it builds its part of `model_cfg` under `parallel_cfg`.
+
+    Per rank (`AllocationTracker`, bytes of tensor storage; gloo processes from `run_local`):
+    ``meta_peak_bytes`` builds the GPT on the meta device and lets the engine materialise and
+    initialise this rank's shards, one parameter drawn at a time (what `lmkit train` does);
+    ``cut_from_full_peak_bytes`` builds the whole GPT first and cuts it (the way before);
+    ``full_model_bytes`` / ``full_model_peak_bytes`` are the whole model's weights and the peak
+    of building it; ``local_param_bytes`` and ``local_grad_bytes`` what the rank keeps
+    (`memory_report`; the lmkit engine allocates its gradient buckets at start);
+    ``largest_parameter_bytes`` the biggest single tensor (the temporary a rank draws whole);
+    ``same_weights``: the two constructions gave this rank bit-identical shards.
+    """
+    train_cfg = train_cfg or TrainConfig(batch_size=parallel_cfg.dp * max(parallel_cfg.microbatches, 1),
+                                         eval_interval=0, device="cpu")
+    return run_local(parallel_cfg.world_size, _start_memory_worker, to_dict(model_cfg), to_dict(train_cfg),
+                     dataclasses.asdict(parallel_cfg), timeout=timeout)
 
 
 # --------------------------------------------------------------------------- ideal schedules

@@ -42,7 +42,7 @@ from lmkit import checkpoint as ckpt
 from lmkit import costs
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.data import BatchSampler, encode_to_file, load_splits, train_val_split
-from lmkit.model import build_model
+from lmkit.model import build_model, materialize
 from lmkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "SCHEDULE_FIELDS",
     "Run",
     "prepare_run",
+    "build_engine",
     "build_tokenizer",
     "configure_cuda_matmul",
     "configure_optimizer",
@@ -201,11 +202,13 @@ class Run:
 
 
 def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, text: str | None = None,
-                tokenizer: Tokenizer | None = None, cache_dir: Path | None = None) -> Run:
+                tokenizer: Tokenizer | None = None, cache_dir: Path | None = None, meta: bool = False) -> Run:
     """Corpus -> tokenizer -> token files -> seeded model. `text` overrides the named corpus.
 
     The model's vocabulary size always comes from the tokenizer (``model_cfg.vocab_size`` is
-    replaced), so the two can never disagree.
+    replaced), so the two can never disagree. ``meta=True`` builds the model on the meta device
+    (shapes and seed, no storage): what a parallel layout's `Trainer` takes, each rank then
+    materialising only its own part (chapter 6, construction at scale).
     """
     train_cfg.validate()
     if text is None:
@@ -223,7 +226,8 @@ def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, text: str | N
     train_tokens = encode_to_file(train_text, tokenizer, tokens_dir)
     val_tokens = encode_to_file(val_text, tokenizer, tokens_dir)
     seed_everything(train_cfg.seed)
-    model = build_model(model_cfg)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = build_model(model_cfg)
     return Run(model_cfg, train_cfg, tokenizer, train_tokens, val_tokens, model)
 
 
@@ -261,6 +265,19 @@ def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimize
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def build_engine(model: nn.Module, parallel: ParallelConfig, cfg: TrainConfig, topology: Any) -> Any:
+    """This rank's engine for the layout: `lmkit.parallel.engine.ParallelEngine` (from scratch) or
+    `lmkit.parallel.native.NativeEngine`, cut from `model` (on the meta device: this rank's part
+    only is ever allocated)."""
+    if parallel.engine == "native":
+        from lmkit.parallel.native import NativeEngine
+
+        return NativeEngine(model, parallel, cfg, topology)
+    from lmkit.parallel.engine import ParallelEngine
+
+    return ParallelEngine(model, parallel, cfg, topology)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -270,8 +287,10 @@ class Trainer:
 
     Args:
         model: a `GPT` or `LSTMLanguageModel` (anything with ``forward(x, y) -> (logits, loss)``),
-            built with the run's seed. Under a parallel layout every rank passes the same full
-            model and the engine keeps this rank's part of it.
+            built with the run's seed. Under a parallel layout every rank passes the same model,
+            normally built on the meta device (``prepare_run(..., meta=True)``), and the engine
+            allocates and initialises this rank's part only; a model with real weights is cut
+            the same way. A meta model without a layout is materialised whole.
         cfg: optimisation and bookkeeping (`TrainConfig`).
         train_tokens / val_tokens: flat token arrays (memmaps from `encode_to_file`).
         model_config / tokenizer: stored in checkpoints so that `lmkit generate` can rebuild
@@ -311,18 +330,12 @@ class Trainer:
                                "float16": torch.float16}[self.cfg.dtype]
         self.engine = None
         if self.parallel is not None and (self.parallel.world_size > 1 or self.topology is not None):
-            from lmkit.parallel.engine import ParallelEngine
             from lmkit.parallel.mesh import single_process_topology
 
             topo = self.topology or single_process_topology(resolve_device(self.cfg.device))
             self.topology = topo
             self.device = topo.device
-            if self.parallel.engine == "native":
-                from lmkit.parallel.native import NativeEngine
-
-                self.engine = NativeEngine(self.model, self.parallel, self.cfg, topo)
-            else:
-                self.engine = ParallelEngine(self.model, self.parallel, self.cfg, topo)
+            self.engine = build_engine(self.model, self.parallel, self.cfg, topo)
             # Keep only this rank's part: the other stages' weights of the full model can be freed.
             self.model = nn.ModuleList(self.engine.stages)
             self.optimizer = self.engine.optimizer
@@ -330,6 +343,11 @@ class Trainer:
                 self.engine.set_activation_checkpointing(True)
         else:
             self.device = resolve_device(self.cfg.device)
+            if any(p.is_meta for p in self.model.parameters()):  # built on meta: draw the weights here
+                if not hasattr(self.model, "reset_parameters"):
+                    raise ConfigError(f"a {type(self.model).__name__} on the meta device has no weights to "
+                                      "draw; build it without torch.device('meta') for a single process")
+                materialize(self.model, self.device).reset_parameters()
             self.model.to(self.device)
             if self.cfg.activation_checkpointing:
                 self.model.set_activation_checkpointing(True)

@@ -2,10 +2,16 @@
 
 Construction (every rank, same order, so every layout starts from the single-process weights):
 
-1. build the *full* GPT with the run's seed (cheap for the models of this book);
+1. the GPT built with the run's seed, normally on the meta device (shapes, no storage:
+   ``with torch.device("meta"): GPT(config)``); a GPT with real weights (loaded, fine-tuned) is
+   cut the same way;
 2. cut it into pipeline stages (`lmkit.parallel.stage.build_stages`), keep this rank's;
 3. shard each stage over the tensor-parallel group (`tensor_parallel.parallelize_stage`);
-4. hand the stage parameters to `data_parallel.DataParallel`, which owns the optimizer
+4. a meta model is materialised now: this rank's parameters only (`lmkit.model.materialize`),
+   each set to its shard of the single-process initial value, drawn one parameter at a time
+   (`lmkit.model.InitialWeights`), so a rank's peak at start is its own part plus the largest
+   single parameter, not the model;
+5. hand the stage parameters to `data_parallel.DataParallel`, which owns the optimizer
    (plain, ZeRO-1 or ZeRO-2) and averages gradients over the data-parallel group.
 
 One step (`train_step`):
@@ -39,10 +45,16 @@ from torch import nn
 
 from lmkit.checkpoint import Piece
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.model import InitialWeights, materialize
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.stage import GPTStage, activation_shape, build_stages
 
-__all__ = ["ParallelEngine", "validate_layout"]
+__all__ = ["ParallelEngine", "on_meta", "validate_layout"]
+
+
+def on_meta(model: nn.Module) -> bool:
+    """Whether `model` was built on the meta device: the engine then materialises its own part only."""
+    return any(p.is_meta for p in model.parameters())
 
 
 def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_head: int, vocab_size: int,
@@ -97,6 +109,7 @@ class ParallelEngine:
         cfg = model.config
         validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size)
         self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
+        initial = InitialWeights(model) if on_meta(model) else None
         self.stages: list[GPTStage] = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
         if pcfg.tp > 1:
             from lmkit.parallel.tensor_parallel import parallelize_stage
@@ -104,9 +117,14 @@ class ParallelEngine:
             for stage in self.stages:
                 parallelize_stage(stage, topo, pcfg.sequence_parallel, seed=tcfg.seed)
         for stage in self.stages:
-            stage.to(topo.device)
+            if initial is not None:
+                materialize(stage, topo.device)  # this rank's shards only, values set below
+            else:
+                stage.to(topo.device)
         self.named_params = self._named_parameters()
         self._mark_norm_weights()
+        if initial is not None:  # before DataParallel, which copies the weights into its buffers
+            self.load_full_state(initial, None)
         # Under pipelining the tied embedding's two copies get buckets of their own, so that ZeRO-2
         # gives the first and the last stage the same shard of it (their gradients are summed).
         self.dp = DataParallel(self.named_params, topo, tcfg, zero=pcfg.zero,

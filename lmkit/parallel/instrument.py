@@ -3,7 +3,8 @@
 Observes an engine from outside, for both engines: `CommCounter` counts every ``c10d`` collective
 at the dispatcher's ``BackendSelect`` key, `Timeline` records forward/backward/communication events,
 `idle_fractions` measures the pipeline bubble, `memory_report` counts allocated storage (each
-storage once: parameters, gradient buffers, optimizer state; a DTensor's local shard). Definitions,
+storage once: parameters, gradient buffers, optimizer state; a DTensor's local shard) and
+`AllocationTracker` the live and peak bytes allocated while it is active (on a CPU too). Definitions,
 per call for a group of ``n`` ranks (nccl-tests): ``bytes`` is the payload ``B`` (the buffer; the
 gathered output of an all-gather; the unreduced input of a reduce-scatter); ``wire_bytes`` what this
 rank sends under ring algorithms (all-reduce ``2 (n-1)/n B``; reduce-scatter, all-gather, reduce,
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # The formulas live in the cost model (pure Python, also in the browser); re-exported for the instruments.
 from lmkit.costs import bubble_fraction as bubble_formula
@@ -44,6 +47,7 @@ __all__ = [
     "idle_fractions",
     "bubble_formula",
     "memory_report",
+    "AllocationTracker",
     "PEAK_FLOPS",
     "lookup_peak_flops",
     "peak_flops",
@@ -701,6 +705,54 @@ def memory_report(engine: Any, optimizer: Any = None) -> dict[str, Any]:
         "device": str(cuda or next(iter(devices), "cpu")),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(cuda) if cuda is not None else None,
     }
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live and peak bytes of the tensor storage allocated while active, on any device.
+
+    A CPU has no allocator statistics (``torch.cuda.max_memory_allocated`` is GPU-only), so the
+    tracker watches the dispatcher: the storage of every tensor an operator returns is counted
+    once, when first seen, and uncounted when torch frees it (a finalizer on the storage object,
+    which torch keeps alive exactly as long as the storage). Views and parameters wrapping a
+    counted storage add nothing; meta tensors have none. Not counted: storage allocated before
+    the tracker started, and kernels' internal scratch space. What chapter 6 uses to measure a
+    rank's peak memory at start::
+
+        with AllocationTracker() as alloc:
+            engine = build_engine(model, layout, train_cfg, topology)
+        alloc.peak_bytes, alloc.live_bytes
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._live: set[tuple[str, int]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self._count(_local(t))
+        return out
+
+    def _count(self, t: Tensor) -> None:
+        if t.is_meta or t.layout != torch.strided:
+            return
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if key[1] == 0 or key in self._live:
+            return
+        n = storage.nbytes()
+        self._live.add(key)
+        self.live_bytes += n
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(storage, self._free, key, n)
+
+    def _free(self, key: tuple[str, int], n: int) -> None:
+        if key in self._live:
+            self._live.discard(key)
+            self.live_bytes -= n
 
 
 # --------------------------------------------------------------------------- throughput and MFU

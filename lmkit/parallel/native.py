@@ -21,12 +21,15 @@ tied embedding (pp)  gradient all-reduce, first + last stage   the same, on DTen
 gradient norm        weighted squares, tp/pp all-reduce        per-mesh ``get_total_norm`` (below)
 ===================  ========================================  =======================================
 
-Construction (every rank, same order): the Trainer hands over the full GPT built with the run's
-seed; this rank keeps its pipeline stage(s) (`NativeStage`: the GPT's own modules, blocks in a
-``ModuleDict`` keyed by their layer index, so parameter names *are* the GPT's names, as in
-torchtitan); tensor parallelism shards them with DTensor on the ``tp`` mesh dimension; FSDP2
-(or ``replicate``) wraps every block and the stage on the ``dp`` dimension (with tp: a 2-D
-``dp x tp`` layout); the pipeline schedule wraps the stages; AdamW optimizes the DTensors.
+Construction (every rank, same order): the Trainer hands over the GPT built with the run's seed,
+normally on the meta device; this rank keeps its pipeline stage(s) (`NativeStage`: the GPT's
+own modules, blocks in a ``ModuleDict`` keyed by their layer index, so parameter names *are* the
+GPT's names, as in torchtitan); tensor parallelism shards them with DTensor on the ``tp`` mesh
+dimension; FSDP2 (or ``replicate``) wraps every block and the stage on the ``dp`` dimension
+(with tp: a 2-D ``dp x tp`` layout); a meta model is then materialised (``to_empty``: this rank's shards only)
+and each parameter set to its shard of the single-process initial value, drawn one parameter at
+a time (`lmkit.model.InitialWeights`), as torchtitan initialises after parallelising; the
+pipeline schedule wraps the stages; AdamW optimizes the DTensors.
 
 What it takes to reproduce the single process (each was found by the loss-compare tests):
 
@@ -84,7 +87,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lmkit.checkpoint import Piece
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
-from lmkit.parallel.engine import _pieces
+from lmkit.model import InitialWeights
+from lmkit.parallel.engine import _pieces, on_meta
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.stage import layer_split
 from lmkit.parallel.tensor_parallel import ShardSpec
@@ -287,22 +291,30 @@ class NativeEngine:
         self.micro_steps = tcfg.grad_accum * pcfg.microbatches
         self.mesh = self._device_mesh()
         tp, sp = pcfg.tp, pcfg.sequence_parallel
+        initial = InitialWeights(model) if on_meta(model) else None
         if tp > 1:
             perm = qkv_permutation(cfg.d_model, tp)
             self._perm, self._inv = perm, torch.argsort(perm)
             with torch.no_grad():  # rows [q_r | k_r | v_r] contiguous per tp rank (module docstring)
-                for block in model.blocks:
+                for block in model.blocks if initial is None else ():  # (InitialWeights: by `_shard`)
                     for p in (block.attn.qkv.weight, block.attn.qkv.bias):
                         if p is not None:
                             p.copy_(p[perm])
         self.stages = build_native_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
         for stage in self.stages:
-            stage.to(self.device)
+            if initial is None:
+                stage.to(self.device)
             if tp > 1:
                 _tensor_parallel(stage, self.mesh["tp"], sp)
             if pcfg.dp > 1:
                 _data_parallel(stage, self.mesh["dp"], pcfg.zero, tcfg.dtype)
+            if initial is not None:  # DTensors keep their identity (swapped); FSDP2 resets its shards
+                stage.to_empty(device=self.device)
+                if stage.is_first and stage.is_last and stage.head.weight is not stage.tok_emb.weight:
+                    stage.head.weight = stage.tok_emb.weight  # plain parameters come back new: re-tie
         self.named_params = self._named_parameters()
+        if initial is not None:
+            self.load_full_state(initial, None)
         decay = [p for _, p in self.named_params if p.dim() >= 2]
         no_decay = [p for _, p in self.named_params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(  # same groups and hyper-parameters as lmkit.train

@@ -8,9 +8,10 @@ blocks are cut into contiguous chunks:
     stage s:       blocks[...]
     stage last:    blocks[... : n_layer] -> ln_f -> head -> cross-entropy
 
-The stage takes its modules *from a full GPT built with the run's seed*, so every layout starts
-from the same weights as the single-process run. That is what lets the tests demand the same
-loss curve to 1e-5. The tied head lives on the last stage. When that is a different stage from
+The stage takes its modules *from the GPT built with the run's seed* (on the meta device when
+the engine is to materialise only this rank's part, see `lmkit.parallel.engine`), so every
+layout starts from the same weights as the single-process run. That is what lets the tests
+demand the same loss curve to 1e-5. The tied head lives on the last stage. When that is a different stage from
 the embedding, it gets its own copy of the embedding matrix, and the two copies' gradients are
 summed over the embedding group after every backward (Megatron does the same).
 
