@@ -246,39 +246,43 @@ def measure_layouts(model_cfg: ModelConfig, train_cfg: TrainConfig, layouts: Seq
 # --------------------------------------------------------------------------- memory at start
 
 
-def _built(model_cfg: ModelConfig, train_cfg: TrainConfig, layout: ParallelConfig | None, topology: Any,
-           meta: bool) -> tuple[Any, int]:
-    """A model built with the run's seed (on meta or whole) and, under a layout, this rank's engine
-    cut from it; with the peak bytes allocated on the way."""
+def _built(model_cfg: ModelConfig, train_cfg: TrainConfig, layout: ParallelConfig, topology: Any,
+           meta: bool) -> tuple[Any, dict[str, int]]:
+    """This rank's engine, cut from a GPT built with the run's seed on the meta device or whole;
+    with the bytes allocated on the way: the peak, and the model's own (live and peak) before the cut."""
     seed_everything(train_cfg.seed)
     with AllocationTracker() as alloc:
         with torch.device("meta") if meta else contextlib.nullcontext():
             model = build_model(model_cfg)
-        built = model if layout is None else build_engine(model, layout, train_cfg, topology)
+        model_bytes = {"model_bytes": alloc.live_bytes, "model_peak_bytes": alloc.peak_bytes}
+        engine = build_engine(model, layout, train_cfg, topology)
         del model
-    return built, alloc.peak_bytes
+    return engine, {"peak_bytes": alloc.peak_bytes, **model_bytes}
 
 
-def _start_memory_worker(model: dict, train: dict, layout: dict) -> dict[str, Any]:
-    """One rank of `start_memory`."""
-    mc, tc, pc = ModelConfig(**model), TrainConfig(**train), ParallelConfig(**layout)
-    topology = init_topology(pc, tc.device)
-    full, full_peak = _built(mc, tc, None, topology, meta=False)
-    full_bytes = memory_report(full)["param_bytes"]
-    del full
-    gc.collect()
-    cut, cut_peak = _built(mc, tc, pc, topology, meta=False)  # the whole model first, then cut
-    from_meta, meta_peak = _built(mc, tc, pc, topology, meta=True)
-    local = memory_report(from_meta)
-    same = [torch.equal(_local_tensor(a), _local_tensor(b))
-            for (_, a), (_, b) in zip(cut.named_params, from_meta.named_params, strict=True)]
-    return {"rank": topology.rank, "coords": {"pp": topology.pp_rank, "dp": topology.dp_rank,
+def _start_memory_worker(model: dict, train: dict, layouts: list[dict]) -> list[dict[str, Any]]:
+    """One rank of `start_memory`: every layout in turn (one process group)."""
+    mc, tc = ModelConfig(**model), TrainConfig(**train)
+    layouts_ = [ParallelConfig(**layout) for layout in layouts]
+    topology = init_topology(layouts_[0], tc.device)
+    largest = max(p.numel() * p.element_size() for p in _model_shapes(mc))
+    results = []
+    for pc in layouts_:
+        cut, whole = _built(mc, tc, pc, topology, meta=False)  # the whole model first, then cut
+        from_meta, meta = _built(mc, tc, pc, topology, meta=True)
+        local = memory_report(from_meta)
+        same = [torch.equal(_local_tensor(a), _local_tensor(b))
+                for (_, a), (_, b) in zip(cut.named_params, from_meta.named_params, strict=True)]
+        results.append({
+            "rank": topology.rank, "coords": {"pp": topology.pp_rank, "dp": topology.dp_rank,
                                               "tp": topology.tp_rank},
-            "full_model_bytes": full_bytes, "full_model_peak_bytes": full_peak,
-            "cut_from_full_peak_bytes": cut_peak, "meta_peak_bytes": meta_peak,
+            "full_model_bytes": whole["model_bytes"], "full_model_peak_bytes": whole["model_peak_bytes"],
+            "cut_from_full_peak_bytes": whole["peak_bytes"], "meta_peak_bytes": meta["peak_bytes"],
             "local_param_bytes": local["param_bytes"], "local_grad_bytes": local["grad_bytes"],
-            "largest_parameter_bytes": max(p.numel() * p.element_size() for p in _model_shapes(mc)),
-            "same_weights": all(same)}
+            "largest_parameter_bytes": largest, "same_weights": all(same)})
+        del cut, from_meta
+        gc.collect()
+    return results
 
 
 def _local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -290,11 +294,12 @@ def _model_shapes(model_cfg: ModelConfig) -> list[torch.Tensor]:
         return list(build_model(model_cfg).parameters())
 
 
-def start_memory(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg: TrainConfig | None = None,
-                 timeout: float = 300.0) -> list[dict[str, Any]]:
-    """Each rank's peak memory while it builds its part of `model_cfg` under `parallel_cfg`.
+def start_memory(model_cfg: ModelConfig, layouts: Sequence[ParallelConfig],
+                 train_cfg: TrainConfig | None = None, timeout: float = 300.0) -> list[list[dict[str, Any]]]:
+    """Each rank's peak memory while it builds its part of `model_cfg`, per layout (one list of
+    ranks per layout; the layouts share one launch, so they need one world size).
 
-    Per rank (`AllocationTracker`, bytes of tensor storage; gloo processes from `run_local`):
+    Per rank (`AllocationTracker`: bytes of tensor storage; gloo processes from `run_local`):
     ``meta_peak_bytes`` builds the GPT on the meta device and lets the engine materialise and
     initialise this rank's shards, one parameter drawn at a time (what `lmkit train` does);
     ``cut_from_full_peak_bytes`` builds the whole GPT first and cuts it (the way before);
@@ -304,10 +309,15 @@ def start_memory(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, train_cfg
     ``largest_parameter_bytes`` the biggest single tensor (the temporary a rank draws whole);
     ``same_weights``: the two constructions gave this rank bit-identical shards.
     """
-    train_cfg = train_cfg or TrainConfig(batch_size=parallel_cfg.dp * max(parallel_cfg.microbatches, 1),
-                                         eval_interval=0, device="cpu")
-    return run_local(parallel_cfg.world_size, _start_memory_worker, to_dict(model_cfg), to_dict(train_cfg),
-                     dataclasses.asdict(parallel_cfg), timeout=timeout)
+    worlds = {layout.world_size for layout in layouts}
+    if len(worlds) != 1:
+        raise ValueError(f"start_memory runs its layouts in one launch: they need one world size, "
+                         f"got {sorted(worlds)}")
+    micro = max(layout.dp * layout.microbatches for layout in layouts)
+    train_cfg = train_cfg or TrainConfig(batch_size=micro, eval_interval=0, device="cpu")
+    per_rank = run_local(worlds.pop(), _start_memory_worker, to_dict(model_cfg), to_dict(train_cfg),
+                         [dataclasses.asdict(layout) for layout in layouts], timeout=timeout)
+    return [[ranks[k] for ranks in per_rank] for k in range(len(layouts))]
 
 
 # --------------------------------------------------------------------------- ideal schedules
