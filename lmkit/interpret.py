@@ -1,4 +1,4 @@
-"""Attention weights of a trained `lmkit.model.GPT`, for attention maps.
+"""Looking inside a trained model: attention weights, and the loss at each position of the context.
 
 The model computes attention with ``F.scaled_dot_product_attention``, which returns only the
 weighted sum, never the weights. `attention_weights` recomputes them from the queries and keys
@@ -9,16 +9,22 @@ during one ordinary forward pass, and
 
 is evaluated per head. ``A @ V`` equals what the model's attention produced (checked in
 ``tests/test_interpret.py``), so the maps are the model's own, not an approximation.
+
+`loss_by_position` measures how a model (GPT or LSTM) uses its context: the mean loss of the
+predictions made at position t of a window, i.e. with t tokens of context (chapter 4, section 4.5).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-__all__ = ["attention_weights"]
+__all__ = ["attention_weights", "loss_by_position"]
 
 
 @torch.no_grad()
@@ -46,3 +52,36 @@ def attention_weights(model, idx: Tensor) -> Tensor:
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(hd)
         maps.append(torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1))
     return torch.stack(maps)
+
+
+@torch.no_grad()
+def loss_by_position(model, tokens: Sequence[int] | np.ndarray, block_size: int | None = None,
+                     batch_size: int = 16) -> np.ndarray:
+    """Mean loss (nats) of the prediction at each position of a window: [block_size].
+
+    `tokens` is cut into the consecutive full windows that `lmkit.likelihood.model_nll` scores
+    (a shorter last window is left out, so every position averages the same number of
+    predictions); entry ``t`` is the mean cross-entropy of predicting token ``t + 1`` of a window
+    from its first ``t + 1`` tokens. A model that uses long context has a curve that keeps
+    falling with t; one that relies on the last few tokens flattens early.
+    """
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    T = block_size or model.config.block_size
+    starts = list(range(0, ids.numel() - 1 - T + 1, T))
+    if not starts:
+        raise ValueError(f"need more than block_size={T} tokens for one full window, got {ids.numel()}")
+    device = next(model.parameters()).device
+    total = torch.zeros(T, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(starts), batch_size):
+            group = starts[i : i + batch_size]
+            x = torch.stack([ids[s : s + T] for s in group]).to(device)
+            y = torch.stack([ids[s + 1 : s + T + 1] for s in group]).to(device)
+            logits, _ = model(x)
+            losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # [B, T]
+            total += losses.sum(0).double().cpu()
+    finally:
+        model.train(was_training)
+    return (total / len(starts)).numpy()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmkit.config import ModelConfig
-from lmkit.interpret import attention_weights
+from lmkit.interpret import attention_weights, loss_by_position
+from lmkit.likelihood import model_nll
 from lmkit.model import build_model
 
 
@@ -27,3 +29,17 @@ def test_weights_times_values_is_the_attention_output():
     v = qkv_out[0].split(16, dim=-1)[2].view(2, 10, 2, 8).transpose(1, 2)
     out = (maps[1] @ v).transpose(1, 2).reshape(2, 10, 16)
     assert torch.allclose(out, attn_in[0], atol=1e-5)
+
+
+def test_loss_by_position_averages_to_the_windowed_nll():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=30, block_size=8, n_layer=1, n_head=2, d_model=16))
+    lstm = build_model(ModelConfig(vocab_size=30, block_size=8, n_layer=1, d_model=16, arch="lstm"))
+    tokens = torch.randint(0, 30, (8 * 5 + 1,)).numpy()  # exactly 5 full windows of 8 predictions
+    for m in (model, lstm):
+        curve = loss_by_position(m, tokens, batch_size=2)  # batches of 2, 2 and 1 windows
+        assert curve.shape == (8,)
+        assert abs(curve.mean() - model_nll(m, tokens, n_bytes=100).loss) < 1e-5
+    short = tokens[:8]
+    with pytest.raises(ValueError, match="full window"):
+        loss_by_position(model, short)
