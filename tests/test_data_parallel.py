@@ -31,6 +31,11 @@ TRAIN = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=8, weight_de
 SEED, BATCH, MICRO, STEPS, CLIP = 1234, 8, 2, 5, 0.5
 BUCKET_MB = 0.01  # ~2600 fp32 elements: the tiny GPT (~27k parameters) gets several buckets
 RTOL = 1e-6
+# Weights after 5 AdamW steps: two float32 implementations that sum in different orders differ by
+# rounding that Adam's 1/sqrt(v) amplifies where a gradient is near zero. Over 30 seeds x 3 ZeRO
+# modes (dp=1 against torch.optim.AdamW) the largest tensor difference had median 7e-7 and 90th
+# percentile 6e-6, so 1e-6 held for some seeds only (a real bug moves weights by ~1e-2).
+PARAM_RTOL = 1e-5
 
 
 def build_model() -> GPT:
@@ -212,7 +217,7 @@ def reference():
     return reference_run()
 
 
-def assert_params_close(got: dict, want: dict, rtol: float = RTOL) -> None:
+def assert_params_close(got: dict, want: dict, rtol: float = PARAM_RTOL) -> None:
     assert got.keys() == want.keys()
     for name in want:
         rel = ((got[name] - want[name]).norm() / want[name].norm()).item()
@@ -391,7 +396,9 @@ def test_clip_grad_norm_matches_torch_and_norm_weight(zero):
     full_sq = dp.grad_sq_sum()
     ours.ln_f.weight.norm_weight = 0.0  # e.g. a tensor-parallel replica counted on another rank
     partial = dp.grad_sq_sum()
-    torch.testing.assert_close(full_sq - partial, grads()["ln_f.weight"].square().sum(), rtol=1e-4, atol=1e-9)
+    # a difference of two float32 sums: its rounding scales with the whole sum, not with the part
+    torch.testing.assert_close(full_sq - partial, grads()["ln_f.weight"].square().sum(), rtol=1e-4,
+                               atol=1e-6 * float(full_sq))
     del ours.ln_f.weight.norm_weight
     norm = dp.clip_grad_norm_(0.1)
     want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1)
