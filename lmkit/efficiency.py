@@ -7,8 +7,9 @@ tested tools that measure both sides of each trade on a `GPT`:
   through ``torch.autograd.graph.saved_tensors_hooks``;
 * `kv_cache_bytes` / `kv_cache_tensor_bytes` - the KV cache's formula and its allocated tensors;
 * `magnitude_prune` - global unstructured pruning of the blocks' linear weights;
-* `quantize_int8` / `Int8Linear` - int8 weights: PyTorch's dynamic quantization (fbgemm/x86
-  kernels) for speed, and a readable weight-only version that shows the arithmetic;
+* `quantize_int8` / `DynamicInt8Linear` / `Int8Linear` - int8 weights: the same per-channel int8
+  weights with PyTorch's dynamic-quantization kernel (fbgemm/x86) for speed, or dequantized by a
+  readable weight-only layer that shows the arithmetic;
 * `serialized_bytes` - the size of a model's state dict on disk;
 * `eval_loss` - the mean cross-entropy over fixed, contiguous windows of a token array;
 * `greedy_agreement` - how often a changed model (int8, pruned) picks the same next token;
@@ -37,6 +38,7 @@ __all__ = [
     "magnitude_prune",
     "sparsity",
     "Int8Linear",
+    "DynamicInt8Linear",
     "quantize_weight_int8",
     "quantize_int8",
     "dynamic_quantization_available",
@@ -167,11 +169,42 @@ class Int8Linear(nn.Module):
                                     None if self.bias is None else self.bias.to(x.dtype))
 
 
+class DynamicInt8Linear(Int8Linear):
+    """The int8 weights of `quantize_weight_int8` (per output channel) multiplied by PyTorch's
+    dynamic-quantization kernel: each activation row is quantized to int8 on the fly and the
+    product runs in int8 (fbgemm/x86: VNNI dot products where the CPU has them).
+
+    The weights are packed once for the kernel (``quantized::linear_prepack``) and forward calls
+    ``quantized::linear_dynamic`` directly: decoding a token calls every linear layer once on one
+    row, so the Python around the kernel is a visible share of the time (``torch.ao``'s module
+    spends about 7 us more per call on this CPU). The state dict holds the int8 weights, the
+    scales and the bias (those of `Int8Linear`), so its size is what an int8 checkpoint stores.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)  # the buffers: int8 weights, scales, bias
+        # fbgemm/x86 quantize activations to 7 bits so that int8 x int8 pairs cannot saturate
+        # their 16-bit intermediate sums on CPUs without VNNI (what torch.ao does there, too)
+        self.reduce_range = torch.backends.quantized.engine in ("fbgemm", "x86")
+        self._pack()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._pack())
+
+    def _pack(self) -> None:
+        zero = torch.zeros(self.scale.numel(), dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(self.weight_int8.cpu(), self.scale.double().cpu(),
+                                                      zero, 0)
+        self._packed = torch.ops.quantized.linear_prepack(qw, None if self.bias is None else self.bias.cpu())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
+
+
 def dynamic_quantization_available() -> bool:
-    """Whether this torch still has eager dynamic quantization with an int8 CPU engine."""
+    """Whether this torch has the dynamic int8 linear kernel and an int8 CPU engine."""
     try:
-        from torch.ao.quantization import quantize_dynamic  # noqa: F401
-    except ImportError:
+        torch.ops.quantized.linear_dynamic  # noqa: B018 - raises if the op is not registered
+        torch.ops.quantized.linear_prepack  # noqa: B018
+    except (AttributeError, RuntimeError):
         return False
     return bool(set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "qnnpack", "onednn"})
 
@@ -187,12 +220,11 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -
 def quantize_int8(model: nn.Module, method: str = "dynamic") -> nn.Module:
     """The blocks' linear layers of `model` with int8 weights (in place; returns the model).
 
-    ``method="dynamic"``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``),
-    int8 weights and activations quantized on the fly per batch, with int8 matmul kernels.
-    PyTorch 2.13 still ships it but warns that it is deprecated in favour of torchao; the
-    warning is silenced here and `dynamic_quantization_available` says whether it is present.
-    ``method="weight_only"``: `Int8Linear` (the arithmetic, no fast kernel).
-    The embeddings and the tied LM head stay fp32.
+    Both methods store the symmetric per-output-channel int8 weights of `quantize_weight_int8`.
+    ``method="dynamic"``: `DynamicInt8Linear`, int8 products with activations quantized on the
+    fly (PyTorch's fbgemm/x86 kernel; `dynamic_quantization_available` says whether this torch
+    has it); what ``lmkit generate --int8`` uses. ``method="weight_only"``: `Int8Linear` (the
+    arithmetic, no fast kernel). The embeddings and the tied LM head stay fp32. Book: section 7.7.
     """
     if method == "weight_only":
         _replace_linears(model, Int8Linear)
@@ -200,17 +232,12 @@ def quantize_int8(model: nn.Module, method: str = "dynamic") -> nn.Module:
     if method != "dynamic":
         raise ValueError(f"method={method!r} is unknown; use 'dynamic' or 'weight_only'")
     if not dynamic_quantization_available():
-        raise RuntimeError("this torch has no torch.ao.quantization.quantize_dynamic with an int8 engine; "
-                           "use method='weight_only' or install torchao")
-    from torch.ao.quantization import quantize_dynamic
-
-    blocks = getattr(model, "blocks", model)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecated.*")
-        quantized = quantize_dynamic(blocks, {nn.Linear}, dtype=torch.qint8, inplace=False)
-    if blocks is model:
-        return quantized
-    model.blocks = quantized
+        raise RuntimeError("this torch has no quantized::linear_dynamic kernel with an int8 engine; "
+                           "use method='weight_only'")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise RuntimeError("int8 dynamic quantization runs on the CPU; move the model there (model.cpu()) or "
+                           "use method='weight_only'")
+    _replace_linears(model, DynamicInt8Linear)
     return model
 
 

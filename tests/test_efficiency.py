@@ -166,3 +166,21 @@ def test_decode_tokens_per_s_counts_every_row_of_a_batch(monkeypatch):
     clock = iter([0.0, 0.5])
     assert efficiency.decode_tokens_per_s(model, [1, 2, 3], 6) == pytest.approx(6 / 0.5)
     assert seen[-1] == [[1, 2, 3]]
+
+
+@pytest.mark.skipif(not efficiency.dynamic_quantization_available(), reason="no dynamic int8 kernel")
+def test_dynamic_int8_linear_uses_the_per_channel_weights_and_repacks_on_load():
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 48)
+    fast, readable = efficiency.DynamicInt8Linear(linear), efficiency.Int8Linear(linear)
+    assert torch.equal(fast.weight_int8, readable.weight_int8) and torch.equal(fast.scale, readable.scale)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        ref = readable(x)
+        out = fast(x)  # differs from the dequantized product only by the activations' rounding
+    assert out.shape == ref.shape and (out - ref).abs().max() < 0.02 * ref.abs().max()
+    other = efficiency.DynamicInt8Linear(nn.Linear(64, 48))
+    other.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), out)
+    assert set(fast.state_dict()) == {"weight_int8", "scale", "bias"}
