@@ -539,7 +539,8 @@ def _add_export_parser(sub: Any) -> None:
                                         "transformers users)",
                          description="Read every shard of a sharded checkpoint (any layout) in this process "
                                      "and write today's single-directory checkpoint: model.safetensors, "
-                                     "state.pt, tokenizer.json, meta.json.")
+                                     "state.pt, tokenizer.json, meta.json; or, with --hf-dir, a transformers "
+                                     "GPT-2 directory (config.json, model.safetensors, the tokenizer).")
     exp.add_argument("checkpoint", help="sharded checkpoint directory, or a run directory (uses its latest)")
     exp.add_argument("out", nargs="?", default=None,
                      help="directory to write (a new one, or an lmkit checkpoint to replace); or --hf-dir")
