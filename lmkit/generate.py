@@ -277,20 +277,20 @@ def _decode(
                     nxt = logits.argmax(dim=-1)
                 else:
                     nxt = sample_next(logits, temperature, top_k, top_p, generator=gen)
-                nxt = nxt.masked_fill(done, pad_id)
+                if stop_t is not None:  # without stop tokens no row ever stops early: no bookkeeping
+                    nxt = nxt.masked_fill(done, pad_id)
                 tokens[:, cur] = nxt
                 cur += 1
                 if seen is not None:
                     seen[torch.arange(B, device=device), nxt] = True
-                hit = torch.isin(nxt, stop_t) & ~done if stop_t is not None else None
-                out: list[int | None] = [
-                    None if d or h else t
-                    for t, d, h in zip(nxt.tolist(), done.tolist(),
-                                       hit.tolist() if hit is not None else [False] * B, strict=True)
-                ]
-                if hit is not None:
+                out: list[int | None] = nxt.tolist()
+                all_done = False
+                if stop_t is not None:
+                    hit = torch.isin(nxt, stop_t) & ~done
+                    out = [None if d or h else t
+                           for t, d, h in zip(out, done.tolist(), hit.tolist(), strict=True)]
                     done |= hit
-                all_done = bool(done.all())
+                    all_done = bool(done.all())
             yield out
             if all_done:
                 return
