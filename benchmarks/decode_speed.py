@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     ap.add_argument("--new", type=int, default=256, help="new tokens")
     ap.add_argument("--batch", type=int, default=8, help="prompts of the batch-decoding rows")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (best is reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per row (best is reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--no-cache-rows", action="store_true", help="also time lmkit and HF without a cache")
     ap.add_argument("--checkpoint", default=None, help="measure int8's quality on this lmkit checkpoint")
