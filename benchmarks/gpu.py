@@ -66,7 +66,8 @@ def measure(args: argparse.Namespace, parallel: ParallelConfig | None) -> dict[s
 
         topology = init_topology(parallel, "cuda")
     torch.manual_seed(args.seed)
-    model = GPT(GPT2_SMALL)
+    with torch.device("meta"):  # shapes only: the trainer draws this rank's weights on its GPU
+        model = GPT(GPT2_SMALL)
     tokens = np.random.default_rng(args.seed).integers(0, GPT2_SMALL.vocab_size, 4_000_000).astype(np.uint16)
     cfg = TrainConfig(batch_size=args.batch_size, max_steps=args.warmup + args.steps, lr=6e-4, min_lr=6e-5,
                       warmup_steps=10, eval_interval=0, log_interval=10**9, dtype="bfloat16", device="cuda",
