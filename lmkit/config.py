@@ -24,10 +24,18 @@ __all__ = [
     "describe",
     "CORPUS_NAMES",
     "NONFINITE_POLICIES",
+    "MODEL_OPTION_DEFAULTS",
+    "check_layout_supports",
 ]
 
 CORPUS_NAMES = ("kjv", "tang", "tinyshakespeare")  # = lmkit.data.CORPORA (kept here: no torch import)
 NONFINITE_POLICIES = ("stop", "skip")
+POS_CHOICES = ("learned", "rope")
+NORM_CHOICES = ("layer", "rms")
+ACTIVATION_CHOICES = ("gelu", "relu2")
+OPTIMIZER_CHOICES = ("adamw", "muon")
+#: Options of ModelConfig beyond GPT-2's network, with the value that is GPT-2's.
+MODEL_OPTION_DEFAULTS = {"pos": "learned", "norm": "layer", "qk_norm": False, "activation": "gelu"}
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -64,10 +72,25 @@ class ModelConfig:
     dropout: float = _opt(0.0, "dropout probability in [0, 1)")
     bias: bool = _opt(True, "biases in linear layers and LayerNorms")
     arch: str = _opt("gpt", "network: decoder-only Transformer or the LSTM baseline", ("gpt", "lstm"))
+    # Model options (chapter 7, "Time to a given loss"); the defaults are GPT-2's network.
+    pos: str = _opt("learned", "positions: a learned table added to the input, or rotary (on q, k)",
+                    POS_CHOICES)
+    norm: str = _opt("layer", "normalisation of the blocks and the output: LayerNorm or RMSNorm",
+                     NORM_CHOICES)
+    qk_norm: bool = _opt(False, "RMS-normalise each head's queries and keys before attention")
+    activation: str = _opt("gelu", "MLP activation: GELU (tanh approximation) or ReLU squared",
+                           ACTIVATION_CHOICES)
 
     def validate(self) -> ModelConfig:
         if self.arch not in ("gpt", "lstm"):
             raise ConfigError(f"model.arch={self.arch!r} is unknown; use 'gpt' or 'lstm'")
+        choices_of = {"pos": POS_CHOICES, "norm": NORM_CHOICES, "activation": ACTIVATION_CHOICES}
+        for name, choices in choices_of.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; use one of {choices}")
+        if self.arch == "lstm" and self.options():
+            raise ConfigError(f"model options {self.options()} apply to arch='gpt' only; "
+                              "drop them for the LSTM")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -84,6 +107,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    def options(self) -> dict[str, Any]:
+        """The model options that differ from GPT-2's network (empty for the default model)."""
+        return {name: getattr(self, name) for name, default in MODEL_OPTION_DEFAULTS.items()
+                if getattr(self, name) != default}
 
 
 @dataclass
@@ -122,6 +150,10 @@ class TrainConfig:
                           NONFINITE_POLICIES)
     max_skips: int = _opt(10, "with nonfinite=skip, stop once more steps than this were skipped in the run")
     timeout: float = _opt(300.0, "seconds a collective waits for the other ranks before this rank fails")
+    optimizer: str = _opt("adamw", "AdamW for every tensor, or Muon for the blocks' matrices and AdamW "
+                          "for the rest", OPTIMIZER_CHOICES)
+    muon_lr: float = _opt(0.02, "peak learning rate of the Muon matrices (optimizer=muon)")
+    muon_momentum: float = _opt(0.95, "Muon's momentum (optimizer=muon)")
 
     def validate(self) -> TrainConfig:
         if self.tokenizer not in ("char", "bpe"):
@@ -147,6 +179,11 @@ class TrainConfig:
             raise ConfigError(f"train.max_skips must be an integer >= 0, got {self.max_skips!r}")
         if not self.timeout > 0:
             raise ConfigError(f"train.timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.optimizer not in OPTIMIZER_CHOICES:
+            raise ConfigError(f"train.optimizer={self.optimizer!r} is unknown; use 'adamw' or 'muon'")
+        if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"need train.muon_lr > 0 and 0 <= train.muon_momentum < 1 "
+                              f"(muon_lr={self.muon_lr}, muon_momentum={self.muon_momentum})")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={self.lr}, "
                               f"min_lr={self.min_lr})")
@@ -209,6 +246,24 @@ class ParallelConfig:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0][:8]
+
+
+def check_layout_supports(model: ModelConfig, train: TrainConfig, parallel: ParallelConfig) -> None:
+    """Refuse, in one line, the model and optimizer options the parallel engines do not compute.
+
+    The engines of chapter 6 rebuild the embedding and the blocks' parameter layout themselves
+    (learned position table, LayerNorm sharding, one AdamW), so every option of chapter 7's
+    "Time to a given loss" runs single-process only.
+    """
+    if parallel.world_size == 1:
+        return
+    options = dict(model.options())
+    if train.optimizer != "adamw":
+        options["optimizer"] = train.optimizer
+    if options:
+        listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise ConfigError(f"{listed} run single-process only (dp=tp=pp=1); the parallel layouts "
+                          f"(here {parallel.dp}x{parallel.tp}x{parallel.pp}) need the defaults")
 
 
 def from_dict(cls: type, values: dict[str, Any] | None) -> Any:

@@ -144,6 +144,50 @@ class KVCache:
 # --------------------------------------------------------------------------- GPT
 
 
+NORM_EPS = 1e-5  # nn.LayerNorm's default; the RMSNorms use the same
+
+
+def norm_layer(config: ModelConfig) -> nn.Module:
+    """The block / output normalisation `config.norm` names: LayerNorm (GPT-2) or RMSNorm.
+
+    RMSNorm (Zhang & Sennrich, 2019): ``x / sqrt(mean(x^2) + eps) * g``, no mean subtracted and
+    no bias; one reduction less than LayerNorm.
+    """
+    if config.norm == "rms":
+        return nn.RMSNorm(config.d_model, eps=NORM_EPS)
+    return nn.LayerNorm(config.d_model, bias=config.bias)
+
+
+class ReLUSquared(nn.Module):
+    """``relu(x)^2`` (So et al., 2021, "Primer"): the MLP activation of ``activation="relu2"``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x).square()
+
+
+def rope_tables(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of rotary embeddings (Su et al., 2021) for integer `positions` ([T] or [B, T]).
+
+    Pair ``(i, i + head_dim/2)`` of a head's features turns by ``position * base^(-2i/head_dim)``;
+    the tables have shape ``positions.shape + (head_dim/2,)``.
+    """
+    even = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = base ** (-even / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries or keys ``x`` [B, H, T, hd] by the tables of `rope_tables` ([T, hd/2] or
+    [B, T, hd/2]). A rotation by angle a at the query and b at the key leaves a dot product that
+    depends on a - b only: attention sees relative positions."""
+    if cos.dim() == 3:  # per-row positions (left padding): broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -153,6 +197,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
+        if config.qk_norm:  # one gain per head dimension, shared by the heads
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
 
     def forward(
         self,
@@ -162,6 +209,7 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         hd = self.head_dim
@@ -169,6 +217,10 @@ class CausalSelfAttention(nn.Module):
         width = qkv.size(-1) // 3  # local width (and heads) under tensor parallelism
         H = width // hd
         q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(width, dim=-1))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # rotate before caching: cached keys keep their own positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         y = F.scaled_dot_product_attention(
@@ -183,7 +235,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
         # tanh-approximate GELU: what GPT-2 was trained with ("gelu_new"), so GPT-2 weights load.
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else ReLUSquared()
         self.proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
 
@@ -196,9 +248,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln2 = norm_layer(config)
         self.mlp = MLP(config)
 
     def forward(
@@ -209,8 +261,9 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         start: int = 0,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        x = x + self.attn(self.ln1(x), mask, is_causal, cache, layer, start)
+        x = x + self.attn(self.ln1(x), mask, is_causal, cache, layer, start, rope)
         return x + self.mlp(self.ln2(x))
 
 
@@ -243,7 +296,7 @@ def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed
     kind = module.rpartition(".")[2]
     if leaf == "bias":
         return torch.zeros(tuple(shape), device="cpu")
-    if kind in ("ln1", "ln2", "ln_f") and leaf == "weight":
+    if kind in ("ln1", "ln2", "ln_f", "q_norm", "k_norm") and leaf == "weight":
         return torch.ones(tuple(shape), device="cpu")
     if leaf != "weight" or kind not in _NORMAL + _RESIDUAL:
         raise ValueError(f"{name!r} is not a GPT parameter name (see lmkit.model's docstring)")
@@ -312,10 +365,11 @@ class GPT(nn.Module):
         device = torch.get_default_device()
         with torch.device("meta"):  # no storage yet: torch's default inits would be overwritten anyway
             self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-            self.pos_emb = nn.Embedding(config.block_size, config.d_model)
+            if config.pos == "learned":  # rotary positions need no table
+                self.pos_emb = nn.Embedding(config.block_size, config.d_model)
             self.drop = nn.Dropout(config.dropout)
             self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-            self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+            self.ln_f = norm_layer(config)
             self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the input embedding (saves V*d parameters and
         # is what GPT-2 does). Both names stay in state_dict(), sharing one storage.
@@ -351,7 +405,9 @@ class GPT(nn.Module):
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() deduplicates the tied weight
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            n -= self.tok_emb.weight.numel()
+            if hasattr(self, "pos_emb"):  # rotary positions have no table
+                n -= self.pos_emb.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
@@ -435,7 +491,7 @@ class GPT(nn.Module):
 
         mask: Tensor | None = None
         if pad is None:
-            pos = self.pos_emb(torch.arange(start, start + T, device=idx.device))  # [T, d], broadcast
+            pos_ids = torch.arange(start, start + T, device=idx.device)  # [T], broadcast over rows
             if kv_cache is None or start == 0:
                 is_causal = T > 1  # keys are exactly these T positions
             else:
@@ -447,20 +503,25 @@ class GPT(nn.Module):
             is_causal = False
             qcol = start + torch.arange(T, device=idx.device)
             kcol = torch.arange(start + T, device=idx.device) if kv_cache is not None else qcol
-            pos = self.pos_emb((qcol[None, :] - pad[:, None]).clamp_min(0))  # [B, T, d]
+            pos_ids = (qcol[None, :] - pad[:, None]).clamp_min(0)  # [B, T]
             k_, q_ = kcol[None, None, :], qcol[None, :, None]
             allowed = (k_ <= q_) & (k_ >= pad[:, None, None])
             # a padding query has no real key to look at; let it see itself to avoid NaNs
             allowed = allowed | (k_ == q_)
             mask = allowed.unsqueeze(1)  # [B, 1, T, S]
 
-        x = self.drop(self.tok_emb(idx) + pos)
+        rope = None
+        if c.pos == "rope":
+            x = self.drop(self.tok_emb(idx))
+            rope = rope_tables(pos_ids, c.head_dim)
+        else:
+            x = self.drop(self.tok_emb(idx) + self.pos_emb(pos_ids))
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
             if ckpt:
-                x = checkpoint(block, x, mask, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, mask, is_causal, None, 0, 0, rope, use_reentrant=False)
             else:
-                x = block(x, mask, is_causal, kv_cache, i, start)
+                x = block(x, mask, is_causal, kv_cache, i, start, rope)
         if kv_cache is not None:
             kv_cache.length = start + T
         x = self.ln_f(x)

@@ -1,0 +1,255 @@
+"""Time to a given loss (chapter 7): recipes trained on the same batches, judged on the same
+fixed validation batches, compared by the training wall time at which each reaches a target loss.
+
+What a user compares is not tokens per second but seconds to a quality. `train_curve` trains one
+`Recipe` (a model configuration, a training configuration and, for the reference, transformers'
+``GPT2LMHeadModel`` with the same initial weights) and records the validation loss every
+``eval_every`` steps against the training seconds so far; evaluation time is excluded (the clock
+stops while evaluating). `Curve.time_to` reads off when a curve first reaches a loss,
+interpolating linearly between evaluations. `benchmarks/time_to_loss.py`, chapter 7 and the tests
+call these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmkit.config import ModelConfig, TrainConfig
+from lmkit.model import GPT
+from lmkit.optim import MuonAdamW
+from lmkit.train import configure_optimizer, lr_multiplier, prepare_run
+
+__all__ = ["Recipe", "Curve", "fixed_batches", "train_curve", "train_curves", "nanogpt_recipe", "best_recipe",
+           "ablation_recipes", "shakespeare_tokens", "time_table"]
+
+
+@dataclass
+class Recipe:
+    """One way to train: the model, the optimisation (`TrainConfig`: lr, schedule, batch, optimizer)
+    and whether the network is transformers' GPT-2 (``hf=True``, the reference) or lmkit's GPT."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    hf: bool = False
+
+    def with_options(self, name: str, model: dict | None = None, train: dict | None = None) -> Recipe:
+        """A copy under another name with some model / training fields changed."""
+        return Recipe(name, dataclasses.replace(self.model, **(model or {})).validate(),
+                      dataclasses.replace(self.train, **(train or {})).validate(), self.hf)
+
+
+def nanogpt_recipe(vocab_size: int, max_steps: int = 2000, hf: bool = False) -> Recipe:
+    """nanoGPT's CPU run of ``train_shakespeare_char``: 4 layers, 4 heads, width 128, context 64,
+    no biases, batch 12, AdamW lr 1e-3 (warmup 100, cosine to 1e-4), beta2 0.99, wd 0.1, clip 1."""
+    model = ModelConfig(vocab_size=vocab_size, block_size=64, n_layer=4, n_head=4, d_model=128,
+                        dropout=0.0, bias=False)
+    train = TrainConfig(batch_size=12, max_steps=max_steps, lr=1e-3, min_lr=1e-4,
+                        warmup_steps=min(100, max_steps // 10), beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+    return Recipe("transformers GPT-2, nanoGPT recipe" if hf else "lmkit, nanoGPT recipe",
+                  model.validate(), train.validate(), hf)
+
+
+@dataclass
+class Curve:
+    """Validation loss against training seconds (evaluation excluded) and steps for one recipe."""
+
+    name: str
+    steps: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float:
+        return self.val_loss[-1]
+
+    @property
+    def train_seconds(self) -> float:
+        return self.seconds[-1]
+
+    def time_to(self, target: float) -> float:
+        """Training seconds when the validation loss first reaches `target`, linearly interpolated
+        between the two evaluations around the crossing (``inf`` when it never does)."""
+        for i, loss in enumerate(self.val_loss):
+            if loss <= target:
+                if i == 0:
+                    return self.seconds[0]
+                l0, l1, t0, t1 = self.val_loss[i - 1], loss, self.seconds[i - 1], self.seconds[i]
+                return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+        return math.inf
+
+    def step_to(self, target: float) -> float:
+        """Like `time_to`, in optimizer steps."""
+        for i, loss in enumerate(self.val_loss):
+            if loss <= target:
+                if i == 0:
+                    return float(self.steps[0])
+                l0, l1, s0, s1 = self.val_loss[i - 1], loss, self.steps[i - 1], self.steps[i]
+                return s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+        return math.inf
+
+
+def fixed_batches(tokens: Tensor, n: int, batch_size: int, block_size: int, seed: int) -> Tensor:
+    """`n` batches of windows of ``block_size + 1`` tokens drawn once with `seed`: [n, B, T+1].
+
+    Training draws its batch of step ``i`` as row ``i`` (every recipe sees the same text in the
+    same order); validation uses one such set for every evaluation of every recipe.
+    """
+    if len(tokens) <= block_size + 1:
+        raise ValueError(f"{len(tokens)} tokens are too few for windows of {block_size + 1}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - block_size - 1, (n, batch_size), generator=g)
+    return tokens[starts[..., None] + torch.arange(block_size + 1)].long()
+
+
+def shakespeare_tokens() -> tuple[Tensor, Tensor, int]:
+    """Tiny Shakespeare as characters: (train tokens, validation tokens, vocabulary size), the split
+    and tokenizer of ``lmkit train --corpus tinyshakespeare --tokenizer char``."""
+    run = prepare_run(ModelConfig(block_size=64), TrainConfig(corpus="tinyshakespeare", tokenizer="char"))
+    as_long = [torch.from_numpy(np.asarray(t, dtype=np.int64)) for t in (run.train_tokens, run.val_tokens)]
+    return as_long[0], as_long[1], run.tokenizer.vocab_size
+
+
+def time_table(curves: list[Curve], target: float, reference: int = 0) -> list[dict[str, float | str]]:
+    """One row per curve: steps, training seconds, final loss, seconds and steps to `target`, and
+    the time to target as a multiple of curve `reference`'s."""
+    ref = curves[reference].time_to(target)
+    return [{"recipe": c.name, "steps": c.steps[-1], "train_s": c.train_seconds, "final_loss": c.final_loss,
+             "s_to_target": c.time_to(target), "step_to_target": c.step_to(target),
+             "x_reference": c.time_to(target) / ref} for c in curves]
+
+
+def _build(recipe: Recipe, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model: nn.Module = GPT(recipe.model)  # the HF reference starts from the same weights
+    if recipe.hf:
+        from lmkit.hf import to_transformers
+
+        model = to_transformers(model)  # sdpa attention, gelu_pytorch_tanh: lmkit's function
+        if not recipe.model.bias:  # GPT-2 always has biases: keep them at zero, as lmkit has none
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.requires_grad_(False)
+    model.train()
+    cfg = recipe.train
+    optimizer = MuonAdamW(model, cfg) if cfg.optimizer == "muon" else configure_optimizer(model, cfg)
+    return model, optimizer
+
+
+def _loss(model: nn.Module, hf: bool, x: Tensor, y: Tensor) -> Tensor:
+    if hf:
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+    return model(x, y)[1]
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, hf: bool, val: Tensor) -> float:
+    model.eval()
+    total = sum(float(_loss(model, hf, b[:, :-1], b[:, 1:])) for b in val)
+    model.train()
+    return total / len(val)
+
+
+class _Training:
+    """One recipe in training: its model, optimizer, schedule, batches, clock and curve."""
+
+    def __init__(self, recipe: Recipe, train_tokens: Tensor, val_batches: Tensor, seed: int, data_seed: int):
+        self.recipe, self.cfg, self.val = recipe, recipe.train, val_batches
+        self.model, self.optimizer = _build(recipe, seed)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_multiplier(s, self.cfg))
+        self.batches = fixed_batches(train_tokens, self.cfg.max_steps, self.cfg.batch_size,
+                                     recipe.model.block_size, data_seed)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step, self.elapsed = 0, 0.0
+        self.curve = Curve(recipe.name, [0], [0.0], [_evaluate(self.model, recipe.hf, val_batches)])
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.max_steps
+
+    def advance(self, eval_every: int) -> None:
+        """Train up to the next evaluation (every `eval_every` steps and at the end), then evaluate."""
+        stop = min(self.cfg.max_steps, (self.step // eval_every + 1) * eval_every)
+        t0 = time.perf_counter()
+        while self.step < stop:
+            b = self.batches[self.step]
+            loss = _loss(self.model, self.recipe.hf, b[:, :-1], b[:, 1:])
+            loss.backward()
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+        self.elapsed += time.perf_counter() - t0  # the clock stops before evaluating
+        self.curve.steps.append(self.step)
+        self.curve.seconds.append(self.elapsed)
+        self.curve.val_loss.append(_evaluate(self.model, self.recipe.hf, self.val))
+
+
+def train_curves(recipes: list[Recipe], train_tokens: Tensor, val_batches: Tensor, eval_every: int,
+                 seed: int = 1337, data_seed: int = 0) -> list[Curve]:
+    """Train every recipe and return their `Curve`s, interleaved: each recipe in turn trains up to
+    its next evaluation, so machine noise (other jobs, clock changes) hits all of them alike.
+
+    Step ``i`` of every recipe trains on batch ``i`` of ``fixed_batches(train_tokens, ...,
+    data_seed)`` (the same text in the same order for recipes of the same batch size); every
+    model starts from ``torch.manual_seed(seed); GPT(recipe.model)``; the validation loss on
+    `val_batches` is taken at step 0, every `eval_every` steps and at the end. The clock runs only
+    while training: forward, backward, clipping, the optimizer and the schedule.
+    """
+    runs = [_Training(r, train_tokens, val_batches, seed, data_seed) for r in recipes]
+    while not all(run.done for run in runs):
+        for run in runs:
+            if not run.done:
+                run.advance(eval_every)
+    return [run.curve for run in runs]
+
+
+def train_curve(recipe: Recipe, train_tokens: Tensor, val_batches: Tensor, eval_every: int,
+                seed: int = 1337, data_seed: int = 0) -> Curve:
+    """`train_curves` for one recipe."""
+    return train_curves([recipe], train_tokens, val_batches, eval_every, seed, data_seed)[0]
+
+
+#: lmkit's best recipe at nanoGPT's CPU budget, from chapter 7's ablation: the model options and the
+#: training changes that paid, and the schedule's length as a fraction of the baseline's steps.
+BEST_MODEL = {"pos": "rope", "norm": "rms"}
+BEST_TRAIN = {"optimizer": "muon", "lr": 2e-3}
+BEST_STEPS_FRACTION = 0.3
+
+
+def best_recipe(base: Recipe) -> Recipe:
+    """`base` (an lmkit recipe) with `BEST_MODEL` and `BEST_TRAIN`, on a cosine schedule of
+    ``BEST_STEPS_FRACTION`` of its steps (warmup shortened in proportion)."""
+    steps = max(1, round(base.train.max_steps * BEST_STEPS_FRACTION))
+    warmup = round(base.train.warmup_steps * BEST_STEPS_FRACTION)
+    return base.with_options("lmkit, best recipe", BEST_MODEL,
+                             {**BEST_TRAIN, "max_steps": steps, "warmup_steps": warmup})
+
+
+def ablation_recipes(base: Recipe) -> list[Recipe]:
+    """Chapter 7's ablation: the baseline, each means alone on it, and the best combination."""
+    rows = [dataclasses.replace(base, name="baseline (nanoGPT recipe)")]
+    for label, model, train in (
+        ("+ rotary positions", {"pos": "rope"}, {}),
+        ("+ RMSNorm", {"norm": "rms"}, {}),
+        ("+ QK-norm", {"qk_norm": True}, {}),
+        ("+ ReLU^2 MLP", {"activation": "relu2"}, {}),
+        ("+ Muon for the matrices", {}, {"optimizer": "muon"}),
+        ("+ AdamW lr 2e-3", {}, {"lr": 2e-3}),
+    ):
+        rows.append(base.with_options(label, model, train))
+    best = best_recipe(base)
+    rows.append(dataclasses.replace(best, name="best combination"))
+    return rows

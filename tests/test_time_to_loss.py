@@ -1,0 +1,74 @@
+"""lmkit.time_to_loss: the curve arithmetic, the fixed batches and the interleaved training loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmkit.time_to_loss import (
+    Curve,
+    ablation_recipes,
+    best_recipe,
+    fixed_batches,
+    nanogpt_recipe,
+    time_table,
+    train_curves,
+)
+
+TINY = {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 16}
+
+
+def test_time_to_interpolates_between_evaluations():
+    c = Curve("x", steps=[0, 10, 20, 30], seconds=[0.0, 1.0, 3.0, 4.0], val_loss=[4.0, 3.0, 2.0, 1.5])
+    assert c.time_to(2.5) == pytest.approx(2.0)  # halfway between 3.0 (1 s) and 2.0 (3 s)
+    assert c.step_to(2.5) == pytest.approx(15.0)
+    assert c.time_to(3.0) == pytest.approx(1.0)
+    assert c.time_to(5.0) == 0.0
+    assert math.isinf(c.time_to(1.0)) and math.isinf(c.step_to(1.0))
+    assert c.final_loss == 1.5 and c.train_seconds == 4.0
+    rows = time_table([c, Curve("y", [0, 10], [0.0, 0.5], [4.0, 2.0])], target=2.0)
+    assert rows[1]["x_reference"] == pytest.approx(0.5 / 3.0)
+
+
+def test_fixed_batches_are_fixed_windows_of_the_text():
+    tokens = torch.arange(1000)
+    a, b = fixed_batches(tokens, 5, 3, 8, seed=7), fixed_batches(tokens, 5, 3, 8, seed=7)
+    assert a.shape == (5, 3, 9) and torch.equal(a, b)
+    assert torch.equal(a[..., 1:] - a[..., :-1], torch.ones(5, 3, 8, dtype=a.dtype))  # contiguous windows
+    assert not torch.equal(a, fixed_batches(tokens, 5, 3, 8, seed=8))
+    with pytest.raises(ValueError, match="too few"):
+        fixed_batches(torch.arange(9), 1, 1, 8, seed=0)
+
+
+def test_reference_and_lmkit_train_the_same_function():
+    pytest.importorskip("transformers")
+    tokens = torch.arange(3000) % 30  # learnable: each token predicts the next
+    val = fixed_batches(tokens, 2, 4, 16, seed=1)
+    base = nanogpt_recipe(30, max_steps=12).with_options("lmkit", TINY, {"batch_size": 4})
+    hf = base.with_options("hf")
+    hf.hf = True
+    muon = base.with_options("muon+rope", {"pos": "rope"}, {"optimizer": "muon"})
+    curves = train_curves([hf, base, muon], tokens, val, eval_every=5)
+    assert [c.steps for c in curves] == [[0, 5, 10, 12]] * 3
+    assert curves[0].val_loss[0] == pytest.approx(curves[1].val_loss[0], abs=1e-6)  # same initial weights
+    assert curves[0].val_loss == pytest.approx(curves[1].val_loss, abs=2e-4)  # same batches, same updates
+    assert curves[1].final_loss < curves[1].val_loss[0]
+    assert curves[2].val_loss != pytest.approx(curves[1].val_loss, abs=1e-3)
+    assert all(c.seconds == sorted(c.seconds) and c.seconds[-1] > 0 for c in curves)
+
+
+def test_best_recipe_and_ablation_rows():
+    base = nanogpt_recipe(65)
+    best = best_recipe(base)
+    assert best.model.options() and best.train.optimizer == "muon"
+    assert best.train.max_steps < base.train.max_steps and best.train.warmup_steps <= base.train.warmup_steps
+    rows = ablation_recipes(base)
+    assert rows[0].model == base.model and rows[0].train == base.train
+    assert len({r.name for r in rows}) == len(rows)
+    singles = rows[1:-1]  # each changes exactly one thing from the baseline
+    for r in singles:
+        changed = len(r.model.options()) + sum(getattr(r.train, f) != getattr(base.train, f)
+                                               for f in ("optimizer", "lr", "max_steps"))
+        assert changed == 1, r.name
