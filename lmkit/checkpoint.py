@@ -93,7 +93,8 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from lmkit import __version__, atomic
-from lmkit.config import to_dict
+from lmkit.config import from_dict, to_dict
+from lmkit.tokenizer import load_tokenizer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -111,6 +112,10 @@ __all__ = [
     "step_dir_name",
     "configs_digest",
     "Piece",
+    "shard_boxes",
+    "shard_pieces",
+    "optimizer_meta",
+    "load_optimizer_meta",
     "is_sharded",
     "save_sharded_checkpoint",
     "load_sharded_checkpoint",
@@ -156,8 +161,6 @@ class CheckpointInfo:
 
     def config(self, name: str, cls: type) -> Any:
         """Rebuild config `name` (e.g. ``"model"``) as dataclass `cls` via `lmkit.config.from_dict`."""
-        from lmkit.config import from_dict
-
         if name not in self.configs:
             raise CheckpointError(
                 f"{self.directory / META_FILE} has no config {name!r}; it has {sorted(self.configs)}"
@@ -168,8 +171,6 @@ class CheckpointInfo:
         """The tokenizer stored with the checkpoint (`lmkit.tokenizer.load_tokenizer`)."""
         if self.tokenizer_path is None:
             raise CheckpointError(f"checkpoint {self.directory} was saved without a tokenizer")
-        from lmkit.tokenizer import load_tokenizer
-
         return load_tokenizer(self.tokenizer_path)
 
 
@@ -826,6 +827,77 @@ class Piece:
     offsets: tuple[int, ...]
     tensor: torch.Tensor
     write: bool = True
+
+
+def shard_boxes(lo: int, hi: int, shape: tuple[int, ...], spec: Any, tp_rank: int
+                ) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """``(flat start, global offsets, sizes)`` of the boxes covering elements ``[lo, hi)`` of a
+    local (tensor-parallel) shard of `shape`: a partial row, whole rows, a partial row, each mapped
+    into the full tensor by the shard's `spec` (contiguous chunks, or rows picked by an index, cut
+    into runs of consecutive rows). Every box is contiguous in the flattened shard. `spec`: a
+    `lmkit.parallel.plan.ShardSpec` (``dim``, ``full_size``, ``index``) or None (not split)."""
+    stride = math.prod(shape[1:])
+    local = []
+    a = lo
+    while a < hi:
+        row, col = divmod(a, stride)
+        if len(shape) == 1:
+            n, off, size = hi - a, (a,), (hi - a,)
+        elif col or hi - a < stride:
+            n = min(stride - col, hi - a)
+            off, size = (row, col), (1, n)
+        else:
+            rows = (hi - a) // stride
+            n, off, size = rows * stride, (row, 0), (rows, stride)
+        local.append((a, off, size))
+        a += n
+    if spec is None:
+        return local
+    out = []
+    for start, off, size in local:
+        if spec.index is None:
+            moved = list(off)
+            moved[spec.dim] += tp_rank * shape[spec.dim]
+            out.append((start, tuple(moved), size))
+            continue
+        rows = spec.index.tolist()
+        unit = stride if len(shape) > 1 else 1
+        k = 0
+        while k < size[0]:
+            j = k
+            while j + 1 < size[0] and rows[off[0] + j + 1] == rows[off[0] + j] + 1:
+                j += 1
+            out.append((start + k * unit, (rows[off[0] + k], *off[1:]), (j - k + 1, *size[1:])))
+            k = j + 1
+    return out
+
+
+def shard_pieces(fqn: str, flat: torch.Tensor, lo: int, hi: int, shape: tuple[int, ...], spec: Any,
+                 tp_rank: int, write: bool) -> list[Piece]:
+    """`Piece`s of elements ``[lo, hi)`` of a local shard whose values `flat` holds (flat[0] = lo)."""
+    full = list(shape)
+    if spec is not None:
+        full[spec.dim] = spec.full_size
+    return [Piece(fqn, tuple(full), off, flat[start - lo:start - lo + math.prod(size)].view(size), write)
+            for start, off, size in shard_boxes(lo, hi, shape, spec, tp_rank)]
+
+def optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The optimizer's hyper-parameters per group and its step count (the same on every rank), or
+    None before the first step: what a sharded checkpoint keeps beside the moments."""
+    steps = [float(st["step"]) for st in optimizer.state.values() if st]
+    if not steps:
+        return None
+    groups = [{k: v for k, v in pg.items() if k != "params"} for pg in optimizer.param_groups]
+    return {"param_groups": groups, "step": steps[0]}
+
+
+def load_optimizer_meta(optimizer: torch.optim.Optimizer, meta: Mapping[str, Any]) -> None:
+    """Inverse of `optimizer_meta` (after the moments were loaded into the optimizer's state)."""
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    for st in optimizer.state.values():
+        if st:
+            st["step"] = torch.tensor(float(meta["step"]))
 
 
 class _PieceSavePlanner(DefaultSavePlanner):

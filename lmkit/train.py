@@ -41,9 +41,14 @@ from torch import nn
 from lmkit import checkpoint as ckpt
 from lmkit import costs
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
-from lmkit.data import BatchSampler, encode_to_file, load_splits, train_val_split
+from lmkit.data import BatchSampler, default_cache_dir, encode_to_file, load_splits, train_val_split
 from lmkit.model import build_model, materialize
-from lmkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+from lmkit.parallel.engine import ParallelEngine
+from lmkit.parallel.instrument import peak_flops
+from lmkit.parallel.mesh import single_process_topology
+from lmkit.parallel.native import NativeEngine
+from lmkit.parallel.tp_rng import get_tp_rng_tracker
+from lmkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "Trainer",
@@ -107,8 +112,6 @@ def peak_flops_of(device: torch.device, autocast_dtype: torch.dtype | None, tf32
         return None
     if tf32 and autocast_dtype is None:
         return None
-    from lmkit.parallel.instrument import peak_flops
-
     return peak_flops(device, autocast_dtype or torch.float32)
 
 
@@ -170,9 +173,6 @@ def build_tokenizer(cfg: TrainConfig, train_text: str, full_text: str,
     """
     if cfg.tokenizer == "char":
         return CharTokenizer.train(full_text)
-    from lmkit.data import default_cache_dir
-    from lmkit.tokenizer import load_tokenizer
-
     cache = (cache_dir or default_cache_dir()) / "tokenizers"
     path = cache / f"bpe-{cfg.corpus.replace('+', '_')}-{cfg.bpe_vocab_size}-{_text_hash(train_text)}.json"
     if path.is_file():
@@ -270,11 +270,7 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, cfg: TrainConfig, t
     `lmkit.parallel.native.NativeEngine`, cut from `model` (on the meta device: this rank's part
     only is ever allocated)."""
     if parallel.engine == "native":
-        from lmkit.parallel.native import NativeEngine
-
         return NativeEngine(model, parallel, cfg, topology)
-    from lmkit.parallel.engine import ParallelEngine
-
     return ParallelEngine(model, parallel, cfg, topology)
 
 
@@ -330,8 +326,6 @@ class Trainer:
                                "float16": torch.float16}[self.cfg.dtype]
         self.engine = None
         if self.parallel is not None and (self.parallel.world_size > 1 or self.topology is not None):
-            from lmkit.parallel.mesh import single_process_topology
-
             topo = self.topology or single_process_topology(resolve_device(self.cfg.device))
             self.topology = topo
             self.device = topo.device
@@ -542,8 +536,6 @@ class Trainer:
             configs["parallel"] = self.parallel
         extra: dict[str, Any] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
         if self._sharded():  # every rank writes its own shards (torch.distributed.checkpoint)
-            from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
-
             pieces, optimizer_meta = self.engine.sharded_state()
             rank_state = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
             path = ckpt.save_sharded_checkpoint(
@@ -630,8 +622,6 @@ class Trainer:
                     load_named_optimizer_state(self.model, self.optimizer, optimizer)
             ckpt.restore_rng_state(info.rng_state or {})
         else:
-            from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
-
             saved = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
             same = saved.get("configs", {}).get("parallel") == to_dict(self.parallel)
             pieces, _ = self.engine.sharded_state(create=True)
@@ -701,8 +691,6 @@ class Trainer:
         Dropout draws from per-rank streams, so resuming the *same* layout bit for bit needs each
         rank's own state; a different layout cannot replay the same masks and starts from rank 0's.
         """
-        from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
-
         mine = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
         if self.parallel.world_size == 1:
             return [mine]
@@ -717,8 +705,6 @@ class Trainer:
         saved = info.configs.get("parallel")
         if not states or saved is None or saved != to_dict(self.parallel):
             return  # another layout: rank 0's global RNG state was restored by load_checkpoint
-        from lmkit.parallel.tensor_parallel import get_tp_rng_tracker
-
         mine = states[self.topology.rank]
         ckpt.restore_rng_state(mine["rng"])
         if mine["tp"]["states"] is not None:

@@ -74,3 +74,99 @@ def test_one_entry_point_python_m_lmkit():
     old = subprocess.run([sys.executable, "-m", "lmkit.train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert old.returncode == 0 and old.stdout == ""  # importing the trainer runs nothing
+
+
+# --------------------------------------------------------------------------- imports in sight, no cycle
+
+MODULES = sorted(".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+                 for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
+
+
+def _module_of(name: str, modules: set[str]) -> str | None:
+    """`name` (``lmkit.parallel.plan`` or ``lmkit.parallel.plan.Row``) as a module of `modules`."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph(root: Path = PACKAGE.parent, package: str = "lmkit") -> dict[str, set[str]]:
+    """``{module: modules of the package it imports when it is imported}``: module-level imports
+    only (those in functions run later), ``if TYPE_CHECKING:`` blocks left out."""
+    paths = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (root / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        found: set[str] = set()
+        todo = list(ast.parse(path.read_text(encoding="utf-8")).body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                todo += node.orelse
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                todo += [n for f in ("body", "orelse", "finalbody", "handlers") for n in getattr(node, f, [])]
+            elif isinstance(node, ast.ExceptHandler):
+                todo += node.body
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = {m for m in (_module_of(n, set(paths)) for n in found) if m and m != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle ``[a, b, ..., a]`` of `graph`, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        state[m] = 2
+        path.pop()
+        return None
+
+    return next((c for m in sorted(graph) if m not in state and (c := visit(m))), None)
+
+
+def test_the_cycle_finder_finds_a_cycle_and_ignores_function_level_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.b import f\n")
+    (pkg / "b.py").write_text("import pkg.c\n\ndef f():\n    from pkg import a\n")
+    (pkg / "c.py").write_text("from pkg import a\n")
+    graph = import_graph(tmp_path, "pkg")
+    assert graph["pkg.b"] == {"pkg.c"}  # the import inside f does not count
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
+    (pkg / "c.py").write_text("def g():\n    from pkg import a\n")
+    assert find_cycle(import_graph(tmp_path, "pkg")) is None
+
+
+def test_no_import_cycle_in_lmkit():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+@pytest.mark.parametrize("module", sorted((PACKAGE / "parallel").glob("*.py")), ids=lambda p: p.name)
+def test_parallel_imports_lmkit_at_the_top(module: Path):
+    """The direction of the code is visible at the top of every file of lmkit/parallel."""
+    tree = ast.parse(module.read_text(encoding="utf-8"))
+    top = {id(n) for n in tree.body}
+    hidden = [f"line {n.lineno}: {ast.unparse(n)}" for n in ast.walk(tree)
+              if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top
+              and any(m.startswith("lmkit") for m in ([a.name for a in n.names] if isinstance(n, ast.Import)
+                                                     else [n.module or ""]))]
+    assert not hidden, f"lmkit/parallel/{module.name} imports lmkit inside a function or class: {hidden}"
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    result = subprocess.run([sys.executable, "-c", code, *MODULES], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

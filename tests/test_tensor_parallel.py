@@ -13,12 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel
 
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig
 from lmkit.model import GPT
+from lmkit.parallel import comm, plan, tp_rng
 from lmkit.parallel import tensor_parallel as tpm
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import Topology
+from lmkit.parallel.native_plan import NativeStage, dtensor_plan
 from lmkit.parallel.stage import build_stages
 
 TP = 2
@@ -58,37 +61,37 @@ def _check_comm_ops(topo) -> None:
     half = [_rand(30 + i, 2, 2, 3) for i in range(TP)]
 
     x = xs[r].clone().requires_grad_()  # f: identity forward, all-reduce backward
-    y = tpm.copy_to_tp(x, g)
+    y = comm.copy_to_tp(x, g)
     y.backward(gs[r])
     _close(y, xs[r], what="copy_to_tp fwd")
     _close(x.grad, sum(gs), what="copy_to_tp bwd")
 
     x = xs[r].clone().requires_grad_()  # g: all-reduce forward, identity backward
-    y = tpm.reduce_from_tp(x, g)
+    y = comm.reduce_from_tp(x, g)
     y.backward(gs[r])
     _close(y, sum(xs), what="reduce_from_tp fwd")
     _close(x.grad, gs[r], what="reduce_from_tp bwd")
 
     x = xs[0].clone().requires_grad_()  # the same full tensor on every rank
-    y = tpm.scatter_to_sequence(x, g)
+    y = comm.scatter_to_sequence(x, g)
     y.backward(half[r])
     _close(y, xs[0][:, 2 * r:2 * r + 2], what="scatter_to_sequence fwd")
     _close(x.grad, torch.cat(half, 1), what="scatter_to_sequence bwd")
 
     x = half[r].clone().requires_grad_()
-    y = tpm.gather_from_sequence(x, g)
+    y = comm.gather_from_sequence(x, g)
     y.backward(gs[r])
     _close(y, torch.cat(half, 1), what="gather_from_sequence fwd")
     _close(x.grad, sum(gs)[:, 2 * r:2 * r + 2], what="gather_from_sequence bwd")
 
     x = xs[r].clone().requires_grad_()
-    y = tpm.reduce_scatter_to_sequence(x, g)
+    y = comm.reduce_scatter_to_sequence(x, g)
     y.backward(half[r])
     _close(y, sum(xs)[:, 2 * r:2 * r + 2], what="reduce_scatter_to_sequence fwd")
     _close(x.grad, torch.cat(half, 1), what="reduce_scatter_to_sequence bwd")
 
     with pytest.raises(ConfigError, match="not divisible by the tensor-parallel size tp=2"):
-        tpm.scatter_to_sequence(_rand(0, 2, 3, 4), g)
+        comm.scatter_to_sequence(_rand(0, 2, 3, 4), g)
 
 
 def _check_layers(topo, sp: bool) -> None:
@@ -105,7 +108,7 @@ def _check_layers(topo, sp: bool) -> None:
     # column-parallel with the qkv per-head layout (3 x 2 heads x head_dim 2 = 12 rows)
     torch.manual_seed(0)
     lin = nn.Linear(8, 12)
-    rows = tpm.qkv_shard_rows(n_head=2, head_dim=2, tp_rank=r, tp_size=TP)
+    rows = plan.qkv_shard_rows(n_head=2, head_dim=2, tp_rank=r, tp_size=TP)
     for shard_rows in (None, rows):
         col = tpm.ColumnParallelLinear(lin, r, TP, g, sp, shard_rows=shard_rows)
         idx = torch.arange(12).chunk(TP)[r] if shard_rows is None else rows
@@ -263,11 +266,12 @@ def _check_stage_matches_gpt(topo, sp: bool) -> None:
         _close(full, ref_p.grad, atol=1e-5, what=f"grad {name} sp={sp}")
         # the round trip full -> shard -> full is exact, and the shard is what the stage holds
         _close(tpm.shard_full_param(stage, name, ref_p.detach()), p.detach(), atol=0.0, what=f"shard {name}")
-        assert p.tp_sharded == (name in ("tok_emb.weight",) or name.endswith(("qkv.weight", "qkv.bias",
-                                "fc.weight", "fc.bias", "attn.proj.weight", "mlp.proj.weight"))), name
+        assert plan.tp_sharded(name) == (name in ("tok_emb.weight",) or name.endswith((
+            "qkv.weight", "qkv.bias", "fc.weight", "fc.bias", "attn.proj.weight", "mlp.proj.weight"))), name
         expect_sp = sp and (".ln" in name or name.startswith("ln_f") or name == "pos_emb.weight"
                             or name.endswith("proj.bias"))
-        assert p.sequence_parallel_grad == expect_sp, name
+        assert (sp and plan.sequence_partial(name)) == expect_sp, name
+        assert plan.tp_sharded(name) == (tpm.shard_spec(stage).get(name) is not None), name  # layers = plan
     assert stage.head.weight is stage.tok_emb.weight  # tied inside one stage
     assert stage.head.weight.shape == (32, 32)  # vocab 64 / tp 2
 
@@ -282,7 +286,7 @@ def _check_untied_head(topo) -> None:
     model = GPT(_tiny_config())
     last = tpm.parallelize_stage(build_stages(model, 2, 1)[0], topo)
     full = model.tok_emb.weight.detach()
-    assert last.head.weight is not model.tok_emb.weight and last.head.weight.tp_sharded
+    assert last.head.weight is not model.tok_emb.weight and tpm.shard_spec(last)["head.weight"]
     _close(tpm.gather_full_param(last, "head.weight", last.head.weight.detach()), full, atol=0.0,
            what="untied head shard")
 
@@ -292,7 +296,7 @@ def _run_dropout(topo, sp: bool):
     model = GPT(_tiny_config(dropout=0.1))
     stage = tpm.parallelize_stage(build_stages(model, 1, 0)[0], topo, sequence_parallel=sp, seed=7)
     stage.train()
-    fresh = tpm.get_tp_rng_tracker().states[0].clone()
+    fresh = tp_rng.get_tp_rng_tracker().states[0].clone()
     outs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone())) for b in stage.blocks]
     torch.manual_seed(1)  # the data-loader / default stream, the same on every tp rank
@@ -302,7 +306,7 @@ def _run_dropout(topo, sp: bool):
         h.remove()
     grads = [p.grad.clone() for p in stage.parameters()]
     # the attention dropout (inside SDPA) drew from the rank's own stream
-    assert not torch.equal(fresh, tpm.get_tp_rng_tracker().states[0]), "tp RNG stream unused"
+    assert not torch.equal(fresh, tp_rng.get_tp_rng_tracker().states[0]), "tp RNG stream unused"
     return stage, loss.detach(), outs, grads
 
 
@@ -316,7 +320,7 @@ def _check_dropout(topo) -> None:
         states = _all_gather_obj(torch.get_rng_state())
         assert torch.equal(states[0], states[1]), "default RNG streams diverged across tp ranks"
         # ... and its own stream for the sharded attention heads
-        tracker = tpm.get_tp_rng_tracker()
+        tracker = tp_rng.get_tp_rng_tracker()
         forked = _all_gather_obj(tracker.states[0])
         assert not torch.equal(forked[0], forked[1])
         if not sp:  # the residual stream is replicated: identical on every tp rank despite dropout
@@ -330,19 +334,65 @@ def _check_dropout(topo) -> None:
         assert torch.equal(masks[0], masks[1]) != sp, f"hidden dropout masks, sp={sp}"
         masks = _all_gather_obj(stage.blocks[0].attn.resid_drop(ones))
         assert torch.equal(masks[0], masks[1]) != sp, f"residual dropout masks, sp={sp}"
-    with tpm.fork_tp_rng():
+    with tp_rng.fork_tp_rng():
         inside = torch.rand(8)
-        with tpm.replicated_rng():
+        with tp_rng.replicated_rng():
             shared = torch.rand(8)
     outside = torch.rand(8)
     a, b, c = _all_gather_obj(inside), _all_gather_obj(shared), _all_gather_obj(outside)
     assert not torch.equal(a[0], a[1]) and torch.equal(b[0], b[1]) and torch.equal(c[0], c[1])
 
 
+class _GatedMLP(nn.Module):
+    """The GPT's MLP with a gate: ``proj(act(fc(x)) * gate(x))`` (a projection the GPT lacks)."""
+
+    def __init__(self, mlp: nn.Module, d_model: int):
+        super().__init__()
+        self.fc, self.act, self.proj, self.drop = mlp.fc, mlp.act, mlp.proj, mlp.drop
+        self.gate = nn.Linear(d_model, mlp.fc.out_features)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.fc(x)) * self.gate(x)))
+
+
+def _check_one_row_adds_a_projection(topo, sp: bool) -> None:
+    """A new projection is one row of the plan: sharded, gathered and counted without other code."""
+    torch.manual_seed(0)
+    model = GPT(_tiny_config())
+    for block in model.blocks:
+        block.mlp = _GatedMLP(block.mlp, 32)
+    ref = copy.deepcopy(model)
+    rows = plan.GPT_PLAN
+    plan.GPT_PLAN = rows + (plan.Row("blocks.*.mlp.gate", "column", "block"),)
+    try:
+        stage = tpm.parallelize_stage(build_stages(model, 1, 0)[0], topo, sequence_parallel=sp)
+        idx, targets = _batch()
+        _, ref_loss = ref(idx, targets)
+        ref_loss.backward()
+        loss = stage(idx, targets)
+        loss.backward()
+        tpm.allreduce_sequence_parallel_grads([stage], topo)
+        _close(loss, ref_loss, what=f"gated loss sp={sp}")
+        gate = stage.blocks[0].mlp.gate
+        assert isinstance(gate, tpm.ColumnParallelLinear) and gate.weight.shape == (64, 32)
+        assert plan.tp_sharded("blocks.0.mlp.gate.weight")
+        assert not plan.sequence_partial("blocks.0.mlp.gate.bias")
+        for name in ("blocks.0.mlp.gate.weight", "blocks.1.mlp.gate.bias"):
+            full = tpm.gather_full_param(stage, name, stage.get_parameter(name).grad)
+            _close(full, ref.get_parameter(name).grad, atol=1e-5, what=f"gated grad {name} sp={sp}")
+        native = NativeStage(GPT(_tiny_config()), range(2), True, True)
+        for block in native.blocks.values():
+            block.mlp = _GatedMLP(block.mlp, 32)
+        assert isinstance(dtensor_plan(native, sp)["blocks.1.mlp.gate"], ColwiseParallel)
+    finally:
+        plan.GPT_PLAN = rows
+
+
 def worker_stage() -> str:
     topo = _init()
     for sp in (False, True):
         _check_stage_matches_gpt(topo, sp)
+        _check_one_row_adds_a_projection(topo, sp)
     _check_untied_head(topo)
     _check_dropout(topo)
     return "ok"
@@ -378,7 +428,7 @@ def test_config_errors_name_values_and_fix():
 
 
 def test_qkv_shard_rows_take_whole_heads_of_q_k_and_v():
-    rows = [tpm.qkv_shard_rows(n_head=4, head_dim=2, tp_rank=r, tp_size=2).tolist() for r in range(2)]
+    rows = [plan.qkv_shard_rows(n_head=4, head_dim=2, tp_rank=r, tp_size=2).tolist() for r in range(2)]
     assert rows[0] == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
     assert rows[1] == [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23]
 
@@ -390,6 +440,6 @@ def test_tp1_is_a_no_op_and_marks_params():
     before = {k: v.clone() for k, v in stage.state_dict().items()}
     tpm.parallelize_stage(stage, Topology())
     assert all(torch.equal(before[k], v) for k, v in stage.state_dict().items())
-    assert all(p.tp_sharded is False and p.sequence_parallel_grad is False for p in stage.parameters())
+    assert tpm.shard_spec(stage) == {} and not stage.sequence_parallel  # nothing split, no partial grads
     idx, targets = _batch()
     assert torch.allclose(stage(idx, targets), model(idx, targets)[1])

@@ -14,14 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lmkit.parallel.comm import all_gather_single, reduce_scatter_single
 from lmkit.parallel.instrument import CommCounter
 
 __all__ = ["ring_all_reduce", "collectives_worker"]
-
-# torch 2.13 renamed the "into one tensor" collectives; keep working on older releases.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
 
 def _exchange(send: Tensor, to: int, recv: Tensor, frm: int, group) -> None:
     """Send to the right neighbour and receive from the left one, posted together (no deadlock)."""
@@ -78,9 +74,9 @@ def collectives_worker(numel: int, seed: int = 0) -> dict[str, Any]:
 
     with CommCounter() as comm:
         shard = torch.empty(numel // n, dtype=x.dtype)
-        _reduce_scatter_single(shard, x.clone())
+        reduce_scatter_single(shard, x.clone())
         gathered = torch.empty_like(x)
-        _all_gather_single(gathered, shard)
+        all_gather_single(gathered, shard)
     out["reduce_scatter + all_gather"] = {"comm": comm.summary(), "equal": torch.equal(gathered, reference),
                                           "shard_equal": torch.equal(shard, reference.chunk(n)[rank])}
 

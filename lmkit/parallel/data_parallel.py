@@ -12,9 +12,7 @@ chapter 5, section 5.3.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,55 +20,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lmkit.config import TrainConfig
+from lmkit.parallel.buckets import Bucket, BucketState, bucket_layout
+from lmkit.parallel.comm import all_gather_single, reduce_scatter_single
 from lmkit.parallel.mesh import Topology
 
 __all__ = ["DataParallel", "Bucket"]
 
-# torch 2.13 renamed the tensor collectives; keep working on older releases.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-
-@dataclass
-class Bucket:
-    """A contiguous range ``[start, end)`` of parameter group ``group``'s flat buffers.
-
-    ``index`` is the launch order (all ranks launch in this order); ``params`` are the indices
-    of the parameters it holds, whole (a larger parameter than the cap gets a bucket of its own).
-    Under ZeRO the range is padded to a multiple of dp and each dp rank owns one ``chunk`` of it,
-    ``[start + r * chunk, start + (r + 1) * chunk)`` (Megatron-LM's distributed optimizer: every
-    bucket sharded over all dp ranks); ``shard_offset`` is where that chunk sits in the rank's
-    shard of the group (ZeRO-2's gradient accumulator).
-    """
-
-    index: int
-    group: int
-    start: int
-    end: int
-    params: list[int]
-    chunk: int = 0
-    shard_offset: int = 0
-
-    @property
-    def numel(self) -> int:
-        return self.end - self.start
-
-
-@dataclass
-class _FlatGroup:
-    """One optimizer parameter group laid out in flat buffers (reverse registration order)."""
-
-    members: list[int]  # parameter indices, in buffer order
-    offsets: dict[int, int] = field(default_factory=dict)  # parameter index -> start in the buffer
-    numel: int = 0  # buffer elements (with ZeRO's padding: every bucket a multiple of dp)
-    shard: int = 0  # elements this rank owns under ZeRO (the sum of its buckets' chunks), else numel
-    grad: Tensor | None = None  # ZeRO-0/1: flat gradients; every member's .grad is a view into it
-    shard_grad: Tensor | None = None  # ZeRO-2: this rank's reduced gradient shard (the accumulator)
-    param: Tensor | None = None  # ZeRO only: flat parameters; every member's .data is a view into it
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # norm's share: (param, lo, hi)
-
-
-class DataParallel:
+class DataParallel(BucketState):
     """Gradient averaging over ``topo.dp_group`` plus AdamW, optionally ZeRO-1/2 sharded.
 
     ``named_params``: ``(name, parameter)`` pairs, possibly from several pipeline chunks; names
@@ -79,6 +36,8 @@ class DataParallel:
     chapter 5, section 5.3). ``bucket_cap_mb``: the most bytes of gradients per bucket (MiB, as
     DDP; a larger parameter gets a bucket of its own). ``isolate``: names that get a bucket of
     their own (the tied embedding's two copies under pipelining, so that ZeRO-2 shards both alike).
+    ``norm_weights``: a factor per name for the squared gradient in the norm (default 1; the engine
+    counts a tensor-parallel replica on one tp rank only: 0 on the others), as ``dp.norm_weights``.
 
     Construction is a collective over the dp group: dp rank 0's parameters are broadcast, as
     DDP does, so replicas start identical. ZeRO-0/1: every ``p.grad`` is a view into a flat
@@ -107,7 +66,7 @@ class DataParallel:
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], topo: Topology,
                  train_cfg: TrainConfig, zero: int = 0, bucket_cap_mb: float = 25.0,
-                 isolate: Iterable[str] = ()):
+                 isolate: Iterable[str] = (), norm_weights: dict[str, float] | None = None):
         if zero not in (0, 1, 2):
             raise ValueError(f"zero={zero} is not supported by the lmkit engine; use 0, 1 or 2 "
                              "(ZeRO-3 is the native engine's FSDP2)")
@@ -133,10 +92,11 @@ class DataParallel:
         if self.dp > 1 and not dist.is_initialized():
             raise RuntimeError(f"dp={self.dp} but torch.distributed is not initialised")
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.norm_weights = [float((norm_weights or {}).get(n, 1.0)) for n in self.names]
         isolated = {self.names.index(n) for n in isolate if n in self.names}
 
         cap = int(bucket_cap_mb * 2**20) // self.params[0].element_size()
-        self.groups, self.buckets = self._layout(cap, isolated)
+        self.groups, self.buckets = bucket_layout(self.params, cap, isolated, zero, self.dp, self.dp_rank)
         self._bucket_of = [0] * len(self.params)
         for b in self.buckets:
             for i in b.params:
@@ -155,58 +115,6 @@ class DataParallel:
                        for i, p in enumerate(self.params)]
 
     # ------------------------------------------------------------------ layout
-
-    def _layout(self, cap: int, isolated: set[int]) -> tuple[list[_FlatGroup], list[Bucket]]:
-        """Two groups like `lmkit.train.configure_optimizer` (decay: dim >= 2, then no decay), and
-        greedy buckets of at most `cap` elements of whole parameters.
-
-        Within a group the buffer holds the parameters in *reverse* registration order, the
-        order backward produces their gradients, so that buckets fill one after another. Under
-        ZeRO each bucket is padded to a multiple of dp and split into dp equal chunks.
-        """
-        decay = [i for i, p in enumerate(self.params) if p.dim() >= 2]
-        no_decay = [i for i, p in enumerate(self.params) if p.dim() < 2]
-        groups: list[_FlatGroup] = []
-        raw: list[Bucket] = []
-        for gi, members in enumerate((decay, no_decay)):
-            g = _FlatGroup(members=list(reversed(members)))
-            runs: list[list[int]] = []
-            for i in g.members:
-                n = self.params[i].numel()
-                if (not runs or i in isolated or runs[-1][0] in isolated
-                        or sum(self.params[j].numel() for j in runs[-1]) + n > cap):
-                    runs.append([i])
-                else:
-                    runs[-1].append(i)
-            for run in runs:
-                start = g.numel
-                for i in run:
-                    g.offsets[i] = g.numel
-                    g.numel += self.params[i].numel()
-                chunk = 0
-                if self.zero:
-                    chunk = math.ceil((g.numel - start) / self.dp)
-                    g.numel = start + chunk * self.dp
-                raw.append(Bucket(-1, gi, start, g.numel, run, chunk, g.shard))
-                g.shard += chunk
-            if not self.zero:
-                g.shard = g.numel
-            groups.append(g)
-        # Launch order: a bucket is complete when its earliest-registered parameter's gradient
-        # arrives, and backward reaches early-registered parameters last.
-        raw.sort(key=lambda b: (-min(b.params), b.group, b.start))
-        for k, b in enumerate(raw):
-            b.index = k
-        for b in raw:  # the gradients this rank is responsible for: its chunks under ZeRO-2, else all
-            g = groups[b.group]
-            lo, hi = (b.start + self.dp_rank * b.chunk, b.start + (self.dp_rank + 1) * b.chunk) \
-                if self.zero == 2 else (b.start, b.end)
-            for i in b.params:
-                a, e = g.offsets[i], g.offsets[i] + self.params[i].numel()
-                if max(a, lo) < min(e, hi):
-                    shift = b.shard_offset - lo if self.zero == 2 else 0
-                    g.segments.append((i, max(a, lo) + shift, min(e, hi) + shift))
-        return groups, raw
 
     def _chunk_range(self, b: Bucket) -> tuple[int, int]:
         """This rank's chunk of bucket `b` in its group's flat buffer (ZeRO)."""
@@ -368,7 +276,7 @@ class DataParallel:
             g.shard_grad[bucket.shard_offset:bucket.shard_offset + bucket.chunk].add_(flat)
         else:
             out = torch.empty(bucket.chunk, dtype=self.dtype, device=self.device)
-            work = _reduce_scatter_single(out, flat, group=self.dp_group, async_op=True)
+            work = reduce_scatter_single(out, flat, group=self.dp_group, async_op=True)
             self._in_flight[b] = (work, out, flat)
         if self.comm_log is not None:
             self.comm_log.append((b, where, self._n_ready))
@@ -389,10 +297,6 @@ class DataParallel:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-
-    def require_sync(self, flag: bool) -> None:
-        """Whether backward hooks communicate (False = accumulate locally, like `no_sync`; ZeRO-0/1)."""
-        self._require_sync = bool(flag)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -500,7 +404,7 @@ class DataParallel:
             chunk.grad = self._chunk_grad(b)  # in case someone reset it
         self.optimizer.step()
         if self.dp > 1:
-            works = [_all_gather_single(self.groups[b.group].param[b.start:b.end], chunk.clone(),
+            works = [all_gather_single(self.groups[b.group].param[b.start:b.end], chunk.clone(),
                                         group=self.dp_group, async_op=True) for b, chunk in self._chunks]
             for w in works:
                 w.wait()
@@ -508,19 +412,17 @@ class DataParallel:
     # ------------------------------------------------------------------ gradient norm
 
     def grad_sq_sum(self) -> Tensor:
-        """Sum of ``norm_weight * grad**2`` over the gradients this rank is responsible for,
+        """Sum of ``norm_weights[i] * grad**2`` over the gradients this rank is responsible for,
         summed over the dp group (the same value on every dp rank).
 
         ZeRO-0/1: every rank holds all averaged gradients, so the local sum is already the
         group's. ZeRO-2: each rank sums its shard and the shards are all-reduced.
-        ``p.norm_weight`` (default 1) lets the engine count replicated tensor-parallel
-        parameters once (0.0 on all but one tp rank).
         """
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in self.groups:
             store = g.shard_grad if self.zero == 2 else g.grad
             for i, lo, hi in g.segments:
-                weight = float(getattr(self.params[i], "norm_weight", 1.0))
+                weight = self.norm_weights[i]
                 if weight:
                     total += weight * torch.linalg.vector_norm(store[lo:hi], dtype=torch.float32) ** 2
         if self.zero == 2 and self.dp > 1:
@@ -546,143 +448,3 @@ class DataParallel:
         norm = sq.sqrt()
         self.scale_grads(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
         return norm
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def optimizer_segments(self, create: bool = False) -> list[tuple[int, int, int, dict[str, Tensor]]]:
-        """This rank's AdamW moments without any gathering: ``(param index, lo, hi, {exp_avg,
-        exp_avg_sq})`` with the moments of elements ``[lo, hi)`` of the flattened parameter (views;
-        ZeRO: the parts of the rank's bucket chunks). `create`: allocate zero moments first where no
-        step was taken yet (to load into). For sharded checkpoints (chapter 6, section 6.5)."""
-        if create:
-            for p in (p for pg in self.optimizer.param_groups for p in pg["params"]):
-                if not self.optimizer.state.get(p):
-                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                               "exp_avg_sq": torch.zeros_like(p)}
-        out = []
-        if not self.zero:
-            for i, p in enumerate(self.params):
-                st = self.optimizer.state.get(p)
-                if st:
-                    out.append((i, 0, p.numel(), {k: st[k].view(-1) for k in ("exp_avg", "exp_avg_sq")}))
-            return out
-        for b, chunk in self._chunks:
-            st = self.optimizer.state.get(chunk)
-            if not st:
-                continue
-            g, (clo, chi) = self.groups[b.group], self._chunk_range(b)
-            for i in b.params:
-                a, e = max(g.offsets[i], clo), min(g.offsets[i] + self.params[i].numel(), chi)
-                if a < e:
-                    out.append((i, a - g.offsets[i], e - g.offsets[i],
-                                {k: st[k][a - clo:e - clo] for k in ("exp_avg", "exp_avg_sq")}))
-        return out
-
-    def optimizer_meta(self) -> dict[str, Any] | None:
-        """Hyper-parameters of the two groups and the step count (the same on every rank), or None."""
-        steps = [float(st["step"]) for st in self.optimizer.state.values() if st]
-        if not steps:
-            return None
-        groups = [{k: v for k, v in pg.items() if k != "params"} for pg in self.optimizer.param_groups]
-        return {"param_groups": groups, "step": steps[0]}
-
-    def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
-        """Inverse of `optimizer_meta` (after the moments were loaded into `optimizer_segments`)."""
-        for group, saved in zip(self.optimizer.param_groups, meta["param_groups"], strict=True):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        for st in self.optimizer.state.values():
-            if st:
-                st["step"] = torch.tensor(float(meta["step"]))
-
-    def _gather_bucket(self, b: Bucket, chunk: Tensor) -> Tensor:
-        """The whole (padded) bucket from every dp rank's chunk (collective over dp)."""
-        if self.dp == 1:
-            return chunk
-        full = torch.empty(b.numel, dtype=chunk.dtype, device=chunk.device)
-        _all_gather_single(full, chunk.contiguous(), group=self.dp_group)
-        return full
-
-    def state_dict(self) -> dict[str, Any]:
-        """Optimizer state in full, name-keyed form, independent of dp and zero.
-
-        ``{"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [hyper-params]}``
-        (decay group first). Under ZeRO this is a collective: every dp rank must call it.
-        """
-        param_groups = [{k: v for k, v in pg.items() if k != "params"} for pg in self.optimizer.param_groups]
-        state: dict[str, dict[str, Tensor]] = {}
-        if not self.zero:
-            for name, p in zip(self.names, self.params, strict=True):
-                if self.optimizer.state.get(p):
-                    state[name] = {k: v.detach().clone() for k, v in self.optimizer.state[p].items()}
-            return {"state": state, "param_groups": param_groups}
-        for b, chunk in self._chunks:
-            st = self.optimizer.state.get(chunk)
-            if not st:  # no step taken yet: the same on every rank
-                continue
-            full = {k: self._gather_bucket(b, v) for k, v in st.items() if v.dim() > 0}
-            g = self.groups[b.group]
-            for i in b.params:
-                p, off = self.params[i], g.offsets[i] - b.start
-                entry = {k: v.detach().clone() for k, v in st.items() if v.dim() == 0}
-                entry.update({k: v[off:off + p.numel()].view_as(p).clone() for k, v in full.items()})
-                state[self.names[i]] = entry
-        return {"state": state, "param_groups": param_groups}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a `state_dict` saved under any dp/zero; entries for other names are ignored
-        (they belong to other pipeline stages)."""
-        saved_groups, state = state_dict["param_groups"], state_dict["state"]
-        if len(saved_groups) != len(self.optimizer.param_groups):
-            raise ValueError(f"optimizer state has {len(saved_groups)} param groups, expected "
-                             f"{len(self.optimizer.param_groups)} (decay, no decay)")
-        by_name = dict(zip(self.names, self.params, strict=True))
-        for name, entry in state.items():
-            if name in by_name:
-                p = by_name[name]
-                for k, v in entry.items():
-                    if v.dim() > 0 and v.numel() != p.numel():
-                        raise ValueError(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, the "
-                                         f"parameter {tuple(p.shape)}: saved under another tensor layout?")
-        torch_sd: dict[str, Any] = {"state": {}, "param_groups": []}
-        idx = 0
-        if not self.zero:
-            for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
-                ids = []
-                for p in pg["params"]:
-                    name = self.names[self._index[id(p)]]
-                    if name in state:
-                        torch_sd["state"][idx] = {k: v.clone() for k, v in state[name].items()}
-                    ids.append(idx)
-                    idx += 1
-                torch_sd["param_groups"].append({**saved, "params": ids})
-            self.optimizer.load_state_dict(torch_sd)
-            return
-        index_of = {id(chunk): k for k, (_, chunk) in enumerate(self._chunks)}
-        for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
-            ids = []
-            for chunk in pg["params"]:
-                k = index_of[id(chunk)]
-                b = self._chunks[k][0]
-                names = [self.names[i] for i in b.params]
-                present = [n for n in names if n in state]
-                if present and len(present) != len(names):
-                    missing = sorted(set(names) - set(present))
-                    raise ValueError(f"optimizer state lacks {missing[:5]}; ZeRO needs all or none of "
-                                     "a bucket's parameters")
-                if present:
-                    first = state[present[0]]
-                    entry = {key: v.clone() for key, v in first.items() if v.dim() == 0}
-                    g = self.groups[b.group]
-                    lo, hi = self._chunk_range(b)
-                    for key in (key for key, v in first.items() if v.dim() > 0):
-                        full = torch.zeros(b.numel, dtype=self.dtype, device=self.device)
-                        for i in b.params:
-                            off = g.offsets[i] - b.start
-                            values = state[self.names[i]][key].reshape(-1)
-                            full[off:off + values.numel()].copy_(values)
-                        entry[key] = full[lo - b.start:hi - b.start].clone()
-                    torch_sd["state"][idx] = entry
-                ids.append(idx)
-                idx += 1
-            torch_sd["param_groups"].append({**saved, "params": ids})
-        self.optimizer.load_state_dict(torch_sd)

@@ -43,13 +43,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmkit.checkpoint import Piece
+from lmkit.checkpoint import Piece, load_optimizer_meta, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
 from lmkit.model import InitialWeights, materialize
+from lmkit.parallel import plan
+from lmkit.parallel.data_parallel import DataParallel
 from lmkit.parallel.mesh import Topology
+from lmkit.parallel.native_plan import quiet_redistribute
+from lmkit.parallel.pipeline import (
+    allreduce_tied_embedding_grads,
+    pipeline_forward,
+    run_pipeline,
+    validate_pipeline,
+)
 from lmkit.parallel.stage import GPTStage, activation_shape, build_stages
+from lmkit.parallel.tensor_parallel import (
+    allreduce_sequence_parallel_grads,
+    gather_full_param,
+    parallelize_stage,
+    shard_full_param,
+    shard_spec,
+)
 
-__all__ = ["ParallelEngine", "on_meta", "validate_layout"]
+__all__ = ["EngineBase", "ParallelEngine", "on_meta", "validate_layout", "gather_over_pp"]
 
 
 def on_meta(model: nn.Module) -> bool:
@@ -81,17 +97,9 @@ def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_hea
     if pcfg.sequence_parallel and block_size % pcfg.tp:
         raise ConfigError(f"model.block_size={block_size} is not divisible by parallel.tp={pcfg.tp}; "
                           "sequence parallelism splits the sequence over tensor-parallel ranks")
-    stages = pcfg.pp * pcfg.virtual_stages
-    if stages > n_layer:
-        raise ConfigError(f"{stages} pipeline stages (pp={pcfg.pp} x virtual_stages={pcfg.virtual_stages}) "
-                          f"but model.n_layer={n_layer}; every stage needs at least one block")
     m = pcfg.microbatches
-    if pcfg.pp > 1 and pcfg.schedule in ("1f1b", "interleaved") and m < pcfg.pp:
-        raise ConfigError(f"schedule '{pcfg.schedule}' needs at least as many microbatches as stages "
-                          f"(microbatches={m} < pp={pcfg.pp}); raise parallel.microbatches")
-    if pcfg.pp > 1 and pcfg.schedule == "interleaved" and m % pcfg.pp:
-        raise ConfigError(f"the interleaved schedule needs microbatches divisible by pp "
-                          f"(microbatches={m}, pp={pcfg.pp})")
+    if pcfg.pp > 1:
+        validate_pipeline(pcfg, n_layer, m)
     per_rank = pcfg.dp * tcfg.grad_accum * m
     if tcfg.batch_size % per_rank:
         raise ConfigError(
@@ -100,65 +108,10 @@ def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_hea
             "sequences")
 
 
-class ParallelEngine:
-    """Stages, gradient synchronisation and optimizer of one rank (see the module docstring)."""
-
-    def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
-        from lmkit.parallel.data_parallel import DataParallel
-
-        cfg = model.config
-        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size)
-        self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
-        initial = InitialWeights(model) if on_meta(model) else None
-        self.stages: list[GPTStage] = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
-        if pcfg.tp > 1:
-            from lmkit.parallel.tensor_parallel import parallelize_stage
-
-            for stage in self.stages:
-                parallelize_stage(stage, topo, pcfg.sequence_parallel, seed=tcfg.seed)
-        for stage in self.stages:
-            if initial is not None:
-                materialize(stage, topo.device)  # this rank's shards only, values set below
-            else:
-                stage.to(topo.device)
-        self.named_params = self._named_parameters()
-        self._mark_norm_weights()
-        if initial is not None:  # before DataParallel, which copies the weights into its buffers
-            self.load_full_state(initial, None)
-        # Under pipelining the tied embedding's two copies get buckets of their own, so that ZeRO-2
-        # gives the first and the last stage the same shard of it (their gradients are summed).
-        self.dp = DataParallel(self.named_params, topo, tcfg, zero=pcfg.zero,
-                               isolate=("tok_emb.weight", "head.weight") if pcfg.pp > 1 and pcfg.zero == 2
-                               else ())
-        self.optimizer = self.dp.optimizer
-        index = {id(p): k for k, (_, p) in enumerate(self.named_params)}
-        self._dp_index = [index[id(p)] for p in self.dp.params]  # DataParallel's order -> named_params
-        self.micro_steps = tcfg.grad_accum * pcfg.microbatches
-        self.checkpointing = False
-
-    # ------------------------------------------------------------------ set-up helpers
-    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        named, seen = [], set()
-        for stage in self.stages:
-            for local, param in stage.named_parameters():
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                name = stage.original_name(local)
-                if stage.tied_embedding_copy() is param:
-                    name = "head.weight"
-                named.append((name, param))
-        return named
-
-    def _mark_norm_weights(self) -> None:
-        """Count every gradient once in the global norm: replicas get weight 0."""
-        for name, param in self.named_params:
-            weight = 1.0
-            if self.topo.tp_rank != 0 and not getattr(param, "tp_sharded", False):
-                weight = 0.0  # identical on every tensor-parallel rank: rank 0 counts it
-            if name == "head.weight":
-                weight = 0.0  # the last stage's copy of the embedding; tok_emb counts it
-            param.norm_weight = weight
+class EngineBase:
+    """What both engines (this one and `lmkit.parallel.native.NativeEngine`) do alike, given their
+    ``stages``, ``named_params`` (GPT names), ``optimizer``, ``pcfg``, ``topo``, ``micro_steps``
+    and ``_full(name, tensor)`` (the full tensor of this rank's part)."""
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         for stage in self.stages:
@@ -168,13 +121,84 @@ class ParallelEngine:
         for stage in self.stages:
             stage.train(mode)
 
-    # ------------------------------------------------------------------ one step
     def microbatches(self, sampler, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This data-parallel rank's microbatches of the global batch of `step`."""
         return [sampler.batch(step, rank=self.topo.dp_rank, world=self.pcfg.dp, micro=i,
                               micro_steps=self.micro_steps, device=self.topo.device)
                 for i in range(self.micro_steps)]
 
+    def mean_over_dp(self, value: float) -> float:
+        """The global-batch mean of a per-rank mean (every dp rank has equally many tokens)."""
+        if self.pcfg.dp == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.topo.device)  # NCCL: device tensors only
+        dist.all_reduce(t, group=self.topo.dp_group)
+        return float(t) / self.pcfg.dp
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights by `GPT` parameter name (collective: every rank calls it)."""
+        with quiet_redistribute():  # (an FSDP2 x TP DTensor takes two gathers: no notice each time)
+            local = {name: self._full(name, p.detach()) for name, p in self.named_params
+                     if name != "head.weight"}
+        full = gather_over_pp(local, self.topo)
+        full["head.weight"] = full["tok_emb.weight"]  # the head's copy of the embedding
+        return full
+
+    def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
+        """The hyper-parameters and the step count of a sharded checkpoint (moments already loaded)."""
+        load_optimizer_meta(self.optimizer, meta)
+
+
+class ParallelEngine(EngineBase):
+    """Stages, gradient synchronisation and optimizer of one rank (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
+        cfg = model.config
+        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size)
+        self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
+        initial = InitialWeights(model) if on_meta(model) else None
+        self.stages: list[GPTStage] = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
+        if pcfg.tp > 1:
+            for stage in self.stages:
+                parallelize_stage(stage, topo, pcfg.sequence_parallel, seed=tcfg.seed)
+        for stage in self.stages:
+            if initial is not None:
+                materialize(stage, topo.device)  # this rank's shards only, values set below
+            else:
+                stage.to(topo.device)
+        self.named_params = self._named_parameters()
+        if initial is not None:  # before DataParallel, which copies the weights into its buffers
+            self.load_full_state(initial, None)
+        # Under pipelining the tied embedding's two copies get buckets of their own, so that ZeRO-2
+        # gives the first and the last stage the same shard of it (their gradients are summed).
+        self.dp = DataParallel(self.named_params, topo, tcfg, zero=pcfg.zero,
+                               isolate=("tok_emb.weight", "head.weight") if pcfg.pp > 1 and pcfg.zero == 2
+                               else (), norm_weights=self._norm_weights())
+        self.optimizer = self.dp.optimizer
+        index = {id(p): k for k, (_, p) in enumerate(self.named_params)}
+        self._dp_index = [index[id(p)] for p in self.dp.params]  # DataParallel's order -> named_params
+        self.micro_steps = tcfg.grad_accum * pcfg.microbatches
+        self.checkpointing = False
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(GPT name, parameter)`` of this rank's stages, each once; ``_where[name]``: its stage and
+        name there (the last stage's copy of the tied embedding is ``head.weight``)."""
+        named, self._where = [], {}
+        for stage in self.stages:
+            for local, param in stage.named_parameters():
+                name = "head.weight" if stage.tied_embedding_copy() is param else stage.original_name(local)
+                if name not in self._where:
+                    self._where[name] = (stage, local)
+                    named.append((name, param))
+        return named
+
+    def _norm_weights(self) -> dict[str, float]:
+        """Count every gradient once in the global norm: replicas get weight 0 (`plan.tp_sharded`)."""
+        return {name: 0.0 if (self.topo.tp_rank != 0 and not plan.tp_sharded(name)) or name == "head.weight"
+                else 1.0 for name, _ in self.named_params}  # head.weight: a copy; tok_emb counts it
+
+    # ------------------------------------------------------------------ one step
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]],
                          autocast: Callable[[], contextlib.AbstractContextManager],
                          on_event: Callable | None = None) -> float:
@@ -195,8 +219,6 @@ class ParallelEngine:
                 total += loss.detach().float()
             loss_value = total.item() / len(micro)  # one host sync per step, not per microbatch
         else:
-            from lmkit.parallel.pipeline import allreduce_tied_embedding_grads, run_pipeline
-
             b, t = micro[0][0].shape
             shape = activation_shape(b, t, self.config.d_model, pcfg.tp, pcfg.sequence_parallel)
             dtype = torch.float32 if self.tcfg.dtype == "float32" else getattr(torch, self.tcfg.dtype)
@@ -211,8 +233,6 @@ class ParallelEngine:
         if pcfg.pp > 1:
             allreduce_tied_embedding_grads(self.stages, topo)
         if pcfg.sequence_parallel:
-            from lmkit.parallel.tensor_parallel import allreduce_sequence_parallel_grads
-
             allreduce_sequence_parallel_grads(self.stages, topo)
         self.dp.finish_grad_sync()
         return loss_value
@@ -226,7 +246,7 @@ class ParallelEngine:
             tied = [p for name, p in self.named_params if name in ("tok_emb.weight", "head.weight")]
             self.dp.all_reduce_grads(tied, topo.embedding_group)
         if self.pcfg.sequence_parallel and self.pcfg.tp > 1:
-            replicated = [p for _, p in self.named_params if getattr(p, "sequence_parallel_grad", False)]
+            replicated = [p for name, p in self.named_params if plan.sequence_partial(name)]
             self.dp.all_reduce_grads(replicated, topo.tp_group)
 
     def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
@@ -251,14 +271,6 @@ class ParallelEngine:
         self.dp.zero_grad()
         return norm
 
-    def mean_over_dp(self, value: float) -> float:
-        """The global-batch mean of a per-rank mean (every dp rank has equally many tokens)."""
-        if self.pcfg.dp == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.topo.device)  # NCCL: device tensors only
-        dist.all_reduce(t, group=self.topo.dp_group)
-        return float(t) / self.pcfg.dp
-
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor,
                   autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
@@ -268,25 +280,12 @@ class ParallelEngine:
             with autocast():
                 value = float(self.stages[0](x, y))
             return value
-        from lmkit.parallel.pipeline import pipeline_forward
-
         b, t = x.shape
         shape = activation_shape(b, t, self.config.d_model, self.pcfg.tp, self.pcfg.sequence_parallel)
         with autocast():
             return pipeline_forward(self.stages, self.topo, x, y, shape)
 
     # ------------------------------------------------------------------ checkpoints
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights by `GPT` parameter name (collective: every rank calls it)."""
-        local = {}
-        for name, param in self.named_params:
-            if name == "head.weight":
-                continue  # a copy of tok_emb.weight
-            local[name] = self._gather_tp(name, param.detach())
-        full = self._gather_pp(local)
-        full["head.weight"] = full["tok_emb.weight"]
-        return full
-
     def full_optimizer_state(self) -> dict[str, Any]:
         """Optimizer state by parameter name with full tensors (collective)."""
         sd = self.dp.state_dict()
@@ -294,9 +293,9 @@ class ParallelEngine:
         for name, entry in sd["state"].items():
             if name == "head.weight":
                 continue
-            state[name] = {k: (self._gather_tp(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
+            state[name] = {k: (self._full(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
                            for k, v in entry.items()}
-        return {"state": self._gather_pp(state), "param_groups": sd["param_groups"]}
+        return {"state": gather_over_pp(state, self.topo), "param_groups": sd["param_groups"]}
 
     def load_full_state(self, weights: dict[str, torch.Tensor], optimizer: dict[str, Any] | None) -> None:
         """Load full (layout-independent) weights and optimizer state into this rank's shards."""
@@ -324,63 +323,38 @@ class ParallelEngine:
         for name, param in self.named_params:
             source, spec = ("tok_emb.weight" if name == "head.weight" else name), specs[name]
             replica = name != "head.weight" and (spec is not None or topo.tp_rank == 0)
-            pieces += _pieces(f"model.{source}", param.detach().view(-1), 0, param.numel(),
-                              tuple(param.shape), spec, topo.tp_rank, replica and topo.dp_rank == 0)
+            pieces += shard_pieces(f"model.{source}", param.detach().view(-1), 0, param.numel(),
+                                   tuple(param.shape), spec, topo.tp_rank, replica and topo.dp_rank == 0)
         for i, lo, hi, moments in self.dp.optimizer_segments(create):
             name, param = self.named_params[self._dp_index[i]]
             source, spec = ("tok_emb.weight" if name == "head.weight" else name), specs[name]
             replica = name != "head.weight" and (spec is not None or topo.tp_rank == 0)
             for key, flat in moments.items():
-                pieces += _pieces(f"optim.{source}.{key}", flat, lo, hi, tuple(param.shape), spec,
-                                  topo.tp_rank, replica and (self.pcfg.zero > 0 or topo.dp_rank == 0))
-        return pieces, self.dp.optimizer_meta()
-
-    def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
-        """The hyper-parameters and the step count of a sharded checkpoint (moments already loaded)."""
-        self.dp.load_optimizer_meta(meta)
+                pieces += shard_pieces(f"optim.{source}.{key}", flat, lo, hi, tuple(param.shape), spec,
+                                       topo.tp_rank, replica and (self.pcfg.zero > 0 or topo.dp_rank == 0))
+        return pieces, optimizer_meta(self.optimizer)
 
     def _spec(self, name: str) -> Any:
-        if self.pcfg.tp == 1:
-            return None
-        from lmkit.parallel.tensor_parallel import shard_spec
-
-        stage, local = self._stage_of(name)
+        stage, local = self._where[name]
         return shard_spec(stage).get(local)
 
-    def _stage_of(self, name: str) -> tuple[GPTStage, str]:
-        for stage in self.stages:
-            for local, param in stage.named_parameters():
-                if stage.original_name(local) == name or (name == "head.weight" and
-                                                          stage.tied_embedding_copy() is param):
-                    return stage, local
-        raise KeyError(name)
-
-    def _gather_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if self.pcfg.tp == 1:
-            return tensor.clone()
-        from lmkit.parallel.tensor_parallel import gather_full_param
-
-        stage, local = self._stage_of(name)
-        return gather_full_param(stage, local, tensor)
+    def _full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return gather_full_param(*self._where[name], tensor) if self.pcfg.tp > 1 else tensor.clone()
 
     def _shard_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if self.pcfg.tp == 1:
-            return tensor
-        from lmkit.parallel.tensor_parallel import shard_full_param
+        return shard_full_param(*self._where[name], tensor)
 
-        stage, local = self._stage_of(name)
-        return shard_full_param(stage, local, tensor)
 
-    def _gather_pp(self, local: dict[str, Any]) -> dict[str, Any]:
-        if self.pcfg.pp == 1:
-            return local
-        parts: list[Any] = [None] * self.pcfg.pp
-        cpu = {k: _to_cpu(v) for k, v in local.items()}
-        dist.all_gather_object(parts, cpu, group=self.topo.pp_group)
-        merged: dict[str, Any] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
+def gather_over_pp(local: dict[str, Any], topo: Topology) -> dict[str, Any]:
+    """The union of every pipeline rank's `local` dict (CPU tensors; collective over the pp group)."""
+    if topo.pp == 1:
+        return local
+    parts: list[Any] = [None] * topo.pp
+    dist.all_gather_object(parts, {k: _to_cpu(v) for k, v in local.items()}, group=topo.pp_group)
+    merged: dict[str, Any] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
 
 
 def _to_cpu(value: Any) -> Any:
@@ -389,55 +363,3 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value
-
-
-def _boxes(lo: int, hi: int, shape: tuple[int, ...], spec: Any, tp_rank: int
-           ) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
-    """``(flat start, global offsets, sizes)`` of the boxes covering elements ``[lo, hi)`` of a
-    local (tensor-parallel) shard of `shape`: a partial row, whole rows, a partial row, each mapped
-    into the full tensor by the shard's `spec` (contiguous chunks, or rows picked by an index, cut
-    into runs of consecutive rows). Every box is contiguous in the flattened shard."""
-    stride = math.prod(shape[1:])
-    local = []
-    a = lo
-    while a < hi:
-        row, col = divmod(a, stride)
-        if len(shape) == 1:
-            n, off, size = hi - a, (a,), (hi - a,)
-        elif col or hi - a < stride:
-            n = min(stride - col, hi - a)
-            off, size = (row, col), (1, n)
-        else:
-            rows = (hi - a) // stride
-            n, off, size = rows * stride, (row, 0), (rows, stride)
-        local.append((a, off, size))
-        a += n
-    if spec is None:
-        return local
-    out = []
-    for start, off, size in local:
-        if spec.index is None:
-            moved = list(off)
-            moved[spec.dim] += tp_rank * shape[spec.dim]
-            out.append((start, tuple(moved), size))
-            continue
-        rows = spec.index.tolist()
-        unit = stride if len(shape) > 1 else 1
-        k = 0
-        while k < size[0]:
-            j = k
-            while j + 1 < size[0] and rows[off[0] + j + 1] == rows[off[0] + j] + 1:
-                j += 1
-            out.append((start + k * unit, (rows[off[0] + k], *off[1:]), (j - k + 1, *size[1:])))
-            k = j + 1
-    return out
-
-
-def _pieces(fqn: str, flat: torch.Tensor, lo: int, hi: int, shape: tuple[int, ...], spec: Any, tp_rank: int,
-            write: bool) -> list[Piece]:
-    """`Piece`s of elements ``[lo, hi)`` of a local shard whose values `flat` holds (flat[0] = lo)."""
-    full = list(shape)
-    if spec is not None:
-        full[spec.dim] = spec.full_size
-    return [Piece(fqn, tuple(full), off, flat[start - lo:start - lo + math.prod(size)].view(size), write)
-            for start, off, size in _boxes(lo, hi, shape, spec, tp_rank)]

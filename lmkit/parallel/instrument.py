@@ -1,5 +1,8 @@
 """Measure a parallel training step: bytes per collective, per-rank timelines, memory, MFU, bubble.
 
+This module counts bytes and audits devices; the timelines are `lmkit.parallel.timeline`'s and the
+memory counts `lmkit.parallel.memory`'s, re-exported here with `Instrument`, which joins them.
+
 Observes an engine from outside, for both engines: `CommCounter` counts every ``c10d`` collective
 at the dispatcher's ``BackendSelect`` key, `Timeline` records forward/backward/communication events,
 `idle_fractions` measures the pipeline bubble, `memory_report` counts allocated storage (each
@@ -16,25 +19,31 @@ rank's. Why and how, in the book: chapter 5, section 5.1; the measurements: chap
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+import torch.distributed as dist
+from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 # The formulas live in the cost model (pure Python, also in the browser); re-exported for the instruments.
 from lmkit.costs import bubble_fraction as bubble_formula
 from lmkit.costs import wire_bytes
+from lmkit.parallel.memory import AllocationTracker, memory_report
+from lmkit.parallel.timeline import (
+    Timeline,
+    attach_timeline,
+    idle_fractions,
+    read_jsonl,
+    reports_events,
+)
 
 __all__ = [
     "COLLECTIVE_KINDS",
@@ -57,7 +66,6 @@ __all__ = [
 
 COLLECTIVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "send", "recv",
                     "all_to_all", "gather", "scatter", "barrier")
-COMPUTE_KINDS = ("forward", "backward")
 
 # c10d operator -> (kind, index of the argument holding the payload, payload x group size?)
 _C10D_OPS: dict[str, tuple[str, int | None, bool]] = {
@@ -128,7 +136,6 @@ class _Registry:
 
 
 def _group_info(pg_script: Any) -> tuple[int, str, tuple[int, ...]]:
-    import torch.distributed as dist
 
     pg = torch._C._distributed_c10d.ProcessGroup.unbox(pg_script)
     name = pg.group_name
@@ -209,7 +216,6 @@ class CommCounter:
         self.overhead_s = 0.0  # time spent in the bookkeeping after the collectives returned
 
     def __enter__(self) -> CommCounter:
-        import torch.distributed as dist
 
         if dist.is_available():
             _Registry.add(self)
@@ -356,7 +362,6 @@ class DeviceAudit(TorchFunctionMode):
         return [r for r in self.records if torch.device(r["device"]) != self.device or r["placed_by_default"]]
 
     def __enter__(self) -> DeviceAudit:
-        import torch.distributed as dist
 
         if dist.is_available():
             _Registry.add(self)
@@ -367,179 +372,7 @@ class DeviceAudit(TorchFunctionMode):
         _Registry.remove(self)
 
 
-# --------------------------------------------------------------------------- timelines
-
-
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-class Timeline:
-    """Per-rank events ``{rank, step, kind, microbatch, chunk, start, end}`` (see the module doc).
-
-    `on_event` has `lmkit.parallel.pipeline.run_pipeline`'s callback signature; `add` takes
-    absolute `time.perf_counter` times and stores them relative to the last `begin_step`.
-    """
-
-    def __init__(self, rank: int | None = None) -> None:
-        self._rank = rank
-        self.events: list[dict[str, Any]] = []
-        self.step = 0
-        self.origin = time.perf_counter()
-        self._forwards: dict[int, int] = {}  # chunk -> forwards seen this step (microbatch numbers)
-
-    @property
-    def rank(self) -> int:
-        if self._rank is None:
-            self._rank = _global_rank()
-        return self._rank
-
-    def begin_step(self, step: int | None = None) -> None:
-        """Start a step: times are measured from now (call it right after a barrier)."""
-        self.step = self.step + 1 if step is None else step
-        self.origin = time.perf_counter()
-        self._forwards = {}
-
-    def next_microbatch(self, chunk: int) -> int:
-        n = self._forwards.get(chunk, 0)
-        self._forwards[chunk] = n + 1
-        return n
-
-    def add(self, kind: str, microbatch: int, chunk: int, start: float, end: float,
-            step: tuple[int, float] | None = None) -> None:
-        """Record an event; `step` = ``(step, origin)`` pins it to a step that may have ended."""
-        index, origin = step if step is not None else (self.step, self.origin)
-        self.events.append({"rank": self.rank, "step": index, "kind": kind, "microbatch": int(microbatch),
-                            "chunk": int(chunk), "start": start - origin, "end": end - origin})
-
-    def on_event(self, kind: str, microbatch: int, chunk: int, t_start: float, t_end: float) -> None:
-        self.add(kind, microbatch, chunk, t_start, t_end)
-
-    def step_events(self, step: int | None = None) -> list[dict[str, Any]]:
-        """Events of `step` (default: the current one), sorted by start time."""
-        step = self.step if step is None else step
-        return sorted((e for e in self.events if e["step"] == step), key=lambda e: (e["start"], e["end"]))
-
-    def to_jsonl(self, path: str | Path, append: bool = False) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a" if append else "w", encoding="utf-8") as f:
-            for event in sorted(self.events, key=lambda e: (e["step"], e["start"])):
-                f.write(json.dumps(event) + "\n")
-        return path
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Events written by `Timeline.to_jsonl` (of any number of ranks, concatenated)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-class _BackwardMarker(torch.autograd.Function):
-    """Identity whose backward times the rest of the autograd pass (one microbatch's backward)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, timeline: Timeline, microbatch: int, chunk: int) -> Tensor:
-        ctx.info = (timeline, microbatch, chunk)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        timeline, microbatch, chunk = ctx.info
-        start = time.perf_counter()
-
-        def done() -> None:
-            timeline.add("backward", microbatch, chunk, start, time.perf_counter())
-
-        torch.autograd.Variable._execution_engine.queue_callback(done)
-        return grad, None, None, None
-
-
-def _time_module(module: nn.Module, timeline: Timeline, chunk: int) -> list[Any]:
-    starts: list[float] = []
-
-    def pre(_mod, _args):
-        if torch.is_grad_enabled():
-            starts.append(time.perf_counter())
-
-    def post(_mod, _args, out):
-        if not torch.is_grad_enabled() or not starts:
-            return None
-        start, end = starts.pop(), time.perf_counter()
-        microbatch = timeline.next_microbatch(chunk)
-        timeline.add("forward", microbatch, chunk, start, end)
-        if isinstance(out, Tensor) and out.requires_grad:
-            return _BackwardMarker.apply(out, timeline, microbatch, chunk)
-        return None
-
-    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-
-
-def _pp_size(engine: Any) -> int:
-    pcfg = getattr(engine, "pcfg", None) or getattr(engine, "parallel", None)
-    return int(getattr(pcfg, "pp", 1) or 1)
-
-
-def _modules_of(engine: Any) -> list[nn.Module]:
-    if isinstance(engine, nn.Module):
-        return [engine]
-    for attr in ("stages", "model_parts", "modules_"):
-        value = getattr(engine, attr, None)
-        if isinstance(value, (list, tuple)) and value and all(isinstance(m, nn.Module) for m in value):
-            return list(value)
-    for attr in ("model", "module"):
-        value = getattr(engine, attr, None)
-        if isinstance(value, nn.Module):
-            return [value]
-    return []
-
-
-def _reports_events(engine: Any) -> bool:
-    """Whether `engine` is the lmkit engine running a pipeline (its schedule reports events)."""
-    from lmkit.parallel.engine import ParallelEngine
-
-    return isinstance(engine, ParallelEngine) and _pp_size(engine) > 1
-
-
-def attach_timeline(engine: Any, timeline: Timeline) -> Callable[[], None]:
-    """Record `engine`'s forward/backward (and pipeline send/recv) events; returns a remover.
-
-    The lmkit engine with ``pp > 1``: its ``forward_backward`` is wrapped on the instance so
-    that `run_pipeline` reports to `timeline` (``on_event``). Otherwise (``pp == 1``, or the
-    native engine, whose ``torch.distributed.pipelining`` schedule has no such callback)
-    forward hooks time each stage module (``engine.stages``, ``engine.model``, or `engine`
-    itself if it is a module); the native pipeline's send/recv then come from the counter.
-    """
-    if _reports_events(engine):
-        method = engine.forward_backward
-        had = "forward_backward" in vars(engine)
-
-        def forward_backward(micro, autocast, on_event=None, **kwargs):
-            def both(*event):
-                timeline.on_event(*event)
-                if on_event is not None:
-                    on_event(*event)
-
-            return method(micro, autocast, on_event=both, **kwargs)
-
-        engine.forward_backward = forward_backward
-
-        def remove() -> None:
-            if had:
-                engine.forward_backward = method
-            else:
-                del engine.forward_backward
-
-        return remove
-    handles = [h for chunk, m in enumerate(_modules_of(engine)) for h in _time_module(m, timeline, chunk)]
-
-    def remove_hooks() -> None:
-        for handle in handles:
-            handle.remove()
-
-    return remove_hooks
+# --------------------------------------------------------------------------- one instrumented step
 
 
 class Instrument:
@@ -564,7 +397,7 @@ class Instrument:
         self.engine = engine
         self.timeline = Timeline()
         if timeline_p2p is None:  # the lmkit pipeline reports its own send/recv events
-            timeline_p2p = engine is None or not _reports_events(engine)
+            timeline_p2p = engine is None or not reports_events(engine)
         self.counter = CommCounter(self.timeline, timeline_p2p=timeline_p2p, keep_records=keep_records)
         self.barrier = barrier
         self.steps: list[dict[str, Any]] = []
@@ -584,8 +417,6 @@ class Instrument:
 
     @contextlib.contextmanager
     def step(self, index: int | None = None) -> Iterator[None]:
-        import torch.distributed as dist
-
         if self.barrier and dist.is_available() and dist.is_initialized():
             dist.barrier()
         self.counter.reset()
@@ -594,165 +425,6 @@ class Instrument:
         yield
         self.steps.append({"step": self.timeline.step, "wall_s": time.perf_counter() - start,
                            "comm": self.counter.summary(), "counter_overhead_s": self.counter.overhead_s})
-
-
-# --------------------------------------------------------------------------- bubble
-
-
-def _union_length(intervals: Iterable[tuple[float, float]]) -> float:
-    total, cur_start, cur_end = 0.0, None, None
-    for s, e in sorted(intervals):
-        if cur_end is None or s > cur_end:
-            if cur_end is not None:
-                total += cur_end - cur_start
-            cur_start, cur_end = s, e
-        else:
-            cur_end = max(cur_end, e)
-    if cur_end is not None:
-        total += cur_end - cur_start
-    return total
-
-
-def idle_fractions(events: Sequence[dict[str, Any]], step: int | None = None,
-                   compute_kinds: Sequence[str] = COMPUTE_KINDS) -> dict[str, Any]:
-    """Measured idle fraction per rank of one step (definitions in the module docstring).
-
-    `events`: every rank's events (e.g. concatenated `Timeline.events`); `step`: which step
-    (default: the last one present). Returns ``{"span_s", "busy_s": {rank: s}, "idle":
-    {rank: fraction}, "mean_idle"}``.
-    """
-    if step is None:
-        step = max(e["step"] for e in events)
-    compute = [e for e in events if e["step"] == step and e["kind"] in compute_kinds]
-    if not compute:
-        raise ValueError(f"no {'/'.join(compute_kinds)} events in step {step}")
-    span = max(e["end"] for e in compute) - min(e["start"] for e in compute)
-    ranks = sorted({e["rank"] for e in compute})
-    busy = {r: _union_length((e["start"], e["end"]) for e in compute if e["rank"] == r) for r in ranks}
-    idle = {r: 1.0 - busy[r] / span for r in ranks}
-    return {"span_s": span, "busy_s": busy, "idle": idle, "mean_idle": sum(idle.values()) / len(idle)}
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard, any other tensor as is."""
-    local = getattr(t, "_local_tensor", None)
-    return local if isinstance(local, Tensor) else t
-
-
-def _storage_bytes(tensors: Iterable[Tensor], seen: set) -> int:
-    total = 0
-    for t in tensors:
-        t = _local(t)
-        storage = t.untyped_storage()
-        key = (t.device, storage.data_ptr())
-        if storage.data_ptr() == 0 or key in seen:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
-
-
-def _params_and_optimizer(obj: Any, optimizer: Any) -> tuple[list[Tensor], Any]:
-    if getattr(obj, "engine", None) is not None:  # a Trainer with a parallel engine
-        obj = obj.engine
-    elif hasattr(obj, "model") and hasattr(obj, "optimizer") and not hasattr(obj, "named_params"):
-        optimizer = optimizer or obj.optimizer  # a single-process Trainer
-        obj = obj.model if isinstance(obj.model, nn.Module) else obj
-    optimizer = optimizer if optimizer is not None else getattr(obj, "optimizer", None)
-    if hasattr(obj, "named_params"):  # lmkit ParallelEngine
-        params = [p for _, p in obj.named_params]
-    elif isinstance(obj, nn.Module):
-        params = list(obj.parameters())
-    elif callable(getattr(obj, "parameters", None)):
-        params = list(obj.parameters())
-    else:
-        params = [p for m in _modules_of(obj) for p in m.parameters()]
-    return params, optimizer
-
-
-def memory_report(engine: Any, optimizer: Any = None) -> dict[str, Any]:
-    """This rank's parameter, gradient and optimizer-state bytes, and the CUDA peak.
-
-    `engine`: an lmkit `ParallelEngine`, a native engine (anything with ``parameters()``,
-    ``stages`` or ``model``, and ``optimizer``), a `Trainer`, or an ``nn.Module`` together with
-    its `optimizer`. Bytes are allocated storage, each storage counted once (module docstring).
-    ``cuda_peak_bytes`` is ``torch.cuda.max_memory_allocated`` on a GPU, None on a CPU (no
-    allocator statistics there).
-    """
-    params, optimizer = _params_and_optimizer(engine, optimizer)
-    numel = sum(_local(p).numel() for p in {id(p): p for p in params}.values())
-    if optimizer is not None:  # ZeRO's shard "parameters" are views of the same flat buffers
-        params += [p for group in optimizer.param_groups for p in group["params"]]
-    seen: set = set()
-    param_bytes = _storage_bytes(params, seen)
-    grad_bytes = _storage_bytes((p.grad for p in params if p.grad is not None), seen)
-    state_tensors = []
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            state_tensors += [v for v in state.values() if isinstance(v, Tensor)]
-    opt_bytes = _storage_bytes(state_tensors, seen)
-    devices = {_local(p).device for p in params}
-    cuda = next((d for d in devices if d.type == "cuda"), None)
-    return {
-        "param_bytes": param_bytes,
-        "grad_bytes": grad_bytes,
-        "optimizer_bytes": opt_bytes,
-        "total_bytes": param_bytes + grad_bytes + opt_bytes,
-        "param_numel": numel,
-        "device": str(cuda or next(iter(devices), "cpu")),
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated(cuda) if cuda is not None else None,
-    }
-
-
-class AllocationTracker(TorchDispatchMode):
-    """Live and peak bytes of the tensor storage allocated while active, on any device.
-
-    A CPU has no allocator statistics (``torch.cuda.max_memory_allocated`` is GPU-only), so the
-    tracker watches the dispatcher: the storage of every tensor an operator returns is counted
-    once, when first seen, and uncounted when torch frees it (a finalizer on the storage object,
-    which torch keeps alive exactly as long as the storage). Views and parameters wrapping a
-    counted storage add nothing; meta tensors have none. Not counted: storage allocated before
-    the tracker started, and kernels' internal scratch space. What chapter 6 uses to measure a
-    rank's peak memory at start::
-
-        with AllocationTracker() as alloc:
-            engine = build_engine(model, layout, train_cfg, topology)
-        alloc.peak_bytes, alloc.live_bytes
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self._live: set[tuple[str, int]] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor):
-                self._count(_local(t))
-        return out
-
-    def _count(self, t: Tensor) -> None:
-        if t.is_meta or t.layout != torch.strided:
-            return
-        storage = t.untyped_storage()
-        key = (str(t.device), storage.data_ptr())
-        if key[1] == 0 or key in self._live:
-            return
-        n = storage.nbytes()
-        self._live.add(key)
-        self.live_bytes += n
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        weakref.finalize(storage, self._free, key, n)
-
-    def _free(self, key: tuple[str, int], n: int) -> None:
-        if key in self._live:
-            self._live.discard(key)
-            self.live_bytes -= n
 
 
 # --------------------------------------------------------------------------- throughput and MFU

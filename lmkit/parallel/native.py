@@ -21,54 +21,35 @@ tied embedding (pp)  gradient all-reduce, first + last stage   the same, on DTen
 gradient norm        weighted squares, tp/pp all-reduce        per-mesh ``get_total_norm`` (below)
 ===================  ========================================  =======================================
 
-Construction (every rank, same order): the Trainer hands over the GPT built with the run's seed,
-normally on the meta device; this rank keeps its pipeline stage(s) (`NativeStage`: the GPT's
-own modules, blocks in a ``ModuleDict`` keyed by their layer index, so parameter names *are* the
-GPT's names, as in torchtitan); tensor parallelism shards them with DTensor on the ``tp`` mesh
-dimension; FSDP2 (or ``replicate``) wraps every block and the stage on the ``dp`` dimension
-(with tp: a 2-D ``dp x tp`` layout); a meta model is then materialised (``to_empty``: this rank's shards only)
-and each parameter set to its shard of the single-process initial value, drawn one parameter at
-a time (`lmkit.model.InitialWeights`), as torchtitan initialises after parallelising; the
-pipeline schedule wraps the stages; AdamW optimizes the DTensors.
+Construction (every rank, same order; the book, chapter 6): this rank's stage(s) of the GPT
+built with the run's seed, normally on the meta device (`native_plan.NativeStage`: parameter
+names *are* the GPT's, as in torchtitan); DTensor tensor parallelism by the styles the rows of
+`lmkit.parallel.plan` map to (`native_plan.dtensor_plan`); FSDP2 or ``replicate`` per block and
+stage on ``dp``; ``to_empty`` (this rank's shards only), each parameter set to its shard of the
+single-process initial value (`lmkit.model.InitialWeights`); the pipeline schedule; AdamW.
 
 What it takes to reproduce the single process (each was found by the loss-compare tests):
 
-* the fused ``attn.qkv`` weight is laid out ``[q | k | v]``; ``ColwiseParallel`` gives each tp
-  rank a *contiguous* block of rows, so the rows are permuted once (`qkv_permutation`) such that
-  rank ``r``'s block is ``[q_r | k_r | v_r]`` (its own heads of each). The attention infers its
-  local head count from the output width, so the GPT module is unchanged; checkpoints undo the
-  permutation;
-* the head is tied to the embedding: both are sharded by vocabulary rows (``RowwiseParallel``
-  on the embedding, ``ColwiseParallel`` on the head, as torchtitan does), which is the same
-  placement, so on a single stage they are re-tied into one DTensor Parameter; across pipeline
-  stages the last stage keeps a copy whose gradient is summed with the embedding's (local
-  shards, all-reduce over the first and last stage) after every backward;
-* under sequence parallelism each tp rank adds the position embeddings of its own positions
-  only, so ``pos_emb`` becomes a replicated DTensor whose ``Shard(0)`` slice is taken in the
-  forward (its backward all-gathers the rows); a plain parameter would miss the other ranks'
-  positions' gradients;
-* without FSDP2, DTensor leaves some gradients in another layout than their parameter
-  (``Partial`` LayerNorm gradients under sequence parallelism, a ``Replicate`` embedding
-  gradient): they are redistributed to the parameter's placement after backward (FSDP2 does
-  this itself before its reduce-scatter);
-* gradient clipping over mixed meshes: with FSDP2 + TP some gradients live on the 2-D
-  ``dp x tp`` mesh, others (LayerNorms without sequence parallelism) on ``dp`` alone, and
-  ``torch.nn.utils.clip_grad_norm_`` cannot combine norms of different meshes (torch 2.13).
-  `global_grad_norm` takes one ``get_total_norm`` per (mesh, placements) group, makes each a
-  full tensor, adds the squares, sums over the pipeline group (each stage holds different
-  parameters; the head copy is not counted twice) and ``clip_grads_with_norm_`` clips each
-  group with that one global norm.
+* ``ColwiseParallel`` gives a tp rank *contiguous* rows, so the fused ``[q | k | v]`` rows are
+  permuted once (`qkv_permutation`: rank ``r``'s block is ``[q_r | k_r | v_r]``); checkpoints
+  undo the permutation;
+* the head and the embedding are both sharded by vocabulary rows, so on one stage they are
+  re-tied into one DTensor Parameter; across stages the head's copy has its gradient summed with
+  the embedding's after every backward;
+* under sequence parallelism ``pos_emb`` is a replicated DTensor whose ``Shard(0)`` slice each
+  rank takes (its backward all-gathers the rows' gradients);
+* without FSDP2 some gradients come back in another layout than their parameter (``Partial``
+  norms under SP): they are redistributed after backward;
+* ``clip_grad_norm_`` cannot combine norms of different meshes (torch 2.13; with FSDP2 + TP
+  some gradients live on ``dp x tp``, others on ``dp``): `global_grad_norm` adds one
+  ``get_total_norm`` per (mesh, placements) group and sums over the pipeline group, and
+  ``clip_grads_with_norm_`` clips each group with that one norm.
 
-ZeRO levels: ``zero=0`` with ``dp > 1`` is FSDP2-based ``replicate`` (DDP semantics: full
-parameters and optimizer state on every rank, gradients all-reduced); ``zero=2`` is
-``fully_shard(reshard_after_forward=False)`` (gradients and optimizer state sharded, gathered
-parameters kept from forward to backward); ``zero=3`` is ``fully_shard`` (parameters re-gathered
-for backward too). FSDP2 has no ZeRO-1 (``zero=1`` is the lmkit engine's). Gradient
-accumulation uses ``set_requires_gradient_sync(False)`` on all but the last microbatch
-(``pp = 1``); pipeline schedules manage it themselves. With ``train.dtype='bfloat16'`` FSDP2
-gathers bf16 parameters and reduces fp32 gradients (``MixedPrecisionPolicy``). Dropout draws
-from each rank's own generator (the from-scratch engine manages tp RNG streams; use
-``dropout=0`` for bit-level comparisons either way).
+ZeRO: ``zero=0`` with ``dp > 1`` is ``replicate`` (DDP semantics), ``zero=2``
+``fully_shard(reshard_after_forward=False)``, ``zero=3`` ``fully_shard``; FSDP2 has no ZeRO-1.
+Accumulation uses ``set_requires_gradient_sync(False)`` (``pp = 1``; schedules manage it
+themselves); ``train.dtype='bfloat16'`` gathers bf16 parameters and reduces fp32 gradients.
+Dropout draws from each rank's own generator (use ``dropout=0`` for bit-level comparisons).
 """
 
 from __future__ import annotations
@@ -82,21 +63,38 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.tensor import distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.tensor.parallel import loss_parallel
 
-from lmkit.checkpoint import Piece
+from lmkit.checkpoint import Piece, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
 from lmkit.model import InitialWeights
-from lmkit.parallel.engine import _pieces, on_meta
+from lmkit.parallel import plan
+from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
-from lmkit.parallel.stage import layer_split
-from lmkit.parallel.tensor_parallel import ShardSpec
+from lmkit.parallel.native_plan import (
+    NativeStage,
+    data_parallel,
+    global_grad_norm,
+    is_dtensor,
+    layout_key,
+    qkv_permutation,
+    quiet_redistribute,
+    tensor_parallel,
+)
+from lmkit.parallel.plan import ShardSpec
+from lmkit.parallel.stage import build_stages
 
-__all__ = ["NativeEngine", "NativeStage", "build_native_stages", "qkv_permutation", "global_grad_norm",
-           "native_loss"]
+__all__ = ["NativeEngine", "native_loss", "qkv_permutation"]
 
-QKV_NAMES = ("attn.qkv.weight", "attn.qkv.bias")
+
+def _permuted(name: str) -> bool:
+    """Whether the rows of parameter `name` are permuted for ``ColwiseParallel`` (`qkv_permutation`)."""
+    row = plan.row_of(name.rpartition(".")[0])
+    return row is not None and row.style == "column_heads"
 
 
 def native_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -104,184 +102,10 @@ def native_loss(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), ignore_index=-100)
 
 
-def qkv_permutation(d_model: int, tp: int) -> Tensor:
-    """Row order of the fused qkv weight such that tp rank ``r``'s contiguous block is ``[q_r|k_r|v_r]``.
-
-    ``W_sharded = W[perm]`` before ``ColwiseParallel``; ``W = W_sharded[argsort(perm)]`` after.
-    """
-    chunk = d_model // tp
-    return torch.cat([torch.arange(j * d_model + r * chunk, j * d_model + (r + 1) * chunk)
-                      for r in range(tp) for j in range(3)])
-
-
-class NativeStage(nn.Module):
-    """The GPT modules of one pipeline stage, under their GPT names (forward: tokens or h -> h or logits).
-
-    The first stage embeds token ids; the last returns logits (a vocab-sharded DTensor under
-    tensor parallelism) and the pipeline schedule's ``loss_fn`` turns them into the loss.
-    """
-
-    def __init__(self, model: nn.Module, layers: range, is_first: bool, is_last: bool, stage_index: int = 0):
-        super().__init__()
-        self.config = model.config
-        self.stage_index, self.is_first, self.is_last = stage_index, is_first, is_last
-        self.sequence_parallel = False  # set by tensor parallelism
-        self.activation_checkpointing = False
-        if is_first:
-            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
-        if is_last:
-            self.ln_f, self.head = model.ln_f, model.head
-            if not is_first:  # the tied head on another stage: its own copy, gradients summed
-                self.head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
-
-    def forward(self, h: Tensor) -> Tensor:
-        if self.is_first:
-            pos = self.pos_emb.weight[: h.size(1)]
-            h = self.tok_emb(h)  # [b, T / tp, d] under sequence parallelism (this rank's positions)
-            if self.sequence_parallel:  # pos is a replicated DTensor: keep this rank's rows; the
-                from torch.distributed.tensor import Shard  # backward all-gathers their gradients
-
-                pos = pos.redistribute(placements=[Shard(0)]).to_local()
-            h = self.drop(h + pos)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks.values():
-            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
-        if self.is_last:
-            h = self.head(self.ln_f(h))
-        return h
-
-
-def build_native_stages(model: nn.Module, pp: int, pp_rank: int,
-                        virtual_stages: int = 1) -> list[NativeStage]:
-    """This pipeline rank's stages: chunks ``pp_rank, pp_rank + pp, ...`` of ``pp * virtual_stages``
-    (the same split and round-robin assignment as `lmkit.parallel.stage.build_stages`)."""
-    n = pp * virtual_stages
-    chunks = layer_split(model.config.n_layer, n)
-    return [NativeStage(model, chunks[i], i == 0, i == n - 1, stage_index=i)
-            for i in (v * pp + pp_rank for v in range(virtual_stages))]
-
-
-def _tensor_parallel(stage: NativeStage, tp_mesh, sequence_parallel: bool) -> None:
-    """DTensor TP (+SP) plan of torchtitan's Llama, for GPT-2 module names."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        SequenceParallel,
-        parallelize_module,
-    )
-
-    seq = Shard(1) if sequence_parallel else Replicate()  # layout of activations between blocks
-    plan: dict[str, Any] = {}
-    if stage.is_first:  # vocab-parallel embedding: partial sums reduced (or reduce-scattered under SP)
-        plan["tok_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
-    for i in stage.blocks:
-        p = f"blocks.{i}"
-        plan[f"{p}.attn.qkv"] = ColwiseParallel(input_layouts=seq)  # all-gather of the sequence under SP
-        plan[f"{p}.attn.proj"] = RowwiseParallel(output_layouts=seq)  # all-reduce / reduce-scatter
-        plan[f"{p}.mlp.fc"] = ColwiseParallel(input_layouts=seq)
-        plan[f"{p}.mlp.proj"] = RowwiseParallel(output_layouts=seq)
-        if sequence_parallel:
-            plan[f"{p}.ln1"] = SequenceParallel()
-            plan[f"{p}.ln2"] = SequenceParallel()
-    if stage.is_last:
-        if sequence_parallel:
-            plan["ln_f"] = SequenceParallel()
-        # logits stay sharded by vocabulary (a DTensor) for loss_parallel: never gathered
-        plan["head"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
-    for style in plan.values():
-        style.src_data_rank = None  # every rank holds the same full weights: shard locally, no scatter
-    parallelize_module(stage, tp_mesh, plan)
-    if stage.is_first and sequence_parallel:  # positions are split over tp ranks: a replicated DTensor
-        from torch.distributed.tensor import DTensor, distribute_module
-
-        def replicate(name: str, module: nn.Module, mesh) -> None:
-            for key, p in list(module.named_parameters(recurse=False)):
-                local = DTensor.from_local(p.detach(), mesh, [Replicate()], run_check=False)
-                module.register_parameter(key, nn.Parameter(local))
-
-        distribute_module(stage.pos_emb, tp_mesh, replicate)
-    if stage.is_first and stage.is_last:
-        stage.head.weight = stage.tok_emb.weight  # re-tie: both Shard(0) by vocabulary on the tp mesh
-    stage.sequence_parallel = bool(sequence_parallel)
-
-
-def _data_parallel(stage: NativeStage, dp_mesh, zero: int, dtype: str) -> None:
-    """FSDP2 per block and on the stage (zero 2/3), or FSDP2-based ``replicate`` (zero 0)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if dtype == "bfloat16" else MixedPrecisionPolicy())
-    if zero == 0:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-
-        for block in stage.blocks.values():
-            replicate(block, mesh=dp_mesh, mp_policy=mp)
-        replicate(stage, mesh=dp_mesh, mp_policy=mp)
-        return
-    reshard = zero == 3  # zero=2: keep the gathered parameters from forward to backward
-    for block in stage.blocks.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
-    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
-
-
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
-def _layout_key(t: Tensor) -> Any:
-    """(mesh, placements) of a DTensor, None for a plain tensor: tensors with one key combine."""
-    return (t.device_mesh, tuple(t.placements)) if _is_dtensor(t) else None
-
-
-@contextlib.contextmanager
-def _quiet_redistribute():
-    """Silence DTensor's "2 sequential all_gather operations" notice while gathering checkpoints:
-    an FSDP2 x TP parameter is sharded on dim 0 by both, so its full tensor takes two gathers."""
-    import logging
-
-    log = logging.getLogger("torch.distributed.tensor._redistribute")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def global_grad_norm(params: list[Tensor], pp_group=None, device: torch.device | str = "cpu") -> Tensor:
-    """The true global L2 norm of the gradients of `params` (this stage's, each counted once).
-
-    Gradients are grouped by their DTensor mesh and placements (plain tensors in their own group:
-    identical on every rank that holds them), one ``get_total_norm`` per group made a full tensor,
-    squares added, and summed over the pipeline group when there is one.
-    """
-    groups: dict[Any, list[Tensor]] = {}
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        groups.setdefault(_layout_key(g), []).append(g)
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        if _is_dtensor(norm):
-            norm = norm.full_tensor()
-        sq += norm.detach().to(sq.device, torch.float64) ** 2
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(sq, group=pp_group)
-    return sq.sqrt()
-
-
-class NativeEngine:
+class NativeEngine(EngineBase):
     """`ParallelEngine`'s interface on FSDP2 / DTensor / torch.distributed.pipelining (module docstring)."""
 
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
-        from lmkit.parallel.engine import validate_layout
-
         cfg = model.config
         validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size)
         if pcfg.engine != "native":
@@ -300,14 +124,14 @@ class NativeEngine:
                     for p in (block.attn.qkv.weight, block.attn.qkv.bias):
                         if p is not None:
                             p.copy_(p[perm])
-        self.stages = build_native_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
+        self.stages = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages, NativeStage)
         for stage in self.stages:
             if initial is None:
                 stage.to(self.device)
             if tp > 1:
-                _tensor_parallel(stage, self.mesh["tp"], sp)
+                tensor_parallel(stage, self.mesh["tp"], sp)
             if pcfg.dp > 1:
-                _data_parallel(stage, self.mesh["dp"], pcfg.zero, tcfg.dtype)
+                data_parallel(stage, self.mesh["dp"], pcfg.zero, tcfg.dtype)
             if initial is not None:  # DTensors keep their identity (swapped); FSDP2 resets its shards
                 stage.to_empty(device=self.device)
                 if stage.is_first and stage.is_last and stage.head.weight is not stage.tok_emb.weight:
@@ -330,8 +154,6 @@ class NativeEngine:
             if self.topo.world_size != 1:
                 raise RuntimeError("the native engine needs torch.distributed initialised (init_topology)")
             return None
-        from torch.distributed.device_mesh import init_device_mesh
-
         p = self.pcfg
         mesh = init_device_mesh(self.device.type, (p.pp, p.dp, p.tp), mesh_dim_names=("pp", "dp", "tp"))
         coords = list(mesh.get_coordinate())
@@ -353,13 +175,6 @@ class NativeEngine:
         return named
 
     def _schedule(self):
-        from torch.distributed.pipelining import (
-            PipelineStage,
-            Schedule1F1B,
-            ScheduleGPipe,
-            ScheduleInterleaved1F1B,
-        )
-
         n = self.pcfg.pp * self.pcfg.virtual_stages
         group = self.mesh["pp"].get_group()
         stages = [PipelineStage(s, s.stage_index, n, self.device, group=group) for s in self.stages]
@@ -371,25 +186,9 @@ class NativeEngine:
     def _loss_context(self) -> contextlib.AbstractContextManager:
         if self.pcfg.tp == 1:
             return contextlib.nullcontext()
-        from torch.distributed.tensor.parallel import loss_parallel
-
         return loss_parallel()
 
-    def set_activation_checkpointing(self, enabled: bool) -> None:
-        for stage in self.stages:
-            stage.activation_checkpointing = bool(enabled)
-
-    def train(self, mode: bool = True) -> None:
-        for stage in self.stages:
-            stage.train(mode)
-
     # ------------------------------------------------------------------ one step
-    def microbatches(self, sampler, step: int) -> list[tuple[Tensor, Tensor]]:
-        """This data-parallel rank's microbatches of the global batch of `step`."""
-        return [sampler.batch(step, rank=self.topo.dp_rank, world=self.pcfg.dp, micro=i,
-                              micro_steps=self.micro_steps, device=self.device)
-                for i in range(self.micro_steps)]
-
     def forward_backward(self, micro: list[tuple[Tensor, Tensor]],
                          autocast: Callable[[], contextlib.AbstractContextManager],
                          on_event: Callable | None = None) -> float:
@@ -427,7 +226,7 @@ class NativeEngine:
         """
         for _, p in self.named_params:
             g = p.grad
-            if _is_dtensor(g) and tuple(g.placements) != tuple(p.placements):
+            if is_dtensor(g) and tuple(g.placements) != tuple(p.placements):
                 p.grad = g.redistribute(g.device_mesh, p.placements)
 
     def _run_pipeline(self, schedule, x: Tensor, y: Tensor, autocast, train: bool) -> float:
@@ -450,7 +249,7 @@ class NativeEngine:
             param = stage.tok_emb.weight if stage.is_first else stage.head.weight if stage.is_last else None
             if param is None or param.grad is None:
                 continue
-            grad = param.grad.to_local() if _is_dtensor(param.grad) else param.grad
+            grad = param.grad.to_local() if is_dtensor(param.grad) else param.grad
             dist.all_reduce(grad, group=self.topo.embedding_group)
 
     def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
@@ -467,20 +266,12 @@ class NativeEngine:
             by_layout: dict[Any, list[Tensor]] = {}
             for _, p in self.named_params:
                 if p.grad is not None:
-                    by_layout.setdefault(_layout_key(p.grad), []).append(p)
+                    by_layout.setdefault(layout_key(p.grad), []).append(p)
             for group in by_layout.values():
                 torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm.to(torch.float32))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
-
-    def mean_over_dp(self, value: float) -> float:
-        """The global-batch mean of a per-rank mean (every dp rank has equally many tokens)."""
-        if self.pcfg.dp == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.topo.dp_group)
-        return float(t) / self.pcfg.dp
 
     @torch.no_grad()
     def eval_loss(self, x: Tensor, y: Tensor,
@@ -508,31 +299,19 @@ class NativeEngine:
     def _full(self, name: str, tensor: Tensor) -> Tensor:
         """The full (unsharded, unpermuted) CPU tensor of a parameter or optimizer-state tensor."""
         t = tensor.detach()
-        t = t.full_tensor() if _is_dtensor(t) else t.clone()
-        if self.pcfg.tp > 1 and name.endswith(QKV_NAMES):
+        t = t.full_tensor() if is_dtensor(t) else t.clone()
+        if self.pcfg.tp > 1 and _permuted(name):
             t = t[self._inv]
         return t.cpu()
 
     def _shard(self, name: str, full: Tensor, like: Tensor) -> Tensor:
         """This rank's local piece of `full` in the layout of `like` (a parameter)."""
         full = full.to(device=self.device, dtype=like.dtype)
-        if self.pcfg.tp > 1 and name.endswith(QKV_NAMES):
+        if self.pcfg.tp > 1 and _permuted(name):
             full = full[self._perm]
-        if not _is_dtensor(like):
+        if not is_dtensor(like):
             return full
-        from torch.distributed.tensor import distribute_tensor
-
         return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
-
-    def _gather_pp(self, local: dict[str, Any]) -> dict[str, Any]:
-        if self.pcfg.pp == 1:
-            return local
-        parts: list[Any] = [None] * self.pcfg.pp
-        dist.all_gather_object(parts, local, group=self.topo.pp_group)
-        merged: dict[str, Any] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
 
     def sharded_state(self, create: bool = False) -> tuple[list[Piece], dict[str, Any] | None]:
         """This rank's boxes of the layout-independent tensors (weights and AdamW moments by GPT
@@ -553,47 +332,26 @@ class NativeEngine:
             for key, tensor in tensors.items():
                 fqn = f"model.{source}" if key == "model" else f"optim.{source}.{key}"
                 pieces += self._pieces(fqn, name, tensor, write)
-        meta = None
-        steps = [float(st["step"]) for st in self.optimizer.state.values() if st]
-        if steps:
-            meta = {"param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                     for g in self.optimizer.param_groups], "step": steps[0]}
-        return pieces, meta
+        return pieces, optimizer_meta(self.optimizer)
 
     def _pieces(self, fqn: str, name: str, tensor: Tensor, write: bool) -> list[Piece]:
-        local = tensor.to_local() if _is_dtensor(tensor) else tensor
+        local = tensor.to_local() if is_dtensor(tensor) else tensor
         if local.numel() == 0:  # an uneven FSDP2 split can leave a rank without rows
             return []
         shape, offsets = tuple(tensor.shape), (0,) * tensor.dim()
-        if _is_dtensor(tensor):
+        if is_dtensor(tensor):
             _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
                                                                tensor.placements)
-        if self.pcfg.tp > 1 and name.endswith(QKV_NAMES):  # rows of the permuted layout: map them back
+        if self.pcfg.tp > 1 and _permuted(name):  # rows of the permuted layout: map them back
             rows = self._perm[offsets[0]:offsets[0] + local.shape[0]]
             spec = ShardSpec(0, shape[0], rows)
-            return _pieces(fqn, local.reshape(-1), 0, local.numel(), tuple(local.shape), spec, 0, write)
+            return shard_pieces(fqn, local.reshape(-1), 0, local.numel(), tuple(local.shape), spec, 0, write)
         return [Piece(fqn, shape, tuple(offsets), local, write)]
-
-    def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
-        """The hyper-parameters and the step count of a sharded checkpoint (moments already loaded)."""
-        for group, saved in zip(self.optimizer.param_groups, meta["param_groups"], strict=True):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        for st in self.optimizer.state.values():
-            if st:
-                st["step"] = torch.tensor(float(meta["step"]))
-
-    def full_state_dict(self) -> dict[str, Tensor]:
-        """Full weights by `GPT` parameter name (collective: every rank calls it)."""
-        with _quiet_redistribute():
-            local = {name: self._full(name, p) for name, p in self.named_params if name != "head.weight"}
-        full = self._gather_pp(local)
-        full["head.weight"] = full["tok_emb.weight"]
-        return full
 
     def full_optimizer_state(self) -> dict[str, Any]:
         """AdamW state by parameter name with full tensors (collective); lmkit's checkpoint format."""
         state = {}
-        with _quiet_redistribute():
+        with quiet_redistribute():
             for name, p in self.named_params:
                 entry = self.optimizer.state.get(p)
                 if name == "head.weight" or not entry:
@@ -602,7 +360,7 @@ class NativeEngine:
                                    v.detach().clone().cpu() if torch.is_tensor(v) else v)
                                for k, v in entry.items()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        return {"state": self._gather_pp(state), "param_groups": groups}
+        return {"state": gather_over_pp(state, self.topo), "param_groups": groups}
 
     def load_full_state(self, weights: dict[str, Tensor], optimizer: dict[str, Any] | None) -> None:
         """Load full (layout-independent) weights and optimizer state into this rank's shards."""
@@ -611,7 +369,7 @@ class NativeEngine:
 
         with torch.no_grad():
             for name, p in self.named_params:
-                local = p.to_local() if _is_dtensor(p) else p
+                local = p.to_local() if is_dtensor(p) else p
                 local.copy_(self._shard(name, weights[source(name)], p))
         if optimizer is None:
             return
@@ -629,7 +387,7 @@ class NativeEngine:
             for k, v in entry.items():
                 if torch.is_tensor(v) and v.dim() > 0:
                     t = torch.zeros_like(p.detach())
-                    (t.to_local() if _is_dtensor(t) else t).copy_(self._shard(name, v, p))
+                    (t.to_local() if is_dtensor(t) else t).copy_(self._shard(name, v, p))
                     new[k] = t
                 else:
                     new[k] = v.detach().clone().float() if torch.is_tensor(v) else v
@@ -638,7 +396,7 @@ class NativeEngine:
 
 def _item(loss: Tensor) -> float:
     loss = loss.detach()
-    if _is_dtensor(loss):
+    if is_dtensor(loss):
         loss = loss.full_tensor()
     return float(loss.float())
 

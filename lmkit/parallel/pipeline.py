@@ -56,8 +56,8 @@ def _check(schedule: str, pp: int, virtual_stages: int, microbatches: int,
                           f"virtual_stages={virtual_stages}); use schedule='1f1b' otherwise")
     if n_layer is not None and n_layer < pp * virtual_stages:
         raise ConfigError(f"pp={pp} x virtual_stages={virtual_stages} = {pp * virtual_stages} pipeline "
-                          f"stages but the model has only n_layer={n_layer} layers; every stage needs at "
-                          "least one block: lower pp or virtual_stages, or add layers")
+                          f"stages but model.n_layer={n_layer}; every stage needs at least one block: lower "
+                          "pp or virtual_stages, or add layers")
     if schedule in ("1f1b", "interleaved") and microbatches < pp:
         raise ConfigError(f"schedule={schedule!r} needs microbatches >= pp, got microbatches={microbatches} "
                           f"< pp={pp}; use at least {pp} microbatches (more shrinks the bubble) "

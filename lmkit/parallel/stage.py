@@ -29,8 +29,23 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.costs import layer_split  # the one definition of the cut, shared with the cost model
+from lmkit.parallel.plan import GPT_PLAN, place_modules
 
-__all__ = ["GPTStage", "layer_split", "build_stages", "cross_entropy_loss"]
+__all__ = ["GPTStage", "layer_split", "build_stages", "cross_entropy_loss", "take_stage_modules"]
+
+
+def take_stage_modules(stage: nn.Module, model: nn.Module, place: str) -> None:
+    """Give `stage` the plan's modules of `model` for `place` (``first`` or ``last``, `plan.Row.place`).
+
+    A tied module on a stage without its partner (the head on a last stage that is not the first)
+    gets its own copy of the shared weight, kept equal by summing the two copies' gradients.
+    """
+    for name in place_modules(place):
+        setattr(stage, name, getattr(model, name))
+    for row in GPT_PLAN:
+        if row.place == place and row.tied is not None and not hasattr(stage, row.tied):
+            stage.get_submodule(row.module).weight = nn.Parameter(
+                model.get_submodule(row.tied).weight.detach().clone())
 
 
 def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -61,13 +76,10 @@ class GPTStage(nn.Module):
         self.loss_fn = cross_entropy_loss
         self.activation_checkpointing = False
         if is_first:
-            self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
+            take_stage_modules(self, model, "first")
         self.blocks = nn.ModuleList(model.blocks[i] for i in self.layers)
         if is_last:
-            self.ln_f = model.ln_f
-            self.head = model.head
-            if not is_first:  # untie: this stage keeps its own copy, synchronised by gradient sums
-                self.head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
+            take_stage_modules(self, model, "last")
 
     def embed(self, idx: Tensor) -> Tensor:
         T = idx.size(1)
@@ -102,21 +114,19 @@ class GPTStage(nn.Module):
         return self.head.weight if self.is_last and not self.is_first else None
 
 
-def build_stages(model: nn.Module, pp: int, pp_rank: int, virtual_stages: int = 1) -> list[GPTStage]:
-    """The stages this pipeline rank runs, in execution order.
+def build_stages(model: nn.Module, pp: int, pp_rank: int, virtual_stages: int = 1,
+                 stage_class: type[nn.Module] | None = None) -> list:
+    """The stages this pipeline rank runs, in execution order (`GPTStage`, or `stage_class`: the
+    native engine's `NativeStage`, built with the same arguments).
 
     With ``v = virtual_stages`` the network is cut into ``pp * v`` chunks and rank ``r`` runs
     chunks ``r, r + pp, r + 2 pp, ...`` (the interleaved schedule's round-robin assignment of
     Narayanan et al. 2021), so each microbatch visits every rank ``v`` times.
     """
-    n_chunks = pp * virtual_stages
-    chunks = layer_split(model.config.n_layer, n_chunks)
-    stages = []
-    for v in range(virtual_stages):
-        index = v * pp + pp_rank
-        stages.append(GPTStage(model, chunks[index], is_first=index == 0, is_last=index == n_chunks - 1,
-                               stage_index=index))
-    return stages
+    n = pp * virtual_stages
+    chunks = layer_split(model.config.n_layer, n)
+    return [(stage_class or GPTStage)(model, chunks[i], is_first=i == 0, is_last=i == n - 1, stage_index=i)
+            for i in (v * pp + pp_rank for v in range(virtual_stages))]
 
 
 def activation_shape(batch: int, seq: int, d_model: int, tp_size: int = 1,

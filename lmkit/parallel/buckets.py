@@ -1,0 +1,246 @@
+"""Where every gradient and parameter element of data parallelism lives, and the optimizer
+state in full, name-keyed form computed from that layout.
+
+`bucket_layout` lays the parameters out in flat buffers (two groups: decay, no decay), cut into
+buckets and, under ZeRO, every bucket into dp chunks (Megatron-LM's distributed optimizer);
+`BucketState` turns this rank's AdamW state on those chunks into full tensors by name and back,
+so checkpoints load under any dp/zero. Used by `lmkit.parallel.data_parallel.DataParallel`; the
+book, chapter 5, section 5.3, and chapter 6, section 6.5.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmkit.parallel.comm import all_gather_single
+
+__all__ = ["Bucket", "FlatGroup", "bucket_layout", "BucketState"]
+
+
+@dataclass
+class Bucket:
+    """A contiguous range ``[start, end)`` of parameter group ``group``'s flat buffers.
+
+    ``index`` is the launch order (all ranks launch in this order); ``params`` are the indices
+    of the parameters it holds, whole (a larger parameter than the cap gets a bucket of its own).
+    Under ZeRO the range is padded to a multiple of dp and each dp rank owns one ``chunk`` of it,
+    ``[start + r * chunk, start + (r + 1) * chunk)`` (Megatron-LM's distributed optimizer: every
+    bucket sharded over all dp ranks); ``shard_offset`` is where that chunk sits in the rank's
+    shard of the group (ZeRO-2's gradient accumulator).
+    """
+
+    index: int
+    group: int
+    start: int
+    end: int
+    params: list[int]
+    chunk: int = 0
+    shard_offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class FlatGroup:
+    """One optimizer parameter group laid out in flat buffers (reverse registration order)."""
+
+    members: list[int]  # parameter indices, in buffer order
+    offsets: dict[int, int] = field(default_factory=dict)  # parameter index -> start in the buffer
+    numel: int = 0  # buffer elements (with ZeRO's padding: every bucket a multiple of dp)
+    shard: int = 0  # elements this rank owns under ZeRO (the sum of its buckets' chunks), else numel
+    grad: Tensor | None = None  # ZeRO-0/1: flat gradients; every member's .grad is a view into it
+    shard_grad: Tensor | None = None  # ZeRO-2: this rank's reduced gradient shard (the accumulator)
+    param: Tensor | None = None  # ZeRO only: flat parameters; every member's .data is a view into it
+    segments: list[tuple[int, int, int]] = field(default_factory=list)  # norm's share: (param, lo, hi)
+
+
+def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: int, dp: int, dp_rank: int
+                  ) -> tuple[list[FlatGroup], list[Bucket]]:
+    """Two groups like `lmkit.train.configure_optimizer` (decay: dim >= 2, then no decay), and
+    greedy buckets of at most `cap` elements of whole parameters.
+
+    Within a group the buffer holds the parameters in *reverse* registration order, the
+    order backward produces their gradients, so that buckets fill one after another. Under
+    ZeRO each bucket is padded to a multiple of dp and split into dp equal chunks. No
+    communication: every rank computes the same layout (`isolated`: parameter indices that get a
+    bucket of their own).
+    """
+    decay = [i for i, p in enumerate(params) if p.dim() >= 2]
+    no_decay = [i for i, p in enumerate(params) if p.dim() < 2]
+    groups: list[FlatGroup] = []
+    raw: list[Bucket] = []
+    for gi, members in enumerate((decay, no_decay)):
+        g = FlatGroup(members=list(reversed(members)))
+        runs: list[list[int]] = []
+        for i in g.members:
+            n = params[i].numel()
+            if (not runs or i in isolated or runs[-1][0] in isolated
+                    or sum(params[j].numel() for j in runs[-1]) + n > cap):
+                runs.append([i])
+            else:
+                runs[-1].append(i)
+        for run in runs:
+            start = g.numel
+            for i in run:
+                g.offsets[i] = g.numel
+                g.numel += params[i].numel()
+            chunk = 0
+            if zero:
+                chunk = math.ceil((g.numel - start) / dp)
+                g.numel = start + chunk * dp
+            raw.append(Bucket(-1, gi, start, g.numel, run, chunk, g.shard))
+            g.shard += chunk
+        if not zero:
+            g.shard = g.numel
+        groups.append(g)
+    # Launch order: a bucket is complete when its earliest-registered parameter's gradient
+    # arrives, and backward reaches early-registered parameters last.
+    raw.sort(key=lambda b: (-min(b.params), b.group, b.start))
+    for k, b in enumerate(raw):
+        b.index = k
+    for b in raw:  # the gradients this rank is responsible for: its chunks under ZeRO-2, else all
+        g = groups[b.group]
+        lo, hi = (b.start + dp_rank * b.chunk, b.start + (dp_rank + 1) * b.chunk) \
+            if zero == 2 else (b.start, b.end)
+        for i in b.params:
+            a, e = g.offsets[i], g.offsets[i] + params[i].numel()
+            if max(a, lo) < min(e, hi):
+                shift = b.shard_offset - lo if zero == 2 else 0
+                g.segments.append((i, max(a, lo) + shift, min(e, hi) + shift))
+    return groups, raw
+
+
+class BucketState:
+    """Checkpoint conversions of `DataParallel` (a mixin: they read its ``params``, ``names``,
+    ``groups``, ``optimizer``, ``zero``, ``dp`` and, under ZeRO, ``_chunks``, this rank's bucket
+    chunks, and ``_chunk_range``)."""
+
+    def optimizer_segments(self, create: bool = False) -> list[tuple[int, int, int, dict[str, Tensor]]]:
+        """This rank's AdamW moments without any gathering: ``(param index, lo, hi, {exp_avg,
+        exp_avg_sq})`` with the moments of elements ``[lo, hi)`` of the flattened parameter (views;
+        ZeRO: the parts of the rank's bucket chunks). `create`: allocate zero moments first where no
+        step was taken yet (to load into). For sharded checkpoints (chapter 6, section 6.5)."""
+        if create:
+            for p in (p for pg in self.optimizer.param_groups for p in pg["params"]):
+                if not self.optimizer.state.get(p):
+                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                               "exp_avg_sq": torch.zeros_like(p)}
+        out = []
+        if not self.zero:
+            for i, p in enumerate(self.params):
+                st = self.optimizer.state.get(p)
+                if st:
+                    out.append((i, 0, p.numel(), {k: st[k].view(-1) for k in ("exp_avg", "exp_avg_sq")}))
+            return out
+        for b, chunk in self._chunks:
+            st = self.optimizer.state.get(chunk)
+            if not st:
+                continue
+            g, (clo, chi) = self.groups[b.group], self._chunk_range(b)
+            for i in b.params:
+                a, e = max(g.offsets[i], clo), min(g.offsets[i] + self.params[i].numel(), chi)
+                if a < e:
+                    out.append((i, a - g.offsets[i], e - g.offsets[i],
+                                {k: st[k][a - clo:e - clo] for k in ("exp_avg", "exp_avg_sq")}))
+        return out
+
+    def _gather_bucket(self, b: Bucket, chunk: Tensor) -> Tensor:
+        """The whole (padded) bucket from every dp rank's chunk (collective over dp)."""
+        if self.dp == 1:
+            return chunk
+        full = torch.empty(b.numel, dtype=chunk.dtype, device=chunk.device)
+        all_gather_single(full, chunk.contiguous(), group=self.dp_group)
+        return full
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state in full, name-keyed form, independent of dp and zero.
+
+        ``{"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [hyper-params]}``
+        (decay group first). Under ZeRO this is a collective: every dp rank must call it.
+        """
+        param_groups = [{k: v for k, v in pg.items() if k != "params"} for pg in self.optimizer.param_groups]
+        state: dict[str, dict[str, Tensor]] = {}
+        if not self.zero:
+            for name, p in zip(self.names, self.params, strict=True):
+                if self.optimizer.state.get(p):
+                    state[name] = {k: v.detach().clone() for k, v in self.optimizer.state[p].items()}
+            return {"state": state, "param_groups": param_groups}
+        for b, chunk in self._chunks:
+            st = self.optimizer.state.get(chunk)
+            if not st:  # no step taken yet: the same on every rank
+                continue
+            full = {k: self._gather_bucket(b, v) for k, v in st.items() if v.dim() > 0}
+            g = self.groups[b.group]
+            for i in b.params:
+                p, off = self.params[i], g.offsets[i] - b.start
+                entry = {k: v.detach().clone() for k, v in st.items() if v.dim() == 0}
+                entry.update({k: v[off:off + p.numel()].view_as(p).clone() for k, v in full.items()})
+                state[self.names[i]] = entry
+        return {"state": state, "param_groups": param_groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a `state_dict` saved under any dp/zero; entries for other names are ignored
+        (they belong to other pipeline stages)."""
+        saved_groups, state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.optimizer.param_groups):
+            raise ValueError(f"optimizer state has {len(saved_groups)} param groups, expected "
+                             f"{len(self.optimizer.param_groups)} (decay, no decay)")
+        by_name = dict(zip(self.names, self.params, strict=True))
+        for name, entry in state.items():
+            if name in by_name:
+                p = by_name[name]
+                for k, v in entry.items():
+                    if v.dim() > 0 and v.numel() != p.numel():
+                        raise ValueError(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, the "
+                                         f"parameter {tuple(p.shape)}: saved under another tensor layout?")
+        torch_sd: dict[str, Any] = {"state": {}, "param_groups": []}
+        idx = 0
+        if not self.zero:
+            for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
+                ids = []
+                for p in pg["params"]:
+                    name = self.names[self._index[id(p)]]
+                    if name in state:
+                        torch_sd["state"][idx] = {k: v.clone() for k, v in state[name].items()}
+                    ids.append(idx)
+                    idx += 1
+                torch_sd["param_groups"].append({**saved, "params": ids})
+            self.optimizer.load_state_dict(torch_sd)
+            return
+        index_of = {id(chunk): k for k, (_, chunk) in enumerate(self._chunks)}
+        for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
+            ids = []
+            for chunk in pg["params"]:
+                k = index_of[id(chunk)]
+                b = self._chunks[k][0]
+                names = [self.names[i] for i in b.params]
+                present = [n for n in names if n in state]
+                if present and len(present) != len(names):
+                    missing = sorted(set(names) - set(present))
+                    raise ValueError(f"optimizer state lacks {missing[:5]}; ZeRO needs all or none of "
+                                     "a bucket's parameters")
+                if present:
+                    first = state[present[0]]
+                    entry = {key: v.clone() for key, v in first.items() if v.dim() == 0}
+                    g = self.groups[b.group]
+                    lo, hi = self._chunk_range(b)
+                    for key in (key for key, v in first.items() if v.dim() > 0):
+                        full = torch.zeros(b.numel, dtype=self.dtype, device=self.device)
+                        for i in b.params:
+                            off = g.offsets[i] - b.start
+                            values = state[self.names[i]][key].reshape(-1)
+                            full[off:off + values.numel()].copy_(values)
+                        entry[key] = full[lo - b.start:hi - b.start].clone()
+                    torch_sd["state"][idx] = entry
+                ids.append(idx)
+                idx += 1
+            torch_sd["param_groups"].append({**saved, "params": ids})
+        self.optimizer.load_state_dict(torch_sd)

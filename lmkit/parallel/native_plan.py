@@ -1,0 +1,184 @@
+"""The plan (`lmkit.parallel.plan`) applied with PyTorch's own APIs, for the native engine.
+
+`NativeStage` holds a pipeline stage's GPT modules under their GPT names; `tensor_parallel`
+turns the plan's rows into a DTensor ``parallelize_module`` plan (torchtitan's styles for
+GPT-2's modules); `data_parallel` wraps the stage in FSDP2 or ``replicate``; `global_grad_norm`
+adds the gradient norms of DTensors on different meshes. Used by `lmkit.parallel.native`; the
+book, chapter 6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.utils.checkpoint import checkpoint
+
+from lmkit.parallel import plan
+from lmkit.parallel.stage import take_stage_modules
+
+__all__ = ["NativeStage", "qkv_permutation", "dtensor_plan", "tensor_parallel",
+           "data_parallel", "is_dtensor", "layout_key", "global_grad_norm", "quiet_redistribute"]
+
+
+def qkv_permutation(d_model: int, tp: int) -> Tensor:
+    """Row order of the fused qkv weight such that tp rank ``r``'s contiguous block is ``[q_r|k_r|v_r]``
+    (the rows `plan.qkv_shard_rows` gives rank ``r``, one rank after the other).
+
+    ``W_sharded = W[perm]`` before ``ColwiseParallel``; ``W = W_sharded[argsort(perm)]`` after.
+    """
+    return torch.cat([plan.qkv_shard_rows(tp, d_model // tp, r, tp) for r in range(tp)])
+
+
+class NativeStage(nn.Module):
+    """The GPT modules of one pipeline stage, under their GPT names (forward: tokens or h -> h or logits).
+
+    The first stage embeds token ids; the last returns logits (a vocab-sharded DTensor under
+    tensor parallelism) and the pipeline schedule's ``loss_fn`` turns them into the loss.
+    """
+
+    def __init__(self, model: nn.Module, layers: range, is_first: bool, is_last: bool, stage_index: int = 0):
+        super().__init__()
+        self.config = model.config
+        self.stage_index, self.is_first, self.is_last = stage_index, is_first, is_last
+        self.sequence_parallel = False  # set by tensor parallelism
+        self.activation_checkpointing = False
+        if is_first:
+            take_stage_modules(self, model, "first")
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
+        if is_last:
+            take_stage_modules(self, model, "last")
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.is_first:
+            pos = self.pos_emb.weight[: h.size(1)]
+            h = self.tok_emb(h)  # [b, T / tp, d] under sequence parallelism (this rank's positions)
+            if self.sequence_parallel:  # pos is a replicated DTensor: keep this rank's rows; the
+                pos = pos.redistribute(placements=[Shard(0)]).to_local()  # backward all-gathers them
+            h = self.drop(h + pos)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks.values():
+            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+        if self.is_last:
+            h = self.head(self.ln_f(h))
+        return h
+
+
+def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
+    """The DTensor style of a plan style (None: nothing to parallelize; see `tensor_parallel`)."""
+    seq = Shard(1) if sequence_parallel else Replicate()  # layout of activations between blocks
+    if style == "vocab":  # partial lookups reduced (or reduce-scattered under SP)
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if style in ("column", "column_heads"):  # all-gather of the sequence under SP
+        return ColwiseParallel(input_layouts=seq)  # (qkv: rows permuted, `qkv_permutation`)
+    if style == "row":  # all-reduce / reduce-scatter
+        return RowwiseParallel(output_layouts=seq)
+    if style == "vocab_head":  # logits stay sharded by vocabulary (a DTensor) for loss_parallel
+        return ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
+    if style == "norm" and sequence_parallel:
+        return SequenceParallel()
+    return None
+
+
+def dtensor_plan(stage: nn.Module, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """``{module path: DTensor style}`` for `stage`, one entry per plan row that shards something."""
+    styles = {}
+    for path, row in plan.rows_in(stage):
+        style = _style(row.style, sequence_parallel)
+        if style is not None:
+            style.src_data_rank = None  # every rank holds the same full weights: shard locally, no scatter
+            styles[path] = style
+    return styles
+
+
+def _replicate(name: str, module: nn.Module, mesh) -> None:
+    for key, p in list(module.named_parameters(recurse=False)):
+        module.register_parameter(key, nn.Parameter(DTensor.from_local(p.detach(), mesh, [Replicate()],
+                                                                       run_check=False)))
+
+
+def tensor_parallel(stage: NativeStage, tp_mesh, sequence_parallel: bool) -> None:
+    """Shard `stage` with DTensor by `dtensor_plan`; under SP the plan's ``positions`` become a
+    replicated DTensor (each tp rank takes its rows in the forward); tied weights re-tied."""
+    parallelize_module(stage, tp_mesh, dtensor_plan(stage, sequence_parallel))
+    for path, row in plan.rows_in(stage):
+        module = stage.get_submodule(path)
+        if row.style == "positions" and sequence_parallel:
+            distribute_module(module, tp_mesh, _replicate)
+        if row.tied is not None and hasattr(stage, row.tied):  # both Shard(0) by vocabulary on the tp mesh
+            module.weight = stage.get_submodule(row.tied).weight
+    stage.sequence_parallel = bool(sequence_parallel)
+
+
+def data_parallel(stage: NativeStage, dp_mesh, zero: int, dtype: str) -> None:
+    """FSDP2 per block and on the stage (zero 2/3), or FSDP2-based ``replicate`` (zero 0)."""
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if dtype == "bfloat16" else MixedPrecisionPolicy())
+    if zero == 0:
+        for block in stage.blocks.values():
+            replicate(block, mesh=dp_mesh, mp_policy=mp)
+        replicate(stage, mesh=dp_mesh, mp_policy=mp)
+        return
+    reshard = zero == 3  # zero=2: keep the gathered parameters from forward to backward
+    for block in stage.blocks.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
+
+
+def is_dtensor(t: Any) -> bool:
+    return isinstance(t, DTensor)
+
+
+def layout_key(t: Tensor) -> Any:
+    """(mesh, placements) of a DTensor, None for a plain tensor: tensors with one key combine."""
+    return (t.device_mesh, tuple(t.placements)) if is_dtensor(t) else None
+
+
+@contextlib.contextmanager
+def quiet_redistribute() -> Iterator[None]:
+    """Silence DTensor's "2 sequential all_gather operations" notice while gathering checkpoints:
+    an FSDP2 x TP parameter is sharded on dim 0 by both, so its full tensor takes two gathers."""
+    log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def global_grad_norm(params: list[Tensor], pp_group=None, device: torch.device | str = "cpu") -> Tensor:
+    """The true global L2 norm of the gradients of `params` (this stage's, each counted once).
+
+    Gradients are grouped by their DTensor mesh and placements (plain tensors in their own group:
+    identical on every rank that holds them), one ``get_total_norm`` per group made a full tensor,
+    squares added, and summed over the pipeline group when there is one.
+    """
+    groups: dict[Any, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(layout_key(p.grad), []).append(p.grad)
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if is_dtensor(norm):
+            norm = norm.full_tensor()
+        sq += norm.detach().to(sq.device, torch.float64) ** 2
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(sq, group=pp_group)
+    return sq.sqrt()

@@ -1,0 +1,165 @@
+"""The parallelization plan of the GPT: one row per module, read by every parallel mechanism.
+
+Each `Row` says, for one module of `lmkit.model.GPT` (``*`` stands for a block index):
+
+* ``style``: how tensor parallelism treats it (`STYLES`): split by vocabulary rows, by output
+  features (column), by output features in whole heads of each of q, k, v (``column_heads``), by
+  input features (row), or replicated (a norm, the positions, a dropout, the attention's random
+  stream); the style also says which activations are sequence-parallel regions;
+* ``place``: where pipeline stages may cut: ``first``-stage modules, ``block`` modules (stages
+  cut between blocks), ``last``-stage modules;
+* ``tied``: the module whose weight it shares (the head and the token embedding).
+
+Everything else is derived from the rows: the from-scratch layers
+(`lmkit.parallel.tensor_parallel.parallelize_stage`), the native engine's DTensor
+``parallelize_module`` plan (`lmkit.parallel.native`), each parameter's `ShardSpec` (the
+checkpoints' gather and re-shard), how each gradient counts in the global norm (`tp_sharded`:
+its square is summed over the tp group; otherwise one tp rank counts it), and which gradients are
+partial under sequence parallelism (`sequence_partial`: summed over the tp group after backward).
+A gated MLP's extra projection, say, is one more row ``Row("blocks.*.mlp.gate", "column",
+"block")``. Torchtitan applies such a dict to an unmodified model; picotron drives its layers from
+a table alike. The book, chapter 5, sections 5.4-5.5, and chapter 6.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Row", "STYLES", "GPT_PLAN", "ShardSpec", "row_of", "rows_in", "place_modules", "qkv_shard_rows",
+           "shard_spec", "tp_sharded", "sequence_partial"]
+
+STYLES = {
+    "vocab": "embedding split by vocabulary rows; the partial lookups summed (SP: reduce-scattered)",
+    "column": "linear split by output features; input through f (SP: the sequence all-gathered)",
+    "column_heads": "column, rows of each of q, k, v in whole heads; input op applied by its 'heads' module",
+    "row": "linear split by input features; partial products summed by g (SP: reduce-scattered); bias "
+           "replicated",
+    "vocab_head": "column over the vocabulary, tied to the embedding; logits stay sharded for the loss",
+    "norm": "replicated; under SP it sees this rank's sequence chunk (gradient partial over tp)",
+    "positions": "replicated; under SP each rank adds its own positions' rows (gradient partial over tp)",
+    "dropout": "replicated random stream; under SP (different data per rank) this rank's own stream",
+    "heads": "input op (f / SP all-gather) in front; forward in this rank's random stream (its own heads)",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One module of the plan (see the module docstring)."""
+
+    module: str
+    style: str
+    place: str
+    tied: str | None = None
+
+
+GPT_PLAN: tuple[Row, ...] = (
+    Row("tok_emb", "vocab", "first"),
+    Row("pos_emb", "positions", "first"),
+    Row("drop", "dropout", "first"),
+    Row("blocks.*.ln1", "norm", "block"),
+    Row("blocks.*.attn", "heads", "block"),
+    Row("blocks.*.attn.qkv", "column_heads", "block"),
+    Row("blocks.*.attn.proj", "row", "block"),
+    Row("blocks.*.attn.resid_drop", "dropout", "block"),
+    Row("blocks.*.ln2", "norm", "block"),
+    Row("blocks.*.mlp.fc", "column", "block"),
+    Row("blocks.*.mlp.proj", "row", "block"),
+    Row("blocks.*.mlp.drop", "dropout", "block"),
+    Row("ln_f", "norm", "last"),
+    Row("head", "vocab_head", "last", tied="tok_emb"),
+)
+assert all(r.style in STYLES and r.place in ("first", "block", "last") for r in GPT_PLAN)
+
+# the dimension of each parameter a style splits (absent: replicated)
+_SPLIT_DIMS = {"vocab": {"weight": 0}, "column": {"weight": 0, "bias": 0}, "row": {"weight": 1},
+               "column_heads": {"weight": 0, "bias": 0}, "vocab_head": {"weight": 0}}
+
+
+@lru_cache(maxsize=4)
+def _patterns(rows: tuple[Row, ...]) -> tuple[tuple[re.Pattern, Row], ...]:
+    return tuple((re.compile(re.escape(r.module).replace(r"\*", r"\d+") + r"\Z"), r) for r in rows)
+
+
+def row_of(module: str) -> Row | None:
+    """The row of a module path (a GPT or stage path: block indices may be local), or None."""
+    return next((row for pattern, row in _patterns(GPT_PLAN) if pattern.match(module)), None)
+
+
+def rows_in(root: nn.Module) -> Iterator[tuple[str, Row]]:
+    """``(module path, row)`` for every module of `root` that the plan names, in `root`'s order."""
+    for path, _ in root.named_modules():
+        row = row_of(path)
+        if row is not None:
+            yield path, row
+
+
+def place_modules(place: str) -> list[str]:
+    """The top-level GPT modules of the ``first`` or the ``last`` pipeline stage."""
+    return [r.module for r in GPT_PLAN if r.place == place]
+
+
+def _param_row(name: str) -> tuple[Row | None, str]:
+    module, _, attr = name.rpartition(".")
+    return row_of(module), attr
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a parameter is split over the tensor-parallel group.
+
+    ``dim``: the dimension of the full tensor that is split; ``full_size``: its full length;
+    ``index``: the positions along ``dim`` this rank holds, or ``None`` for the plain layout
+    "rank r holds contiguous chunk r of tp equal chunks".
+    """
+
+    dim: int
+    full_size: int
+    index: Tensor | None = None
+
+
+def qkv_shard_rows(n_head: int, head_dim: int, tp_rank: int, tp_size: int) -> Tensor:
+    """Rows of the fused ``qkv`` weight ([q | k | v], each n_head x head_dim rows) rank r holds.
+
+    For each of q, k and v: heads ``[r*H/tp, (r+1)*H/tp)``, ``head_dim`` rows each, in order,
+    so the local output is again laid out ``[q | k | v]`` with ``H/tp`` heads, and the unchanged
+    attention module finds its local head count from the width.
+    """
+    local = n_head // tp_size
+    d = n_head * head_dim
+    heads = torch.arange(tp_rank * local * head_dim, (tp_rank + 1) * local * head_dim)
+    return torch.cat([part * d + heads for part in range(3)])
+
+
+def shard_spec(name: str, full_shape: tuple[int, ...] | torch.Size, tp_rank: int, tp: int,
+               n_head: int) -> ShardSpec | None:
+    """The split of parameter `name` (of full shape `full_shape`) on tp rank `tp_rank`, or None
+    when it is replicated (or ``tp == 1``)."""
+    row, attr = _param_row(name)
+    dim = _SPLIT_DIMS.get(row.style, {}).get(attr) if row is not None and tp > 1 else None
+    if dim is None:
+        return None
+    index = None
+    if row.style == "column_heads":
+        index = qkv_shard_rows(n_head, full_shape[0] // 3 // n_head, tp_rank, tp)
+    return ShardSpec(dim, int(full_shape[dim]), index)
+
+
+def tp_sharded(name: str) -> bool:
+    """Whether parameter `name` holds a different part on every tp rank (its gradient's square is
+    summed over the tp group; a replicated one is counted by one tp rank)."""
+    row, attr = _param_row(name)
+    return row is not None and attr in _SPLIT_DIMS.get(row.style, {})
+
+
+def sequence_partial(name: str) -> bool:
+    """Whether, under sequence parallelism, the gradient of the replicated parameter `name` covers
+    only this rank's sequence chunk (summed over the tp group after backward): norms, the
+    positions and the row-parallel biases (added after the reduce-scatter)."""
+    row, attr = _param_row(name)
+    return row is not None and (row.style in ("norm", "positions") or (row.style == "row" and attr == "bias"))
