@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from lmkit.config import ModelConfig, TrainConfig
 from lmkit.model import GPT
-from lmkit.optim import MuonAdamW
 from lmkit.train import configure_optimizer, lr_multiplier, prepare_run
 
 __all__ = ["Recipe", "Curve", "fixed_batches", "train_curve", "train_curves", "nanogpt_recipe", "best_recipe",
@@ -140,7 +139,7 @@ def _build(recipe: Recipe, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]
                     p.requires_grad_(False)
     model.train()
     cfg = recipe.train
-    optimizer = MuonAdamW(model, cfg) if cfg.optimizer == "muon" else configure_optimizer(model, cfg)
+    optimizer = configure_optimizer(model, cfg)  # MuonAdamW when cfg.optimizer == "muon"
     return model, optimizer
 
 

@@ -40,9 +40,10 @@ from torch import nn
 
 from lmkit import checkpoint as ckpt
 from lmkit import costs
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports, to_dict
 from lmkit.data import BatchSampler, default_cache_dir, encode_to_file, load_splits, train_val_split
 from lmkit.model import build_model, materialize
+from lmkit.optim import MuonAdamW
 from lmkit.parallel.engine import ParallelEngine
 from lmkit.parallel.instrument import peak_flops
 from lmkit.parallel.mesh import single_process_topology
@@ -125,13 +126,16 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
-                        ) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only.
+                        ) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (``cfg.optimizer="muon"``: `lmkit.optim.MuonAdamW`,
+    Muon for the blocks' matrices and this AdamW for the rest; chapter 7, "Time to a given loss").
 
     Biases and LayerNorm gains (1-D tensors) are not decayed: shrinking them towards zero has
     no regularising meaning, it only fights the normalisation (as in GPT-2 / nanoGPT).
     Embeddings are matrices and are decayed, as nanoGPT does.
     """
+    if cfg.optimizer == "muon":
+        return MuonAdamW(model, cfg, fused=(device is not None and device.type == "cuda") or None)
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -269,6 +273,7 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, cfg: TrainConfig, t
     """This rank's engine for the layout: `lmkit.parallel.engine.ParallelEngine` (from scratch) or
     `lmkit.parallel.native.NativeEngine`, cut from `model` (on the meta device: this rank's part
     only is ever allocated)."""
+    check_layout_supports(model.config, cfg, parallel)
     if parallel.engine == "native":
         return NativeEngine(model, parallel, cfg, topology)
     return ParallelEngine(model, parallel, cfg, topology)

@@ -181,3 +181,29 @@ def test_refusals():
     for options in OPTIONS[:4]:
         with pytest.raises(HFError, match="no GPT-2 equivalent"):
             to_transformers(gpt(**options))
+
+
+def test_trainer_with_muon_and_options_resumes_bit_for_bit(tmp_path):
+    from lmkit.train import Trainer, prepare_run
+
+    text = "".join(f"The {w} sat on mat {i}.\n" for i, w in enumerate(["cat", "dog", "owl"] * 100))
+    mc = ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=16, pos="rope", norm="rms")
+
+    def trainer(out: str) -> Trainer:
+        tc = TrainConfig(batch_size=8, max_steps=6, lr=3e-3, warmup_steps=2, eval_interval=0, log_interval=1,
+                         optimizer="muon", muon_lr=0.02, out_dir=str(tmp_path / out), seed=3)
+        run = prepare_run(mc, tc, text=text, cache_dir=tmp_path / "cache")
+        return Trainer(run.model, tc, run.train_tokens, run.val_tokens, model_config=run.model_config,
+                       tokenizer=run.tokenizer)
+
+    whole = trainer("whole")
+    assert isinstance(whole.optimizer, MuonAdamW)
+    straight = [whole.train_step()["loss"] for _ in range(6)]
+    first = trainer("split")
+    head = [first.train_step()["loss"] for _ in range(3)]
+    path = first.save()
+    second = trainer("split")
+    second.resume(path)
+    tail = [second.train_step()["loss"] for _ in range(3)]
+    assert head + tail == straight
+    assert straight[-1] < straight[0]
