@@ -24,6 +24,7 @@ loss; a recipe's time to it is interpolated linearly between the evaluations aro
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -62,14 +63,16 @@ def main() -> int:
           f"12 x 64, every {args.eval_every} steps (evaluation excluded from the times)", flush=True)
     curves = train_curves(recipes, train_tokens, val, args.eval_every, seed=args.seed)
     target = curves[0].final_loss
-    print(f"\ntarget: (a)'s final validation loss {target:.4f}; load average at end {os.getloadavg()[0]:.2f}")
-    print(f"{'recipe':<40}{'steps':>6}{'train s':>9}{'final loss':>12}{'s to target':>13}"
+    print(f"\ntarget: (a)'s final validation loss {target:.5f}; load average at end {os.getloadavg()[0]:.2f}")
+    print(f"{'recipe':<40}{'steps':>6}{'train s':>9}{'x (a)':>7}{'final loss':>12}{'s to target':>13}"
           f"{'step at target':>16}{'x (a)':>7}")
     rows = time_table(curves, target)
     for label, row in zip("abc", rows, strict=True):
+        reached = math.isfinite(row["s_to_target"])
+        to_target = (f"{row['s_to_target']:>13.1f}{row['step_to_target']:>16.0f}{row['x_reference']:>7.2f}"
+                     if reached else f"{'not reached':>13} (ends {row['final_loss'] - target:+.5f} above)")
         print(f"({label}) {row['recipe']:<36}{row['steps']:>6}{row['train_s']:>9.1f}"
-              f"{row['final_loss']:>12.4f}"
-              f"{row['s_to_target']:>13.1f}{row['step_to_target']:>16.0f}{row['x_reference']:>7.2f}")
+              f"{row['train_s'] / rows[0]['train_s']:>7.2f}{row['final_loss']:>12.5f}{to_target}")
     ratio = rows[2]["x_reference"]
     print(f"\n(c)/(a) wall time to the reference's final loss: {ratio:.2f}x (goal <= 0.6x: "
           f"{'met' if ratio <= 0.6 else 'not met'})")
