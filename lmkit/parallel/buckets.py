@@ -202,45 +202,40 @@ class BucketState:
                         raise ValueError(f"optimizer state {name}.{k} has shape {tuple(v.shape)}, the "
                                          f"parameter {tuple(p.shape)}: saved under another tensor layout?")
         torch_sd: dict[str, Any] = {"state": {}, "param_groups": []}
+        bucket_of_chunk = {id(chunk): b for b, chunk in getattr(self, "_chunks", [])}
         idx = 0
-        if not self.zero:
-            for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
-                ids = []
-                for p in pg["params"]:
-                    name = self.names[self._index[id(p)]]
-                    if name in state:
-                        torch_sd["state"][idx] = {k: v.clone() for k, v in state[name].items()}
-                    ids.append(idx)
-                    idx += 1
-                torch_sd["param_groups"].append({**saved, "params": ids})
-            self.optimizer.load_state_dict(torch_sd)
-            return
-        index_of = {id(chunk): k for k, (_, chunk) in enumerate(self._chunks)}
         for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
             ids = []
-            for chunk in pg["params"]:
-                k = index_of[id(chunk)]
-                b = self._chunks[k][0]
-                names = [self.names[i] for i in b.params]
-                present = [n for n in names if n in state]
-                if present and len(present) != len(names):
-                    missing = sorted(set(names) - set(present))
-                    raise ValueError(f"optimizer state lacks {missing[:5]}; ZeRO needs all or none of "
-                                     "a bucket's parameters")
-                if present:
-                    first = state[present[0]]
-                    entry = {key: v.clone() for key, v in first.items() if v.dim() == 0}
-                    g = self.groups[b.group]
-                    lo, hi = self._chunk_range(b)
-                    for key in (key for key, v in first.items() if v.dim() > 0):
-                        full = torch.zeros(b.numel, dtype=self.dtype, device=self.device)
-                        for i in b.params:
-                            off = g.offsets[i] - b.start
-                            values = state[self.names[i]][key].reshape(-1)
-                            full[off:off + values.numel()].copy_(values)
-                        entry[key] = full[lo - b.start:hi - b.start].clone()
+            for p in pg["params"]:  # ZeRO: this rank's bucket chunks; else the parameters
+                if self.zero:
+                    entry = self._chunk_entry(bucket_of_chunk[id(p)], state)
+                else:
+                    entry = state.get(self.names[self._index[id(p)]])
+                    entry = None if entry is None else {k: v.clone() for k, v in entry.items()}
+                if entry is not None:
                     torch_sd["state"][idx] = entry
                 ids.append(idx)
                 idx += 1
             torch_sd["param_groups"].append({**saved, "params": ids})
         self.optimizer.load_state_dict(torch_sd)
+
+    def _chunk_entry(self, b: Bucket, state: dict[str, Any]) -> dict[str, Tensor] | None:
+        """ZeRO: the AdamW state of this rank's chunk of bucket `b`, cut from the full tensors by
+        name (None when the state has none of the bucket's parameters)."""
+        names = [self.names[i] for i in b.params]
+        present = [n for n in names if n in state]
+        if not present:
+            return None
+        if len(present) != len(names):
+            raise ValueError(f"optimizer state lacks {sorted(set(names) - set(present))[:5]}; ZeRO needs "
+                             "all or none of a bucket's parameters")
+        first = state[present[0]]
+        entry = {key: v.clone() for key, v in first.items() if v.dim() == 0}
+        g, (lo, hi) = self.groups[b.group], self._chunk_range(b)
+        for key in (key for key, v in first.items() if v.dim() > 0):
+            full = torch.zeros(b.numel, dtype=self.dtype, device=self.device)
+            for i in b.params:
+                off, values = g.offsets[i] - b.start, state[self.names[i]][key].reshape(-1)
+                full[off:off + values.numel()].copy_(values)
+            entry[key] = full[lo - b.start:hi - b.start].clone()
+        return entry

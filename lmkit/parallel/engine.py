@@ -6,7 +6,8 @@ Construction (every rank, same order, so every layout starts from the single-pro
    ``with torch.device("meta"): GPT(config)``); a GPT with real weights (loaded, fine-tuned) is
    cut the same way;
 2. cut it into pipeline stages (`lmkit.parallel.stage.build_stages`), keep this rank's;
-3. shard each stage over the tensor-parallel group (`tensor_parallel.parallelize_stage`);
+3. shard each stage over the tensor-parallel group, row by row of `lmkit.parallel.plan`
+   (`tensor_parallel.parallelize_stage`);
 4. a meta model is materialised now: this rank's parameters only (`lmkit.model.materialize`),
    each set to its shard of the single-process initial value, drawn one parameter at a time
    (`lmkit.model.InitialWeights`), so a rank's peak at start is its own part plus the largest
@@ -22,7 +23,8 @@ One step (`train_step`):
   backward (``no_sync`` on the others); ``pp > 1``: the pipeline schedule runs all microbatches;
 * gradient fix-ups whose order matters: tied-embedding sums over the first/last stage,
   sequence-parallel LayerNorm sums over tp, then the data-parallel reduction;
-* the true global gradient norm (each gradient counted once across tp, pp and dp), clipping,
+* the true global gradient norm (each gradient counted once across tp, pp and dp: a replica
+  by one tp rank, `plan.tp_sharded`), clipping,
   the optimizer step, the learning-rate schedule;
 * the loss reported on *every* rank is the mean over the global batch.
 

@@ -1,19 +1,14 @@
-"""Measure a parallel training step: bytes per collective, per-rank timelines, memory, MFU, bubble.
+"""Measure a parallel training step: bytes per collective, device audits, and `Instrument`, which
+joins them with the per-rank timelines of `lmkit.parallel.timeline` (re-exported here with the
+memory counts of `lmkit.parallel.memory` and the GPUs' peak FLOP/s for MFU).
 
-This module counts bytes and audits devices; the timelines are `lmkit.parallel.timeline`'s and the
-memory counts `lmkit.parallel.memory`'s, re-exported here with `Instrument`, which joins them.
-
-Observes an engine from outside, for both engines: `CommCounter` counts every ``c10d`` collective
-at the dispatcher's ``BackendSelect`` key, `Timeline` records forward/backward/communication events,
-`idle_fractions` measures the pipeline bubble, `memory_report` counts allocated storage (each
-storage once: parameters, gradient buffers, optimizer state; a DTensor's local shard) and
-`AllocationTracker` the live and peak bytes allocated while it is active (on a CPU too). Definitions,
-per call for a group of ``n`` ranks (nccl-tests): ``bytes`` is the payload ``B`` (the buffer; the
-gathered output of an all-gather; the unreduced input of a reduce-scatter); ``wire_bytes`` what this
-rank sends under ring algorithms (all-reduce ``2 (n-1)/n B``; reduce-scatter, all-gather, reduce,
-broadcast ``(n-1)/n B``; send ``B``; recv 0). A rank's idle fraction in a step is ``1 - busy / T``:
-``busy`` the union of its forward/backward intervals, ``T`` the first start to the last end of any
-rank's. Why and how, in the book: chapter 5, section 5.1; the measurements: chapter 6.
+Observes either engine from outside: `CommCounter` counts every ``c10d`` collective at the
+dispatcher's ``BackendSelect`` key. Definitions, per call for a group of ``n`` ranks
+(nccl-tests): ``bytes`` is the payload ``B`` (the buffer; the gathered output of an all-gather;
+the unreduced input of a reduce-scatter); ``wire_bytes`` what this rank sends under ring
+algorithms (all-reduce ``2 (n-1)/n B``; reduce-scatter, all-gather, reduce, broadcast ``(n-1)/n
+B``; send ``B``; recv 0). Why and how, in the book: chapter 5, section 5.1; the measurements:
+chapter 6.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.parallel import plan
-from lmkit.parallel.stage import take_stage_modules
+from lmkit.parallel.stage import GPTStage
 
 __all__ = ["NativeStage", "qkv_permutation", "dtensor_plan", "tensor_parallel",
            "data_parallel", "is_dtensor", "layout_key", "global_grad_norm", "quiet_redistribute"]
@@ -45,24 +45,14 @@ def qkv_permutation(d_model: int, tp: int) -> Tensor:
     return torch.cat([plan.qkv_shard_rows(tp, d_model // tp, r, tp) for r in range(tp)])
 
 
-class NativeStage(nn.Module):
-    """The GPT modules of one pipeline stage, under their GPT names (forward: tokens or h -> h or logits).
-
-    The first stage embeds token ids; the last returns logits (a vocab-sharded DTensor under
-    tensor parallelism) and the pipeline schedule's ``loss_fn`` turns them into the loss.
+class NativeStage(GPTStage):
+    """A `GPTStage` whose blocks are keyed by their layer index, so parameter names *are* the GPT's
+    (as in torchtitan); ``forward(h)`` returns h, or logits on the last stage (a vocab-sharded
+    DTensor under tensor parallelism), which the pipeline schedule's ``loss_fn`` turns into the loss.
     """
 
-    def __init__(self, model: nn.Module, layers: range, is_first: bool, is_last: bool, stage_index: int = 0):
-        super().__init__()
-        self.config = model.config
-        self.stage_index, self.is_first, self.is_last = stage_index, is_first, is_last
-        self.sequence_parallel = False  # set by tensor parallelism
-        self.activation_checkpointing = False
-        if is_first:
-            take_stage_modules(self, model, "first")
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in layers})
-        if is_last:
-            take_stage_modules(self, model, "last")
+    def _take_blocks(self, model: nn.Module) -> nn.Module:
+        return nn.ModuleDict({str(i): model.blocks[i] for i in self.layers})
 
     def forward(self, h: Tensor) -> Tensor:
         if self.is_first:

@@ -15,6 +15,7 @@ demand the same loss curve to 1e-5. The tied head lives on the last stage. When 
 the embedding, it gets its own copy of the embedding matrix, and the two copies' gradients are
 summed over the embedding group after every backward (Megatron does the same).
 
+Which modules go to the first and the last stage is the plan's ``place`` (`lmkit.parallel.plan`).
 Tensor parallelism (`lmkit.parallel.tensor_parallel.parallelize_stage`) swaps the stage's
 modules for sharded ones and sets `loss_fn`; the stage code below is the same for every layout.
 """
@@ -77,9 +78,12 @@ class GPTStage(nn.Module):
         self.activation_checkpointing = False
         if is_first:
             take_stage_modules(self, model, "first")
-        self.blocks = nn.ModuleList(model.blocks[i] for i in self.layers)
+        self.blocks = self._take_blocks(model)
         if is_last:
             take_stage_modules(self, model, "last")
+
+    def _take_blocks(self, model: nn.Module) -> nn.Module:
+        return nn.ModuleList(model.blocks[i] for i in self.layers)
 
     def embed(self, idx: Tensor) -> Tensor:
         T = idx.size(1)
