@@ -21,6 +21,12 @@ each of q, k and v* (view the weight as ``[3, n_head, head_dim, d]`` and shard d
 the 3d rows into contiguous chunks. The attention infers its local head count from the width of
 the ``qkv`` output, so a column-parallel ``qkv`` and a row-parallel ``proj`` drop in unchanged.
 
+Model options (`ModelConfig`, all off by default, chapter 7 "Time to a given loss"): ``pos="rope"``
+rotates each head's queries and keys by their position (`rope_tables`, `apply_rope`) and drops
+``pos_emb``; ``norm="rms"`` makes ``ln1``/``ln2``/``ln_f`` RMSNorms (no bias); ``qk_norm=True`` adds
+``attn.q_norm``/``attn.k_norm`` (RMSNorm over a head's features); ``activation="relu2"`` puts
+``relu(x)^2`` in the MLP. GPT-2 (`lmkit.hf`) and the parallel engines take the defaults only.
+
 Decoding uses `KVCache`: preallocated keys/values per layer, one position appended per step.
 Batches of prompts of different lengths are LEFT-padded: row ``b`` has ``left_pad[b]`` padding
 columns before its first real token. Its position ids start at 0 on the first real token and
