@@ -141,9 +141,11 @@ class EngineBase:
         """Full weights by `GPT` parameter name (collective: every rank calls it)."""
         with quiet_redistribute():  # (an FSDP2 x TP DTensor takes two gathers: no notice each time)
             local = {name: self._full(name, p.detach()) for name, p in self.named_params
-                     if name != "head.weight"}
+                     if plan.saved_as(name) == name}
         full = gather_over_pp(local, self.topo)
-        full["head.weight"] = full["tok_emb.weight"]  # the head's copy of the embedding
+        for row in plan.GPT_PLAN:  # the tied head: the embedding's tensor
+            if row.tied is not None:
+                full[f"{row.module}.weight"] = full[f"{row.tied}.weight"]
         return full
 
     def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
@@ -197,8 +199,9 @@ class ParallelEngine(EngineBase):
 
     def _norm_weights(self) -> dict[str, float]:
         """Count every gradient once in the global norm: replicas get weight 0 (`plan.tp_sharded`)."""
-        return {name: 0.0 if (self.topo.tp_rank != 0 and not plan.tp_sharded(name)) or name == "head.weight"
-                else 1.0 for name, _ in self.named_params}  # head.weight: a copy; tok_emb counts it
+        replica = self.topo.tp_rank != 0  # a tp replica is counted by tp rank 0; a tied copy by its partner
+        return {name: 0.0 if (replica and not plan.tp_sharded(name)) or plan.saved_as(name) != name else 1.0
+                for name, _ in self.named_params}
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]],
@@ -293,7 +296,7 @@ class ParallelEngine(EngineBase):
         sd = self.dp.state_dict()
         state = {}
         for name, entry in sd["state"].items():
-            if name == "head.weight":
+            if plan.saved_as(name) != name:
                 continue
             state[name] = {k: (self._full(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
                            for k, v in entry.items()}
@@ -303,12 +306,12 @@ class ParallelEngine(EngineBase):
         """Load full (layout-independent) weights and optimizer state into this rank's shards."""
         with torch.no_grad():
             for name, param in self.named_params:
-                source = weights["tok_emb.weight" if name == "head.weight" else name]
+                source = weights[plan.saved_as(name)]
                 param.copy_(self._shard_tp(name, source.to(param.device)))
         if optimizer is not None:
             state = {}
             for name, _ in self.named_params:
-                entry = optimizer["state"].get("tok_emb.weight" if name == "head.weight" else name)
+                entry = optimizer["state"].get(plan.saved_as(name))
                 if entry is None:
                     continue
                 state[name] = {k: (self._shard_tp(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
@@ -323,14 +326,14 @@ class ParallelEngine(EngineBase):
         topo, pieces = self.topo, []
         specs = {name: self._spec(name) for name, _ in self.named_params}
         for name, param in self.named_params:
-            source, spec = ("tok_emb.weight" if name == "head.weight" else name), specs[name]
-            replica = name != "head.weight" and (spec is not None or topo.tp_rank == 0)
+            source, spec = plan.saved_as(name), specs[name]
+            replica = source == name and (spec is not None or topo.tp_rank == 0)
             pieces += shard_pieces(f"model.{source}", param.detach().view(-1), 0, param.numel(),
                                    tuple(param.shape), spec, topo.tp_rank, replica and topo.dp_rank == 0)
         for i, lo, hi, moments in self.dp.optimizer_segments(create):
             name, param = self.named_params[self._dp_index[i]]
-            source, spec = ("tok_emb.weight" if name == "head.weight" else name), specs[name]
-            replica = name != "head.weight" and (spec is not None or topo.tp_rank == 0)
+            source, spec = plan.saved_as(name), specs[name]
+            replica = source == name and (spec is not None or topo.tp_rank == 0)
             for key, flat in moments.items():
                 pieces += shard_pieces(f"optim.{source}.{key}", flat, lo, hi, tuple(param.shape), spec,
                                        topo.tp_rank, replica and (self.pcfg.zero > 0 or topo.dp_rank == 0))

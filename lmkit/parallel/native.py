@@ -85,6 +85,7 @@ from lmkit.parallel.native_plan import (
     quiet_redistribute,
     tensor_parallel,
 )
+from lmkit.parallel.pipeline import allreduce_tied_embedding_grads
 from lmkit.parallel.plan import ShardSpec
 from lmkit.parallel.stage import build_stages
 
@@ -214,7 +215,7 @@ class NativeEngine(EngineBase):
         y = torch.cat([m[1] for m in micro])
         value = self._run_pipeline(self.schedule, x, y, autocast, train=True)
         self._reduce_partial_grads()
-        self._sum_tied_embedding_grads()
+        allreduce_tied_embedding_grads(self.stages, self.topo)
         return value
 
     def _reduce_partial_grads(self) -> None:
@@ -243,21 +244,12 @@ class NativeEngine(EngineBase):
         dist.broadcast(value, group=self.topo.pp_group, group_src=self.pcfg.pp - 1)
         return float(value)
 
-    def _sum_tied_embedding_grads(self) -> None:
-        """Sum the gradients of the embedding (first stage) and the head's copy (last stage)."""
-        for stage in self.stages:
-            param = stage.tok_emb.weight if stage.is_first else stage.head.weight if stage.is_last else None
-            if param is None or param.grad is None:
-                continue
-            grad = param.grad.to_local() if is_dtensor(param.grad) else param.grad
-            dist.all_reduce(grad, group=self.topo.embedding_group)
-
     def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
         """True global gradient norm (before clipping), clipping as clip_grad_norm_, AdamW step.
 
         As the lmkit engine: no step (gradients dropped) unless `finite_loss` and the norm is finite.
         """
-        params = [p for name, p in self.named_params if name != "head.weight" or self.pcfg.pp == 1]
+        params = [p for name, p in self.named_params if plan.saved_as(name) == name or self.pcfg.pp == 1]
         norm = global_grad_norm(params, self.topo.pp_group if self.pcfg.pp > 1 else None, self.device)
         if not (finite_loss and math.isfinite(float(norm))):
             self.optimizer.zero_grad(set_to_none=True)
@@ -324,8 +316,8 @@ class NativeEngine(EngineBase):
                                                "exp_avg_sq": torch.zeros_like(p)}
         pieces = []
         for name, p in self.named_params:
-            source = "tok_emb.weight" if name == "head.weight" else name
-            write = name != "head.weight"
+            source = plan.saved_as(name)
+            write = source == name
             tensors = {"model": p.detach()}
             tensors.update({key: self.optimizer.state[p][key] for key in ("exp_avg", "exp_avg_sq")
                             if self.optimizer.state.get(p)})
@@ -354,7 +346,7 @@ class NativeEngine(EngineBase):
         with quiet_redistribute():
             for name, p in self.named_params:
                 entry = self.optimizer.state.get(p)
-                if name == "head.weight" or not entry:
+                if plan.saved_as(name) != name or not entry:
                     continue
                 state[name] = {k: (self._full(name, v) if torch.is_tensor(v) and v.dim() > 0 else
                                    v.detach().clone().cpu() if torch.is_tensor(v) else v)
@@ -364,13 +356,10 @@ class NativeEngine(EngineBase):
 
     def load_full_state(self, weights: dict[str, Tensor], optimizer: dict[str, Any] | None) -> None:
         """Load full (layout-independent) weights and optimizer state into this rank's shards."""
-        def source(name: str) -> str:
-            return "tok_emb.weight" if name == "head.weight" else name
-
         with torch.no_grad():
             for name, p in self.named_params:
                 local = p.to_local() if is_dtensor(p) else p
-                local.copy_(self._shard(name, weights[source(name)], p))
+                local.copy_(self._shard(name, weights[plan.saved_as(name)], p))
         if optimizer is None:
             return
         saved = optimizer["param_groups"]
@@ -380,7 +369,7 @@ class NativeEngine(EngineBase):
         for group, hyper in zip(self.optimizer.param_groups, saved, strict=True):
             group.update({k: v for k, v in hyper.items() if k != "params"})
         for name, p in self.named_params:
-            entry = optimizer["state"].get(source(name))
+            entry = optimizer["state"].get(plan.saved_as(name))
             if entry is None:
                 continue
             new: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from lmkit.config import ConfigError, ParallelConfig
 
@@ -398,7 +399,8 @@ def allreduce_tied_embedding_grads(stages: list, topo) -> None:
                            "with build_stages(model, pp, pp_rank, virtual_stages)?")
     if weight.grad is None:  # no microbatch reached it: contribute zeros, the peer still waits
         weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=topo.embedding_group)
+    grad = weight.grad  # the native engine's: a DTensor, summed shard by shard
+    dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=topo.embedding_group)
 
 
 @torch.no_grad()

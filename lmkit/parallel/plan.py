@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Row", "STYLES", "GPT_PLAN", "ShardSpec", "row_of", "rows_in", "place_modules", "qkv_shard_rows",
-           "shard_spec", "tp_sharded", "sequence_partial"]
+           "shard_spec", "tp_sharded", "sequence_partial", "saved_as"]
 
 STYLES = {
     "vocab": "embedding split by vocabulary rows; the partial lookups summed (SP: reduce-scattered)",
@@ -155,6 +155,13 @@ def tp_sharded(name: str) -> bool:
     summed over the tp group; a replicated one is counted by one tp rank)."""
     row, attr = _param_row(name)
     return row is not None and attr in _SPLIT_DIMS.get(row.style, {})
+
+
+def saved_as(name: str) -> str:
+    """The GPT name under which parameter `name`'s values are kept: a tied module's weight is its
+    partner's (``head.weight`` -> ``tok_emb.weight``: one tensor in checkpoints and in the norm)."""
+    row, attr = _param_row(name)
+    return f"{row.tied}.{attr}" if row is not None and row.tied is not None and attr == "weight" else name
 
 
 def sequence_partial(name: str) -> bool:

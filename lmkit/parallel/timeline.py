@@ -195,9 +195,6 @@ def attach_timeline(engine: Any, timeline: Timeline) -> Callable[[], None]:
     return remove_hooks
 
 
-# --------------------------------------------------------------------------- bubble
-
-
 def _union_length(intervals: Iterable[tuple[float, float]]) -> float:
     total, cur_start, cur_end = 0.0, None, None
     for s, e in sorted(intervals):
