@@ -6,7 +6,7 @@ the text). The real `lmkit.train.Trainer` runs it with bf16 autocast (TF32 for t
 matmuls), fused AdamW, ``torch.compile`` on one GPU unless ``--no-compile``; after
 ``--warmup`` untimed steps, ``--steps`` steps are timed between two ``torch.cuda.synchronize()``.
 MFU = tokens/s x ``GPT.flops_per_token()`` / (GPUs x dense bf16 peak of the device, looked up by
-name in `lmkit.parallel.instrument.PEAK_FLOPS`; an unknown device prints MFU "unknown").
+name in `lmkit.costs.PEAK_FLOPS`; an unknown device prints MFU "unknown").
 
 With several GPUs the script also launches itself under torchrun (NCCL) over all N GPUs for dp N,
 tensor parallel (the largest of 8/4/2 dividing the 12 heads, dp over the rest) and pipeline parallel

@@ -13,10 +13,13 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "PEAK_FLOPS",
+    "lookup_peak_flops",
     "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
     "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
     "model_states", "zero_buckets",
@@ -175,6 +178,33 @@ def mfu(tokens_per_s: float, flops_per_token_: float, n_devices: int, peak_flops
     if peak_flops <= 0 or n_devices <= 0:
         raise CostError("mfu needs a positive peak FLOP/s and device count")
     return tokens_per_s * flops_per_token_ / (n_devices * peak_flops)
+
+
+#: Dense peak FLOP/s per GPU (NVIDIA datasheets, no 2:4 sparsity), by dtype. "float32" is plain
+#: FP32 (PyTorch's default; TF32 tensor cores run faster when enabled). Patterns are matched
+#: against ``torch.cuda.get_device_name()`` in order; the first match wins.
+PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    (r"H100.*NVL|H200.*NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
+    (r"H100.*PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12}),
+    (r"H100|H200|GH200", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),
+    (r"A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
+    (r"L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12}),
+    (r"\bL4\b", {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12}),
+    (r"\bA10\b", {"bfloat16": 125e12, "float16": 125e12, "float32": 31.2e12}),
+    (r"V100.*PCIE", {"float16": 112e12, "float32": 14e12}),
+    (r"V100", {"float16": 125e12, "float32": 15.7e12}),
+    (r"\bT4\b", {"float16": 65e12, "float32": 8.1e12}),
+]
+
+
+def lookup_peak_flops(device_name: str, dtype: Any = "bfloat16") -> float | None:
+    """Peak FLOP/s of the GPU called `device_name` for `dtype` (a name or a torch dtype); None if
+    unknown, so that MFU is reported as unknown rather than guessed."""
+    key = str(dtype).replace("torch.", "")
+    for pattern, table in PEAK_FLOPS:
+        if re.search(pattern, device_name, flags=re.IGNORECASE):
+            return table.get(key)
+    return None
 
 
 # --------------------------------------------------------------------------------- the layout

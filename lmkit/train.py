@@ -106,7 +106,7 @@ def configure_cuda_matmul(device: torch.device, autocast_dtype: torch.dtype | No
 
 
 def peak_flops_of(device: torch.device, autocast_dtype: torch.dtype | None, tf32: bool) -> float | None:
-    """The dense peak FLOP/s MFU divides by: the GPU's (`lmkit.parallel.instrument.PEAK_FLOPS`, by
+    """The dense peak FLOP/s MFU divides by: the GPU's (`lmkit.costs.PEAK_FLOPS`, by
     device name) for the dtype the matmuls run in; None (MFU unknown) on a CPU, an unknown GPU, or
     TF32, which the table does not list. Never a guess."""
     if device.type != "cuda":

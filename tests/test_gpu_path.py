@@ -9,7 +9,6 @@ import torch
 
 from lmkit import costs
 from lmkit.config import ModelConfig, TrainConfig
-from lmkit.parallel import instrument
 from lmkit.train import Trainer, configure_cuda_matmul, peak_flops_of, prepare_run
 
 CUDA = torch.device("cuda", 0)
@@ -64,7 +63,7 @@ def test_peak_is_looked_up_by_device_name_or_unknown(name, dtype, tf32, peak, mo
     _gpu(monkeypatch, name=name)
     assert peak_flops_of(CUDA, dtype, tf32) == peak
     if peak is not None:  # the same table the instruments of chapter 6 read
-        assert instrument.lookup_peak_flops(name, dtype or torch.float32) == peak
+        assert costs.lookup_peak_flops(name, dtype or torch.float32) == peak
 
 
 def test_peak_is_unknown_on_a_cpu():

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+from lmkit.costs import CostError, lookup_peak_flops, mfu
 from lmkit.experiments import measure_layouts
 from lmkit.model import build_model
 from lmkit.parallel.instrument import (
@@ -23,9 +24,7 @@ from lmkit.parallel.instrument import (
     Timeline,
     bubble_formula,
     idle_fractions,
-    lookup_peak_flops,
     memory_report,
-    mfu,
     peak_flops,
     read_jsonl,
     wire_bytes,
@@ -234,7 +233,8 @@ def test_mfu_is_none_on_cpu_and_computed_from_a_given_peak():
     assert peak_flops("cpu") is None
     if not torch.cuda.is_available():
         assert peak_flops() is None
-    assert mfu(1000.0, 6e6, 2, None) is None
+    with pytest.raises(CostError):  # no peak, no MFU: never a guess
+        mfu(1000.0, 6e6, 2, 0.0)
     assert mfu(1000.0, 6e6, 2, 1e12) == pytest.approx(1000.0 * 6e6 / (2 * 1e12))
     assert lookup_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert lookup_peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12

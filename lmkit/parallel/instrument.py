@@ -1,6 +1,6 @@
 """Measure a parallel training step: bytes per collective, device audits, and `Instrument`, which
 joins them with the per-rank timelines of `lmkit.parallel.timeline` (re-exported here with the
-memory counts of `lmkit.parallel.memory` and the GPUs' peak FLOP/s for MFU).
+memory counts of `lmkit.parallel.memory`), and this process's GPU peak FLOP/s for MFU.
 
 Observes either engine from outside: `CommCounter` counts every ``c10d`` collective at the
 dispatcher's ``BackendSelect`` key. Definitions, per call for a group of ``n`` ranks
@@ -14,7 +14,6 @@ chapter 6.
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 # The formulas live in the cost model (pure Python, also in the browser); re-exported for the instruments.
 from lmkit.costs import bubble_fraction as bubble_formula
-from lmkit.costs import wire_bytes
+from lmkit.costs import lookup_peak_flops, wire_bytes
 from lmkit.parallel.memory import AllocationTracker, memory_report
 from lmkit.parallel.timeline import (
     Timeline,
@@ -40,24 +39,9 @@ from lmkit.parallel.timeline import (
     reports_events,
 )
 
-__all__ = [
-    "COLLECTIVE_KINDS",
-    "CommCounter",
-    "DeviceAudit",
-    "wire_bytes",
-    "Timeline",
-    "attach_timeline",
-    "Instrument",
-    "idle_fractions",
-    "bubble_formula",
-    "memory_report",
-    "AllocationTracker",
-    "PEAK_FLOPS",
-    "lookup_peak_flops",
-    "peak_flops",
-    "mfu",
-    "read_jsonl",
-]
+__all__ = ["COLLECTIVE_KINDS", "CommCounter", "DeviceAudit", "wire_bytes", "Timeline", "attach_timeline",
+           "Instrument", "idle_fractions", "bubble_formula", "memory_report", "AllocationTracker",
+           "peak_flops", "read_jsonl"]
 
 COLLECTIVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "send", "recv",
                     "all_to_all", "gather", "scatter", "barrier")
@@ -422,45 +406,10 @@ class Instrument:
                            "comm": self.counter.summary(), "counter_overhead_s": self.counter.overhead_s})
 
 
-# --------------------------------------------------------------------------- throughput and MFU
-
-#: Dense peak FLOP/s per GPU (NVIDIA datasheets, no 2:4 sparsity), by dtype. "float32" is plain
-#: FP32 (PyTorch's default; TF32 tensor cores run faster when enabled). Patterns are matched
-#: against ``torch.cuda.get_device_name()`` in order; the first match wins.
-PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
-    (r"H100.*NVL|H200.*NVL", {"bfloat16": 835e12, "float16": 835e12, "float32": 60e12}),
-    (r"H100.*PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 51e12}),
-    (r"H100|H200|GH200", {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12}),
-    (r"A100", {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12}),
-    (r"L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 91.6e12}),
-    (r"\bL4\b", {"bfloat16": 121e12, "float16": 121e12, "float32": 30.3e12}),
-    (r"\bA10\b", {"bfloat16": 125e12, "float16": 125e12, "float32": 31.2e12}),
-    (r"V100.*PCIE", {"float16": 112e12, "float32": 14e12}),
-    (r"V100", {"float16": 125e12, "float32": 15.7e12}),
-    (r"\bT4\b", {"float16": 65e12, "float32": 8.1e12}),
-]
-
-
-def lookup_peak_flops(device_name: str, dtype: str | torch.dtype = "bfloat16") -> float | None:
-    """Peak FLOP/s of the GPU called `device_name` for `dtype`; None if unknown."""
-    key = str(dtype).replace("torch.", "")
-    for pattern, table in PEAK_FLOPS:
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return table.get(key)
-    return None
-
-
 def peak_flops(device: torch.device | str | None = None,
                dtype: str | torch.dtype = "bfloat16") -> float | None:
-    """Peak FLOP/s of this process's GPU (`lookup_peak_flops`); None on a CPU or an unknown GPU."""
+    """This process's GPU's peak FLOP/s (`lmkit.costs.lookup_peak_flops`); None on a CPU or unknown GPU."""
     device = torch.device(device) if device is not None else None
     if (device is not None and device.type != "cuda") or not torch.cuda.is_available():
         return None
     return lookup_peak_flops(torch.cuda.get_device_name(device), dtype)
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None) -> float | None:
-    """Model FLOPs utilisation ``tokens/s x flops_per_token / (n_devices x peak)``; None without a peak."""
-    if peak is None or peak <= 0:
-        return None
-    return tokens_per_s * flops_per_token / (n_devices * peak)
