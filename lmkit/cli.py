@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train on one process, or on one rank of a torchrun launch (``--dp/--tp/--pp`` > 1)."""
+    """Train on one process, or on one rank of a torchrun launch (``--dp/--cp/--tp/--pp`` > 1)."""
     from lmkit.parallel.engine import validate_layout
     from lmkit.train import prepare_run
 
@@ -228,7 +228,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     topology = None
     if layout is not None:
         mc = run.model_config
-        validate_layout(parallel_cfg, train_cfg, mc.n_layer, mc.n_head, mc.vocab_size, mc.block_size, world)
+        validate_layout(parallel_cfg, train_cfg, mc.n_layer, mc.n_head, mc.vocab_size, mc.block_size, world,
+                        mc.dropout)
         if mc.arch != "gpt":
             raise ConfigError("parallel layouts need model.arch='gpt' (the LSTM baseline is single-process)")
         from lmkit.parallel.mesh import init_topology

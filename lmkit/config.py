@@ -192,14 +192,15 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """The layout of a run over ``dp * tp * pp`` processes.
+    """The layout of a run over ``dp * cp * tp * pp`` processes.
 
-    Rank order is tp fastest, then dp, then pp (see `lmkit.parallel.mesh`).
+    Rank order is tp fastest, then cp, then dp, then pp (see `lmkit.parallel.mesh`).
     """
 
     dp: int = _opt(1, "data-parallel size")
     tp: int = _opt(1, "tensor-parallel size (divides n_head and the vocabulary)")
     pp: int = _opt(1, "pipeline-parallel size (stages)")
+    cp: int = _opt(1, "context-parallel size: ring attention (block_size divisible by 2*cp)")
     zero: int = _opt(0, "ZeRO stage: 0 off, 1 optimizer state, 2 also gradients, 3 also weights (native)",
                      (0, 1, 2, 3))
     microbatches: int = _opt(1, "microbatches per step through the pipeline")
@@ -211,10 +212,10 @@ class ParallelConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
 
     def validate(self, world_size: int | None = None) -> ParallelConfig:
-        for name in ("dp", "tp", "pp", "microbatches", "virtual_stages"):
+        for name in ("dp", "tp", "pp", "cp", "microbatches", "virtual_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
@@ -237,9 +238,9 @@ class ParallelConfig:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
         if world_size is not None and world_size != self.world_size:
             raise ConfigError(
-                f"the world has {world_size} processes but dp*tp*pp = {self.dp}*{self.tp}*{self.pp} "
-                f"= {self.world_size}; launch with torchrun --nproc_per_node={self.world_size} "
-                "or change dp/tp/pp"
+                f"the world has {world_size} processes but dp*cp*tp*pp = {self.dp}*{self.cp}*{self.tp}*"
+                f"{self.pp} = {self.world_size}; launch with torchrun --nproc_per_node={self.world_size} "
+                "or change dp/cp/tp/pp"
             )
         return self
 

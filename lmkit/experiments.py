@@ -40,7 +40,7 @@ from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.model import build_model
 from lmkit.parallel.instrument import AllocationTracker, Instrument, memory_report
 from lmkit.parallel.launch import run_local
-from lmkit.parallel.mesh import coords_of, init_topology
+from lmkit.parallel.mesh import coords_of, cp_rank_of, init_topology
 from lmkit.parallel.pipeline import schedule_actions
 from lmkit.tokenizer import CharTokenizer
 from lmkit.train import Trainer, build_engine, prepare_run, seed_everything
@@ -54,7 +54,7 @@ __all__ = [
 
 
 def layout_name(p: ParallelConfig | None) -> str:
-    """Short label such as ``dp2 zero1``, ``tp2 sp``, ``pp2 1f1b m4`` or ``1 process``.
+    """Short label such as ``dp2 zero1``, ``cp2``, ``tp2 sp``, ``pp2 1f1b m4`` or ``1 process``.
 
     The engine is not part of the label; `None` (the plain single-process trainer) is
     ``1 process``, like a layout of one rank.
@@ -64,6 +64,8 @@ def layout_name(p: ParallelConfig | None) -> str:
     parts = []
     if p.dp > 1:
         parts.append(f"dp{p.dp}" + (f" zero{p.zero}" if p.zero else ""))
+    if p.cp > 1:
+        parts.append(f"cp{p.cp}")
     if p.tp > 1:
         parts.append(f"tp{p.tp}" + (" sp" if p.sequence_parallel else ""))
     if p.pp > 1:
@@ -446,13 +448,14 @@ def _slug(name: str) -> str:
 
 
 def group_label(ranks: Sequence[int], layout: ParallelConfig | None) -> str:
-    """Which dimension a collective's group spans: ``dp``, ``tp``, ``pp``, ``embedding`` (the first
+    """Which dimension a collective's group spans: ``dp``, ``cp``, ``tp``, ``pp``, ``embedding`` (the first
     and last stage when pp > 2, the tied embedding: `lmkit.costs` calls it so), ``dp x tp`` (a 2-D
     mesh), ``world`` or ``self``."""
     if layout is None or len(ranks) <= 1:
         return "self"
-    coords = [coords_of(r, layout.dp, layout.tp) for r in ranks]  # (pp, dp, tp)
-    varying = [dim for i, dim in enumerate(("pp", "dp", "tp")) if len({c[i] for c in coords}) > 1]
+    coords = [(*coords_of(r, layout.dp, layout.tp, layout.cp), cp_rank_of(r, layout.tp, layout.cp))
+              for r in ranks]  # (pp, dp, tp, cp)
+    varying = [dim for i, dim in enumerate(("pp", "dp", "tp", "cp")) if len({c[i] for c in coords}) > 1]
     if len(ranks) == layout.world_size and len(varying) > 1:
         return "world"
     if varying == ["pp"] and len(ranks) < layout.pp:
@@ -464,9 +467,10 @@ def _dim(collective: dict[str, Any], layout: ParallelConfig | None) -> str:
     """`group_label` of a counted collective. Point-to-point messages are the pipeline's in both
     engines, whatever group carries them (the lmkit engine sends through the default group with
     global peer ranks, so their group is the whole world)."""
-    if collective["kind"] in ("send", "recv") and layout is not None and layout.pp > 1:
-        return "pp"
-    return group_label(collective["ranks"], layout)
+    label = group_label(collective["ranks"], layout)
+    if collective["kind"] in ("send", "recv") and layout is not None and layout.pp > 1 and label != "cp":
+        return "pp"  # (ring attention's sends go through the cp group)
+    return label
 
 
 def _measured_entry(result: dict[str, Any], layout: ParallelConfig | None) -> dict[str, Any]:

@@ -145,7 +145,11 @@ ROWS = {
         "the loss is nan", "lower --lr"),
     "world size against the layout": Row(
         lambda w: ["train", "--dp", "2", "--out-dir", str(w / "layout"), *TINY],
-        "the world has 1 processes but dp*tp*pp = 2*1*1 = 2", "launch with torchrun --nproc_per_node=2"),
+        "the world has 1 processes but dp*cp*tp*pp = 2*1*1*1 = 2", "launch with torchrun --nproc_per_node=2"),
+    "cp against the sequence length": Row(
+        lambda w: ["train", "--cp", "3", "--out-dir", str(w / "cp"), *TINY],
+        "model.block_size=16: sequence length 16 is not divisible by 6",
+        "use a sequence length that is a multiple of 6", env={"WORLD_SIZE": "3"}),
     "tp against heads": Row(
         lambda w: ["train", "--tp", "4", "--out-dir", str(w / "tp"), *TINY],
         "n_head=2 is not divisible by parallel.tp=4", "choose tp among [1, 2]", env={"WORLD_SIZE": "4"}),

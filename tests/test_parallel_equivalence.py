@@ -51,6 +51,17 @@ ZERO2_LAYOUTS = [
     ParallelConfig(dp=2, tp=2, zero=2, sequence_parallel=True),
 ]
 
+# Context parallelism (ring attention, zigzag chunks) alone and with each other dimension; ZeRO then
+# shards over dp x cp.
+CP_LAYOUTS = [
+    ParallelConfig(cp=2),
+    ParallelConfig(cp=4),
+    ParallelConfig(dp=2, cp=2),
+    ParallelConfig(cp=2, tp=2),
+    ParallelConfig(cp=2, pp=2, microbatches=2),
+    ParallelConfig(dp=2, cp=2, zero=2),
+]
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -58,8 +69,8 @@ def reference(tmp_path_factory):
     return layout_losses(MODEL, TRAIN, None, STEPS, text=TEXT, cache_dir=cache), cache
 
 
-@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS,
-                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS,
+                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS])
 def test_layout_reproduces_single_process_losses(layout, reference):
     ref, cache = reference
     got = layout_losses(MODEL, TRAIN, layout, STEPS, text=TEXT, cache_dir=cache)
@@ -82,6 +93,18 @@ def test_checkpoint_saved_under_one_layout_resumes_under_another(reference, tmp_
     single = layout_losses(MODEL, train, None, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
     assert max_relative_difference(first["losses"] + pipeline["losses"], ref["losses"]) < 1e-5
     assert max_relative_difference(single["losses"], ref["losses"][5:]) < 1e-5
+
+
+def test_checkpoint_saved_under_cp_resumes_under_other_layouts(reference, tmp_path):
+    """cp2 x dp2 (ZeRO-1 over the 4 ranks of dp x cp) saves at step 5; cp4 and tp2 x pp2 resume."""
+    ref, cache = reference
+    train = TrainConfig(**{**TRAIN.__dict__, "out_dir": str(tmp_path / "run")})
+    first = layout_losses(MODEL, train, ParallelConfig(dp=2, cp=2, zero=1), 5, text=TEXT, cache_dir=cache,
+                          save=True)
+    for layout in (ParallelConfig(cp=4), ParallelConfig(tp=2, pp=2, microbatches=2)):
+        tail = layout_losses(MODEL, train, layout, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
+        diff = max_relative_difference(first["losses"] + tail["losses"], ref["losses"])
+        assert diff < 1e-5, f"{layout_name(layout)}: {diff:.2e}"
 
 
 @pytest.mark.parametrize("layout", [ParallelConfig(dp=2, tp=2, sequence_parallel=True),
@@ -119,5 +142,5 @@ def test_torchrun_launch_trains_and_a_bad_layout_fails_fast(tmp_path):
                           *common], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0
     # every rank says why in one line; the only traceback is torchrun's own report of failed children
-    assert bad.stderr.count("lmkit: error: the world has 2 processes but dp*tp*pp = 1*2*2 = 4") == 2
+    assert bad.stderr.count("lmkit: error: the world has 2 processes but dp*cp*tp*pp = 1*1*2*2 = 4") == 2
     assert not re.search(r"lmkit/[\w/]+\.py\", line", bad.stderr)

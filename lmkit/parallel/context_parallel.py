@@ -12,19 +12,26 @@ into ``2 cp`` chunks and rank ``r`` holds chunks ``r`` and ``2 cp - 1 - r``, one
 every rank computes the same number of score entries. Tensors have lmkit's attention layout
 ``[B, H, T, head_dim]`` (`lmkit.model.CausalSelfAttention`), ``T`` being this rank's ``seq_len / cp``
 tokens in the order `shard_sequence` gives them. Explained in the book, chapter 5, section 5.8.
+
+In the engine (`lmkit.parallel.engine`), `parallelize_context` gives every block of a stage a
+`ContextParallelAttention` (the plan's ``heads`` modules: the same ``qkv``/``proj`` children, so the
+names, the tensor-parallel rows and the checkpoints are unchanged) and tells the stage which
+positions its tokens have; the engine shards each microbatch with `shard_sequence` and averages the
+gradients over dp x cp (`lmkit.parallel.mesh.Topology.gradient_view`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmkit.config import ConfigError
-from lmkit.parallel.instrument import CommCounter
+from lmkit.parallel import plan
 
 __all__ = [
     "LAYOUTS",
@@ -38,6 +45,8 @@ __all__ = [
     "ring_attention",
     "RingAttention",
     "ring_attention_worker",
+    "ContextParallelAttention",
+    "parallelize_context",
 ]
 
 #: "zigzag": rank r holds chunks r and 2 cp - 1 - r of 2 cp; "contiguous": chunk r of cp (unbalanced).
@@ -283,6 +292,53 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, layout: str = "z
     return RingAttention.apply(q, k, v, group, layout, scale, stats)
 
 
+# --------------------------------------------------------------------------- in the model
+
+
+class ContextParallelAttention(nn.Module):
+    """`lmkit.model.CausalSelfAttention` with ring attention over `group`: built from one (its
+    ``qkv``, ``proj`` and ``resid_drop`` taken over), for the training path of a stage (causal, no
+    mask, no cache, no rotary tables, no attention dropout: the layouts refuse those options)."""
+
+    def __init__(self, attn: nn.Module, group, layout: str = "zigzag") -> None:
+        super().__init__()
+        self.n_head, self.head_dim = attn.n_head, attn.head_dim
+        self.qkv, self.proj, self.resid_drop = attn.qkv, attn.proj, attn.resid_drop
+        self.group, self.layout = group, layout
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, is_causal: bool = True, cache=None,
+                layer: int = 0, start: int = 0, rope=None) -> Tensor:
+        if mask is not None or not is_causal or cache is not None or rope is not None or start:
+            raise ValueError("context-parallel attention computes the causal training path only "
+                             "(no mask, KV cache, start offset or rotary tables)")
+        B, T, _ = x.shape
+        qkv = self.qkv(x)
+        width = qkv.size(-1) // 3  # local width under tensor parallelism
+        q, k, v = (t.view(B, T, width // self.head_dim, self.head_dim).transpose(1, 2)
+                   for t in qkv.split(width, dim=-1))
+        y = ring_attention(q, k, v, group=self.group, layout=self.layout)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, width)))
+
+    def extra_repr(self) -> str:
+        return f"ring over cp, layout={self.layout}"
+
+
+def parallelize_context(stage: nn.Module, topo, layout: str = "zigzag") -> nn.Module:
+    """Context parallelism for `stage` (a `GPTStage`) over ``topo.cp_group``, in place: each
+    attention of the plan's ``heads`` style becomes a `ContextParallelAttention`, and the stage
+    learns its cp rank so its position embedding looks up this rank's chunks (`position_ids`).
+    Call it before tensor parallelism, which then hooks the new attention modules."""
+    if topo.cp == 1:
+        return stage
+    stage.cp_size = topo.cp
+    stage.cp_positions = functools.partial(position_ids, rank=topo.cp_rank, cp=topo.cp, layout=layout)
+    for path, row in list(plan.rows_in(stage)):
+        if row.style == "heads":
+            ring = ContextParallelAttention(stage.get_submodule(path), topo.cp_group, layout)
+            stage.set_submodule(path, ring)
+    return stage
+
+
 # --------------------------------------------------------------------------- a check of itself
 
 
@@ -334,9 +390,11 @@ def _check_case(group, cp: int, seq_len: int, layout: str, dtype: str, dims: tup
         return t
 
     stats: dict[str, int] = {}
-    with CommCounter() as forward_comm, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # here, not at the top: instrument imports the engine (timeline), which imports this module
+    from lmkit.parallel.instrument import CommCounter as counter  # noqa: N813
+    with counter() as forward_comm, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = ring_attention(*mine, group=group, layout=layout, stats=stats)
-    with CommCounter() as backward_comm:
+    with counter() as backward_comm:
         out.backward(part(dout))
     pairs = {"out": (out, ref), "dq": (mine[0].grad, full[0].grad), "dk": (mine[1].grad, full[1].grad),
              "dv": (mine[2].grad, full[2].grad)}

@@ -49,6 +49,7 @@ from lmkit.checkpoint import Piece, load_optimizer_meta, optimizer_meta, shard_p
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
 from lmkit.model import InitialWeights, materialize
 from lmkit.parallel import plan
+from lmkit.parallel.context_parallel import parallelize_context, shard_sequence, validate_cp
 from lmkit.parallel.data_parallel import DataParallel
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.native_plan import quiet_redistribute
@@ -76,9 +77,20 @@ def on_meta(model: nn.Module) -> bool:
 
 
 def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_head: int, vocab_size: int,
-                    block_size: int, world_size: int | None = None) -> None:
+                    block_size: int, world_size: int | None = None, dropout: float = 0.0) -> None:
     """Every layout error, found before any process communicates (one clear message each)."""
     pcfg.validate(world_size=world_size)
+    if pcfg.cp > 1:
+        if pcfg.engine == "native":
+            raise ConfigError("parallel.cp > 1 needs engine='lmkit': torch 2.13's context_parallel does not "
+                              "run on CPU/gloo (see lmkit.parallel.context_parallel); use --engine lmkit")
+        if dropout > 0:
+            raise ConfigError(f"parallel.cp={pcfg.cp}: ring attention has no attention dropout but "
+                              f"model.dropout={dropout}; set dropout=0 or cp=1")
+        try:
+            validate_cp(block_size, pcfg.cp)
+        except ConfigError as e:
+            raise ConfigError(f"model.block_size={block_size}: {e}") from None
     if pcfg.engine == "native" and pcfg.zero == 1:
         raise ConfigError("parallel.zero=1 does not exist in engine='native': FSDP2 shards gradients and "
                           "optimizer state together; use zero=0 (replicate), 2 (fully_shard, parameters kept "
@@ -124,18 +136,23 @@ class EngineBase:
             stage.train(mode)
 
     def microbatches(self, sampler, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This data-parallel rank's microbatches of the global batch of `step`."""
-        return [sampler.batch(step, rank=self.topo.dp_rank, world=self.pcfg.dp, micro=i,
-                              micro_steps=self.micro_steps, device=self.topo.device)
+        """This data-parallel rank's microbatches of the global batch of `step` (under context
+        parallelism this cp rank's chunks of each sequence, tokens and targets alike)."""
+        return [self.cp_shard(*sampler.batch(step, rank=self.topo.dp_rank, world=self.pcfg.dp, micro=i,
+                                             micro_steps=self.micro_steps, device=self.topo.device))
                 for i in range(self.micro_steps)]
 
+    def cp_shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This context-parallel rank's chunks of the sequences `x` and their targets `y`."""
+        if self.topo.cp == 1:
+            return x, y
+        return tuple(shard_sequence(t, self.topo.cp_rank, self.topo.cp) for t in (x, y))
+
     def mean_over_dp(self, value: float) -> float:
-        """The global-batch mean of a per-rank mean (every dp rank has equally many tokens)."""
-        if self.pcfg.dp == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.topo.device)  # NCCL: device tensors only
-        dist.all_reduce(t, group=self.topo.dp_group)
-        return float(t) / self.pcfg.dp
+        """The global-batch mean of a per-rank mean (every dp x cp rank has equally many tokens, so
+        each token counts once)."""
+        topo = self.topo.gradient_view()
+        return group_mean(value, topo.dp_group, topo.dp, self.topo.device)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights by `GPT` parameter name (collective: every rank calls it)."""
@@ -158,10 +175,13 @@ class ParallelEngine(EngineBase):
 
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
         cfg = model.config
-        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size)
+        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size,
+                        cfg.dropout)
         self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
         initial = InitialWeights(model) if on_meta(model) else None
         self.stages: list[GPTStage] = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
+        for stage in self.stages:  # before tp, which hooks the ring attention like any attention
+            parallelize_context(stage, topo)
         if pcfg.tp > 1:
             for stage in self.stages:
                 parallelize_stage(stage, topo, pcfg.sequence_parallel, seed=tcfg.seed)
@@ -175,7 +195,7 @@ class ParallelEngine(EngineBase):
             self.load_full_state(initial, None)
         # Under pipelining the tied embedding's two copies get buckets of their own, so that ZeRO-2
         # gives the first and the last stage the same shard of it (their gradients are summed).
-        self.dp = DataParallel(self.named_params, topo, tcfg, zero=pcfg.zero,
+        self.dp = DataParallel(self.named_params, topo.gradient_view(), tcfg, zero=pcfg.zero,
                                isolate=("tok_emb.weight", "head.weight") if pcfg.pp > 1 and pcfg.zero == 2
                                else (), norm_weights=self._norm_weights())
         self.optimizer = self.dp.optimizer
@@ -281,14 +301,18 @@ class ParallelEngine(EngineBase):
                   autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
         """Loss of one (global) validation batch, computed by the pipeline and shared by all ranks."""
         self.train(False)
+        x, y = self.cp_shard(x, y)
         if self.pcfg.pp == 1:
             with autocast():
                 value = float(self.stages[0](x, y))
-            return value
+            return self._mean_over_cp(value)
         b, t = x.shape
         shape = activation_shape(b, t, self.config.d_model, self.pcfg.tp, self.pcfg.sequence_parallel)
         with autocast():
-            return pipeline_forward(self.stages, self.topo, x, y, shape)
+            return self._mean_over_cp(pipeline_forward(self.stages, self.topo, x, y, shape))
+
+    def _mean_over_cp(self, value: float) -> float:
+        return group_mean(value, self.topo.cp_group, self.topo.cp, self.topo.device)
 
     # ------------------------------------------------------------------ checkpoints
     def full_optimizer_state(self) -> dict[str, Any]:
@@ -323,7 +347,7 @@ class ParallelEngine(EngineBase):
         and the optimizer's hyper-parameters: what a sharded checkpoint saves and loads. Nothing is
         gathered; each box names its place in the full GPT tensor, and one replica of each writes
         (dp rank 0 for weights and unsharded moments, tp rank 0 for tp-replicated tensors)."""
-        topo, pieces = self.topo, []
+        topo, pieces = self.topo.gradient_view(), []  # dp rank 0 of dp x cp: one replica of each box
         specs = {name: self._spec(name) for name, _ in self.named_params}
         for name, param in self.named_params:
             source, spec = plan.saved_as(name), specs[name]
@@ -348,6 +372,15 @@ class ParallelEngine(EngineBase):
 
     def _shard_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return shard_full_param(*self._where[name], tensor)
+
+
+def group_mean(value: float, group, size: int, device: torch.device) -> float:
+    """The mean of `value` over the `size` ranks of `group` (collective; `value` itself if size 1)."""
+    if size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL: device tensors only
+    dist.all_reduce(t, group=group)
+    return float(t) / size
 
 
 def gather_over_pp(local: dict[str, Any], topo: Topology) -> dict[str, Any]:

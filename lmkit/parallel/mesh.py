@@ -1,19 +1,24 @@
-"""Process groups for a ``dp x tp x pp`` layout of the torchrun world.
+"""Process groups for a ``dp x cp x tp x pp`` layout of the torchrun world.
 
-Rank order (documented, and relied on everywhere): **tp fastest, then dp, then pp**::
+Rank order (documented, and relied on everywhere): **tp fastest, then cp, then dp, then pp**::
 
-    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    global_rank = ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
 
 Tensor-parallel peers therefore have consecutive ranks, so on a GPU cluster they share a node
 and its fast NVLink (tensor parallelism communicates inside every layer, twice per block);
-pipeline stages, which exchange only one activation per microbatch, are the farthest apart.
-This is Megatron-LM's default order.
+context-parallel peers (ring attention: K/V blocks every layer, `lmkit.parallel.context_parallel`)
+come next; pipeline stages, which exchange only one activation per microbatch, are the farthest
+apart. This is Megatron-LM's default order (tp-cp-dp-pp).
 
-Example, dp=2, tp=2, pp=2 (8 ranks)::
+Example, dp=2, tp=2, pp=2, cp=1 (8 ranks)::
 
     pp stage 0:  dp0 = [0, 1]  dp1 = [2, 3]      tp groups: [0,1] [2,3] [4,5] [6,7]
     pp stage 1:  dp0 = [4, 5]  dp1 = [6, 7]      dp groups: [0,2] [1,3] [4,6] [5,7]
                                                  pp groups: [0,4] [1,5] [2,6] [3,7]
+
+With cp=2, dp=2 (4 ranks) the cp groups are [0,1] [2,3] and the dp groups [0,2] [1,3]. The
+parameters are replicated over cp like over dp, so their gradients are averaged over the
+``grad_group``, dp x cp ranks ([0,1,2,3] here); every other group keeps its meaning.
 
 Every process must create every group in the same order (``new_group`` is collective), so
 `init_topology` builds all of them and keeps the ones this rank belongs to.
@@ -21,6 +26,7 @@ Every process must create every group in the same order (``new_group`` is collec
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from dataclasses import dataclass, field
@@ -30,18 +36,23 @@ import torch.distributed as dist
 
 from lmkit.config import ConfigError, ParallelConfig
 
-__all__ = ["Topology", "init_topology", "elastic_attempt_store", "rank_of", "coords_of",
+__all__ = ["Topology", "init_topology", "elastic_attempt_store", "rank_of", "coords_of", "cp_rank_of",
            "single_process_topology"]
 
 
-def rank_of(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int) -> int:
-    """Global rank of the process at (pp_rank, dp_rank, tp_rank)."""
-    return pp_rank * dp * tp + dp_rank * tp + tp_rank
+def rank_of(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int, cp_rank: int = 0, cp: int = 1) -> int:
+    """Global rank of the process at (pp_rank, dp_rank, cp_rank, tp_rank)."""
+    return ((pp_rank * dp + dp_rank) * cp + cp_rank) * tp + tp_rank
 
 
-def coords_of(rank: int, dp: int, tp: int) -> tuple[int, int, int]:
-    """(pp_rank, dp_rank, tp_rank) of a global rank: the inverse of `rank_of`."""
-    return rank // (dp * tp), (rank // tp) % dp, rank % tp
+def coords_of(rank: int, dp: int, tp: int, cp: int = 1) -> tuple[int, int, int]:
+    """(pp_rank, dp_rank, tp_rank) of a global rank: with `cp_rank_of`, the inverse of `rank_of`."""
+    return rank // (dp * cp * tp), (rank // (cp * tp)) % dp, rank % tp
+
+
+def cp_rank_of(rank: int, tp: int, cp: int) -> int:
+    """The context-parallel rank of a global rank."""
+    return (rank // tp) % cp
 
 
 @dataclass
@@ -68,10 +79,24 @@ class Topology:
     tp_ranks: list[int] = field(default_factory=lambda: [0])
     dp_ranks: list[int] = field(default_factory=lambda: [0])
     pp_ranks: list[int] = field(default_factory=lambda: [0])
+    cp: int = 1
+    cp_rank: int = 0
+    cp_group: object = None  # the ring of context parallelism
+    grad_group: object = None  # dp x cp: the ranks that average the parameters' gradients
+    grad_ranks: list[int] = field(default_factory=lambda: [0])
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
+
+    def gradient_view(self) -> Topology:
+        """This topology with the dp x cp ranks as its data-parallel group (what `DataParallel`
+        averages and ZeRO shards over: context parallelism is an extra data dimension for the
+        parameters); the same object when cp = 1."""
+        if self.cp == 1:
+            return self
+        return dataclasses.replace(self, dp=self.dp * self.cp, dp_rank=self.dp_rank * self.cp + self.cp_rank,
+                                   dp_group=self.grad_group, dp_ranks=list(self.grad_ranks), cp=1, cp_rank=0)
 
     @property
     def is_first_stage(self) -> bool:
@@ -88,7 +113,7 @@ class Topology:
 
     def pp_peer(self, pp_rank: int) -> int:
         """Global rank of the stage `pp_rank` process with this process's dp and tp ranks."""
-        return rank_of(pp_rank, self.dp_rank, self.tp_rank, self.dp, self.tp)
+        return rank_of(pp_rank, self.dp_rank, self.tp_rank, self.dp, self.tp, self.cp_rank, self.cp)
 
 
 def single_process_topology(device: torch.device | None = None) -> Topology:
@@ -142,8 +167,9 @@ def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 
                                                  "world_size": world}
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, **kwargs)
     rank = dist.get_rank()
-    pp_rank, dp_rank, tp_rank = coords_of(rank, cfg.dp, cfg.tp)
-    topo = Topology(cfg.dp, cfg.tp, cfg.pp, rank, dp_rank, tp_rank, pp_rank, dev)
+    dp, tp, pp, cp = cfg.dp, cfg.tp, cfg.pp, cfg.cp
+    pp_rank, dp_rank, tp_rank = coords_of(rank, dp, tp, cp)
+    topo = Topology(dp, tp, pp, rank, dp_rank, tp_rank, pp_rank, dev, cp=cp, cp_rank=cp_rank_of(rank, tp, cp))
 
     def build(groups: list[list[int]]) -> tuple[object, list[int]]:
         mine, ranks_of_mine = None, [rank]
@@ -153,14 +179,18 @@ def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 
                 mine, ranks_of_mine = group, ranks
         return mine, ranks_of_mine
 
-    dp, tp, pp = cfg.dp, cfg.tp, cfg.pp
-    topo.tp_group, topo.tp_ranks = build(
-        [[rank_of(p, d, t, dp, tp) for t in range(tp)] for p in range(pp) for d in range(dp)])
-    topo.dp_group, topo.dp_ranks = build(
-        [[rank_of(p, d, t, dp, tp) for d in range(dp)] for p in range(pp) for t in range(tp)])
-    topo.pp_group, topo.pp_ranks = build(
-        [[rank_of(p, d, t, dp, tp) for p in range(pp)] for d in range(dp) for t in range(tp)])
+    def at(p: int, d: int, c: int, t: int) -> int:
+        return rank_of(p, d, t, dp, tp, c, cp)
+
+    ev = [(p, d, c, t) for p in range(pp) for d in range(dp) for c in range(cp) for t in range(tp)]
+    topo.tp_group, topo.tp_ranks = build([[at(p, d, c, t) for t in range(tp)] for p, d, c, t in ev if t == 0])
+    topo.dp_group, topo.dp_ranks = build([[at(p, d, c, t) for d in range(dp)] for p, d, c, t in ev if d == 0])
+    topo.pp_group, topo.pp_ranks = build([[at(p, d, c, t) for p in range(pp)] for p, d, c, t in ev if p == 0])
     if pp > 1:
-        topo.embedding_group, _ = build(
-            [[rank_of(0, d, t, dp, tp), rank_of(pp - 1, d, t, dp, tp)] for d in range(dp) for t in range(tp)])
+        topo.embedding_group, _ = build([[at(0, d, c, t), at(pp - 1, d, c, t)]
+                                         for p, d, c, t in ev if p == 0])
+    if cp > 1:
+        topo.cp_group, _ = build([[at(p, d, c, t) for c in range(cp)] for p, d, c, t in ev if c == 0])
+        topo.grad_group, topo.grad_ranks = build(
+            [[at(p, d, c, t) for d in range(dp) for c in range(cp)] for p, d, c, t in ev if d == c == 0])
     return topo

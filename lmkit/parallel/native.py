@@ -108,7 +108,8 @@ class NativeEngine(EngineBase):
 
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
         cfg = model.config
-        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size)
+        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size,
+                        cfg.dropout)
         if pcfg.engine != "native":
             raise ConfigError(f"NativeEngine needs parallel.engine='native', got {pcfg.engine!r}")
         self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg

@@ -63,7 +63,8 @@ class GPTStage(nn.Module):
 
     Attributes set by tensor parallelism: ``tp_rank``, ``tp_size``, ``sequence_parallel``
     (activations between blocks are then ``[b, T / tp, d]``, this rank's slice of the sequence),
-    and ``loss_fn``.
+    and ``loss_fn``; by context parallelism: ``cp_size`` and ``cp_positions(T, device)`` (the
+    positions of this rank's ``T / cp`` tokens: inputs and activations are ``[b, T / cp, ...]``).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], is_first: bool, is_last: bool,
@@ -74,6 +75,7 @@ class GPTStage(nn.Module):
         self.is_first, self.is_last = is_first, is_last
         self.stage_index = stage_index
         self.tp_rank, self.tp_size, self.sequence_parallel = 0, 1, False
+        self.cp_size, self.cp_positions = 1, None  # context parallelism: `parallelize_context` sets both
         self.loss_fn = cross_entropy_loss
         self.activation_checkpointing = False
         if is_first:
@@ -86,12 +88,16 @@ class GPTStage(nn.Module):
         return nn.ModuleList(model.blocks[i] for i in self.layers)
 
     def embed(self, idx: Tensor) -> Tensor:
-        T = idx.size(1)
+        n = idx.size(1)  # this rank's tokens: the sequence's T / cp (its chunks under context parallelism)
+        T = n * self.cp_size
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
-        pos = self.pos_emb.weight[:T]
-        if self.sequence_parallel:  # this rank holds sequence positions [r*T/tp, (r+1)*T/tp)
-            chunk = T // self.tp_size
+        if self.cp_positions is None:
+            pos = self.pos_emb.weight[:T]
+        else:  # the positions of this rank's chunks of the sequence
+            pos = self.pos_emb(self.cp_positions(T, device=idx.device))
+        if self.sequence_parallel:  # this rank holds positions [r*n/tp, (r+1)*n/tp) of its n
+            chunk = n // self.tp_size
             pos = pos[self.tp_rank * chunk : (self.tp_rank + 1) * chunk]
         return self.drop(self.tok_emb(idx) + pos)
 
