@@ -266,7 +266,8 @@ def _train(args: argparse.Namespace, run: Any, train_cfg: TrainConfig, parallel_
         if talk:
             print(f"resumed from {info.directory} at step {info.step}", flush=True)
     if talk:
-        where = (f"dp={parallel_cfg.dp} tp={parallel_cfg.tp} pp={parallel_cfg.pp} over {world} processes"
+        cp = f" cp={parallel_cfg.cp}" if parallel_cfg.cp > 1 else ""
+        where = (f"dp={parallel_cfg.dp}{cp} tp={parallel_cfg.tp} pp={parallel_cfg.pp} over {world} processes"
                  if layout else "1 process")
         print(f"model: {run.model_config.arch}, {n_params:,} parameters | corpus {train_cfg.corpus}: "
               f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens "
