@@ -18,6 +18,11 @@ In the engine (`lmkit.parallel.engine`), `parallelize_context` gives every block
 names, the tensor-parallel rows and the checkpoints are unchanged) and tells the stage which
 positions its tokens have; the engine shards each microbatch with `shard_sequence` and averages the
 gradients over dp x cp (`lmkit.parallel.mesh.Topology.gradient_view`).
+
+PyTorch's own ``torch.distributed.tensor.experimental.context_parallel`` (torch 2.13) does not run
+on CPU/gloo: causal SDPA there dispatches to ``aten._scaled_dot_product_flash_attention_for_cpu``,
+which "does not have a sharding strategy registered" (and the math backend, forced, fails with
+"aten.add.Tensor got mixed torch.Tensor and DTensor"), so ``--engine native`` refuses ``cp > 1``.
 """
 
 from __future__ import annotations

@@ -82,8 +82,9 @@ def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_hea
     pcfg.validate(world_size=world_size)
     if pcfg.cp > 1:
         if pcfg.engine == "native":
-            raise ConfigError("parallel.cp > 1 needs engine='lmkit': torch 2.13's context_parallel does not "
-                              "run on CPU/gloo (see lmkit.parallel.context_parallel); use --engine lmkit")
+            raise ConfigError("parallel.cp > 1 needs engine='lmkit': the native engine has no context "
+                              "parallel (torch 2.13's context_parallel has no CPU sharding strategy for "
+                              "aten._scaled_dot_product_flash_attention_for_cpu); use --engine lmkit")
         if dropout > 0:
             raise ConfigError(f"parallel.cp={pcfg.cp}: ring attention has no attention dropout but "
                               f"model.dropout={dropout}; set dropout=0 or cp=1")
