@@ -15,11 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from lmkit import costs
-from lmkit.config import ConfigError
+from lmkit.config import ConfigError, ModelConfig
+from lmkit.model import GPT
 from lmkit.parallel.context_parallel import (
+    ContextParallelAttention,
     block_attention,
     chunk_ids,
     merge_partials,
+    parallelize_context,
     position_ids,
     ring_attention,
     ring_attention_worker,
@@ -28,6 +31,8 @@ from lmkit.parallel.context_parallel import (
     validate_cp,
 )
 from lmkit.parallel.launch import run_local
+from lmkit.parallel.mesh import Topology
+from lmkit.parallel.stage import build_stages
 
 WORLD = 4
 DIMS = {"batch": 2, "heads": 3, "head_dim": 8}
@@ -163,3 +168,18 @@ def test_merging_two_blocks_with_log_sum_exp_equals_softmax_over_both():
     merged, lse = merge_partials(*left, *right)
     assert torch.allclose(merged, full, atol=1e-14, rtol=0)
     assert torch.allclose(lse, torch.logsumexp(q @ k.transpose(-2, -1) * 0.5, -1), atol=1e-14, rtol=0)
+
+
+def test_stage_embeds_the_positions_of_its_zigzag_chunks():
+    """A cp rank's stage embeds its tokens at their own positions: its chunks of the full embedding."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=16, vocab_size=32, dropout=0.0))
+    idx = torch.randint(0, 32, (2, 16))
+    full = build_stages(model, 1, 0)[0].embed(idx)
+    for rank in range(2):
+        stage = parallelize_context(build_stages(model, 1, 0)[0], Topology(cp=2, cp_rank=rank))
+        assert isinstance(stage.blocks[0].attn, ContextParallelAttention)
+        mine = stage.embed(shard_sequence(idx, rank, 2))
+        torch.testing.assert_close(mine, shard_sequence(full, rank, 2), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sequence length 32 exceeds block_size=16"):
+        stage.embed(idx)  # 16 tokens of this rank: a 32-token sequence
