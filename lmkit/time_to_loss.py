@@ -198,8 +198,9 @@ class _Training:
 
 def train_curves(recipes: list[Recipe], train_tokens: Tensor, val_batches: Tensor, eval_every: int,
                  seed: int = 1337, data_seed: int = 0) -> list[Curve]:
-    """Train every recipe and return their `Curve`s, interleaved: each recipe in turn trains up to
-    its next evaluation, so machine noise (other jobs, clock changes) hits all of them alike.
+    """Train every recipe and return their `Curve`s, interleaved: the recipe furthest behind in its
+    own schedule trains up to its next evaluation, then the next one, so machine noise (other jobs,
+    clock changes) hits all of them alike, however many steps each has.
 
     Step ``i`` of every recipe trains on batch ``i`` of ``fixed_batches(train_tokens, ...,
     data_seed)`` (the same text in the same order for recipes of the same batch size); every
@@ -209,9 +210,10 @@ def train_curves(recipes: list[Recipe], train_tokens: Tensor, val_batches: Tenso
     """
     runs = [_Training(r, train_tokens, val_batches, seed, data_seed) for r in recipes]
     while not all(run.done for run in runs):
-        for run in runs:
-            if not run.done:
-                run.advance(eval_every)
+        # the run furthest behind in its own schedule goes next: short and long schedules progress in
+        # proportion and end together, so a change of load during the run hits every recipe alike
+        behind = min((run for run in runs if not run.done), key=lambda run: run.step / run.cfg.max_steps)
+        behind.advance(eval_every)
     return [run.curve for run in runs]
 
 
@@ -223,7 +225,7 @@ def train_curve(recipe: Recipe, train_tokens: Tensor, val_batches: Tensor, eval_
 
 #: lmkit's best recipe at nanoGPT's CPU budget, from chapter 7's ablation: the model options and the
 #: training changes that paid, and the schedule's length as a fraction of the baseline's steps.
-BEST_MODEL = {"pos": "rope", "norm": "rms"}
+BEST_MODEL = {"pos": "rope"}
 BEST_TRAIN = {"optimizer": "muon", "lr": 2e-3}
 BEST_STEPS_FRACTION = 0.3
 
