@@ -10,6 +10,11 @@ PORT    ?= 8000
 # Notebooks executed for the site (full parameters); `make book SMOKE=1` for a quick build.
 SMOKE   ?= 0
 
+# Offline machines: the data folder beside the checkout (Tiny Shakespeare for chapter 7), as .ci/run does.
+ifneq ($(wildcard ../shared/data/tinyshakespeare.txt),)
+export LMKIT_DATA ?= $(abspath ../shared/data)
+endif
+
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 EXECUTED  := $(patsubst notebooks/%.ipynb,book/chapters/%.ipynb,$(NOTEBOOKS))
 LMKIT_SRC := $(shell find lmkit -name '*.py' 2>/dev/null)

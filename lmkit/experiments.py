@@ -34,11 +34,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from lmkit import atomic
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.model import build_model
-from lmkit.parallel.instrument import AllocationTracker, Instrument, memory_report
+from lmkit.parallel.context_parallel import chunk_ids, position_ids, ring_attention, shard_sequence
+from lmkit.parallel.instrument import AllocationTracker, CommCounter, Instrument, memory_report
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import coords_of, cp_rank_of, init_topology
 from lmkit.parallel.pipeline import schedule_actions
@@ -46,6 +48,7 @@ from lmkit.tokenizer import CharTokenizer
 from lmkit.train import Trainer, build_engine, prepare_run, seed_everything
 
 __all__ = [
+    "ring_attention_worker",
     "layout_losses", "layout_name", "label", "max_relative_difference", "measure_layouts", "start_memory",
     "ideal_timeline",
     "group_label", "CHAPTER6_MODEL", "CHAPTER6_TEXT", "chapter6_model_config", "chapter6_train_config",
@@ -785,3 +788,72 @@ if __name__ == "__main__":
     from lmkit.experiments import main as _main
 
     sys.exit(_main())
+
+
+# --------------------------------------------------------------------------- ring attention, checked
+# (context parallelism, the book's chapter 5, section 5.8)
+
+
+def ring_attention_worker(cases: Sequence[tuple[int, int, str, str]], batch: int = 2, heads: int = 3,
+                          head_dim: int = 8, seed: int = 0) -> list[dict]:
+    """For `lmkit.parallel.launch.run_local`: ring attention against full causal attention, per case.
+
+    Each case is ``(cp, seq_len, layout, dtype)``; the world is cut into groups of ``cp``
+    consecutive ranks (ranks left over sit the case out), so one launch checks several ring sizes
+    on groups that are not the world. Every rank draws the same full q, k, v and output gradient,
+    computes the reference with ``F.scaled_dot_product_attention(is_causal=True)`` and its
+    gradients, then runs `ring_attention` on its own shard. Returns, per case this rank took part
+    in, the largest absolute difference of the output and of dq, dk, dv from this rank's part of
+    the reference (and the reference's largest magnitude); the forward's work (`ring_attention`'s
+    ``stats``); the calls and bytes of the sends and receives forward and backward
+    (`lmkit.parallel.instrument.CommCounter`); and the bytes the forward saves for backward.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    world, me = dist.get_world_size(), dist.get_rank()
+    groups = {}
+    for cp in sorted({case[0] for case in cases}):  # every rank creates every group, in one order
+        for first in range(0, world - cp + 1, cp):
+            group = dist.new_group(list(range(first, first + cp)))
+            if first <= me < first + cp:
+                groups[cp] = group
+    return [_check_case(groups[cp], cp, seq_len, layout, dtype, (batch, heads, head_dim), seed)
+            for cp, seq_len, layout, dtype in cases if cp in groups]
+
+
+def _check_case(group, cp: int, seq_len: int, layout: str, dtype: str, dims: tuple[int, int, int],
+                seed: int) -> dict:
+    rank, (batch, heads, head_dim) = dist.get_rank(group), dims
+    g = torch.Generator().manual_seed(seed + seq_len)
+    q, k, v, dout = (torch.randn(batch, heads, seq_len, head_dim, generator=g, dtype=getattr(torch, dtype))
+                     for _ in range(4))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*full, is_causal=True)
+    ref.backward(dout)
+
+    def part(t: Tensor) -> Tensor:
+        return shard_sequence(t.detach(), rank, cp, dim=2, layout=layout)
+
+    mine = [part(t).requires_grad_() for t in (q, k, v)]
+    saved: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    stats: dict[str, int] = {}
+    with CommCounter() as forward_comm, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ring_attention(*mine, group=group, layout=layout, stats=stats)
+    with CommCounter() as backward_comm:
+        out.backward(part(dout))
+    pairs = {"out": (out, ref), "dq": (mine[0].grad, full[0].grad), "dk": (mine[1].grad, full[1].grad),
+             "dv": (mine[2].grad, full[2].grad)}
+    return {
+        "cp": cp, "seq_len": seq_len, "layout": layout, "dtype": dtype, "rank": rank,
+        "shape": [batch, heads, seq_len // cp, head_dim], "chunks": list(chunk_ids(rank, cp, layout)),
+        "positions": position_ids(seq_len, rank, cp, layout).tolist(),
+        "max_diff": {name: (a.detach() - part(b)).abs().max().item() for name, (a, b) in pairs.items()},
+        "max_abs": {name: b.detach().abs().max().item() for name, (_, b) in pairs.items()},
+        "work": stats, "saved_bytes": sum(saved),
+        "comm": {"forward": forward_comm.summary(), "backward": backward_comm.summary()},
+    }

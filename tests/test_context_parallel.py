@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lmkit import costs
 from lmkit.config import ConfigError, ModelConfig
+from lmkit.experiments import ring_attention_worker
 from lmkit.model import GPT
 from lmkit.parallel.context_parallel import (
     ContextParallelAttention,
@@ -25,7 +26,6 @@ from lmkit.parallel.context_parallel import (
     parallelize_context,
     position_ids,
     ring_attention,
-    ring_attention_worker,
     shard_sequence,
     unshard_sequence,
     validate_cp,
