@@ -248,10 +248,9 @@ def _batch(T: int = 16):
     return idx, targets
 
 
-def _check_stage_matches_gpt(topo, sp: bool) -> None:
-    torch.manual_seed(0)
-    model = GPT(_tiny_config())
-    ref = copy.deepcopy(model)
+def _parallel_step(model, ref, topo, sp: bool, what: str):
+    """Parallelize `model` as one stage, run forward/backward on it and on `ref` (its single-process
+    copy), check the losses agree and return the stage with its gradients."""
     stage = tpm.parallelize_stage(build_stages(model, 1, 0)[0], topo, sequence_parallel=sp)
     idx, targets = _batch()
     _, ref_loss = ref(idx, targets)
@@ -259,7 +258,15 @@ def _check_stage_matches_gpt(topo, sp: bool) -> None:
     loss = stage(idx, targets)
     loss.backward()
     tpm.allreduce_sequence_parallel_grads([stage], topo)
-    _close(loss, ref_loss, what=f"stage loss sp={sp}")
+    _close(loss, ref_loss, what=f"{what} loss sp={sp}")
+    return stage
+
+
+def _check_stage_matches_gpt(topo, sp: bool) -> None:
+    torch.manual_seed(0)
+    model = GPT(_tiny_config())
+    ref = copy.deepcopy(model)
+    stage = _parallel_step(model, ref, topo, sp, what="stage")
     for name, p in stage.named_parameters():
         full = tpm.gather_full_param(stage, name, p.grad)
         ref_p = ref.get_parameter(stage.original_name(name))
@@ -277,7 +284,7 @@ def _check_stage_matches_gpt(topo, sp: bool) -> None:
 
     if sp:  # a sequence that cannot be split fails with a clear error, on every rank alike
         with pytest.raises(ConfigError, match="multiple of tp"):
-            stage(idx[:, :15], targets[:, :15])
+            stage(*(t[:, :15] for t in _batch()))
 
 
 def _check_untied_head(topo) -> None:
@@ -365,14 +372,7 @@ def _check_one_row_adds_a_projection(topo, sp: bool) -> None:
     rows = plan.GPT_PLAN
     plan.GPT_PLAN = rows + (plan.Row("blocks.*.mlp.gate", "column", "block"),)
     try:
-        stage = tpm.parallelize_stage(build_stages(model, 1, 0)[0], topo, sequence_parallel=sp)
-        idx, targets = _batch()
-        _, ref_loss = ref(idx, targets)
-        ref_loss.backward()
-        loss = stage(idx, targets)
-        loss.backward()
-        tpm.allreduce_sequence_parallel_grads([stage], topo)
-        _close(loss, ref_loss, what=f"gated loss sp={sp}")
+        stage = _parallel_step(model, ref, topo, sp, what="gated")
         gate = stage.blocks[0].mlp.gate
         assert isinstance(gate, tpm.ColumnParallelLinear) and gate.weight.shape == (64, 32)
         assert plan.tp_sharded("blocks.0.mlp.gate.weight")
