@@ -109,11 +109,13 @@ def _as_pad_tensor(
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    Per layer, ``k[i]`` and ``v[i]`` are preallocated ``[B, n_head, max_len, head_dim]`` tensors;
-    ``length`` is how many positions are filled. A forward call with the cache writes its new
-    positions at ``length`` and attends over ``[0, length + T)``. The tensors are allocated on the
-    first write, with the shape, dtype and device of the first keys seen, so the cache needs no
-    knowledge of the (possibly tensor-parallel, hence local) head count.
+    Per layer, one preallocated ``[2, B, n_head, max_len, head_dim]`` tensor ``kv[i]`` holds the
+    keys (``k[i] = kv[i][0]``) and the values (``v[i] = kv[i][1]``); ``length`` is how many
+    positions are filled. A forward call with the cache writes its new positions at ``length``,
+    in place (one copy per layer for keys and values together, no ``torch.cat``), and attends
+    over ``[0, length + T)``. The tensors are allocated on the first write, with the shape, dtype
+    and device of the first keys seen, so the cache needs no knowledge of the (possibly
+    tensor-parallel, hence local) head count.
 
     ``left_pad`` (optional, [B]) marks left padding: columns ``< left_pad[b]`` of row ``b`` are
     padding that no query may attend to, and position ids count from the first real token.
@@ -126,6 +128,7 @@ class KVCache:
         self.max_len = max_len
         self.left_pad = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long)
         self.length = 0
+        self.kv: list[Tensor | None] = [None] * n_layer
         self.k: list[Tensor | None] = [None] * n_layer
         self.v: list[Tensor | None] = [None] * n_layer
 
@@ -133,18 +136,17 @@ class KVCache:
         """Forget the contents (the storage is kept for the next sequence of the same shape)."""
         self.length = 0
 
-    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write `k`, `v` ([B, H, T, hd]) at positions start..start+T; return the filled prefix."""
-        B, H, T, hd = k.shape
+    def update(self, layer: int, start: int, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Write keys and values ``kv`` ([2, B, H, T, hd]) at positions start..start+T; return the
+        filled prefixes of the keys and of the values ([B, H, start+T, hd] each)."""
+        _, B, H, T, hd = kv.shape
         end = start + T
-        ck = self.k[layer]
-        if ck is None or ck.shape[0] != B:
-            ck = self.k[layer] = k.new_empty(B, H, self.max_len, hd)
-            self.v[layer] = v.new_empty(B, H, self.max_len, hd)
-        cv = self.v[layer]
-        ck[:, :, start:end] = k
-        cv[:, :, start:end] = v
-        return ck[:, :, :end], cv[:, :, :end]
+        store = self.kv[layer]
+        if store is None or store.shape[1] != B:
+            store = self.kv[layer] = kv.new_empty(2, B, H, self.max_len, hd)
+            self.k[layer], self.v[layer] = store.unbind(0)
+        store.narrow(3, start, T).copy_(kv)
+        return store[:, :, :, :end].unbind(0)
 
 
 # --------------------------------------------------------------------------- GPT
@@ -222,18 +224,30 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x)
         width = qkv.size(-1) // 3  # local width (and heads) under tensor parallelism
         H = width // hd
-        q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(width, dim=-1))
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # rotate before caching: cached keys keep their own positions
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(layer, start, k, v)
+        if cache is not None:  # decoding: q, k, v as one [3, B, H, T, hd] view, k and v cached at once
+            qkv3 = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+            q, kv = qkv3[0], qkv3[1:]
+            if hasattr(self, "q_norm") or rope is not None:
+                k, v = kv.unbind(0)
+                if hasattr(self, "q_norm"):
+                    q, k = self.q_norm(q), self.k_norm(k)
+                if rope is not None:  # rotate before caching: cached keys keep their own positions
+                    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+                kv = torch.stack((k, v))
+            k, v = cache.update(layer, start, kv)
+        else:  # training layout (split + view + transpose: its backward is the faster one here)
+            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(width, dim=-1))
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )
-        y = y.transpose(1, 2).reshape(B, T, width)
-        return self.resid_drop(self.proj(y))
+        # [B, H, T, hd] -> [B, T, H * hd]; with one query per row that is a view (no copy)
+        y = y.reshape(B, T, width) if T == 1 else y.transpose(1, 2).reshape(B, T, width)
+        y = self.proj(y)
+        return self.resid_drop(y) if self.resid_drop.training else y  # identity in eval mode: skip the call
 
 
 class MLP(nn.Module):
@@ -246,7 +260,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.proj(self.act(self.fc(x))))
+        y = self.proj(self.act(self.fc(x)))
+        return self.drop(y) if self.drop.training else y  # identity in eval mode: skip the call
 
 
 class Block(nn.Module):
@@ -518,10 +533,12 @@ class GPT(nn.Module):
 
         rope = None
         if c.pos == "rope":
-            x = self.drop(self.tok_emb(idx))
+            x = self.tok_emb(idx)
             rope = rope_tables(pos_ids, c.head_dim)
         else:
-            x = self.drop(self.tok_emb(idx) + self.pos_emb(pos_ids))
+            x = self.tok_emb(idx) + self.pos_emb(pos_ids)
+        if self.drop.training:  # dropout is the identity in eval mode: skip the call
+            x = self.drop(x)
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.blocks):
             if ckpt:
