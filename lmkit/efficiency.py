@@ -14,12 +14,14 @@ tested tools that measure both sides of each trade on a `GPT`:
 * `eval_loss` - the mean cross-entropy over fixed, contiguous windows of a token array;
 * `greedy_agreement` - how often a changed model (int8, pruned) picks the same next token;
 * `decode_tokens_per_s` - greedy KV-cache decoding speed of one prompt or a batch;
+* `count_ops` / `decode_step_ops` - the operators a call (one cached decoding step) dispatches;
 * `interleaved_medians` - timings of several variants, interleaved round by round, so that a
   noisy machine slows all of them alike.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import statistics
 import time
@@ -29,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "saved_tensor_bytes",
@@ -47,6 +50,8 @@ __all__ = [
     "interleaved_medians",
     "greedy_agreement",
     "decode_tokens_per_s",
+    "count_ops",
+    "decode_step_ops",
 ]
 
 
@@ -338,3 +343,55 @@ def decode_tokens_per_s(model: nn.Module, prompt: list[int] | list[list[int]], n
     out = generate(model, prompts, new_tokens, greedy=True)
     seconds = time.perf_counter() - start
     return sum(len(o) for o in out) / max(seconds, 1e-9)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every operator that reaches the dispatcher below autograd (views included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket).removeprefix("aten.")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> collections.Counter[str]:
+    """The operators (name -> calls) that `fn()` dispatches, counted by a ``TorchDispatchMode``
+    (so below autograd: the ATen and quantized kernels a CPU runs, views included)."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.counts
+
+
+@torch.inference_mode()
+def decode_step_ops(model: nn.Module, context: int, batch: int = 1) -> collections.Counter[str]:
+    """The operators (name -> calls) of one KV-cache decoding step after `context` cached tokens.
+
+    At small sizes a step's time is mostly the fixed cost of its operator calls (each goes
+    through Python and the dispatcher), so their number is what the decoding path keeps low: no
+    ``cat`` (the cache is written in place), no mask at one query without padding, one cache
+    write per layer. The model's token-id check is skipped as during decoding (`lmkit.generate`).
+    """
+    cfg = model.config
+    if context + 1 > cfg.block_size:
+        raise ValueError(f"context={context} leaves no room for a step within block_size={cfg.block_size}")
+    cache = model.new_kv_cache(batch, context + 1)
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    model.eval()
+    model(torch.randint(0, cfg.vocab_size, (batch, context), generator=gen).to(device), kv_cache=cache,
+          last_only=True)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    had_flag = "check_token_ids" in vars(model)
+    flag = model.check_token_ids
+    model.check_token_ids = False
+    try:
+        counts = count_ops(lambda: model(token, kv_cache=cache, last_only=True))
+    finally:
+        if had_flag:
+            model.check_token_ids = flag
+        else:
+            del model.check_token_ids
+    return counts

@@ -184,3 +184,17 @@ def test_dynamic_int8_linear_uses_the_per_channel_weights_and_repacks_on_load():
     with torch.no_grad():
         assert torch.equal(other(x), out)
     assert set(fast.state_dict()) == {"weight_int8", "scale", "bias"}
+
+
+def test_count_ops_counts_the_dispatched_operators_and_decode_step_ops_checks_its_context():
+    x = torch.ones(3)
+    ops = efficiency.count_ops(lambda: (x + 1).mul(2).sum())
+    assert ops == {"add": 1, "mul": 1, "sum": 1}
+    model = tiny().eval()
+    step = efficiency.decode_step_ops(model, context=CFG.block_size - 1)
+    assert step["scaled_dot_product_attention"] == CFG.n_layer and step["embedding"] == 2
+    if efficiency.dynamic_quantization_available():  # int8: the same step with int8 kernels
+        int8 = efficiency.decode_step_ops(efficiency.quantize_int8(copy.deepcopy(model)), context=5)
+        assert int8["quantized.linear_dynamic"] == 4 * CFG.n_layer and int8["linear"] == 1
+    with pytest.raises(ValueError, match="block_size"):
+        efficiency.decode_step_ops(model, context=CFG.block_size)

@@ -117,6 +117,41 @@ def test_cached_and_uncached_logits_match_per_step(model):
         assert generate(model, [p], 20, temperature=0) == [new[b]]
 
 
+def test_fp32_greedy_tokens_with_the_cache_equal_the_no_cache_forward(model):
+    """One unpadded prompt (the decoding path without any mask, keys and values written in place):
+    40 greedy tokens from the KV cache are those of recomputing the whole sequence every step."""
+    prompt = [5, 9, 1, 33, 7, 2, 8, 40]
+    tokens = torch.tensor([prompt])
+    with torch.inference_mode():
+        for _ in range(40):
+            nxt = model(tokens)[0][:, -1].argmax(-1, keepdim=True)  # the plain forward, no cache
+            tokens = torch.cat([tokens, nxt], 1)
+    expected = tokens[0, len(prompt) :].tolist()
+    assert generate(model, [prompt], 40, greedy=True) == [expected]
+    assert generate(model, [prompt], 40, greedy=True, use_cache=False) == [expected]
+    assert len(set(expected)) >= 4, "varied tokens: the check is not passed by a constant prediction"
+
+
+def test_a_decoding_step_writes_the_cache_in_place_and_builds_no_mask(model):
+    """What one cached step at one query dispatches: one cache write per layer (no ``cat``), no
+    mask, no dropout call in eval mode, one attention and four linears per layer plus the head."""
+    from lmkit.efficiency import decode_step_ops
+
+    L = model.config.n_layer
+    ops = decode_step_ops(model, context=20)
+    assert ops["copy_"] == L and "cat" not in ops and "stack" not in ops
+    assert not {"dropout", "native_dropout", "le", "ge", "bitwise_and", "logical_and"} & set(ops)
+    assert ops["scaled_dot_product_attention"] == L and ops["linear"] == 4 * L + 1
+    assert sum(ops.values()) <= 20 * L + 8, f"{sum(ops.values())} operators per step: {dict(ops)}"
+    cache = model.new_kv_cache(1, 8)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), kv_cache=cache)
+    for i in range(L):  # keys and values are the two halves of one tensor per layer
+        assert cache.k[i].data_ptr() == cache.kv[i].data_ptr()
+        assert cache.v[i].data_ptr() == cache.kv[i][1].data_ptr()
+    assert model.check_token_ids is True and "check_token_ids" not in vars(model)
+
+
 def test_past_block_size_cache_falls_back_to_cropping():
     torch.manual_seed(1)
     m = GPT(ModelConfig(vocab_size=V, block_size=16, n_layer=1, n_head=2, d_model=16)).eval()
