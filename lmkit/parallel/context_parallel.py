@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,7 @@ __all__ = [
     "block_attention",
     "merge_partials",
     "ring_attention",
+    "RingObserver",
     "RingAttention",
     "ContextParallelAttention",
     "parallelize_context",
@@ -169,6 +171,23 @@ def _wait(works: list) -> None:
         work.wait()
 
 
+#: ``on_event(phase, what, ring_step, start, end, blocks)``: ``phase`` "forward" or "backward"; ``what``
+#: "compute" (the step's score blocks, ``blocks`` of them), "kv" / "dkv" (a K/V block / dK/dV accumulator
+#: in flight: posted to waited for) or "wait" (blocked in ``wait``); times from `time.perf_counter`.
+RingObserver = Callable[[str, str, int, float, float, int], None]
+
+
+def _now(on_event: RingObserver | None) -> float:
+    return time.perf_counter() if on_event is not None else 0.0
+
+
+def _report(on_event: RingObserver | None, phase: str, what: str, step: int, start: float,
+            blocks: int = 0) -> None:
+    """Tell `on_event` (if any) that `what` of ring step `step` ran from `start` until now."""
+    if on_event is not None:
+        on_event(phase, what, step, start, time.perf_counter(), blocks)
+
+
 def _block_pairs(rank: int, src: int, cp: int, layout: str):
     """(query chunk slot, key chunk slot, causal) for each score block rank `rank` computes against
     the keys of rank `src`; blocks entirely above the diagonal (keys after every query) are skipped."""
@@ -204,7 +223,7 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group, layout: str, scale: float,
-                stats: dict | None) -> Tensor:
+                stats: dict | None, on_event: RingObserver | None) -> Tensor:
         cp, rank, right, left = _ring_peers(group)
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax statistics in at least fp32
         n = len(chunk_ids(rank, cp, layout))
@@ -214,29 +233,36 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()  # one message per step: [2, B, H, T, hd]
         for step in range(cp):
             src = (rank - step) % cp  # whose block this rank holds now
+            posted = _now(on_event)
             if step < cp - 1:  # start moving it on before computing with it: overlap
                 incoming = torch.empty_like(kv)
                 works = _start_exchange(kv, incoming, right, left, group, tag=0)
+            began, blocks = _now(on_event), 0
             ks, vs = kv[0].chunk(n, dim=-2), kv[1].chunk(n, dim=-2)
             for i, j, causal in _block_pairs(rank, src, cp, layout):
+                blocks += 1
                 _count(stats, qs[i], ks[j], causal)
                 o, lse = block_attention(qs[i].to(acc), ks[j].to(acc), vs[j].to(acc), causal, scale)
                 if outs[i] is None:
                     outs[i], lses[i] = o, lse
                 else:
                     outs[i], lses[i] = merge_partials(outs[i], lses[i], o, lse)
+            _report(on_event, "forward", "compute", step, began, blocks)
             if step < cp - 1:
+                waited = _now(on_event)
                 _wait(works)
+                _report(on_event, "forward", "wait", step, waited)
+                _report(on_event, "forward", "kv", step, posted)
                 kv = incoming
         out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.layout, ctx.scale = group, layout, scale
+        ctx.group, ctx.layout, ctx.scale, ctx.on_event = group, layout, scale, on_event
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        group, layout, scale = ctx.group, ctx.layout, ctx.scale
+        group, layout, scale, on_event = ctx.group, ctx.layout, ctx.scale, ctx.on_event
         cp, rank, right, left = _ring_peers(group)
         acc = out.dtype
         n = len(chunk_ids(rank, cp, layout))
@@ -249,43 +275,62 @@ class RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v]).contiguous()
         dkv_in: Tensor | None = None  # the accumulator arriving from the left: for the next block
         dkv_works: list = []
+        dkv_posted = 0.0
         for step in range(cp):
             src = (rank - step) % cp
+            posted = _now(on_event)
             if step < cp - 1:
                 incoming = torch.empty_like(kv)
                 kv_works = _start_exchange(kv, incoming, right, left, group, tag=0)
+            began, blocks = _now(on_event), 0
             ks, vs = kv[0].to(acc).chunk(n, dim=-2), kv[1].to(acc).chunk(n, dim=-2)
             dkv = torch.zeros_like(kv, dtype=acc)  # this rank's share of src's block gradient
             dks, dvs = dkv[0].chunk(n, dim=-2), dkv[1].chunk(n, dim=-2)
             for i, j, causal in _block_pairs(rank, src, cp, layout):
+                blocks += 1
                 # the forward's probabilities, recomputed from its scores and log-sum-exp
                 p = torch.exp(_scores(qs[i], ks[j], causal, scale) - lses[i].unsqueeze(-1))
                 dvs[j].add_(p.transpose(-2, -1) @ dos[i])
                 ds = p * (dos[i] @ vs[j].transpose(-2, -1) - deltas[i].unsqueeze(-1))
                 dqs[i].add_((ds @ ks[j]) * scale)
                 dks[j].add_((ds.transpose(-2, -1) @ qs[i]) * scale)
+            _report(on_event, "backward", "compute", step, began, blocks)
             if step > 0:  # add what the ranks before us accumulated for the same block
+                waited = _now(on_event)
                 _wait(dkv_works)
+                _report(on_event, "backward", "wait", step, waited)
+                _report(on_event, "backward", "dkv", step - 1, dkv_posted)
                 dkv += dkv_in
             if cp == 1:
                 dkv_in = dkv
             else:  # pass the accumulator on, one hop behind its block
                 dkv_in = torch.empty_like(dkv)
+                dkv_posted = _now(on_event)
                 dkv_works = _start_exchange(dkv, dkv_in, right, left, group, tag=1)
             if step < cp - 1:
+                waited = _now(on_event)
                 _wait(kv_works)
+                _report(on_event, "backward", "wait", step, waited)
+                _report(on_event, "backward", "kv", step, posted)
                 kv = incoming
-        _wait(dkv_works)  # the last hop: our own block's gradient, summed over every rank
-        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None)
+        if cp > 1:  # the last hop: our own block's gradient, summed over every rank
+            waited = _now(on_event)
+            _wait(dkv_works)
+            _report(on_event, "backward", "wait", cp - 1, waited)
+            _report(on_event, "backward", "dkv", cp - 1, dkv_posted)
+        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None, None)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, layout: str = "zigzag",
-                   scale: float | None = None, stats: dict | None = None) -> Tensor:
+                   scale: float | None = None, stats: dict | None = None,
+                   on_event: RingObserver | None = None) -> Tensor:
     """Causal attention of this rank's ``[B, H, T, hd]`` q, k, v (its `shard_sequence` part) over the
     whole sequence held by the ranks of `group`; the output is this rank's part of the full result.
 
     `stats`, if given, accumulates the forward's work on this rank: ``blocks`` (score blocks computed),
     ``scores`` (score entries computed) and ``unmasked`` (entries the causal mask keeps).
+    `on_event`, if given, is told of every ring step's compute, transfers and waits, forward and
+    backward (`RingObserver`; `lmkit.parallel.timeline.attach_timeline` records them as events).
     """
     cp = _ring_peers(group)[0]
     validate_cp(q.size(-2) * cp, cp, layout)
@@ -293,7 +338,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, layout: str = "z
         raise ValueError(f"ring_attention needs q, k and v of one shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    return RingAttention.apply(q, k, v, group, layout, scale, stats)
+    return RingAttention.apply(q, k, v, group, layout, scale, stats, on_event)
 
 
 # --------------------------------------------------------------------------- in the model
@@ -309,6 +354,7 @@ class ContextParallelAttention(nn.Module):
         self.n_head, self.head_dim = attn.n_head, attn.head_dim
         self.qkv, self.proj, self.resid_drop = attn.qkv, attn.proj, attn.resid_drop
         self.group, self.layout = group, layout
+        self.on_event: RingObserver | None = None  # set by `lmkit.parallel.timeline.attach_timeline`
 
     def forward(self, x: Tensor, mask: Tensor | None = None, is_causal: bool = True, cache=None,
                 layer: int = 0, start: int = 0, rope=None) -> Tensor:
@@ -320,7 +366,7 @@ class ContextParallelAttention(nn.Module):
         width = qkv.size(-1) // 3  # local width under tensor parallelism
         q, k, v = (t.view(B, T, width // self.head_dim, self.head_dim).transpose(1, 2)
                    for t in qkv.split(width, dim=-1))
-        y = ring_attention(q, k, v, group=self.group, layout=self.layout)
+        y = ring_attention(q, k, v, group=self.group, layout=self.layout, on_event=self.on_event)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, width)))
 
     def extra_repr(self) -> str:

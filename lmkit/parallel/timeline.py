@@ -2,7 +2,8 @@
 
 `Timeline` records ``{rank, step, kind, microbatch, chunk, start, end}`` events (forward and
 backward per stage module or reported by the lmkit pipeline, send/recv from the `CommCounter` of
-`lmkit.parallel.instrument`); `idle_fractions` measures each rank's idle share of a step: ``1 -
+`lmkit.parallel.instrument`; under context parallelism also every ring step of every layer's ring
+attention, `RING_KINDS`); `idle_fractions` measures each rank's idle share of a step: ``1 -
 busy / T`` with ``busy`` the union of its forward/backward intervals and ``T`` the first start to
 the last end of any rank's. The book, chapter 5, section 5.6, and chapter 6.
 """
@@ -19,12 +20,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lmkit.parallel.context_parallel import ContextParallelAttention, RingObserver
 from lmkit.parallel.engine import ParallelEngine
+from lmkit.parallel.stage import GPTStage
 
-__all__ = ["COMPUTE_KINDS", "Timeline", "read_jsonl", "attach_timeline", "modules_of", "reports_events",
-           "idle_fractions"]
+__all__ = ["COMPUTE_KINDS", "RING_KINDS", "Timeline", "read_jsonl", "attach_timeline", "modules_of",
+           "reports_events", "idle_fractions"]
 
 COMPUTE_KINDS = ("forward", "backward")
+#: Ring attention's events (`Timeline.ring_observer`): a ring step's block compute, forward and
+#: backward; a K/V block and a dK/dV accumulator in flight (posted to waited for); blocked in a wait.
+RING_KINDS = {"compute": ("ring_forward", "ring_backward"), "kv": "kv_transfer", "dkv": "dkv_transfer",
+              "wait": "ring_wait"}
 
 
 def _global_rank() -> int:
@@ -63,11 +70,31 @@ class Timeline:
         return n
 
     def add(self, kind: str, microbatch: int, chunk: int, start: float, end: float,
-            step: tuple[int, float] | None = None) -> None:
-        """Record an event; `step` = ``(step, origin)`` pins it to a step that may have ended."""
+            step: tuple[int, float] | None = None, **extra: Any) -> None:
+        """Record an event; `step` = ``(step, origin)`` pins it to a step that may have ended;
+        `extra` adds fields of its own (a ring step's ``phase``, ``ring_step``, ``blocks``)."""
         index, origin = step if step is not None else (self.step, self.origin)
         self.events.append({"rank": self.rank, "step": index, "kind": kind, "microbatch": int(microbatch),
-                            "chunk": int(chunk), "start": start - origin, "end": end - origin})
+                            "chunk": int(chunk), "start": start - origin, "end": end - origin, **extra})
+
+    def ring_observer(self, layer: int) -> RingObserver:
+        """`ring_attention`'s ``on_event`` for layer `layer`: events of `RING_KINDS` with ``chunk`` =
+        the layer, ``microbatch`` = which pass of that layer in this step (forward and backward counted
+        apart: the microbatch under pipelining), and ``phase``, ``ring_step`` and ``blocks`` (score
+        blocks of a compute event)."""
+        passes: dict[str, list[int]] = {}  # phase -> [step, passes begun in it]
+
+        def on_event(phase: str, what: str, ring_step: int, start: float, end: float, blocks: int) -> None:
+            seen = passes.setdefault(phase, [self.step, -1])
+            if seen[0] != self.step:
+                seen[:] = [self.step, -1]
+            if what == "compute" and ring_step == 0:  # a pass begins with the step on its own block
+                seen[1] += 1
+            names = RING_KINDS[what]
+            kind = names[phase == "backward"] if isinstance(names, tuple) else names
+            self.add(kind, seen[1], layer, start, end, phase=phase, ring_step=ring_step, blocks=blocks)
+
+        return on_event
 
     def on_event(self, kind: str, microbatch: int, chunk: int, t_start: float, t_end: float) -> None:
         self.add(kind, microbatch, chunk, t_start, t_end)
@@ -156,6 +183,20 @@ def reports_events(engine: Any) -> bool:
     return isinstance(engine, ParallelEngine) and _pp_size(engine) > 1
 
 
+def _attach_rings(engine: Any, timeline: Timeline) -> list[ContextParallelAttention]:
+    """Give every ring attention of `engine`'s stages an observer that records into `timeline`."""
+    rings = []
+    for stage in modules_of(engine):
+        if not isinstance(stage, GPTStage):  # the plain GPT, the native engine: no ring attention
+            continue
+        blocks = stage.blocks.values() if isinstance(stage.blocks, nn.ModuleDict) else stage.blocks
+        for layer, block in zip(stage.layers, blocks, strict=True):
+            if isinstance(block.attn, ContextParallelAttention):
+                block.attn.on_event = timeline.ring_observer(layer)
+                rings.append(block.attn)
+    return rings
+
+
 def attach_timeline(engine: Any, timeline: Timeline) -> Callable[[], None]:
     """Record `engine`'s forward/backward (and pipeline send/recv) events; returns a remover.
 
@@ -164,7 +205,14 @@ def attach_timeline(engine: Any, timeline: Timeline) -> Callable[[], None]:
     native engine, whose ``torch.distributed.pipelining`` schedule has no such callback)
     forward hooks time each stage module (``engine.stages``, ``engine.model``, or `engine`
     itself if it is a module); the native pipeline's send/recv then come from the counter.
+    Under context parallelism every layer's ring attention reports its ring steps (`RING_KINDS`).
     """
+    rings = _attach_rings(engine, timeline)
+
+    def detach_rings() -> None:
+        for ring in rings:
+            ring.on_event = None
+
     if reports_events(engine):
         method = engine.forward_backward
         had = "forward_backward" in vars(engine)
@@ -180,6 +228,7 @@ def attach_timeline(engine: Any, timeline: Timeline) -> Callable[[], None]:
         engine.forward_backward = forward_backward
 
         def remove() -> None:
+            detach_rings()
             if had:
                 engine.forward_backward = method
             else:
@@ -189,6 +238,7 @@ def attach_timeline(engine: Any, timeline: Timeline) -> Callable[[], None]:
     handles = [h for chunk, m in enumerate(modules_of(engine)) for h in _time_module(m, timeline, chunk)]
 
     def remove_hooks() -> None:
+        detach_rings()
         for handle in handles:
             handle.remove()
 
