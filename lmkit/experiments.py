@@ -44,14 +44,16 @@ from lmkit.parallel.instrument import AllocationTracker, CommCounter, Instrument
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import coords_of, cp_rank_of, init_topology
 from lmkit.parallel.pipeline import schedule_actions
+from lmkit.parallel.timeline import RING_KINDS
 from lmkit.tokenizer import CharTokenizer
 from lmkit.train import Trainer, build_engine, prepare_run, seed_everything
 
 __all__ = [
     "ring_attention_worker",
     "layout_losses", "layout_name", "label", "max_relative_difference", "measure_layouts", "start_memory",
-    "ideal_timeline",
-    "group_label", "CHAPTER6_MODEL", "CHAPTER6_TEXT", "chapter6_model_config", "chapter6_train_config",
+    "ideal_timeline", "ring_pass",
+    "group_label", "CHAPTER6_MODEL", "CHAPTER6_TEXT", "CHAPTER6_CP_LAYOUTS", "chapter6_model_config",
+    "chapter6_train_config",
     "chapter6_layouts", "chapter6_checkpoint_plan", "run_chapter6", "load_results", "summary_table", "main",
 ]
 
@@ -152,17 +154,28 @@ def _barrier() -> None:
 
 def _measure_worker(model: dict, train: dict, layouts: list[dict | None], steps: int, warmup: int,
                     text: str | None, cache_dir: str | None) -> list[dict[str, Any]]:
-    """One rank of `measure_layouts`: every layout of `layouts` (same dp x tp x pp) in turn.
+    """One rank of `measure_layouts`: every layout of `layouts` (one world size) in turn.
 
-    A ``None`` layout is the plain single-process `Trainer` (no engine), run on one process.
+    Each ``dp x cp x tp x pp`` builds its process groups once (`init_topology` on the one default
+    group). A ``None`` layout is the plain single-process `Trainer` (no engine), run on one process.
     """
     mc, tc = ModelConfig(**model), TrainConfig(**train)
-    first = next((lay for lay in layouts if lay is not None), None)
-    topology = init_topology(ParallelConfig(**first), tc.device) if first is not None else None
+    topologies: dict[tuple[int, ...], Any] = {}
+
+    def topology_of(pc: ParallelConfig | None) -> Any:
+        if pc is None:
+            return None
+        shape = (pc.dp, pc.cp, pc.tp, pc.pp)
+        if shape not in topologies:  # every rank builds the same groups in the same order
+            topologies[shape] = init_topology(pc, tc.device)
+        return topologies[shape]
+
+    topology_of(next((ParallelConfig(**lay) for lay in layouts if lay is not None), None))
     run = prepare_run(mc, tc, text=text, cache_dir=Path(cache_dir) if cache_dir else None)
     results = []
     for layout in layouts:
         pc = ParallelConfig(**layout) if layout is not None else None
+        topology = topology_of(pc)
         seed_everything(tc.seed)
         with torch.device("meta") if pc is not None else contextlib.nullcontext():  # a rank builds its part
             model_ = build_model(run.model_config)
@@ -190,8 +203,8 @@ def _measure_worker(model: dict, train: dict, layouts: list[dict | None], steps:
         topo = trainer.topology
         results.append({
             "layout": layout, "rank": topo.rank if topo else 0, "world_size": topo.world_size if topo else 1,
-            "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "tp": topo.tp_rank} if topo else
-            {"pp": 0, "dp": 0, "tp": 0},
+            "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "cp": topo.cp_rank, "tp": topo.tp_rank} if topo
+            else {"pp": 0, "dp": 0, "cp": 0, "tp": 0},
             "step_s": [s["wall_s"] for s in inst.steps], "plain_step_s": plain,
             "counter_overhead_s": [s["counter_overhead_s"] for s in inst.steps],
             "comm": comm, "records": inst.counter.records,
@@ -206,9 +219,9 @@ def _measure_worker(model: dict, train: dict, layouts: list[dict | None], steps:
     return results
 
 
-def _shape(layout: ParallelConfig | None) -> tuple[int, int, int]:
-    """``(dp, tp, pp)``: layouts of one shape share a launch (and its process groups)."""
-    return (1, 1, 1) if layout is None else (layout.dp, layout.tp, layout.pp)
+def _world(layout: ParallelConfig | None) -> int:
+    """Ranks of a layout (1 for the plain trainer): layouts of one world size share a launch."""
+    return 1 if layout is None else layout.world_size
 
 
 def measure_layouts(model_cfg: ModelConfig, train_cfg: TrainConfig, layouts: Sequence[ParallelConfig | None],
@@ -217,11 +230,12 @@ def measure_layouts(model_cfg: ModelConfig, train_cfg: TrainConfig, layouts: Seq
     """Train each layout with the real `Trainer`: `warmup` steps, then `steps` pairs of one plain
     and one instrumented step (alternating, so that the instrumentation's cost is measured too).
 
-    Layouts with the same ``dp x tp x pp`` share one `run_local` launch (one process group,
-    one `Trainer` after another); ``None`` is the plain single-process trainer (one forked
-    process). Returns, per layout, ``{"name", "layout", "ranks": [...]}`` where each rank
-    reports ``step_s`` (instrumented steps), ``plain_step_s``, ``comm`` (the last step's
-    collectives by kind and group: ``{kind, ranks, calls, bytes, wire_bytes}``), ``records``
+    Layouts with the same number of ranks share one `run_local` launch (one default process
+    group, the groups of each ``dp x cp x tp x pp`` built once, one `Trainer` after another);
+    ``None`` is the plain single-process trainer (one forked process). Returns, per layout,
+    ``{"name", "layout", "ranks": [...]}`` where each rank reports ``step_s`` (instrumented
+    steps), ``plain_step_s``, ``comm`` (the last step's collectives by kind and group:
+    ``{kind, ranks, calls, bytes, wire_bytes}``), ``records``
     (the last step's collectives, one dict per call), ``timeline`` (its events of the last
     step), ``memory`` (`memory_report`), ``device`` (the GPU's name or "cpu"),
     ``tokens_per_step``, ``flops_per_token`` (the model's, for training) and ``losses`` (all
@@ -229,13 +243,13 @@ def measure_layouts(model_cfg: ModelConfig, train_cfg: TrainConfig, layouts: Seq
     be built. Chapter 6 of the book plots them.
     """
     model, train = to_dict(model_cfg), to_dict(train_cfg)
-    groups: dict[tuple[int, int, int], list[int]] = {}  # (dp, tp, pp) -> indices into layouts
+    groups: dict[int, list[int]] = {}  # world size -> indices into layouts
     for index, layout in enumerate(layouts):
-        groups.setdefault(_shape(layout), []).append(index)
+        groups.setdefault(_world(layout), []).append(index)
     out: list[dict[str, Any]] = [{} for _ in layouts]
-    for (dp, tp, pp), members in groups.items():
+    for world, members in groups.items():
         dicts = [dataclasses.asdict(layouts[i]) if layouts[i] is not None else None for i in members]
-        per_rank = run_local(dp * tp * pp, _measure_worker, model, train, dicts, steps, warmup, text,
+        per_rank = run_local(world, _measure_worker, model, train, dicts, steps, warmup, text,
                              cache_dir, timeout=timeout)
         for k, index in enumerate(members):
             ranks = [results[k] for results in per_rank]
@@ -370,6 +384,26 @@ def ideal_timeline(schedule: str, pp: int, microbatches: int, virtual_stages: in
     return sorted(events, key=lambda e: (e["rank"], e["start"]))
 
 
+def ring_pass(events: Sequence[dict[str, Any]], layer: int = 0, phase: str = "forward",
+              microbatch: int = 0) -> list[dict[str, Any]]:
+    """One pass of one layer's ring attention on every rank (chapter 6, the ring-step Gantt chart).
+
+    `events`: timelines of a context-parallel layout (`lmkit.parallel.timeline.RING_KINDS`, recorded
+    when a `Timeline` is attached); `phase` "forward" or "backward"; `microbatch`: which pass of the
+    layer in the step. Returns those events sorted by rank and start, with times measured from the
+    pass's first event on any rank, so that `lmkit.plots.gantt` draws the pass alone.
+    """
+    kinds = {k for names in RING_KINDS.values() for k in ((names,) if isinstance(names, str) else names)}
+    mine = [e for e in events if e["kind"] in kinds and e.get("phase") == phase and e["chunk"] == layer
+            and e["microbatch"] == microbatch]
+    if not mine:
+        raise ValueError(f"no ring-attention events for layer {layer}, {phase} pass {microbatch}: the "
+                         "timeline must come from a context-parallel layout (cp > 1), timeline attached")
+    origin = min(e["start"] for e in mine)
+    return sorted(({**e, "start": e["start"] - origin, "end": e["end"] - origin} for e in mine),
+                  key=lambda e: (e["rank"], e["start"], e["end"]))
+
+
 # --------------------------------------------------------------------------- chapter 6
 
 #: The chapter's corpus: 600 short lines over 29 symbols (30 with the end-of-text token, so the
@@ -381,7 +415,7 @@ CHAPTER6_TEXT = "".join(
 #: The chapter's GPT: 4 layers (enough for pp2 x 2 virtual stages), 4 heads (tp2), fp32, no dropout.
 CHAPTER6_MODEL = ModelConfig(n_layer=4, n_head=4, d_model=32, block_size=16, dropout=0.0)
 CHAPTER6_STEPS, CHAPTER6_SMOKE_STEPS = 20, 10
-CHAPTER6_WORLDS = (1, 2, 8)  # the world sizes of the chapter's layouts (torchrun mode)
+CHAPTER6_WORLDS = (1, 2, 4, 8)  # the world sizes of the chapter's layouts (torchrun mode)
 RESULTS_VERSION = 1
 
 
@@ -397,12 +431,20 @@ def chapter6_train_config(steps: int, out_dir: str | Path, device: str = "auto")
                        eval_interval=0, seed=11, device=device, out_dir=str(out_dir))
 
 
+#: Context parallelism (ring attention, zigzag sharding) alone and with each other dimension: the
+#: chapter's block size, 16, splits into 2 cp chunks for cp = 2 and 4; its GPT has no dropout.
+CHAPTER6_CP_LAYOUTS = (ParallelConfig(cp=2), ParallelConfig(cp=4), ParallelConfig(dp=2, cp=2),
+                       ParallelConfig(cp=2, tp=2, sequence_parallel=True),
+                       ParallelConfig(cp=2, pp=2, schedule="1f1b", microbatches=4))
+
+
 def chapter6_layouts(smoke: bool = False) -> list[ParallelConfig | None]:
     """The chapter's layouts, ``None`` (the plain single-process trainer) first.
 
     Both engines where the native one has the layout (it has no ZeRO-1, the lmkit engine no
-    ZeRO-3). `smoke` keeps one of each kind: ZeRO-1, native ZeRO-3, TP+SP, the three pipeline
-    schedules and the 3-D layout.
+    ZeRO-3, and only the lmkit engine has context parallelism: `CHAPTER6_CP_LAYOUTS`). `smoke`
+    keeps one of each kind: ZeRO-1, native ZeRO-3, TP+SP, the three pipeline schedules, the 3-D
+    layout and cp2.
     """
     P, pipe = ParallelConfig, {"microbatches": 4}
     lmkit_layouts = [
@@ -410,6 +452,7 @@ def chapter6_layouts(smoke: bool = False) -> list[ParallelConfig | None]:
         P(pp=2, schedule="gpipe", **pipe), P(pp=2, schedule="1f1b", **pipe),
         P(pp=2, schedule="interleaved", virtual_stages=2, **pipe),
         P(dp=2, tp=2, pp=2, zero=1, sequence_parallel=True, microbatches=2),
+        *CHAPTER6_CP_LAYOUTS,
     ]
     native = [P(engine="native", **kw) for kw in (
         {"dp": 2}, {"dp": 2, "zero": 2}, {"dp": 2, "zero": 3},
@@ -419,7 +462,7 @@ def chapter6_layouts(smoke: bool = False) -> list[ParallelConfig | None]:
         {"dp": 2, "tp": 2, "pp": 2, "zero": 3, "sequence_parallel": True, "microbatches": 2})]
     if smoke:
         keep = {"dp2 zero1", "native dp2 zero3", "tp2 sp", "pp2 gpipe m4", "pp2 1f1b m4",
-                "pp2 interleaved v2 m4", "dp2 zero1 x tp2 sp x pp2 1f1b m2"}
+                "pp2 interleaved v2 m4", "dp2 zero1 x tp2 sp x pp2 1f1b m2", "cp2"}
         return [None, *(p for p in lmkit_layouts + native if label(p) in keep)]
     return [None, *lmkit_layouts, *native]
 
@@ -429,11 +472,13 @@ def chapter6_checkpoint_plan(world: int | None, smoke: bool = False) -> tuple[Pa
 
     ``None`` (forked gloo processes): dp2 x tp2 ZeRO-1 saves, pp2 resumes (with `smoke`, dp2
     ZeRO-1 saves: two processes start faster than four). Under torchrun both use the launched
-    world: 2 ranks dp2 ZeRO-1 -> pp2; 8 ranks dp2 x tp2 x pp2 ZeRO-1 -> dp4 x tp2.
+    world: 2 ranks dp2 ZeRO-1 -> pp2; 4 ranks dp2 x cp2 ZeRO-1 -> tp2 x pp2; 8 ranks dp2 x tp2 x
+    pp2 ZeRO-1 -> dp4 x tp2.
     """
     P = ParallelConfig
     plans = {None: (P(dp=2, tp=2, zero=1), P(pp=2, schedule="1f1b", microbatches=2)),
              2: (P(dp=2, zero=1), P(pp=2, schedule="1f1b", microbatches=2)),
+             4: (P(dp=2, cp=2, zero=1), P(tp=2, pp=2, schedule="1f1b", microbatches=2)),
              8: (P(dp=2, tp=2, pp=2, zero=1, sequence_parallel=True, microbatches=2), P(dp=4, tp=2, zero=1))}
     if world not in plans:
         raise ValueError(f"no checkpoint plan for a world of {world} processes")
@@ -450,15 +495,20 @@ def _slug(name: str) -> str:
     return "-".join(name.replace(" x ", " ").split())
 
 
+def _varying(ranks: Sequence[int], layout: ParallelConfig) -> list[str]:
+    """The dimensions (of pp, dp, tp, cp) whose coordinate differs among `ranks`."""
+    coords = [(*coords_of(r, layout.dp, layout.tp, layout.cp), cp_rank_of(r, layout.tp, layout.cp))
+              for r in ranks]  # (pp, dp, tp, cp)
+    return [dim for i, dim in enumerate(("pp", "dp", "tp", "cp")) if len({c[i] for c in coords}) > 1]
+
+
 def group_label(ranks: Sequence[int], layout: ParallelConfig | None) -> str:
     """Which dimension a collective's group spans: ``dp``, ``cp``, ``tp``, ``pp``, ``embedding`` (the first
     and last stage when pp > 2, the tied embedding: `lmkit.costs` calls it so), ``dp x tp`` (a 2-D
     mesh), ``world`` or ``self``."""
     if layout is None or len(ranks) <= 1:
         return "self"
-    coords = [(*coords_of(r, layout.dp, layout.tp, layout.cp), cp_rank_of(r, layout.tp, layout.cp))
-              for r in ranks]  # (pp, dp, tp, cp)
-    varying = [dim for i, dim in enumerate(("pp", "dp", "tp", "cp")) if len({c[i] for c in coords}) > 1]
+    varying = _varying(ranks, layout)
     if len(ranks) == layout.world_size and len(varying) > 1:
         return "world"
     if varying == ["pp"] and len(ranks) < layout.pp:
@@ -467,12 +517,19 @@ def group_label(ranks: Sequence[int], layout: ParallelConfig | None) -> str:
 
 
 def _dim(collective: dict[str, Any], layout: ParallelConfig | None) -> str:
-    """`group_label` of a counted collective. Point-to-point messages are the pipeline's in both
-    engines, whatever group carries them (the lmkit engine sends through the default group with
-    global peer ranks, so their group is the whole world)."""
+    """`group_label` of a counted collective, in `lmkit.costs`'s terms. Point-to-point messages
+    are the pipeline's in both engines, whatever group carries them (the lmkit engine sends
+    through the default group with global peer ranks, so their group is the whole world), except
+    ring attention's, which go through the cp group. Under context parallelism the collectives of
+    the gradient group, dp x cp (`lmkit.parallel.mesh.Topology.gradient_view`), are ``dp``: the
+    parameters are replicated over cp as over dp, and `lmkit.costs` counts them so."""
     label = group_label(collective["ranks"], layout)
-    if collective["kind"] in ("send", "recv") and layout is not None and layout.pp > 1 and label != "cp":
-        return "pp"  # (ring attention's sends go through the cp group)
+    p2p = collective["kind"] in ("send", "recv")
+    if p2p and layout is not None and layout.pp > 1 and label != "cp":
+        return "pp"
+    if not p2p and layout is not None and layout.cp > 1 and len(collective["ranks"]) > 1 \
+            and set(_varying(collective["ranks"], layout)) <= {"dp", "cp"}:
+        return "dp"
     return label
 
 
@@ -509,23 +566,17 @@ def _gather_to_rank0(value: Any) -> list[Any]:
 
 def _run_here(model: dict, train: dict, layouts: list[ParallelConfig | None], steps: int, warmup: int,
               cache_dir: str) -> list[dict[str, Any]]:
-    """`measure_layouts` on the ranks torchrun started (layouts of this world's size, or ``[None]``).
-
-    One `_measure_worker` call per ``dp x tp x pp`` (each builds its process groups), in order.
-    """
-    groups: dict[tuple[int, int, int], list[int]] = {}
-    for index, layout in enumerate(layouts):
-        groups.setdefault(_shape(layout), []).append(index)
-    out: list[dict[str, Any]] = [{} for _ in layouts]
-    for members in groups.values():
-        dicts = [dataclasses.asdict(layouts[i]) if layouts[i] is not None else None for i in members]
-        mine = _measure_worker(model, train, dicts, steps, warmup, CHAPTER6_TEXT, cache_dir)
-        per_rank = _gather_to_rank0(mine) if dist.is_initialized() and dicts[0] is not None else [mine]
-        for k, index in enumerate(members):
-            ranks = [results[k] for results in per_rank]
-            entry: dict[str, Any] = {"name": layout_name(layouts[index]), "layout": dicts[k]}
-            failed = "error" in ranks[0]
-            out[index] = {**entry, "error": ranks[0]["error"]} if failed else {**entry, "ranks": ranks}
+    """`measure_layouts` on the ranks torchrun started (layouts of this world's size, or ``[None]``):
+    one `_measure_worker` call, which builds each layout's process groups once."""
+    dicts = [dataclasses.asdict(layout) if layout is not None else None for layout in layouts]
+    mine = _measure_worker(model, train, dicts, steps, warmup, CHAPTER6_TEXT, cache_dir)
+    per_rank = _gather_to_rank0(mine) if dist.is_initialized() and dicts[0] is not None else [mine]
+    out: list[dict[str, Any]] = []
+    for k, layout in enumerate(layouts):
+        ranks = [results[k] for results in per_rank]
+        entry: dict[str, Any] = {"name": layout_name(layout), "layout": dicts[k]}
+        failed = "error" in ranks[0]
+        out.append({**entry, "error": ranks[0]["error"]} if failed else {**entry, "ranks": ranks})
     return out
 
 
@@ -534,7 +585,7 @@ def run_chapter6(out: str | Path, smoke: bool = False, steps: int | None = None,
     """Run chapter 6's experiments and write them to the folder `out`; returns the manifest.
 
     Without ``WORLD_SIZE`` in the environment the layouts run in gloo processes forked by
-    `run_local` (one launch per ``dp x tp x pp``). Under torchrun (``WORLD_SIZE`` = W) the
+    `run_local` (one launch per world size). Under torchrun (``WORLD_SIZE`` = W) the
     layouts with W ranks run on the launched processes (NCCL on GPUs), rank 0 also runs the
     single-process reference on its device (the others wait), and the other layouts are
     listed in the manifest as ``skipped`` with the command that runs them; runs of several
@@ -691,15 +742,16 @@ def summary_table(results: dict[str, Any]) -> str:
 _EPILOG = """\
 How it launches:
   without torchrun   forks gloo worker processes itself (lmkit.parallel.launch.run_local),
-                     one launch per dp x tp x pp, and runs every layout; this is what the
+                     one launch per world size, and runs every layout; this is what the
                      notebook does on a CPU (seconds, not a torchrun start-up per layout).
   under torchrun     (WORLD_SIZE set) runs the layouts whose dp*tp*pp equals the launched
                      world, on the real devices (NCCL on GPUs, gloo on CPUs); rank 0 also runs
                      the single-process reference on its device, and all ranks the checkpoint
                      experiment (below). Layouts of other sizes are listed as skipped in
-                     manifest.json with their command: the chapter's layouts have 1, 2 and 8
-                     ranks, so on a node of 8 GPUs run it twice into the same --out:
+                     manifest.json with their command: the chapter's layouts have 1, 2, 4 and
+                     8 ranks, so on a node of 8 GPUs run it three times into the same --out:
                        torchrun --standalone --nproc_per_node=2 -m lmkit.experiments chapter6 --out runs/ch6
+                       torchrun --standalone --nproc_per_node=4 -m lmkit.experiments chapter6 --out runs/ch6
                        torchrun --standalone --nproc_per_node=8 -m lmkit.experiments chapter6 --out runs/ch6
                      Results of runs with other world sizes add up in one folder. Across nodes,
                      --out must be on a filesystem every node sees (the checkpoint experiment
@@ -765,7 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if world is not None and world not in CHAPTER6_WORLDS:
             raise _UsageError(f"python -m lmkit.experiments chapter6: launched with {world} processes; the "
                               f"chapter's layouts have {', '.join(map(str, CHAPTER6_WORLDS))} ranks "
-                              "(torchrun --nproc_per_node=2 or 8)")
+                              "(torchrun --nproc_per_node=2, 4 or 8)")
         if args.list:
             for p in chapter6_layouts(args.smoke):
                 print(f"{label(p):<40} {1 if p is None else p.world_size} rank(s)")
