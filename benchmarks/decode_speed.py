@@ -7,7 +7,8 @@ longer context; random weights shared by both libraries through `lmkit.hf.to_tra
 256-token prompt, 256 new tokens, greedy, ``torch.inference_mode()``):
 
 - ``HF generate, cache``: ``GPT2LMHeadModel.generate(use_cache=True, do_sample=False)``, sdpa;
-- ``lmkit fp32``: `lmkit.generate.generate(model, prompt, 256, greedy=True)` (preallocated cache);
+- ``lmkit fp32``: `lmkit.generate.generate(model, prompt, 256, greedy=True)` (KV cache preallocated
+  and written in place, no mask at one query, no dropout calls in eval mode);
 - ``lmkit int8``: the same model after `lmkit.efficiency.quantize_int8` (what ``lmkit generate
   --int8`` does: PyTorch's dynamic int8 linear layers in the blocks);
 - ``lmkit fp32 / int8, batch B``: B prompts of different lengths (256, 240, ...) decoded together,
@@ -16,7 +17,8 @@ longer context; random weights shared by both libraries through `lmkit.hf.to_tra
 
 Rows are timed ``--repeats`` times round-robin (so machine noise hits all alike) after one untimed
 warmup; the best time of each is reported. lmkit fp32 and HF must produce the same greedy tokens
-(the script checks it).
+(the script checks it). It also counts the operators each decoder dispatches per new token
+(`efficiency.count_ops`): at these sizes a step's fixed cost is mostly its operator calls.
 
 Quality of int8 (a trained model: ``--checkpoint DIR``, or else a 4-layer, width-128 GPT trained
 here on Tiny Shakespeare characters for ``--train-steps``): validation loss and perplexity on
@@ -170,6 +172,20 @@ def main() -> None:
     for name in rows:
         print(f"{name:<26}{tps[name]:>14,.1f}{best[name]:>9.2f}{tps[name] / hf:>14.2f}x"
               f"{tps[name] / tps['lmkit fp32']:>13.2f}x")
+    # the fixed cost of a step: operators dispatched per new token (a 32-token generation, prefill included)
+    short = min(32, args.new)
+    ops = {name: sum(efficiency.count_ops(call).values()) / short for name, call in (
+        ("HF generate, cache", lambda: theirs.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                                       max_new_tokens=short, min_new_tokens=short,
+                                                       do_sample=False, pad_token_id=0)),
+        ("lmkit fp32", lambda: generate(ours, prompt, short, greedy=True)),
+        ("lmkit int8", lambda: generate(int8, prompt, short, greedy=True)))}
+    mid = args.prompt + args.new // 2
+    step = efficiency.decode_step_ops(int8, mid)
+    print("operator calls per new token (ATen and quantized kernels, counted under a TorchDispatchMode): "
+          + ", ".join(f"{name} {n:.0f}" for name, n in ops.items())
+          + f"; one int8 cached step at context {mid}: {sum(step.values())}, of which "
+          f"{step['quantized.linear_dynamic']} int8 linears, {step['scaled_dot_product_attention']} SDPAs")
     int8_same = sum(a == b for a, b in zip(outs["lmkit int8"], ref, strict=True))
     print(f"lmkit fp32 and HF generate produced identical greedy tokens; int8 matched fp32 on {int8_same}/"
           f"{args.new} tokens (random weights: near-ties; see the trained model below)")

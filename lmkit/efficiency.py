@@ -219,7 +219,7 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -
     for parent in list(blocks.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, make(child))
+                setattr(parent, name, make(child).train(child.training))  # keep the layer's mode
 
 
 def quantize_int8(model: nn.Module, method: str = "dynamic") -> nn.Module:

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.config import ModelConfig
@@ -131,6 +132,7 @@ class KVCache:
         self.kv: list[Tensor | None] = [None] * n_layer
         self.k: list[Tensor | None] = [None] * n_layer
         self.v: list[Tensor | None] = [None] * n_layer
+        self.plan: tuple | None = None  # (model, its one-token step plan), see GPT._decode_plan
 
     def reset(self) -> None:
         """Forget the contents (the storage is kept for the next sequence of the same shape)."""
@@ -465,6 +467,49 @@ class GPT(nn.Module):
             raise ValueError(f"left_pad has {len(left_pad)} entries for a batch of {batch_size}")
         return KVCache(self.config.n_layer, max_len, left_pad)
 
+    # ------------------------------------------------------------------ one-token decoding step
+
+    def _decode_plan(self) -> tuple | None:
+        """What a cached one-token step calls, gathered once per cache: every layer's submodules'
+        bound ``forward`` methods; None where the step must go through the modules (rotary
+        positions, QK-norm, a submodule in training mode, or any forward hook, e.g. a parallel
+        engine's: skipping ``__call__`` would skip the hook).
+
+        At one token per step the work per layer is ~20 small operators, and calling the modules
+        the usual way (``Module.__call__``, attribute look-ups in ``Module.__getattr__``, the
+        forward methods' branches) costs as much as a fifth of the step (measured in
+        benchmarks/README.md); the plan calls the same forward methods, so the arithmetic, int8
+        layers included, is that of `forward` exactly (tests/test_generate.py checks it bit for bit).
+        """
+        if self.config.pos != "learned" or self.config.qk_norm:
+            return None
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return None
+        if any(m._forward_hooks or m._forward_pre_hooks or m.training for m in self.modules()):
+            return None
+        layers = tuple((b.ln1.forward, b.attn.qkv.forward, b.attn.proj.forward, b.ln2.forward,
+                        b.mlp.fc.forward, b.mlp.act.forward, b.mlp.proj.forward) for b in self.blocks)
+        return self.tok_emb.forward, self.pos_emb.weight, layers, self.ln_f.forward, self.head.forward
+
+    def _decode_step(self, idx: Tensor, cache: KVCache, start: int, plan: tuple) -> Tensor:
+        """`forward` for one new token per row, no padding, eval mode, through `_decode_plan`:
+        the same operations as the module path (keys and values written in place at ``start``,
+        attention over the ``start + 1`` cached positions without a mask); returns [B, 1, V]."""
+        tok_emb, pos_weight, layers, ln_f, head = plan
+        B = idx.size(0)
+        hd = self.config.d_model // self.config.n_head
+        x = tok_emb(idx) + pos_weight[start]
+        for (ln1, qkv_fwd, proj, ln2, fc, act, mlp_proj), store in zip(layers, cache.kv, strict=True):
+            qkv = qkv_fwd(ln1(x))
+            width = qkv.size(-1) // 3
+            qkv3 = qkv.view(B, 1, 3, width // hd, hd).permute(2, 0, 3, 1, 4)
+            store.narrow(3, start, 1).copy_(qkv3[1:])
+            k, v = store[:, :, :, : start + 1].unbind(0)
+            x = x + proj(F.scaled_dot_product_attention(qkv3[0], k, v).reshape(B, 1, width))
+            x = x + mlp_proj(act(fc(ln2(x))))
+        cache.length = start + 1
+        return head(ln_f(x))
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -509,6 +554,12 @@ class GPT(nn.Module):
         if self.check_token_ids:
             _check_token_ids(idx, c.vocab_size)
         pad = _as_pad_tensor(left_pad, B, idx.device)
+        if (kv_cache is not None and T == 1 and start > 0 and pad is None and targets is None
+                and not self.training and kv_cache.kv[0] is not None and kv_cache.kv[0].shape[1] == B):
+            if kv_cache.plan is None or kv_cache.plan[0] is not self:
+                kv_cache.plan = (self, self._decode_plan())
+            if kv_cache.plan[1] is not None:
+                return self._decode_step(idx, kv_cache, start, kv_cache.plan[1]), None
 
         mask: Tensor | None = None
         if pad is None:

@@ -3,6 +3,7 @@ padded batches and past block_size), stop tokens and strings, seeds and streamin
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from lmkit.generate import (
     sample_next,
     stream,
 )
-from lmkit.model import GPT, build_model
+from lmkit.model import GPT, KVCache, build_model
 
 V = 65
 NEG = float("-inf")
@@ -150,6 +151,42 @@ def test_a_decoding_step_writes_the_cache_in_place_and_builds_no_mask(model):
         assert cache.k[i].data_ptr() == cache.kv[i].data_ptr()
         assert cache.v[i].data_ptr() == cache.kv[i][1].data_ptr()
     assert model.check_token_ids is True and "check_token_ids" not in vars(model)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_one_token_step_plan_computes_what_the_modules_compute_bit_for_bit(model, int8):
+    """A cached one-token step runs through bound forward methods (`GPT._decode_plan`); a forward
+    hook anywhere sends it through the modules instead. Both give identical logits and caches."""
+    from lmkit import efficiency
+
+    m = copy.deepcopy(model)
+    if int8:
+        if not efficiency.dynamic_quantization_available():
+            pytest.skip("no dynamic int8 kernel")
+        m = efficiency.quantize_int8(m)
+    prompt = torch.tensor([[5, 9, 1, 33, 7, 2, 8, 40], [3, 3, 1, 2, 60, 7, 7, 0]])
+
+    def decode(hooked: bool) -> tuple[torch.Tensor, KVCache]:
+        handle = m.blocks[0].mlp.register_forward_hook(lambda *_: None) if hooked else None
+        cache = m.new_kv_cache(2, 20)
+        with torch.inference_mode():
+            out = [m(prompt, kv_cache=cache, last_only=True)[0]]
+            for _ in range(10):
+                out.append(m(out[-1][:, -1:].argmax(-1), kv_cache=cache, last_only=True)[0])
+        if handle is not None:
+            handle.remove()
+        return torch.cat(out, 1), cache
+
+    (fast, fast_cache), (slow, slow_cache) = decode(False), decode(True)
+    assert fast_cache.plan[1] is not None and slow_cache.plan[1] is None
+    assert torch.equal(fast, slow) and fast_cache.length == slow_cache.length == 18
+    assert all(torch.equal(a[:, :, :, :18], b[:, :, :, :18])
+               for a, b in zip(fast_cache.kv, slow_cache.kv, strict=True))
+    m.train()  # training mode: the modules (dropout) again, the plan is not used
+    cache = m.new_kv_cache(1, 4)
+    m(prompt[:1, :2], kv_cache=cache)
+    m(prompt[:1, 2:3], kv_cache=cache)
+    assert cache.plan is None
 
 
 def test_past_block_size_cache_falls_back_to_cropping():
