@@ -1,6 +1,6 @@
 """What a training layout costs, on paper: parameters, FLOPs, memory, communication, bubble, step time.
 
-An analytical model of lmkit's GPT under a ``dp x tp x pp`` layout, in pure Python (it imports
+An analytical model of lmkit's GPT under a ``dp x cp x tp x pp`` layout, in pure Python (it imports
 no torch), so that the same file runs in the tests, in `lmkit estimate` and in the browser
 (chapter 5's calculator loads it into Pyodide). Chapter 5 derives every formula; the tests
 check them against the engines' measured bytes and memory (``tests/test_costs_engine.py``) and
@@ -155,6 +155,7 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
     return out
 
 
+@functools.lru_cache(maxsize=256)  # the search asks for every layout it ranks
 def num_params(model: Model, non_embedding: bool = False) -> int:
     """Parameters of the whole model, the tied head counted once (= ``GPT.num_params``)."""
     n = sum(p.numel for p in parameter_table(model))
@@ -212,7 +213,12 @@ def lookup_peak_flops(device_name: str, dtype: Any = "bfloat16") -> float | None
 
 @dataclass(frozen=True)
 class Layout:
-    """A parallel layout (the fields of `lmkit.config.ParallelConfig`, plus recomputation)."""
+    """A parallel layout (the fields of `lmkit.config.ParallelConfig`, plus recomputation).
+
+    ``cp`` is context parallelism: ring attention over ``cp`` ranks with the zigzag split
+    (`lmkit.parallel.context_parallel`); for the parameters it is one more data dimension, so
+    gradients are averaged and ZeRO shards over the ``dp x cp`` ranks (`grad_ranks`).
+    """
 
     dp: int = 1
     tp: int = 1
@@ -223,22 +229,30 @@ class Layout:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     recompute: str = "none"
+    cp: int = 1
 
     @classmethod
     def from_parallel_config(cls, pc: Any, recompute: str = "none") -> Layout:
         return cls(dp=pc.dp, tp=pc.tp, pp=pc.pp, zero=pc.zero, sequence_parallel=bool(pc.sequence_parallel),
                    microbatches=pc.microbatches, schedule=pc.schedule, virtual_stages=pc.virtual_stages,
-                   recompute=recompute)
+                   recompute=recompute, cp=getattr(pc, "cp", 1))
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def grad_ranks(self) -> int:
+        """Ranks that average each gradient and share its ZeRO shards: ``dp x cp``."""
+        return self.dp * self.cp
 
     @property
     def name(self) -> str:
         parts = [f"dp{self.dp}" + (f" zero{self.zero}" if self.zero else "")] if self.dp > 1 else []
         if self.zero and self.dp == 1:
             parts.append(f"zero{self.zero}")
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}")
         if self.tp > 1:
             parts.append(f"tp{self.tp}" + (" sp" if self.sequence_parallel else ""))
         if self.pp > 1:
@@ -251,7 +265,7 @@ class Layout:
 
     def validate(self, model: Model, global_batch: int) -> Layout:
         """The rules of `lmkit.parallel.engine.validate_layout`, as one-line `CostError`s."""
-        for f in ("dp", "tp", "pp", "microbatches", "virtual_stages"):
+        for f in ("dp", "tp", "pp", "cp", "microbatches", "virtual_stages"):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CostError(f"{f} must be a positive integer, got {value!r}")
@@ -271,6 +285,23 @@ class Layout:
                             "pad it to a multiple of tp")
         if self.sequence_parallel and model.seq_len % self.tp:
             raise CostError(f"seq_len={model.seq_len} is not divisible by tp={self.tp} (sequence parallel)")
+        if self.cp > 1:
+            if model.seq_len % (2 * self.cp):
+                raise CostError(
+                    f"sequence length {model.seq_len} is not divisible by {2 * self.cp} (zigzag context "
+                    f"parallelism with cp={self.cp} cuts it into 2 cp chunks, two per rank); use a sequence "
+                    f"length that is a multiple of {2 * self.cp}")
+            if model.dropout:
+                raise CostError(f"cp={self.cp}: ring attention has no attention dropout but the model has "
+                                "dropout; set dropout=0 or cp=1")
+            if self.zero == 3:
+                raise CostError(f"cp={self.cp} with zero=3: context parallelism runs in the lmkit engine, "
+                                "which implements ZeRO-1 and ZeRO-2; use zero 0, 1 or 2, or cp=1")
+            if self.sequence_parallel and (model.seq_len // self.cp) % self.tp:
+                multiple = math.lcm(2 * self.cp, self.cp * self.tp)
+                raise CostError(f"seq_len / cp = {model.seq_len // self.cp} tokens per context-parallel rank "
+                                f"are not divisible by tp={self.tp} (sequence parallel splits them); use a "
+                                f"sequence length that is a multiple of {multiple}")
         if self.schedule == "interleaved" and (self.pp < 2 or self.virtual_stages < 2):
             raise CostError("the interleaved schedule needs pp >= 2 and virtual_stages >= 2")
         if self.schedule != "interleaved" and self.virtual_stages != 1:
@@ -446,10 +477,11 @@ class Memory:
 def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
                      flash_attention: bool) -> Memory:
     mats, vecs, count, *_ = _stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage)
-    numel, dp, zero = mats + vecs, layout.dp, layout.zero
+    numel, dp, zero = mats + vecs, layout.grad_ranks, layout.zero  # ZeRO shards over dp x cp
     if precision == "fp32":
         # lmkit's engine: AdamW (4 + 4 + 8 bytes per parameter, and a 4-byte step counter per tensor
-        # it steps). Under ZeRO every bucket is padded to a multiple of dp and split into dp chunks;
+        # it steps). Under ZeRO every bucket is padded to a multiple of dp x cp and split into as many
+        # chunks;
         # the optimizer steps this rank's chunk of each (one counter per bucket), and ZeRO-2 keeps
         # only the gradients of those chunks.
         buckets = zero_buckets(model, layout, stage)
@@ -470,21 +502,29 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
 
 def _activations(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
                  flash_attention: bool) -> float:
-    b = global_batch // (layout.dp * layout.microbatches)
-    s, h, a, t, V = model.seq_len, model.d_model, model.n_head, layout.tp, model.vocab_size
+    b = global_batch // (layout.dp * layout.microbatches)  # sequences; a cp rank holds s / cp of each
+    s, h, a, t, V, cp = model.seq_len, model.d_model, model.n_head, layout.tp, model.vocab_size, layout.cp
     e = 4 if precision == "fp32" else 2
     sp = t if layout.sequence_parallel else 1
     _, layers, _, last = _stage_counts(model, layout.pp, layout.virtual_stages, t, stage)[4:]
+    # Ring attention keeps the log-sum-exp, never the scores (it recomputes them blockwise, like flash).
+    flash = flash_attention or cp > 1
     per_layer = activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, layout.recompute, e,
-                                           model.dropout, flash_attention)
+                                           model.dropout, flash, cp)
     units = in_flight(layout, stage) if layout.pp > 1 else 1
     total = units * layers * per_layer
     if layout.recompute == "full":  # the layer being recomputed holds its full activations once
         total += activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, "none", e, model.dropout,
-                                            flash_attention)
-    if last:  # ln_f input, head input, fp32 log-softmax of the logits
+                                            flash, cp)
+    if cp > 1:  # the layer running its ring: K/V and dK/dV blocks in flight (and a score block unless flash)
+        ring = cp_attention_memory(b, s, h, a, cp, t, e)
+        total += ring["kv_in_flight"] + ring["dkv_in_flight"]
+        if not flash_attention:
+            total += ring["score_block"]
+    if last:  # ln_f input, head input, fp32 log-softmax of the logits (of this rank's s / cp tokens)
         held = 1 if layout.pp == 1 or layout.schedule != "gpipe" else layout.microbatches
-        total += held * (e * s * b * h / sp + e * s * b * h + 4 * s * b * V / t)
+        local = s // cp
+        total += held * (e * local * b * h / sp + e * local * b * h + 4 * local * b * V / t)
     return float(total)
 
 
@@ -496,6 +536,10 @@ def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp
     on the end stages). Activations: `activation_bytes_per_layer` times the layers of a chunk times
     the microbatch-chunks in flight (`in_flight`), plus the head's logits on the last stage.
     lmkit's ZeRO-2 keeps only this rank's shard of the gradients, ZeRO's 1/dp (plus padding).
+    Context parallelism: every rank holds ``s / cp`` tokens of each sequence (the activation
+    formula with ``s -> s / cp``, no score matrix: ring attention keeps the log-sum-exp), plus the
+    K/V and dK/dV blocks in flight of the one layer running its ring (`cp_attention_memory`); ZeRO
+    shards over the ``dp x cp`` ranks that average the gradients.
     """
     model.validate()
     layout.validate(model, global_batch)
@@ -559,14 +603,19 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     one stage; sequence parallel turns each into an all-gather and a reduce-scatter (Korthikanti et al.
     2022).
     Pipeline: one activation forward and one gradient backward per microbatch and boundary.
+    Context parallelism: the ring's K/V and dK/dV blocks (`cp_communication`) for this stage's layers
+    and microbatches; the "dp" terms run over the ``dp x cp`` ranks that average the gradients, and
+    tensor- and pipeline-parallel messages carry this rank's ``s / cp`` tokens. Full recomputation
+    runs every layer's forward, and its ring, a second time.
     """
     layout.validate(model, global_batch)
     if not 0 <= stage < layout.pp:
         raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
     e = 4 if precision == "fp32" else 2
-    dp, tp, pp, m, v = layout.dp, layout.tp, layout.pp, layout.microbatches, layout.virtual_stages
-    b = global_batch // (dp * m)
-    s, h, V = model.seq_len, model.d_model, model.vocab_size
+    tp, pp, m, v, cp = layout.tp, layout.pp, layout.microbatches, layout.virtual_stages, layout.cp
+    b = global_batch // (layout.dp * m)
+    dp = layout.grad_ranks  # the gradient group: dp x cp
+    s, h, V = model.seq_len // cp, model.d_model, model.vocab_size  # s: the tokens of a sequence on this rank
     mats, vecs, _, replicated, layers, _, first, last = _stage_counts(model, pp, v, tp, stage)
     numel = mats + vecs
     buckets = zero_buckets(model, layout, stage)
@@ -633,6 +682,12 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   1, 4 * emb, 2))
         terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
         terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
+    if cp > 1:
+        ring = cp_communication(b, model.seq_len, h, cp, tp, layers, m, e)
+        terms += ring
+        if layout.recompute == "full":  # the recomputed forward runs its ring again
+            terms += [dataclasses.replace(t, what=t.what.replace("forward", "forward again (recomputation)"))
+                      for t in ring if "forward" in t.what]
     return terms
 
 
@@ -682,6 +737,8 @@ def cp_attention_memory(b: int, s: int, h: int, a: int, cp: int, tp: int = 1, ac
     - ``saved``: what the forward keeps for backward: q, k, v (``act_bytes``) and the output and
       log-sum-exp in the accumulation precision (``max(act_bytes, 4)``): linear in ``s / cp``;
     - ``kv_in_flight``: the K/V block computed on plus the one arriving (2 blocks of ``2 b (s/cp) h/t``);
+    - ``dkv_in_flight``: in backward, the dK/dV accumulator computed into plus the one arriving (2 blocks
+      in the accumulation precision);
     - ``score_block``: the largest score block alive at once (one chunk pair, fp32 or wider);
     - ``scores_full``: the ``a s^2 b / t`` score matrix one rank would hold without context parallelism.
     """
@@ -690,6 +747,7 @@ def cp_attention_memory(b: int, s: int, h: int, a: int, cp: int, tp: int = 1, ac
     local, width = s // cp, h // tp
     return {"saved": (3 * act_bytes + acc) * b * local * width + acc * b * (a // tp) * local,
             "kv_in_flight": 2 * 2 * b * local * width * act_bytes,
+            "dkv_in_flight": 2 * 2 * b * local * width * acc,
             "score_block": acc * b * (a // tp) * c * c,
             "scores_full": act_bytes * b * (a // tp) * s * s}
 
@@ -793,10 +851,11 @@ class Candidate:
     pp_s: float
     dp_exposed_s: float
     tokens_per_step: int
+    cp_exposed_s: float = 0.0  # the ring's transfers that its block computations do not hide
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.bubble_s + self.tp_s + self.pp_s + self.dp_exposed_s
+        return self.compute_s + self.bubble_s + self.tp_s + self.pp_s + self.dp_exposed_s + self.cp_exposed_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -818,8 +877,10 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     tensor- and pipeline-parallel traffic is on the critical path; the data-parallel gradient
     reduction overlaps the last microbatch's backward (2/3 of its compute) and ZeRO-3's parameter
     gathers the whole step's compute, only the rest is exposed; ZeRO-1/2's all-gather of the updated
-    parameters follows the optimizer step and is exposed (as in lmkit's engine). Ranks are ordered tp
-    fastest, then dp, then pp: a group is on NVLink when it spans at most one node.
+    parameters follows the optimizer step and is exposed (as in lmkit's engine). Context parallelism
+    adds no FLOPs (the attention of a sequence is split, not repeated) and its ring hides behind
+    the block computations step by step (`_ring_exposed_s`). Ranks are ordered tp fastest, then cp,
+    then dp, then pp: a group is on NVLink when it spans at most one node.
     """
     mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention)
     tokens = global_batch * model.seq_len
@@ -842,14 +903,45 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
             tp_s += term.wire_bytes / _bandwidth(cluster, layout.tp)
         elif term.group in ("pp", "embedding"):
             pp_s += term.wire_bytes / _bandwidth(cluster, layout.world_size)
-        else:
-            seconds = term.wire_bytes / _bandwidth(cluster, layout.tp * layout.dp)
+        elif term.group == "dp":  # the gradient group, dp x cp: the ranks of tp x cp x dp consecutive devices
+            seconds = term.wire_bytes / _bandwidth(cluster, layout.tp * layout.cp * layout.dp)
             if term.hidden_by:
                 hidden[term.hidden_by][0] += seconds
             else:
                 dp_s += seconds
     dp_s += sum(max(0.0, busy - window) for busy, window in hidden.values())
-    return Candidate(layout, mem, compute, bubble_s, tp_s, pp_s, dp_s, tokens)
+    cp_s = _ring_exposed_s(model, layout, global_batch, cluster, precision, efficiency, worst)
+    return Candidate(layout, mem, compute, bubble_s, tp_s, pp_s, dp_s, tokens, cp_s)
+
+
+def _ring_exposed_s(model: Model, layout: Layout, global_batch: int, cluster: Cluster, precision: str,
+                    efficiency: float, stage: int) -> float:
+    """Seconds per step of ring attention's transfers that the block computations leave exposed.
+
+    Per layer and microbatch, as `lmkit.parallel.context_parallel.RingAttention` runs: a forward ring
+    step computes two ``C x C`` blocks in ``f`` seconds (`cp_ring_step`) while the next K/V block
+    (``k`` seconds) is in transit, exposing ``max(0, k - f)``, ``cp - 1`` times. A backward step
+    computes for ``2 f`` (backward is twice the forward's FLOPs) while the K/V block and the dK/dV
+    accumulator of the previous step (``g`` seconds, fp32) travel: ``max(0, k - 2f)`` for the first,
+    ``max(0, k + g - 2f)`` for the ``cp - 2`` middle ones, ``max(0, g - 2f)`` for the last, and the
+    accumulator's final hop home, ``g``, after all compute. Full recomputation repeats the forward.
+    The ring's neighbours are tp ranks apart in a group of ``tp x cp`` consecutive devices.
+    """
+    cp = layout.cp
+    if cp == 1:
+        return 0.0
+    e = 4 if precision == "fp32" else 2
+    b, s, h, t = global_batch // (layout.dp * layout.microbatches), model.seq_len, model.d_model, layout.tp
+    beta = _bandwidth(cluster, t * cp)
+    step = cp_ring_step(b, s, h, cp, cluster.peak_flops * efficiency, beta, t, e)
+    f, k = step["compute_s"], step["comm_s"]
+    g = k * max(e, 4) / e
+    forward = (cp - 1) * max(0.0, k - f)
+    backward = (max(0.0, k - 2 * f) + (cp - 2) * max(0.0, k + g - 2 * f) + max(0.0, g - 2 * f) + g)
+    if layout.recompute == "full":
+        forward *= 2
+    layers = _stage_counts(model, layout.pp, layout.virtual_stages, t, stage)[4]
+    return layers * layout.microbatches * (forward + backward)
 
 
 def _divisors(n: int) -> list[int]:
@@ -859,34 +951,41 @@ def _divisors(n: int) -> list[int]:
 def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "mixed",
            efficiency: float = 0.5, zero_stages: tuple[int, ...] = (0, 1, 2, 3), top: int | None = None,
            flash_attention: bool = True) -> list[Candidate]:
-    """Every dp x tp x pp layout (with zero, sp, recomputation, microbatches, schedule) that fits.
+    """Every dp x cp x tp x pp layout (with zero, sp, recomputation, microbatches, schedule) that fits.
 
     Ranked by `step_time`. Raises `CostError` when nothing fits, saying by how much the layout
-    that needs the least memory misses.
+    that needs the least memory misses. Context parallelism (``cp`` dividing the devices, the
+    sequence a multiple of ``2 cp``) is enumerated where it can win: with flash attention, a cp
+    layout whose batch would also split over ``dp x cp`` data-parallel ranks is left out, since
+    that layout holds the same tokens per rank with the same model states and sends no ring.
     """
     model.validate()
     cluster.validate()
     if not isinstance(global_batch, int) or global_batch <= 0:
         raise CostError(f"the global batch must be a positive number of sequences, got {global_batch!r}")
     fits, best_miss = [], None
-    for tp, pp in itertools.product(_divisors(cluster.devices), repeat=2):
-        if cluster.devices % (tp * pp) or model.n_head % tp or model.vocab_size % tp or pp > model.n_layer:
+    for tp, pp, cp in itertools.product(_divisors(cluster.devices), repeat=3):
+        if (cluster.devices % (tp * pp * cp) or model.n_head % tp or model.vocab_size % tp
+                or pp > model.n_layer or (cp > 1 and (model.seq_len % (2 * cp) or model.dropout))):
             continue
-        dp = cluster.devices // (tp * pp)
+        dp = cluster.devices // (tp * pp * cp)
         if global_batch % dp:
             continue
         per_dp = global_batch // dp
         micro = [m for m in _divisors(per_dp) if m >= pp] if pp > 1 else _divisors(per_dp)
+        if cp > 1 and flash_attention:  # dominated by dp x cp data-parallel ranks where the batch splits
+            micro = [m for m in micro if global_batch % (dp * cp * m)]
         # Under flash attention nothing is left for selective recomputation to drop (no s x s matrix).
         recomputes = [r for r in RECOMPUTE if not (flash_attention and r == "selective")]
+        local = model.seq_len // cp
         for m, zero, sp, rc in itertools.product(micro, zero_stages, (False, True), recomputes):
-            if (sp and tp == 1) or (zero and dp == 1) or (sp and model.seq_len % tp):
+            if (sp and tp == 1) or (zero and dp == 1) or (sp and local % tp) or (cp > 1 and zero == 3):
                 continue
             schedules = [("1f1b", 1)]
             if pp > 1 and m % pp == 0 and model.n_layer >= 2 * pp:
                 schedules.append(("interleaved", 2))
             for schedule, v in schedules:
-                layout = Layout(dp, tp, pp, zero, sp, m, schedule, v, rc)
+                layout = Layout(dp, tp, pp, zero, sp, m, schedule, v, rc, cp)
                 try:
                     cand = step_time(model, layout, global_batch, cluster, precision, efficiency,
                                      flash_attention)
@@ -899,7 +998,7 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
                     best_miss = (need, layout)
     if not fits:
         if best_miss is None:
-            raise CostError(f"no dp x tp x pp layout of {cluster.devices} devices suits this model and "
+            raise CostError(f"no dp x cp x tp x pp layout of {cluster.devices} devices suits this model and "
                             f"a global batch of {global_batch}; check that heads, vocabulary and batch "
                             "divide")
         need, layout = best_miss
@@ -930,9 +1029,10 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
     """The calculator's one entry point (JSON in, JSON out): the page and the tests call it alike.
 
     `inputs`: ``preset`` (a key of `PRESETS`) or ``model`` (the fields of `Model`), the fields of
-    `Layout`, ``global_batch``, ``precision`` and ``device_memory_gb``. Returns memory per rank of
-    the worst stage (bytes), whether it fits, bytes each rank sends per step by group, the bubble
-    and the parameter count; or ``{"error": "<one line>"}``.
+    `Layout` (``cp`` included), ``global_batch``, ``precision`` and ``device_memory_gb``. Returns
+    memory per rank of the worst stage (bytes), whether it fits, bytes each rank sends per step by
+    group (``dp``: the gradients' dp x cp group; ``cp``: ring attention's K/V and dK/dV blocks;
+    ``total``), the bubble and the parameter count; or ``{"error": "<one line>"}``.
     """
     try:
         if inputs.get("preset"):
@@ -947,7 +1047,7 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
             model = Model(**{k: (int(v) if k not in ("bias", "dropout", "name") else v)
                              for k, v in spec.items()}).validate()
         values = {k: inputs[k] for k in _LAYOUT_FIELDS if k in inputs}
-        for k in ("dp", "tp", "pp", "zero", "microbatches", "virtual_stages"):
+        for k in ("dp", "tp", "pp", "cp", "zero", "microbatches", "virtual_stages"):
             if k in values:
                 values[k] = int(values[k])
         if "sequence_parallel" in values:
@@ -957,10 +1057,10 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
         precision = inputs.get("precision", "mixed")
         device_gb = float(inputs.get("device_memory_gb", 80))
         mem = memory(model, layout, global_batch, precision)
-        sent: dict[str, float] = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+        sent: dict[str, float] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0}
         for term in communication(model, layout, global_batch, precision, mem.stage):
             sent["pp" if term.group == "embedding" else term.group] += term.wire_bytes
-        sent["total"] = sent["dp"] + sent["tp"] + sent["pp"]
+        sent["total"] = sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
         bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages)
         return {"model": model.name or "custom", "num_params": num_params(model), "layout": layout.name,
                 "stage": mem.stage, "memory": mem.as_dict(), "device_memory": device_gb * GB,
