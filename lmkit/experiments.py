@@ -858,7 +858,9 @@ def ring_attention_worker(cases: Sequence[tuple[int, int, str, str]], batch: int
     in, the largest absolute difference of the output and of dq, dk, dv from this rank's part of
     the reference (and the reference's largest magnitude); the forward's work (`ring_attention`'s
     ``stats``); the calls and bytes of the sends and receives forward and backward
-    (`lmkit.parallel.instrument.CommCounter`); and the bytes the forward saves for backward.
+    (`lmkit.parallel.instrument.CommCounter`); the bytes the forward saves for backward; and the
+    ring's ``events`` as its ``on_event`` callback saw them: ``(phase, what, ring_step, start, end,
+    blocks)``.
     """
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -894,8 +896,13 @@ def _check_case(group, cp: int, seq_len: int, layout: str, dtype: str, dims: tup
         return t
 
     stats: dict[str, int] = {}
+    events: list[tuple] = []
+
+    def on_event(phase: str, what: str, ring_step: int, start: float, end: float, blocks: int) -> None:
+        events.append((phase, what, ring_step, start, end, blocks))
+
     with CommCounter() as forward_comm, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = ring_attention(*mine, group=group, layout=layout, stats=stats)
+        out = ring_attention(*mine, group=group, layout=layout, stats=stats, on_event=on_event)
     with CommCounter() as backward_comm:
         out.backward(part(dout))
     pairs = {"out": (out, ref), "dq": (mine[0].grad, full[0].grad), "dk": (mine[1].grad, full[1].grad),
@@ -906,6 +913,6 @@ def _check_case(group, cp: int, seq_len: int, layout: str, dtype: str, dims: tup
         "positions": position_ids(seq_len, rank, cp, layout).tolist(),
         "max_diff": {name: (a.detach() - part(b)).abs().max().item() for name, (a, b) in pairs.items()},
         "max_abs": {name: b.detach().abs().max().item() for name, (_, b) in pairs.items()},
-        "work": stats, "saved_bytes": sum(saved),
+        "work": stats, "saved_bytes": sum(saved), "events": events,
         "comm": {"forward": forward_comm.summary(), "backward": backward_comm.summary()},
     }

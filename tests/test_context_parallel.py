@@ -33,6 +33,7 @@ from lmkit.parallel.context_parallel import (
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.stage import build_stages
+from lmkit.parallel.timeline import RING_KINDS, Timeline, attach_timeline
 
 WORLD = 4
 DIMS = {"batch": 2, "heads": 3, "head_dim": 8}
@@ -119,7 +120,59 @@ def test_bytes_sent_and_saved_equal_the_cost_model(ring_results):
             assert r["saved_bytes"] == memory["saved"], (cp, s, layout)
 
 
+@pytest.mark.distributed
+def test_the_ring_reports_its_steps_transfers_and_waits(ring_results):
+    """`on_event` sees, per pass, cp compute steps (the first on the rank's own block), a K/V block
+    in flight before each of the cp - 1 steps after it, posted before the compute it can hide
+    behind, and in backward cp hops of the dK/dV accumulator; blocks add up to the work counted."""
+    for (cp, _, layout, _), ranks in ring_results.items():
+        for r in ranks:
+            events = [tuple(e) for e in r["events"]]
+            assert all(start <= end for *_, start, end, _ in events)
+            for phase in ("forward", "backward"):
+                mine = [e for e in events if e[0] == phase]
+                compute = [e for e in mine if e[1] == "compute"]
+                kv = [e for e in mine if e[1] == "kv"]
+                assert [e[2] for e in compute] == list(range(cp))
+                assert [e[2] for e in kv] == list(range(cp - 1))
+                assert all(t[3] <= compute[t[2]][3] for t in kv)  # posted before that step's compute
+                dkv = [e[2] for e in mine if e[1] == "dkv"]
+                assert dkv == (list(range(cp)) if phase == "backward" else [])
+                # forward: one wait per K/V hop; backward: per K/V hop and per dK/dV hop
+                waits = [e for e in mine if e[1] == "wait"]
+                assert len(waits) == (cp - 1 if phase == "forward" else 2 * cp - 1)
+                assert sum(e[5] for e in compute) == r["work"]["blocks"]
+            if layout == "zigzag":  # the own block: 2 triangles + 1 full block; each other rank's: 2
+                assert [e[5] for e in events if e[:2] == ("forward", "compute")] == [3] + [2] * (cp - 1)
+
+
 # --------------------------------------------------------------------------- one process
+
+
+def test_a_timeline_records_the_ring_of_every_layer_and_lets_go_of_it():
+    """attach_timeline gives each ContextParallelAttention an observer (None otherwise: the ring
+    reports nothing) and takes it away again; without a process group the ring is one step."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, block_size=16, vocab_size=32, dropout=0.0))
+    stage = parallelize_context(build_stages(model, 1, 0)[0], Topology(cp=2, cp_rank=0))
+    rings = [block.attn for block in stage.blocks]
+    assert all(isinstance(a, ContextParallelAttention) and a.on_event is None for a in rings)
+    timeline = Timeline(rank=0)
+    remove = attach_timeline(stage, timeline)
+    assert all(a.on_event is not None for a in rings)
+    timeline.begin_step(1)
+    idx = torch.randint(0, 32, (2, 8))  # this rank's 8 tokens of a 16-token sequence
+    stage(idx, idx).backward()
+    remove()
+    assert all(a.on_event is None for a in rings)
+    ring = [e for e in timeline.events if e["kind"] in ("ring_forward", "ring_backward")]
+    assert sorted((e["chunk"], e["kind"], e["ring_step"], e["blocks"], e["microbatch"]) for e in ring) == [
+        (layer, kind, 0, 3, 0) for layer in (0, 1) for kind in ("ring_backward", "ring_forward")]
+    assert {e["kind"] for e in timeline.events} <= {"forward", "backward", *RING_KINDS["compute"]}
+    assert all(e["phase"] == e["kind"].removeprefix("ring_") for e in ring)
+    n = len(timeline.events)
+    stage(idx, idx).backward()  # detached: nothing more recorded
+    assert len(timeline.events) == n
 
 
 def test_shard_and_unshard_are_inverse_and_zigzag_takes_one_chunk_from_each_end():

@@ -17,16 +17,23 @@ import torch
 
 from lmkit.config import ParallelConfig
 from lmkit.experiments import (
+    _dim,
+    chapter6_checkpoint_plan,
     chapter6_layouts,
+    chapter6_model_config,
+    chapter6_train_config,
     group_label,
     ideal_timeline,
     label,
     load_results,
     main,
     max_relative_difference,
+    ring_pass,
 )
+from lmkit.parallel.engine import validate_layout
 from lmkit.parallel.instrument import bubble_formula, idle_fractions
 from lmkit.parallel.pipeline import schedule_actions
+from lmkit.parallel.timeline import Timeline
 
 
 @pytest.mark.parametrize("schedule, pp, m, v", [("gpipe", 2, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 2, 4, 1),
@@ -58,15 +65,69 @@ def test_group_labels_follow_the_rank_order():
     assert group_label([0], layout) == "self" and group_label([0, 1], None) == "self"
 
 
+def test_context_parallel_groups_follow_the_rank_order_and_the_gradient_group_is_dp():
+    layout = ParallelConfig(dp=2, cp=2, tp=2)  # tp fastest, then cp, then dp
+    assert group_label([0, 2], layout) == "cp" and group_label([0, 4], layout) == "dp"
+    assert group_label([0, 1], layout) == "tp"
+    # the ring's messages stay cp; the gradient group dp x cp is lmkit.costs's "dp", even when it is the world
+    assert _dim({"kind": "send", "ranks": [0, 2]}, layout) == "cp"
+    assert _dim({"kind": "all_reduce", "ranks": [0, 2, 4, 6]}, layout) == "dp"
+    assert _dim({"kind": "all_reduce", "ranks": [0, 1, 2, 3]}, ParallelConfig(dp=2, cp=2)) == "dp"
+    assert _dim({"kind": "all_reduce", "ranks": [0, 2]}, ParallelConfig(cp=2, tp=2)) == "dp"
+    assert _dim({"kind": "all_reduce", "ranks": [0, 1]}, layout) == "tp"
+    pipe = ParallelConfig(cp=2, pp=2, microbatches=4)
+    assert _dim({"kind": "send", "ranks": [0, 1]}, pipe) == "cp"  # the ring, inside a pipeline stage
+    assert _dim({"kind": "send", "ranks": [0, 1, 2, 3]}, pipe) == "pp"  # the pipeline's, via the world
+
+
+def test_ring_pass_cuts_one_layers_pass_out_of_every_ranks_timeline():
+    events = []
+    for rank in range(2):
+        timeline = Timeline(rank=rank)
+        timeline.begin_step(3)
+        for layer in (0, 1):
+            observe = timeline.ring_observer(layer)
+            for micro in range(2):  # two passes of each layer (two microbatches)
+                t = 10.0 * micro + layer + rank * 0.5 + timeline.origin
+                # reported as they end, as the ring does: a transfer once it has been waited for
+                observe("forward", "compute", 0, t + 0.1, t + 0.2, 3)
+                observe("forward", "wait", 0, t + 0.2, t + 0.4, 0)
+                observe("forward", "kv", 0, t, t + 0.4, 0)
+                observe("forward", "compute", 1, t + 0.4, t + 0.5, 2)
+        events += timeline.events
+    got = ring_pass(events, layer=1, phase="forward", microbatch=1)
+    assert [(e["rank"], e["kind"], e["ring_step"]) for e in got] == [
+        (r, kind, step) for r in (0, 1) for kind, step in
+        (("kv_transfer", 0), ("ring_forward", 0), ("ring_wait", 0), ("ring_forward", 1))]
+    assert min(e["start"] for e in got) == 0.0 and got[4]["start"] == pytest.approx(0.5)
+    assert all(e["chunk"] == 1 and e["microbatch"] == 1 and e["step"] == 3 for e in got)
+    assert [e["blocks"] for e in got if e["kind"] == "ring_forward"] == [3, 2, 3, 2]
+    with pytest.raises(ValueError, match="context-parallel layout"):
+        ring_pass(events, layer=0, phase="backward")
+
+
 def test_layouts_cover_both_engines_and_smoke_keeps_one_of_each_kind():
     names = [label(p) for p in chapter6_layouts()]
     assert names[0] == "1 process" and len(names) == len(set(names))
     for kind in ("dp2", "dp2 zero1", "dp2 zero2", "native dp2 zero3", "tp2", "tp2 sp", "pp2 gpipe m4",
-                 "pp2 1f1b m4", "pp2 interleaved v2 m4", "native pp2 interleaved v2 m4"):
+                 "pp2 1f1b m4", "pp2 interleaved v2 m4", "native pp2 interleaved v2 m4",
+                 "cp2", "cp4", "dp2 x cp2", "cp2 x tp2 sp", "cp2 x pp2 1f1b m4"):
         assert kind in names
     smoke = [label(p) for p in chapter6_layouts(smoke=True)]
     assert set(smoke) < set(names)
-    assert {"pp2 gpipe m4", "pp2 1f1b m4", "pp2 interleaved v2 m4", "native dp2 zero3"} <= set(smoke)
+    assert {"pp2 gpipe m4", "pp2 1f1b m4", "pp2 interleaved v2 m4", "native dp2 zero3", "cp2"} <= set(smoke)
+    assert [n for n in smoke if "cp" in n] == ["cp2"]  # SMOKE keeps one context-parallel layout
+
+
+def test_every_context_parallel_layout_of_the_chapter_is_valid_for_its_model():
+    """The chapter's GPT allows cp: block size 16 splits into 2 cp chunks, no dropout; lmkit engine only."""
+    mc = chapter6_model_config()
+    assert mc.dropout == 0 and mc.block_size == 16
+    layouts = [p for p in chapter6_layouts() if p is not None and p.cp > 1]
+    assert {p.cp for p in layouts} == {2, 4} and all(p.engine == "lmkit" for p in layouts)
+    for p in layouts + [chapter6_checkpoint_plan(4)[0]]:
+        validate_layout(p, chapter6_train_config(20, "x"),
+                        mc.n_layer, mc.n_head, mc.vocab_size, mc.block_size, p.world_size, mc.dropout)
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -112,6 +173,9 @@ def test_torchrun_launch_runs_the_layouts_of_its_world_and_lists_the_rest(tmp_pa
         assert max_relative_difference(entry["losses"], ref) < 1e-5, name
     sends = [c for c in layouts["pp2 1f1b m4"]["ranks"][0]["comm"] if c["kind"] == "send"]
     assert sends and all(c["dim"] == "pp" for c in sends)
+    ring = [c for c in layouts["cp2"]["ranks"][0]["comm"] if c["kind"] == "send"]
+    assert ring and all(c["dim"] == "cp" for c in ring)  # ring attention's sends, under torchrun too
+    assert any(e["kind"] == "ring_forward" for e in layouts["cp2"]["ranks"][1]["timeline"])
     ckpt = results["checkpoint"]
     assert ckpt["save"]["name"] == "dp2 zero1" and [r["name"] for r in ckpt["resumes"]] == ["pp2 1f1b m2",
                                                                                              "1 process"]
