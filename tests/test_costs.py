@@ -6,6 +6,7 @@ Against the engines (bytes of model states and of every collective, measured): s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -258,3 +259,130 @@ def test_ring_attention_memory_and_bytes_by_hand():
     assert even["compute_s"] == pytest.approx(even["comm_s"], rel=1e-12)
     contiguous = costs.cp_ring_step(b, 4 * 2 * 10_000, h, 4, peak, beta, act_bytes=2, layout="contiguous")
     assert contiguous["flops"] == 2 * even["flops"] and contiguous["bytes"] == even["bytes"]
+
+
+# ------------------------------------------------------------------ context parallelism in the layout
+
+
+def test_a_cp_layout_counts_its_ranks_and_refuses_what_the_engine_refuses():
+    from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+    from lmkit.parallel.engine import validate_layout
+
+    layout = costs.Layout(dp=2, cp=2, tp=2, sequence_parallel=True, zero=1)
+    assert layout.world_size == 8 and layout.grad_ranks == 4
+    assert layout.name == "dp2 zero1 x cp2 x tp2 sp x m1"
+    pc = ParallelConfig(dp=2, cp=4, pp=2, microbatches=2)
+    assert costs.Layout.from_parallel_config(pc) == costs.Layout(dp=2, cp=4, pp=2, microbatches=2)
+    model = costs.Model(n_layer=4, d_model=64, n_head=4, vocab_size=64, seq_len=20)
+    with pytest.raises(ConfigError) as engine:  # the engine's own words, after its "model.block_size=20: "
+        validate_layout(ParallelConfig(cp=4), TrainConfig(batch_size=8), 4, 4, 64, 20, 4)
+    with pytest.raises(costs.CostError) as ours:
+        costs.memory(model, costs.Layout(cp=4), 8)
+    assert str(engine.value).endswith(str(ours.value)) and "multiple of 8" in str(ours.value)
+    long = dataclasses.replace(model, seq_len=24)  # 8 chunks of 3 tokens for cp = 4, 6 tokens per rank
+    for bad, message in ((costs.Layout(cp=2), "no attention dropout"),
+                         (costs.Layout(dp=2, cp=2, zero=3), "zero=3"),
+                         (costs.Layout(cp=4, tp=4, sequence_parallel=True), "seq_len / cp = 6 tokens"),
+                         (costs.Layout(cp=0), "cp must be a positive integer")):
+        with pytest.raises(costs.CostError, match=message):
+            costs.memory(dataclasses.replace(long, dropout=True) if "dropout" in message else long, bad, 8)
+
+
+def test_cp_splits_each_sequence_and_zero_shards_over_dp_x_cp():
+    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=32768)
+    one = costs.memory(model, costs.Layout(tp=8, sequence_parallel=True), 1, "mixed")
+    two = costs.memory(model, costs.Layout(cp=2, tp=8, sequence_parallel=True), 1, "mixed")
+    ring = costs.cp_attention_memory(1, model.seq_len, model.d_model, model.n_head, 2, 8, act_bytes=2)
+    # every activation term (layers, head, logits) holds s / cp tokens, plus the ring's blocks in flight
+    in_flight = ring["kv_in_flight"] + ring["dkv_in_flight"]
+    assert two.activations == pytest.approx(one.activations / 2 + in_flight, rel=1e-12)
+    assert two.model_states == one.model_states  # the parameters are replicated over cp
+    # ZeRO: cp is one more data dimension for the parameters (the engine's dp x cp gradient group)
+    for precision in ("fp32", "mixed"):
+        for zero in (1, 2):
+            a = costs.memory(model, costs.Layout(dp=2, cp=2, zero=zero, tp=8), 4, precision)
+            b = costs.memory(model, costs.Layout(dp=4, zero=zero, tp=8), 4, precision)
+            assert (a.params, a.grads, a.optimizer) == (b.params, b.grads, b.optimizer)
+    # without flash attention the single rank keeps the s x s scores; ring attention never does
+    plain = costs.memory(model, costs.Layout(tp=8), 1, "mixed", flash_attention=False)
+    ringed = costs.memory(model, costs.Layout(cp=2, tp=8), 1, "mixed", flash_attention=False)
+    assert ringed.activations < plain.activations / 10
+
+
+def test_cp_communication_adds_the_ring_and_divides_the_other_messages():
+    model = costs.Model(n_layer=4, d_model=64, n_head=4, vocab_size=64, seq_len=32)
+    base = costs.Layout(dp=2, tp=2, pp=2, microbatches=2)
+    layout = dataclasses.replace(base, cp=2)
+    for stage in (0, 1):
+        plain = costs.communication(model, base, 8, "fp32", stage)
+        terms = costs.communication(model, layout, 8, "fp32", stage)
+        ring = [t for t in terms if t.group == "cp"]
+        # this stage's 2 layers and 2 microbatches of b = 2 sequences, heads split over tp
+        assert ring == costs.cp_communication(2, 32, 64, 2, tp=2, layers=2, microbatches=2, act_bytes=4)
+        by_what = {(t.group, t.what): t for t in plain}
+        for t in terms:
+            if t.group in ("tp", "pp") and not t.bookkeeping and "tied" not in t.what:
+                assert t.bytes * 2 == by_what[(t.group, t.what)].bytes  # s / cp tokens per message
+            if t.group == "dp":
+                assert t.group_size == 4  # gradients over dp x cp
+    full = costs.communication(model, dataclasses.replace(layout, recompute="full"), 8, "fp32", 0)
+    again = [t for t in full if t.group == "cp" and "recomputation" in t.what]
+    assert [t.calls for t in again] == [2 * 2 * 1, 2 * 2 * 1]  # the forward ring once more: send, recv
+
+
+def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():
+    """At long context every ring step's compute outlasts its transfer (`cp_ring_step`): what is left
+    exposed is the dK/dV accumulator's last hop home, one per layer and microbatch."""
+    h100 = costs.DEVICES["h100"]
+    node = costs.Cluster(8, 80, h100[1])
+    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=65536)
+    layout = costs.Layout(cp=2, tp=4, sequence_parallel=True)
+    cand = costs.step_time(model, layout, 1, node)
+    step = costs.cp_ring_step(1, model.seq_len, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
+    assert step["compute_s"] > 3 * step["comm_s"] / 2  # backward: 2x the compute against K/V + dK/dV
+    assert cand.cp_exposed_s == pytest.approx(model.n_layer * 2 * step["comm_s"], rel=1e-12)  # fp32 dK/dV
+    assert cand.step_s == pytest.approx(cand.compute_s + cand.tp_s + cand.dp_exposed_s + cand.cp_exposed_s,
+                                        rel=1e-12)
+    # 1,024 tokens per rank are fewer than e F / beta = 2,197: every step's transfer outlasts its compute
+    short = costs.step_time(dataclasses.replace(model, seq_len=2048), layout, 1, node)
+    step = costs.cp_ring_step(1, 2048, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
+    k, f = step["comm_s"], step["compute_s"]
+    assert k > 2 * f
+    # forward k - f; backward: K/V k - 2f, dK/dV in flight 2k - 2f, its last hop 2k (fp32: twice bf16)
+    per_layer = (k - f) + (k - 2 * f) + (2 * k - 2 * f) + 2 * k
+    assert short.cp_exposed_s == pytest.approx(model.n_layer * per_layer, rel=1e-12)
+
+
+def test_search_picks_context_parallelism_for_one_long_sequence_on_two_nodes():
+    """One 131,072-token sequence on 2 nodes of 8 H100: the batch cannot split over data parallelism
+    and one microbatch cannot fill a pipeline, so without cp only tp = 16 reaches all 16 devices, and
+    its all-reduces cross InfiniBand. cp keeps tp inside a node and its ring hides behind compute."""
+    h100 = costs.DEVICES["h100"]
+    cluster = costs.Cluster(16, 80, h100[1], intra_node_gbps=h100[2], inter_node_gbps=h100[3])
+    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=131072)
+    found = costs.search(model, 1, cluster)
+    best = found[0]
+    assert best.layout.cp > 1 and best.layout.tp <= cluster.devices_per_node and best.layout.dp == 1
+    no_cp = [c for c in found if c.layout.cp == 1]
+    assert no_cp and all(c.layout.tp == 16 for c in no_cp)  # the only way without cp
+    runner_up = no_cp[0]
+    assert runner_up.tp_s > best.compute_s  # tensor parallelism over InfiniBand: more than all the compute
+    assert best.cp_exposed_s < 0.05 * best.compute_s  # the ring hides (s / cp = 32k tokens per rank)
+    assert runner_up.step_s > 2 * best.step_s
+    # at GPT-3's length the same batch splits over dp x cp ranks, and cp adds only its ring
+    short = costs.search(dataclasses.replace(model, seq_len=2048), 16, cluster)
+    assert short[0].layout.cp == 1
+
+
+def test_calculate_reports_the_ring_in_its_own_row():
+    inputs = {"preset": "7b", "cp": 2, "tp": 8, "sequence_parallel": True, "global_batch": 1,
+              "precision": "mixed", "device_memory_gb": 80}
+    out = costs.calculate(inputs)
+    assert out["error"] is None and out["layout"] == "cp2 x tp8 sp x m1"
+    layout = costs.Layout(cp=2, tp=8, sequence_parallel=True)
+    ring = [t for t in costs.communication(costs.PRESETS["7b"], layout, 1, "mixed") if t.group == "cp"]
+    assert out["communication"]["cp"] == sum(t.wire_bytes for t in ring) > 0
+    sent = out["communication"]
+    assert sent["total"] == sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
+    assert costs.calculate({**inputs, "cp": 1})["communication"]["cp"] == 0
+    assert "multiple of 6" in costs.calculate({**inputs, "cp": 3})["error"]  # 2048 = 6 x 341.3 tokens
