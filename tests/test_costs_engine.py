@@ -1,9 +1,10 @@
 """`lmkit.costs` against the engines: every layout of the loss-compare matrix, every rank, measured.
 
-For each layout of ``tests/test_parallel_equivalence.py`` (and the native engine's ZeRO-3), one
-training step is observed by `lmkit.parallel.instrument`: the bytes of parameters, gradients and
-optimizer state every rank allocates must equal `costs.memory` exactly, and the bytes of every
-(group, collective) it issues must equal `costs.communication` exactly. The bubble formula is
+For each layout of ``tests/test_parallel_equivalence.py`` (context-parallel ones included, and the
+native engine's ZeRO-3), one training step is observed by `lmkit.parallel.instrument`: the bytes of
+parameters, gradients and optimizer state every rank allocates must equal `costs.memory` exactly,
+and the bytes and calls of every (group, collective) it issues must equal `costs.communication`
+exactly (calls where the formula counts them: not the bucketed all-reduces). The bubble formula is
 checked against the measured idle fraction of a pipeline whose compute dominates its messages.
 """
 
@@ -13,7 +14,7 @@ import statistics
 from collections import Counter
 
 import pytest
-from test_parallel_equivalence import LAYOUTS, MODEL, TEXT, TRAIN, ZERO2_LAYOUTS
+from test_parallel_equivalence import CP_LAYOUTS, LAYOUTS, MODEL, TEXT, TRAIN, ZERO2_LAYOUTS
 
 from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
@@ -27,14 +28,31 @@ NATIVE = [ParallelConfig(dp=2, zero=3, engine="native")]
 # gradients' share of each dp shard, which the formula estimates as 1/dp: not exact, left out)
 ZERO2 = [p for p in ZERO2_LAYOUTS if not p.sequence_parallel]
 VOCAB = len(set(TEXT)) + 1  # characters plus the end-of-text token
+# Context parallelism alone and with every other dimension (cp2, cp4, cp2 x dp2, cp2 x tp2, cp2 x pp2,
+# cp2 x dp2 ZeRO-2), and with tensor and sequence parallelism; they share the launches of the layouts
+# above (one per world size).
+CP = CP_LAYOUTS + [ParallelConfig(cp=2, tp=2, sequence_parallel=True)]
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
-    layouts = LAYOUTS + ZERO2 + NATIVE
+    layouts = LAYOUTS + ZERO2 + CP + NATIVE
     return list(zip(layouts, measure_layouts(MODEL, TRAIN, layouts, steps=1, warmup=1, text=TEXT,
                                              cache_dir=cache), strict=True))
+
+
+def measured_group(collective: dict, pc: ParallelConfig) -> str:
+    """The `costs.CommTerm.group` of a measured collective: point-to-point messages are ring
+    attention's on the cp group and the pipeline's otherwise; any other collective over cp ranks
+    (cp alone, or dp x cp, the whole world when there is no tp or pp) is the gradient group, which
+    costs calls "dp"."""
+    label = group_label(collective["ranks"], pc)
+    if collective["kind"] in ("send", "recv"):
+        return "cp" if label == "cp" else "pp"
+    if label in ("cp", "dp x cp") or (label == "world" and pc.cp > 1 and pc.tp == pc.pp == 1):
+        return "dp"
+    return label
 
 
 def _model() -> costs.Model:
@@ -64,33 +82,67 @@ def test_model_states_per_rank_equal_the_formula(measured):
             assert got["optimizer_bytes"] == pred.optimizer, where
             assert got["grad_bytes"] == pred.grads, where  # ZeRO-2: the rank's shard, 1/dp
             checked += 1
-    assert checked == sum(p.world_size for p in LAYOUTS + ZERO2)
+    assert checked == sum(p.world_size for p in LAYOUTS + ZERO2 + CP)
+
+
+def _bytes_and_calls(model: costs.Model, pc: ParallelConfig, layout: costs.Layout,
+                     rank: dict) -> tuple[Counter, Counter, Counter, Counter, set]:
+    """(measured bytes, formula bytes, measured calls, formula calls, keys whose calls the formula
+    leaves open) by (group, kind) for one rank's measured step."""
+    pred, got, pred_calls, got_calls, uncounted = Counter(), Counter(), Counter(), Counter(), set()
+    for term in costs.communication(model, layout, TRAIN.batch_size, "fp32", rank["coords"]["pp"]):
+        key = ("pp" if term.group == "embedding" and pc.pp == 2 else term.group, term.kind)
+        pred[key] += term.bytes
+        if term.calls is None:  # bucketed: as many calls as buckets
+            uncounted.add(key)
+        else:
+            pred_calls[key] += term.calls
+    for c in rank["comm"]:
+        if c["kind"] == "barrier":  # the instrument's own barrier before each measured step
+            continue
+        key = (measured_group(c, pc), c["kind"])
+        got[key] += c["bytes"]
+        got_calls[key] += c["calls"]
+    return got, pred, got_calls, pred_calls, uncounted
 
 
 def test_bytes_of_every_collective_equal_the_formula(measured):
-    model, checked = _model(), 0
+    model, checked, cp_checked = _model(), 0, 0
     for pc, entry in measured:
         layout = costs.Layout.from_parallel_config(pc)
         for rank in entry["ranks"]:
-            stage = rank["coords"]["pp"]
-            pred, got = Counter(), Counter()
-            for term in costs.communication(model, layout, TRAIN.batch_size, "fp32", stage):
-                group = "pp" if term.group == "embedding" and pc.pp == 2 else term.group
-                pred[(group, term.kind)] += term.bytes
-            for c in rank["comm"]:
-                if c["kind"] == "barrier":  # the instrument's own barrier before each measured step
-                    continue
-                kind = c["kind"]
-                group = "pp" if kind in ("send", "recv") else group_label(c["ranks"], pc)
-                got[(group, kind)] += c["bytes"]
+            got, pred, got_calls, pred_calls, uncounted = _bytes_and_calls(model, pc, layout, rank)
             where = f"{entry['name']} ({pc.engine}) rank {rank['rank']}"
             if pc.engine == "native":  # FSDP2: 2 parameter all-gathers + 1 reduce-scatter, as costs says
                 for key in (("dp", "all_gather"), ("dp", "reduce_scatter")):
                     assert got[key] == pred[key], (where, key, got, pred)
                 continue
             assert got == pred, (where, dict(got), dict(pred))
+            for key in set(got) - uncounted:
+                assert got_calls[key] == pred_calls[key], (where, key, dict(got_calls), dict(pred_calls))
             checked += len(got)
+            if pc.cp > 1:
+                cp_checked += 1
+                assert got[("cp", "send")] > 0, where
     assert checked > 100
+    assert cp_checked == sum(p.world_size for p in CP)
+
+
+def test_full_recomputation_runs_the_ring_of_every_layer_again(tmp_path):
+    """Activation checkpointing re-runs each block's forward in backward, and with it the forward
+    ring: cp2 sends 4 K/V blocks per layer instead of 3 (the formula's ``recompute="full"``)."""
+    train = TrainConfig(**{**TRAIN.__dict__, "activation_checkpointing": True})
+    pc = ParallelConfig(cp=2)
+    (entry,) = measure_layouts(MODEL, train, [pc], steps=1, warmup=1, text=TEXT, cache_dir=str(tmp_path))
+    model = _model()
+    for rank in entry["ranks"]:
+        got, pred, got_calls, pred_calls, uncounted = _bytes_and_calls(
+            model, pc, costs.Layout.from_parallel_config(pc, recompute="full"), rank)
+        assert got == pred, (rank["rank"], dict(got), dict(pred))
+        assert all(got_calls[key] == pred_calls[key] for key in set(got) - uncounted)
+        plain = costs.communication(model, costs.Layout(cp=2), TRAIN.batch_size, "fp32")
+        sends = sum(t.calls for t in plain if t.group == "cp" and t.kind == "send")
+        assert got_calls[("cp", "send")] == sends + MODEL.n_layer * (pc.cp - 1)  # one more per layer
 
 
 @pytest.mark.slow
