@@ -514,7 +514,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                      "states_gb": c.memory.model_states / costs.GB,
                      "activations_gb": c.memory.activations / costs.GB,
                      "step_s": c.step_s, "compute_s": c.compute_s, "bubble_s": c.bubble_s,
-                     "comm_s": c.tp_s + c.pp_s + c.dp_exposed_s, "tokens_per_s": c.tokens_per_s,
+                     "comm_s": c.tp_s + c.pp_s + c.dp_exposed_s + c.cp_exposed_s,
+                     "tokens_per_s": c.tokens_per_s,
                      "mfu": costs.mfu(c.tokens_per_s, flops, cluster.devices, cluster.peak_flops)})
     if args.json:
         print(json.dumps(rows, indent=1))
