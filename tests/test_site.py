@@ -553,14 +553,14 @@ def test_chinese_headings_render_with_glyphs(pages, driver, server):
 CALCULATOR_PAGE = "chapters/05_parallelism_theory"
 # Every input of the calculator (book/_ext/calculator.py), in the order a reader sets them: the
 # schedule first, because choosing one adjusts the virtual stages.
-CALCULATOR_FIELDS = ("schedule", "dp", "tp", "pp", "zero", "sequence_parallel", "recompute", "microbatches",
-                     "virtual_stages", "global_batch", "precision", "device_memory_gb")
+CALCULATOR_FIELDS = ("schedule", "dp", "cp", "tp", "pp", "zero", "sequence_parallel", "recompute",
+                     "microbatches", "virtual_stages", "global_batch", "precision", "device_memory_gb")
 MODEL_FIELDS = ("n_layer", "d_model", "n_head", "vocab_size", "seq_len")
 
 
 def _inputs(model: str | dict, **layout) -> dict:
     """Every field the calculator sends: a preset name or a typed model, and the layout."""
-    base = {"dp": 1, "tp": 1, "pp": 1, "zero": 0, "sequence_parallel": False, "recompute": "none",
+    base = {"dp": 1, "cp": 1, "tp": 1, "pp": 1, "zero": 0, "sequence_parallel": False, "recompute": "none",
             "microbatches": 1, "schedule": "1f1b", "virtual_stages": 1, "global_batch": 8,
             "precision": "mixed", "device_memory_gb": 80}
     return {("model" if isinstance(model, dict) else "preset"): model, **base, **layout}
@@ -576,6 +576,11 @@ CALCULATOR_CASES = {
                                                 global_batch=1536),
     "gpt2 dp8 zero3": _inputs("gpt2-124m", dp=8, zero=3, microbatches=2, global_batch=64,
                               device_memory_gb=40),
+    # one sequence of 32k tokens: context parallelism across the ring of 2 x 4 tensor-parallel ranks
+    "custom 32k tokens cp2 tp4 pp2": _inputs({"n_layer": 32, "d_model": 4096, "n_head": 32,
+                                              "vocab_size": 32000, "seq_len": 32768},
+                                             dp=2, cp=2, tp=4, pp=2, zero=1, sequence_parallel=True,
+                                             microbatches=2, global_batch=4),
     "custom model gpipe fp32": _inputs({"n_layer": 24, "d_model": 2048, "n_head": 16, "vocab_size": 50304,
                                         "seq_len": 4096}, dp=4, tp=2, pp=2, zero=2, recompute="full",
                                        microbatches=8, schedule="gpipe", global_batch=64, precision="fp32",
@@ -708,6 +713,7 @@ def test_calculator_covers_pipelines_and_a_typed_model():
     assert len(CALCULATOR_CASES) >= 5
     assert {c["schedule"] for c in cases if c["pp"] > 1} >= {"gpipe", "1f1b", "interleaved"}
     assert any("model" in c for c in cases) and any(c["zero"] == 3 for c in cases)
+    assert any(c["cp"] > 1 and costs.calculate(dict(c))["communication"]["cp"] > 0 for c in cases)
 
 
 def test_calculator_reports_an_impossible_layout_in_one_line(calculator):

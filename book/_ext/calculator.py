@@ -29,8 +29,8 @@ SCRIPT, STYLE = "lmkit-calculator.mjs", "lmkit-calculator.css"
 # (id, label, default, minimum) of the number inputs; ids are the calculate() keys with "-".
 MODEL_INPUTS = [("n-layer", "layers", 32, 1), ("d-model", "width d", 4096, 1), ("n-head", "heads", 32, 1),
                 ("vocab-size", "vocabulary", 32000, 1), ("seq-len", "sequence length", 2048, 1)]
-LAYOUT_INPUTS = [("dp", "data parallel dp", 2, 1), ("tp", "tensor parallel tp", 4, 1),
-                 ("pp", "pipeline stages pp", 1, 1)]
+LAYOUT_INPUTS = [("dp", "data parallel dp", 2, 1), ("cp", "context parallel cp", 1, 1),
+                 ("tp", "tensor parallel tp", 4, 1), ("pp", "pipeline stages pp", 1, 1)]
 BATCH_INPUTS = [("microbatches", "microbatches m", 1, 1), ("virtual-stages", "virtual stages v", 1, 1),
                 ("global-batch", "global batch (sequences)", 16, 1)]
 SELECTS = {
@@ -48,8 +48,10 @@ OUTPUTS = {  # section -> (data-output key, label)
     "memory per rank": [("memory-params", "parameters"), ("memory-grads", "gradients"),
                         ("memory-optimizer", "optimizer state"), ("memory-activations", "activations"),
                         ("memory-total", "total"), ("device-memory", "device memory"), ("fits", "fits")],
-    "sent per rank per step": [("communication-dp", "data parallel"), ("communication-tp", "tensor parallel"),
-                               ("communication-pp", "pipeline"), ("communication-total", "total")],
+    "sent per rank per step": [("communication-dp", "data parallel (gradients over dp x cp)"),
+                               ("communication-cp", "context parallel (ring attention)"),
+                               ("communication-tp", "tensor parallel"), ("communication-pp", "pipeline"),
+                               ("communication-total", "total")],
     "pipeline": [("bubble", "bubble (idle fraction)")],
 }
 

@@ -30,7 +30,7 @@ def run(text):
     return json.dumps({"result": out, "shown": shown})
 `;
 
-const INTEGER_FIELDS = ["dp", "tp", "pp", "zero", "microbatches", "virtual_stages", "global_batch"];
+const INTEGER_FIELDS = ["dp", "cp", "tp", "pp", "zero", "microbatches", "virtual_stages", "global_batch"];
 const MODEL_FIELDS = ["n_layer", "d_model", "n_head", "vocab_size", "seq_len"];
 const PARTS = ["params", "grads", "optimizer", "activations"];
 const COLOURS = { params: "#4c72b0", grads: "#dd8452", optimizer: "#55a868", activations: "#c44e52" };
