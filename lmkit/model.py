@@ -135,8 +135,10 @@ class KVCache:
         self.plan: tuple | None = None  # (model, its one-token step plan), see GPT._decode_plan
 
     def reset(self) -> None:
-        """Forget the contents (the storage is kept for the next sequence of the same shape)."""
+        """Forget the contents (the storage is kept for the next sequence of the same shape) and
+        the step plan (the model's modules may have been replaced since, e.g. by quantization)."""
         self.length = 0
+        self.plan = None
 
     def update(self, layer: int, start: int, kv: Tensor) -> tuple[Tensor, Tensor]:
         """Write keys and values ``kv`` ([2, B, H, T, hd]) at positions start..start+T; return the

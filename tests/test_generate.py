@@ -182,6 +182,8 @@ def test_the_one_token_step_plan_computes_what_the_modules_compute_bit_for_bit(m
     assert torch.equal(fast, slow) and fast_cache.length == slow_cache.length == 18
     assert all(torch.equal(a[:, :, :, :18], b[:, :, :, :18])
                for a, b in zip(fast_cache.kv, slow_cache.kv, strict=True))
+    fast_cache.reset()
+    assert fast_cache.plan is None and fast_cache.length == 0, "a reset cache gathers a new plan"
     m.train()  # training mode: the modules (dropout) again, the plan is not used
     cache = m.new_kv_cache(1, 4)
     m(prompt[:1, :2], kv_cache=cache)
