@@ -225,7 +225,7 @@ def train_curve(recipe: Recipe, train_tokens: Tensor, val_batches: Tensor, eval_
 
 #: lmkit's best recipe at nanoGPT's CPU budget, from chapter 7's ablation: the model options and the
 #: training changes that paid, and the schedule's length as a fraction of the baseline's steps.
-BEST_MODEL = {"pos": "rope"}
+BEST_MODEL = {"pos": "rope", "qk_norm": True, "activation": "relu2"}
 BEST_TRAIN = {"optimizer": "muon", "lr": 2e-3}
 BEST_STEPS_FRACTION = 0.3
 
@@ -239,17 +239,28 @@ def best_recipe(base: Recipe) -> Recipe:
                              {**BEST_TRAIN, "max_steps": steps, "warmup_steps": warmup})
 
 
+#: Chapter 7's single changes: (row label, model fields, training fields).
+ABLATION = (
+    ("+ rotary positions", {"pos": "rope"}, {}),
+    ("+ RMSNorm", {"norm": "rms"}, {}),
+    ("+ QK-norm", {"qk_norm": True}, {}),
+    ("+ ReLU^2 MLP", {"activation": "relu2"}, {}),
+    ("+ Muon for the matrices", {}, {"optimizer": "muon"}),
+    ("+ AdamW lr 2e-3", {}, {"lr": 2e-3}),
+)
+
+
+def combined_changes() -> list[str]:
+    """Labels of the `ABLATION` rows whose every field the best recipe (`BEST_MODEL`, `BEST_TRAIN`) has."""
+    return [label for label, model, train in ABLATION
+            if all(BEST_MODEL.get(k) == v for k, v in model.items())
+            and all(BEST_TRAIN.get(k) == v for k, v in train.items())]
+
+
 def ablation_recipes(base: Recipe) -> list[Recipe]:
     """Chapter 7's ablation: the baseline, each means alone on it, and the best combination."""
     rows = [dataclasses.replace(base, name="baseline (nanoGPT recipe)")]
-    for label, model, train in (
-        ("+ rotary positions", {"pos": "rope"}, {}),
-        ("+ RMSNorm", {"norm": "rms"}, {}),
-        ("+ QK-norm", {"qk_norm": True}, {}),
-        ("+ ReLU^2 MLP", {"activation": "relu2"}, {}),
-        ("+ Muon for the matrices", {}, {"optimizer": "muon"}),
-        ("+ AdamW lr 2e-3", {}, {"lr": 2e-3}),
-    ):
+    for label, model, train in ABLATION:
         rows.append(base.with_options(label, model, train))
     best = best_recipe(base)
     rows.append(dataclasses.replace(best, name="best combination"))

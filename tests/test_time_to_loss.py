@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from lmkit.time_to_loss import (
+    ABLATION,
     Curve,
     ablation_recipes,
     best_recipe,
+    combined_changes,
     fixed_batches,
     nanogpt_recipe,
     time_table,
@@ -72,3 +74,14 @@ def test_best_recipe_and_ablation_rows():
         changed = len(r.model.options()) + sum(getattr(r.train, f) != getattr(base.train, f)
                                                for f in ("optimizer", "lr", "max_steps"))
         assert changed == 1, r.name
+
+
+def test_combined_changes_are_the_single_rows_the_best_recipe_contains():
+    base = nanogpt_recipe(65)
+    best = best_recipe(base)
+    combined = set(combined_changes())
+    assert combined, "the best recipe combines no single change of the ablation"
+    for label, model, train in ABLATION:
+        inside = all(getattr(best.model, k) == v for k, v in model.items()) and all(
+            getattr(best.train, k) == v for k, v in train.items())
+        assert (label in combined) == inside, label
