@@ -110,11 +110,13 @@ def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_hea
                           "the embedding and the output layer are split by vocabulary rows: choose tp "
                           "dividing the vocabulary size (or a BPE vocabulary size that is a multiple of tp)")
     if pcfg.sequence_parallel and (block_size // pcfg.cp) % pcfg.tp:
-        per_rank = f"{block_size // pcfg.cp} tokens per context-parallel rank" if pcfg.cp > 1 else \
-            f"model.block_size={block_size}"
-        raise ConfigError(f"{per_rank} is not divisible by parallel.tp={pcfg.tp}; sequence parallelism "
-                          "splits each rank's sequence over tensor-parallel ranks: choose a block size "
-                          "that is a multiple of cp x tp (x 2 for zigzag)")
+        if pcfg.cp > 1:
+            raise ConfigError(f"{block_size // pcfg.cp} tokens per context-parallel rank is not divisible by "
+                              f"parallel.tp={pcfg.tp}; sequence parallelism splits each rank's tokens over "
+                              f"tensor-parallel ranks: choose a block size that is a multiple of "
+                              f"{math.lcm(2 * pcfg.cp, pcfg.cp * pcfg.tp)}")
+        raise ConfigError(f"model.block_size={block_size} is not divisible by parallel.tp={pcfg.tp}; "
+                          "sequence parallelism splits the sequence over tensor-parallel ranks")
     m = pcfg.microbatches
     if pcfg.pp > 1:
         validate_pipeline(pcfg, n_layer, m)
