@@ -54,7 +54,8 @@ __all__ = [
     "ideal_timeline", "ring_pass",
     "group_label", "CHAPTER6_MODEL", "CHAPTER6_TEXT", "CHAPTER6_CP_LAYOUTS", "chapter6_model_config",
     "chapter6_train_config",
-    "chapter6_layouts", "chapter6_checkpoint_plan", "run_chapter6", "load_results", "summary_table", "main",
+    "chapter6_layouts", "chapter6_checkpoint_plan", "run_chapter6", "load_results", "summary_table",
+    "chapter6_command", "missing_layouts", "missing_notice", "main",
 ]
 
 
@@ -735,6 +736,69 @@ def summary_table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<40} {len(e['ranks']):>5} {diff:>18.2e} {step_ms:>8.1f} {sent:>13,} "
                      f"{mem:>12.3f}")
     return "\n".join(lines)
+
+
+def _smoke_folder(manifest: dict[str, Any]) -> bool:
+    """Whether every run into a results folder was a ``--smoke`` run (its layouts are the smoke set)."""
+    runs = manifest.get("runs", [])
+    return bool(runs) and all(run.get("smoke") for run in runs)
+
+
+def chapter6_command(world: int, folder: str | Path, manifest: dict[str, Any] | None = None) -> str:
+    """The torchrun launch that adds the chapter's layouts of `world` processes to `folder`.
+
+    With the folder's `manifest` it repeats the options of the runs already there (``--smoke``,
+    ``--steps``, ``--device``), so that the launch adds up instead of replacing them.
+    """
+    options = ""
+    if manifest:
+        smoke = _smoke_folder(manifest)
+        options += " --smoke" if smoke else ""
+        steps = manifest.get("steps")
+        if steps is not None and steps != (CHAPTER6_SMOKE_STEPS if smoke else CHAPTER6_STEPS):
+            options += f" --steps {steps}"
+        device = manifest.get("train", {}).get("device", "auto")
+        options += f" --device {device}" if device != "auto" else ""
+    return (f"torchrun --standalone --nproc_per_node={world} -m lmkit.experiments chapter6 --out {folder}"
+            + options)
+
+
+def missing_layouts(results: dict[str, Any]) -> dict[int, list[str]]:
+    """The chapter's layouts a results folder (`load_results`) does not hold, by the processes they need.
+
+    The chapter's layouts are `chapter6_layouts`, the smoke set when every run into the folder was
+    a ``--smoke`` run; ``1 process`` (the single-process reference, which every launch writes on
+    rank 0) counts as a layout of 1 process. Layouts that are present but failed are not missing.
+    """
+    missing: dict[int, list[str]] = {}
+    for layout in chapter6_layouts(_smoke_folder(results["manifest"])):
+        if label(layout) not in results["layouts"]:
+            missing.setdefault(_world(layout), []).append(label(layout))
+    return dict(sorted(missing.items()))
+
+
+def missing_notice(results: dict[str, Any], folder: str | Path) -> str:
+    """One line naming what of the chapter `folder` lacks, by processes needed, and the launches that
+    add it into the folder; ``""`` when it holds every layout and the checkpoint experiment."""
+    missing = missing_layouts(results)
+    no_checkpoint = results.get("checkpoint") is None
+    if not missing and not no_checkpoint:
+        return ""
+    parts = []
+    for world, names in missing.items():
+        what = f"{world}-process layout{'s' if len(names) > 1 else ''} ({', '.join(names)}"
+        if world == 1:
+            what += (": the reference every loss comparison is against, so those are skipped; "
+                     "any launch writes it")
+        parts.append(what + ")")
+    worlds = [w for w in missing if w > 1] or list(missing)
+    if no_checkpoint:
+        parts.append("the checkpoint experiment (a launch of 2, 4 or 8 processes runs it)")
+        worlds = worlds or [2]
+    launches = [f"`{chapter6_command(w, folder, results['manifest'])}`" for w in worlds]
+    add = launches[0] if len(launches) == 1 else ", ".join(launches[:-1]) + " and " + launches[-1]
+    return (f"not in {folder}: {', '.join(parts)}: add {add} launch{'es' if len(launches) > 1 else ''} into "
+            "the same folder; the parts of the chapter that need them are skipped")
 
 
 # --------------------------------------------------------------------------- command line
