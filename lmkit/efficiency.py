@@ -15,6 +15,8 @@ tested tools that measure both sides of each trade on a `GPT`:
 * `greedy_agreement` - how often a changed model (int8, pruned) picks the same next token;
 * `decode_tokens_per_s` - greedy KV-cache decoding speed of one prompt or a batch;
 * `count_ops` / `decode_step_ops` - the operators a call (one cached decoding step) dispatches;
+* `count_flops` - the floating-point operations of a call's matrix products and attention,
+  counted from the shapes (the same count on every machine, unlike a time);
 * `interleaved_medians` - timings of several variants, interleaved round by round, so that a
   noisy machine slows all of them alike.
 """
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = [
     "saved_tensor_bytes",
@@ -52,6 +55,7 @@ __all__ = [
     "decode_tokens_per_s",
     "count_ops",
     "decode_step_ops",
+    "count_flops",
 ]
 
 
@@ -395,3 +399,25 @@ def decode_step_ops(model: nn.Module, context: int, batch: int = 1) -> collectio
         else:
             del model.check_token_ids
     return counts
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+#: The fused attention kernel a CPU runs, which ``FlopCounterMode`` does not count by itself; counted
+#: like its GPU kernels (the whole score matrix, causal mask or not).
+_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of the matrix products and attention kernels `fn()` runs.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` from the operands' shapes (2 per
+    multiply-add), plus the CPU's fused attention kernel; elementwise work is not counted. A count,
+    not a time: it does not depend on the machine or its load, so a notebook can assert on it
+    (chapter 2 compares decoding with and without the KV cache this way).
+    """
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return int(counter.get_total_flops())

@@ -8,6 +8,10 @@ What a user compares is not tokens per second but seconds to a quality. `train_c
 stops while evaluating). `Curve.time_to` reads off when a curve first reaches a loss,
 interpolating linearly between evaluations. `benchmarks/time_to_loss.py`, chapter 7 and the tests
 call these functions.
+
+`step_work` counts what one training step of a recipe dispatches (operators) and computes
+(FLOPs): counts, unlike times, are the same on every machine, and they say why a change that adds
+little arithmetic can still cost time per step on a small model.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmkit.config import ModelConfig, TrainConfig
+from lmkit.efficiency import count_flops, count_ops
 from lmkit.model import GPT
 from lmkit.train import configure_optimizer, lr_multiplier, prepare_run
 
 __all__ = ["Recipe", "Curve", "fixed_batches", "train_curve", "train_curves", "nanogpt_recipe", "best_recipe",
-           "ablation_recipes", "shakespeare_tokens", "time_table"]
+           "ablation_recipes", "shakespeare_tokens", "time_table", "step_work"]
 
 
 @dataclass
@@ -158,6 +163,31 @@ def _evaluate(model: nn.Module, hf: bool, val: Tensor) -> float:
     return total / len(val)
 
 
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe, batch: Tensor) -> None:
+    """One optimizer step on `batch` ([B, T+1]): forward, backward, clipping, update."""
+    loss = _loss(model, recipe.hf, batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    if recipe.train.grad_clip > 0:
+        trained = [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(trained, recipe.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def step_work(recipe: Recipe, batch: Tensor, seed: int = 1337) -> dict[str, int]:
+    """Operators dispatched and FLOPs computed by one training step of `recipe` on `batch`.
+
+    The step is the one `train_curves` times (forward, backward, clipping, optimizer); it is
+    counted after one warm-up step, so that the optimizer's state already exists. Returns
+    ``{"ops": ..., "flops": ...}`` (`lmkit.efficiency.count_ops` and `count_flops`).
+    """
+    model, optimizer = _build(recipe, seed)
+    _train_step(model, optimizer, recipe, batch)
+    ops = sum(count_ops(lambda: _train_step(model, optimizer, recipe, batch)).values())
+    flops = count_flops(lambda: _train_step(model, optimizer, recipe, batch))
+    return {"ops": ops, "flops": flops}
+
+
 class _Training:
     """One recipe in training: its model, optimizer, schedule, batches, clock and curve."""
 
@@ -168,7 +198,6 @@ class _Training:
                                                            lambda s: lr_multiplier(s, self.cfg))
         self.batches = fixed_batches(train_tokens, self.cfg.max_steps, self.cfg.batch_size,
                                      recipe.model.block_size, data_seed)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.step, self.elapsed = 0, 0.0
         self.curve = Curve(recipe.name, [0], [0.0], [_evaluate(self.model, recipe.hf, val_batches)])
 
@@ -181,13 +210,7 @@ class _Training:
         stop = min(self.cfg.max_steps, (self.step // eval_every + 1) * eval_every)
         t0 = time.perf_counter()
         while self.step < stop:
-            b = self.batches[self.step]
-            loss = _loss(self.model, self.recipe.hf, b[:, :-1], b[:, 1:])
-            loss.backward()
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            _train_step(self.model, self.optimizer, self.recipe, self.batches[self.step])
             self.scheduler.step()
             self.step += 1
         self.elapsed += time.perf_counter() - t0  # the clock stops before evaluating

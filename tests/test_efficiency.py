@@ -198,3 +198,30 @@ def test_count_ops_counts_the_dispatched_operators_and_decode_step_ops_checks_it
         assert int8["quantized.linear_dynamic"] == 4 * CFG.n_layer and int8["linear"] == 1
     with pytest.raises(ValueError, match="block_size"):
         efficiency.decode_step_ops(model, context=CFG.block_size)
+
+
+def test_count_flops_counts_matrix_products_and_cpu_attention_from_shapes():
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    assert efficiency.count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+    assert efficiency.count_flops(lambda: torch.relu(a)) == 0  # elementwise work is not counted
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))  # batch, heads, positions, head width
+    # scores q k^T and their product with v: 2 x (2 B H Lq Lk d), the whole score matrix, causal or not
+    assert efficiency.count_flops(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)) == (
+        2 * 2 * 2 * 4 * 6 * 6 * 8)
+
+
+def test_count_flops_of_decoding_grows_quadratically_without_the_cache():
+    from lmkit.generate import generate
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=32, block_size=64, n_layer=2, n_head=2, d_model=32)).eval()
+
+    def flops(n: int, use_cache: bool) -> int:
+        return efficiency.count_flops(
+            lambda: generate(model, [[1, 2, 3]], n, greedy=True, use_cache=use_cache))
+
+    with_cache = flops(8, True), flops(32, True)
+    without = flops(8, False), flops(32, False)
+    assert with_cache[1] / with_cache[0] < 4.5   # about linear in the new tokens
+    assert without[1] / without[0] > 10          # about quadratic
+    assert without[1] > 5 * with_cache[1]

@@ -85,3 +85,20 @@ def test_combined_changes_are_the_single_rows_the_best_recipe_contains():
         inside = all(getattr(best.model, k) == v for k, v in model.items()) and all(
             getattr(best.train, k) == v for k, v in train.items())
         assert (label in combined) == inside, label
+
+
+def test_step_work_counts_operators_and_flops_of_one_training_step():
+    from lmkit.time_to_loss import step_work
+
+    tokens = torch.arange(3000) % 30
+    batch = fixed_batches(tokens, 1, 4, 16, seed=1)[0]
+    base = nanogpt_recipe(30, max_steps=12).with_options("lmkit", TINY, {"batch_size": 4})
+    work = {name: step_work(base.with_options(name, model, train), batch)
+            for name, model, train in (("base", {}, {}), ("rope", {"pos": "rope"}, {}),
+                                       ("qk", {"qk_norm": True}, {}), ("muon", {}, {"optimizer": "muon"}))}
+    assert work["base"] == step_work(base, batch)  # counts, not times: the same every call
+    # rotary positions and QK-norm add elementwise operators, no matrix FLOPs;
+    # Muon adds the products of its Newton-Schulz iterations
+    assert work["rope"]["flops"] == work["qk"]["flops"] == work["base"]["flops"] > 0
+    assert work["rope"]["ops"] > work["base"]["ops"] and work["qk"]["ops"] > work["base"]["ops"]
+    assert work["muon"]["flops"] > work["base"]["flops"]
