@@ -17,6 +17,7 @@ endif
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 EXECUTED  := $(patsubst notebooks/%.ipynb,book/chapters/%.ipynb,$(NOTEBOOKS))
+BUILD_LOG := book/_build/build.log
 LMKIT_SRC := $(shell find lmkit -name '*.py' 2>/dev/null)
 BOOK_SRC  := $(shell find book -maxdepth 2 \( -name '*.md' -o -name '*.yml' -o -name '*.py' -o -name '*.bib' \) \
                 -not -path 'book/_build/*' -not -path 'book/chapters/*' 2>/dev/null) \
@@ -59,7 +60,11 @@ execute: $(EXECUTED)
 
 book/_build/html/index.html: $(EXECUTED) $(BOOK_SRC) $(STAMP)
 	$(VPY) book/tools/assets.py
-	$(VENV)/bin/jupyter-book build book --quiet
+	@mkdir -p book/_build
+	@# The build's warnings are kept in book/_build/build.log: the site test (make test) reads them
+	@# when it reuses this build instead of building again.
+	$(VENV)/bin/jupyter-book build book --quiet > book/_build/.build.log 2>&1; status=$$?; \
+	    cat book/_build/.build.log; mv book/_build/.build.log $(BUILD_LOG); exit $$status
 	@touch $@
 
 book: book/_build/html/index.html

@@ -1,7 +1,9 @@
 """The built book, read as a reader would: headless Chromium on a local copy of the site.
 
 A session fixture builds the site (``book/tools/assets.py`` then ``jupyter-book build``), or reuses
-``book/_build/html`` when it is newer than everything it is made from, serves it on a free localhost
+``book/_build/html`` when it is newer than everything it is made from (``.ci/run`` runs ``make book``
+first, so CI checks the full build a reader gets, with the warnings of ``book/_build/build.log``
+that ``make book`` kept), serves it on a free localhost
 port and opens every page of ``_toc.yml`` once in Chromium through Selenium. The tests then check
 what the reader sees on each page: it loads with a title; no cell shows a traceback; every formula
 was typeset by MathJax and no raw TeX is left; every mermaid diagram became an SVG; every figure of
@@ -102,9 +104,20 @@ def _book_inputs(book: Path) -> list[Path]:
     return [p for p in book.rglob("*") if p.is_file() and not skip & set(p.relative_to(book).parts)]
 
 
+ENVIRONMENT = BOOK / "_build" / ".doctrees" / "environment.pickle"
+BUILD_LOG = BOOK / "_build" / "build.log"  # written by `make book` after its build
+
+
+def _existing_build_log() -> str | None:
+    """The log `make book` kept of the existing build, when it was written after that build."""
+    if BUILD_LOG.is_file() and BUILD_LOG.stat().st_mtime >= ENVIRONMENT.stat().st_mtime:
+        return BUILD_LOG.read_text(encoding="utf-8", errors="replace")
+    return None
+
+
 def _existing_build_is_fresh() -> bool:
     # Sphinx rewrites its environment on every build, even one that finds nothing to do.
-    environment = BOOK / "_build" / ".doctrees" / "environment.pickle"
+    environment = ENVIRONMENT
     if not environment.is_file():
         return False
     for name in CHAPTERS:
@@ -156,7 +169,7 @@ def _build(book: Path) -> str:
 class Site:
     html: Path
     executed: dict[str, Path]  # chapter name -> executed notebook rendered on its page
-    log: str | None  # the build log, None when an existing build was reused
+    log: str | None  # the build log; None when an existing build was reused without make book's log
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +179,7 @@ def site(tmp_path_factory) -> Site:
         executed = {n: BOOK / "chapters" / f"{n}.ipynb" for n in CHAPTERS
                     if (BOOK / "chapters" / f"{n}.ipynb").is_file()}
         print(f"site: reusing the fresh build in {BUILT}")
-        return Site(BUILT, executed, None)
+        return Site(BUILT, executed, _existing_build_log())
     executed = {n: _executed_notebook(n) for n in CHAPTERS if (ROOT / "notebooks" / f"{n}.ipynb").is_file()}
     book = tmp_path_factory.mktemp("site") / "book"
     shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("_build", "chapters", ".ipynb_checkpoints"))
@@ -403,7 +416,7 @@ def test_toc_lists_every_chapter_of_the_design():
 
 def test_build_has_no_warnings(site: Site):
     if site.log is None:
-        pytest.skip("reused an existing build of book/_build/html: its log is not available")
+        pytest.skip("reused an existing build of book/_build/html without its log (book/_build/build.log)")
     problems = [line for line in site.log.splitlines() if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)]
     assert not problems, "jupyter-book build warned:\n" + "\n".join(problems[:40])
 
