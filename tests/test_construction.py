@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmkit.baselines.lstm import LSTMLanguageModel
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from lmkit.experiments import start_memory
-from lmkit.model import GPT, LSTMLanguageModel
+from lmkit.model import GPT
 from lmkit.parallel.instrument import AllocationTracker
 from lmkit.parallel.mesh import single_process_topology
 from lmkit.train import Trainer, build_engine

@@ -278,8 +278,8 @@ def test_token_ids_are_checked_for_the_prompt_only_and_the_flag_is_restored(mode
     import lmkit.model
 
     calls = []
-    real = lmkit.model._check_token_ids
-    monkeypatch.setattr(lmkit.model, "_check_token_ids",
+    real = lmkit.model.validate_token_ids
+    monkeypatch.setattr(lmkit.model, "validate_token_ids",
                         lambda idx, v: (calls.append(tuple(idx.shape)), real(idx, v)))
     out = generate(model, [[1, 2, 3], [4, 5]], 6, greedy=True)
     assert calls == [(2, 3)] and "check_token_ids" not in vars(model) and model.check_token_ids

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lmkit import likelihood, ngram
+from lmkit import likelihood
+from lmkit.baselines import ngram
 from lmkit.config import ModelConfig
 from lmkit.model import build_model
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
+from lmkit.baselines.lstm import LSTMLanguageModel
 from lmkit.config import ConfigError, ModelConfig
 from lmkit.model import (
     GPT,
     InitialWeights,
-    LSTMLanguageModel,
     build_model,
     gpt2_state_dict_from_hf,
     gpt2_state_dict_to_hf,
