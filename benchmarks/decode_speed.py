@@ -9,7 +9,7 @@ longer context; random weights shared by both libraries through `lmkit.hf.to_tra
 - ``HF generate, cache``: ``GPT2LMHeadModel.generate(use_cache=True, do_sample=False)``, sdpa;
 - ``lmkit fp32``: `lmkit.generate.generate(model, prompt, 256, greedy=True)` (KV cache preallocated
   and written in place, no mask at one query, no dropout calls in eval mode);
-- ``lmkit int8``: the same model after `lmkit.efficiency.quantize_int8` (what ``lmkit generate
+- ``lmkit int8``: the same model after `lmkit.lab.efficiency.quantize_int8` (what ``lmkit generate
   --int8`` does: PyTorch's dynamic int8 linear layers in the blocks);
 - ``lmkit fp32 / int8, batch B``: B prompts of different lengths (256, 240, ...) decoded together,
   left-padded, 256 new tokens each; tokens/s counts every row;
@@ -43,10 +43,10 @@ from collections.abc import Callable
 import torch
 
 from lmkit import checkpoint as ckpt
-from lmkit import efficiency
 from lmkit.config import ModelConfig, TrainConfig
 from lmkit.generate import generate
 from lmkit.hf import to_transformers
+from lmkit.lab import efficiency
 from lmkit.model import GPT, build_model
 from lmkit.train import Trainer, prepare_run
 

@@ -31,7 +31,7 @@ import torch
 
 from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-from lmkit.experiments import group_label, measure_layouts
+from lmkit.lab.layouts import group_label, measure_layouts
 from lmkit.parallel.instrument import bubble_formula, idle_fractions, mfu, peak_flops
 from lmkit.train import prepare_run
 
@@ -244,7 +244,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmkit.plots import gantt
+    from lmkit.lab.plots import gantt
 
     m_show = 8 if 8 in args.microbatches else args.microbatches[0]
     wanted = ["dp2", "tp2 sp", f"pp2 gpipe m{m_show}", f"pp2 1f1b m{m_show}", f"pp4 1f1b m{m_show}"]

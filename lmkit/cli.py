@@ -409,8 +409,8 @@ def _load_hf_dir(path: str, device_name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmkit.efficiency import dynamic_quantization_available, quantize_int8
     from lmkit.generate import GenerationError, check_options, generate_text, stream
+    from lmkit.lab.efficiency import dynamic_quantization_available, quantize_int8
     from lmkit.train import resolve_device
 
     try:  # the options first: a typo costs no checkpoint load

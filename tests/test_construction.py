@@ -8,7 +8,7 @@ import torch
 
 from lmkit.baselines.lstm import LSTMLanguageModel
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
-from lmkit.experiments import start_memory
+from lmkit.lab.layouts import start_memory
 from lmkit.model import GPT
 from lmkit.parallel.instrument import AllocationTracker
 from lmkit.parallel.mesh import single_process_topology

@@ -136,7 +136,7 @@ def test_fp32_greedy_tokens_with_the_cache_equal_the_no_cache_forward(model):
 def test_a_decoding_step_writes_the_cache_in_place_and_builds_no_mask(model):
     """What one cached step at one query dispatches: one cache write per layer (no ``cat``), no
     mask, no dropout call in eval mode, one attention and four linears per layer plus the head."""
-    from lmkit.efficiency import decode_step_ops
+    from lmkit.lab.efficiency import decode_step_ops
 
     L = model.config.n_layer
     ops = decode_step_ops(model, context=20)
@@ -157,7 +157,7 @@ def test_a_decoding_step_writes_the_cache_in_place_and_builds_no_mask(model):
 def test_the_one_token_step_plan_computes_what_the_modules_compute_bit_for_bit(model, int8):
     """A cached one-token step runs through bound forward methods (`GPT._decode_plan`); a forward
     hook anywhere sends it through the modules instead. Both give identical logits and caches."""
-    from lmkit import efficiency
+    from lmkit.lab import efficiency
 
     m = copy.deepcopy(model)
     if int8:

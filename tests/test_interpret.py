@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmkit.config import ModelConfig
-from lmkit.likelihood import model_nll
+from lmkit.lab.likelihood import model_nll
 from lmkit.model import build_model
 from lmkit.tasks.interpret import attention_weights, loss_by_position
 

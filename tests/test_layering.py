@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lmkit"
-ABOVE_THE_ENGINE = ("lmkit.train", "lmkit.cli", "lmkit.experiments")
+ABOVE_THE_ENGINE = ("lmkit.train", "lmkit.cli", "lmkit.lab")
 
 
 def imported_modules(path: Path, root: Path = PACKAGE.parent) -> set[str]:
@@ -48,10 +48,10 @@ def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path):
     fake = tmp_path / "lmkit" / "parallel" / "probe.py"
     fake.parent.mkdir(parents=True)
     fake.write_text("def f():\n    from lmkit import train\n    from ..cli import main\n"
-                    "    import lmkit.experiments as e\n")
+                    "    import lmkit.lab.experiments as e\n")
     found = imported_modules(fake, root=tmp_path)
-    assert {"lmkit.train", "lmkit.cli", "lmkit.experiments"} <= found
-    expected = ["lmkit.cli", "lmkit.cli.main", "lmkit.experiments", "lmkit.train"]
+    assert {"lmkit.train", "lmkit.cli", "lmkit.lab.experiments"} <= found
+    expected = ["lmkit.cli", "lmkit.cli.main", "lmkit.lab.experiments", "lmkit.train"]
     assert _hits(fake, ABOVE_THE_ENGINE, root=tmp_path) == expected
 
 
@@ -63,8 +63,8 @@ def test_parallel_never_imports_the_trainer_cli_or_experiments(module: Path):
 
 def test_train_does_not_import_the_cli_or_the_experiments():
     """cli drives train (one direction only): no cycle, and one entry point (``python -m lmkit``)."""
-    assert not _hits(PACKAGE / "train.py", ("lmkit.cli", "lmkit.experiments", "lmkit.__main__"))
-    assert not _hits(PACKAGE / "experiments.py", ("lmkit.cli", "lmkit.__main__"))
+    assert not _hits(PACKAGE / "train.py", ("lmkit.cli", "lmkit.lab", "lmkit.__main__"))
+    assert not _hits(PACKAGE / "lab" / "experiments.py", ("lmkit.cli", "lmkit.__main__"))
 
 
 def test_one_entry_point_python_m_lmkit():

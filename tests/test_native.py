@@ -18,7 +18,7 @@ from test_parallel_equivalence import TRAIN as _TRAIN
 
 from lmkit import checkpoint as ckpt
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
-from lmkit.experiments import layout_losses, layout_name, max_relative_difference
+from lmkit.lab.layouts import layout_losses, layout_name, max_relative_difference
 from lmkit.parallel.engine import validate_layout
 from lmkit.parallel.mesh import single_process_topology
 from lmkit.parallel.native import qkv_permutation

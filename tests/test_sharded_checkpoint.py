@@ -23,7 +23,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from lmkit import checkpoint as ckpt
 from lmkit.cli import main
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
-from lmkit.experiments import layout_losses, max_relative_difference
+from lmkit.lab.layouts import layout_losses, max_relative_difference
 from lmkit.parallel.instrument import CommCounter, DeviceAudit
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology

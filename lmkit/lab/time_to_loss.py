@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmkit.config import ModelConfig, TrainConfig
-from lmkit.efficiency import count_flops, count_ops
+from lmkit.lab.efficiency import count_flops, count_ops
 from lmkit.model import GPT
 from lmkit.train import configure_optimizer, lr_multiplier, prepare_run
 
@@ -179,7 +179,7 @@ def step_work(recipe: Recipe, batch: Tensor, seed: int = 1337) -> dict[str, int]
 
     The step is the one `train_curves` times (forward, backward, clipping, optimizer); it is
     counted after one warm-up step, so that the optimizer's state already exists. Returns
-    ``{"ops": ..., "flops": ...}`` (`lmkit.efficiency.count_ops` and `count_flops`).
+    ``{"ops": ..., "flops": ...}`` (`lmkit.lab.efficiency.count_ops` and `count_flops`).
     """
     model, optimizer = _build(recipe, seed)
     _train_step(model, optimizer, recipe, batch)
