@@ -42,7 +42,8 @@ from collections.abc import Callable
 
 import torch
 
-from lmkit import checkpoint as ckpt
+from lmkit.checkpoint.format import find_latest
+from lmkit.checkpoint.single import load_checkpoint
 from lmkit.config import ModelConfig, TrainConfig
 from lmkit.generate import generate
 from lmkit.hf import to_transformers
@@ -56,10 +57,10 @@ SPEED_SHAPE = ModelConfig(vocab_size=65, block_size=1024, n_layer=6, n_head=6, d
 def trained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
     """The model int8's quality is measured on, its validation tokens, and what it is."""
     if args.checkpoint:
-        path = ckpt.find_latest(args.checkpoint) or args.checkpoint
-        info = ckpt.load_checkpoint(path, verify=False)
+        path = find_latest(args.checkpoint) or args.checkpoint
+        info = load_checkpoint(path, verify=False)
         model = build_model(info.config("model", ModelConfig))
-        ckpt.load_checkpoint(path, model=model)
+        load_checkpoint(path, model=model)
         corpus = info.config("train", TrainConfig).corpus
         run = prepare_run(model.config, TrainConfig(corpus=corpus, out_dir=tempfile.mkdtemp()),
                           tokenizer=info.load_tokenizer())

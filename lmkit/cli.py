@@ -249,7 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, run: Any, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
            layout: ParallelConfig | None, topology: Any, world: int) -> int:
     """The part of `cmd_train` after the set-up: build the trainer, resume, fit, save."""
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import find_latest
     from lmkit.train import Trainer
 
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -257,7 +257,7 @@ def _train(args: argparse.Namespace, run: Any, train_cfg: TrainConfig, parallel_
                       tokenizer=run.tokenizer, parallel=layout, topology=topology)
     run.model = None  # the trainer holds what this rank needs
     talk = trainer.is_logging_rank
-    if args.resume == "auto" and ckpt.find_latest(train_cfg.out_dir) is None:
+    if args.resume == "auto" and find_latest(train_cfg.out_dir) is None:
         if talk:  # the command that starts a run also restarts it (torchrun --max-restarts, requeues)
             print(f"no checkpoint in {train_cfg.out_dir} yet: starting from step 0", flush=True)
     elif args.resume:
@@ -350,23 +350,24 @@ def _print_event(event: dict[str, Any]) -> None:
 
 def _load_for_inference(path: str, device_name: str):
     """Model (eval mode, on device), tokenizer and configs from a checkpoint or run directory."""
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import META_FILE, CheckpointError, find_latest
+    from lmkit.checkpoint.single import load_checkpoint
     from lmkit.model import build_model
     from lmkit.train import resolve_device
 
     directory = Path(path)
-    if not (directory / ckpt.META_FILE).exists():
-        latest = ckpt.find_latest(directory) if directory.is_dir() else None
+    if not (directory / META_FILE).exists():
+        latest = find_latest(directory) if directory.is_dir() else None
         if latest is None:
-            raise ckpt.CheckpointError(
-                f"{directory} is neither a checkpoint (no {ckpt.META_FILE}) nor a run directory with "
+            raise CheckpointError(
+                f"{directory} is neither a checkpoint (no {META_FILE}) nor a run directory with "
                 "checkpoints; pass the out_dir of a training run or one of its step_* directories")
         directory = latest
-    info = ckpt.load_checkpoint(directory, verify=False)
+    info = load_checkpoint(directory, verify=False)
     model_cfg = info.config("model", ModelConfig)
     train_cfg = info.config("train", TrainConfig)
     model = build_model(model_cfg)
-    ckpt.load_checkpoint(directory, model=model)
+    load_checkpoint(directory, model=model)
     device = resolve_device(device_name)
     return model.to(device).eval(), info.load_tokenizer(), model_cfg, train_cfg, info
 
@@ -555,45 +556,49 @@ def _add_export_parser(sub: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``lmkit export CHECKPOINT OUT``: `lmkit.checkpoint.export_checkpoint`, with one-line errors."""
-    from lmkit import checkpoint as ckpt
+    """``lmkit export CHECKPOINT OUT``: `lmkit.checkpoint.export.export_checkpoint`, with one-line errors."""
+    from lmkit.checkpoint.export import export_checkpoint
+    from lmkit.checkpoint.format import META_FILE, find_latest
+    from lmkit.checkpoint.sharded import is_sharded
+    from lmkit.checkpoint.single import load_checkpoint
 
     if (args.out is None) == (args.hf_dir is None):
         raise UsageError("lmkit export: give an output directory or --hf-dir DIR (exactly one of them)")
     source = Path(args.checkpoint)
-    if not (source / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(source)) is not None:
+    if not (source / META_FILE).exists() and (latest := find_latest(source)) is not None:
         source = latest
     if args.hf_dir is not None:
         return _export_hf(source, Path(args.hf_dir))
     out = Path(args.out)
-    if out.exists() and not (out / ckpt.META_FILE).is_file():
+    if out.exists() and not (out / META_FILE).is_file():
         raise UsageError(f"lmkit export: {out} exists and is not an lmkit checkpoint; choose a new directory")
     if out.resolve() == source.resolve():
         raise UsageError(f"lmkit export: {out} is the checkpoint itself; choose another directory")
-    path = ckpt.export_checkpoint(source, out)
-    kind = "sharded" if ckpt.is_sharded(source) else "single-directory"
-    print(f"exported the {kind} checkpoint {source} (step {ckpt.load_checkpoint(path).step}) to {path}")
+    path = export_checkpoint(source, out)
+    kind = "sharded" if is_sharded(source) else "single-directory"
+    print(f"exported the {kind} checkpoint {source} (step {load_checkpoint(path).step}) to {path}")
     return 0
 
 
 def _export_hf(source: Path, out: Path) -> int:
     """``lmkit export CHECKPOINT --hf-dir DIR``: the checkpoint as a transformers GPT-2 directory."""
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import META_FILE, CheckpointError
+    from lmkit.checkpoint.single import load_checkpoint, load_model_state
     from lmkit.hf import gpt2_config, save_pretrained
     from lmkit.model import GPT
 
     if out.exists() and not (out / "config.json").is_file():
         raise UsageError(f"lmkit export: --hf-dir {out} exists and is not a transformers model directory; "
                          "choose a new directory")
-    if not (source / ckpt.META_FILE).is_file():
-        raise ckpt.CheckpointError(f"{source} is neither a checkpoint (no {ckpt.META_FILE}) nor a run "
-                                   "directory with checkpoints; pass the out_dir of a training run or a "
-                                   "step_* directory")
-    info = ckpt.load_checkpoint(source)
+    if not (source / META_FILE).is_file():
+        raise CheckpointError(f"{source} is neither a checkpoint (no {META_FILE}) nor a run "
+                              "directory with checkpoints; pass the out_dir of a training run or a "
+                              "step_* directory")
+    info = load_checkpoint(source)
     model_cfg = info.config("model", ModelConfig)
     gpt2_config(model_cfg)  # refuses what GPT-2 cannot express, before the weights are read
     model = GPT(model_cfg)
-    model.load_state_dict(ckpt.load_model_state(source))
+    model.load_state_dict(load_model_state(source))
     path = save_pretrained(model, out, info.load_tokenizer())
     print(f"exported {source} (step {info.step}) as a transformers GPT-2 directory {path}")
     return 0
@@ -605,7 +610,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "est
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lmkit`` command; returns the exit status."""
-    from lmkit.checkpoint import CheckpointError
+    from lmkit.checkpoint.format import CheckpointError
     from lmkit.data import CorpusError
     from lmkit.generate import GenerationError
     from lmkit.hf import HFError

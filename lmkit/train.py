@@ -38,8 +38,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit import checkpoint as ckpt
 from lmkit import costs
+from lmkit.checkpoint.format import (
+    META_FILE,
+    CheckpointInfo,
+    capture_rng_state,
+    find_latest,
+    list_checkpoints,
+    restore_rng_state,
+    step_dir_name,
+    update_latest,
+)
+from lmkit.checkpoint.sharded import (
+    is_sharded,
+    load_sharded_checkpoint,
+    load_sharded_full,
+    save_sharded_checkpoint,
+)
+from lmkit.checkpoint.single import load_checkpoint, load_model_state, save_checkpoint
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports, to_dict
 from lmkit.data import BatchSampler, default_cache_dir, encode_to_file, load_splits, train_val_split
 from lmkit.model import build_model, materialize
@@ -527,7 +543,7 @@ class Trainer:
         """Save a layout-independent checkpoint ``out_dir/step_NNNNNN`` and point ``latest`` at it.
 
         Under a parallel layout every rank must call it: each writes its own pieces of a sharded
-        checkpoint (`lmkit.checkpoint.save_sharded_checkpoint`), both engines alike.
+        checkpoint (`lmkit.checkpoint.sharded.save_sharded_checkpoint`), both engines alike.
         """
         out_dir = Path(out_dir or self.cfg.out_dir)
         bad = self.nonfinite_weights()
@@ -535,20 +551,20 @@ class Trainer:
             raise NonFiniteError(
                 f"step {self.step}: the weights {_short(bad)} are non-finite, so no checkpoint was saved; "
                 f"{self._last_good(out_dir)}; lower --lr (or --grad-clip) and resume from it")
-        name = ckpt.step_dir_name(self.step)
+        name = step_dir_name(self.step)
         configs: dict[str, Any] = {"train": self.cfg, "model": self.model_config}
         if self.parallel is not None:
             configs["parallel"] = self.parallel
         extra: dict[str, Any] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
         if self._sharded():  # every rank writes its own shards (torch.distributed.checkpoint)
             pieces, optimizer_meta = self.engine.sharded_state()
-            rank_state = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
-            path = ckpt.save_sharded_checkpoint(
+            rank_state = {"rng": capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
+            path = save_sharded_checkpoint(
                 out_dir / name, pieces=[p for p in pieces if p.write], rank_state=rank_state, step=self.step,
                 configs=configs, scheduler=self.scheduler, optimizer=optimizer_meta, tokenizer=self.tokenizer,
                 extra=extra)
             if self.is_logging_rank:
-                ckpt.update_latest(out_dir, name)
+                update_latest(out_dir, name)
             self._barrier()
             return path
         if self.engine is not None:
@@ -559,14 +575,13 @@ class Trainer:
             weights, optimizer = self.model, named_optimizer_state(self.model, self.optimizer)
         path = out_dir / name
         if self.is_logging_rank:
-            path = ckpt.save_checkpoint(path, model=weights, optimizer=optimizer, scheduler=self.scheduler,
-                                        step=self.step, configs=configs, tokenizer=self.tokenizer,
-                                        extra=extra)
-            ckpt.update_latest(out_dir, name)
+            path = save_checkpoint(path, model=weights, optimizer=optimizer, scheduler=self.scheduler,
+                                   step=self.step, configs=configs, tokenizer=self.tokenizer, extra=extra)
+            update_latest(out_dir, name)
         self._barrier()
         return path
 
-    def resume(self, path: str | Path, allow_schedule_change: bool = False) -> ckpt.CheckpointInfo:
+    def resume(self, path: str | Path, allow_schedule_change: bool = False) -> CheckpointInfo:
         """Restore weights, optimizer, schedule, RNG and step from a checkpoint directory.
 
         `path` may be a checkpoint or a run directory (its ``latest`` is used). The checkpoint
@@ -578,19 +593,19 @@ class Trainer:
         the learning rate of step ``s`` is ``lr * lr_multiplier(s, new config)``.
         """
         path = Path(path)
-        if not (path / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(path)) is not None:
+        if not (path / META_FILE).exists() and (latest := find_latest(path)) is not None:
             path = latest
         self._check_schedule(path, allow_schedule_change)
-        if ckpt.is_sharded(path):
+        if is_sharded(path):
             info = self._resume_sharded(path)
         elif self.engine is not None:
-            info = ckpt.load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
-            weights = ckpt.load_model_state(path)
+            info = load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
+            weights = load_model_state(path)
             self.engine.load_full_state(weights, info.optimizer_state)
             self._restore_rank_rng(info)
         else:
-            info = ckpt.load_checkpoint(path, model=self.model, scheduler=self.scheduler,
-                                        map_location=self.device, restore_rng=True)
+            info = load_checkpoint(path, model=self.model, scheduler=self.scheduler,
+                                   map_location=self.device, restore_rng=True)
             if info.optimizer_state is not None:
                 load_named_optimizer_state(self.model, self.optimizer, info.optimizer_state)
         self.step = info.step
@@ -604,7 +619,7 @@ class Trainer:
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         bad = self.nonfinite_weights()
         if bad:
-            earlier = _short([p.name for p in ckpt.list_checkpoints(path.parent) if p.name < path.name])
+            earlier = _short([p.name for p in list_checkpoints(path.parent) if p.name < path.name])
             raise NonFiniteError(f"{path} holds non-finite weights ({_short(bad)}); resume from an earlier "
                                  f"checkpoint ({earlier or 'none in ' + str(path.parent)})")
         return info
@@ -614,27 +629,27 @@ class Trainer:
         engine = self.engine
         return engine is not None and self.parallel.world_size > 1 and hasattr(engine, "sharded_state")
 
-    def _resume_sharded(self, path: Path) -> ckpt.CheckpointInfo:
+    def _resume_sharded(self, path: Path) -> CheckpointInfo:
         """Each rank reads its own boxes (resharded from any saved layout); otherwise every tensor
         whole, in this process (the single process, the native engine)."""
         if not self._sharded():
-            weights, optimizer, info = ckpt.load_sharded_full(path)
+            weights, optimizer, info = load_sharded_full(path)
             if self.engine is not None:
                 self.engine.load_full_state(weights, optimizer)
             else:
                 self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
                 if optimizer is not None:
                     load_named_optimizer_state(self.model, self.optimizer, optimizer)
-            ckpt.restore_rng_state(info.rng_state or {})
+            restore_rng_state(info.rng_state or {})
         else:
-            saved = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
+            saved = json.loads((path / META_FILE).read_text(encoding="utf-8"))
             same = saved.get("configs", {}).get("parallel") == to_dict(self.parallel)
             pieces, _ = self.engine.sharded_state(create=True)
-            info, mine, self.last_resume_stats = ckpt.load_sharded_checkpoint(
+            info, mine, self.last_resume_stats = load_sharded_checkpoint(
                 path, pieces=pieces, rank_state_of=self.topology.rank if same else None)
             if info.optimizer_state is not None:
                 self.engine.load_optimizer_meta(info.optimizer_state)
-            ckpt.restore_rng_state((mine or {}).get("rng") or info.rng_state or {})
+            restore_rng_state((mine or {}).get("rng") or info.rng_state or {})
             if mine and mine["tp"]["states"] is not None:
                 get_tp_rng_tracker().load_state_dict(mine["tp"])
         if info.scheduler_state is not None:
@@ -644,7 +659,7 @@ class Trainer:
     def _check_schedule(self, path: Path, allow: bool) -> None:
         """Refuse (one line) a resume of another model, or whose learning-rate schedule differs."""
         try:  # only the manifest: a missing or corrupt checkpoint is reported by the load itself
-            meta = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
             saved = dict(meta.get("configs", {}).get("train") or {})
         except (OSError, ValueError, AttributeError):
             return
@@ -685,7 +700,7 @@ class Trainer:
 
     def _last_good(self, out_dir: Path) -> str:
         """"the last good checkpoint is ..." for the guard's messages (every saved one is finite)."""
-        latest = ckpt.find_latest(out_dir)
+        latest = find_latest(out_dir)
         if latest is None:
             return f"no checkpoint was saved in {out_dir} yet"
         return f"the last good checkpoint is {latest}"
@@ -696,7 +711,7 @@ class Trainer:
         Dropout draws from per-rank streams, so resuming the *same* layout bit for bit needs each
         rank's own state; a different layout cannot replay the same masks and starts from rank 0's.
         """
-        mine = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
+        mine = {"rng": capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
         if self.parallel.world_size == 1:
             return [mine]
         import torch.distributed as dist
@@ -705,13 +720,13 @@ class Trainer:
         dist.all_gather_object(states, mine)
         return states
 
-    def _restore_rank_rng(self, info: ckpt.CheckpointInfo) -> None:
+    def _restore_rank_rng(self, info: CheckpointInfo) -> None:
         states = info.extra.get("rank_rng")
         saved = info.configs.get("parallel")
         if not states or saved is None or saved != to_dict(self.parallel):
             return  # another layout: rank 0's global RNG state was restored by load_checkpoint
         mine = states[self.topology.rank]
-        ckpt.restore_rng_state(mine["rng"])
+        restore_rng_state(mine["rng"])
         if mine["tp"]["states"] is not None:
             get_tp_rng_tracker().load_state_dict(mine["tp"])
 

@@ -169,7 +169,8 @@ def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     import torch
     import transformers
 
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import find_latest
+    from lmkit.checkpoint.single import load_checkpoint
     from lmkit.model import GPT
 
     out, hf_dir = tmp_path / "run", tmp_path / "hf"
@@ -179,10 +180,10 @@ def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 0
     assert "transformers GPT-2 directory" in capsys.readouterr().out
     theirs = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True).eval()
-    latest = ckpt.find_latest(out)
-    info = ckpt.load_checkpoint(latest)
+    latest = find_latest(out)
+    info = load_checkpoint(latest)
     ours = GPT(info.config("model", ModelConfig))
-    ckpt.load_checkpoint(latest, model=ours)
+    load_checkpoint(latest, model=ours)
     idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)

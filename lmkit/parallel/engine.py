@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmkit.checkpoint import Piece, load_optimizer_meta, optimizer_meta, shard_pieces
+from lmkit.checkpoint.sharded import Piece, load_optimizer_meta, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
 from lmkit.model import InitialWeights, materialize
 from lmkit.parallel import plan

@@ -69,7 +69,7 @@ from torch.distributed.tensor import distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import loss_parallel
 
-from lmkit.checkpoint import Piece, optimizer_meta, shard_pieces
+from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
 from lmkit.model import InitialWeights
 from lmkit.parallel import plan
