@@ -49,7 +49,8 @@ from lmkit.generate import generate
 from lmkit.hf import to_transformers
 from lmkit.lab import efficiency
 from lmkit.model import GPT, build_model
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 SPEED_SHAPE = ModelConfig(vocab_size=65, block_size=1024, n_layer=6, n_head=6, d_model=384, dropout=0.0)
 

@@ -33,7 +33,7 @@ from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
 from lmkit.lab.layouts import group_label, measure_layouts
 from lmkit.parallel.instrument import bubble_formula, idle_fractions, mfu, peak_flops
-from lmkit.train import prepare_run
+from lmkit.run import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ parameters). Recipes:
 
 All start from the same initial weights (``torch.manual_seed(seed); GPT(...)``, copied into the
 transformers model), train on the same batches in the same order, with the same optimizer code
-(`lmkit.train.configure_optimizer`, or Muon + AdamW for (c)) and the same loop
+(`lmkit.optim.configure_optimizer`, or Muon + AdamW for (c)) and the same loop
 (`lmkit.lab.time_to_loss.train_curves`), interleaved so that machine noise hits them alike. The
 validation loss is measured on one fixed set of validation batches every ``--eval-every`` steps;
 evaluation time is excluded from the wall times printed. The target is (a)'s final validation

@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on one process, or on one rank of a torchrun launch (``--dp/--cp/--tp/--pp`` > 1)."""
     from lmkit.parallel.engine import validate_layout
-    from lmkit.train import prepare_run
+    from lmkit.run import prepare_run
 
     model_cfg, train_cfg, parallel_cfg = resolve_configs(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -353,7 +353,7 @@ def _load_for_inference(path: str, device_name: str):
     from lmkit.checkpoint.format import META_FILE, CheckpointError, find_latest
     from lmkit.checkpoint.single import load_checkpoint
     from lmkit.model import build_model
-    from lmkit.train import resolve_device
+    from lmkit.run import resolve_device
 
     directory = Path(path)
     if not (directory / META_FILE).exists():
@@ -399,7 +399,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _load_hf_dir(path: str, device_name: str):
     """Model (eval mode, on device) and tokenizer from a transformers GPT-2 directory."""
     from lmkit.hf import TOKENIZER_FILE, load_pretrained
-    from lmkit.train import resolve_device
+    from lmkit.run import resolve_device
 
     model, tokenizer = load_pretrained(path)
     if tokenizer is None:
@@ -412,7 +412,7 @@ def _load_hf_dir(path: str, device_name: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmkit.generate import GenerationError, check_options, generate_text, stream
     from lmkit.lab.efficiency import dynamic_quantization_available, quantize_int8
-    from lmkit.train import resolve_device
+    from lmkit.run import resolve_device
 
     try:  # the options first: a typo costs no checkpoint load
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)

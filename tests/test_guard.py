@@ -20,7 +20,8 @@ from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
 from lmkit.model import GPT
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology
-from lmkit.train import NonFiniteError, Trainer, seed_everything
+from lmkit.run import seed_everything
+from lmkit.train import NonFiniteError, Trainer
 
 MODEL = ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=32)
 TOKENS = np.random.default_rng(0).integers(0, 32, 5000).astype(np.uint16)

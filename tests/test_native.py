@@ -22,7 +22,8 @@ from lmkit.lab.layouts import layout_losses, layout_name, max_relative_differenc
 from lmkit.parallel.engine import validate_layout
 from lmkit.parallel.mesh import single_process_topology
 from lmkit.parallel.native import qkv_permutation
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 EXTRA = (3, 2)  # steps after the first resume (lmkit engine), after the second (native again)
 TRAIN = TrainConfig(**{**_TRAIN.__dict__, "out_dir": "/tmp/lmkit-native"})

@@ -29,7 +29,8 @@ from lmkit.lab.layouts import layout_losses, max_relative_difference
 from lmkit.parallel.instrument import CommCounter, DeviceAudit
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 pytestmark = pytest.mark.distributed
 

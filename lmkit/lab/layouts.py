@@ -42,7 +42,8 @@ from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import coords_of, cp_rank_of, init_topology
 from lmkit.parallel.pipeline import schedule_actions
 from lmkit.parallel.timeline import RING_KINDS
-from lmkit.train import Trainer, build_engine, prepare_run, seed_everything
+from lmkit.run import build_engine, prepare_run, seed_everything
+from lmkit.train import Trainer
 
 __all__ = [
     "layout_name", "label", "group_label", "collective_dim", "max_relative_difference", "ranks_of",

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from lmkit.config import ModelConfig, TrainConfig
 from lmkit.lab.efficiency import count_flops, count_ops
 from lmkit.model import GPT
-from lmkit.train import configure_optimizer, lr_multiplier, prepare_run
+from lmkit.optim import configure_optimizer, lr_multiplier
+from lmkit.run import prepare_run
 
 __all__ = ["Recipe", "Curve", "fixed_batches", "train_curve", "train_curves", "nanogpt_recipe", "best_recipe",
            "ablation_recipes", "shakespeare_tokens", "time_table", "step_work"]

@@ -143,7 +143,7 @@ class NativeEngine(EngineBase):
             self.load_full_state(initial, None)
         decay = [p for _, p in self.named_params if p.dim() >= 2]
         no_decay = [p for _, p in self.named_params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(  # same groups and hyper-parameters as lmkit.train
+        self.optimizer = torch.optim.AdamW(  # same groups and hyper-parameters as lmkit.optim
             [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
         self.schedule = self._schedule() if pcfg.pp > 1 else None
