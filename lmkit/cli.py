@@ -1,17 +1,16 @@
-"""``lmkit train | eval | generate``: the command line over the same functions the notebooks use.
+"""The ``lmkit`` command: train, eval, generate, estimate, export, over the functions the notebooks use.
 
-Options come from three places, later ones winning: the dataclass defaults
-(`lmkit.config`), a TOML file given with ``--config`` (sections ``[model]`` and ``[train]``),
-and command-line flags (one per config field, ``--n-layer 4 --lr 3e-4``). Every flag's
-``--help`` line shows its default. A bad argument or config exits with status 2 and one line
-saying what is wrong; no traceback.
+Options come from three places, later ones winning: the dataclass defaults (`lmkit.config`), a
+TOML file given with ``--config`` (sections ``[model]``, ``[train]``, ``[parallel]``) and the
+flags, one per config field (``--n-layer 4 --lr 3e-4``; `lmkit.options`). Every option's
+``--help`` line says its default. A bad argument or config exits with status 2 and one line saying
+what is wrong, no traceback; a warning is one line, ``lmkit: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -21,189 +20,138 @@ from pathlib import Path
 from typing import Any
 
 from lmkit import costs
-from lmkit.config import (
-    CORPUS_NAMES,
-    ConfigError,
-    ModelConfig,
-    ParallelConfig,
-    TrainConfig,
-    check_layout_supports,
-    describe,
-    from_dict,
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports
+from lmkit.options import (
+    SECTIONS,
+    HelpFormatter,
+    Parser,
+    UsageError,
+    add_config_flags,
+    one_line_warnings,
+    resolve_configs,
 )
 
-__all__ = ["main", "load_toml", "resolve_configs"]
+__all__ = ["main", "build_parser"]
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "parallel": ParallelConfig}
-
-
-class UsageError(Exception):
-    """A user mistake on the command line: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
-    """One flag per dataclass field: its description, choices and default come from `lmkit.config`."""
-    group = parser.add_argument_group(f"[{section}] options (also settable in the TOML file)")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        text, choices = describe(f)
-        default = f.default
-        shown = f"{text} (default: {default})"
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None, help=shown)
-        elif f.name in _TYPES:
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=_TYPES[f.name], default=None,
-                               metavar="{" + ",".join(map(str, choices)) + "}", help=shown)
-        else:
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=type(default), default=None,
-                               choices=choices, help=shown,
-                               metavar=None if choices else type(default).__name__.upper())
-
-
-def _corpus(value: str) -> str:
-    """A corpus name, or several joined with '+' (argparse type of ``--corpus``)."""
-    unknown = [part for part in value.split("+") if part.strip() not in CORPUS_NAMES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"invalid choice: {unknown[0]!r} (choose from {', '.join(map(repr, CORPUS_NAMES))}; join several "
-            "with '+')")
-    return value
-
-
-def _device(value: str) -> str:
-    """auto, cpu, cuda or cuda:N (argparse type of ``--device``)."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
-        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from 'auto', 'cpu', 'cuda', "
-                                         "'cuda:N')")
-    return value
-
-
-_TYPES = {"corpus": _corpus, "device": _device}  # enumerated, but not a fixed list of strings
-
-
-def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a run config; only the sections ``[model]``, ``[train]`` and ``[parallel]`` are allowed."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {path} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    unknown = sorted(set(values) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"config file {path} has unknown section(s) {unknown}; use {sorted(SECTIONS)}")
-    return values
-
-
-def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, ParallelConfig]:
-    """Defaults < TOML file < flags; every value validated."""
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    if getattr(args, "config", None):
-        for section, items in load_toml(args.config).items():
-            known = [f.name for f in dataclasses.fields(SECTIONS[section])]
-            unknown = sorted(set(items) - set(known))
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.4)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ConfigError(f"config file {args.config}: [{section}] has unknown key(s) {unknown}; "
-                                  f"{hint}known keys: {', '.join(known)}")
-            values[section].update(items)
-    for key, value in vars(args).items():
-        if "." in key and value is not None:
-            section, name = key.split(".", 1)
-            values[section][name] = value
-    model_cfg = from_dict(ModelConfig, values["model"])
-    train_cfg = from_dict(TrainConfig, values["train"])
-    parallel_cfg = from_dict(ParallelConfig, values["parallel"])
-    return model_cfg.validate(), train_cfg.validate(), parallel_cfg.validate()
+DESCRIPTION = """\
+lmkit: train a GPT on one process or every rank of a torchrun launch, then evaluate it, generate
+text with it and export its checkpoints; estimate what a parallel layout of any model costs
+before launching it. Each command's --help lists its options and their defaults."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmkit", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="lmkit", description=DESCRIPTION,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a model (= python -m lmkit train; torchrun -m lmkit train)",
+    train = sub.add_parser("train", help="train a model (also on every rank of torchrun -m lmkit train)",
+                           formatter_class=HelpFormatter,
                            description="Train a model on one process, or on every rank of a torchrun launch.")
     train.add_argument("--config", type=str, default=None, metavar="TOML",
-                       help="file with [model], [train] and [parallel] sections (default: none)")
+                       help="file with [model], [train] and [parallel] sections (default: no file, the "
+                            "defaults and the flags only)")
     train.add_argument("--resume", type=str, default=None, metavar="{auto,DIR}",
                        help="checkpoint or run directory to continue; auto = the latest in --out-dir, "
-                            "or a fresh start when it has none (default: none)")
+                            "or a fresh start when it has none (default: start from step 0)")
     train.add_argument("--allow-schedule-change", action="store_true",
                        help="resume although --max-steps, --lr, --min-lr or --warmup-steps differ from the "
                             "checkpoint's (the schedule continues from the current step; default: refuse)")
     for section, cls in SECTIONS.items():
-        _add_config_flags(train, section, cls)
+        add_config_flags(train, section, cls)
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ev.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest)")
-    ev.add_argument("--corpus", default=None, help="evaluate on this corpus instead of the training one")
+                        formatter_class=HelpFormatter,
+                        description="Validation loss and perplexity of a checkpoint on a corpus.")
+    ev.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    ev.add_argument("--corpus", default=None,
+                    help="corpus to evaluate on (default: the one the checkpoint was trained on)")
     ev.add_argument("--iters", type=int, default=200, help="validation batches to average")
-    ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: training's)")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per batch (default: the checkpoint's training batch size)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     gen = sub.add_parser("generate", help="continue prompts with a trained checkpoint",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter,
+                         description="Continue one or more prompts with a checkpoint, or with a transformers "
+                                     "GPT-2 directory.")
     gen.add_argument("checkpoint", nargs="?", default=None,
-                     help="checkpoint directory or run directory (uses its latest); or give --hf-dir")
+                     help="checkpoint directory, or a run directory (its latest checkpoint); or give "
+                          "--hf-dir")
     gen.add_argument("--hf-dir", default=None, metavar="DIR",
-                     help="a transformers GPT-2 directory (lmkit export --hf-dir, or save_pretrained) "
-                          "instead of a checkpoint")
+                     help="generate with a transformers GPT-2 directory (lmkit export --hf-dir, or "
+                          "save_pretrained) instead of a checkpoint")
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text (repeat for a batch: decoded together, left-padded)")
     gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens (default: among all tokens)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling: among the most likely tokens whose probabilities add up to p, "
+                          "in (0, 1] (default: among all tokens)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--stop", action="append", default=None,
+                     help="stop at this string (repeatable; default: at the end-of-text token or after "
+                          "--max-new-tokens)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed for reproducible sampling (default: a different sample every run)")
     gen.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     gen.add_argument("--int8", action="store_true",
                      help="int8 weights in the blocks' linear layers (PyTorch dynamic quantization, CPU; "
-                          "chapter 7): ~4x smaller weights, faster decoding")
+                          "chapter 7): about 4x smaller weights, faster decoding")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (1 prompt)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    gen.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
-    est = sub.add_parser("estimate", help="rank the parallel layouts of a model on a cluster (lmkit.costs)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    est = sub.add_parser("estimate", help="rank the parallel layouts of a model on a cluster (chapter 5)",
+                         formatter_class=HelpFormatter,
                          description="Memory per device, communication, bubble and an estimated step time "
-                                     "for every dp x tp x pp layout that fits; the model of chapter 5.")
+                                     "for every dp x cp x tp x pp layout that fits; the cost model of "
+                                     "chapter 5 (lmkit.costs).")
     est.add_argument("--preset", choices=sorted(costs.PRESETS), default=None,
-                     help="a model of lmkit.costs.PRESETS (or give --n-layer ... --seq-len)")
-    for flag in ("n-layer", "d-model", "n-head", "vocab-size", "seq-len"):
-        est.add_argument(f"--{flag}", type=int, default=None, help="the model's shape, without --preset")
+                     help="a model of lmkit.costs.PRESETS (default: none; give the model's shape instead: "
+                          "--n-layer, --d-model, --n-head, --vocab-size, --seq-len)")
+    for flag, what in (("n-layer", "layers"), ("d-model", "width"), ("n-head", "attention heads"),
+                       ("vocab-size", "vocabulary size"), ("seq-len", "sequence length")):
+        est.add_argument(f"--{flag}", type=int, default=None,
+                         help=f"the model's {what} (instead of --preset)")
     est.add_argument("--devices", type=int, required=True, help="number of devices (GPUs)")
     est.add_argument("--device", choices=sorted(costs.DEVICES), default="h100",
-                     help="device preset: memory, peak FLOP/s, link bandwidths")
-    est.add_argument("--device-memory-gb", type=float, default=None, help="override the device's memory")
-    est.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense peak")
-    est.add_argument("--devices-per-node", type=int, default=8)
-    est.add_argument("--intra-node-gbps", type=float, default=None, help="GB/s per device inside a node")
-    est.add_argument("--inter-node-gbps", type=float, default=None, help="GB/s per device between nodes")
+                     help="device preset: memory, dense bf16 peak FLOP/s, link bandwidths")
+    est.add_argument("--device-memory-gb", type=float, default=None,
+                     help="memory per device in GB (default: the --device preset's)")
+    est.add_argument("--peak-tflops", type=float, default=None,
+                     help="dense peak TFLOP/s per device (default: the --device preset's)")
+    est.add_argument("--devices-per-node", type=int, default=8, help="devices per node")
+    est.add_argument("--intra-node-gbps", type=float, default=None,
+                     help="GB/s per device inside a node (default: the --device preset's)")
+    est.add_argument("--inter-node-gbps", type=float, default=None,
+                     help="GB/s per device between nodes (default: the --device preset's)")
     est.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
-    est.add_argument("--precision", choices=costs.PRECISIONS, default="mixed")
+    est.add_argument("--precision", choices=costs.PRECISIONS, default="mixed",
+                     help="mixed (bf16 weights and activations, fp32 master weights) or fp32")
     est.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the compute reaches")
-    est.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3], help="ZeRO stages to consider")
-    est.add_argument("--tp", type=int, default=None, help="only layouts with this tensor-parallel size")
-    est.add_argument("--pp", type=int, default=None, help="only layouts with this pipeline-parallel size")
+    est.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3],
+                     help="ZeRO stages to consider (default: 0 1 2 3)")
+    est.add_argument("--tp", type=int, default=None,
+                     help="only layouts with this tensor-parallel size (default: any)")
+    est.add_argument("--pp", type=int, default=None,
+                     help="only layouts with this pipeline-parallel size (default: any)")
     est.add_argument("--top", type=int, default=10, help="rows to print")
     est.add_argument("--json", action="store_true", help="print the rows as JSON")
-    _add_export_parser(sub)
+    exp = sub.add_parser("export", help="a checkpoint as one safetensors directory (generate, transformers)",
+                         formatter_class=HelpFormatter,
+                         description="Read every shard of a sharded checkpoint (any layout) in this process "
+                                     "and write the single-directory checkpoint: model.safetensors, "
+                                     "state.pt, tokenizer.json, meta.json; or, with --hf-dir, a transformers "
+                                     "GPT-2 directory (config.json, model.safetensors, the tokenizer).")
+    exp.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    exp.add_argument("out", nargs="?", default=None,
+                     help="directory to write: a new one, or a checkpoint to replace (or give --hf-dir)")
+    exp.add_argument("--hf-dir", default=None, metavar="DIR",
+                     help="write a transformers GPT-2 directory instead (GPT2LMHeadModel.from_pretrained "
+                          "loads it; lmkit's tokenizer beside it)")
     return parser
 
 
@@ -537,22 +485,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- export (issue 9, item 5)
-
-
-def _add_export_parser(sub: Any) -> None:
-    exp = sub.add_parser("export", help="a sharded checkpoint as one safetensors directory (for generate, "
-                                        "transformers users)",
-                         description="Read every shard of a sharded checkpoint (any layout) in this process "
-                                     "and write today's single-directory checkpoint: model.safetensors, "
-                                     "state.pt, tokenizer.json, meta.json; or, with --hf-dir, a transformers "
-                                     "GPT-2 directory (config.json, model.safetensors, the tokenizer).")
-    exp.add_argument("checkpoint", help="sharded checkpoint directory, or a run directory (uses its latest)")
-    exp.add_argument("out", nargs="?", default=None,
-                     help="directory to write (a new one, or an lmkit checkpoint to replace); or --hf-dir")
-    exp.add_argument("--hf-dir", default=None, metavar="DIR",
-                     help="write a transformers GPT-2 directory instead (GPT2LMHeadModel.from_pretrained "
-                          "loads it; lmkit's tokenizer beside it)")
+# --------------------------------------------------------------------------- export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -617,8 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lmkit.train import NonFiniteError
 
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with one_line_warnings():
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -636,4 +570,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -39,6 +39,7 @@ from lmkit.lab.layouts import (
     train_on_rank,
     wait_for_all_ranks,
 )
+from lmkit.options import HelpFormatter, Parser, UsageError, one_line_warnings
 from lmkit.tokenizer import CharTokenizer
 
 __all__ = [
@@ -408,7 +409,7 @@ How it launches:
   without torchrun   forks gloo worker processes itself (lmkit.parallel.launch.run_local),
                      one launch per world size, and runs every layout; this is what the
                      notebook does on a CPU (seconds, not a torchrun start-up per layout).
-  under torchrun     (WORLD_SIZE set) runs the layouts whose dp*tp*pp equals the launched
+  under torchrun     (WORLD_SIZE set) runs the layouts whose dp*cp*tp*pp equals the launched
                      world, on the real devices (NCCL on GPUs, gloo on CPUs); rank 0 also runs
                      the single-process reference on its device, and all ranks the checkpoint
                      experiment (below). Layouts of other sizes are listed as skipped in
@@ -430,30 +431,26 @@ The notebook notebooks/06_hybrid_parallel_practice.ipynb plots a folder with RES
 """
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown (`lmkit.options.HelpFormatter`); the description and the epilog as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m lmkit.lab.experiments chapter6 ...`` (the book's chapter 6 as one program)."""
-    parser = _Parser(prog=PROG, description="The book's experiments as programs.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog=PROG, description="The book's experiments as programs; each command's --help "
+                                           "says what it runs and writes.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     ch6 = sub.add_parser("chapter6", help="every layout of chapter 6: loss curves, bytes, timelines, memory",
-                         description="Chapter 6 (hybrid parallelism in practice): train the chapter's GPT "
+                         description="Chapter 6 (hybrid parallelism in practice): train the chapter's GPT\n"
                                      "under every layout of both engines and write the measurements.",
-                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog=_EPILOG, formatter_class=_Formatter)
     ch6.add_argument("--out", required=True,
                      help="results folder (created; earlier results of the same model, optimisation and "
                           "steps are kept, others replaced)")
     ch6.add_argument("--smoke", action="store_true",
                      help=f"a reduced set of layouts and {CHAPTER6_SMOKE_STEPS} steps (the notebook's SMOKE)")
     ch6.add_argument("--steps", type=int, default=None,
-                     help=f"optimizer steps per layout (default {CHAPTER6_STEPS}, {CHAPTER6_SMOKE_STEPS} "
+                     help=f"optimizer steps per layout (default: {CHAPTER6_STEPS}, {CHAPTER6_SMOKE_STEPS} "
                           "with --smoke)")
     ch6.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     ch6.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a forked launch")
@@ -464,37 +461,40 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m lmkit.lab.experiments``; returns the exit status (2 for bad input)."""
     try:
-        args = build_parser().parse_args(argv)
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise _UsageError(f"{PROG} chapter6: --out {out} is a file, not a folder")
-        if args.steps is not None and args.steps < 6:
-            raise _UsageError(f"{PROG} chapter6: --steps must be at least 6")
-        if args.device not in ("auto", "cpu", "cuda"):
-            raise _UsageError(f"{PROG} chapter6: --device {args.device!r}: use auto, "
-                              "cpu or cuda")
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise _UsageError(f"{PROG} chapter6: --device cuda but CUDA is not available "
-                              "here; use auto or cpu")
-        world = _env_world()
-        if world is not None and world not in CHAPTER6_WORLDS:
-            raise _UsageError(f"{PROG} chapter6: launched with {world} processes; the "
-                              f"chapter's layouts have {', '.join(map(str, CHAPTER6_WORLDS))} ranks "
-                              "(torchrun --nproc_per_node=2, 4 or 8)")
-        if args.list:
-            for p in chapter6_layouts(args.smoke):
-                print(f"{label(p):<40} {1 if p is None else p.world_size} rank(s)")
-            return 0
-        run_chapter6(out, smoke=args.smoke, steps=args.steps, device=args.device, timeout=args.timeout)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return 0
-    except _UsageError as e:
+        with one_line_warnings():
+            return _run(build_parser().parse_args(argv))
+    except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lmkit.lab.experiments: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``chapter6``: its options checked (one line each), then the layouts listed or run."""
+    out, what = Path(args.out), f"{PROG} chapter6"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{what}: --out {out} is a file, not a folder")
+    if args.steps is not None and args.steps < 6:
+        raise UsageError(f"{what}: --steps must be at least 6")
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"{what}: --device {args.device!r}: use auto, cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{what}: --device cuda but CUDA is not available here; use auto or cpu")
+    world = _env_world()
+    if world is not None and world not in CHAPTER6_WORLDS:
+        worlds = ", ".join(map(str, CHAPTER6_WORLDS))
+        raise UsageError(f"{what}: launched with {world} processes; the chapter's layouts have {worlds} "
+                         "ranks (torchrun --nproc_per_node=2, 4 or 8)")
+    if args.list:
+        for p in chapter6_layouts(args.smoke):
+            print(f"{label(p):<40} {1 if p is None else p.world_size} rank(s)")
+        return 0
+    run_chapter6(out, smoke=args.smoke, steps=args.steps, device=args.device, timeout=args.timeout)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":  # the ranks run functions of lmkit.lab.layouts, importable by name
