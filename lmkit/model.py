@@ -5,7 +5,7 @@ self-attention, then a 4x GELU MLP, each wrapped in a residual connection), a fi
 and an LM head whose weight *is* the token embedding. It is numerically the same network as
 Hugging Face's ``GPT2LMHeadModel`` (checked in ``tests/test_model.py``); the GELU is the tanh
 approximation GPT-2 was trained with, so real GPT-2 weights load through
-`gpt2_state_dict_from_hf`.
+`lmkit.hf.gpt2_state_dict_from_hf`. Its initial weights are those of `lmkit.weights`.
 
 Module names are part of the interface. The tensor-parallel engine wraps them and checkpoints
 key off ``state_dict()`` names::
@@ -35,9 +35,7 @@ its queries never attend to the padding, so a padded row computes exactly what i
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +44,18 @@ from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.config import ModelConfig
+from lmkit.weights import initial_parameter, materialize
 
 __all__ = [
     "GPT",
-    "InitialWeights",
     "KVCache",
     "build_model",
-    "gpt2_state_dict_from_hf",
-    "gpt2_state_dict_to_hf",
-    "initial_parameter",
-    "materialize",
-    "parameter_seed",
+    "CausalSelfAttention",
+    "MLP",
+    "Block",
+    "norm_layer",
+    "rope_tables",
+    "apply_rope",
     "left_pad_tensor",
     "validate_token_ids",
 ]
@@ -290,85 +289,6 @@ class Block(nn.Module):
     ) -> Tensor:
         x = x + self.attn(self.ln1(x), mask, is_causal, cache, layer, start, rope)
         return x + self.mlp(self.ln2(x))
-
-
-# --------------------------------------------------------------------------- initialisation
-
-
-def parameter_seed(seed: int, name: str) -> int:
-    """A 63-bit seed for parameter `name` of a model seeded with `seed` (sha256: stable across
-    processes, unlike Python's salted ``hash``)."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-_NORMAL, _RESIDUAL = ("tok_emb", "pos_emb", "qkv", "fc"), ("proj",)  # last module name of a weight
-
-
-def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed: int) -> Tensor:
-    """The initial value of `GPT` parameter `name` (float32, CPU): a pure function of
-    ``(seed, name, shape)``, so it does not depend on which modules exist or in which order they
-    are built. Every layout of chapter 6 therefore starts from the single-process weights, and a
-    rank can draw one parameter, keep its shard and free the rest (`InitialWeights`).
-
-    GPT-2's initialisation: weights of linears and embeddings ~ N(0, 0.02); the two projections
-    that write into the residual stream (``attn.proj``, ``mlp.proj``) ~ N(0, 0.02 / sqrt(2 L)),
-    so the residual's variance does not grow with depth; biases 0; LayerNorm gains 1.
-    """
-    if name == "head.weight":
-        name = "tok_emb.weight"  # tied: the head *is* the embedding
-    module, _, leaf = name.rpartition(".")
-    kind = module.rpartition(".")[2]
-    if leaf == "bias":
-        return torch.zeros(tuple(shape), device="cpu")
-    if kind in ("ln1", "ln2", "ln_f", "q_norm", "k_norm") and leaf == "weight":
-        return torch.ones(tuple(shape), device="cpu")
-    if leaf != "weight" or kind not in _NORMAL + _RESIDUAL:
-        raise ValueError(f"{name!r} is not a GPT parameter name (see lmkit.model's docstring)")
-    std = 0.02 / math.sqrt(2 * config.n_layer) if kind in _RESIDUAL else 0.02
-    generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name))
-    return torch.empty(tuple(shape), device="cpu").normal_(0.0, std, generator=generator)
-
-
-class InitialWeights(Mapping):
-    """A GPT's initial weights by parameter name, each drawn only when looked up.
-
-    What a parallel engine loads into a model built on the meta device: it looks up one name,
-    keeps its own shard and drops the full tensor before the next, so no rank ever holds the
-    whole model (chapter 6, "Construction at scale").
-    """
-
-    def __init__(self, model: GPT) -> None:
-        self.config, self.seed = model.config, model.init_seed
-        self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
-
-    def __getitem__(self, name: str) -> Tensor:
-        return initial_parameter(name, self.shapes[name], self.config, self.seed)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-
-def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """Give every meta-device parameter of `module` real, uninitialised storage on `device`.
-
-    Unlike ``module.to_empty`` it keeps each Parameter object (swapping its contents), so tied
-    weights stay tied and attributes set on parameters (tensor-parallel tags) survive. Values
-    are garbage until set (`GPT.reset_parameters`, or an engine loading `InitialWeights`).
-    """
-    seen: set[int] = set()
-    for p in module.parameters():
-        if id(p) in seen or not p.is_meta:
-            continue
-        seen.add(id(p))
-        attrs = dict(p.__dict__)
-        torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device),
-                                                 requires_grad=p.requires_grad))
-        p.__dict__.update(attrs)
-    return module
 
 
 class GPT(nn.Module):
@@ -610,7 +530,7 @@ class GPT(nn.Module):
         return logits, loss
 
 
-# --------------------------------------------------------------------------- factory, HF interop
+# --------------------------------------------------------------------------- factory
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -627,62 +547,3 @@ def build_model(config: ModelConfig) -> nn.Module:
     from lmkit.baselines.lstm import LSTMLanguageModel
 
     return LSTMLanguageModel(config)
-
-
-# lmkit name <-> Hugging Face GPT-2 name, per block (after "blocks.{i}." / "transformer.h.{i}.")
-_HF_BLOCK_NAMES = {
-    "ln1": "ln_1",
-    "attn.qkv": "attn.c_attn",
-    "attn.proj": "attn.c_proj",
-    "ln2": "ln_2",
-    "mlp.fc": "mlp.c_fc",
-    "mlp.proj": "mlp.c_proj",
-}
-_HF_TOP_NAMES = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "ln_f": "transformer.ln_f"}
-_CONV1D = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # HF stores these as Conv1D: weight is [in, out]
-
-
-def gpt2_state_dict_from_hf(hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Convert a Hugging Face ``GPT2LMHeadModel`` state dict to `GPT`'s names.
-
-    HF's GPT-2 uses ``Conv1D`` layers whose weights are stored transposed ([in, out]); they are
-    transposed back here. Non-parameter buffers of old HF versions (``attn.bias`` masks) are
-    skipped. The result loads with ``GPT.load_state_dict`` for a config of the same shape.
-    """
-    inv_block = {v: k for k, v in _HF_BLOCK_NAMES.items()}
-    inv_top = {v: k for k, v in _HF_TOP_NAMES.items()}
-    out: dict[str, Tensor] = {}
-    for name, t in hf_state_dict.items():
-        if name == "lm_head.weight":
-            continue
-        stem, _, leaf = name.rpartition(".")
-        if stem in inv_top:
-            out[f"{inv_top[stem]}.{leaf}"] = t
-            continue
-        parts = stem.split(".")
-        if len(parts) >= 4 and parts[:2] == ["transformer", "h"]:
-            sub = ".".join(parts[3:])
-            if sub not in inv_block:
-                continue  # e.g. attn.bias / attn.masked_bias buffers
-            ours = inv_block[sub]
-            out[f"blocks.{parts[2]}.{ours}.{leaf}"] = t.t().contiguous() if (
-                ours in _CONV1D and leaf == "weight") else t
-    out["head.weight"] = out["tok_emb.weight"]
-    return out
-
-
-def gpt2_state_dict_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of `gpt2_state_dict_from_hf`: `GPT` names -> HF ``GPT2LMHeadModel`` names."""
-    out: dict[str, Tensor] = {}
-    for name, t in state_dict.items():
-        stem, _, leaf = name.rpartition(".")
-        if stem == "head":
-            out["lm_head.weight"] = t
-        elif stem in _HF_TOP_NAMES:
-            out[f"{_HF_TOP_NAMES[stem]}.{leaf}"] = t
-        elif stem.startswith("blocks."):
-            _, i, sub = stem.split(".", 2)
-            out[f"transformer.h.{i}.{_HF_BLOCK_NAMES[sub]}.{leaf}"] = (
-                t.t().contiguous() if (sub in _CONV1D and leaf == "weight") else t
-            )
-    return out

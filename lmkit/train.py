@@ -59,12 +59,12 @@ from lmkit.checkpoint.sharded import (
 from lmkit.checkpoint.single import load_checkpoint, load_model_state, save_checkpoint
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.data import BatchSampler
-from lmkit.model import materialize
 from lmkit.optim import configure_optimizer, load_named_optimizer_state, lr_multiplier, named_optimizer_state
 from lmkit.parallel.mesh import single_process_topology
 from lmkit.parallel.tp_rng import get_tp_rng_tracker
 from lmkit.run import build_engine, configure_cuda_matmul, peak_flops_of, resolve_device
 from lmkit.tokenizer import Tokenizer
+from lmkit.weights import materialize
 
 __all__ = ["Trainer", "NonFiniteError", "SCHEDULE_FIELDS"]
 

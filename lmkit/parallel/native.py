@@ -26,7 +26,7 @@ built with the run's seed, normally on the meta device (`native_plan.NativeStage
 names *are* the GPT's, as in torchtitan); DTensor tensor parallelism by the styles the rows of
 `lmkit.parallel.plan` map to (`native_plan.dtensor_plan`); FSDP2 or ``replicate`` per block and
 stage on ``dp``; ``to_empty`` (this rank's shards only), each parameter set to its shard of the
-single-process initial value (`lmkit.model.InitialWeights`); the pipeline schedule; AdamW.
+single-process initial value (`lmkit.weights.InitialWeights`); the pipeline schedule; AdamW.
 
 What it takes to reproduce the single process (each was found by the loss-compare tests):
 
@@ -71,7 +71,6 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
-from lmkit.model import InitialWeights
 from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
@@ -88,6 +87,7 @@ from lmkit.parallel.native_plan import (
 from lmkit.parallel.pipeline import allreduce_tied_embedding_grads
 from lmkit.parallel.plan import ShardSpec
 from lmkit.parallel.stage import build_stages
+from lmkit.weights import InitialWeights
 
 __all__ = ["NativeEngine", "native_loss", "qkv_permutation"]
 
