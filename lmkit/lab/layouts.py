@@ -107,14 +107,14 @@ def collective_dim(collective: dict[str, Any], layout: ParallelConfig | None) ->
     ring attention's, which go through the cp group. Under context parallelism the collectives of
     the gradient group, dp x cp (`lmkit.parallel.mesh.Topology.gradient_view`), are ``dp``: the
     parameters are replicated over cp as over dp, and `lmkit.costs` counts them so."""
-    label = group_label(collective["ranks"], layout)
+    group = group_label(collective["ranks"], layout)
     p2p = collective["kind"] in ("send", "recv")
-    if p2p and layout is not None and layout.pp > 1 and label != "cp":
+    if p2p and layout is not None and layout.pp > 1 and group != "cp":
         return "pp"
     if not p2p and layout is not None and layout.cp > 1 and len(collective["ranks"]) > 1 \
             and set(_varying(collective["ranks"], layout)) <= {"dp", "cp"}:
         return "dp"
-    return label
+    return group
 
 
 def max_relative_difference(a: Sequence[float], b: Sequence[float]) -> float:
