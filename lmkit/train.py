@@ -72,7 +72,6 @@ EVAL_STREAM = 1  # sampler stream for validation batches (training uses stream 0
 SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")  # what a resume must not change silently
 
 
-
 class NonFiniteError(RuntimeError):
     """A non-finite loss, gradient norm or weight stopped the run; the message is one line."""
 

@@ -90,7 +90,6 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 PathLike = str | os.PathLike[str]
 
 
-
 class CheckpointError(Exception):
     """A checkpoint cannot be written or read; the message names the file and the remedy."""
 
@@ -255,7 +254,6 @@ def configs_digest(configs: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(configs, sort_keys=True, ensure_ascii=True).encode("ascii")).hexdigest()
 
 
-
 def new_manifest(step: int, configs: Mapping[str, Any], tokenizer: bool, **rest: Any) -> dict[str, Any]:
     """The fields every manifest (meta.json) starts with, then `rest` (``model``, ``files``, ...)."""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -270,7 +268,6 @@ def write_manifest(directory: Path, meta: Mapping[str, Any]) -> None:
     manifest = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
     write_bytes(directory / META_FILE, manifest)
     write_bytes(directory / META_HASH_FILE, (hashlib.sha256(manifest).hexdigest() + "\n").encode("ascii"))
-
 
 
 def write_tokenizer(tokenizer: Any, path: Path) -> None:

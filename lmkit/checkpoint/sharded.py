@@ -78,7 +78,6 @@ __all__ = [
 SHARDS_DIR = "shards"  # DCP's files: .metadata (the global index) and one __<rank>_0.distcp per rank
 
 
-
 @dataclass
 class Piece:
     """A box of one global (layout-independent) tensor that this rank holds.

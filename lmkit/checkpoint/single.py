@@ -53,7 +53,6 @@ _STEP_KEY = "lmkit.step"
 _CONFIGS_KEY = "lmkit.configs_sha256"
 
 
-
 def save_checkpoint(
     directory: PathLike,
     *,

@@ -29,7 +29,6 @@ RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("fp32", "mixed")
 
 
-
 class CostError(ValueError):
     """An impossible model, layout or request; the message names the problem and the fix."""
 
