@@ -9,7 +9,7 @@ longer context; random weights shared by both libraries through `lmkit.hf.to_tra
 - ``HF generate, cache``: ``GPT2LMHeadModel.generate(use_cache=True, do_sample=False)``, sdpa;
 - ``lmkit fp32``: `lmkit.generate.generate(model, prompt, 256, greedy=True)` (KV cache preallocated
   and written in place, no mask at one query, no dropout calls in eval mode);
-- ``lmkit int8``: the same model after `lmkit.efficiency.quantize_int8` (what ``lmkit generate
+- ``lmkit int8``: the same model after `lmkit.lab.efficiency.quantize_int8` (what ``lmkit generate
   --int8`` does: PyTorch's dynamic int8 linear layers in the blocks);
 - ``lmkit fp32 / int8, batch B``: B prompts of different lengths (256, 240, ...) decoded together,
   left-padded, 256 new tokens each; tokens/s counts every row;
@@ -42,13 +42,15 @@ from collections.abc import Callable
 
 import torch
 
-from lmkit import checkpoint as ckpt
-from lmkit import efficiency
+from lmkit.checkpoint.format import find_latest
+from lmkit.checkpoint.single import load_checkpoint
 from lmkit.config import ModelConfig, TrainConfig
 from lmkit.generate import generate
 from lmkit.hf import to_transformers
+from lmkit.lab import efficiency
 from lmkit.model import GPT, build_model
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 SPEED_SHAPE = ModelConfig(vocab_size=65, block_size=1024, n_layer=6, n_head=6, d_model=384, dropout=0.0)
 
@@ -56,10 +58,10 @@ SPEED_SHAPE = ModelConfig(vocab_size=65, block_size=1024, n_layer=6, n_head=6, d
 def trained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
     """The model int8's quality is measured on, its validation tokens, and what it is."""
     if args.checkpoint:
-        path = ckpt.find_latest(args.checkpoint) or args.checkpoint
-        info = ckpt.load_checkpoint(path, verify=False)
+        path = find_latest(args.checkpoint) or args.checkpoint
+        info = load_checkpoint(path, verify=False)
         model = build_model(info.config("model", ModelConfig))
-        ckpt.load_checkpoint(path, model=model)
+        load_checkpoint(path, model=model)
         corpus = info.config("train", TrainConfig).corpus
         run = prepare_run(model.config, TrainConfig(corpus=corpus, out_dir=tempfile.mkdtemp()),
                           tokenizer=info.load_tokenizer())

@@ -31,9 +31,9 @@ import torch
 
 from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-from lmkit.experiments import group_label, measure_layouts
-from lmkit.parallel.instrument import bubble_formula, idle_fractions, mfu, peak_flops
-from lmkit.train import prepare_run
+from lmkit.lab.layouts import group_label, measure_layouts
+from lmkit.parallel.instrument import bubble_formula, idle_fractions, peak_flops
+from lmkit.run import prepare_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +207,7 @@ def main() -> None:
         book = statistics.median(rank0["counter_overhead_s"])
         world = len(r["ranks"])
         tps = rank0["tokens_per_step"] / plain
-        util = mfu(tps, rank0["flops_per_token"], world, peak)
+        util = costs.mfu(tps, rank0["flops_per_token"], world, peak)
         mem = max(x["memory"]["total_bytes"] for x in r["ranks"])
         return [name, str(world), f"{plain * 1e3:.1f}", f"{step * 1e3:.1f}", f"{book * 1e3:.2f}",
                 f"{tps:,.0f}", "n/a (CPU)" if util is None else f"{util:.1%}", f"{mem / 2**20:.2f}"]
@@ -244,7 +244,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmkit.plots import gantt
+    from lmkit.lab.plots import gantt
 
     m_show = 8 if 8 in args.microbatches else args.microbatches[0]
     wanted = ["dp2", "tp2 sp", f"pp2 gpipe m{m_show}", f"pp2 1f1b m{m_show}", f"pp4 1f1b m{m_show}"]

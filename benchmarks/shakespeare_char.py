@@ -19,7 +19,8 @@ import time
 import torch
 
 from lmkit.config import ModelConfig, TrainConfig
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 
 def main() -> None:

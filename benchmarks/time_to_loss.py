@@ -10,12 +10,12 @@ parameters). Recipes:
     with the nanoGPT recipe: AdamW lr 1e-3, warmup 100, cosine to 1e-4, 2000 steps, batch 12,
     beta2 0.99, weight decay 0.1, clipping 1.0 - the reference;
 (b) lmkit's GPT with the same recipe;
-(c) lmkit's best recipe (`lmkit.time_to_loss.best_recipe`: chapter 7's ablation).
+(c) lmkit's best recipe (`lmkit.lab.time_to_loss.best_recipe`: chapter 7's ablation).
 
 All start from the same initial weights (``torch.manual_seed(seed); GPT(...)``, copied into the
 transformers model), train on the same batches in the same order, with the same optimizer code
-(`lmkit.train.configure_optimizer`, or Muon + AdamW for (c)) and the same loop
-(`lmkit.time_to_loss.train_curves`), interleaved so that machine noise hits them alike. The
+(`lmkit.optim.configure_optimizer`, or Muon + AdamW for (c)) and the same loop
+(`lmkit.lab.time_to_loss.train_curves`), interleaved so that machine noise hits them alike. The
 validation loss is measured on one fixed set of validation batches every ``--eval-every`` steps;
 evaluation time is excluded from the wall times printed. The target is (a)'s final validation
 loss; a recipe's time to it is interpolated linearly between the evaluations around the crossing.
@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from lmkit.time_to_loss import (
+from lmkit.lab.time_to_loss import (
     best_recipe,
     fixed_batches,
     nanogpt_recipe,

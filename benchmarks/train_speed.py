@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from lmkit.config import ModelConfig
-from lmkit.model import GPT, gpt2_state_dict_to_hf
+from lmkit.hf import gpt2_state_dict_to_hf
+from lmkit.model import GPT
 
 
 def hf_twin(model: GPT, activation: str) -> torch.nn.Module:

@@ -1,17 +1,16 @@
-"""``lmkit train | eval | generate``: the command line over the same functions the notebooks use.
+"""The ``lmkit`` command: train, eval, generate, estimate, export, over the functions the notebooks use.
 
-Options come from three places, later ones winning: the dataclass defaults
-(`lmkit.config`), a TOML file given with ``--config`` (sections ``[model]`` and ``[train]``),
-and command-line flags (one per config field, ``--n-layer 4 --lr 3e-4``). Every flag's
-``--help`` line shows its default. A bad argument or config exits with status 2 and one line
-saying what is wrong; no traceback.
+Options come from three places, later ones winning: the dataclass defaults (`lmkit.config`), a
+TOML file given with ``--config`` (sections ``[model]``, ``[train]``, ``[parallel]``) and the
+flags, one per config field (``--n-layer 4 --lr 3e-4``; `lmkit.options`). Every option's
+``--help`` line says its default. A bad argument or config exits with status 2 and one line saying
+what is wrong, no traceback; a warning is one line, ``lmkit: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import re
@@ -21,189 +20,138 @@ from pathlib import Path
 from typing import Any
 
 from lmkit import costs
-from lmkit.config import (
-    CORPUS_NAMES,
-    ConfigError,
-    ModelConfig,
-    ParallelConfig,
-    TrainConfig,
-    check_layout_supports,
-    describe,
-    from_dict,
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports
+from lmkit.options import (
+    SECTIONS,
+    HelpFormatter,
+    Parser,
+    UsageError,
+    add_config_flags,
+    one_line_warnings,
+    resolve_configs,
 )
 
-__all__ = ["main", "load_toml", "resolve_configs"]
+__all__ = ["main", "build_parser"]
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "parallel": ParallelConfig}
-
-
-class UsageError(Exception):
-    """A user mistake on the command line: printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
-    """One flag per dataclass field: its description, choices and default come from `lmkit.config`."""
-    group = parser.add_argument_group(f"[{section}] options (also settable in the TOML file)")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        text, choices = describe(f)
-        default = f.default
-        shown = f"{text} (default: {default})"
-        if isinstance(default, bool):
-            group.add_argument(flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None, help=shown)
-        elif f.name in _TYPES:
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=_TYPES[f.name], default=None,
-                               metavar="{" + ",".join(map(str, choices)) + "}", help=shown)
-        else:
-            group.add_argument(flag, dest=f"{section}.{f.name}", type=type(default), default=None,
-                               choices=choices, help=shown,
-                               metavar=None if choices else type(default).__name__.upper())
-
-
-def _corpus(value: str) -> str:
-    """A corpus name, or several joined with '+' (argparse type of ``--corpus``)."""
-    unknown = [part for part in value.split("+") if part.strip() not in CORPUS_NAMES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"invalid choice: {unknown[0]!r} (choose from {', '.join(map(repr, CORPUS_NAMES))}; join several "
-            "with '+')")
-    return value
-
-
-def _device(value: str) -> str:
-    """auto, cpu, cuda or cuda:N (argparse type of ``--device``)."""
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is None:
-        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from 'auto', 'cpu', 'cuda', "
-                                         "'cuda:N')")
-    return value
-
-
-_TYPES = {"corpus": _corpus, "device": _device}  # enumerated, but not a fixed list of strings
-
-
-def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a run config; only the sections ``[model]``, ``[train]`` and ``[parallel]`` are allowed."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    path = Path(path)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {path} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    unknown = sorted(set(values) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"config file {path} has unknown section(s) {unknown}; use {sorted(SECTIONS)}")
-    return values
-
-
-def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, ParallelConfig]:
-    """Defaults < TOML file < flags; every value validated."""
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    if getattr(args, "config", None):
-        for section, items in load_toml(args.config).items():
-            known = [f.name for f in dataclasses.fields(SECTIONS[section])]
-            unknown = sorted(set(items) - set(known))
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.4)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ConfigError(f"config file {args.config}: [{section}] has unknown key(s) {unknown}; "
-                                  f"{hint}known keys: {', '.join(known)}")
-            values[section].update(items)
-    for key, value in vars(args).items():
-        if "." in key and value is not None:
-            section, name = key.split(".", 1)
-            values[section][name] = value
-    model_cfg = from_dict(ModelConfig, values["model"])
-    train_cfg = from_dict(TrainConfig, values["train"])
-    parallel_cfg = from_dict(ParallelConfig, values["parallel"])
-    return model_cfg.validate(), train_cfg.validate(), parallel_cfg.validate()
+DESCRIPTION = """\
+lmkit: train a GPT on one process or every rank of a torchrun launch, then evaluate it, generate
+text with it and export its checkpoints; estimate what a parallel layout of any model costs
+before launching it. Each command's --help lists its options and their defaults."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmkit", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="lmkit", description=DESCRIPTION,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a model (= python -m lmkit train; torchrun -m lmkit train)",
+    train = sub.add_parser("train", help="train a model (also on every rank of torchrun -m lmkit train)",
+                           formatter_class=HelpFormatter,
                            description="Train a model on one process, or on every rank of a torchrun launch.")
     train.add_argument("--config", type=str, default=None, metavar="TOML",
-                       help="file with [model], [train] and [parallel] sections (default: none)")
+                       help="file with [model], [train] and [parallel] sections (default: no file, the "
+                            "defaults and the flags only)")
     train.add_argument("--resume", type=str, default=None, metavar="{auto,DIR}",
                        help="checkpoint or run directory to continue; auto = the latest in --out-dir, "
-                            "or a fresh start when it has none (default: none)")
+                            "or a fresh start when it has none (default: start from step 0)")
     train.add_argument("--allow-schedule-change", action="store_true",
                        help="resume although --max-steps, --lr, --min-lr or --warmup-steps differ from the "
                             "checkpoint's (the schedule continues from the current step; default: refuse)")
     for section, cls in SECTIONS.items():
-        _add_config_flags(train, section, cls)
+        add_config_flags(train, section, cls)
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a checkpoint",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ev.add_argument("checkpoint", help="checkpoint directory or run directory (uses its latest)")
-    ev.add_argument("--corpus", default=None, help="evaluate on this corpus instead of the training one")
+                        formatter_class=HelpFormatter,
+                        description="Validation loss and perplexity of a checkpoint on a corpus.")
+    ev.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    ev.add_argument("--corpus", default=None,
+                    help="corpus to evaluate on (default: the one the checkpoint was trained on)")
     ev.add_argument("--iters", type=int, default=200, help="validation batches to average")
-    ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: training's)")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per batch (default: the checkpoint's training batch size)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     gen = sub.add_parser("generate", help="continue prompts with a trained checkpoint",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter,
+                         description="Continue one or more prompts with a checkpoint, or with a transformers "
+                                     "GPT-2 directory.")
     gen.add_argument("checkpoint", nargs="?", default=None,
-                     help="checkpoint directory or run directory (uses its latest); or give --hf-dir")
+                     help="checkpoint directory, or a run directory (its latest checkpoint); or give "
+                          "--hf-dir")
     gen.add_argument("--hf-dir", default=None, metavar="DIR",
-                     help="a transformers GPT-2 directory (lmkit export --hf-dir, or save_pretrained) "
-                          "instead of a checkpoint")
+                     help="generate with a transformers GPT-2 directory (lmkit export --hf-dir, or "
+                          "save_pretrained) instead of a checkpoint")
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text (repeat for a batch: decoded together, left-padded)")
     gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens (default: among all tokens)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling: among the most likely tokens whose probabilities add up to p, "
+                          "in (0, 1] (default: among all tokens)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument("--stop", action="append", default=None,
+                     help="stop at this string (repeatable; default: at the end-of-text token or after "
+                          "--max-new-tokens)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed for reproducible sampling (default: a different sample every run)")
     gen.add_argument("--no-cache", action="store_true", help="decode without the KV cache")
     gen.add_argument("--int8", action="store_true",
                      help="int8 weights in the blocks' linear layers (PyTorch dynamic quantization, CPU; "
-                          "chapter 7): ~4x smaller weights, faster decoding")
+                          "chapter 7): about 4x smaller weights, faster decoding")
     gen.add_argument("--stream", action="store_true", help="print tokens as they are generated (1 prompt)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    gen.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
-    est = sub.add_parser("estimate", help="rank the parallel layouts of a model on a cluster (lmkit.costs)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    est = sub.add_parser("estimate", help="rank the parallel layouts of a model on a cluster (chapter 5)",
+                         formatter_class=HelpFormatter,
                          description="Memory per device, communication, bubble and an estimated step time "
-                                     "for every dp x tp x pp layout that fits; the model of chapter 5.")
+                                     "for every dp x cp x tp x pp layout that fits; the cost model of "
+                                     "chapter 5 (lmkit.costs).")
     est.add_argument("--preset", choices=sorted(costs.PRESETS), default=None,
-                     help="a model of lmkit.costs.PRESETS (or give --n-layer ... --seq-len)")
-    for flag in ("n-layer", "d-model", "n-head", "vocab-size", "seq-len"):
-        est.add_argument(f"--{flag}", type=int, default=None, help="the model's shape, without --preset")
+                     help="a model of lmkit.costs.PRESETS (default: none; give the model's shape instead: "
+                          "--n-layer, --d-model, --n-head, --vocab-size, --seq-len)")
+    for flag, what in (("n-layer", "layers"), ("d-model", "width"), ("n-head", "attention heads"),
+                       ("vocab-size", "vocabulary size"), ("seq-len", "sequence length")):
+        est.add_argument(f"--{flag}", type=int, default=None,
+                         help=f"the model's {what} (instead of --preset)")
     est.add_argument("--devices", type=int, required=True, help="number of devices (GPUs)")
     est.add_argument("--device", choices=sorted(costs.DEVICES), default="h100",
-                     help="device preset: memory, peak FLOP/s, link bandwidths")
-    est.add_argument("--device-memory-gb", type=float, default=None, help="override the device's memory")
-    est.add_argument("--peak-tflops", type=float, default=None, help="override the device's dense peak")
-    est.add_argument("--devices-per-node", type=int, default=8)
-    est.add_argument("--intra-node-gbps", type=float, default=None, help="GB/s per device inside a node")
-    est.add_argument("--inter-node-gbps", type=float, default=None, help="GB/s per device between nodes")
+                     help="device preset: memory, dense bf16 peak FLOP/s, link bandwidths")
+    est.add_argument("--device-memory-gb", type=float, default=None,
+                     help="memory per device in GB (default: the --device preset's)")
+    est.add_argument("--peak-tflops", type=float, default=None,
+                     help="dense peak TFLOP/s per device (default: the --device preset's)")
+    est.add_argument("--devices-per-node", type=int, default=8, help="devices per node")
+    est.add_argument("--intra-node-gbps", type=float, default=None,
+                     help="GB/s per device inside a node (default: the --device preset's)")
+    est.add_argument("--inter-node-gbps", type=float, default=None,
+                     help="GB/s per device between nodes (default: the --device preset's)")
     est.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
-    est.add_argument("--precision", choices=costs.PRECISIONS, default="mixed")
+    est.add_argument("--precision", choices=costs.PRECISIONS, default="mixed",
+                     help="mixed (bf16 weights and activations, fp32 master weights) or fp32")
     est.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the compute reaches")
-    est.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3], help="ZeRO stages to consider")
-    est.add_argument("--tp", type=int, default=None, help="only layouts with this tensor-parallel size")
-    est.add_argument("--pp", type=int, default=None, help="only layouts with this pipeline-parallel size")
+    est.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3],
+                     help="ZeRO stages to consider (default: 0 1 2 3)")
+    est.add_argument("--tp", type=int, default=None,
+                     help="only layouts with this tensor-parallel size (default: any)")
+    est.add_argument("--pp", type=int, default=None,
+                     help="only layouts with this pipeline-parallel size (default: any)")
     est.add_argument("--top", type=int, default=10, help="rows to print")
     est.add_argument("--json", action="store_true", help="print the rows as JSON")
-    _add_export_parser(sub)
+    exp = sub.add_parser("export", help="a checkpoint as one safetensors directory (generate, transformers)",
+                         formatter_class=HelpFormatter,
+                         description="Read every shard of a sharded checkpoint (any layout) in this process "
+                                     "and write the single-directory checkpoint: model.safetensors, "
+                                     "state.pt, tokenizer.json, meta.json; or, with --hf-dir, a transformers "
+                                     "GPT-2 directory (config.json, model.safetensors, the tokenizer).")
+    exp.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    exp.add_argument("out", nargs="?", default=None,
+                     help="directory to write: a new one, or a checkpoint to replace (or give --hf-dir)")
+    exp.add_argument("--hf-dir", default=None, metavar="DIR",
+                     help="write a transformers GPT-2 directory instead (GPT2LMHeadModel.from_pretrained "
+                          "loads it; lmkit's tokenizer beside it)")
     return parser
 
 
@@ -213,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train on one process, or on one rank of a torchrun launch (``--dp/--cp/--tp/--pp`` > 1)."""
     from lmkit.parallel.engine import validate_layout
-    from lmkit.train import prepare_run
+    from lmkit.run import prepare_run
 
     model_cfg, train_cfg, parallel_cfg = resolve_configs(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -249,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace, run: Any, train_cfg: TrainConfig, parallel_cfg: ParallelConfig,
            layout: ParallelConfig | None, topology: Any, world: int) -> int:
     """The part of `cmd_train` after the set-up: build the trainer, resume, fit, save."""
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import find_latest
     from lmkit.train import Trainer
 
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -257,7 +205,7 @@ def _train(args: argparse.Namespace, run: Any, train_cfg: TrainConfig, parallel_
                       tokenizer=run.tokenizer, parallel=layout, topology=topology)
     run.model = None  # the trainer holds what this rank needs
     talk = trainer.is_logging_rank
-    if args.resume == "auto" and ckpt.find_latest(train_cfg.out_dir) is None:
+    if args.resume == "auto" and find_latest(train_cfg.out_dir) is None:
         if talk:  # the command that starts a run also restarts it (torchrun --max-restarts, requeues)
             print(f"no checkpoint in {train_cfg.out_dir} yet: starting from step 0", flush=True)
     elif args.resume:
@@ -350,23 +298,24 @@ def _print_event(event: dict[str, Any]) -> None:
 
 def _load_for_inference(path: str, device_name: str):
     """Model (eval mode, on device), tokenizer and configs from a checkpoint or run directory."""
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import META_FILE, CheckpointError, find_latest
+    from lmkit.checkpoint.single import load_checkpoint
     from lmkit.model import build_model
-    from lmkit.train import resolve_device
+    from lmkit.run import resolve_device
 
     directory = Path(path)
-    if not (directory / ckpt.META_FILE).exists():
-        latest = ckpt.find_latest(directory) if directory.is_dir() else None
+    if not (directory / META_FILE).exists():
+        latest = find_latest(directory) if directory.is_dir() else None
         if latest is None:
-            raise ckpt.CheckpointError(
-                f"{directory} is neither a checkpoint (no {ckpt.META_FILE}) nor a run directory with "
+            raise CheckpointError(
+                f"{directory} is neither a checkpoint (no {META_FILE}) nor a run directory with "
                 "checkpoints; pass the out_dir of a training run or one of its step_* directories")
         directory = latest
-    info = ckpt.load_checkpoint(directory, verify=False)
+    info = load_checkpoint(directory, verify=False)
     model_cfg = info.config("model", ModelConfig)
     train_cfg = info.config("train", TrainConfig)
     model = build_model(model_cfg)
-    ckpt.load_checkpoint(directory, model=model)
+    load_checkpoint(directory, model=model)
     device = resolve_device(device_name)
     return model.to(device).eval(), info.load_tokenizer(), model_cfg, train_cfg, info
 
@@ -398,7 +347,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _load_hf_dir(path: str, device_name: str):
     """Model (eval mode, on device) and tokenizer from a transformers GPT-2 directory."""
     from lmkit.hf import TOKENIZER_FILE, load_pretrained
-    from lmkit.train import resolve_device
+    from lmkit.run import resolve_device
 
     model, tokenizer = load_pretrained(path)
     if tokenizer is None:
@@ -409,9 +358,9 @@ def _load_hf_dir(path: str, device_name: str):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmkit.efficiency import dynamic_quantization_available, quantize_int8
     from lmkit.generate import GenerationError, check_options, generate_text, stream
-    from lmkit.train import resolve_device
+    from lmkit.lab.efficiency import dynamic_quantization_available, quantize_int8
+    from lmkit.run import resolve_device
 
     try:  # the options first: a typo costs no checkpoint load
         check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
@@ -536,64 +485,53 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- export (issue 9, item 5)
-
-
-def _add_export_parser(sub: Any) -> None:
-    exp = sub.add_parser("export", help="a sharded checkpoint as one safetensors directory (for generate, "
-                                        "transformers users)",
-                         description="Read every shard of a sharded checkpoint (any layout) in this process "
-                                     "and write today's single-directory checkpoint: model.safetensors, "
-                                     "state.pt, tokenizer.json, meta.json; or, with --hf-dir, a transformers "
-                                     "GPT-2 directory (config.json, model.safetensors, the tokenizer).")
-    exp.add_argument("checkpoint", help="sharded checkpoint directory, or a run directory (uses its latest)")
-    exp.add_argument("out", nargs="?", default=None,
-                     help="directory to write (a new one, or an lmkit checkpoint to replace); or --hf-dir")
-    exp.add_argument("--hf-dir", default=None, metavar="DIR",
-                     help="write a transformers GPT-2 directory instead (GPT2LMHeadModel.from_pretrained "
-                          "loads it; lmkit's tokenizer beside it)")
+# --------------------------------------------------------------------------- export
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``lmkit export CHECKPOINT OUT``: `lmkit.checkpoint.export_checkpoint`, with one-line errors."""
-    from lmkit import checkpoint as ckpt
+    """``lmkit export CHECKPOINT OUT``: `lmkit.checkpoint.export.export_checkpoint`, with one-line errors."""
+    from lmkit.checkpoint.export import export_checkpoint
+    from lmkit.checkpoint.format import META_FILE, find_latest
+    from lmkit.checkpoint.sharded import is_sharded
+    from lmkit.checkpoint.single import load_checkpoint
 
     if (args.out is None) == (args.hf_dir is None):
         raise UsageError("lmkit export: give an output directory or --hf-dir DIR (exactly one of them)")
     source = Path(args.checkpoint)
-    if not (source / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(source)) is not None:
+    if not (source / META_FILE).exists() and (latest := find_latest(source)) is not None:
         source = latest
     if args.hf_dir is not None:
         return _export_hf(source, Path(args.hf_dir))
     out = Path(args.out)
-    if out.exists() and not (out / ckpt.META_FILE).is_file():
+    if out.exists() and not (out / META_FILE).is_file():
         raise UsageError(f"lmkit export: {out} exists and is not an lmkit checkpoint; choose a new directory")
     if out.resolve() == source.resolve():
         raise UsageError(f"lmkit export: {out} is the checkpoint itself; choose another directory")
-    path = ckpt.export_checkpoint(source, out)
-    kind = "sharded" if ckpt.is_sharded(source) else "single-directory"
-    print(f"exported the {kind} checkpoint {source} (step {ckpt.load_checkpoint(path).step}) to {path}")
+    path = export_checkpoint(source, out)
+    kind = "sharded" if is_sharded(source) else "single-directory"
+    print(f"exported the {kind} checkpoint {source} (step {load_checkpoint(path).step}) to {path}")
     return 0
 
 
 def _export_hf(source: Path, out: Path) -> int:
     """``lmkit export CHECKPOINT --hf-dir DIR``: the checkpoint as a transformers GPT-2 directory."""
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import META_FILE, CheckpointError
+    from lmkit.checkpoint.single import load_checkpoint, load_model_state
     from lmkit.hf import gpt2_config, save_pretrained
     from lmkit.model import GPT
 
     if out.exists() and not (out / "config.json").is_file():
         raise UsageError(f"lmkit export: --hf-dir {out} exists and is not a transformers model directory; "
                          "choose a new directory")
-    if not (source / ckpt.META_FILE).is_file():
-        raise ckpt.CheckpointError(f"{source} is neither a checkpoint (no {ckpt.META_FILE}) nor a run "
-                                   "directory with checkpoints; pass the out_dir of a training run or a "
-                                   "step_* directory")
-    info = ckpt.load_checkpoint(source)
+    if not (source / META_FILE).is_file():
+        raise CheckpointError(f"{source} is neither a checkpoint (no {META_FILE}) nor a run "
+                              "directory with checkpoints; pass the out_dir of a training run or a "
+                              "step_* directory")
+    info = load_checkpoint(source)
     model_cfg = info.config("model", ModelConfig)
     gpt2_config(model_cfg)  # refuses what GPT-2 cannot express, before the weights are read
     model = GPT(model_cfg)
-    model.load_state_dict(ckpt.load_model_state(source))
+    model.load_state_dict(load_model_state(source))
     path = save_pretrained(model, out, info.load_tokenizer())
     print(f"exported {source} (step {info.step}) as a transformers GPT-2 directory {path}")
     return 0
@@ -605,15 +543,16 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "est
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lmkit`` command; returns the exit status."""
-    from lmkit.checkpoint import CheckpointError
+    from lmkit.checkpoint.format import CheckpointError
     from lmkit.data import CorpusError
     from lmkit.generate import GenerationError
     from lmkit.hf import HFError
     from lmkit.train import NonFiniteError
 
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with one_line_warnings():
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -631,4 +570,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

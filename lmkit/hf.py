@@ -1,7 +1,7 @@
 """Interop with Hugging Face ``transformers``: lmkit's `GPT` <-> ``GPT2LMHeadModel`` (book, chapter 7).
 
 lmkit's GPT is GPT-2's network (see `lmkit.model`), so a model moves between the two libraries by
-renaming and transposing tensors (`lmkit.model.gpt2_state_dict_to_hf` / `gpt2_state_dict_from_hf`)
+renaming and transposing tensors (`gpt2_state_dict_to_hf` / `gpt2_state_dict_from_hf`)
 plus a translation of the configuration:
 
 * `to_transformers(model)` builds a ``GPT2LMHeadModel`` with the same logits (within float
@@ -31,15 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lmkit.config import ModelConfig
-from lmkit.model import GPT, gpt2_state_dict_from_hf, gpt2_state_dict_to_hf
+from lmkit.model import GPT
 from lmkit.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "HFError",
     "TOKENIZER_FILE",
+    "gpt2_state_dict_from_hf",
+    "gpt2_state_dict_to_hf",
     "gpt2_config",
     "to_transformers",
     "from_transformers",
@@ -237,3 +239,65 @@ def load_pretrained(directory: str | os.PathLike) -> tuple[GPT, Tokenizer | None
         except ValueError as e:
             raise HFError(f"{path / 'tokenizer.json'}: {e}") from e
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------- state dicts: renamed, transposed
+
+
+# lmkit name <-> Hugging Face GPT-2 name, per block (after "blocks.{i}." / "transformer.h.{i}.")
+_HF_BLOCK_NAMES = {
+    "ln1": "ln_1",
+    "attn.qkv": "attn.c_attn",
+    "attn.proj": "attn.c_proj",
+    "ln2": "ln_2",
+    "mlp.fc": "mlp.c_fc",
+    "mlp.proj": "mlp.c_proj",
+}
+_HF_TOP_NAMES = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "ln_f": "transformer.ln_f"}
+_CONV1D = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # HF stores these as Conv1D: weight is [in, out]
+
+
+def gpt2_state_dict_from_hf(hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Convert a Hugging Face ``GPT2LMHeadModel`` state dict to `GPT`'s names.
+
+    HF's GPT-2 uses ``Conv1D`` layers whose weights are stored transposed ([in, out]); they are
+    transposed back here. Non-parameter buffers of old HF versions (``attn.bias`` masks) are
+    skipped. The result loads with ``GPT.load_state_dict`` for a config of the same shape.
+    """
+    inv_block = {v: k for k, v in _HF_BLOCK_NAMES.items()}
+    inv_top = {v: k for k, v in _HF_TOP_NAMES.items()}
+    out: dict[str, Tensor] = {}
+    for name, t in hf_state_dict.items():
+        if name == "lm_head.weight":
+            continue
+        stem, _, leaf = name.rpartition(".")
+        if stem in inv_top:
+            out[f"{inv_top[stem]}.{leaf}"] = t
+            continue
+        parts = stem.split(".")
+        if len(parts) >= 4 and parts[:2] == ["transformer", "h"]:
+            sub = ".".join(parts[3:])
+            if sub not in inv_block:
+                continue  # e.g. attn.bias / attn.masked_bias buffers
+            ours = inv_block[sub]
+            out[f"blocks.{parts[2]}.{ours}.{leaf}"] = t.t().contiguous() if (
+                ours in _CONV1D and leaf == "weight") else t
+    out["head.weight"] = out["tok_emb.weight"]
+    return out
+
+
+def gpt2_state_dict_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `gpt2_state_dict_from_hf`: `GPT` names -> HF ``GPT2LMHeadModel`` names."""
+    out: dict[str, Tensor] = {}
+    for name, t in state_dict.items():
+        stem, _, leaf = name.rpartition(".")
+        if stem == "head":
+            out["lm_head.weight"] = t
+        elif stem in _HF_TOP_NAMES:
+            out[f"{_HF_TOP_NAMES[stem]}.{leaf}"] = t
+        elif stem.startswith("blocks."):
+            _, i, sub = stem.split(".", 2)
+            out[f"transformer.h.{i}.{_HF_BLOCK_NAMES[sub]}.{leaf}"] = (
+                t.t().contiguous() if (sub in _CONV1D and leaf == "weight") else t
+            )
+    return out

@@ -1,11 +1,11 @@
-"""The language models: a GPT (decoder-only Transformer) and the LSTM baseline.
+"""The language model of the book: a GPT (decoder-only Transformer).
 
 `GPT` follows GPT-2: token + learned position embeddings, pre-LayerNorm blocks (causal
 self-attention, then a 4x GELU MLP, each wrapped in a residual connection), a final LayerNorm
 and an LM head whose weight *is* the token embedding. It is numerically the same network as
 Hugging Face's ``GPT2LMHeadModel`` (checked in ``tests/test_model.py``); the GELU is the tanh
 approximation GPT-2 was trained with, so real GPT-2 weights load through
-`gpt2_state_dict_from_hf`.
+`lmkit.hf.gpt2_state_dict_from_hf`. Its initial weights are those of `lmkit.weights`.
 
 Module names are part of the interface. The tensor-parallel engine wraps them and checkpoints
 key off ``state_dict()`` names::
@@ -35,9 +35,7 @@ its queries never attend to the padding, so a padded row computes exactly what i
 
 from __future__ import annotations
 
-import hashlib
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,26 +44,27 @@ from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.config import ModelConfig
+from lmkit.weights import initial_parameter, materialize
 
 __all__ = [
     "GPT",
-    "InitialWeights",
     "KVCache",
-    "LSTMLanguageModel",
-    "LSTMState",
     "build_model",
-    "gpt2_state_dict_from_hf",
-    "gpt2_state_dict_to_hf",
-    "initial_parameter",
-    "materialize",
-    "parameter_seed",
+    "CausalSelfAttention",
+    "MLP",
+    "Block",
+    "norm_layer",
+    "rope_tables",
+    "apply_rope",
+    "left_pad_tensor",
+    "validate_token_ids",
 ]
 
 
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_token_ids(idx: Tensor, vocab_size: int) -> None:
+def validate_token_ids(idx: Tensor, vocab_size: int) -> None:
     """Fail with a readable message instead of an index error deep inside nn.Embedding.
 
     Out-of-range ids almost always mean the data was encoded with a different tokenizer than
@@ -90,7 +89,7 @@ def _check_token_ids(idx: Tensor, vocab_size: int) -> None:
         )
 
 
-def _as_pad_tensor(
+def left_pad_tensor(
     left_pad: Tensor | Sequence[int] | None, batch: int, device: torch.device
 ) -> Tensor | None:
     """Normalise left padding to a LongTensor [B] on `device`, or None when no row is padded."""
@@ -292,85 +291,6 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-# --------------------------------------------------------------------------- initialisation
-
-
-def parameter_seed(seed: int, name: str) -> int:
-    """A 63-bit seed for parameter `name` of a model seeded with `seed` (sha256: stable across
-    processes, unlike Python's salted ``hash``)."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-_NORMAL, _RESIDUAL = ("tok_emb", "pos_emb", "qkv", "fc"), ("proj",)  # last module name of a weight
-
-
-def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed: int) -> Tensor:
-    """The initial value of `GPT` parameter `name` (float32, CPU): a pure function of
-    ``(seed, name, shape)``, so it does not depend on which modules exist or in which order they
-    are built. Every layout of chapter 6 therefore starts from the single-process weights, and a
-    rank can draw one parameter, keep its shard and free the rest (`InitialWeights`).
-
-    GPT-2's initialisation: weights of linears and embeddings ~ N(0, 0.02); the two projections
-    that write into the residual stream (``attn.proj``, ``mlp.proj``) ~ N(0, 0.02 / sqrt(2 L)),
-    so the residual's variance does not grow with depth; biases 0; LayerNorm gains 1.
-    """
-    if name == "head.weight":
-        name = "tok_emb.weight"  # tied: the head *is* the embedding
-    module, _, leaf = name.rpartition(".")
-    kind = module.rpartition(".")[2]
-    if leaf == "bias":
-        return torch.zeros(tuple(shape), device="cpu")
-    if kind in ("ln1", "ln2", "ln_f", "q_norm", "k_norm") and leaf == "weight":
-        return torch.ones(tuple(shape), device="cpu")
-    if leaf != "weight" or kind not in _NORMAL + _RESIDUAL:
-        raise ValueError(f"{name!r} is not a GPT parameter name (see lmkit.model's docstring)")
-    std = 0.02 / math.sqrt(2 * config.n_layer) if kind in _RESIDUAL else 0.02
-    generator = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name))
-    return torch.empty(tuple(shape), device="cpu").normal_(0.0, std, generator=generator)
-
-
-class InitialWeights(Mapping):
-    """A GPT's initial weights by parameter name, each drawn only when looked up.
-
-    What a parallel engine loads into a model built on the meta device: it looks up one name,
-    keeps its own shard and drops the full tensor before the next, so no rank ever holds the
-    whole model (chapter 6, "Construction at scale").
-    """
-
-    def __init__(self, model: GPT) -> None:
-        self.config, self.seed = model.config, model.init_seed
-        self.shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
-
-    def __getitem__(self, name: str) -> Tensor:
-        return initial_parameter(name, self.shapes[name], self.config, self.seed)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-
-def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """Give every meta-device parameter of `module` real, uninitialised storage on `device`.
-
-    Unlike ``module.to_empty`` it keeps each Parameter object (swapping its contents), so tied
-    weights stay tied and attributes set on parameters (tensor-parallel tags) survive. Values
-    are garbage until set (`GPT.reset_parameters`, or an engine loading `InitialWeights`).
-    """
-    seen: set[int] = set()
-    for p in module.parameters():
-        if id(p) in seen or not p.is_meta:
-            continue
-        seen.add(id(p))
-        attrs = dict(p.__dict__)
-        torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device),
-                                                 requires_grad=p.requires_grad))
-        p.__dict__.update(attrs)
-    return module
-
-
 class GPT(nn.Module):
     """GPT-2-style decoder-only Transformer (see the module docstring for names and layout)."""
 
@@ -554,8 +474,8 @@ class GPT(nn.Module):
                 "allocate a larger cache with model.new_kv_cache(batch_size, max_len)"
             )
         if self.check_token_ids:
-            _check_token_ids(idx, c.vocab_size)
-        pad = _as_pad_tensor(left_pad, B, idx.device)
+            validate_token_ids(idx, c.vocab_size)
+        pad = left_pad_tensor(left_pad, B, idx.device)
         if (kv_cache is not None and T == 1 and start > 0 and pad is None and targets is None
                 and not self.training and kv_cache.kv[0] is not None and kv_cache.kv[0].shape[1] == B):
             if kv_cache.plan is None or kv_cache.plan[0] is not self:
@@ -610,191 +530,20 @@ class GPT(nn.Module):
         return logits, loss
 
 
-# --------------------------------------------------------------------------- LSTM baseline
-
-
-class LSTMState:
-    """The LSTM's counterpart of a KV cache: the hidden and cell states after the tokens so far.
-
-    ``left_pad`` only matters for the first call (the prompt), where padded columns are skipped
-    so that each row's state is the state after its own real tokens.
-    """
-
-    max_len: int | None = None  # a recurrent state has no length limit
-
-    def __init__(self, left_pad: Tensor | Sequence[int] | None = None):
-        self.left_pad = None if left_pad is None else torch.as_tensor(left_pad, dtype=torch.long)
-        self.h: Tensor | None = None
-        self.c: Tensor | None = None
-        self.length = 0
-
-    def reset(self) -> None:
-        self.h = self.c = None
-        self.length = 0
-
-
-class LSTMLanguageModel(nn.Module):
-    """The source document's recurrent language model, done right, as a baseline for the GPT.
-
-    embedding -> dropout -> nn.LSTM(d, d, n_layer) -> LayerNorm -> dropout -> head (tied to the
-    embedding). Same ``forward(idx, targets) -> (logits, loss)`` contract as `GPT`, so one trainer
-    and one generator serve both. There are no position embeddings: order comes from the
-    recurrence, and the model accepts sequences of any length.
-    """
-
-    check_token_ids: bool = True  # see GPT.check_token_ids
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        config.validate()
-        if config.arch != "lstm":
-            raise ValueError(f"LSTMLanguageModel needs config.arch='lstm', got {config.arch!r}")
-        self.config = config
-        d = config.d_model
-        self.tok_emb = nn.Embedding(config.vocab_size, d)
-        self.drop = nn.Dropout(config.dropout)
-        # nn.LSTM applies its dropout between layers only (and warns when there is one layer).
-        self.lstm = nn.LSTM(d, d, config.n_layer, batch_first=True,
-                            dropout=config.dropout if config.n_layer > 1 else 0.0)
-        self.ln_f = nn.LayerNorm(d, bias=config.bias)
-        self.head = nn.Linear(d, config.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight
-        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=0.02)
-
-    def set_activation_checkpointing(self, enabled: bool = True) -> LSTMLanguageModel:
-        """Accepted for interface parity with GPT; cuDNN/ATen LSTMs are not checkpointed here."""
-        return self
-
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.tok_emb.weight.numel() if non_embedding else n
-
-    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
-        """``6 N`` for training, ``2 N`` for inference, N = non-embedding params + d*V head.
-
-        An LSTM's cost per token does not depend on the context length (no attention term).
-        """
-        N = self.num_params(non_embedding=True) + self.config.d_model * self.config.vocab_size
-        return float(6 * N if training else 2 * N)
-
-    def new_kv_cache(
-        self, batch_size: int, max_len: int | None = None, left_pad: Tensor | Sequence[int] | None = None
-    ) -> LSTMState:
-        return LSTMState(left_pad)
-
-    def forward(
-        self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        kv_cache: LSTMState | None = None,
-        start_pos: int | None = None,
-        left_pad: Tensor | Sequence[int] | None = None,
-        last_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Same contract as `GPT.forward`; ``kv_cache`` is an `LSTMState` carried across calls."""
-        B, T = idx.shape
-        if self.check_token_ids:
-            _check_token_ids(idx, self.config.vocab_size)
-        state = None
-        if kv_cache is not None:
-            if kv_cache.h is not None:
-                state = (kv_cache.h, kv_cache.c)
-            elif left_pad is None:
-                left_pad = kv_cache.left_pad
-        pad = _as_pad_tensor(left_pad, B, idx.device) if state is None else None
-
-        x = self.drop(self.tok_emb(idx))
-        if pad is None:
-            y, (h, c) = self.lstm(x, state)
-        else:
-            # Left-padded rows: shift each row so its real tokens start at column 0, run a packed
-            # sequence (the recurrence stops at each row's last real token), shift back.
-            lengths = T - pad
-            cols = torch.arange(T, device=idx.device)
-            gather = ((cols[None, :] + pad[:, None]) % T)[:, :, None].expand(-1, -1, x.size(-1))
-            packed = nn.utils.rnn.pack_padded_sequence(
-                x.gather(1, gather), lengths.cpu(), batch_first=True, enforce_sorted=False
-            )
-            y, (h, c) = self.lstm(packed)
-            y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=T)
-            back = ((cols[None, :] - pad[:, None]) % T)[:, :, None].expand(-1, -1, y.size(-1))
-            y = y.gather(1, back)
-        if kv_cache is not None:
-            kv_cache.h, kv_cache.c = h, c
-            kv_cache.length += T
-        y = self.drop(self.ln_f(y))
-        if targets is None:
-            return self.head(y[:, -1:, :] if last_only else y), None
-        logits = self.head(y)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
-
-
-# --------------------------------------------------------------------------- factory, HF interop
+# --------------------------------------------------------------------------- factory
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The network `config.arch` names: ``"gpt"`` -> `GPT`, ``"lstm"`` -> `LSTMLanguageModel`."""
+    """The network `config.arch` names: ``"gpt"`` -> `GPT`, ``"lstm"`` -> the baseline
+    `lmkit.baselines.lstm.LSTMLanguageModel`.
+
+    The baseline is imported here, when it is asked for: it builds on this module's input checks
+    (`validate_token_ids`, `left_pad_tensor`), so an import at the top would be a cycle; the
+    one place the system reaches into ``lmkit.baselines`` (``tests/test_layering.py``).
+    """
     config.validate()
     if config.arch == "gpt":
         return GPT(config)
+    from lmkit.baselines.lstm import LSTMLanguageModel
+
     return LSTMLanguageModel(config)
-
-
-# lmkit name <-> Hugging Face GPT-2 name, per block (after "blocks.{i}." / "transformer.h.{i}.")
-_HF_BLOCK_NAMES = {
-    "ln1": "ln_1",
-    "attn.qkv": "attn.c_attn",
-    "attn.proj": "attn.c_proj",
-    "ln2": "ln_2",
-    "mlp.fc": "mlp.c_fc",
-    "mlp.proj": "mlp.c_proj",
-}
-_HF_TOP_NAMES = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "ln_f": "transformer.ln_f"}
-_CONV1D = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # HF stores these as Conv1D: weight is [in, out]
-
-
-def gpt2_state_dict_from_hf(hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Convert a Hugging Face ``GPT2LMHeadModel`` state dict to `GPT`'s names.
-
-    HF's GPT-2 uses ``Conv1D`` layers whose weights are stored transposed ([in, out]); they are
-    transposed back here. Non-parameter buffers of old HF versions (``attn.bias`` masks) are
-    skipped. The result loads with ``GPT.load_state_dict`` for a config of the same shape.
-    """
-    inv_block = {v: k for k, v in _HF_BLOCK_NAMES.items()}
-    inv_top = {v: k for k, v in _HF_TOP_NAMES.items()}
-    out: dict[str, Tensor] = {}
-    for name, t in hf_state_dict.items():
-        if name == "lm_head.weight":
-            continue
-        stem, _, leaf = name.rpartition(".")
-        if stem in inv_top:
-            out[f"{inv_top[stem]}.{leaf}"] = t
-            continue
-        parts = stem.split(".")
-        if len(parts) >= 4 and parts[:2] == ["transformer", "h"]:
-            sub = ".".join(parts[3:])
-            if sub not in inv_block:
-                continue  # e.g. attn.bias / attn.masked_bias buffers
-            ours = inv_block[sub]
-            out[f"blocks.{parts[2]}.{ours}.{leaf}"] = t.t().contiguous() if (
-                ours in _CONV1D and leaf == "weight") else t
-    out["head.weight"] = out["tok_emb.weight"]
-    return out
-
-
-def gpt2_state_dict_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of `gpt2_state_dict_from_hf`: `GPT` names -> HF ``GPT2LMHeadModel`` names."""
-    out: dict[str, Tensor] = {}
-    for name, t in state_dict.items():
-        stem, _, leaf = name.rpartition(".")
-        if stem == "head":
-            out["lm_head.weight"] = t
-        elif stem in _HF_TOP_NAMES:
-            out[f"{_HF_TOP_NAMES[stem]}.{leaf}"] = t
-        elif stem.startswith("blocks."):
-            _, i, sub = stem.split(".", 2)
-            out[f"transformer.h.{i}.{_HF_BLOCK_NAMES[sub]}.{leaf}"] = (
-                t.t().contiguous() if (sub in _CONV1D and leaf == "weight") else t
-            )
-    return out

@@ -16,10 +16,11 @@ says which step, what was non-finite and which checkpoint is the last good one.
 Batches are a pure function of ``(seed, step)`` (`lmkit.data.BatchSampler`), and the RNG
 states are saved in checkpoints, so a resumed run reproduces an uninterrupted one bit for bit.
 
-`prepare_run` does the set-up every entry point shares (corpus -> tokenizer -> token files ->
-model), so the CLI, the notebooks, the benchmarks and the tests train the same way. The command
-line (``lmkit train`` = ``python -m lmkit train``, also under ``torchrun -m lmkit train``) lives
-in `lmkit.cli`, which imports this module, never the reverse.
+`lmkit.run.prepare_run` does the set-up every entry point shares (corpus -> tokenizer -> token
+files -> model), so the CLI, the notebooks, the benchmarks and the tests train the same way; the
+optimizer and its schedule come from `lmkit.optim`. The command line (``lmkit train`` =
+``python -m lmkit train``, also under ``torchrun -m lmkit train``) lives in `lmkit.cli`, which
+imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -38,34 +39,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit import checkpoint as ckpt
 from lmkit import costs
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports, to_dict
-from lmkit.data import BatchSampler, default_cache_dir, encode_to_file, load_splits, train_val_split
-from lmkit.model import build_model, materialize
-from lmkit.optim import MuonAdamW
-from lmkit.parallel.engine import ParallelEngine
-from lmkit.parallel.instrument import peak_flops
+from lmkit.checkpoint.format import (
+    META_FILE,
+    CheckpointInfo,
+    capture_rng_state,
+    find_latest,
+    list_checkpoints,
+    restore_rng_state,
+    step_dir_name,
+    update_latest,
+)
+from lmkit.checkpoint.sharded import (
+    is_sharded,
+    load_sharded_checkpoint,
+    load_sharded_full,
+    save_sharded_checkpoint,
+)
+from lmkit.checkpoint.single import load_checkpoint, load_model_state, save_checkpoint
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
+from lmkit.data import BatchSampler
+from lmkit.optim import configure_optimizer, load_named_optimizer_state, lr_multiplier, named_optimizer_state
 from lmkit.parallel.mesh import single_process_topology
-from lmkit.parallel.native import NativeEngine
 from lmkit.parallel.tp_rng import get_tp_rng_tracker
-from lmkit.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from lmkit.run import build_engine, configure_cuda_matmul, peak_flops_of, resolve_device
+from lmkit.tokenizer import Tokenizer
+from lmkit.weights import materialize
 
-__all__ = [
-    "Trainer",
-    "NonFiniteError",
-    "SCHEDULE_FIELDS",
-    "Run",
-    "prepare_run",
-    "build_engine",
-    "build_tokenizer",
-    "configure_cuda_matmul",
-    "configure_optimizer",
-    "lr_multiplier",
-    "peak_flops_of",
-    "resolve_device",
-    "seed_everything",
-]
+__all__ = ["Trainer", "NonFiniteError", "SCHEDULE_FIELDS"]
 
 EVAL_STREAM = 1  # sampler stream for validation batches (training uses stream 0)
 SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")  # what a resume must not change silently
@@ -73,210 +74,6 @@ SCHEDULE_FIELDS = ("max_steps", "lr", "min_lr", "warmup_steps")  # what a resume
 
 class NonFiniteError(RuntimeError):
     """A non-finite loss, gradient norm or weight stopped the run; the message is one line."""
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else is passed to torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    return device
-
-
-def configure_cuda_matmul(device: torch.device, autocast_dtype: torch.dtype | None,
-                          allow_tf32: bool | None = None) -> bool:
-    """Turn TF32 tensor cores on or off for fp32 matmuls on CUDA Ampere (sm_80) and later; returns
-    whether they are on (always False on a CPU, where nothing is changed).
-
-    ``allow_tf32=None`` (auto) turns them on for mixed-precision runs (bf16/fp16 autocast, where
-    only a few fp32 matmuls remain) and leaves float32 runs in IEEE fp32, so that the fp32
-    loss-compare of every parallel layout holds on a GPU too; True turns them on for float32 runs
-    as well (several times the fp32 matmul throughput, products rounded to a 10-bit mantissa).
-    The setting is process-wide (``torch.set_float32_matmul_precision``). Book: chapter 7.
-    """
-    if device.type != "cuda":
-        return False
-    wanted = autocast_dtype is not None if allow_tf32 is None else allow_tf32
-    on = bool(wanted) and torch.cuda.get_device_capability(device)[0] >= 8
-    torch.set_float32_matmul_precision("high" if on else "highest")
-    torch.backends.cudnn.allow_tf32 = on
-    return on
-
-
-def peak_flops_of(device: torch.device, autocast_dtype: torch.dtype | None, tf32: bool) -> float | None:
-    """The dense peak FLOP/s MFU divides by: the GPU's (`lmkit.costs.PEAK_FLOPS`, by
-    device name) for the dtype the matmuls run in; None (MFU unknown) on a CPU, an unknown GPU, or
-    TF32, which the table does not list. Never a guess."""
-    if device.type != "cuda":
-        return None
-    if tf32 and autocast_dtype is None:
-        return None
-    return peak_flops(device, autocast_dtype or torch.float32)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) so runs are reproducible."""
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None
-                        ) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (``cfg.optimizer="muon"``: `lmkit.optim.MuonAdamW`,
-    Muon for the blocks' matrices and this AdamW for the rest; chapter 7, "Time to a given loss").
-
-    Biases and LayerNorm gains (1-D tensors) are not decayed: shrinking them towards zero has
-    no regularising meaning, it only fights the normalisation (as in GPT-2 / nanoGPT).
-    Embeddings are matrices and are decayed, as nanoGPT does.
-    """
-    if cfg.optimizer == "muon":
-        return MuonAdamW(model, cfg, fused=(device is not None and device.type == "cuda") or None)
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    fused = device is not None and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=fused or None)
-
-
-def lr_multiplier(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of `step` divided by ``cfg.lr``: linear warmup, then cosine to ``min_lr``.
-
-    Warmup: ``lr * (step + 1) / (warmup + 1)``; afterwards the cosine decays from ``lr`` at the
-    end of warmup to ``min_lr`` at ``max_steps`` and stays there.
-    """
-    if step < cfg.warmup_steps:
-        return (step + 1) / (cfg.warmup_steps + 1)
-    if step >= cfg.max_steps:
-        return cfg.min_lr / cfg.lr
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = (step - cfg.warmup_steps) / span
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return (cfg.min_lr + cosine * (cfg.lr - cfg.min_lr)) / cfg.lr
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-def build_tokenizer(cfg: TrainConfig, train_text: str, full_text: str,
-                    cache_dir: Path | None = None) -> Tokenizer:
-    """The run's tokenizer: characters of the whole corpus, or byte-level BPE trained on the split.
-
-    A trained BPE is cached by (corpus, vocab size) because training it takes seconds to
-    minutes and every run on the same corpus would otherwise repeat it.
-    """
-    if cfg.tokenizer == "char":
-        return CharTokenizer.train(full_text)
-    cache = (cache_dir or default_cache_dir()) / "tokenizers"
-    path = cache / f"bpe-{cfg.corpus.replace('+', '_')}-{cfg.bpe_vocab_size}-{_text_hash(train_text)}.json"
-    if path.is_file():
-        return load_tokenizer(path)
-    tokenizer = BPETokenizer.train(train_text, vocab_size=cfg.bpe_vocab_size)
-    cache.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(path)
-    return tokenizer
-
-
-def _text_hash(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-@dataclass
-class Run:
-    """Everything a training run needs, built once by `prepare_run`."""
-
-    model_config: ModelConfig
-    train_config: TrainConfig
-    tokenizer: Tokenizer
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    model: nn.Module
-
-
-def prepare_run(model_cfg: ModelConfig, train_cfg: TrainConfig, *, text: str | None = None,
-                tokenizer: Tokenizer | None = None, cache_dir: Path | None = None, meta: bool = False) -> Run:
-    """Corpus -> tokenizer -> token files -> seeded model. `text` overrides the named corpus.
-
-    The model's vocabulary size always comes from the tokenizer (``model_cfg.vocab_size`` is
-    replaced), so the two can never disagree. ``meta=True`` builds the model on the meta device
-    (shapes and seed, no storage): what a parallel layout's `Trainer` takes, each rank then
-    materialising only its own part (chapter 6, construction at scale).
-    """
-    train_cfg.validate()
-    if text is None:
-        train_text, val_text = load_splits(train_cfg.corpus, 0.1)
-        full = train_text + val_text
-    else:
-        full = text
-        train_text, val_text = train_val_split(full, 0.1)
-    if tokenizer is None:
-        tokenizer = build_tokenizer(train_cfg, train_text, full, cache_dir)
-    if model_cfg.vocab_size != tokenizer.vocab_size:
-        model_cfg = ModelConfig(**{**to_dict(model_cfg), "vocab_size": tokenizer.vocab_size})
-    model_cfg.validate()
-    tokens_dir = (cache_dir / "tokens") if cache_dir else None
-    train_tokens = encode_to_file(train_text, tokenizer, tokens_dir)
-    val_tokens = encode_to_file(val_text, tokenizer, tokens_dir)
-    seed_everything(train_cfg.seed)
-    with torch.device("meta") if meta else contextlib.nullcontext():
-        model = build_model(model_cfg)
-    return Run(model_cfg, train_cfg, tokenizer, train_tokens, val_tokens, model)
-
-
-def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer state keyed by parameter *name* instead of position.
-
-    torch's ``state_dict()`` numbers parameters by their order in the optimizer, which differs
-    between layouts (a pipeline stage holds only some parameters, ZeRO holds shards). Keying by
-    the model's parameter names makes a checkpoint resumable under any layout.
-    """
-    names = {id(p): n for n, p in model.named_parameters()}
-    sd = optimizer.state_dict()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = {names[id(params[i])]: dict(entry) for i, entry in sd["state"].items()}
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-    return {"state": state, "param_groups": groups}
-
-
-def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
-                               named: dict[str, Any]) -> None:
-    """Inverse of `named_optimizer_state`."""
-    index = {}
-    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        index[id(p)] = i
-    by_name = dict(model.named_parameters())
-    unknown = sorted(set(named["state"]) - set(by_name))
-    if unknown:
-        raise ConfigError(f"the checkpoint's optimizer state has parameters this model lacks: {unknown[:5]}")
-    state = {index[id(by_name[n])]: entry for n, entry in named["state"].items()}
-    current = optimizer.state_dict()["param_groups"]
-    if len(current) != len(named["param_groups"]):
-        raise ConfigError("the checkpoint's optimizer has a different number of parameter groups")
-    pairs = zip(named["param_groups"], current, strict=True)
-    groups = [{**saved, "params": cur["params"]} for saved, cur in pairs]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def build_engine(model: nn.Module, parallel: ParallelConfig, cfg: TrainConfig, topology: Any) -> Any:
-    """This rank's engine for the layout: `lmkit.parallel.engine.ParallelEngine` (from scratch) or
-    `lmkit.parallel.native.NativeEngine`, cut from `model` (on the meta device: this rank's part
-    only is ever allocated)."""
-    check_layout_supports(model.config, cfg, parallel)
-    if parallel.engine == "native":
-        return NativeEngine(model, parallel, cfg, topology)
-    return ParallelEngine(model, parallel, cfg, topology)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -527,7 +324,7 @@ class Trainer:
         """Save a layout-independent checkpoint ``out_dir/step_NNNNNN`` and point ``latest`` at it.
 
         Under a parallel layout every rank must call it: each writes its own pieces of a sharded
-        checkpoint (`lmkit.checkpoint.save_sharded_checkpoint`), both engines alike.
+        checkpoint (`lmkit.checkpoint.sharded.save_sharded_checkpoint`), both engines alike.
         """
         out_dir = Path(out_dir or self.cfg.out_dir)
         bad = self.nonfinite_weights()
@@ -535,20 +332,20 @@ class Trainer:
             raise NonFiniteError(
                 f"step {self.step}: the weights {_short(bad)} are non-finite, so no checkpoint was saved; "
                 f"{self._last_good(out_dir)}; lower --lr (or --grad-clip) and resume from it")
-        name = ckpt.step_dir_name(self.step)
+        name = step_dir_name(self.step)
         configs: dict[str, Any] = {"train": self.cfg, "model": self.model_config}
         if self.parallel is not None:
             configs["parallel"] = self.parallel
         extra: dict[str, Any] = {"tokens_seen": self.tokens_seen, "skipped_steps": self.skipped_steps}
         if self._sharded():  # every rank writes its own shards (torch.distributed.checkpoint)
             pieces, optimizer_meta = self.engine.sharded_state()
-            rank_state = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
-            path = ckpt.save_sharded_checkpoint(
+            rank_state = {"rng": capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
+            path = save_sharded_checkpoint(
                 out_dir / name, pieces=[p for p in pieces if p.write], rank_state=rank_state, step=self.step,
                 configs=configs, scheduler=self.scheduler, optimizer=optimizer_meta, tokenizer=self.tokenizer,
                 extra=extra)
             if self.is_logging_rank:
-                ckpt.update_latest(out_dir, name)
+                update_latest(out_dir, name)
             self._barrier()
             return path
         if self.engine is not None:
@@ -559,14 +356,13 @@ class Trainer:
             weights, optimizer = self.model, named_optimizer_state(self.model, self.optimizer)
         path = out_dir / name
         if self.is_logging_rank:
-            path = ckpt.save_checkpoint(path, model=weights, optimizer=optimizer, scheduler=self.scheduler,
-                                        step=self.step, configs=configs, tokenizer=self.tokenizer,
-                                        extra=extra)
-            ckpt.update_latest(out_dir, name)
+            path = save_checkpoint(path, model=weights, optimizer=optimizer, scheduler=self.scheduler,
+                                   step=self.step, configs=configs, tokenizer=self.tokenizer, extra=extra)
+            update_latest(out_dir, name)
         self._barrier()
         return path
 
-    def resume(self, path: str | Path, allow_schedule_change: bool = False) -> ckpt.CheckpointInfo:
+    def resume(self, path: str | Path, allow_schedule_change: bool = False) -> CheckpointInfo:
         """Restore weights, optimizer, schedule, RNG and step from a checkpoint directory.
 
         `path` may be a checkpoint or a run directory (its ``latest`` is used). The checkpoint
@@ -578,19 +374,19 @@ class Trainer:
         the learning rate of step ``s`` is ``lr * lr_multiplier(s, new config)``.
         """
         path = Path(path)
-        if not (path / ckpt.META_FILE).exists() and (latest := ckpt.find_latest(path)) is not None:
+        if not (path / META_FILE).exists() and (latest := find_latest(path)) is not None:
             path = latest
         self._check_schedule(path, allow_schedule_change)
-        if ckpt.is_sharded(path):
+        if is_sharded(path):
             info = self._resume_sharded(path)
         elif self.engine is not None:
-            info = ckpt.load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
-            weights = ckpt.load_model_state(path)
+            info = load_checkpoint(path, scheduler=self.scheduler, restore_rng=True)
+            weights = load_model_state(path)
             self.engine.load_full_state(weights, info.optimizer_state)
             self._restore_rank_rng(info)
         else:
-            info = ckpt.load_checkpoint(path, model=self.model, scheduler=self.scheduler,
-                                        map_location=self.device, restore_rng=True)
+            info = load_checkpoint(path, model=self.model, scheduler=self.scheduler,
+                                   map_location=self.device, restore_rng=True)
             if info.optimizer_state is not None:
                 load_named_optimizer_state(self.model, self.optimizer, info.optimizer_state)
         self.step = info.step
@@ -604,7 +400,7 @@ class Trainer:
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         bad = self.nonfinite_weights()
         if bad:
-            earlier = _short([p.name for p in ckpt.list_checkpoints(path.parent) if p.name < path.name])
+            earlier = _short([p.name for p in list_checkpoints(path.parent) if p.name < path.name])
             raise NonFiniteError(f"{path} holds non-finite weights ({_short(bad)}); resume from an earlier "
                                  f"checkpoint ({earlier or 'none in ' + str(path.parent)})")
         return info
@@ -614,27 +410,27 @@ class Trainer:
         engine = self.engine
         return engine is not None and self.parallel.world_size > 1 and hasattr(engine, "sharded_state")
 
-    def _resume_sharded(self, path: Path) -> ckpt.CheckpointInfo:
+    def _resume_sharded(self, path: Path) -> CheckpointInfo:
         """Each rank reads its own boxes (resharded from any saved layout); otherwise every tensor
         whole, in this process (the single process, the native engine)."""
         if not self._sharded():
-            weights, optimizer, info = ckpt.load_sharded_full(path)
+            weights, optimizer, info = load_sharded_full(path)
             if self.engine is not None:
                 self.engine.load_full_state(weights, optimizer)
             else:
                 self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
                 if optimizer is not None:
                     load_named_optimizer_state(self.model, self.optimizer, optimizer)
-            ckpt.restore_rng_state(info.rng_state or {})
+            restore_rng_state(info.rng_state or {})
         else:
-            saved = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
+            saved = json.loads((path / META_FILE).read_text(encoding="utf-8"))
             same = saved.get("configs", {}).get("parallel") == to_dict(self.parallel)
             pieces, _ = self.engine.sharded_state(create=True)
-            info, mine, self.last_resume_stats = ckpt.load_sharded_checkpoint(
+            info, mine, self.last_resume_stats = load_sharded_checkpoint(
                 path, pieces=pieces, rank_state_of=self.topology.rank if same else None)
             if info.optimizer_state is not None:
                 self.engine.load_optimizer_meta(info.optimizer_state)
-            ckpt.restore_rng_state((mine or {}).get("rng") or info.rng_state or {})
+            restore_rng_state((mine or {}).get("rng") or info.rng_state or {})
             if mine and mine["tp"]["states"] is not None:
                 get_tp_rng_tracker().load_state_dict(mine["tp"])
         if info.scheduler_state is not None:
@@ -644,7 +440,7 @@ class Trainer:
     def _check_schedule(self, path: Path, allow: bool) -> None:
         """Refuse (one line) a resume of another model, or whose learning-rate schedule differs."""
         try:  # only the manifest: a missing or corrupt checkpoint is reported by the load itself
-            meta = json.loads((path / ckpt.META_FILE).read_text(encoding="utf-8"))
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
             saved = dict(meta.get("configs", {}).get("train") or {})
         except (OSError, ValueError, AttributeError):
             return
@@ -685,7 +481,7 @@ class Trainer:
 
     def _last_good(self, out_dir: Path) -> str:
         """"the last good checkpoint is ..." for the guard's messages (every saved one is finite)."""
-        latest = ckpt.find_latest(out_dir)
+        latest = find_latest(out_dir)
         if latest is None:
             return f"no checkpoint was saved in {out_dir} yet"
         return f"the last good checkpoint is {latest}"
@@ -696,7 +492,7 @@ class Trainer:
         Dropout draws from per-rank streams, so resuming the *same* layout bit for bit needs each
         rank's own state; a different layout cannot replay the same masks and starts from rank 0's.
         """
-        mine = {"rng": ckpt.capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
+        mine = {"rng": capture_rng_state(), "tp": get_tp_rng_tracker().state_dict()}
         if self.parallel.world_size == 1:
             return [mine]
         import torch.distributed as dist
@@ -705,13 +501,13 @@ class Trainer:
         dist.all_gather_object(states, mine)
         return states
 
-    def _restore_rank_rng(self, info: ckpt.CheckpointInfo) -> None:
+    def _restore_rank_rng(self, info: CheckpointInfo) -> None:
         states = info.extra.get("rank_rng")
         saved = info.configs.get("parallel")
         if not states or saved is None or saved != to_dict(self.parallel):
             return  # another layout: rank 0's global RNG state was restored by load_checkpoint
         mine = states[self.topology.rank]
-        ckpt.restore_rng_state(mine["rng"])
+        restore_rng_state(mine["rng"])
         if mine["tp"]["states"] is not None:
             get_tp_rng_tracker().load_state_dict(mine["tp"])
 
@@ -732,4 +528,3 @@ def _progress(steps: Iterable[int], desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     return tqdm(steps, desc=desc, disable=not (enabled and sys.stderr.isatty()), dynamic_ncols=True)
-

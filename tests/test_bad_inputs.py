@@ -247,11 +247,11 @@ def _assert_every_checkpoint_finite(run: Path, message: str) -> None:
 
 def test_out_dir_is_checked_before_any_training(workspace, capsys, monkeypatch):
     """The out-dir row fails before the corpus is even loaded (let alone the first step)."""
-    import lmkit.train
+    import lmkit.run
 
     def forbidden(*args, **kwargs):
         raise AssertionError("prepare_run ran before the out-dir check")
 
-    monkeypatch.setattr(lmkit.train, "prepare_run", forbidden)
+    monkeypatch.setattr(lmkit.run, "prepare_run", forbidden)
     assert main(["train", "--out-dir", str(_regular_file(workspace)), *TINY]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 from execute import execute_notebook  # book/tools, put on sys.path by conftest
 
-from lmkit.experiments import chapter6_command, chapter6_layouts, label, missing_layouts, missing_notice
+from lmkit.lab.experiments import chapter6_command, chapter6_layouts, missing_layouts, missing_notice
+from lmkit.lab.layouts import label
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "06_hybrid_parallel_practice.ipynb"
 STEPS = 6
-#: What the notebook records (lmkit.report) when the folder holds every layout it needs.
+#: What the notebook records (lmkit.lab.report) when the folder holds every layout it needs.
 ALL_FIGURES = {"layouts_run", "loss_diff_neglog10", "resume_diff_neglog10", "bytes_exact_fraction",
                "memory_exact_fraction", "ideal_bubble_interleaved", "cp_loss_diff_neglog10",
                "cp_bytes_exact_fraction", "cp_ring_blocks_per_pass"}
@@ -57,7 +58,7 @@ def test_a_folder_without_the_reference_says_the_loss_comparisons_are_skipped():
     line = missing_notice(results, "out")
     assert line.startswith("not in out: 1-process layout (1 process: the reference every loss comparison is "
                            "against, so those are skipped")
-    assert "`torchrun --standalone --nproc_per_node=1 -m lmkit.experiments chapter6 --out out`" in line
+    assert "`torchrun --standalone --nproc_per_node=1 -m lmkit.lab.experiments chapter6 --out out`" in line
 
 
 def test_a_one_process_folder_lacks_every_other_world_and_the_checkpoint():
@@ -68,7 +69,7 @@ def test_a_one_process_folder_lacks_every_other_world_and_the_checkpoint():
     assert "the checkpoint experiment" in line and "1-process" not in line
     for world in (2, 4, 8):
         assert f"{world}-process layouts (" in line
-        assert f"--nproc_per_node={world} -m lmkit.experiments chapter6 --out d --device cpu`" in line
+        assert f"--nproc_per_node={world} -m lmkit.lab.experiments chapter6 --out d --device cpu`" in line
     assert "--steps" not in line and "--smoke" not in line  # the defaults of a full run
 
 
@@ -77,7 +78,7 @@ def test_a_one_process_folder_lacks_every_other_world_and_the_checkpoint():
 
 def _launch(out: Path, processes: int) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-           "-m", "lmkit.experiments", "chapter6", "--out", str(out), "--smoke", "--steps", str(STEPS)]
+           "-m", "lmkit.lab.experiments", "chapter6", "--out", str(out), "--smoke", "--steps", str(STEPS)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -117,7 +118,8 @@ def test_the_chapter_runs_on_the_results_of_one_two_process_launch(two_process_f
     lines, figures = _run_notebook(two_process_folder, tmp_path / "ch6.ipynb")
     line = _notice(lines, two_process_folder)
     assert "8-process layout (dp2 zero1 x tp2 sp x pp2 1f1b m2)" in line
-    command = f"--nproc_per_node=8 -m lmkit.experiments chapter6 --out {two_process_folder} --smoke --steps 6"
+    command = (f"--nproc_per_node=8 -m lmkit.lab.experiments chapter6 --out {two_process_folder} --smoke "
+               "--steps 6")
     assert command in line
     assert "1-process" not in line and "2-process" not in line and "checkpoint" not in line
     assert any(x.startswith("skipped: 6.7, the 3-D layout term by term:") for x in lines)

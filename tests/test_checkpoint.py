@@ -10,20 +10,21 @@ import pytest
 import torch
 from torch import nn
 
-from lmkit import checkpoint as ckpt
-from lmkit.checkpoint import (
+from lmkit.checkpoint import format as checkpoint_format
+from lmkit.checkpoint import single
+from lmkit.checkpoint.format import (
+    FORMAT_VERSION,
     CheckpointError,
     capture_rng_state,
     find_latest,
     list_checkpoints,
-    load_checkpoint,
-    load_model_state,
     prune_checkpoints,
     restore_rng_state,
-    save_checkpoint,
+    sha256_of,
     step_dir_name,
     update_latest,
 )
+from lmkit.checkpoint.single import load_checkpoint, load_model_state, save_checkpoint
 from lmkit.config import ModelConfig, TrainConfig
 from lmkit.tokenizer import CharTokenizer
 
@@ -89,7 +90,7 @@ def test_round_trip_model_optimizer_scheduler(tmp_path):
         "meta.json", "meta.json.sha256", "model.safetensors", "state.pt", "tokenizer.json"
     ]
     meta = json.loads((path / "meta.json").read_text())
-    assert meta["format_version"] == ckpt.FORMAT_VERSION and meta["step"] == 3
+    assert meta["format_version"] == FORMAT_VERSION and meta["step"] == 3
     assert meta["model"]["aliases"] == {"head.weight": "emb.weight"}  # tied weight stored once
     assert set(meta["files"]) == {"model.safetensors", "state.pt", "tokenizer.json"}
 
@@ -258,7 +259,7 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(ckpt.torch, "save", crash)  # model.safetensors already written by then
+    monkeypatch.setattr(single.torch, "save", crash)  # model.safetensors already written by then
     with pytest.raises(OSError, match="simulated"):
         save_checkpoint(target, model=model, optimizer=opt, step=1)
     monkeypatch.undo()
@@ -276,7 +277,7 @@ def test_crash_between_renames_is_recovered(tmp_path, monkeypatch):
     with torch.no_grad():
         model.mid.weight.add_(1.0)
 
-    real_rename = ckpt.os.rename
+    real_rename = checkpoint_format.os.rename
     calls = []
 
     def rename_then_die(src, dst):
@@ -285,10 +286,10 @@ def test_crash_between_renames_is_recovered(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", rename_then_die)
+    monkeypatch.setattr(checkpoint_format.os, "rename", rename_then_die)
     # Renames and deletions fail from here on, so the in-process rollback cannot run either:
     # the directory is left exactly as a hard kill (SIGKILL, power loss) would leave it.
-    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(checkpoint_format.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(target, model=model, step=4)
     monkeypatch.undo()
@@ -428,7 +429,7 @@ def test_format_1_checkpoints_stay_readable(tmp_path):
     def as_format_1(meta):
         meta["format_version"] = 1
         for name in ("model.safetensors", "state.pt"):
-            meta["files"][name] = {"sha256": ckpt._sha256(path / name), "bytes": (path / name).stat().st_size}
+            meta["files"][name] = {"sha256": sha256_of(path / name), "bytes": (path / name).stat().st_size}
 
     _edit_meta(path, as_format_1)
     other, opt2, sched2 = make(seed=5)

@@ -1,13 +1,13 @@
-"""lmkit.classify: padding, the classifier head learns a separable task, naive Bayes, metrics."""
+"""lmkit.tasks.classify: padding, the classifier head learns a separable task, naive Bayes, metrics."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from lmkit import classify
 from lmkit.config import ModelConfig
 from lmkit.model import build_model
+from lmkit.tasks import classify
 
 
 def test_pad_right_and_mask():

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from lmkit.cli import build_parser, main, resolve_configs
+from lmkit.cli import build_parser, main
 from lmkit.config import CORPUS_NAMES, ModelConfig, ParallelConfig, TrainConfig, describe
+from lmkit.options import resolve_configs
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--eval-interval", "0", "--log-interval", "1"]
@@ -58,6 +59,50 @@ def test_help_lists_every_option_with_its_default(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "default" in capsys.readouterr().out
+
+
+def _parsers():
+    """(name, parser) of every lmkit command line: lmkit, its commands, the experiments program's."""
+    import argparse
+
+    from lmkit.lab.experiments import build_parser as experiments_parser
+
+    for prog, parser in (("lmkit", build_parser()), ("experiments", experiments_parser())):
+        yield prog, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from ((f"{prog} {name}", sub) for name, sub in action.choices.items())
+
+
+def test_every_help_is_complete_and_plain(monkeypatch):
+    """Every option with a default says it, no "(default: None)", no markup; lmkit names its five verbs."""
+    monkeypatch.setenv("COLUMNS", "100")
+    seen = set()
+    for prog, parser in _parsers():
+        text = parser.format_help()
+        assert "(default: None)" not in text and "`" not in text, (prog, text)
+        entries = _help_entries(text)
+        for action in parser._actions:
+            if action.option_strings and action.nargs != 0 and not action.required \
+                    and action.default is not None:
+                assert "(default:" in entries[action.option_strings[0]], (prog, action.option_strings)
+        seen.add(prog)
+    assert {"lmkit train", "lmkit eval", "lmkit generate", "lmkit estimate", "lmkit export",
+            "experiments chapter6"} <= seen
+    description = build_parser().description
+    assert all(verb in description for verb in ("train", "evaluate", "generate", "export", "estimate"))
+
+
+def test_a_warning_reaches_the_terminal_as_one_line(capsys):
+    import warnings
+
+    from lmkit.options import one_line_warnings
+
+    with one_line_warnings():
+        warnings.warn("prompt of 40 tokens exceeds block_size=16;\n decoding without the KV cache",
+                      stacklevel=1)
+    err = capsys.readouterr().err
+    assert err == "lmkit: warning: prompt of 40 tokens exceeds block_size=16; decoding without the KV cache\n"
 
 
 def test_corpus_names_match_the_installed_corpora():
@@ -143,6 +188,11 @@ def test_train_eval_generate_round_trip(tmp_path, capsys):
     assert first.startswith("ROMEO:") and len(first.strip()) > len("ROMEO:")
     assert main(["generate", out, "--prompt", "ROMEO:", "--max-new-tokens", "12", "--seed", "0"]) == 0
     assert capsys.readouterr().out == first  # seeded sampling is reproducible
+    # a prompt longer than the model's block (16): one line on stderr, not Python's warning and source line
+    assert main(["generate", out, "--prompt", "ROMEO: " * 5, "--max-new-tokens", "2", "--seed", "0"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["lmkit: warning: prompt of 35 tokens exceeds block_size=16; decoding without the KV "
+                   "cache on the last block_size tokens"], err
     # a longer run from the saved step: refused without the flag (the cosine would re-stretch), then allowed
     longer = ["train", "--corpus", "tinyshakespeare", "--max-steps", "6", "--out-dir", out,
               "--resume", "auto", *TINY]
@@ -169,7 +219,8 @@ def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     import torch
     import transformers
 
-    from lmkit import checkpoint as ckpt
+    from lmkit.checkpoint.format import find_latest
+    from lmkit.checkpoint.single import load_checkpoint
     from lmkit.model import GPT
 
     out, hf_dir = tmp_path / "run", tmp_path / "hf"
@@ -179,10 +230,10 @@ def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 0
     assert "transformers GPT-2 directory" in capsys.readouterr().out
     theirs = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True).eval()
-    latest = ckpt.find_latest(out)
-    info = ckpt.load_checkpoint(latest)
+    latest = find_latest(out)
+    info = load_checkpoint(latest)
     ours = GPT(info.config("model", ModelConfig))
-    ckpt.load_checkpoint(latest, model=ours)
+    load_checkpoint(latest, model=ours)
     idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmkit.baselines.lstm import LSTMLanguageModel
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
-from lmkit.experiments import start_memory
-from lmkit.model import GPT, LSTMLanguageModel
+from lmkit.lab.layouts import start_memory
+from lmkit.model import GPT
 from lmkit.parallel.instrument import AllocationTracker
 from lmkit.parallel.mesh import single_process_topology
-from lmkit.train import Trainer, build_engine
+from lmkit.run import build_engine
+from lmkit.train import Trainer
 
 TINY = ModelConfig(vocab_size=32, n_layer=2, n_head=2, d_model=16, block_size=8, dropout=0.0)
 TOKENS = torch.arange(400).remainder(32).numpy()

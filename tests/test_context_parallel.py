@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lmkit import costs
 from lmkit.config import ConfigError, ModelConfig
-from lmkit.experiments import ring_attention_worker
+from lmkit.lab.ring_check import ring_attention_worker
 from lmkit.model import GPT
 from lmkit.parallel.context_parallel import (
     ContextParallelAttention,

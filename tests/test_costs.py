@@ -23,7 +23,7 @@ GB = 1e9
 
 
 def test_importing_costs_leaves_torch_out():
-    """The calculator runs costs.py in the browser (Pyodide), where there is no torch."""
+    """The calculator runs lmkit/costs/ in the browser (Pyodide), where there is no torch."""
     code = "import sys, lmkit.costs; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -18,7 +18,7 @@ from test_parallel_equivalence import CP_LAYOUTS, LAYOUTS, MODEL, TEXT, TRAIN, Z
 
 from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-from lmkit.experiments import group_label, measure_layouts
+from lmkit.lab.layouts import group_label, measure_layouts
 from lmkit.parallel.instrument import idle_fractions
 
 pytestmark = pytest.mark.distributed

@@ -19,11 +19,11 @@ import torch
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
 from lmkit.model import GPT
+from lmkit.optim import configure_optimizer, lr_multiplier
 from lmkit.parallel.data_parallel import DataParallel
 from lmkit.parallel.instrument import memory_report
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology, single_process_topology
-from lmkit.train import configure_optimizer, lr_multiplier
 
 MODEL = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.0, bias=False)
 TRAIN = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=8, weight_decay=0.1, beta1=0.9,

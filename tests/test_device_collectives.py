@@ -24,11 +24,12 @@ from test_parallel_equivalence import LAYOUTS, MODEL, TEXT, TRAIN, ZERO2_LAYOUTS
 
 import lmkit
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
-from lmkit.experiments import layout_name
+from lmkit.lab.layouts import layout_name
 from lmkit.parallel.instrument import DeviceAudit
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology, single_process_topology
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 pytestmark = pytest.mark.distributed
 

@@ -1,10 +1,10 @@
-"""lmkit.diversity: distinct-n on hand-counted examples."""
+"""lmkit.tasks.diversity: distinct-n on hand-counted examples."""
 
 from __future__ import annotations
 
 import pytest
 
-from lmkit.diversity import distinct_n, ngrams
+from lmkit.tasks.diversity import distinct_n, ngrams
 
 
 def test_ngrams():

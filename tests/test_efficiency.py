@@ -1,4 +1,4 @@
-"""lmkit.efficiency: the measuring tools of chapter 7 (memory, size, quality and speed)."""
+"""lmkit.lab.efficiency: the measuring tools of chapter 7 (memory, size, quality and speed)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit import costs, efficiency
+from lmkit import costs
 from lmkit.config import ModelConfig
+from lmkit.lab import efficiency
 from lmkit.model import GPT
 
 CFG = ModelConfig(vocab_size=40, block_size=32, n_layer=2, n_head=4, d_model=32)

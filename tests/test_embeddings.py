@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmkit import embeddings as emb
+from lmkit.baselines import embeddings as emb
 
 
 def test_loss_is_the_negative_sampling_objective():

@@ -1,4 +1,4 @@
-"""The chapter-6 program (``python -m lmkit.experiments chapter6``): its pieces, its errors, torchrun.
+"""The chapter-6 program (``python -m lmkit.lab.experiments chapter6``): its pieces, its errors, torchrun.
 
 The forked-process mode runs in full in the chapter's notebook test (SMOKE); here: the ideal
 schedules against the bubble formula, group labels, bad input, and one torchrun launch of 2
@@ -16,17 +16,19 @@ import pytest
 import torch
 
 from lmkit.config import ParallelConfig
-from lmkit.experiments import (
-    _dim,
+from lmkit.lab.experiments import (
     chapter6_checkpoint_plan,
     chapter6_layouts,
     chapter6_model_config,
     chapter6_train_config,
+    load_results,
+    main,
+)
+from lmkit.lab.layouts import (
+    collective_dim,
     group_label,
     ideal_timeline,
     label,
-    load_results,
-    main,
     max_relative_difference,
     ring_pass,
 )
@@ -70,14 +72,15 @@ def test_context_parallel_groups_follow_the_rank_order_and_the_gradient_group_is
     assert group_label([0, 2], layout) == "cp" and group_label([0, 4], layout) == "dp"
     assert group_label([0, 1], layout) == "tp"
     # the ring's messages stay cp; the gradient group dp x cp is lmkit.costs's "dp", even when it is the world
-    assert _dim({"kind": "send", "ranks": [0, 2]}, layout) == "cp"
-    assert _dim({"kind": "all_reduce", "ranks": [0, 2, 4, 6]}, layout) == "dp"
-    assert _dim({"kind": "all_reduce", "ranks": [0, 1, 2, 3]}, ParallelConfig(dp=2, cp=2)) == "dp"
-    assert _dim({"kind": "all_reduce", "ranks": [0, 2]}, ParallelConfig(cp=2, tp=2)) == "dp"
-    assert _dim({"kind": "all_reduce", "ranks": [0, 1]}, layout) == "tp"
+    dim = collective_dim
+    assert dim({"kind": "send", "ranks": [0, 2]}, layout) == "cp"
+    assert dim({"kind": "all_reduce", "ranks": [0, 2, 4, 6]}, layout) == "dp"
+    assert dim({"kind": "all_reduce", "ranks": [0, 1, 2, 3]}, ParallelConfig(dp=2, cp=2)) == "dp"
+    assert dim({"kind": "all_reduce", "ranks": [0, 2]}, ParallelConfig(cp=2, tp=2)) == "dp"
+    assert dim({"kind": "all_reduce", "ranks": [0, 1]}, layout) == "tp"
     pipe = ParallelConfig(cp=2, pp=2, microbatches=4)
-    assert _dim({"kind": "send", "ranks": [0, 1]}, pipe) == "cp"  # the ring, inside a pipeline stage
-    assert _dim({"kind": "send", "ranks": [0, 1, 2, 3]}, pipe) == "pp"  # the pipeline's, via the world
+    assert dim({"kind": "send", "ranks": [0, 1]}, pipe) == "cp"  # the ring, inside a pipeline stage
+    assert dim({"kind": "send", "ranks": [0, 1, 2, 3]}, pipe) == "pp"  # the pipeline's, via the world
 
 
 def test_ring_pass_cuts_one_layers_pass_out_of_every_ranks_timeline():
@@ -148,7 +151,7 @@ def test_bad_input_exits_2_with_one_line(argv, fragment, tmp_path, capsys):
 
 
 def test_missing_results_folder_says_how_to_make_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m lmkit.experiments chapter6 --out"):
+    with pytest.raises(FileNotFoundError, match="python -m lmkit.lab.experiments chapter6 --out"):
         load_results(tmp_path)
 
 
@@ -157,7 +160,7 @@ def test_torchrun_launch_runs_the_layouts_of_its_world_and_lists_the_rest(tmp_pa
     out = tmp_path / "ch6"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "lmkit.experiments", "chapter6", "--out", str(out), "--smoke", "--steps", "6"]
+           "lmkit.lab.experiments", "chapter6", "--out", str(out), "--smoke", "--steps", "6"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = load_results(out)

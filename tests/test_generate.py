@@ -136,7 +136,7 @@ def test_fp32_greedy_tokens_with_the_cache_equal_the_no_cache_forward(model):
 def test_a_decoding_step_writes_the_cache_in_place_and_builds_no_mask(model):
     """What one cached step at one query dispatches: one cache write per layer (no ``cat``), no
     mask, no dropout call in eval mode, one attention and four linears per layer plus the head."""
-    from lmkit.efficiency import decode_step_ops
+    from lmkit.lab.efficiency import decode_step_ops
 
     L = model.config.n_layer
     ops = decode_step_ops(model, context=20)
@@ -157,7 +157,7 @@ def test_a_decoding_step_writes_the_cache_in_place_and_builds_no_mask(model):
 def test_the_one_token_step_plan_computes_what_the_modules_compute_bit_for_bit(model, int8):
     """A cached one-token step runs through bound forward methods (`GPT._decode_plan`); a forward
     hook anywhere sends it through the modules instead. Both give identical logits and caches."""
-    from lmkit import efficiency
+    from lmkit.lab import efficiency
 
     m = copy.deepcopy(model)
     if int8:
@@ -278,8 +278,8 @@ def test_token_ids_are_checked_for_the_prompt_only_and_the_flag_is_restored(mode
     import lmkit.model
 
     calls = []
-    real = lmkit.model._check_token_ids
-    monkeypatch.setattr(lmkit.model, "_check_token_ids",
+    real = lmkit.model.validate_token_ids
+    monkeypatch.setattr(lmkit.model, "validate_token_ids",
                         lambda idx, v: (calls.append(tuple(idx.shape)), real(idx, v)))
     out = generate(model, [[1, 2, 3], [4, 5]], 6, greedy=True)
     assert calls == [(2, 3)] and "check_token_ids" not in vars(model) and model.check_token_ids

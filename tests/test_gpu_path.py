@@ -9,7 +9,8 @@ import torch
 
 from lmkit import costs
 from lmkit.config import ModelConfig, TrainConfig
-from lmkit.train import Trainer, configure_cuda_matmul, peak_flops_of, prepare_run
+from lmkit.run import configure_cuda_matmul, peak_flops_of, prepare_run
+from lmkit.train import Trainer
 
 CUDA = torch.device("cuda", 0)
 TEXT = "".join(f"line {i} of a small corpus.\n" for i in range(300))

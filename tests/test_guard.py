@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from lmkit import checkpoint as ckpt
+from lmkit.checkpoint.format import find_latest, list_checkpoints
+from lmkit.checkpoint.single import load_checkpoint
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
 from lmkit.model import GPT
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology
-from lmkit.train import NonFiniteError, Trainer, seed_everything
+from lmkit.run import seed_everything
+from lmkit.train import NonFiniteError, Trainer
 
 MODEL = ModelConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, d_model=32)
 TOKENS = np.random.default_rng(0).integers(0, 32, 5000).astype(np.uint16)
@@ -61,8 +63,8 @@ def test_stop_keeps_the_weights_and_the_last_good_checkpoint(tmp_path):
     assert message.startswith("step 3: the global gradient norm is nan;") and "\n" not in message
     assert f"the last good checkpoint is {tmp_path / 'step_000002'}" in message
     assert all(torch.equal(before[n], p) for n, p in _weights(trainer).items())  # the update was dropped
-    assert ckpt.find_latest(tmp_path) == tmp_path / "step_000002"
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_000001", "step_000002"]
+    assert find_latest(tmp_path) == tmp_path / "step_000002"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001", "step_000002"]
 
 
 def test_skip_drops_the_update_and_goes_on(tmp_path):
@@ -79,7 +81,7 @@ def test_skip_drops_the_update_and_goes_on(tmp_path):
     assert trainer.step == 6
     assert all(math.isfinite(e["loss"]) for e in trainer.history if e["kind"] == "train")
     path = trainer.save()
-    info = ckpt.load_checkpoint(path)
+    info = load_checkpoint(path)
     assert info.extra["skipped_steps"] == 1
 
 
@@ -99,7 +101,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         dict(trainer.model.named_parameters())["blocks.1.attn.qkv.weight"][0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="blocks.1.attn.qkv.weight are non-finite, so no checkpoint"):
         trainer.save()
-    assert ckpt.find_latest(tmp_path) == first and not (tmp_path / "step_000002").exists()
+    assert find_latest(tmp_path) == first and not (tmp_path / "step_000002").exists()
 
 
 def test_resume_refuses_a_poisoned_checkpoint(tmp_path):

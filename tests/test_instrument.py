@@ -15,7 +15,7 @@ import torch.distributed._functional_collectives as funcol
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
 from lmkit.costs import CostError, lookup_peak_flops, mfu
-from lmkit.experiments import measure_layouts
+from lmkit.lab.layouts import measure_layouts
 from lmkit.model import build_model
 from lmkit.parallel.instrument import (
     COLLECTIVE_KINDS,
@@ -251,7 +251,7 @@ def test_gantt_has_labelled_axes(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmkit.plots import gantt
+    from lmkit.lab.plots import gantt
 
     tl = Timeline(rank=0)
     tl.begin_step(0)

@@ -1,4 +1,4 @@
-"""lmkit.interpret: recomputed attention weights reproduce the model's attention output."""
+"""lmkit.tasks.interpret: recomputed attention weights reproduce the model's attention output."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lmkit.config import ModelConfig
-from lmkit.interpret import attention_weights, loss_by_position
-from lmkit.likelihood import model_nll
+from lmkit.lab.likelihood import model_nll
 from lmkit.model import build_model
+from lmkit.tasks.interpret import attention_weights, loss_by_position
 
 
 def test_weights_times_values_is_the_attention_output():

@@ -1,9 +1,26 @@
-"""The direction of the code: the engine never reaches up into the trainer, the CLI or the experiments.
+"""The direction of the code, and folders that show it.
 
-``lmkit.parallel`` is wrapped by `lmkit.train`, which is driven by `lmkit.cli` and
-`lmkit.experiments`; an import the other way round would make the engine depend on its users
-(and, between train and cli, create a cycle). Checked on the source with `ast`, so an import
-hidden inside a function counts too.
+``lmkit/`` is the system a user runs (config, tokenizer, data, model, optim, run, train, checkpoint/,
+generate, hf, costs/, cli, ...) with its engine, ``lmkit/parallel/``; beside it ``baselines/``, the
+models the book compares the GPT with, and ``tasks/``, what a trained model is used for; on top
+``lab/``, the harnesses that run and measure, and the command line. The rules:
+
+- the engine never reaches up: nothing in ``parallel/`` imports the set-up (`lmkit.run`), the
+  trainer, the command line (`lmkit.cli`, `lmkit.options`) or the lab; the checkpoints, which the
+  engine cuts its state into, import neither the engine nor what is above it;
+- the model knows nothing of ranks: `lmkit.model` and `lmkit.weights` import no ``lmkit.parallel``
+  and no ``torch.distributed``;
+- ``baselines/`` and ``tasks/`` build on the system and never import ``parallel/`` or ``lab/``;
+- nothing outside ``lab/`` and `lmkit.cli` imports ``lab/``;
+- the system reaches into ``baselines/`` in one place only, `lmkit.model.build_model`, which builds
+  the LSTM inside the function (the LSTM builds on the model's input checks: a top-level import
+  would be a cycle), and never into ``tasks/``;
+- `lmkit.costs` imports no torch (the calculator of chapter 5 runs it in the browser);
+- no import cycle; ``lmkit/parallel`` imports lmkit at the top of each file;
+- every module of lmkit has at most 600 lines, and each subpackage's docstring names its modules.
+
+Checked on the source with `ast`, so an import hidden inside a function counts too (except where
+a rule says "at import time").
 """
 
 from __future__ import annotations
@@ -16,7 +33,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lmkit"
-ABOVE_THE_ENGINE = ("lmkit.train", "lmkit.cli", "lmkit.experiments")
+ABOVE_THE_ENGINE = ("lmkit.run", "lmkit.train", "lmkit.cli", "lmkit.options", "lmkit.lab")
+SUBPACKAGES = ("baselines", "checkpoint", "costs", "lab", "parallel", "tasks")
+
+
+def _files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (PACKAGE / folder).glob("*.py"))
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(PACKAGE.parent).as_posix()
 
 
 def imported_modules(path: Path, root: Path = PACKAGE.parent) -> set[str]:
@@ -48,23 +74,76 @@ def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path):
     fake = tmp_path / "lmkit" / "parallel" / "probe.py"
     fake.parent.mkdir(parents=True)
     fake.write_text("def f():\n    from lmkit import train\n    from ..cli import main\n"
-                    "    import lmkit.experiments as e\n")
+                    "    import lmkit.lab.experiments as e\n")
     found = imported_modules(fake, root=tmp_path)
-    assert {"lmkit.train", "lmkit.cli", "lmkit.experiments"} <= found
-    expected = ["lmkit.cli", "lmkit.cli.main", "lmkit.experiments", "lmkit.train"]
+    assert {"lmkit.train", "lmkit.cli", "lmkit.lab.experiments"} <= found
+    expected = ["lmkit.cli", "lmkit.cli.main", "lmkit.lab.experiments", "lmkit.train"]
     assert _hits(fake, ABOVE_THE_ENGINE, root=tmp_path) == expected
 
 
-@pytest.mark.parametrize("module", sorted((PACKAGE / "parallel").glob("*.py")), ids=lambda p: p.name)
-def test_parallel_never_imports_the_trainer_cli_or_experiments(module: Path):
+@pytest.mark.parametrize("module", _files("parallel"), ids=_rel)
+def test_parallel_never_imports_the_setup_trainer_cli_or_lab(module: Path):
     hits = _hits(module, ABOVE_THE_ENGINE)
-    assert not hits, f"lmkit/parallel/{module.name} imports {hits}: the engine must not depend on its users"
+    assert not hits, f"{_rel(module)} imports {hits}: the engine must not depend on its users"
 
 
-def test_train_does_not_import_the_cli_or_the_experiments():
+@pytest.mark.parametrize("module", _files("checkpoint"), ids=_rel)
+def test_checkpoints_import_neither_the_engine_nor_what_is_above_it(module: Path):
+    hits = _hits(module, ("lmkit.parallel", *ABOVE_THE_ENGINE))
+    assert not hits, f"{_rel(module)} imports {hits}: the engines import the checkpoints, not the reverse"
+
+
+@pytest.mark.parametrize("name", ["model.py", "weights.py"])
+def test_the_model_knows_nothing_of_ranks(name: str):
+    hits = _hits(PACKAGE / name, ("lmkit.parallel", "torch.distributed"))
+    assert not hits, f"lmkit/{name} imports {hits}: the engine wraps an unmodified model"
+
+
+@pytest.mark.parametrize("module", _files("baselines", "tasks"), ids=_rel)
+def test_baselines_and_tasks_never_import_the_engine_or_the_lab(module: Path):
+    hits = _hits(module, ("lmkit.parallel", "lmkit.lab"))
+    assert not hits, f"{_rel(module)} imports {hits}: baselines and tasks build on the system only"
+
+
+@pytest.mark.parametrize("module", sorted(p for p in PACKAGE.rglob("*.py") if p.parent.name != "lab"
+                                          and p.name != "cli.py"), ids=_rel)
+def test_nothing_but_the_lab_and_the_cli_imports_the_lab(module: Path):
+    hits = _hits(module, ("lmkit.lab",))
+    assert not hits, f"{_rel(module)} imports {hits}: the lab sits on top; only lmkit.cli may use it"
+
+
+@pytest.mark.parametrize("module", sorted(PACKAGE.glob("*.py")), ids=_rel)
+def test_the_system_reaches_into_baselines_only_to_build_the_lstm(module: Path):
+    tree = ast.parse(module.read_text(encoding="utf-8"))
+    allowed = set()
+    if module.name == "model.py":  # build_model's late import of the LSTM, and nothing else
+        build = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build_model")
+        allowed = {id(n) for n in ast.walk(build) if isinstance(n, ast.ImportFrom)
+                   and n.module == "lmkit.baselines.lstm"
+                   and [a.name for a in n.names] == ["LSTMLanguageModel"]}
+        assert allowed, "build_model no longer builds the LSTM baseline"
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in allowed:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            bad = [n for n in names if n.startswith(("lmkit.baselines", "lmkit.tasks"))]
+            assert not bad, f"{_rel(module)} line {node.lineno} imports {bad}: the system does not use them"
+
+
+@pytest.mark.parametrize("module", _files("costs"), ids=_rel)
+def test_costs_imports_the_standard_library_only(module: Path):
+    """The calculator of chapter 5 runs lmkit.costs in the browser (Pyodide): no torch, no numpy."""
+    found = imported_modules(module)
+    outside = sorted(m for m in found if m.split(".")[0] not in sys.stdlib_module_names
+                     and not m.startswith("lmkit.costs") and m != "__future__"
+                     and not m.startswith("__future__."))
+    assert not outside, f"{_rel(module)} imports {outside}"
+
+
+def test_the_setup_and_the_trainer_do_not_import_the_cli_or_the_lab():
     """cli drives train (one direction only): no cycle, and one entry point (``python -m lmkit``)."""
-    assert not _hits(PACKAGE / "train.py", ("lmkit.cli", "lmkit.experiments", "lmkit.__main__"))
-    assert not _hits(PACKAGE / "experiments.py", ("lmkit.cli", "lmkit.__main__"))
+    for name in ("run.py", "train.py"):
+        assert not _hits(PACKAGE / name, ("lmkit.cli", "lmkit.options", "lmkit.lab", "lmkit.__main__")), name
+    assert not _hits(PACKAGE / "lab" / "experiments.py", ("lmkit.cli", "lmkit.__main__"))
 
 
 def test_one_entry_point_python_m_lmkit():
@@ -170,3 +249,21 @@ def test_every_module_imports_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code, *MODULES], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_every_module_has_at_most_600_lines():
+    lines = {_rel(p): len(p.read_text(encoding="utf-8").splitlines()) for p in PACKAGE.rglob("*.py")}
+    long = {name: n for name, n in lines.items() if n > 600}
+    assert not long, f"split these by job (one job per module): {long}"
+
+
+@pytest.mark.parametrize("folder", [f for f in SUBPACKAGES if f != "parallel"])
+def test_each_subpackage_says_what_lives_there(folder: str):
+    doc = ast.get_docstring(ast.parse((PACKAGE / folder / "__init__.py").read_text(encoding="utf-8"))) or ""
+    missing = [p.stem for p in _files(folder) if p.stem != "__init__" and f"`{p.stem}`" not in doc]
+    assert doc and not missing, f"lmkit/{folder}/__init__.py does not name {missing}"
+
+
+def test_the_subpackages_are_the_ones_the_docstring_lists():
+    found = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert found == sorted(SUBPACKAGES)

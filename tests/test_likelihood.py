@@ -1,4 +1,4 @@
-"""lmkit.likelihood: window scoring equals one full forward, bits per byte, n-gram scoring."""
+"""lmkit.lab.likelihood: window scoring equals one full forward, bits per byte, n-gram scoring."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lmkit import likelihood, ngram
+from lmkit.baselines import ngram
 from lmkit.config import ModelConfig
+from lmkit.lab import likelihood
 from lmkit.model import build_model
 
 

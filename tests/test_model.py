@@ -9,18 +9,11 @@ import math
 import pytest
 import torch
 
+from lmkit.baselines.lstm import LSTMLanguageModel
 from lmkit.config import ConfigError, ModelConfig
-from lmkit.model import (
-    GPT,
-    InitialWeights,
-    LSTMLanguageModel,
-    build_model,
-    gpt2_state_dict_from_hf,
-    gpt2_state_dict_to_hf,
-    initial_parameter,
-    materialize,
-    parameter_seed,
-)
+from lmkit.hf import gpt2_state_dict_from_hf, gpt2_state_dict_to_hf
+from lmkit.model import GPT, build_model
+from lmkit.weights import InitialWeights, initial_parameter, materialize, parameter_seed
 
 V, BLOCK, L, H, D = 65, 32, 2, 4, 32
 

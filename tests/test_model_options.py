@@ -184,7 +184,8 @@ def test_refusals():
 
 
 def test_trainer_with_muon_and_options_resumes_bit_for_bit(tmp_path):
-    from lmkit.train import Trainer, prepare_run
+    from lmkit.run import prepare_run
+    from lmkit.train import Trainer
 
     text = "".join(f"The {w} sat on mat {i}.\n" for i, w in enumerate(["cat", "dog", "owl"] * 100))
     mc = ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=16, pos="rope", norm="rms")

@@ -16,13 +16,14 @@ import torch
 from test_parallel_equivalence import MODEL, STEPS, TEXT  # tests/ is on sys.path (pytest)
 from test_parallel_equivalence import TRAIN as _TRAIN
 
-from lmkit import checkpoint as ckpt
+from lmkit.checkpoint.sharded import is_sharded
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
-from lmkit.experiments import layout_losses, layout_name, max_relative_difference
+from lmkit.lab.layouts import layout_losses, layout_name, max_relative_difference
 from lmkit.parallel.engine import validate_layout
 from lmkit.parallel.mesh import single_process_topology
 from lmkit.parallel.native import qkv_permutation
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 EXTRA = (3, 2)  # steps after the first resume (lmkit engine), after the second (native again)
 TRAIN = TrainConfig(**{**_TRAIN.__dict__, "out_dir": "/tmp/lmkit-native"})
@@ -109,7 +110,7 @@ def test_checkpoints_move_between_the_engines(reference, tmp_path):
                           save=True)
     assert_matches(first, ref, 0, "native dp2 zero3 x tp2")
     assert first["checkpoint"].endswith(f"step_{STEPS:06d}")
-    assert ckpt.is_sharded(first["checkpoint"])  # each rank wrote its own DTensor shards (DCP)
+    assert is_sharded(first["checkpoint"])  # each rank wrote its own DTensor shards (DCP)
     second = layout_losses(MODEL, train, ParallelConfig(pp=2, microbatches=2), EXTRA[0], text=TEXT,
                            cache_dir=cache, resume=first["checkpoint"], save=True)
     assert_matches(second, ref, STEPS, "lmkit pp2 resumed from native")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmkit.baselines.neural_lm import BengioLM, stream_nll, train_on_stream, word_stream
 from lmkit.config import ModelConfig
 from lmkit.model import GPT
-from lmkit.neural_lm import BengioLM, stream_nll, train_on_stream, word_stream
 
 
 def test_word_stream_matches_the_ngram_tokens():

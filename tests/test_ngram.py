@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lmkit.ngram import (
+from lmkit.baselines.ngram import (
     EOS,
     UNK,
     AddKLM,

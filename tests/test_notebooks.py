@@ -1,7 +1,7 @@
 """Every chapter notebook runs top to bottom with SMOKE=True, fast, and keeps its results.
 
 The notebooks assert their own claims; this test adds the time budget and a regression check
-of the key figures each notebook records (``lmkit.report.record``) against
+of the key figures each notebook records (``lmkit.lab.report.record``) against
 ``tests/notebook_references.json``.
 
 The budget is a wall time, so it is a claim about a machine that is not busy with other work: a

@@ -2,7 +2,7 @@
 
 The pages are static Markdown, so every version they name is compared with the installed package,
 every cross-reference must point to a page or a chapter notebook that exists, every citation must
-be in the bibliography, and every figure they quote from `lmkit estimate` or `lmkit.efficiency`
+be in the bibliography, and every figure they quote from `lmkit estimate` or `lmkit.lab.efficiency`
 is recomputed here: a change to the cost model that moves a figure fails this test by name.
 """
 
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lmkit import cli, costs, efficiency
+from lmkit import cli, costs
 from lmkit.config import ModelConfig
+from lmkit.lab import efficiency
 from lmkit.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]

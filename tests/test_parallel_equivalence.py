@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-from lmkit.experiments import layout_losses, layout_name, max_relative_difference
+from lmkit.lab.layouts import layout_losses, layout_name, max_relative_difference
 
 pytestmark = pytest.mark.distributed
 

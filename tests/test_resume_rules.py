@@ -12,7 +12,9 @@ import pytest
 from lmkit.cli import main
 from lmkit.config import ConfigError, ModelConfig, TrainConfig
 from lmkit.model import GPT
-from lmkit.train import SCHEDULE_FIELDS, Trainer, lr_multiplier, seed_everything
+from lmkit.optim import lr_multiplier
+from lmkit.run import seed_everything
+from lmkit.train import SCHEDULE_FIELDS, Trainer
 
 MODEL = ModelConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, d_model=32)
 TOKENS = np.random.default_rng(1).integers(0, 32, 4000).astype(np.uint16)

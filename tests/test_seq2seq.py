@@ -1,12 +1,12 @@
-"""lmkit.seq2seq: the loss covers target tokens only, and a small GPT learns a character mapping."""
+"""lmkit.tasks.seq2seq: the loss covers target tokens only, and a small GPT learns a character mapping."""
 
 from __future__ import annotations
 
 import torch
 
-from lmkit import seq2seq
 from lmkit.config import ModelConfig
 from lmkit.model import build_model
+from lmkit.tasks import seq2seq
 from lmkit.tokenizer import CharTokenizer
 
 

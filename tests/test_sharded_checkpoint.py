@@ -20,14 +20,17 @@ import torch
 from test_parallel_equivalence import MODEL, TEXT, TRAIN  # tests/ is on sys.path (pytest)
 from torch.distributed.checkpoint import FileSystemReader
 
-from lmkit import checkpoint as ckpt
+from lmkit.checkpoint.format import META_FILE, CheckpointError
+from lmkit.checkpoint.sharded import SHARDS_DIR, is_sharded, load_sharded_full
+from lmkit.checkpoint.single import load_checkpoint, load_model_state
 from lmkit.cli import main
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
-from lmkit.experiments import layout_losses, max_relative_difference
+from lmkit.lab.layouts import layout_losses, max_relative_difference
 from lmkit.parallel.instrument import CommCounter, DeviceAudit
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import init_topology
-from lmkit.train import Trainer, prepare_run
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 pytestmark = pytest.mark.distributed
 
@@ -85,11 +88,11 @@ def runs(tmp_path_factory):
 
 def test_each_rank_writes_its_own_boxes_and_nothing_is_gathered(runs):
     path = runs["checkpoint"]
-    assert ckpt.is_sharded(path)
-    shards = sorted(p.name for p in (path / ckpt.SHARDS_DIR).glob("*.distcp"))
+    assert is_sharded(path)
+    shards = sorted(p.name for p in (path / SHARDS_DIR).glob("*.distcp"))
     assert shards == [f"__{r}_0.distcp" for r in range(SAVE.world_size)]
     # every global tensor is covered exactly once by the saved boxes: no replica written twice
-    metadata = FileSystemReader(path / ckpt.SHARDS_DIR).read_metadata().state_dict_metadata
+    metadata = FileSystemReader(path / SHARDS_DIR).read_metadata().state_dict_metadata
     n_params = sum(math.prod(md.size) for fqn, md in metadata.items() if fqn.startswith("model."))
     for fqn, md in metadata.items():
         if hasattr(md, "chunks"):
@@ -113,10 +116,10 @@ def test_another_layout_resumes_on_the_single_process_curve(runs):
 
 def test_a_resume_reads_only_its_share(runs):
     path = runs["checkpoint"]
-    meta = json.loads((path / ckpt.META_FILE).read_text())
+    meta = json.loads((path / META_FILE).read_text())
     total = sum(f["bytes"] for f in meta["files"].values())
     old_path = 2 * total + meta["files"]["state.pt"]["bytes"] + 3 * 4 * sum(  # 2 hashes + 2 reads
-        p.numel() for p in ckpt.load_sharded_full(path)[0].values()) // 3
+        p.numel() for p in load_sharded_full(path)[0].values()) // 3
     for r in runs["resumed"]:
         read = r["resume"]["bytes_read"] + r["resume"]["bytes_hashed"]
         print(f"resume, rank {r['rank']}: reads {r['resume']['bytes_read']:,} B of tensors and hashes "
@@ -130,11 +133,11 @@ def test_export_gives_the_single_directory_that_generate_loads(runs, tmp_path, c
     path, out = runs["checkpoint"], tmp_path / "exported"
     assert main(["export", str(path.parent), str(out)]) == 0  # a run directory: its latest
     assert "exported the sharded checkpoint" in capsys.readouterr().out
-    weights, optimizer, info = ckpt.load_sharded_full(path)
-    single = ckpt.load_model_state(out)
+    weights, optimizer, info = load_sharded_full(path)
+    single = load_model_state(out)
     assert set(single) == set(weights) and all(torch.equal(single[k], weights[k]) for k in weights)
-    loaded = ckpt.load_checkpoint(out)
-    assert loaded.step == info.step == STEPS and not ckpt.is_sharded(out)
+    loaded = load_checkpoint(out)
+    assert loaded.step == info.step == STEPS and not is_sharded(out)
     assert set(loaded.optimizer_state["state"]) == set(optimizer["state"])
     assert main(["generate", str(out), "--prompt", "the cat", "--max-new-tokens", "4", "--seed", "1"]) == 0
     assert main(["export", str(path), str(path)]) == 2  # one line, nothing written
@@ -147,9 +150,9 @@ def test_a_corrupt_shard_is_refused_by_the_rank_that_reads_it(runs, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(runs["checkpoint"], copy)
-    shard = copy / ckpt.SHARDS_DIR / "__1_0.distcp"
+    shard = copy / SHARDS_DIR / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match=r"__1_0\.distcp fails its sha256 check"):
-        ckpt.load_sharded_full(copy)
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp fails its sha256 check"):
+        load_sharded_full(copy)

@@ -9,7 +9,7 @@ what the reader sees on each page: it loads with a title; no cell shows a traceb
 was typeset by MathJax and no raw TeX is left; every mermaid diagram became an SVG; every figure of
 an executed notebook is present and decoded; and not a single request left localhost. On chapter
 5 the layout calculator is driven like a reader would (selects, text fields, a checkbox) and must
-show exactly what ``lmkit.costs.calculate`` returns in this process, with Pyodide and ``costs.py``
+show exactly what ``lmkit.costs.calculate`` returns in this process, with Pyodide and ``lmkit/costs/``
 served by the site itself.
 
 When notebooks have no fresh executed copy in ``book/chapters/``, the site is built in a temporary
@@ -739,9 +739,13 @@ def test_calculator_reports_an_impossible_layout_in_one_line(calculator):
     assert all(value == "" and text == "" for _, value, text in page["outputs"]), "stale results are shown"
 
 
-def test_calculator_runs_the_tested_costs_py_from_the_site(site: Site, calculator, server):
-    served = (site.html / "_static" / "lmkit" / "costs.py").read_bytes()
-    assert served == (ROOT / "lmkit" / "costs.py").read_bytes(), "the site serves another costs.py"
+def test_calculator_runs_the_tested_costs_package_from_the_site(site: Site, calculator, server):
+    served = site.html / "_static" / "lmkit" / "costs"
+    modules = sorted(p.name for p in (ROOT / "lmkit" / "costs").glob("*.py"))
+    assert json.loads((served / "files.json").read_text()) == modules, "the site lists other modules"
+    for name in modules:
+        assert (served / name).read_bytes() == (ROOT / "lmkit" / "costs" / name).read_bytes(), \
+            f"the site serves another lmkit/costs/{name}"
     browser = _open_calculator(calculator, server, fresh=True)  # every request from the page's start
     _calculate_on_page(browser, CALCULATOR_CASES["7b tp8 zero1"])
     resources = "return performance.getEntriesByType('resource').map(e => e.name)"
@@ -751,8 +755,8 @@ def test_calculator_runs_the_tested_costs_py_from_the_site(site: Site, calculato
         if message.get("method") == "Network.requestWillBeSent":
             requests.add(message["params"]["request"]["url"])
     for needed in ("_static/pyodide/pyodide.mjs", "_static/pyodide/pyodide.asm.wasm",
-                   "_static/pyodide/python_stdlib.zip", "_static/lmkit/costs.py",
-                   "_static/lmkit-calculator.mjs"):
+                   "_static/pyodide/python_stdlib.zip", "_static/lmkit/costs/files.json",
+                   *(f"_static/lmkit/costs/{name}" for name in modules), "_static/lmkit-calculator.mjs"):
         assert any(u.split("?")[0].endswith(needed) for u in requests), f"{needed} was not loaded"
     network = [u for u in requests if re.match(r"(?i)(https?|wss?|ftp):", u)]
     outside = sorted(u for u in network if not u.startswith(server))

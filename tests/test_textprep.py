@@ -1,4 +1,4 @@
-"""lmkit.textprep: cleaning keeps content, jieba segments offline, BPE merges read back as bytes."""
+"""lmkit.lab.textprep: cleaning keeps content, jieba segments offline, BPE merges read back as bytes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from lmkit.textprep import (
+from lmkit.lab.textprep import (
     bpe_merges,
     byte_alphabet,
     clean_text,

@@ -1,4 +1,4 @@
-"""lmkit.time_to_loss: the curve arithmetic, the fixed batches and the interleaved training loop."""
+"""lmkit.lab.time_to_loss: the curve arithmetic, the fixed batches and the interleaved training loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmkit.time_to_loss import (
+from lmkit.lab.time_to_loss import (
     ABLATION,
     Curve,
     ablation_recipes,
@@ -88,7 +88,7 @@ def test_combined_changes_are_the_single_rows_the_best_recipe_contains():
 
 
 def test_step_work_counts_operators_and_flops_of_one_training_step():
-    from lmkit.time_to_loss import step_work
+    from lmkit.lab.time_to_loss import step_work
 
     tokens = torch.arange(3000) % 30
     batch = fixed_batches(tokens, 1, 4, 16, seed=1)[0]

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from lmkit.config import ConfigError, ModelConfig, TrainConfig
-from lmkit.train import Trainer, configure_optimizer, lr_multiplier, prepare_run
+from lmkit.optim import configure_optimizer, lr_multiplier
+from lmkit.run import prepare_run
+from lmkit.train import Trainer
 
 TEXT = "".join(f"The {w} sat on the mat number {i}.\n" for i, w in enumerate(["cat", "dog", "bird"] * 200))
 

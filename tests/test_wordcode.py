@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from lmkit.ngram import KneserNeyLM, tokenize_words
-from lmkit.wordcode import WordCoder
+from lmkit.baselines.ngram import KneserNeyLM, tokenize_words
+from lmkit.baselines.wordcode import WordCoder
 
 TRAIN = "In the beginning, God created.\nAnd God said: let there be light.\n\nAnd there was light ; amen\n"
 

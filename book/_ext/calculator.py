@@ -1,4 +1,4 @@
-"""The ``lmkit-calculator`` directive: chapter 5's layout calculator, running lmkit/costs.py in Pyodide.
+"""The ``lmkit-calculator`` directive: chapter 5's layout calculator, running lmkit/costs/ in Pyodide.
 
 A notebook's markdown cell writes::
 
@@ -7,8 +7,8 @@ A notebook's markdown cell writes::
 
 and the page gets the form below (inputs and outputs with stable ``calc-*`` ids, which the site
 test drives) plus ``lmkit-calculator.mjs``/``.css``, added to that page only. The script loads the
-Pyodide runtime and ``lmkit/costs.py`` that ``book/tools/assets.py`` vendored into ``_static/`` and
-calls ``lmkit.costs.calculate``: the numbers on the page are those the tests check.
+Pyodide runtime and the modules of ``lmkit/costs/`` that ``book/tools/assets.py`` vendored into
+``_static/`` and calls ``lmkit.costs.calculate``: the numbers on the page are those the tests check.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def markup(preset: str) -> str:
     <fieldset><legend>pipeline and batch</legend><div class="calc-grid">{batch}</div></fieldset>
     <fieldset><legend>device</legend><div class="calc-grid">{device}</div></fieldset>
   </form>
-  <p id="calc-status" class="lmkit-calculator-status">Loading Python (Pyodide) and lmkit/costs.py ...</p>
+  <p id="calc-status" class="lmkit-calculator-status">Loading Python (Pyodide) and lmkit.costs ...</p>
   <p id="calc-error" class="lmkit-calculator-error" role="alert" hidden></p>
   <div id="calc-results">
     <svg id="calc-bar" viewBox="0 0 640 90" role="img" aria-label="memory per rank"></svg>

@@ -1,7 +1,7 @@
-"""Serve the vendored MathJax, mermaid and Pyodide (with ``lmkit/costs.py``) with the site.
+"""Serve the vendored MathJax, mermaid and Pyodide (with ``lmkit/costs/``) with the site.
 
 ``book/tools/assets.py`` copies MathJax (from the ``jupyter-server-mathjax`` package), mermaid and
-Pyodide (from the npm registry's ``mermaid`` and ``pyodide`` packages) and ``lmkit/costs.py`` into
+Pyodide (from the npm registry's ``mermaid`` and ``pyodide`` packages) and ``lmkit/costs/`` into
 ``book/_vendor/``. This extension adds that folder
 to ``html_static_path`` so that Sphinx copies it to ``_build/html/_static/``.
 
@@ -23,7 +23,8 @@ from sphinx.util import logging
 logger = logging.getLogger(__name__)
 
 VENDOR = "_vendor"
-REQUIRED = ("mathjax/MathJax.js", "mermaid/mermaid.esm.min.mjs", "pyodide/pyodide.mjs", "lmkit/costs.py")
+REQUIRED = ("mathjax/MathJax.js", "mermaid/mermaid.esm.min.mjs", "pyodide/pyodide.mjs",
+            "lmkit/costs/__init__.py", "lmkit/costs/files.json")
 
 
 def _add_vendor(app: Sphinx, config: Config) -> None:

@@ -12,9 +12,9 @@ Run by ``make book`` after the notebooks are executed and before ``jupyter-book 
    ``book/_vendor/mermaid/``; the tarball is fetched once with ``npm pack``, checked against a pinned
    SHA-512 and cached in ``.cache/npm/``;
 4. unpacks the Pyodide runtime (the npm package ``pyodide``: the ES module loader, the WebAssembly
-   CPython and its standard library) into ``book/_vendor/pyodide/`` the same way, and copies
-   ``lmkit/costs.py`` into ``book/_vendor/lmkit/``, so that the calculator of chapter 5 runs the very
-   file the tests check, in the reader's browser.
+   CPython and its standard library) into ``book/_vendor/pyodide/`` the same way, and copies the
+   modules of ``lmkit/costs/`` into ``book/_vendor/lmkit/costs/`` with ``files.json`` naming them, so
+   that the calculator of chapter 5 runs the very files the tests check, in the reader's browser.
 
 ``book/_vendor/`` is gitignored: nothing vendored is committed. The site then loads no file from
 outside itself. If MathJax's package or npm is unavailable, a small shim that loads the same
@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,8 @@ PYODIDE_ENTRY = "pyodide.mjs"
 PYODIDE_FILES = ("pyodide.mjs", "pyodide.asm.mjs", "pyodide.asm.wasm", "python_stdlib.zip",
                  "pyodide-lock.json", "package.json", "README.md")
 PYODIDE_CDN = f"https://cdn.jsdelivr.net/pyodide/v{PYODIDE_VERSION}/full/"
-COSTS = REPO / "lmkit" / "costs.py"
+COSTS = REPO / "lmkit" / "costs"
+COSTS_INDEX = "files.json"  # the names of the package's modules, which the calculator's script loads
 
 # MathJax 2.7 as shipped by jupyter-server-mathjax (a pinned dependency of the `book` extra).
 MATHJAX_PACKAGE = "jupyter_server_mathjax"
@@ -297,21 +299,28 @@ def vendor_pyodide(vendor: Path, cache: Path) -> str:
 
 
 def vendor_costs(vendor: Path, source: Path = COSTS) -> str:
-    """Copy ``lmkit/costs.py`` (and an empty package ``__init__``) for the browser calculator."""
+    """Copy the modules of ``lmkit/costs/`` and ``files.json`` (their names) for the browser calculator,
+    which writes them into Pyodide's file system as the package ``lmkit.costs``."""
     target = vendor / "lmkit"
-    if not source.is_file():
-        notice(f"{source} does not exist yet: the calculator of chapter 5 will show an error")
+    modules = {p.name: p.read_bytes() for p in sorted(source.glob("*.py"))} if source.is_dir() else {}
+    if "__init__.py" not in modules:
+        notice(f"{source} holds no package yet: the calculator of chapter 5 will show an error")
         shutil.rmtree(target, ignore_errors=True)
         return "missing"
-    code = source.read_bytes()
-    if (target / "costs.py").is_file() and (target / "costs.py").read_bytes() == code:
-        return "copied"
+    index = (json.dumps(sorted(modules), indent=1) + "\n").encode("utf-8")
+    wanted = {**modules, COSTS_INDEX: index}
+    copied = target / "costs"
+    if copied.is_dir() and sorted(p.name for p in copied.iterdir()) == sorted(wanted) and all(
+            (copied / name).read_bytes() == code for name, code in wanted.items()):
+        return f"copied ({len(modules)} modules)"
     with tempfile.TemporaryDirectory(dir=vendor) as tmp:
         staging = Path(tmp) / "lmkit"
-        staging.mkdir()
-        (staging / "costs.py").write_bytes(code)
-        _install(staging, target, f"lmkit/costs.py sha256 {hashlib.sha256(code).hexdigest()}\n")
-    return "copied"
+        (staging / "costs").mkdir(parents=True)
+        for name, code in wanted.items():
+            (staging / "costs" / name).write_bytes(code)
+        digest = hashlib.sha256(b"".join(name.encode() + code for name, code in sorted(wanted.items())))
+        _install(staging, target, f"lmkit/costs/ sha256 {digest.hexdigest()}\n")
+    return f"copied ({len(modules)} modules)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     executed = sorted(k for k, v in kinds.items() if v == "notebook")
     placeholders = sorted(k for k, v in kinds.items() if v == "placeholder")
     print(f"assets: {len(executed)} executed chapter(s) {executed}, {len(placeholders)} placeholder(s); "
-          f"MathJax: {mathjax}; mermaid: {mermaid}; Pyodide: {pyodide}; lmkit/costs.py: {costs}")
+          f"MathJax: {mathjax}; mermaid: {mermaid}; Pyodide: {pyodide}; lmkit/costs/: {costs}")
     return 0
 
 

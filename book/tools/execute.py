@@ -9,7 +9,7 @@ the tests run notebooks the same way.
 The executed notebook is written to a temporary file and renamed into place only when every
 cell succeeded, so a failed run never leaves a half-executed chapter for the site (the failed
 copy is kept as ``<name>.failed.ipynb`` for inspection). The figures a notebook passes to
-``lmkit.report.record`` land in ``<name>.figures.json`` beside it.
+``lmkit.lab.report.record`` land in ``<name>.figures.json`` beside it.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class FlatGroup:
 
 def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: int, dp: int, dp_rank: int
                   ) -> tuple[list[FlatGroup], list[Bucket]]:
-    """Two groups like `lmkit.train.configure_optimizer` (decay: dim >= 2, then no decay), and
+    """Two groups like `lmkit.optim.configure_optimizer` (decay: dim >= 2, then no decay), and
     greedy buckets of at most `cap` elements of whole parameters.
 
     Within a group the buffer holds the parameters in *reverse* registration order, the

@@ -160,7 +160,7 @@ class DataParallel(BucketState):
         return g.grad[start:start + self.params[i].numel()].view_as(self.params[i])
 
     def _make_optimizer(self) -> torch.optim.AdamW:
-        """AdamW with `lmkit.train.configure_optimizer`'s hyper-parameters and groups.
+        """AdamW with `lmkit.optim.configure_optimizer`'s hyper-parameters and groups.
 
         ZeRO: each group's "parameters" are this rank's chunks of its buckets (views of the flat
         parameter buffer), so `torch.optim.AdamW` keeps moments for the chunks only and writes

@@ -8,9 +8,9 @@ Construction (every rank, same order, so every layout starts from the single-pro
 2. cut it into pipeline stages (`lmkit.parallel.stage.build_stages`), keep this rank's;
 3. shard each stage over the tensor-parallel group, row by row of `lmkit.parallel.plan`
    (`tensor_parallel.parallelize_stage`);
-4. a meta model is materialised now: this rank's parameters only (`lmkit.model.materialize`),
+4. a meta model is materialised now: this rank's parameters only (`lmkit.weights.materialize`),
    each set to its shard of the single-process initial value, drawn one parameter at a time
-   (`lmkit.model.InitialWeights`), so a rank's peak at start is its own part plus the largest
+   (`lmkit.weights.InitialWeights`), so a rank's peak at start is its own part plus the largest
    single parameter, not the model;
 5. hand the stage parameters to `data_parallel.DataParallel`, which owns the optimizer
    (plain, ZeRO-1 or ZeRO-2) and averages gradients over the data-parallel group.
@@ -45,9 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmkit.checkpoint import Piece, load_optimizer_meta, optimizer_meta, shard_pieces
+from lmkit.checkpoint.sharded import Piece, load_optimizer_meta, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
-from lmkit.model import InitialWeights, materialize
 from lmkit.parallel import plan
 from lmkit.parallel.context_parallel import parallelize_context, shard_sequence, validate_cp
 from lmkit.parallel.data_parallel import DataParallel
@@ -67,6 +66,7 @@ from lmkit.parallel.tensor_parallel import (
     shard_full_param,
     shard_spec,
 )
+from lmkit.weights import InitialWeights, materialize
 
 __all__ = ["EngineBase", "ParallelEngine", "on_meta", "validate_layout", "gather_over_pp"]
 

@@ -23,9 +23,11 @@ from typing import Any
 
 __all__ = ["run_local", "free_port", "WorkerError"]
 
-# lmkit.experiments brings the trainer and torch.distributed.checkpoint/tensor with it: ~1 s of CPU per
-# worker if each imported them itself (8 ranks on 2 cores: seconds per launch).
-_PRELOAD = ["torch", "torch.distributed", "numpy", "lmkit.model", "lmkit.parallel.mesh", "lmkit.experiments"]
+# The engines bring torch.distributed.checkpoint/tensor/fsdp with them: ~1 s of CPU per worker if each
+# imported them itself (8 ranks on 2 cores: seconds per launch). What the workers run on top of them
+# (the trainer, lmkit.lab) then imports in milliseconds.
+_PRELOAD = ["torch", "torch.distributed", "numpy", "lmkit.model", "lmkit.parallel.mesh",
+            "lmkit.parallel.engine", "lmkit.parallel.native"]
 
 
 class WorkerError(RuntimeError):

@@ -26,7 +26,7 @@ built with the run's seed, normally on the meta device (`native_plan.NativeStage
 names *are* the GPT's, as in torchtitan); DTensor tensor parallelism by the styles the rows of
 `lmkit.parallel.plan` map to (`native_plan.dtensor_plan`); FSDP2 or ``replicate`` per block and
 stage on ``dp``; ``to_empty`` (this rank's shards only), each parameter set to its shard of the
-single-process initial value (`lmkit.model.InitialWeights`); the pipeline schedule; AdamW.
+single-process initial value (`lmkit.weights.InitialWeights`); the pipeline schedule; AdamW.
 
 What it takes to reproduce the single process (each was found by the loss-compare tests):
 
@@ -69,9 +69,8 @@ from torch.distributed.tensor import distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import loss_parallel
 
-from lmkit.checkpoint import Piece, optimizer_meta, shard_pieces
+from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
-from lmkit.model import InitialWeights
 from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
@@ -88,6 +87,7 @@ from lmkit.parallel.native_plan import (
 from lmkit.parallel.pipeline import allreduce_tied_embedding_grads
 from lmkit.parallel.plan import ShardSpec
 from lmkit.parallel.stage import build_stages
+from lmkit.weights import InitialWeights
 
 __all__ = ["NativeEngine", "native_loss", "qkv_permutation"]
 
@@ -143,7 +143,7 @@ class NativeEngine(EngineBase):
             self.load_full_state(initial, None)
         decay = [p for _, p in self.named_params if p.dim() >= 2]
         no_decay = [p for _, p in self.named_params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(  # same groups and hyper-parameters as lmkit.train
+        self.optimizer = torch.optim.AdamW(  # same groups and hyper-parameters as lmkit.optim
             [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
         self.schedule = self._schedule() if pcfg.pp > 1 else None

@@ -1,8 +1,9 @@
-// The layout calculator of chapter 5: lmkit/costs.py itself, run in the browser by Pyodide.
+// The layout calculator of chapter 5: the package lmkit/costs/ itself, run in the browser by Pyodide.
 //
-// book/tools/assets.py vendors Pyodide (npm package "pyodide") and copies lmkit/costs.py next to
-// this file (_static/pyodide/, _static/lmkit/costs.py), so the page loads nothing from outside the
-// site and shows exactly what `lmkit.costs.calculate` returns in the tests. The markup comes from
+// book/tools/assets.py vendors Pyodide (npm package "pyodide") and copies the modules of lmkit/costs/
+// next to this file, with files.json naming them (_static/pyodide/, _static/lmkit/costs/), so the
+// page loads nothing from outside the site and shows exactly what `lmkit.costs.calculate` returns
+// in the tests. The markup comes from
 // book/_ext/calculator.py; every input and output has a stable id (calc-*), the last inputs sent
 // are in data-inputs of #lmkit-calculator and the raw result (JSON from Python) in data-result.
 
@@ -143,22 +144,30 @@ function fillModel(presets) {
   for (const f of MODEL_FIELDS) $(idOf(f)).value = presets[preset][f];
 }
 
+// The modules of lmkit/costs/ as [name, source] pairs, in the order files.json lists them.
+async function costsModules() {
+  const text = async (name) => {
+    const response = await fetch(new URL(`lmkit/costs/${name}`, STATIC));
+    if (!response.ok) throw new Error(`lmkit/costs/${name}: HTTP ${response.status}`);
+    return response.text();
+  };
+  const names = JSON.parse(await text("files.json"));
+  return Promise.all(names.map(async (name) => [name, await text(name)]));
+}
+
 async function main() {
   const status = $("status");
   let pyodide;
   try {
     const { loadPyodide } = await import(new URL("pyodide/pyodide.mjs", STATIC).href);
-    const [runtime, source] = await Promise.all([
+    const [runtime, modules] = await Promise.all([
       loadPyodide(),  // finds its runtime next to pyodide.mjs (the site's, or the CDN's with the fallback)
-      fetch(new URL("lmkit/costs.py", STATIC)).then((r) => {
-        if (!r.ok) throw new Error(`lmkit/costs.py: HTTP ${r.status}`);
-        return r.text();
-      }),
+      costsModules(),
     ]);
     pyodide = runtime;
-    pyodide.FS.mkdirTree("/lmkit-site/lmkit");
+    pyodide.FS.mkdirTree("/lmkit-site/lmkit/costs");
     pyodide.FS.writeFile("/lmkit-site/lmkit/__init__.py", "");
-    pyodide.FS.writeFile("/lmkit-site/lmkit/costs.py", source);
+    for (const [name, source] of modules) pyodide.FS.writeFile(`/lmkit-site/lmkit/costs/${name}`, source);
     pyodide.runPython("import sys; sys.path.insert(0, '/lmkit-site')");
     pyodide.runPython(GLUE);
   } catch (err) {
@@ -205,7 +214,7 @@ async function main() {
   }
   for (const el of root.querySelectorAll("input, select")) el.disabled = false;
   status.textContent = `Python ${pyodide.version ? "(Pyodide " + pyodide.version + ")" : ""} runs ` +
-                       "lmkit/costs.py in this page.";
+                       "lmkit/costs/ in this page.";
   update();
 }
 

@@ -6,7 +6,7 @@ Li et al. (2016) measure how repetitive a set of generated texts is by
 
 over all the texts together. Greedy decoding loops ("the LORD, the LORD, the LORD") and scores
 low; sampling at a high temperature scores close to 1 but produces nonsense, which is why the
-book always shows it next to the likelihood of the same text (`lmkit.likelihood`). The units
+book always shows it next to the likelihood of the same text (`lmkit.lab.likelihood`). The units
 may be characters (the natural unit for Chinese), words or token ids: any sequence works.
 """
 

@@ -28,8 +28,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from lmkit.baselines.ngram import KneserNeyLM
 from lmkit.metrics import bits_per_byte
-from lmkit.ngram import KneserNeyLM
 
 __all__ = ["TextCost", "WordCoder"]
 

@@ -59,7 +59,7 @@ def loss_by_position(model, tokens: Sequence[int] | np.ndarray, block_size: int 
                      batch_size: int = 16) -> np.ndarray:
     """Mean loss (nats) of the prediction at each position of a window: [block_size].
 
-    `tokens` is cut into the consecutive full windows that `lmkit.likelihood.model_nll` scores
+    `tokens` is cut into the consecutive full windows that `lmkit.lab.likelihood.model_nll` scores
     (a shorter last window is left out, so every position averages the same number of
     predictions); entry ``t`` is the mean cross-entropy of predicting token ``t + 1`` of a window
     from its first ``t + 1`` tokens. A model that uses long context has a curve that keeps

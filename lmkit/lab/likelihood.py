@@ -9,7 +9,7 @@ harder tokens), so the book compares models of different tokenizers, and n-gram 
 It is the length, in bits per byte, of the text compressed by an arithmetic coder driven by the
 model, so it is comparable whatever the model splits the text into, as long as every byte is
 paid for. `model_nll` scores a token array with a GPT or an LSTM in windows; `ngram_nll` scores
-a text with a character-level `lmkit.ngram.KneserNeyLM` (one sentence per line, the newline
+a text with a character-level `lmkit.baselines.ngram.KneserNeyLM` (one sentence per line, the newline
 predicted as ``</s>``).
 """
 

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmkit.config import ModelConfig, TrainConfig
-from lmkit.efficiency import count_flops, count_ops
+from lmkit.lab.efficiency import count_flops, count_ops
 from lmkit.model import GPT
-from lmkit.train import configure_optimizer, lr_multiplier, prepare_run
+from lmkit.optim import configure_optimizer, lr_multiplier
+from lmkit.run import prepare_run
 
 __all__ = ["Recipe", "Curve", "fixed_batches", "train_curve", "train_curves", "nanogpt_recipe", "best_recipe",
            "ablation_recipes", "shakespeare_tokens", "time_table", "step_work"]
@@ -179,7 +180,7 @@ def step_work(recipe: Recipe, batch: Tensor, seed: int = 1337) -> dict[str, int]
 
     The step is the one `train_curves` times (forward, backward, clipping, optimizer); it is
     counted after one warm-up step, so that the optimizer's state already exists. Returns
-    ``{"ops": ..., "flops": ...}`` (`lmkit.efficiency.count_ops` and `count_flops`).
+    ``{"ops": ..., "flops": ...}`` (`lmkit.lab.efficiency.count_ops` and `count_flops`).
     """
     model, optimizer = _build(recipe, seed)
     _train_step(model, optimizer, recipe, batch)

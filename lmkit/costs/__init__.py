@@ -1,0 +1,68 @@
+"""What a training layout costs, on paper: parameters, FLOPs, memory, communication, bubble, step time.
+
+An analytical model of lmkit's GPT under a ``dp x cp x tp x pp`` layout, in pure Python (no module
+of this package imports torch), so that the same files run in the tests, in ``lmkit estimate``, in
+the trainer's MFU and in the browser (chapter 5's calculator loads this folder into Pyodide).
+Chapter 5 derives every formula; the tests check them against the engines' measured bytes and
+memory (``tests/test_costs_engine.py``) and against published figures (``tests/test_costs.py``).
+Units: bytes, FLOPs, seconds; "GB" is 1e9.
+
+- `layout`: the model and the layout: shapes, parameters, FLOPs, peak FLOP/s, a layout's rules,
+  what each pipeline stage holds;
+- `per_rank`: what one rank holds and sends: memory, communication, context parallelism, bubble;
+- `search`: devices, the estimated step time and the ranking of every layout that fits;
+- `calculator`: `calculate`, the calculator's JSON-in, JSON-out entry point.
+
+The cost model is one namespace: chapter 5, ``lmkit estimate`` and the calculator call
+``costs.memory(...)``, ``costs.search(...)``, ``costs.calculate(...)``, so the names below are this
+package's interface, each defined in the module above that holds it.
+"""
+
+from lmkit.costs.calculator import calculate, format_bytes
+from lmkit.costs.layout import (
+    GB,
+    PEAK_FLOPS,
+    PRECISIONS,
+    PRESETS,
+    RECOMPUTE,
+    SCHEDULES,
+    CostError,
+    Layout,
+    Model,
+    Param,
+    flops_per_token,
+    layer_split,
+    lookup_peak_flops,
+    mfu,
+    num_params,
+    parameter_table,
+    stage_params,
+    zero_buckets,
+)
+from lmkit.costs.per_rank import (
+    CP_LAYOUTS,
+    CommTerm,
+    Memory,
+    activation_bytes_per_layer,
+    bubble_fraction,
+    communication,
+    cp_attention_memory,
+    cp_attention_work,
+    cp_communication,
+    cp_ring_step,
+    in_flight,
+    memory,
+    model_states,
+    wire_bytes,
+)
+from lmkit.costs.search import DEVICES, Candidate, Cluster, search, step_time
+
+__all__ = [
+    "GB", "SCHEDULES", "RECOMPUTE", "PRECISIONS", "PEAK_FLOPS", "lookup_peak_flops",
+    "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
+    "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
+    "model_states", "zero_buckets",
+    "activation_bytes_per_layer", "in_flight", "memory", "communication", "wire_bytes", "bubble_fraction",
+    "step_time", "search", "calculate", "format_bytes",
+    "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication", "cp_ring_step",
+]

@@ -1,0 +1,70 @@
+"""The calculator's one entry point: `calculate`, JSON in and JSON out (chapter 5).
+
+The in-page calculator of chapter 5 runs this package in the reader's browser (Pyodide) and calls
+`calculate` and `format_bytes`; the tests call them alike, so the page shows what the tests check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lmkit.costs.layout import GB, PRESETS, CostError, Layout, Model, num_params
+from lmkit.costs.per_rank import bubble_fraction, communication, memory
+
+__all__ = ["calculate", "format_bytes"]
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in decimal units, 3 significant digits: ``1.23 GB``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(float(f"{n:.3g}")) >= size:  # round first: 999.7 MB is "1 GB", not "1e+03 MB"
+            return f"{float(f'{n / size:.3g}'):g} {unit}"
+    return f"{n:.0f} B"
+
+
+_LAYOUT_FIELDS = {f.name: f.type for f in dataclasses.fields(Layout)}
+
+
+def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The calculator's one entry point (JSON in, JSON out): the page and the tests call it alike.
+
+    `inputs`: ``preset`` (a key of `PRESETS`) or ``model`` (the fields of `Model`), the fields of
+    `Layout` (``cp`` included), ``global_batch``, ``precision`` and ``device_memory_gb``. Returns
+    memory per rank of the worst stage (bytes), whether it fits, bytes each rank sends per step by
+    group (``dp``: the gradients' dp x cp group; ``cp``: ring attention's K/V and dK/dV blocks;
+    ``total``), the bubble and the parameter count; or ``{"error": "<one line>"}``.
+    """
+    try:
+        if inputs.get("preset"):
+            if inputs["preset"] not in PRESETS:
+                raise CostError(f"unknown preset {inputs['preset']!r}; use one of {', '.join(PRESETS)}")
+            model = PRESETS[inputs["preset"]]
+        else:
+            spec = dict(inputs.get("model") or {})
+            unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(Model)})
+            if unknown:
+                raise CostError(f"unknown model field(s) {unknown}")
+            model = Model(**{k: (int(v) if k not in ("bias", "dropout", "name") else v)
+                             for k, v in spec.items()}).validate()
+        values = {k: inputs[k] for k in _LAYOUT_FIELDS if k in inputs}
+        for k in ("dp", "tp", "pp", "cp", "zero", "microbatches", "virtual_stages"):
+            if k in values:
+                values[k] = int(values[k])
+        if "sequence_parallel" in values:
+            values["sequence_parallel"] = bool(values["sequence_parallel"])
+        layout = Layout(**values)
+        global_batch = int(inputs.get("global_batch", layout.dp * layout.microbatches))
+        precision = inputs.get("precision", "mixed")
+        device_gb = float(inputs.get("device_memory_gb", 80))
+        mem = memory(model, layout, global_batch, precision)
+        sent: dict[str, float] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0}
+        for term in communication(model, layout, global_batch, precision, mem.stage):
+            sent["pp" if term.group == "embedding" else term.group] += term.wire_bytes
+        sent["total"] = sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
+        bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages)
+        return {"model": model.name or "custom", "num_params": num_params(model), "layout": layout.name,
+                "stage": mem.stage, "memory": mem.as_dict(), "device_memory": device_gb * GB,
+                "fits": mem.total <= device_gb * GB, "communication": sent, "bubble": bubble, "error": None}
+    except (CostError, TypeError, ValueError) as e:
+        return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}

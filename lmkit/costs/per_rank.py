@@ -1,0 +1,464 @@
+"""What one rank of a layout holds and sends: memory, communication, context parallelism, bubble.
+
+`memory` is the bytes per rank of the worst (or a given) pipeline stage: model states
+(`model_states`, exactly as lmkit's engine allocates them in fp32) and activations
+(`activation_bytes_per_layer` times the microbatch-chunks `in_flight`). `communication` is every
+collective a rank issues in one optimizer step, as `CommTerm`s with their bytes on the wire
+(`wire_bytes`). The ``cp_*`` functions are ring attention's work, memory and messages (context
+parallelism), and `bubble_fraction` the pipeline's idle share. Chapter 5 derives every formula; the
+tests check them against the engines' measured bytes and memory on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from lmkit.costs.layout import (
+    PRECISIONS,
+    CostError,
+    Layout,
+    Model,
+    padded_numel,
+    stage_counts,
+    zero_buckets,
+)
+
+__all__ = [
+    "model_states", "activation_bytes_per_layer", "in_flight", "Memory", "memory", "wire_bytes", "CommTerm",
+    "communication", "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication",
+    "cp_ring_step", "bubble_fraction",
+]
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+def model_states(numel: float, dp: int = 1, zero: int = 0,
+                 precision: str = "mixed") -> tuple[float, float, float]:
+    """Bytes of (parameters, gradients, Adam state) per rank for `numel` parameters.
+
+    Rajbhandari et al. 2020 (ZeRO), section 3.1 and 5: mixed precision keeps 2-byte parameters and
+    gradients plus K = 12 bytes of fp32 master weights and moments; fp32 training 4 + 4 + 8. ZeRO
+    stage 1 shards the optimizer state over dp, stage 2 also the gradients, stage 3 also the weights.
+    """
+    if precision not in PRECISIONS:
+        raise CostError(f"precision={precision!r} is unknown; use 'fp32' or 'mixed'")
+    p, g, k = (2, 2, 12) if precision == "mixed" else (4, 4, 8)
+    return (p * numel / (dp if zero >= 3 else 1), g * numel / (dp if zero >= 2 else 1),
+            k * numel / (dp if zero >= 1 else 1))
+
+
+def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
+                               recompute: str = "none", act_bytes: int = 2, dropout: bool = True,
+                               flash_attention: bool = False, cp: int = 1) -> float:
+    """Bytes one Transformer layer keeps for backward, for a microbatch of `b` sequences of `s` tokens.
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+    section 4: ``s b h (34 + 5 a s / h)`` with 2-byte activations and 1-byte dropout masks;
+    ``s b h (10 + 24/t + 5 a s/(h t))`` with tensor parallelism, ``s b h/t (34 + 5 a s / h)`` with
+    sequence parallelism, the ``5 a s / h`` term gone under selective recomputation, ``2 s b h``
+    (the layer's input) under full recomputation. Generalised here to `act_bytes` per element,
+    no masks without dropout, and flash attention (no ``a s^2`` matrix; ``4 a s b`` bytes of
+    log-sum-exp instead). Context parallelism over `cp` ranks gives each rank ``s / cp`` of the
+    tokens: every ``s b h`` term is divided by ``cp``, and so is the score term, whose rows are this
+    rank's queries against all ``s`` keys (``a (s/cp) s b``); ring attention (`cp_attention_memory`)
+    keeps none of it.
+    """
+    e, mask, t = act_bytes, (1 if dropout else 0), tp
+    sp = t if sequence_parallel else 1
+    if cp > 1 and s % cp:
+        raise CostError(f"seq_len={s} is not divisible by cp={cp}; use a multiple of cp (2 cp for zigzag)")
+    sbh, local = s // cp * b * h, s // cp
+    if recompute == "full":
+        return e * sbh / sp
+    # Outside the tensor-parallel regions (replicated over tp unless sequence-parallel): the two
+    # LayerNorm inputs, the inputs of qkv and fc, and two dropout masks.
+    outside = (4 * e + 2 * mask) * sbh / sp
+    # Inside (split over tp): q, k, v, the attention output (proj input), the GELU input and output.
+    inside = (4 * e + 8 * e) * sbh / t
+    if flash_attention:
+        scores = 4 * a * local * b / t  # fp32 log-sum-exp per row and head
+    elif recompute == "selective":
+        scores = 0.0
+    else:  # softmax output, its dropout mask and the dropped-out copy
+        scores = (e + mask + (e if dropout else 0)) * a * local * s * b / t
+    return outside + inside + scores
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Most microbatch-chunks whose activations pipeline rank `stage` holds at once.
+
+    GPipe: ``m``; 1F1B: ``min(m, pp - r)``; interleaved 1F1B (Megatron's warm-up of
+    ``2 (pp - r - 1) + (v - 1) pp`` forwards, plus one): in units of one chunk's layers. Checked
+    against `lmkit.parallel.pipeline.peak_in_flight` of the real schedules.
+    """
+    pp, m, v, r = layout.pp, layout.microbatches, layout.virtual_stages, stage
+    if pp == 1:
+        return 1
+    if layout.schedule == "gpipe":
+        return m
+    if layout.schedule == "1f1b":
+        return min(m, pp - r)
+    if m == pp:
+        return m * v
+    return min(m * v, 2 * (pp - r - 1) + (v - 1) * pp + 1)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per rank: model states (exactly as lmkit allocates them in fp32) and activations."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    stage: int
+    numel: int
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+    def as_dict(self) -> dict[str, float]:
+        return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
+                "activations": self.activations, "total": self.total}
+
+
+def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
+                     flash_attention: bool) -> Memory:
+    mats, vecs, count, *_ = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage)
+    numel, dp, zero = mats + vecs, layout.grad_ranks, layout.zero  # ZeRO shards over dp x cp
+    if precision == "fp32":
+        # lmkit's engine: AdamW (4 + 4 + 8 bytes per parameter, and a 4-byte step counter per tensor
+        # it steps). Under ZeRO every bucket is padded to a multiple of dp x cp and split into as many
+        # chunks;
+        # the optimizer steps this rank's chunk of each (one counter per bucket), and ZeRO-2 keeps
+        # only the gradients of those chunks.
+        buckets = zero_buckets(model, layout, stage)
+        padded = padded_numel(buckets, dp)
+        shard = padded // dp
+        groups = len(buckets)
+        if zero == 0:
+            p_bytes, g_bytes, o_bytes = 4 * numel, 4 * numel, 8 * numel + 4 * count
+        else:
+            p_bytes = 4 * (shard if zero >= 3 else padded)
+            g_bytes = 4 * (shard if zero >= 2 else padded)
+            o_bytes = 8 * shard + 4 * groups
+    else:
+        p_bytes, g_bytes, o_bytes = model_states(numel, dp, zero, precision)
+    act = _activations(model, layout, global_batch, precision, stage, flash_attention)
+    return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel)
+
+
+def _activations(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
+                 flash_attention: bool) -> float:
+    b = global_batch // (layout.dp * layout.microbatches)  # sequences; a cp rank holds s / cp of each
+    s, h, a, t, V, cp = model.seq_len, model.d_model, model.n_head, layout.tp, model.vocab_size, layout.cp
+    e = 4 if precision == "fp32" else 2
+    sp = t if layout.sequence_parallel else 1
+    _, layers, _, last = stage_counts(model, layout.pp, layout.virtual_stages, t, stage)[4:]
+    # Ring attention keeps the log-sum-exp, never the scores (it recomputes them blockwise, like flash).
+    flash = flash_attention or cp > 1
+    per_layer = activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, layout.recompute, e,
+                                           model.dropout, flash, cp)
+    units = in_flight(layout, stage) if layout.pp > 1 else 1
+    total = units * layers * per_layer
+    if layout.recompute == "full":  # the layer being recomputed holds its full activations once
+        total += activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, "none", e, model.dropout,
+                                            flash, cp)
+    if cp > 1:  # the layer running its ring: K/V and dK/dV blocks in flight (and a score block unless flash)
+        ring = cp_attention_memory(b, s, h, a, cp, t, e)
+        total += ring["kv_in_flight"] + ring["dkv_in_flight"]
+        if not flash_attention:
+            total += ring["score_block"]
+    if last:  # ln_f input, head input, fp32 log-softmax of the logits (of this rank's s / cp tokens)
+        held = 1 if layout.pp == 1 or layout.schedule != "gpipe" else layout.microbatches
+        local = s // cp
+        total += held * (e * local * b * h / sp + e * local * b * h + 4 * local * b * V / t)
+    return float(total)
+
+
+def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp32", stage: int | None = None,
+           flash_attention: bool = True) -> Memory:
+    """Bytes per rank on pipeline rank `stage` (default: the rank that needs the most).
+
+    Model states: `model_states` with the layout's tp/pp split of every tensor (embedding and head
+    on the end stages). Activations: `activation_bytes_per_layer` times the layers of a chunk times
+    the microbatch-chunks in flight (`in_flight`), plus the head's logits on the last stage.
+    lmkit's ZeRO-2 keeps only this rank's shard of the gradients, ZeRO's 1/dp (plus padding).
+    Context parallelism: every rank holds ``s / cp`` tokens of each sequence (the activation
+    formula with ``s -> s / cp``, no score matrix: ring attention keeps the log-sum-exp), plus the
+    K/V and dK/dV blocks in flight of the one layer running its ring (`cp_attention_memory`); ZeRO
+    shards over the ``dp x cp`` ranks that average the gradients.
+    """
+    model.validate()
+    layout.validate(model, global_batch)
+    if precision not in PRECISIONS:
+        raise CostError(f"precision={precision!r} is unknown; use 'fp32' or 'mixed'")
+    stages = range(layout.pp) if stage is None else [stage]
+    if stage is not None and not 0 <= stage < layout.pp:
+        raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
+    results = [_memory_of_stage(model, layout, global_batch, precision, r, flash_attention) for r in stages]
+    return max(results, key=lambda mem: mem.total)
+
+
+# --------------------------------------------------------------------------------- communication
+
+
+def wire_bytes(kind: str, nbytes: float, group_size: int) -> float:
+    """Bytes one rank sends for a collective of payload `nbytes` under ring algorithms (nccl-tests).
+
+    All-reduce ``2 (n-1)/n B``; reduce-scatter, all-gather, reduce, broadcast ``(n-1)/n B``; a send
+    ``B``, a receive 0. The same definition as `lmkit.parallel.instrument.wire_bytes`.
+    """
+    n = group_size
+    if kind == "send":
+        return float(nbytes)
+    if n <= 1 or kind in ("recv", "barrier"):
+        return 0.0
+    if kind == "all_reduce":
+        return 2 * (n - 1) / n * nbytes
+    if kind in ("gather", "scatter"):
+        return (n - 1) / n**2 * nbytes
+    return (n - 1) / n * nbytes
+
+
+@dataclass(frozen=True)
+class CommTerm:
+    """One kind of collective a rank issues in one optimizer step."""
+
+    group: str  # "dp", "tp", "pp", "cp" or "embedding" (first + last pipeline stage)
+    kind: str
+    what: str
+    calls: int | None  # None where the count depends on bucketing
+    bytes: float  # payload as nccl-tests defines it, summed over the calls
+    group_size: int
+    bookkeeping: bool = False  # a scalar for logging or the global gradient norm, not training data
+    hidden_by: str = ""  # compute it can overlap: "backward" (the last microbatch's), "compute", or none
+
+    @property
+    def wire_bytes(self) -> float:
+        return wire_bytes(self.kind, self.bytes, self.group_size)
+
+
+def communication(model: Model, layout: Layout, global_batch: int, precision: str = "fp32",
+                  stage: int = 0) -> list[CommTerm]:
+    """The collectives pipeline rank `stage` issues per optimizer step, term by term.
+
+    Data parallel: the gradient all-reduce (ZeRO-1: plus an all-gather of the updated parameters;
+    ZeRO-2: one reduce-scatter per bucket and microbatch instead of the all-reduce; ZeRO-3: two
+    parameter all-gathers, forward and backward) -- Rajbhandari et al. 2020, section 7. Tensor parallel:
+    ``2`` all-reduces of the ``b s h`` activation per layer forward and ``2`` backward (Shoeybi et al.
+    2019) *plus* the vocab-parallel embedding's forward and the head's input gradient: ``4 L + 2`` on
+    one stage; sequence parallel turns each into an all-gather and a reduce-scatter (Korthikanti et al.
+    2022).
+    Pipeline: one activation forward and one gradient backward per microbatch and boundary.
+    Context parallelism: the ring's K/V and dK/dV blocks (`cp_communication`) for this stage's layers
+    and microbatches; the "dp" terms run over the ``dp x cp`` ranks that average the gradients, and
+    tensor- and pipeline-parallel messages carry this rank's ``s / cp`` tokens. Full recomputation
+    runs every layer's forward, and its ring, a second time.
+    """
+    layout.validate(model, global_batch)
+    if not 0 <= stage < layout.pp:
+        raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
+    e = 4 if precision == "fp32" else 2
+    tp, pp, m, v, cp = layout.tp, layout.pp, layout.microbatches, layout.virtual_stages, layout.cp
+    b = global_batch // (layout.dp * m)
+    dp = layout.grad_ranks  # the gradient group: dp x cp
+    s, h, V = model.seq_len // cp, model.d_model, model.vocab_size  # s: the tokens of a sequence on this rank
+    mats, vecs, _, replicated, layers, _, first, last = stage_counts(model, pp, v, tp, stage)
+    numel = mats + vecs
+    buckets = zero_buckets(model, layout, stage)
+    padded = padded_numel(buckets, dp)
+    terms: list[CommTerm] = []
+    if dp > 1:
+        if layout.zero == 3:
+            # FSDP2 gathers again for every microbatch's forward and backward (it reshards after each).
+            # An upper bound inside a pipeline, where back-to-back passes of one stage reuse a gather
+            # (chapter 6 measures 0.8 of it for dp2 x tp2 x pp2 with 2 microbatches).
+            terms.append(CommTerm("dp", "all_gather", "parameters gathered for forward and again for "
+                                  "backward, every microbatch", None, 2 * m * e * numel, dp,
+                                  hidden_by="compute"))  # prefetched while the previous layer computes
+            terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
+                                  e * numel, dp, hidden_by="backward"))
+        elif layout.zero == 2:
+            # one reduce-scatter per bucket and backward pass: the padded bucket in, the rank's chunk
+            # out, accumulated in the shard over the microbatches (an upper bound with interleaved
+            # stages, whose buckets may wait for more than one backward)
+            terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
+                                  "shards, every microbatch", m * len(buckets), m * e * padded, dp,
+                                  hidden_by="backward"))
+        else:
+            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce (buckets)", None, e * numel, dp,
+                                  hidden_by="backward"))
+        if layout.zero in (1, 2):
+            terms.append(CommTerm("dp", "all_gather", "updated parameter shards all-gathered", None,
+                                  e * padded, dp))
+        if layout.zero == 2:
+            terms.append(CommTerm("dp", "all_reduce", "gradient norm^2 over dp", 1, 4, dp, True))
+        terms.append(CommTerm("dp", "all_reduce", "loss mean over dp (fp64)", 1, 8, dp, True))
+    if tp > 1:
+        calls = m * (4 * layers + int(first) + int(last))
+        act = e * b * s * h
+        if layout.sequence_parallel:
+            for kind in ("all_gather", "reduce_scatter"):
+                terms.append(CommTerm("tp", kind, "activations: 2 per layer forward + 2 backward, "
+                                      "embedding, head", calls, calls * act, tp))
+            # ZeRO-2 sums them on the dp shards after the reduce-scatter: about 1/dp of them
+            share = math.ceil(replicated / dp) if layout.zero == 2 else replicated
+            terms.append(CommTerm("tp", "all_reduce", "sequence-parallel replicated gradients (norms, "
+                                  "positions, row biases)", 1, 4 * share, tp))
+        else:
+            terms.append(CommTerm("tp", "all_reduce", "activations: 2 per layer forward + 2 backward, "
+                                  "embedding forward, head backward", calls, calls * act, tp))
+        if last:
+            terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: max", m,
+                                  m * 4 * b * s, tp))
+            terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: exp-sum, target logit",
+                                  m, m * 8 * b * s, tp))
+        terms.append(CommTerm("tp", "all_reduce", "gradient norm^2 over tp (fp64)", 1, 8, tp, True))
+    if pp > 1:
+        n_chunks = pp * v
+        index = [k * pp + stage for k in range(v)]
+        act = e * b * (s // tp if layout.sequence_parallel else s) * h
+        sends = m * (sum(1 for i in index if i != n_chunks - 1) + sum(1 for i in index if i != 0))
+        terms.append(CommTerm("pp", "send", "activations forward, gradients backward, 1 per microbatch "
+                              "and boundary", sends, sends * act, pp))
+        terms.append(CommTerm("pp", "recv", "the mirror image of the sends", sends, sends * act, pp))
+        if first or last:  # ZeRO-2: on the dp shard of the embedding's own bucket
+            emb = V * h // tp
+            emb = math.ceil(emb / dp) if layout.zero == 2 else emb
+            terms.append(CommTerm("embedding", "all_reduce", "tied embedding gradients, first + last stage",
+                                  1, 4 * emb, 2))
+        terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
+        terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
+    if cp > 1:
+        ring = cp_communication(b, model.seq_len, h, cp, tp, layers, m, e)
+        terms += ring
+        if layout.recompute == "full":  # the recomputed forward runs its ring again
+            terms += [dataclasses.replace(t, what=t.what.replace("forward", "forward again (recomputation)"))
+                      for t in ring if "forward" in t.what]
+    return terms
+
+
+# --------------------------------------------------------------------------------- context parallelism
+# lmkit.parallel.context_parallel: ring attention over cp ranks, zigzag ("head-tail") or contiguous
+# causal sharding. Per layer and microbatch, for this rank's s/cp tokens and h/t of the width (its heads).
+
+CP_LAYOUTS = ("zigzag", "contiguous")
+
+
+def _cp_chunks(s: int, cp: int, layout: str) -> tuple[int, int]:
+    """(chunks of the sequence, tokens per chunk), validated."""
+    if layout not in CP_LAYOUTS:
+        raise CostError(f"context-parallel layout {layout!r} is unknown; use one of {CP_LAYOUTS}")
+    n = 2 * cp if layout == "zigzag" else cp
+    if cp < 1 or s % n:
+        raise CostError(f"seq_len={s} is not divisible by {n} ({layout} sharding over cp={cp}); "
+                        f"use a multiple of {n}")
+    return n, s // n
+
+
+def cp_attention_work(s: int, cp: int, layout: str = "zigzag") -> list[dict[str, int]]:
+    """Per rank: score blocks, score entries and unmasked (causal) entries of one head's forward.
+
+    Rank ``r`` holds chunks ``r`` and ``2 cp - 1 - r`` (zigzag) or chunk ``r`` (contiguous) of ``C``
+    tokens. Its queries of chunk ``i`` meet keys of chunk ``j <= i``: a full ``C x C`` block below
+    the diagonal, a triangle of ``C (C+1)/2`` on it. Zigzag: ``2 cp + 1`` blocks and
+    ``(2 cp - 1) C^2 + C (C + 1)`` unmasked entries on every rank; contiguous: ``r + 1`` blocks and
+    ``r C^2 + C (C+1)/2``, growing with the rank.
+    """
+    n, c = _cp_chunks(s, cp, layout)
+    out = []
+    for r in range(cp):
+        mine = (r, n - 1 - r) if layout == "zigzag" else (r,)
+        blocks = [(i, j) for i in mine for src in range(cp)
+                  for j in ((src, n - 1 - src) if layout == "zigzag" else (src,)) if j <= i]
+        diagonal = sum(1 for i, j in blocks if i == j)
+        out.append({"blocks": len(blocks), "scores": len(blocks) * c * c,
+                    "unmasked": (len(blocks) - diagonal) * c * c + diagonal * c * (c + 1) // 2})
+    return out
+
+
+def cp_attention_memory(b: int, s: int, h: int, a: int, cp: int, tp: int = 1, act_bytes: int = 4,
+                        layout: str = "zigzag") -> dict[str, float]:
+    """Bytes one rank's ring attention holds, against the score matrix of attention without it.
+
+    - ``saved``: what the forward keeps for backward: q, k, v (``act_bytes``) and the output and
+      log-sum-exp in the accumulation precision (``max(act_bytes, 4)``): linear in ``s / cp``;
+    - ``kv_in_flight``: the K/V block computed on plus the one arriving (2 blocks of ``2 b (s/cp) h/t``);
+    - ``dkv_in_flight``: in backward, the dK/dV accumulator computed into plus the one arriving (2 blocks
+      in the accumulation precision);
+    - ``score_block``: the largest score block alive at once (one chunk pair, fp32 or wider);
+    - ``scores_full``: the ``a s^2 b / t`` score matrix one rank would hold without context parallelism.
+    """
+    n, c = _cp_chunks(s, cp, layout)
+    acc = max(act_bytes, 4)
+    local, width = s // cp, h // tp
+    return {"saved": (3 * act_bytes + acc) * b * local * width + acc * b * (a // tp) * local,
+            "kv_in_flight": 2 * 2 * b * local * width * act_bytes,
+            "dkv_in_flight": 2 * 2 * b * local * width * acc,
+            "score_block": acc * b * (a // tp) * c * c,
+            "scores_full": act_bytes * b * (a // tp) * s * s}
+
+
+def cp_communication(b: int, s: int, h: int, cp: int, tp: int = 1, layers: int = 1, microbatches: int = 1,
+                     act_bytes: int = 4) -> list[CommTerm]:
+    """The sends (and mirrored receives) of ring attention for `layers` layers and `microbatches`.
+
+    A K/V block is ``2 b (s/cp) (h/t) e`` bytes (its heads under tensor parallelism). Forward: ``cp - 1``
+    ring steps pass it on. Backward: the blocks go round again (``cp - 1`` sends; the alternative,
+    keeping all ``cp`` blocks from the forward, would cost ``cp`` times the K/V memory), and the dK/dV
+    accumulators, in the accumulation precision ``max(e, 4)``, make ``cp`` hops, the last one home.
+    """
+    if cp == 1:
+        return []
+    _cp_chunks(s, cp, "contiguous")
+    e, acc, n = act_bytes, max(act_bytes, 4), layers * microbatches
+    block, grad_block = 2 * b * (s // cp) * (h // tp) * e, 2 * b * (s // cp) * (h // tp) * acc
+    terms = []
+    for kind in ("send", "recv"):
+        terms += [CommTerm("cp", kind, "K/V blocks forward: cp - 1 ring steps per layer", n * (cp - 1),
+                           n * (cp - 1) * block, cp, hidden_by="compute"),
+                  CommTerm("cp", kind, "K/V blocks again in backward: cp - 1 steps", n * (cp - 1),
+                           n * (cp - 1) * block, cp, hidden_by="compute"),
+                  CommTerm("cp", kind, "dK/dV accumulators in backward: cp hops, the last one home", n * cp,
+                           n * cp * grad_block, cp, hidden_by="compute")]
+    return terms
+
+
+def cp_ring_step(b: int, s: int, h: int, cp: int, peak_flops: float, bandwidth: float, tp: int = 1,
+                 act_bytes: int = 2, layout: str = "zigzag") -> dict[str, float]:
+    """Seconds of one forward ring step (a K/V block that is not the rank's own): compute and transfer.
+
+    Zigzag: two ``C x C`` blocks (``C = s / 2cp``) of ``QK^T`` and ``PV``, ``4 b C^2 h/t`` FLOPs each
+    (a contiguous rank below the diagonal: one ``(s/cp)^2`` block, twice as much); the transfer is one
+    K/V block, ``2 b (s/cp) (h/t) e`` bytes at `bandwidth` bytes/s. The transfer hides behind the
+    compute when ``compute_s >= comm_s``: for zigzag when ``s / cp >= e F / beta`` tokens per rank.
+    """
+    _, c = _cp_chunks(s, cp, layout)
+    width = h // tp
+    block_pairs = 2 if layout == "zigzag" else 1
+    flops = block_pairs * 4 * b * c * c * width
+    comm = 2 * b * (s // cp) * width * act_bytes
+    return {"flops": float(flops), "compute_s": flops / peak_flops, "bytes": float(comm),
+            "comm_s": comm / bandwidth}
+
+
+# --------------------------------------------------------------------------------- pipeline bubble
+
+
+def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of a pipeline step: ``(p-1) / (v m + p - 1)`` (GPipe, 1F1B: ``v = 1``).
+
+    Huang et al. 2019 (GPipe); Narayanan et al. 2021, section 2.2 (interleaved).
+    """
+    if min(pp, microbatches, virtual_stages) < 1:
+        raise CostError("pp, microbatches and virtual_stages must be >= 1")
+    return (pp - 1) / (virtual_stages * microbatches + pp - 1)
