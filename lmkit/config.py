@@ -26,6 +26,9 @@ __all__ = [
     "NONFINITE_POLICIES",
     "MODEL_OPTION_DEFAULTS",
     "check_layout_supports",
+    "PRESETS",
+    "model_preset",
+    "swiglu_width",
 ]
 
 CORPUS_NAMES = ("kjv", "tang", "tinyshakespeare")  # = lmkit.data.CORPORA (kept here: no torch import)
@@ -33,9 +36,19 @@ NONFINITE_POLICIES = ("stop", "skip")
 POS_CHOICES = ("learned", "rope")
 NORM_CHOICES = ("layer", "rms")
 ACTIVATION_CHOICES = ("gelu", "relu2")
+MLP_CHOICES = ("plain", "swiglu")
 OPTIMIZER_CHOICES = ("adamw", "muon")
 #: Options of ModelConfig beyond GPT-2's network, with the value that is GPT-2's.
-MODEL_OPTION_DEFAULTS = {"pos": "learned", "norm": "layer", "qk_norm": False, "activation": "gelu"}
+MODEL_OPTION_DEFAULTS = {"pos": "learned", "norm": "layer", "qk_norm": False, "activation": "gelu",
+                         "n_kv_head": 0, "mlp": "plain", "d_ff": 0, "tie_embeddings": True,
+                         "rope_theta": 10000.0}
+#: The Llama-style network (Touvron et al. 2023; Llama 3, Qwen, Mistral share it): rotary positions,
+#: RMSNorm, a SwiGLU MLP, no biases, an output layer of its own; grouped-query attention with half
+#: as many key/value heads as query heads unless `n_kv_head` is given (`model_preset`).
+PRESETS = {
+    "gpt2": {},
+    "llama": {"pos": "rope", "norm": "rms", "mlp": "swiglu", "bias": False, "tie_embeddings": False},
+}
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -78,8 +91,16 @@ class ModelConfig:
     norm: str = _opt("layer", "normalisation of the blocks and the output: LayerNorm or RMSNorm",
                      NORM_CHOICES)
     qk_norm: bool = _opt(False, "RMS-normalise each head's queries and keys before attention")
-    activation: str = _opt("gelu", "MLP activation: GELU (tanh approximation) or ReLU squared",
+    activation: str = _opt("gelu", "activation of the plain MLP: GELU (tanh approximation) or ReLU squared",
                            ACTIVATION_CHOICES)
+    n_kv_head: int = _opt(0, "key/value heads: grouped-query attention when fewer than n_head "
+                          "(0 = n_head; divides n_head; tp divides it)")
+    mlp: str = _opt("plain", "MLP: plain (up, activation, down) or gated SwiGLU (silu(gate) * up, down)",
+                    MLP_CHOICES)
+    d_ff: int = _opt(0, "hidden width of the MLP (0 = 4 d_model; swiglu: 8/3 d_model rounded up to a "
+                     "multiple of 32)")
+    tie_embeddings: bool = _opt(True, "the output layer reuses the token embedding's matrix")
+    rope_theta: float = _opt(10000.0, "base of the rotary angles (pos=rope; Llama 3 uses 500000)")
 
     def validate(self) -> ModelConfig:
         if self.arch not in ("gpt", "lstm"):
@@ -102,11 +123,42 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp not in MLP_CHOICES:
+            raise ConfigError(f"model.mlp={self.mlp!r} is unknown; use one of {MLP_CHOICES}")
+        if self.mlp == "swiglu" and self.activation != "gelu":
+            raise ConfigError(f"model.activation={self.activation!r} applies to mlp='plain'; SwiGLU's "
+                              "activation is its SiLU gate: drop --activation or use --mlp plain")
+        for name in ("n_kv_head", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"model.{name} must be an integer >= 0 (0 = the default), got {value!r}")
+        if self.arch == "gpt" and self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: each key/value "
+                f"head serves n_head/n_kv_head query heads; choose n_kv_head among "
+                f"{[k for k in range(1, self.n_head + 1) if self.n_head % k == 0]}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"model.rope_theta must be positive, got {self.rope_theta!r}")
+        if self.arch == "gpt" and self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"pos='rope' turns pairs of a head's features: head_dim = d_model/n_head = "
+                              f"{self.head_dim} must be even; change d_model or n_head")
         return self
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per block: `n_kv_head`, or `n_head` (multi-head attention) when 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_width(self) -> int:
+        """Hidden width of the MLP: `d_ff`, or its default for the MLP kind (`swiglu_width`)."""
+        if self.d_ff:
+            return self.d_ff
+        return swiglu_width(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
 
     def options(self) -> dict[str, Any]:
         """The model options that differ from GPT-2's network (empty for the default model)."""
@@ -243,6 +295,27 @@ class ParallelConfig:
                 "or change dp/cp/tp/pp"
             )
         return self
+
+
+def swiglu_width(d_model: int, multiple: int = 32) -> int:
+    """Default hidden width of a SwiGLU MLP: 8/3 d_model (its three matrices then hold as many
+    parameters as a plain MLP's two of 4 d_model), rounded up to a multiple of `multiple`."""
+    return -(-8 * d_model // (3 * multiple)) * multiple
+
+
+def model_preset(name: str, **fields: Any) -> ModelConfig:
+    """A `ModelConfig` of the network `name` (`PRESETS`: ``"gpt2"``, ``"llama"``) with `fields` on top.
+
+    ``"llama"`` gives grouped-query attention with ``n_head // 2`` key/value heads (``n_head`` when it
+    is odd) unless ``n_kv_head`` is among `fields`.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"model preset {name!r} is unknown; use one of {sorted(PRESETS)}")
+    values = {**PRESETS[name], **fields}
+    if name == "llama" and "n_kv_head" not in fields:
+        n_head = fields.get("n_head", ModelConfig.n_head)
+        values["n_kv_head"] = n_head // 2 if n_head % 2 == 0 else n_head
+    return ModelConfig(**values).validate()
 
 
 def _divisors(n: int) -> list[int]:

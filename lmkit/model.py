@@ -13,19 +13,24 @@ key off ``state_dict()`` names::
     tok_emb, pos_emb, drop,
     blocks[i].ln1, blocks[i].attn.qkv, blocks[i].attn.proj, blocks[i].ln2,
     blocks[i].mlp.fc, blocks[i].mlp.proj,
-    ln_f, head            (head.weight is tok_emb.weight: both names appear in state_dict)
+    ln_f, head            (head.weight is tok_emb.weight when tied: both names appear in state_dict)
 
-``attn.qkv`` is one fused Linear(d, 3d) whose output features are laid out ``[q | k | v]``, each
-``n_head`` heads of ``head_dim``. A tensor-parallel split must therefore split *per head inside
-each of q, k and v* (view the weight as ``[3, n_head, head_dim, d]`` and shard dim 1), not cut
-the 3d rows into contiguous chunks. The attention infers its local head count from the width of
-the ``qkv`` output, so a column-parallel ``qkv`` and a row-parallel ``proj`` drop in unchanged.
+``attn.qkv`` is one fused Linear(d, (n_head + 2 n_kv_head) hd) whose output features are laid out
+``[q | k | v]``: ``n_head`` query heads, then ``n_kv_head`` key and as many value heads, ``head_dim``
+each. A tensor-parallel split must therefore split *whole heads inside each of q, k and v*, not
+cut the rows into contiguous chunks (`lmkit.parallel.plan.fused_parts`). The attention infers its
+local head counts from the width of the ``qkv`` output, so a column-parallel ``qkv`` and a
+row-parallel ``proj`` drop in unchanged.
 
-Model options (`ModelConfig`, all off by default, chapter 7 "Time to a given loss"): ``pos="rope"``
-rotates each head's queries and keys by their position (`rope_tables`, `apply_rope`) and drops
-``pos_emb``; ``norm="rms"`` makes ``ln1``/``ln2``/``ln_f`` RMSNorms (no bias); ``qk_norm=True`` adds
-``attn.q_norm``/``attn.k_norm`` (RMSNorm over a head's features); ``activation="relu2"`` puts
-``relu(x)^2`` in the MLP. GPT-2 (`lmkit.hf`) and the parallel engines take the defaults only.
+Model options (`ModelConfig`, all off by default: the defaults are GPT-2's network): ``pos="rope"``
+rotates each head's queries and keys by their position (`rope_tables`, base ``rope_theta``) and
+drops ``pos_emb``; ``norm="rms"`` makes ``ln1``/``ln2``/``ln_f`` RMSNorms (no bias); ``qk_norm=True``
+adds ``attn.q_norm``/``attn.k_norm`` (RMSNorm over a head's features); ``activation="relu2"`` puts
+``relu(x)^2`` in the MLP; ``n_kv_head < n_head`` is grouped-query attention (Ainslie et al. 2023:
+``n_head / n_kv_head`` query heads share a key/value head, the KV cache shrinks by that factor);
+``mlp="swiglu"`` is the gated MLP (`SwiGLU`, fused ``fc`` = ``[gate | up]``); ``tie_embeddings=False``
+gives the head its own matrix. ``model_preset("llama")`` (``--preset llama``) is the Llama-style
+network of them all; `lmkit.hf` converts it to and from transformers' ``LlamaForCausalLM``.
 
 Decoding uses `KVCache`: preallocated keys/values per layer, one position appended per step.
 Batches of prompts of different lengths are LEFT-padded: row ``b`` has ``left_pad[b]`` padding
@@ -202,15 +207,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
         self.head_dim = config.d_model // config.n_head
+        self.group = self.n_head // self.n_kv_head  # query heads per key/value head
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.rope_theta = config.rope_theta
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
         if config.qk_norm:  # one gain per head dimension, shared by the heads
             self.q_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
+
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, Hq, T, hd], k and v [B, Hkv, T, hd] from the fused projection's output [B, T, width].
+
+        The output is laid out ``[q | k | v]`` with ``Hq = group * Hkv``; the head counts are read off
+        its width, so under tensor parallelism (this rank's heads of each part) nothing changes.
+        (Split, view, transpose: of the layouts tried, the one whose backward is fastest here.)
+        """
+        B, T, width = qkv.shape
+        hd = self.head_dim
+        kv_width = width // (self.group + 2)
+        q, k, v = qkv.split((width - 2 * kv_width, kv_width, kv_width), dim=-1)
+        return (q.view(B, T, -1, hd).transpose(1, 2), k.view(B, T, -1, hd).transpose(1, 2),
+                v.view(B, T, -1, hd).transpose(1, 2))
 
     def forward(
         self,
@@ -223,29 +244,29 @@ class CausalSelfAttention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
-        hd = self.head_dim
         qkv = self.qkv(x)
-        width = qkv.size(-1) // 3  # local width (and heads) under tensor parallelism
-        H = width // hd
-        if cache is not None:  # decoding: q, k, v as one [3, B, H, T, hd] view, k and v cached at once
-            qkv3 = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
-            q, kv = qkv3[0], qkv3[1:]
-            if hasattr(self, "q_norm") or rope is not None:
-                k, v = kv.unbind(0)
+        if cache is not None:  # decoding: k and v of these positions cached together
+            if self.group == 1 and rope is None and not hasattr(self, "q_norm"):  # [3, B, H, T, hd] view
+                qkv3 = qkv.view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
+                q, kv = qkv3[0], qkv3[1:]
+            else:
+                q, k, v = self.split_heads(qkv)
                 if hasattr(self, "q_norm"):
                     q, k = self.q_norm(q), self.k_norm(k)
                 if rope is not None:  # rotate before caching: cached keys keep their own positions
                     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
                 kv = torch.stack((k, v))
             k, v = cache.update(layer, start, kv)
-        else:  # training layout (split + view + transpose: its backward is the faster one here)
-            q, k, v = (t.view(B, T, H, hd).transpose(1, 2) for t in qkv.split(width, dim=-1))
+        else:
+            q, k, v = self.split_heads(qkv)
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        width = q.size(1) * self.head_dim  # local width under tensor parallelism
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            enable_gqa=self.group > 1,
         )
         # [B, H, T, hd] -> [B, T, H * hd]; with one query per row that is a view (no copy)
         y = y.reshape(B, T, width) if T == 1 else y.transpose(1, 2).reshape(B, T, width)
@@ -253,13 +274,33 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(y) if self.resid_drop.training else y  # identity in eval mode: skip the call
 
 
+class SwiGLU(nn.Module):
+    """``silu(gate) * up`` of a gated MLP's fused ``fc`` output laid out ``[gate | up]`` (Shazeer, 2020,
+    "GLU Variants Improve Transformer"): the gate's SiLU scales each hidden feature of the up
+    projection. Under tensor parallelism ``fc``'s output is this rank's part of each half, so the same
+    split holds."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 class MLP(nn.Module):
+    """``proj(act(fc(x)))``. Plain: ``fc`` maps d to ``d_ff`` (4d), then GELU or ReLU². SwiGLU
+    (``mlp="swiglu"``): ``fc`` is the gate and up projections fused, d to ``2 d_ff`` laid out
+    ``[gate | up]``, and ``act`` is `SwiGLU` (one matrix multiply for both, like ``attn.qkv``)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
-        # tanh-approximate GELU: what GPT-2 was trained with ("gelu_new"), so GPT-2 weights load.
-        self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else ReLUSquared()
-        self.proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        width = config.ffn_width
+        if config.mlp == "swiglu":
+            self.fc = nn.Linear(config.d_model, 2 * width, bias=config.bias)
+            self.act = SwiGLU()
+        else:
+            self.fc = nn.Linear(config.d_model, width, bias=config.bias)
+            # tanh-approximate GELU: what GPT-2 was trained with ("gelu_new"), so GPT-2 weights load.
+            self.act = nn.GELU(approximate="tanh") if config.activation == "gelu" else ReLUSquared()
+        self.proj = nn.Linear(width, config.d_model, bias=config.bias)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -318,7 +359,8 @@ class GPT(nn.Module):
             self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the input embedding (saves V*d parameters and
         # is what GPT-2 does). Both names stay in state_dict(), sharing one storage.
-        self.head.weight = self.tok_emb.weight
+        if config.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False
         if device.type != "meta":  # under `with torch.device("meta")`: shapes only (parallel/ cuts it)
             materialize(self, device)
@@ -371,7 +413,7 @@ class GPT(nn.Module):
         """
         c = self.config
         T = c.block_size if seq_len is None else seq_len
-        N = self.num_params(non_embedding=True) + c.d_model * c.vocab_size
+        N = self.num_params(non_embedding=True) + (c.d_model * c.vocab_size if c.tie_embeddings else 0)
         attn = 4 * c.n_layer * c.d_model * T
         return float(6 * N + 3 * attn) if training else float(2 * N + attn)
 
@@ -403,7 +445,8 @@ class GPT(nn.Module):
         benchmarks/README.md); the plan calls the same forward methods, so the arithmetic, int8
         layers included, is that of `forward` exactly (tests/test_generate.py checks it bit for bit).
         """
-        if self.config.pos != "learned" or self.config.qk_norm:
+        c = self.config
+        if c.pos != "learned" or c.qk_norm or c.kv_heads != c.n_head or c.mlp != "plain":
             return None
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return None
@@ -507,7 +550,7 @@ class GPT(nn.Module):
         rope = None
         if c.pos == "rope":
             x = self.tok_emb(idx)
-            rope = rope_tables(pos_ids, c.head_dim)
+            rope = rope_tables(pos_ids, c.head_dim, c.rope_theta)
         else:
             x = self.tok_emb(idx) + self.pos_emb(pos_ids)
         if self.drop.training:  # dropout is the identity in eval mode: skip the call

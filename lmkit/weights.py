@@ -29,7 +29,7 @@ def parameter_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-_NORMAL, _RESIDUAL = ("tok_emb", "pos_emb", "qkv", "fc"), ("proj",)  # last module name of a weight
+_NORMAL, _RESIDUAL = ("tok_emb", "pos_emb", "qkv", "fc", "head"), ("proj",)  # last module name of a weight
 
 
 def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed: int) -> Tensor:
@@ -38,11 +38,12 @@ def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed
     are built. Every layout of chapter 6 therefore starts from the single-process weights, and a
     rank can draw one parameter, keep its shard and free the rest (`InitialWeights`).
 
-    GPT-2's initialisation: weights of linears and embeddings ~ N(0, 0.02); the two projections
+    GPT-2's initialisation: weights of linears and embeddings ~ N(0, 0.02) (an untied head too,
+    drawn from its own seed); the two projections
     that write into the residual stream (``attn.proj``, ``mlp.proj``) ~ N(0, 0.02 / sqrt(2 L)),
     so the residual's variance does not grow with depth; biases 0; LayerNorm gains 1.
     """
-    if name == "head.weight":
+    if name == "head.weight" and config.tie_embeddings:
         name = "tok_emb.weight"  # tied: the head *is* the embedding
     module, _, leaf = name.rpartition(".")
     kind = module.rpartition(".")[2]
