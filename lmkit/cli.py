@@ -177,7 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if layout is not None:
         mc = run.model_config
         validate_layout(parallel_cfg, train_cfg, mc.n_layer, mc.n_head, mc.vocab_size, mc.block_size, world,
-                        mc.dropout)
+                        mc.dropout, mc.kv_heads, mc.ffn_width)
         if mc.arch != "gpt":
             raise ConfigError("parallel layouts need model.arch='gpt' (the LSTM baseline is single-process)")
         from lmkit.parallel.mesh import init_topology

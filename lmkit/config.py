@@ -134,8 +134,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be an integer >= 0 (0 = the default), got {value!r}")
         if self.arch == "gpt" and self.n_head % self.kv_heads:
             raise ConfigError(
-                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: each key/value "
-                f"head serves n_head/n_kv_head query heads; choose n_kv_head among "
+                f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: each "
+                f"key/value head serves n_head/n_kv_head query heads; choose n_kv_head among "
                 f"{[k for k in range(1, self.n_head + 1) if self.n_head % k == 0]}")
         if not self.rope_theta > 0:
             raise ConfigError(f"model.rope_theta must be positive, got {self.rope_theta!r}")
@@ -206,6 +206,10 @@ class TrainConfig:
                           "for the rest", OPTIMIZER_CHOICES)
     muon_lr: float = _opt(0.02, "peak learning rate of the Muon matrices (optimizer=muon)")
     muon_momentum: float = _opt(0.95, "Muon's momentum (optimizer=muon)")
+    muon_precision: str = _opt("bfloat16", "precision of Muon's Newton-Schulz iteration: bf16 as "
+                               "torch.optim.Muon, or fp32 (every layout then reproduces one process to "
+                               "~1e-7)",
+                               ("bfloat16", "float32"))
 
     def validate(self) -> TrainConfig:
         if self.tokenizer not in ("char", "bpe"):
@@ -233,6 +237,9 @@ class TrainConfig:
             raise ConfigError(f"train.timeout must be a positive number of seconds, got {self.timeout!r}")
         if self.optimizer not in OPTIMIZER_CHOICES:
             raise ConfigError(f"train.optimizer={self.optimizer!r} is unknown; use 'adamw' or 'muon'")
+        if self.muon_precision not in ("bfloat16", "float32"):
+            raise ConfigError(f"train.muon_precision={self.muon_precision!r} is unknown; use 'bfloat16' or "
+                              "'float32'")
         if not self.muon_lr > 0 or not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"need train.muon_lr > 0 and 0 <= train.muon_momentum < 1 "
                               f"(muon_lr={self.muon_lr}, muon_momentum={self.muon_momentum})")
@@ -331,13 +338,14 @@ def check_layout_supports(model: ModelConfig, train: TrainConfig, parallel: Para
     """
     if parallel.world_size == 1:
         return
-    options = dict(model.options())
-    if train.optimizer != "adamw":
+    options = {} if parallel.engine == "lmkit" else dict(model.options())
+    if train.optimizer != "adamw" and parallel.engine != "lmkit":
         options["optimizer"] = train.optimizer
     if options:
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ConfigError(f"{listed} run single-process only (dp=tp=pp=1); the parallel layouts "
-                          f"(here {parallel.dp}x{parallel.tp}x{parallel.pp}) need the defaults")
+        raise ConfigError(f"{listed} run single-process or with engine='lmkit' only; the "
+                          f"{parallel.engine} engine's layouts (here dp={parallel.dp}, tp={parallel.tp}, "
+                          f"pp={parallel.pp}) need the defaults")
 
 
 def from_dict(cls: type, values: dict[str, Any] | None) -> Any:

@@ -61,6 +61,7 @@ __all__ = [
     "norm_layer",
     "rope_tables",
     "apply_rope",
+    "split_heads",
     "left_pad_tensor",
     "validate_token_ids",
 ]
@@ -204,6 +205,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def split_heads(qkv: Tensor, head_dim: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q [B, Hq, T, hd], k and v [B, Hkv, T, hd] from a fused projection's output [B, T, width].
+
+    The output is laid out ``[q | k | v]`` with ``Hq = group * Hkv`` (`group` query heads per
+    key/value head); the head counts are read off its width, so under tensor parallelism (this
+    rank's heads of each part) nothing changes. (Split, view, transpose: of the layouts tried, the
+    one whose backward is fastest here.)
+    """
+    B, T, width = qkv.shape
+    kv_width = width // (group + 2)
+    q, k, v = qkv.split((width - 2 * kv_width, kv_width, kv_width), dim=-1)
+    return tuple(t.view(B, T, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -212,7 +227,8 @@ class CausalSelfAttention(nn.Module):
         self.group = self.n_head // self.n_kv_head  # query heads per key/value head
         self.dropout = config.dropout
         self.rope_theta = config.rope_theta
-        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        width = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # [q | k | v]
+        self.qkv = nn.Linear(config.d_model, width, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
         if config.qk_norm:  # one gain per head dimension, shared by the heads
@@ -220,18 +236,8 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=NORM_EPS)
 
     def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q [B, Hq, T, hd], k and v [B, Hkv, T, hd] from the fused projection's output [B, T, width].
-
-        The output is laid out ``[q | k | v]`` with ``Hq = group * Hkv``; the head counts are read off
-        its width, so under tensor parallelism (this rank's heads of each part) nothing changes.
-        (Split, view, transpose: of the layouts tried, the one whose backward is fastest here.)
-        """
-        B, T, width = qkv.shape
-        hd = self.head_dim
-        kv_width = width // (self.group + 2)
-        q, k, v = qkv.split((width - 2 * kv_width, kv_width, kv_width), dim=-1)
-        return (q.view(B, T, -1, hd).transpose(1, 2), k.view(B, T, -1, hd).transpose(1, 2),
-                v.view(B, T, -1, hd).transpose(1, 2))
+        """q, k, v of this attention's fused projection output (`split_heads`)."""
+        return split_heads(qkv, self.head_dim, self.group)
 
     def forward(
         self,

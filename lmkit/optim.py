@@ -12,38 +12,149 @@ direction of the matrix moves at the same rate. It is defined for 2-D matrices t
 hidden representation to another; the embedding (a lookup table), the tied head, the norms'
 gains and the biases keep AdamW. `MuonAdamW` holds both so that a trainer, a learning-rate
 scheduler and a checkpoint see one optimizer.
+
+`Muon` is ``torch.optim.Muon``'s algorithm (its Newton-Schulz iteration, coefficients and
+learning-rate scaling, called from torch; equal to it bit for bit, ``tests/test_muon.py``) split
+in two so that it also runs on shards (chapter 6, "Muon under a layout"). The Newton-Schulz
+iteration ``X <- a X + (b X X^T + c (X X^T)^2) X`` mixes every entry of a matrix with every other,
+so, unlike AdamW's elementwise update, it cannot run on a tensor-parallel shard or a ZeRO chunk
+alone (`shardwise_error` measures how far that lands). The elementwise parts (momentum, Nesterov
+mix, weight decay, the final ``p -= lr O``) run on whatever a rank holds; ``directions``, a
+callback, turns the updates into the orthogonalised FULL matrices' pieces: here the matrix itself,
+in a parallel engine after gathering its shards (`lmkit.parallel.data_parallel.DataParallel`).
+``muon_precision="float32"`` runs the iteration in fp32 instead of torch's bf16: the layouts then
+reproduce one process to ~1e-7 instead of ~1e-5 (bf16 rounds the last bits of the gradients,
+which differ between layouts, into different values).
 """
 
 from __future__ import annotations
 
 import math
+from collections import ChainMap
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
+from torch.optim._muon import _zeropower_via_newtonschulz as _newton_schulz_bf16
 
 from lmkit.config import ConfigError, TrainConfig
 
 __all__ = [
-    "MuonAdamW", "muon_parameter_names", "configure_optimizer", "lr_multiplier", "named_optimizer_state",
+    "Muon", "Direction", "orthogonalize", "muon_lr_scale", "shardwise_error", "MuonAdamW", "is_muon_matrix",
+    "muon_parameter_names", "configure_optimizer", "lr_multiplier", "named_optimizer_state",
     "load_named_optimizer_state",
 ]
 
 
-def muon_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters Muon optimises: the 2-D weights inside the Transformer blocks
+# --------------------------------------------------------------------------- Muon
+
+
+def orthogonalize(update: Tensor, precision: str = "bfloat16") -> Tensor:
+    """Muon's Newton-Schulz orthogonalisation of a 2-D update: ``torch.optim.Muon``'s own (bf16,
+    its coefficients, 5 steps), or the same iteration in fp32 (``precision="float32"``)."""
+    coefficients = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+    if precision == "bfloat16":
+        return _newton_schulz_bf16(update, coefficients, DEFAULT_NS_STEPS, EPS).to(update.dtype)
+    a, b, c = coefficients
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=EPS)
+    for _ in range(DEFAULT_NS_STEPS):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if tall else x).to(update.dtype)
+
+
+def muon_lr_scale(shape: Sequence[int]) -> float:
+    """Muon's learning-rate factor for a matrix of the FULL `shape` (torch's "original":
+    ``sqrt(max(1, rows / columns))``)."""
+    return _adjust_lr(1.0, "original", torch.Size(shape))
+
+
+def shardwise_error(matrix: Tensor, shards: Sequence[Tensor], assemble: Callable[[list[Tensor]], Tensor],
+                    precision: str = "float32") -> float:
+    """Relative Frobenius distance between orthogonalising `matrix` whole and orthogonalising each of
+    its `shards` alone (`assemble`-d back into a full matrix): the classic mistake of a
+    tensor-parallel or ZeRO Muon that runs Newton-Schulz on what each rank holds."""
+    right = orthogonalize(matrix, precision)
+    wrong = assemble([orthogonalize(s, precision) for s in shards])
+    return float(torch.linalg.matrix_norm(wrong - right) / torch.linalg.matrix_norm(right))
+
+
+#: A piece of an orthogonalised update for one unit of `Muon`: elements ``[lo, hi)`` of the
+#: flattened unit get ``values`` (flat) times ``scale`` (`muon_lr_scale` of the full matrix).
+Direction = tuple[int, int, Tensor, float]
+Directions = Callable[[list[Tensor]], list[list[Direction]]]
+
+
+def whole_matrix_directions(precision: str = "bfloat16") -> Directions:
+    """`Muon`'s ``directions`` when every unit is a whole matrix: orthogonalise each."""
+    def directions(updates: list[Tensor]) -> list[list[Direction]]:
+        return [[(0, u.numel(), orthogonalize(u, precision).reshape(-1), muon_lr_scale(u.shape))]
+                for u in updates]
+    return directions
+
+
+class Muon(torch.optim.Optimizer):
+    """``torch.optim.Muon`` (Nesterov, decoupled weight decay, "original" lr scaling) over `units`:
+    whole matrices, or the shards and flat chunks a rank holds (each with a ``.grad`` of its shape).
+
+    `directions(updates)` gets the Nesterov updates of all units, in order, and returns per unit the
+    `Direction` pieces of the orthogonalised full matrices that fall in it; in a parallel engine it
+    gathers shards, so every rank of the group calls `step` together (see the module docstring).
+    State per unit: ``momentum_buffer``, as torch's, so checkpoints move between layouts.
+    """
+
+    def __init__(self, units: Sequence[Tensor], lr: float, weight_decay: float, momentum: float,
+                 directions: Directions | None = None) -> None:
+        super().__init__(list(units), {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
+                                       "nesterov": True})
+        self.directions = directions or whole_matrix_directions()
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # noqa: D102 - see the class docstring
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
+        for group in self.param_groups:
+            mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+            units = [u for u in group["params"] if u.grad is not None]
+            updates = []
+            for unit in units:
+                state = self.state[unit]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(unit.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(unit.grad, 1 - mu)
+                updates.append(unit.grad.lerp(buf, mu))
+            for unit, pieces in zip(units, self.directions(updates), strict=True):
+                unit.mul_(1 - lr * wd)
+                flat = unit.view(-1)
+                for lo, hi, values, scale in pieces:
+                    flat[lo:hi].add_(values.view_as(flat[lo:hi]), alpha=-lr * scale)
+
+
+def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
+    """Whether Muon optimises parameter `name`: a 2-D weight inside the Transformer blocks
     (``attn.qkv``, ``attn.proj``, ``mlp.fc``, ``mlp.proj``). Embeddings and the head stay on AdamW."""
-    return [name for name, p in model.named_parameters()
-            if p.requires_grad and p.dim() == 2 and name.startswith("blocks.")]
+    return param.requires_grad and param.dim() == 2 and name.startswith("blocks.")
+
+
+def muon_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters Muon optimises (`is_muon_matrix`)."""
+    return [name for name, p in model.named_parameters() if is_muon_matrix(name, p)]
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` on `muon_parameter_names`, ``torch.optim.AdamW`` on every other
+    """`Muon` on `muon_parameter_names`, ``torch.optim.AdamW`` on every other
     parameter (weight decay on matrices only, as `configure_optimizer`).
 
     ``param_groups`` lists Muon's group first, then AdamW's two, so a scheduler scales both
     learning rates (``cfg.muon_lr`` and ``cfg.lr``) by the same schedule. ``state_dict`` numbers
-    parameters in that order.
+    parameters in that order; ``state`` looks up either optimizer's state. A parallel engine
+    combines its own Muon (`lmkit.parallel.muon.LayoutMuon`) with AdamW the same way (`combine`).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> None:
@@ -54,14 +165,26 @@ class MuonAdamW(torch.optim.Optimizer):
         no_decay = [p for n, p in named if n not in muon_names and p.dim() < 2]
         if not muon:
             raise ValueError("optimizer='muon' found no 2-D matrix inside the Transformer blocks")
-        self.muon = torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                                     momentum=cfg.muon_momentum, adjust_lr_fn="original")
-        self.adamw = torch.optim.AdamW(
+        muon_opt = Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                        directions=whole_matrix_directions(cfg.muon_precision))
+        adamw = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+        self._bind(muon_opt, adamw)
+
+    @classmethod
+    def combine(cls, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> MuonAdamW:
+        """One optimizer of a Muon and an AdamW built elsewhere (a parallel engine's shards)."""
+        self = cls.__new__(cls)
+        self._bind(muon, adamw)
+        return self
+
+    def _bind(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
         # The groups are the sub-optimizers' own dicts: a scheduler setting group["lr"] drives them.
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
+        self.state = ChainMap(self.muon.state, self.adamw.state)  # type: ignore[assignment]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: D102 - see the class docstring

@@ -166,8 +166,7 @@ def test_refusals():
     check_layout_supports(rope, TrainConfig(optimizer="muon"), ParallelConfig())  # single process: fine
     check_layout_supports(BASE, TrainConfig(), ParallelConfig(tp=2))  # defaults: every layout
     for model, train in ((rope, TrainConfig()), (BASE, TrainConfig(optimizer="muon"))):
-        with pytest.raises(ConfigError, match="single-process only"):
-            check_layout_supports(model, train, ParallelConfig(dp=2))
+        check_layout_supports(model, train, ParallelConfig(dp=2, tp=2))  # the lmkit engine: every layout
     for bad in ({"pos": "alibi"}, {"norm": "batch"}, {"activation": "swish"}):
         with pytest.raises(ConfigError, match="is unknown"):
             dataclasses.replace(BASE, **bad).validate()

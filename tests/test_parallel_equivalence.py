@@ -2,7 +2,9 @@
 
 fp32, fixed seed, the same global batch of 16 sequences, 10 optimizer steps with clipping that
 bites: each layout's loss at every step must be within 1e-5 (relative) of the single-process
-run's. The layouts run as gloo process groups forked from this process (`run_local`), through
+run's. Two networks: GPT-2's, and the Llama-style one (rotary positions, RMSNorm, SwiGLU,
+grouped-query attention with 2 key/value heads for 4 query heads, an untied head) with QK-norm.
+The layouts run as gloo process groups forked from this process (`run_local`), through
 the same `Trainer` that ``torchrun -m lmkit train`` uses; one test launches torchrun itself.
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, model_preset
 from lmkit.lab.layouts import layout_losses, layout_name, max_relative_difference
 
 pytestmark = pytest.mark.distributed
@@ -26,6 +28,8 @@ SUBJECTS, PLACES = ["the cat", "a dog", "one bird", "my fish"] * 150, ["mat", "l
 TEXT = "".join(f"{w} {i % 7} sat on the {v}{'.!'[i % 2]}\n"  # 30 symbols with EOT: divisible by tp=2
                for i, (w, v) in enumerate(zip(SUBJECTS, PLACES, strict=True)))
 MODEL = ModelConfig(n_layer=4, n_head=4, d_model=32, block_size=16, dropout=0.0)
+LLAMA = model_preset("llama", n_layer=4, n_head=4, n_kv_head=2, d_model=32, block_size=16, dropout=0.0,
+                     qk_norm=True)
 TRAIN = TrainConfig(batch_size=16, max_steps=STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=2, grad_clip=0.5,
                     eval_interval=0, seed=11, out_dir="/tmp/lmkit-equivalence")
 
@@ -79,6 +83,39 @@ def test_layout_reproduces_single_process_losses(layout, reference):
     assert diff < 1e-5, f"{layout_name(layout)}: {got['losses']} vs {ref['losses']}"
     assert max_relative_difference(got["grad_norms"], ref["grad_norms"]) < 1e-4
     assert ref["grad_norms"][0] > TRAIN.grad_clip  # clipping was active, so the global norm mattered
+
+
+@pytest.fixture(scope="module")
+def llama_reference(reference):
+    _, cache = reference
+    return layout_losses(LLAMA, TRAIN, None, STEPS, text=TEXT, cache_dir=cache), cache
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS,
+                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS])
+def test_llama_style_layout_reproduces_single_process_losses(layout, llama_reference):
+    """Rotary angles of each stage's, sequence-parallel region's and zigzag chunk's own positions; key/value
+    heads split over tp; QK-norm gains summed over tp; no tied embedding to sum over pipeline stages."""
+    ref, cache = llama_reference
+    got = layout_losses(LLAMA, TRAIN, layout, STEPS, text=TEXT, cache_dir=cache)
+    diff = max_relative_difference(got["losses"], ref["losses"])
+    print(f"llama {layout_name(layout)}: max relative loss difference {diff:.2e}")
+    assert diff < 1e-5, f"{layout_name(layout)}: {got['losses']} vs {ref['losses']}"
+    assert max_relative_difference(got["grad_norms"], ref["grad_norms"]) < 1e-4
+    assert ref["grad_norms"][0] > TRAIN.grad_clip
+
+
+def test_llama_style_checkpoint_resumes_under_other_layouts(llama_reference, tmp_path):
+    """dp2 x tp2 (ZeRO-1) saves the Llama-style model at step 5 (the head's own matrix, the kv heads' rows,
+    the QK-norm gains); cp2 x pp2 and one process resume on the same curve."""
+    ref, cache = llama_reference
+    train = TrainConfig(**{**TRAIN.__dict__, "out_dir": str(tmp_path / "run")})
+    first = layout_losses(LLAMA, train, ParallelConfig(dp=2, tp=2, zero=1), 5, text=TEXT, cache_dir=cache,
+                          save=True)
+    for layout in (ParallelConfig(cp=2, pp=2, microbatches=2), None):
+        tail = layout_losses(LLAMA, train, layout, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
+        diff = max_relative_difference(first["losses"] + tail["losses"], ref["losses"])
+        assert diff < 1e-5, f"{layout_name(layout)}: {diff:.2e}"
 
 
 def test_checkpoint_saved_under_one_layout_resumes_under_another(reference, tmp_path):

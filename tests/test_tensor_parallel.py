@@ -138,7 +138,7 @@ def _check_layers(topo, sp: bool) -> None:
     _close(z.grad, Z.grad[..., cols], what=f"row input grad sp={sp}")
     _close(row.weight.grad, lin.weight.grad[:, cols], what=f"row weight grad sp={sp}")
     bias_grad = row.bias.grad.clone()
-    if sp:  # partial under SP: summed over the group (what allreduce_sequence_parallel_grads does)
+    if sp:  # partial under SP: summed over the group (what allreduce_tp_partial_grads does)
         torch.distributed.all_reduce(bias_grad, group=g)
     _close(bias_grad, lin.bias.grad, what=f"row bias grad sp={sp}")
 
@@ -257,7 +257,7 @@ def _parallel_step(model, ref, topo, sp: bool, what: str):
     ref_loss.backward()
     loss = stage(idx, targets)
     loss.backward()
-    tpm.allreduce_sequence_parallel_grads([stage], topo)
+    tpm.allreduce_tp_partial_grads([stage], topo)
     _close(loss, ref_loss, what=f"{what} loss sp={sp}")
     return stage
 

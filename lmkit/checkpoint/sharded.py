@@ -150,7 +150,7 @@ def shard_pieces(fqn: str, flat: torch.Tensor, lo: int, hi: int, shape: tuple[in
 def optimizer_meta(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """The optimizer's hyper-parameters per group and its step count (the same on every rank), or
     None before the first step: what a sharded checkpoint keeps beside the moments."""
-    steps = [float(st["step"]) for st in optimizer.state.values() if st]
+    steps = [float(st["step"]) for st in optimizer.state.values() if st and "step" in st]
     if not steps:
         return None
     groups = [{k: v for k, v in pg.items() if k != "params"} for pg in optimizer.param_groups]
@@ -162,7 +162,7 @@ def load_optimizer_meta(optimizer: torch.optim.Optimizer, meta: Mapping[str, Any
     for group, saved in zip(optimizer.param_groups, meta["param_groups"], strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
     for st in optimizer.state.values():
-        if st:
+        if st and "step" in st:  # (Muon's state counts no steps)
             st["step"] = torch.tensor(float(meta["step"]))
 
 

@@ -62,10 +62,11 @@ class FlatGroup:
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # norm's share: (param, lo, hi)
 
 
-def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: int, dp: int, dp_rank: int
-                  ) -> tuple[list[FlatGroup], list[Bucket]]:
+def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: int, dp: int, dp_rank: int,
+                  leading: set[int] | None = None) -> tuple[list[FlatGroup], list[Bucket]]:
     """Two groups like `lmkit.optim.configure_optimizer` (decay: dim >= 2, then no decay), and
-    greedy buckets of at most `cap` elements of whole parameters.
+    greedy buckets of at most `cap` elements of whole parameters. `leading`: parameter indices that
+    form a group of their own before those two (Muon's matrices, `lmkit.optim.MuonAdamW`'s order).
 
     Within a group the buffer holds the parameters in *reverse* registration order, the
     order backward produces their gradients, so that buckets fill one after another. Under
@@ -73,11 +74,12 @@ def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: 
     communication: every rank computes the same layout (`isolated`: parameter indices that get a
     bucket of their own).
     """
-    decay = [i for i, p in enumerate(params) if p.dim() >= 2]
-    no_decay = [i for i, p in enumerate(params) if p.dim() < 2]
+    leading = leading or set()
+    decay = [i for i, p in enumerate(params) if p.dim() >= 2 and i not in leading]
+    no_decay = [i for i, p in enumerate(params) if p.dim() < 2 and i not in leading]
     groups: list[FlatGroup] = []
     raw: list[Bucket] = []
-    for gi, members in enumerate((decay, no_decay)):
+    for gi, members in enumerate(([sorted(leading)] if leading else []) + [decay, no_decay]):
         g = FlatGroup(members=list(reversed(members)))
         runs: list[list[int]] = []
         for i in g.members:
@@ -118,27 +120,32 @@ def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: 
     return groups, raw
 
 
+def _moments(state: dict[str, Tensor], numel: int) -> list[tuple[str, Tensor]]:
+    """The per-element tensors of an optimizer state entry (not its step counter)."""
+    return [(k, v) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == numel]
+
+
 class BucketState:
     """Checkpoint conversions of `DataParallel` (a mixin: they read its ``params``, ``names``,
     ``groups``, ``optimizer``, ``zero``, ``dp`` and, under ZeRO, ``_chunks``, this rank's bucket
     chunks, and ``_chunk_range``)."""
 
     def optimizer_segments(self, create: bool = False) -> list[tuple[int, int, int, dict[str, Tensor]]]:
-        """This rank's AdamW moments without any gathering: ``(param index, lo, hi, {exp_avg,
-        exp_avg_sq})`` with the moments of elements ``[lo, hi)`` of the flattened parameter (views;
-        ZeRO: the parts of the rank's bucket chunks). `create`: allocate zero moments first where no
-        step was taken yet (to load into). For sharded checkpoints (chapter 6, section 6.5)."""
+        """This rank's optimizer moments without any gathering: ``(param index, lo, hi, {name: moment})``
+        with the moments (AdamW's ``exp_avg``, ``exp_avg_sq``; Muon's ``momentum_buffer``) of elements
+        ``[lo, hi)`` of the flattened parameter (views; ZeRO: the parts of the rank's bucket chunks).
+        `create`: allocate zero moments first where no step was taken yet (to load into). For sharded
+        checkpoints (chapter 6, section 6.5)."""
         if create:
             for p in (p for pg in self.optimizer.param_groups for p in pg["params"]):
                 if not self.optimizer.state.get(p):
-                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                               "exp_avg_sq": torch.zeros_like(p)}
+                    self._new_state(p)
         out = []
         if not self.zero:
             for i, p in enumerate(self.params):
                 st = self.optimizer.state.get(p)
                 if st:
-                    out.append((i, 0, p.numel(), {k: st[k].view(-1) for k in ("exp_avg", "exp_avg_sq")}))
+                    out.append((i, 0, p.numel(), {k: v.view(-1) for k, v in _moments(st, p.numel())}))
             return out
         for b, chunk in self._chunks:
             st = self.optimizer.state.get(chunk)
@@ -149,7 +156,7 @@ class BucketState:
                 a, e = max(g.offsets[i], clo), min(g.offsets[i] + self.params[i].numel(), chi)
                 if a < e:
                     out.append((i, a - g.offsets[i], e - g.offsets[i],
-                                {k: st[k][a - clo:e - clo] for k in ("exp_avg", "exp_avg_sq")}))
+                                {k: v[a - clo:e - clo] for k, v in _moments(st, chunk.numel())}))
         return out
 
     def _gather_bucket(self, b: Bucket, chunk: Tensor) -> Tensor:

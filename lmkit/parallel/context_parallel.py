@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lmkit.config import ConfigError
+from lmkit.model import apply_rope, split_heads
 from lmkit.parallel import plan
 
 __all__ = [
@@ -227,7 +228,7 @@ class RingAttention(torch.autograd.Function):
         cp, rank, right, left = _ring_peers(group)
         acc = torch.promote_types(q.dtype, torch.float32)  # softmax statistics in at least fp32
         n = len(chunk_ids(rank, cp, layout))
-        qs = q.chunk(n, dim=-2)
+        qs = _grouped(q, k).chunk(n, dim=-2)  # [B, Hkv, group, T, hd]: the query heads of each k/v head
         outs: list[Tensor | None] = [None] * n
         lses: list[Tensor | None] = [None] * n
         kv = torch.stack([k, v]).contiguous()  # one message per step: [2, B, H, T, hd]
@@ -238,7 +239,7 @@ class RingAttention(torch.autograd.Function):
                 incoming = torch.empty_like(kv)
                 works = _start_exchange(kv, incoming, right, left, group, tag=0)
             began, blocks = _now(on_event), 0
-            ks, vs = kv[0].chunk(n, dim=-2), kv[1].chunk(n, dim=-2)
+            ks, vs = kv[0].unsqueeze(2).chunk(n, dim=-2), kv[1].unsqueeze(2).chunk(n, dim=-2)
             for i, j, causal in _block_pairs(rank, src, cp, layout):
                 blocks += 1
                 _count(stats, qs[i], ks[j], causal)
@@ -257,7 +258,7 @@ class RingAttention(torch.autograd.Function):
         out, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.layout, ctx.scale, ctx.on_event = group, layout, scale, on_event
-        return out.to(q.dtype)
+        return out.flatten(1, 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
@@ -266,11 +267,11 @@ class RingAttention(torch.autograd.Function):
         cp, rank, right, left = _ring_peers(group)
         acc = out.dtype
         n = len(chunk_ids(rank, cp, layout))
-        dout = dout.to(acc)
+        dout = _grouped(dout.to(acc), k)
         delta = (dout * out).sum(-1)  # D_i = sum_j P_ij dP_ij = rowsum(dO * O)
-        qs, dos = q.to(acc).chunk(n, dim=-2), dout.chunk(n, dim=-2)
+        qs, dos = _grouped(q.to(acc), k).chunk(n, dim=-2), dout.chunk(n, dim=-2)
         lses, deltas = lse.chunk(n, dim=-1), delta.chunk(n, dim=-1)
-        dq = torch.zeros_like(q, dtype=acc)
+        dq = torch.zeros_like(out)
         dqs = dq.chunk(n, dim=-2)
         kv = torch.stack([k, v]).contiguous()
         dkv_in: Tensor | None = None  # the accumulator arriving from the left: for the next block
@@ -283,17 +284,18 @@ class RingAttention(torch.autograd.Function):
                 incoming = torch.empty_like(kv)
                 kv_works = _start_exchange(kv, incoming, right, left, group, tag=0)
             began, blocks = _now(on_event), 0
-            ks, vs = kv[0].to(acc).chunk(n, dim=-2), kv[1].to(acc).chunk(n, dim=-2)
+            ks, vs = (t.to(acc).unsqueeze(2).chunk(n, dim=-2) for t in kv)
             dkv = torch.zeros_like(kv, dtype=acc)  # this rank's share of src's block gradient
             dks, dvs = dkv[0].chunk(n, dim=-2), dkv[1].chunk(n, dim=-2)
             for i, j, causal in _block_pairs(rank, src, cp, layout):
                 blocks += 1
                 # the forward's probabilities, recomputed from its scores and log-sum-exp
                 p = torch.exp(_scores(qs[i], ks[j], causal, scale) - lses[i].unsqueeze(-1))
-                dvs[j].add_(p.transpose(-2, -1) @ dos[i])
+                # a key/value head's gradient sums over the query heads that share it (dim 2)
+                dvs[j].add_((p.transpose(-2, -1) @ dos[i]).sum(2))
                 ds = p * (dos[i] @ vs[j].transpose(-2, -1) - deltas[i].unsqueeze(-1))
                 dqs[i].add_((ds @ ks[j]) * scale)
-                dks[j].add_((ds.transpose(-2, -1) @ qs[i]) * scale)
+                dks[j].add_((ds.transpose(-2, -1) @ qs[i]).sum(2) * scale)
             _report(on_event, "backward", "compute", step, began, blocks)
             if step > 0:  # add what the ranks before us accumulated for the same block
                 waited = _now(on_event)
@@ -318,14 +320,23 @@ class RingAttention(torch.autograd.Function):
             _wait(dkv_works)
             _report(on_event, "backward", "wait", cp - 1, waited)
             _report(on_event, "backward", "dkv", cp - 1, dkv_posted)
-        return (dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None, None, None)
+        return (dq.flatten(1, 2).to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype),
+                None, None, None, None, None)
+
+
+def _grouped(q: Tensor, k: Tensor) -> Tensor:
+    """``[B, Hq, T, hd]`` -> ``[B, Hkv, Hq / Hkv, T, hd]``: the query heads grouped by the key/value head
+    they share (grouped-query attention; a group of one for multi-head attention)."""
+    return q.unflatten(1, (k.size(1), q.size(1) // k.size(1)))
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, layout: str = "zigzag",
                    scale: float | None = None, stats: dict | None = None,
                    on_event: RingObserver | None = None) -> Tensor:
-    """Causal attention of this rank's ``[B, H, T, hd]`` q, k, v (its `shard_sequence` part) over the
-    whole sequence held by the ranks of `group`; the output is this rank's part of the full result.
+    """Causal attention of this rank's q ``[B, Hq, T, hd]`` and k, v ``[B, Hkv, T, hd]`` (its
+    `shard_sequence` part) over the whole sequence held by the ranks of `group`; the output
+    ``[B, Hq, T, hd]`` is this rank's part of the full result. With grouped-query attention
+    (``Hkv < Hq``) only the key/value heads travel the ring: ``Hq / Hkv`` times fewer bytes.
 
     `stats`, if given, accumulates the forward's work on this rank: ``blocks`` (score blocks computed),
     ``scores`` (score entries computed) and ``unmasked`` (entries the causal mask keeps).
@@ -334,9 +345,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, layout: str = "z
     """
     cp = _ring_peers(group)[0]
     validate_cp(q.size(-2) * cp, cp, layout)
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"ring_attention needs q, k and v of one shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if (k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]
+            or q.size(1) % k.size(1)):
+        raise ValueError(f"ring_attention needs q [B, Hq, T, hd] and k, v [B, Hkv, T, hd] with Hkv dividing "
+                         f"Hq, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
     return RingAttention.apply(q, k, v, group, layout, scale, stats, on_event)
 
@@ -346,28 +358,32 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group=None, layout: str = "z
 
 class ContextParallelAttention(nn.Module):
     """`lmkit.model.CausalSelfAttention` with ring attention over `group`: built from one (its
-    ``qkv``, ``proj`` and ``resid_drop`` taken over), for the training path of a stage (causal, no
-    mask, no cache, no rotary tables, no attention dropout: the layouts refuse those options)."""
+    ``qkv``, ``proj``, ``resid_drop`` and QK-norms taken over), for the training path of a stage
+    (causal, no mask, no cache, no attention dropout: the layouts refuse it). Rotary tables are
+    those of this rank's tokens (`lmkit.parallel.stage.GPTStage.rope`: their zigzag positions)."""
 
     def __init__(self, attn: nn.Module, group, layout: str = "zigzag") -> None:
         super().__init__()
-        self.n_head, self.head_dim = attn.n_head, attn.head_dim
+        self.n_head, self.head_dim, self.group_size = attn.n_head, attn.head_dim, attn.group
         self.qkv, self.proj, self.resid_drop = attn.qkv, attn.proj, attn.resid_drop
+        if hasattr(attn, "q_norm"):
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.group, self.layout = group, layout
         self.on_event: RingObserver | None = None  # set by `lmkit.parallel.timeline.attach_timeline`
 
     def forward(self, x: Tensor, mask: Tensor | None = None, is_causal: bool = True, cache=None,
                 layer: int = 0, start: int = 0, rope=None) -> Tensor:
-        if mask is not None or not is_causal or cache is not None or rope is not None or start:
+        if mask is not None or not is_causal or cache is not None or start:
             raise ValueError("context-parallel attention computes the causal training path only "
-                             "(no mask, KV cache, start offset or rotary tables)")
+                             "(no mask, KV cache or start offset)")
         B, T, _ = x.shape
-        qkv = self.qkv(x)
-        width = qkv.size(-1) // 3  # local width under tensor parallelism
-        q, k, v = (t.view(B, T, width // self.head_dim, self.head_dim).transpose(1, 2)
-                   for t in qkv.split(width, dim=-1))
+        q, k, v = split_heads(self.qkv(x), self.head_dim, self.group_size)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = ring_attention(q, k, v, group=self.group, layout=self.layout, on_event=self.on_event)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, width)))
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, q.size(1) * self.head_dim)))
 
     def extra_repr(self) -> str:
         return f"ring over cp, layout={self.layout}"

@@ -1,4 +1,5 @@
-"""Data parallelism by hand: bucketed gradient all-reduce, ``no_sync`` accumulation, ZeRO-1/2 AdamW.
+"""Data parallelism by hand: bucketed gradient all-reduce, ``no_sync`` accumulation, ZeRO-1/2 AdamW
+(and Muon, `lmkit.parallel.muon`).
 
 Gradients live in flat buckets (views, no copies) all-reduced as soon as backward fills them
 (PyTorch DDP, Li et al. 2020). Under ZeRO every bucket is padded to a multiple of dp and split
@@ -12,7 +13,8 @@ chapter 5, section 5.3.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,9 +22,19 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lmkit.config import TrainConfig
+from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
 from lmkit.parallel.buckets import Bucket, BucketState, bucket_layout
 from lmkit.parallel.comm import all_gather_single, reduce_scatter_single
 from lmkit.parallel.mesh import Topology
+
+#: ``(GPT name, this rank's Nesterov update of it) -> (this rank's part of the orthogonalised full
+#: matrix, Muon's lr factor of the full shape)``: the engine's gathers tensor-parallel shards.
+Orthogonalizer = Callable[[str, Tensor], tuple[Tensor, float]]
+
+
+def local_orthogonalizer(_name: str, update: Tensor, precision: str = "bfloat16") -> tuple[Tensor, float]:
+    """Orthogonalise a whole matrix held by this rank (no tensor parallelism)."""
+    return orthogonalize(update, precision), muon_lr_scale(update.shape)
 
 __all__ = ["DataParallel", "Bucket"]
 
@@ -38,6 +50,11 @@ class DataParallel(BucketState):
     their own (the tied embedding's two copies under pipelining, so that ZeRO-2 shards both alike).
     ``norm_weights``: a factor per name for the squared gradient in the norm (default 1; the engine
     counts a tensor-parallel replica on one tp rank only: 0 on the others), as ``dp.norm_weights``.
+    ``train_cfg.optimizer == "muon"``: the blocks' matrices (`lmkit.optim.is_muon_matrix`) form a
+    group of their own, stepped by `lmkit.optim.Muon` (its momentum sharded like
+    AdamW's moments under ZeRO; the Nesterov update of a bucket all-gathered before
+    ``orthogonalizer`` turns each matrix into its direction), the rest by AdamW; ``dp.optimizer`` is
+    then a `lmkit.optim.MuonAdamW` of the two, as in one process.
 
     Construction is a collective over the dp group: dp rank 0's parameters are broadcast, as
     DDP does, so replicas start identical. ZeRO-0/1: every ``p.grad`` is a view into a flat
@@ -66,7 +83,8 @@ class DataParallel(BucketState):
 
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], topo: Topology,
                  train_cfg: TrainConfig, zero: int = 0, bucket_cap_mb: float = 25.0,
-                 isolate: Iterable[str] = (), norm_weights: dict[str, float] | None = None):
+                 isolate: Iterable[str] = (), norm_weights: dict[str, float] | None = None,
+                 orthogonalizer: Orthogonalizer | None = None):
         if zero not in (0, 1, 2):
             raise ValueError(f"zero={zero} is not supported by the lmkit engine; use 0, 1 or 2 "
                              "(ZeRO-3 is the native engine's FSDP2)")
@@ -94,9 +112,15 @@ class DataParallel(BucketState):
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.norm_weights = [float((norm_weights or {}).get(n, 1.0)) for n in self.names]
         isolated = {self.names.index(n) for n in isolate if n in self.names}
+        self.orthogonalizer = orthogonalizer or functools.partial(local_orthogonalizer,
+                                                                  precision=train_cfg.muon_precision)
+        self.muon = ({i for i, (n, p) in enumerate(pairs) if is_muon_matrix(n, p)}
+                     if train_cfg.optimizer == "muon" else set())
 
         cap = int(bucket_cap_mb * 2**20) // self.params[0].element_size()
-        self.groups, self.buckets = bucket_layout(self.params, cap, isolated, zero, self.dp, self.dp_rank)
+        self.groups, self.buckets = bucket_layout(self.params, cap, isolated, zero, self.dp, self.dp_rank,
+                                                  leading=self.muon)
+        self._group_of = {i: gi for gi, g in enumerate(self.groups) for i in g.members}
         self._bucket_of = [0] * len(self.params)
         for b in self.buckets:
             for i in b.params:
@@ -155,12 +179,13 @@ class DataParallel(BucketState):
                 w.wait()
 
     def _grad_view(self, i: int) -> Tensor:
-        g = self.groups[0 if self.params[i].dim() >= 2 else 1]
+        g = self.groups[self._group_of[i]]
         start = g.offsets[i]
         return g.grad[start:start + self.params[i].numel()].view_as(self.params[i])
 
-    def _make_optimizer(self) -> torch.optim.AdamW:
-        """AdamW with `lmkit.optim.configure_optimizer`'s hyper-parameters and groups.
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with `lmkit.optim.configure_optimizer`'s hyper-parameters and groups (with Muon:
+        `lmkit.optim.MuonAdamW`'s, its Muon's directions `_muon_directions`).
 
         ZeRO: each group's "parameters" are this rank's chunks of its buckets (views of the flat
         parameter buffer), so `torch.optim.AdamW` keeps moments for the chunks only and writes
@@ -168,7 +193,7 @@ class DataParallel(BucketState):
         buffer; ZeRO-2: of the shard accumulator).
         """
         cfg = self.cfg
-        decays = (cfg.weight_decay, 0.0)
+        decays = ((cfg.weight_decay,) if self.muon else ()) + (cfg.weight_decay, 0.0)
         if self.zero:
             self._chunks: list[tuple[Bucket, Tensor]] = []
             groups = []
@@ -185,8 +210,59 @@ class DataParallel(BucketState):
             groups = [{"params": [self.params[i] for i in sorted(g.members)], "weight_decay": wd}
                       for g, wd in zip(self.groups, decays, strict=True)]
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                 fused=fused or None)
+        if not self.muon:
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                     fused=fused or None)
+        muon = Muon(groups[0]["params"], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                    momentum=cfg.muon_momentum, directions=self._muon_directions)
+        adamw = torch.optim.AdamW(groups[1:], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                  fused=fused or None)
+        return MuonAdamW.combine(muon, adamw)
+
+    def _muon_directions(self, updates: list[Tensor]) -> list[list[Direction]]:
+        """Per Muon unit (a parameter; under ZeRO this rank's chunk of a Muon bucket), the pieces of the
+        orthogonalised full matrices that fall in it. ZeRO: the chunks' updates are all-gathered over
+        dp first (one collective per bucket, all posted before any is waited for)."""
+        if not self.zero:
+            units = self.optimizer.muon.param_groups[0]["params"]
+            out = []
+            for unit, update in zip(units, updates, strict=True):
+                i = self._index[id(unit)]
+                direction, scale = self.orthogonalizer(self.names[i], update)
+                out.append([(0, unit.numel(), direction.reshape(-1), scale)])
+            return out
+        chunks = [(b, c) for b, c in self._chunks if b.group == 0]
+        fulls = []
+        for (b, _), update in zip(chunks, updates, strict=True):
+            full = torch.empty(b.numel, dtype=update.dtype, device=update.device)
+            work = all_gather_single(full, update.contiguous(), group=self.dp_group, async_op=True) \
+                if self.dp > 1 else None
+            fulls.append((full if work is not None else update, work))
+        out = []
+        g = self.groups[0]
+        for (b, _), (full, work) in zip(chunks, fulls, strict=True):
+            if work is not None:
+                work.wait()
+            lo, hi = self._chunk_range(b)
+            pieces = []
+            for i in b.params:
+                a, e = g.offsets[i], g.offsets[i] + self.params[i].numel()
+                direction, scale = self.orthogonalizer(
+                    self.names[i], full[a - b.start:e - b.start].view_as(self.params[i]))
+                if max(a, lo) < min(e, hi):
+                    pieces.append((max(a, lo) - lo, min(e, hi) - lo,
+                                   direction.reshape(-1)[max(a, lo) - a:min(e, hi) - a], scale))
+            out.append(pieces)
+        return out
+
+    def _new_state(self, p: Tensor) -> None:
+        """Zero optimizer state for unit `p` (to load a sharded checkpoint into)."""
+        if self.muon and any(p is q for q in self.optimizer.muon.param_groups[0]["params"]):
+            self.optimizer.muon.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+            return
+        adamw = self.optimizer.adamw if self.muon else self.optimizer
+        adamw.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                          "exp_avg_sq": torch.zeros_like(p)}
 
     def _chunk_grad(self, b: Bucket) -> Tensor:
         """The reduced gradient of this rank's chunk of bucket `b` (ZeRO)."""

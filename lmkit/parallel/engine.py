@@ -47,6 +47,7 @@ from torch import nn
 
 from lmkit.checkpoint.sharded import Piece, load_optimizer_meta, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.optim import muon_lr_scale, orthogonalize
 from lmkit.parallel import plan
 from lmkit.parallel.context_parallel import parallelize_context, shard_sequence, validate_cp
 from lmkit.parallel.data_parallel import DataParallel
@@ -60,7 +61,7 @@ from lmkit.parallel.pipeline import (
 )
 from lmkit.parallel.stage import GPTStage, activation_shape, build_stages
 from lmkit.parallel.tensor_parallel import (
-    allreduce_sequence_parallel_grads,
+    allreduce_tp_partial_grads,
     gather_full_param,
     parallelize_stage,
     shard_full_param,
@@ -77,8 +78,11 @@ def on_meta(model: nn.Module) -> bool:
 
 
 def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_head: int, vocab_size: int,
-                    block_size: int, world_size: int | None = None, dropout: float = 0.0) -> None:
-    """Every layout error, found before any process communicates (one clear message each)."""
+                    block_size: int, world_size: int | None = None, dropout: float = 0.0,
+                    n_kv_head: int | None = None, d_ff: int | None = None) -> None:
+    """Every layout error, found before any process communicates (one clear message each).
+    `n_kv_head` and `d_ff` (the model's key/value heads and MLP width, both split over tp) are
+    checked when given."""
     pcfg.validate(world_size=world_size)
     if pcfg.cp > 1:
         if pcfg.engine == "native":
@@ -105,6 +109,15 @@ def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_hea
         raise ConfigError(f"model.n_head={n_head} is not divisible by parallel.tp={pcfg.tp}; "
                           "attention heads are split over tensor-parallel ranks: choose tp among "
                           f"{[d for d in range(1, n_head + 1) if n_head % d == 0]} or change n_head")
+    if n_kv_head is not None and n_kv_head % pcfg.tp:
+        choices = [d for d in range(1, n_kv_head + 1) if n_kv_head % d == 0]
+        raise ConfigError(f"model.n_kv_head={n_kv_head} is not divisible by parallel.tp={pcfg.tp}; each "
+                          "tensor-parallel rank keeps whole key/value heads with the query heads that share "
+                          f"them: choose tp among {choices} or change n_kv_head")
+    if d_ff is not None and d_ff % pcfg.tp:
+        raise ConfigError(f"the MLP's hidden width {d_ff} is not divisible by parallel.tp={pcfg.tp}; its "
+                          "features are split over tensor-parallel ranks: choose d_ff a multiple of "
+                          f"{pcfg.tp}")
     if vocab_size % pcfg.tp:
         raise ConfigError(f"the vocabulary ({vocab_size} tokens) is not divisible by parallel.tp={pcfg.tp}; "
                           "the embedding and the output layer are split by vocabulary rows: choose tp "
@@ -164,12 +177,17 @@ class EngineBase:
         """Full weights by `GPT` parameter name (collective: every rank calls it)."""
         with quiet_redistribute():  # (an FSDP2 x TP DTensor takes two gathers: no notice each time)
             local = {name: self._full(name, p.detach()) for name, p in self.named_params
-                     if plan.saved_as(name) == name}
+                     if self.saved_as(name) == name}
         full = gather_over_pp(local, self.topo)
         for row in plan.GPT_PLAN:  # the tied head: the embedding's tensor
-            if row.tied is not None:
-                full[f"{row.module}.weight"] = full[f"{row.tied}.weight"]
+            partner = plan.tied_to(row, self.config.tie_embeddings)
+            if partner is not None:
+                full[f"{row.module}.weight"] = full[f"{partner}.weight"]
         return full
+
+    def saved_as(self, name: str) -> str:
+        """The name under which parameter `name` is kept (`plan.saved_as` for this model's tying)."""
+        return plan.saved_as(name, self.config.tie_embeddings)
 
     def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
         """The hyper-parameters and the step count of a sharded checkpoint (moments already loaded)."""
@@ -182,7 +200,7 @@ class ParallelEngine(EngineBase):
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
         cfg = model.config
         validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size,
-                        cfg.dropout)
+                        cfg.dropout, cfg.kv_heads, cfg.ffn_width)
         self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
         initial = InitialWeights(model) if on_meta(model) else None
         self.stages: list[GPTStage] = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages)
@@ -202,8 +220,9 @@ class ParallelEngine(EngineBase):
         # Under pipelining the tied embedding's two copies get buckets of their own, so that ZeRO-2
         # gives the first and the last stage the same shard of it (their gradients are summed).
         self.dp = DataParallel(self.named_params, topo.gradient_view(), tcfg, zero=pcfg.zero,
-                               isolate=("tok_emb.weight", "head.weight") if pcfg.pp > 1 and pcfg.zero == 2
-                               else (), norm_weights=self._norm_weights())
+                               isolate=("tok_emb.weight", "head.weight") if self._tied_across_stages()
+                               and pcfg.zero == 2 else (), norm_weights=self._norm_weights(),
+                               orthogonalizer=self._orthogonalize)
         self.optimizer = self.dp.optimizer
         index = {id(p): k for k, (_, p) in enumerate(self.named_params)}
         self._dp_index = [index[id(p)] for p in self.dp.params]  # DataParallel's order -> named_params
@@ -226,8 +245,25 @@ class ParallelEngine(EngineBase):
     def _norm_weights(self) -> dict[str, float]:
         """Count every gradient once in the global norm: replicas get weight 0 (`plan.tp_sharded`)."""
         replica = self.topo.tp_rank != 0  # a tp replica is counted by tp rank 0; a tied copy by its partner
-        return {name: 0.0 if (replica and not plan.tp_sharded(name)) or plan.saved_as(name) != name else 1.0
+        return {name: 0.0 if (replica and not plan.tp_sharded(name)) or self.saved_as(name) != name else 1.0
                 for name, _ in self.named_params}
+
+    def _orthogonalize(self, name: str, update: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Muon's direction for this rank's part of matrix `name`: the tensor-parallel shards of its
+        Nesterov update all-gathered, Newton-Schulz on the whole matrix, this rank's part kept
+        (`lmkit.optim.Muon`); every tp rank calls it for the same names in the same order."""
+        stage, local = self._where[name]
+        full = gather_full_param(stage, local, update) if self.pcfg.tp > 1 else update
+        direction = orthogonalize(full, self.tcfg.muon_precision)
+        return shard_full_param(stage, local, direction), muon_lr_scale(full.shape)
+
+    def _tied_across_stages(self) -> bool:
+        """Whether the embedding and the head share a matrix held by two pipeline stages."""
+        return self.pcfg.pp > 1 and self.config.tie_embeddings
+
+    def _tp_partial(self) -> bool:
+        """Whether some replicated gradients are partial over tp (`plan.tp_partial`) and must be summed."""
+        return self.pcfg.tp > 1 and (self.pcfg.sequence_parallel or self.config.qk_norm)
 
     # ------------------------------------------------------------------ one step
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]],
@@ -236,7 +272,7 @@ class ParallelEngine(EngineBase):
         """Gradients of the mean loss over `micro` (summed into .grad); returns this rank's mean loss."""
         topo, pcfg = self.topo, self.pcfg
         self.train(True)
-        overlap = pcfg.pp == 1 and not pcfg.sequence_parallel
+        overlap = pcfg.pp == 1 and not self._tp_partial()
         if pcfg.pp == 1:
             stage = self.stages[0]
             total = torch.zeros((), device=topo.device)
@@ -261,23 +297,24 @@ class ParallelEngine(EngineBase):
             self.dp.finish_grad_sync()
             self._sum_shards_of_fixups()
             return loss_value
-        if pcfg.pp > 1:
+        if self._tied_across_stages():
             allreduce_tied_embedding_grads(self.stages, topo)
-        if pcfg.sequence_parallel:
-            allreduce_sequence_parallel_grads(self.stages, topo)
+        if self._tp_partial():
+            allreduce_tp_partial_grads(self.stages, topo)
         self.dp.finish_grad_sync()
         return loss_value
 
     def _sum_shards_of_fixups(self) -> None:
-        """ZeRO-2: the tied embedding's copies (first + last stage) and the sequence-parallel
-        replicated gradients (over tp) summed after the dp reduce-scatter, on the shards: both sums
-        are linear, so their order with the dp average does not matter."""
+        """ZeRO-2: the tied embedding's copies (first + last stage) and the replicated gradients that
+        are partial over tp (`plan.tp_partial`) summed after the dp reduce-scatter, on the shards: both
+        sums are linear, so their order with the dp average does not matter."""
         topo = self.topo
-        if self.pcfg.pp > 1 and (topo.is_first_stage or topo.is_last_stage):
+        if self._tied_across_stages() and (topo.is_first_stage or topo.is_last_stage):
             tied = [p for name, p in self.named_params if name in ("tok_emb.weight", "head.weight")]
             self.dp.all_reduce_grads(tied, topo.embedding_group)
-        if self.pcfg.sequence_parallel and self.pcfg.tp > 1:
-            replicated = [p for name, p in self.named_params if plan.sequence_partial(name)]
+        if self._tp_partial():
+            sp = self.pcfg.sequence_parallel
+            replicated = [p for name, p in self.named_params if plan.tp_partial(name, sp)]
             self.dp.all_reduce_grads(replicated, topo.tp_group)
 
     def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
@@ -326,7 +363,7 @@ class ParallelEngine(EngineBase):
         sd = self.dp.state_dict()
         state = {}
         for name, entry in sd["state"].items():
-            if plan.saved_as(name) != name:
+            if self.saved_as(name) != name:
                 continue
             state[name] = {k: (self._full(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
                            for k, v in entry.items()}
@@ -336,12 +373,12 @@ class ParallelEngine(EngineBase):
         """Load full (layout-independent) weights and optimizer state into this rank's shards."""
         with torch.no_grad():
             for name, param in self.named_params:
-                source = weights[plan.saved_as(name)]
+                source = weights[self.saved_as(name)]
                 param.copy_(self._shard_tp(name, source.to(param.device)))
         if optimizer is not None:
             state = {}
             for name, _ in self.named_params:
-                entry = optimizer["state"].get(plan.saved_as(name))
+                entry = optimizer["state"].get(self.saved_as(name))
                 if entry is None:
                     continue
                 state[name] = {k: (self._shard_tp(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
@@ -356,13 +393,13 @@ class ParallelEngine(EngineBase):
         topo, pieces = self.topo.gradient_view(), []  # dp rank 0 of dp x cp: one replica of each box
         specs = {name: self._spec(name) for name, _ in self.named_params}
         for name, param in self.named_params:
-            source, spec = plan.saved_as(name), specs[name]
+            source, spec = self.saved_as(name), specs[name]
             replica = source == name and (spec is not None or topo.tp_rank == 0)
             pieces += shard_pieces(f"model.{source}", param.detach().view(-1), 0, param.numel(),
                                    tuple(param.shape), spec, topo.tp_rank, replica and topo.dp_rank == 0)
         for i, lo, hi, moments in self.dp.optimizer_segments(create):
             name, param = self.named_params[self._dp_index[i]]
-            source, spec = plan.saved_as(name), specs[name]
+            source, spec = self.saved_as(name), specs[name]
             replica = source == name and (spec is not None or topo.tp_rank == 0)
             for key, flat in moments.items():
                 pieces += shard_pieces(f"optim.{source}.{key}", flat, lo, hi, tuple(param.shape), spec,

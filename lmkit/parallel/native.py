@@ -250,7 +250,7 @@ class NativeEngine(EngineBase):
 
         As the lmkit engine: no step (gradients dropped) unless `finite_loss` and the norm is finite.
         """
-        params = [p for name, p in self.named_params if plan.saved_as(name) == name or self.pcfg.pp == 1]
+        params = [p for name, p in self.named_params if self.saved_as(name) == name or self.pcfg.pp == 1]
         norm = global_grad_norm(params, self.topo.pp_group if self.pcfg.pp > 1 else None, self.device)
         if not (finite_loss and math.isfinite(float(norm))):
             self.optimizer.zero_grad(set_to_none=True)
@@ -317,7 +317,7 @@ class NativeEngine(EngineBase):
                                                "exp_avg_sq": torch.zeros_like(p)}
         pieces = []
         for name, p in self.named_params:
-            source = plan.saved_as(name)
+            source = self.saved_as(name)
             write = source == name
             tensors = {"model": p.detach()}
             tensors.update({key: self.optimizer.state[p][key] for key in ("exp_avg", "exp_avg_sq")
@@ -347,7 +347,7 @@ class NativeEngine(EngineBase):
         with quiet_redistribute():
             for name, p in self.named_params:
                 entry = self.optimizer.state.get(p)
-                if plan.saved_as(name) != name or not entry:
+                if self.saved_as(name) != name or not entry:
                     continue
                 state[name] = {k: (self._full(name, v) if torch.is_tensor(v) and v.dim() > 0 else
                                    v.detach().clone().cpu() if torch.is_tensor(v) else v)
@@ -360,7 +360,7 @@ class NativeEngine(EngineBase):
         with torch.no_grad():
             for name, p in self.named_params:
                 local = p.to_local() if is_dtensor(p) else p
-                local.copy_(self._shard(name, weights[plan.saved_as(name)], p))
+                local.copy_(self._shard(name, weights[self.saved_as(name)], p))
         if optimizer is None:
             return
         saved = optimizer["param_groups"]
@@ -370,7 +370,7 @@ class NativeEngine(EngineBase):
         for group, hyper in zip(self.optimizer.param_groups, saved, strict=True):
             group.update({k: v for k, v in hyper.items() if k != "params"})
         for name, p in self.named_params:
-            entry = optimizer["state"].get(plan.saved_as(name))
+            entry = optimizer["state"].get(self.saved_as(name))
             if entry is None:
                 continue
             new: dict[str, Any] = {}

@@ -386,8 +386,8 @@ def allreduce_tied_embedding_grads(stages: list, topo) -> None:
     part; a rank in between holds neither copy and returns at once. With virtual stages rank 0
     holds the first chunk and rank ``pp - 1`` the last, as without them.
     """
-    if topo.pp == 1 or not (topo.is_first_stage or topo.is_last_stage):
-        return
+    if topo.pp == 1 or not (topo.is_first_stage or topo.is_last_stage) or not stages[0].config.tie_embeddings:
+        return  # (an untied head is a matrix of its own: nothing to sum)
     weight = None
     for stage in stages:
         if stage.is_first:

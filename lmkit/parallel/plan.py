@@ -16,9 +16,11 @@ Everything else is derived from the rows: the from-scratch layers
 checkpoints' gather and re-shard), how each gradient counts in the global norm (`tp_sharded`:
 its square is summed over the tp group; otherwise one tp rank counts it), and which gradients are
 partial under sequence parallelism (`sequence_partial`: summed over the tp group after backward).
-A gated MLP's extra projection, say, is one more row ``Row("blocks.*.mlp.gate", "column",
-"block")``. Torchtitan applies such a dict to an unmodified model; picotron drives its layers from
-a table alike. The book, chapter 5, sections 5.4-5.5, and chapter 6.
+A new projection is one more row; a fused one (``attn.qkv`` = ``[q | k | v]``, a gated MLP's
+``mlp.fc`` = ``[gate | up]``) is split part by part (`fused_parts`), so that every rank holds its
+share of each part and the unchanged module finds its local widths. Torchtitan applies such a dict
+to an unmodified model; picotron drives its layers from a table alike. The book, chapter 5,
+sections 5.4-5.5, and chapter 6.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Row", "STYLES", "GPT_PLAN", "ShardSpec", "row_of", "rows_in", "place_modules", "qkv_shard_rows",
-           "shard_spec", "tp_sharded", "sequence_partial", "saved_as"]
+__all__ = ["Row", "STYLES", "GPT_PLAN", "ShardSpec", "row_of", "rows_in", "place_modules", "fused_parts",
+           "part_shard_rows", "qkv_shard_rows", "shard_spec", "tp_sharded", "sequence_partial", "tp_partial",
+           "tied_to", "saved_as"]
 
 STYLES = {
     "vocab": "embedding split by vocabulary rows; the partial lookups summed (SP: reduce-scattered)",
@@ -42,6 +45,8 @@ STYLES = {
            "replicated",
     "vocab_head": "column over the vocabulary, tied to the embedding; logits stay sharded for the loss",
     "norm": "replicated; under SP it sees this rank's sequence chunk (gradient partial over tp)",
+    "head_norm": "replicated norm over a head's features; each rank normalises its own heads (gradient "
+                 "partial over tp)",
     "positions": "replicated; under SP each rank adds its own positions' rows (gradient partial over tp)",
     "dropout": "replicated random stream; under SP (different data per rank) this rank's own stream",
     "heads": "input op (f / SP all-gather) in front; forward in this rank's random stream (its own heads)",
@@ -65,6 +70,8 @@ GPT_PLAN: tuple[Row, ...] = (
     Row("blocks.*.ln1", "norm", "block"),
     Row("blocks.*.attn", "heads", "block"),
     Row("blocks.*.attn.qkv", "column_heads", "block"),
+    Row("blocks.*.attn.q_norm", "head_norm", "block"),
+    Row("blocks.*.attn.k_norm", "head_norm", "block"),
     Row("blocks.*.attn.proj", "row", "block"),
     Row("blocks.*.attn.resid_drop", "dropout", "block"),
     Row("blocks.*.ln2", "norm", "block"),
@@ -115,39 +122,64 @@ class ShardSpec:
 
     ``dim``: the dimension of the full tensor that is split; ``full_size``: its full length;
     ``index``: the positions along ``dim`` this rank holds, or ``None`` for the plain layout
-    "rank r holds contiguous chunk r of tp equal chunks".
+    "rank r holds contiguous chunk r of tp equal chunks"; ``parts``: a fused tensor's part widths
+    (`fused_parts`), from which every rank's ``index`` follows (`rows_of`).
     """
 
     dim: int
     full_size: int
     index: Tensor | None = None
+    parts: tuple[int, ...] | None = None
+
+    def rows_of(self, tp_rank: int, tp: int) -> Tensor | None:
+        """The ``index`` of tp rank `tp_rank` (None: contiguous chunks), known without asking it."""
+        return None if self.parts is None else part_shard_rows(self.parts, tp_rank, tp)
 
 
-def qkv_shard_rows(n_head: int, head_dim: int, tp_rank: int, tp_size: int) -> Tensor:
-    """Rows of the fused ``qkv`` weight ([q | k | v], each n_head x head_dim rows) rank r holds.
+def fused_parts(module: str, config) -> tuple[int, ...] | None:
+    """The output widths of the parts a fused projection concatenates, or None for a plain one:
+    ``attn.qkv`` -> (H hd, KV hd, KV hd) for q, k and v; a gated MLP's ``mlp.fc`` -> (d_ff, d_ff) for
+    the gate and the up projection. (`config`: a `lmkit.config.ModelConfig`.)"""
+    leaf = module.rpartition(".")[2] if module.startswith("blocks.") else ""
+    if leaf == "qkv":
+        return (config.n_head * config.head_dim,) + (config.kv_heads * config.head_dim,) * 2
+    if leaf == "fc" and config.mlp == "swiglu":
+        return (config.ffn_width,) * 2
+    return None
 
-    For each of q, k and v: heads ``[r*H/tp, (r+1)*H/tp)``, ``head_dim`` rows each, in order,
-    so the local output is again laid out ``[q | k | v]`` with ``H/tp`` heads, and the unchanged
-    attention module finds its local head count from the width.
-    """
-    local = n_head // tp_size
-    d = n_head * head_dim
-    heads = torch.arange(tp_rank * local * head_dim, (tp_rank + 1) * local * head_dim)
-    return torch.cat([part * d + heads for part in range(3)])
+
+def part_shard_rows(parts: tuple[int, ...], tp_rank: int, tp_size: int) -> Tensor:
+    """Rows of a fused weight (parts of ``parts[i]`` rows, one after the other) rank r holds: chunk
+    ``r`` of ``tp`` of every part, in order. The local output is then laid out like the full one
+    (``[q_r | k_r | v_r]``, ``[gate_r | up_r]``), each part ``tp`` times narrower."""
+    rows, offset = [], 0
+    for size in parts:
+        chunk = size // tp_size
+        rows.append(torch.arange(offset + tp_rank * chunk, offset + (tp_rank + 1) * chunk))
+        offset += size
+    return torch.cat(rows)
+
+
+def qkv_shard_rows(n_head: int, head_dim: int, tp_rank: int, tp_size: int, n_kv_head: int | None = None
+                   ) -> Tensor:
+    """Rows of the fused ``qkv`` weight ([q | k | v]: n_head, n_kv_head and n_kv_head heads of
+    head_dim rows) rank r holds: query heads ``[r H/tp, (r+1) H/tp)`` and key and value heads
+    ``[r KV/tp, (r+1) KV/tp)``, so it keeps whole heads and every query head's key/value head."""
+    kv = n_head if n_kv_head is None else n_kv_head
+    return part_shard_rows((n_head * head_dim, kv * head_dim, kv * head_dim), tp_rank, tp_size)
 
 
 def shard_spec(name: str, full_shape: tuple[int, ...] | torch.Size, tp_rank: int, tp: int,
-               n_head: int) -> ShardSpec | None:
+               config) -> ShardSpec | None:
     """The split of parameter `name` (of full shape `full_shape`) on tp rank `tp_rank`, or None
-    when it is replicated (or ``tp == 1``)."""
+    when it is replicated (or ``tp == 1``); `config` is the model's `ModelConfig`."""
     row, attr = _param_row(name)
     dim = _SPLIT_DIMS.get(row.style, {}).get(attr) if row is not None and tp > 1 else None
     if dim is None:
         return None
-    index = None
-    if row.style == "column_heads":
-        index = qkv_shard_rows(n_head, full_shape[0] // 3 // n_head, tp_rank, tp)
-    return ShardSpec(dim, int(full_shape[dim]), index)
+    parts = fused_parts(name.rpartition(".")[0], config) if dim == 0 else None
+    index = part_shard_rows(parts, tp_rank, tp) if parts is not None else None
+    return ShardSpec(dim, int(full_shape[dim]), index, parts)
 
 
 def tp_sharded(name: str) -> bool:
@@ -157,11 +189,27 @@ def tp_sharded(name: str) -> bool:
     return row is not None and attr in _SPLIT_DIMS.get(row.style, {})
 
 
-def saved_as(name: str) -> str:
+def tied_to(row: Row, tie_embeddings: bool = True) -> str | None:
+    """The module whose weight `row`'s module shares: its ``tied`` partner when the model ties its
+    embeddings (`ModelConfig.tie_embeddings`), else None (the head has a matrix of its own)."""
+    return row.tied if tie_embeddings else None
+
+
+def saved_as(name: str, tie_embeddings: bool = True) -> str:
     """The GPT name under which parameter `name`'s values are kept: a tied module's weight is its
-    partner's (``head.weight`` -> ``tok_emb.weight``: one tensor in checkpoints and in the norm)."""
+    partner's (``head.weight`` -> ``tok_emb.weight``: one tensor in checkpoints and in the norm);
+    every name is its own when the model does not tie its embeddings."""
     row, attr = _param_row(name)
-    return f"{row.tied}.{attr}" if row is not None and row.tied is not None and attr == "weight" else name
+    partner = tied_to(row, tie_embeddings) if row is not None else None
+    return f"{partner}.{attr}" if partner is not None and attr == "weight" else name
+
+
+def tp_partial(name: str, sequence_parallel: bool) -> bool:
+    """Whether the gradient of the replicated parameter `name` is partial over the tp group after
+    backward and must be summed over it: the per-head norms always (each rank saw its own heads),
+    and under sequence parallelism the `sequence_partial` ones (each rank saw its sequence chunk)."""
+    row, _ = _param_row(name)
+    return (row is not None and row.style == "head_norm") or (sequence_parallel and sequence_partial(name))
 
 
 def sequence_partial(name: str) -> bool:

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.costs import layer_split  # the one definition of the cut, shared with the cost model
-from lmkit.parallel.plan import GPT_PLAN, place_modules
+from lmkit.model import rope_tables
+from lmkit.parallel.plan import GPT_PLAN, place_modules, tied_to
 
 __all__ = ["GPTStage", "layer_split", "build_stages", "cross_entropy_loss", "take_stage_modules"]
 
@@ -42,11 +43,13 @@ def take_stage_modules(stage: nn.Module, model: nn.Module, place: str) -> None:
     gets its own copy of the shared weight, kept equal by summing the two copies' gradients.
     """
     for name in place_modules(place):
-        setattr(stage, name, getattr(model, name))
+        if hasattr(model, name):  # (a model without learned positions has no pos_emb)
+            setattr(stage, name, getattr(model, name))
     for row in GPT_PLAN:
-        if row.place == place and row.tied is not None and not hasattr(stage, row.tied):
+        partner = tied_to(row, model.config.tie_embeddings)
+        if row.place == place and partner is not None and not hasattr(stage, partner):
             stage.get_submodule(row.module).weight = nn.Parameter(
-                model.get_submodule(row.tied).weight.detach().clone())
+                model.get_submodule(partner).weight.detach().clone())
 
 
 def cross_entropy_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -87,25 +90,47 @@ class GPTStage(nn.Module):
     def _take_blocks(self, model: nn.Module) -> nn.Module:
         return nn.ModuleList(model.blocks[i] for i in self.layers)
 
-    def embed(self, idx: Tensor) -> Tensor:
-        n = idx.size(1)  # this rank's tokens: the sequence's T / cp (its chunks under context parallelism)
+    def positions(self, n: int, device: torch.device) -> Tensor:
+        """The positions of this rank's `n` tokens (the sequence's T / cp; its chunks under context
+        parallelism): what the position table or the rotary angles are taken for."""
         T = n * self.cp_size
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
         if self.cp_positions is None:
-            pos = self.pos_emb.weight[:T]
+            return torch.arange(T, device=device)
+        return self.cp_positions(T, device=device)
+
+    def embed(self, idx: Tensor) -> Tensor:
+        if not hasattr(self, "pos_emb"):  # rotary positions: the attention turns q and k instead
+            return self.drop(self.tok_emb(idx))
+        n = idx.size(1)  # this rank's tokens
+        if self.cp_positions is None:
+            pos = self.pos_emb.weight[:n * self.cp_size]
         else:  # the positions of this rank's chunks of the sequence
-            pos = self.pos_emb(self.cp_positions(T, device=idx.device))
+            pos = self.pos_emb(self.positions(n, idx.device))
         if self.sequence_parallel:  # this rank holds positions [r*n/tp, (r+1)*n/tp) of its n
             chunk = n // self.tp_size
             pos = pos[self.tp_rank * chunk : (self.tp_rank + 1) * chunk]
         return self.drop(self.tok_emb(idx) + pos)
 
+    def rope(self, inp: Tensor) -> tuple[Tensor, Tensor] | None:
+        """cos and sin of the rotary angles of the tokens every attention of this stage sees (None with
+        learned positions): all of this rank's T / cp tokens, also under sequence parallelism, whose
+        attention runs on the gathered sequence."""
+        if self.config.pos != "rope":
+            return None
+        n = inp.size(1) if self.is_first or not self.sequence_parallel else inp.size(1) * self.tp_size
+        return rope_tables(self.positions(n, inp.device), self.config.head_dim, self.config.rope_theta)
+
     def forward(self, inp: Tensor, targets: Tensor | None = None) -> Tensor:
+        rope = self.rope(inp)
         x = self.embed(inp) if self.is_first else inp
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if recompute:
+                x = checkpoint(block, x, None, True, None, 0, 0, rope, use_reentrant=False)
+            else:
+                x = block(x, rope=rope)
         if not self.is_last:
             return x
         if targets is None:
@@ -120,8 +145,9 @@ class GPTStage(nn.Module):
         return local_name
 
     def tied_embedding_copy(self) -> Tensor | None:
-        """The head's separate copy of the embedding on a last stage that is not the first."""
-        return self.head.weight if self.is_last and not self.is_first else None
+        """The head's separate copy of the tied embedding on a last stage that is not the first."""
+        tied = self.is_last and not self.is_first and self.config.tie_embeddings
+        return self.head.weight if tied else None
 
 
 def build_stages(model: nn.Module, pp: int, pp_rank: int, virtual_stages: int = 1,

@@ -38,7 +38,7 @@ __all__ = [
     "vocab_parallel_cross_entropy",
     "validate_tp",
     "parallelize_stage",
-    "allreduce_sequence_parallel_grads",
+    "allreduce_tp_partial_grads",
     "shard_spec",
     "gather_full_param",
     "shard_full_param",
@@ -67,12 +67,13 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, full: nn.Linear, tp_rank: int, tp_size: int, group, sequence_parallel: bool = False,
-                 shard_rows: Tensor | None = None, input_op: bool = True) -> None:
+                 shard_rows: Tensor | None = None, input_op: bool = True, parts: tuple[int, ...] | None = None
+                 ) -> None:
         super().__init__()
         self.tp_rank, self.tp_size, self.group = tp_rank, tp_size, group
         self.sequence_parallel = sequence_parallel
         self.input_op = input_op
-        self.shard_rows = shard_rows
+        self.shard_rows, self.parts = shard_rows, parts
         self.full_out_features = full.out_features
         self.in_features = full.in_features
         w = _take(full.weight.detach(), 0, tp_rank, tp_size, shard_rows)
@@ -84,7 +85,7 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def shard_specs(self) -> dict[str, ShardSpec | None]:
-        spec = ShardSpec(0, self.full_out_features, self.shard_rows)
+        spec = ShardSpec(0, self.full_out_features, self.shard_rows, self.parts)
         return {"weight": spec, "bias": spec}
 
     def forward(self, x: Tensor) -> Tensor:
@@ -258,6 +259,16 @@ def validate_tp(config: ModelConfig, tp: int, sequence_parallel: bool = False) -
         raise ConfigError(
             f"model.n_head={config.n_head} is not divisible by parallel.tp={tp}: each tensor-parallel "
             f"rank computes n_head/tp whole attention heads; choose tp among {options} or change n_head")
+    if config.kv_heads % tp != 0:
+        options = [t for t in range(1, config.kv_heads + 1) if config.kv_heads % t == 0]
+        raise ConfigError(
+            f"model.n_kv_head={config.kv_heads} is not divisible by parallel.tp={tp}: each tensor-parallel "
+            f"rank keeps whole key/value heads with the query heads that share them; choose tp among "
+            f"{options} or change n_kv_head")
+    if config.ffn_width % tp != 0:
+        raise ConfigError(
+            f"the MLP's hidden width {config.ffn_width} is not divisible by parallel.tp={tp}: each rank "
+            f"computes d_ff/tp of its features; choose d_ff a multiple of {tp} or another tp")
     if config.vocab_size % tp != 0:
         padded = -(-config.vocab_size // tp) * tp
         raise ConfigError(
@@ -277,9 +288,9 @@ def _parallel_module(style: str, path: str, old: nn.Module, stage: nn.Module, sp
     if style == "vocab":
         return VocabParallelEmbedding(old, rank, tp, group, sp)
     if style in ("column", "column_heads", "vocab_head"):
-        spec = plan.shard_spec(f"{path}.weight", old.weight.shape, rank, tp, stage.config.n_head)
+        spec = plan.shard_spec(f"{path}.weight", old.weight.shape, rank, tp, stage.config)
         return ColumnParallelLinear(old, rank, tp, group, sp, shard_rows=spec.index,
-                                    input_op=style != "column_heads")
+                                    input_op=style != "column_heads", parts=spec.parts)
     if style == "row":
         return RowParallelLinear(old, rank, tp, group, sp)
     if style == "dropout":
@@ -287,7 +298,7 @@ def _parallel_module(style: str, path: str, old: nn.Module, stage: nn.Module, sp
     if style == "heads":  # every rank its own heads: the input op in front, the forward in its stream
         old.register_forward_pre_hook(lambda _m, args: (tp_input(args[0], group, sp), *args[1:]))
         run_in_tp_rng(old)
-    return old  # norm, positions: replicated (their gradients under SP: `allreduce_sequence_parallel_grads`)
+    return old  # norm, head_norm, positions: replicated (partial gradients: `allreduce_tp_partial_grads`)
 
 
 def parallelize_stage(stage: nn.Module, topo, sequence_parallel: bool = False, seed: int = 0) -> nn.Module:
@@ -313,8 +324,9 @@ def parallelize_stage(stage: nn.Module, topo, sequence_parallel: bool = False, s
         new = _parallel_module(row.style, path, old, stage, sp)
         if new is not old:
             stage.set_submodule(path, new)
-        if row.tied is not None and hasattr(stage, row.tied):  # tied inside this stage: one Parameter
-            new.weight = stage.get_submodule(row.tied).weight
+        partner = plan.tied_to(row, stage.config.tie_embeddings)
+        if partner is not None and hasattr(stage, partner):  # tied inside this stage: one Parameter
+            new.weight = stage.get_submodule(partner).weight
     if stage.is_last:
         stage.loss_fn = functools.partial(vocab_parallel_cross_entropy, group=group, tp_rank=rank, tp_size=tp)
     stage.tp_shard_specs = {f"{name}.{attr}": spec for name, mod in stage.named_modules()
@@ -322,20 +334,21 @@ def parallelize_stage(stage: nn.Module, topo, sequence_parallel: bool = False, s
     return stage
 
 
-def allreduce_sequence_parallel_grads(stages: nn.Module | Iterable[nn.Module], topo) -> None:
-    """Sum the partial gradients of sequence-parallel-replicated parameters over the tp group.
+def allreduce_tp_partial_grads(stages: nn.Module | Iterable[nn.Module], topo) -> None:
+    """Sum the partial gradients of replicated parameters over the tp group (`plan.tp_partial`).
 
-    Under SP, the norms' weights, the position embedding and row-parallel biases are replicated
-    but each rank's copy saw only its sequence chunk (`plan.sequence_partial`); the full gradient
-    is the sum. One all-reduce of a flat buffer (call after backward, before data-parallel
-    reduction); nothing without SP.
+    The per-head norms (QK-norm) are replicated but each rank normalised only its own heads; under
+    SP, the norms' weights, the position embedding and row-parallel biases are replicated but each
+    rank's copy saw only its sequence chunk (`plan.sequence_partial`). The full gradient is the sum.
+    One all-reduce of a flat buffer (call after backward, before data-parallel reduction); nothing
+    when no parameter is partial.
     """
     if topo.tp == 1:
         return
     if isinstance(stages, nn.Module):
         stages = [stages]
-    grads = [p.grad for s in stages if s.sequence_parallel for name, p in s.named_parameters()
-             if plan.sequence_partial(name) and p.grad is not None]
+    grads = [p.grad for s in stages for name, p in s.named_parameters()
+             if plan.tp_partial(name, s.sequence_parallel) and p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -369,9 +382,12 @@ def gather_full_param(stage: nn.Module, local_name: str, tensor: Tensor) -> Tens
     dist.all_gather(parts, tensor.contiguous(), group=group)
     if spec.index is None:
         return torch.cat(parts, dim=spec.dim)
-    index = spec.index.to(tensor.device)
-    indices = [torch.empty_like(index) for _ in range(size)]
-    dist.all_gather(indices, index, group=group)
+    if spec.parts is not None:  # every rank's rows follow from the part widths: nothing more to send
+        indices = [spec.rows_of(r, size).to(tensor.device) for r in range(size)]
+    else:
+        index = spec.index.to(tensor.device)
+        indices = [torch.empty_like(index) for _ in range(size)]
+        dist.all_gather(indices, index, group=group)
     shape = list(tensor.shape)
     shape[spec.dim] = spec.full_size
     full = tensor.new_empty(shape)
