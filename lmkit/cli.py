@@ -1,8 +1,9 @@
 """The ``lmkit`` command: train, eval, generate, estimate, export, over the functions the notebooks use.
 
-Options come from three places, later ones winning: the dataclass defaults (`lmkit.config`), a
-TOML file given with ``--config`` (sections ``[model]``, ``[train]``, ``[parallel]``) and the
-flags, one per config field (``--n-layer 4 --lr 3e-4``; `lmkit.options`). Every option's
+Options come from four places, later ones winning: the dataclass defaults (`lmkit.config`), a
+model preset (``--preset llama``), a TOML file given with ``--config`` (sections ``[model]``,
+``[train]``, ``[parallel]``) and the flags, one per config field (``--n-layer 4 --lr 3e-4``;
+`lmkit.options`). Every option's
 ``--help`` line says its default. A bad argument or config exits with status 2 and one line saying
 what is wrong, no traceback; a warning is one line, ``lmkit: warning: ...``.
 """

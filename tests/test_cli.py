@@ -245,3 +245,33 @@ def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     assert main(["generate", str(out), "--int8", "--device", "cpu", *greedy]) == 0
     int8 = capsys.readouterr().out.split("-" * 40 + "\n")
     assert int8[0].startswith("ROMEO:") and int8[1].startswith("To be") and len(int8[0]) > len("ROMEO:\n")
+
+
+def test_preset_llama_then_toml_then_flags(tmp_path, capsys, monkeypatch):
+    """--preset sets the network; the TOML file and the flags override it; an unknown preset exits 2."""
+    from lmkit.config import model_preset
+
+    def model(*argv: str) -> ModelConfig:
+        return resolve_configs(build_parser().parse_args(["train", *argv]))[0]
+
+    llama = model("--preset", "llama")
+    assert llama == model_preset("llama")
+    assert (llama.pos, llama.norm, llama.mlp, llama.bias, llama.tie_embeddings, llama.kv_heads) == \
+        ("rope", "rms", "swiglu", False, False, ModelConfig.n_head // 2)
+    assert model("--preset", "llama", "--n-head", "8").kv_heads == 4  # n_head/2 of the final n_head
+    assert model("--preset", "llama", "--n-kv-head", "1").n_kv_head == 1
+    assert model("--preset", "llama", "--tie-embeddings").tie_embeddings
+    assert model("--preset", "gpt2") == model() == ModelConfig()
+    config = tmp_path / "run.toml"
+    config.write_text("[model]\nbias = true\nd_model = 64\n")
+    from_toml = model("--preset", "llama", "--config", str(config))
+    assert (from_toml.bias, from_toml.d_model, from_toml.mlp) == (True, 64, "swiglu")
+    assert not model("--preset", "llama", "--config", str(config), "--no-bias").bias
+    assert main(["train", "--preset", "mistral"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --preset: invalid choice: 'mistral' (choose from 'gpt2', 'llama')" in err
+    assert err.count("\n") == 1
+    monkeypatch.setenv("COLUMNS", "100")
+    entry = _help_entries(dict(_parsers())["lmkit train"].format_help())["--preset"]
+    assert all(word in entry for word in ("gpt2", "llama", "mlp=swiglu", "n_kv_head", "(default:")), entry
+
