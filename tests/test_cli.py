@@ -275,3 +275,47 @@ def test_preset_llama_then_toml_then_flags(tmp_path, capsys, monkeypatch):
     entry = _help_entries(dict(_parsers())["lmkit train"].format_help())["--preset"]
     assert all(word in entry for word in ("gpt2", "llama", "mlp=swiglu", "n_kv_head", "(default:")), entry
 
+
+def test_export_hf_dir_of_a_llama_run_then_generate_from_it(tmp_path, capsys):
+    """A --preset llama run exports as a LlamaForCausalLM with the run's logits; generate --hf-dir decodes
+    what the checkpoint does."""
+    import json
+
+    import torch
+    import transformers
+
+    from lmkit.checkpoint.format import find_latest
+    from lmkit.checkpoint.single import load_checkpoint
+    from lmkit.model import GPT
+
+    out, hf_dir = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--preset", "llama", "--corpus", "tinyshakespeare", "--max-steps", "3",
+                 "--out-dir", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 0
+    assert "transformers Llama directory (LlamaForCausalLM)" in capsys.readouterr().out
+    assert json.loads((hf_dir / "config.json").read_text())["num_key_value_heads"] == 1
+    theirs = transformers.LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    latest = find_latest(out)
+    ours = GPT(load_checkpoint(latest).config("model", ModelConfig))
+    load_checkpoint(latest, model=ours)
+    assert ours.config.mlp == "swiglu" and ours.config.kv_heads == 1
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
+    greedy = ["--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "12", "--greedy"]
+    assert main(["generate", str(out), *greedy]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["generate", "--hf-dir", str(hf_dir), *greedy]) == 0
+    assert capsys.readouterr().out == from_checkpoint
+
+
+def test_export_hf_dir_refuses_a_network_transformers_lacks(tmp_path, capsys):
+    out, hf_dir = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--pos", "rope", "--corpus", "tinyshakespeare", "--max-steps", "1",
+                 "--out-dir", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM needs also norm='rms', mlp='swiglu'" in err and err.count("\n") == 1, err
+    assert not hf_dir.exists()
