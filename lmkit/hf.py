@@ -117,8 +117,8 @@ def hf_architecture(config: ModelConfig) -> str:
     ``qk_norm=True``. Anything else is an `HFError` naming the options to change.
     """
     if config.arch != "gpt":
-        raise HFError(f"model.arch={config.arch!r} has no transformers equivalent; only arch='gpt' converts "
-                      "(to GPT2LMHeadModel or LlamaForCausalLM)")
+        raise HFError(f"model.arch={config.arch!r} has no GPT-2 equivalent, nor a Llama one; only arch='gpt' "
+                      "converts (to GPT2LMHeadModel or LlamaForCausalLM)")
     options = config.options()
     if not options:
         return ARCHITECTURES["gpt2"]
@@ -126,9 +126,9 @@ def hf_architecture(config: ModelConfig) -> str:
     if missing:
         listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
         need = ", ".join(f"{k}={v!r}" for k, v in missing.items())
-        raise HFError(f"model options {listed} have no transformers equivalent: GPT2LMHeadModel takes none, "
-                      f"LlamaForCausalLM needs also {need}; set them (lmkit train --preset llama) or drop "
-                      "the options")
+        raise HFError(f"model options {listed} have no GPT-2 equivalent and are not the Llama-style network: "
+                      f"GPT2LMHeadModel takes none of them, LlamaForCausalLM needs also {need}; set those "
+                      "(lmkit train --preset llama) or drop the options")
     if config.qk_norm:
         if config.bias:
             raise HFError("qk_norm=True with bias=True has no transformers equivalent: Qwen3ForCausalLM "

@@ -267,9 +267,9 @@ def test_a_llama_directory_saves_and_loads_by_its_model_type(tmp_path):
     (dict(pos="rope"), "LlamaForCausalLM needs also norm='rms', mlp='swiglu'"),
     (dict(norm="rms", mlp="swiglu"), "LlamaForCausalLM needs also pos='rope'"),
     (dict(pos="rope", norm="rms", activation="relu2"), "activation='relu2'"),
-    (dict(tie_embeddings=False), "tie_embeddings=False have no transformers equivalent"),
+    (dict(tie_embeddings=False), "tie_embeddings=False have no GPT-2 equivalent"),
     (dict(pos="rope", norm="rms", mlp="swiglu", qk_norm=True, bias=True), "use bias=False"),
-    (dict(arch="lstm"), "arch='lstm' has no transformers equivalent"),
+    (dict(arch="lstm"), "arch='lstm' has no GPT-2 equivalent, nor a Llama one"),
 ])
 def test_networks_neither_class_computes_are_refused_in_one_line(fields, fragment):
     config = ModelConfig(**fields)
