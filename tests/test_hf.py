@@ -254,9 +254,13 @@ def test_a_llama_directory_saves_and_loads_by_its_model_type(tmp_path):
         want = ours(idx)[0]
         torch.testing.assert_close(loaded(idx).logits, want, atol=1e-5, rtol=0)
         assert torch.equal(back(idx)[0], want)
-    qwen = hf.save_pretrained(_random_llama(19, **LLAMA_CONFIGS["qwen3-qknorm"]), tmp_path / "qwen3")
+    tied_qwen = _random_llama(19, **LLAMA_CONFIGS["qwen3-qknorm"], tie_embeddings=True)
+    qwen = hf.save_pretrained(tied_qwen, tmp_path / "qwen3")  # the tied head is saved once
     assert json.loads((qwen / "config.json").read_text())["model_type"] == "qwen3"
-    assert hf.load_pretrained(qwen)[0].config.qk_norm
+    back, _ = hf.load_pretrained(qwen)
+    assert back.config == tied_qwen.config and back.head.weight is back.tok_emb.weight
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], tied_qwen(idx)[0])
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"model_type": "mistral"}')
     with pytest.raises(hf.HFError, match="model_type='mistral'; lmkit converts 'gpt2', 'llama', 'qwen3'"):
