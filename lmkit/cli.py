@@ -1,8 +1,9 @@
 """The ``lmkit`` command: train, eval, generate, estimate, export, over the functions the notebooks use.
 
-Options come from three places, later ones winning: the dataclass defaults (`lmkit.config`), a
-TOML file given with ``--config`` (sections ``[model]``, ``[train]``, ``[parallel]``) and the
-flags, one per config field (``--n-layer 4 --lr 3e-4``; `lmkit.options`). Every option's
+Options come from four places, later ones winning: the dataclass defaults (`lmkit.config`), a
+model preset (``--preset llama``), a TOML file given with ``--config`` (sections ``[model]``,
+``[train]``, ``[parallel]``) and the flags, one per config field (``--n-layer 4 --lr 3e-4``;
+`lmkit.options`). Every option's
 ``--help`` line says its default. A bad argument or config exits with status 2 and one line saying
 what is wrong, no traceback; a warning is one line, ``lmkit: warning: ...``.
 """
@@ -74,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="continue prompts with a trained checkpoint",
                          formatter_class=HelpFormatter,
                          description="Continue one or more prompts with a checkpoint, or with a transformers "
-                                     "GPT-2 directory.")
+                                     "GPT-2, Llama or Qwen3 directory.")
     gen.add_argument("checkpoint", nargs="?", default=None,
                      help="checkpoint directory, or a run directory (its latest checkpoint); or give "
                           "--hf-dir")
     gen.add_argument("--hf-dir", default=None, metavar="DIR",
-                     help="generate with a transformers GPT-2 directory (lmkit export --hf-dir, or "
-                          "save_pretrained) instead of a checkpoint")
+                     help="generate with a transformers directory of GPT2LMHeadModel, LlamaForCausalLM or "
+                          "Qwen3ForCausalLM (lmkit export --hf-dir, or save_pretrained) instead of a "
+                          "checkpoint")
     gen.add_argument("--prompt", action="append", required=True,
                      help="prompt text (repeat for a batch: decoded together, left-padded)")
     gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
@@ -145,13 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Read every shard of a sharded checkpoint (any layout) in this process "
                                      "and write the single-directory checkpoint: model.safetensors, "
                                      "state.pt, tokenizer.json, meta.json; or, with --hf-dir, a transformers "
-                                     "GPT-2 directory (config.json, model.safetensors, the tokenizer).")
+                                     "directory (config.json, model.safetensors, the tokenizer): "
+                                     "GPT2LMHeadModel for GPT-2's network, LlamaForCausalLM for the "
+                                     "Llama-style one (--preset llama), Qwen3ForCausalLM for it with "
+                                     "--qk-norm.")
     exp.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     exp.add_argument("out", nargs="?", default=None,
                      help="directory to write: a new one, or a checkpoint to replace (or give --hf-dir)")
     exp.add_argument("--hf-dir", default=None, metavar="DIR",
-                     help="write a transformers GPT-2 directory instead (GPT2LMHeadModel.from_pretrained "
-                          "loads it; lmkit's tokenizer beside it)")
+                     help="write a transformers directory instead (from_pretrained of GPT2LMHeadModel, "
+                          "LlamaForCausalLM or Qwen3ForCausalLM loads it, by the model's network; lmkit's "
+                          "tokenizer beside it)")
     return parser
 
 
@@ -345,7 +351,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _load_hf_dir(path: str, device_name: str):
-    """Model (eval mode, on device) and tokenizer from a transformers GPT-2 directory."""
+    """Model (eval mode, on device) and tokenizer from a transformers GPT-2, Llama or Qwen3 directory."""
     from lmkit.hf import TOKENIZER_FILE, load_pretrained
     from lmkit.run import resolve_device
 
@@ -514,10 +520,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_hf(source: Path, out: Path) -> int:
-    """``lmkit export CHECKPOINT --hf-dir DIR``: the checkpoint as a transformers GPT-2 directory."""
+    """``lmkit export CHECKPOINT --hf-dir DIR``: the checkpoint as a transformers directory of the class
+    that computes its network (`lmkit.hf.hf_architecture`: GPT-2, Llama or Qwen3)."""
     from lmkit.checkpoint.format import META_FILE, CheckpointError
     from lmkit.checkpoint.single import load_checkpoint, load_model_state
-    from lmkit.hf import gpt2_config, save_pretrained
+    from lmkit.hf import hf_architecture, hf_config, save_pretrained
     from lmkit.model import GPT
 
     if out.exists() and not (out / "config.json").is_file():
@@ -529,11 +536,14 @@ def _export_hf(source: Path, out: Path) -> int:
                               "step_* directory")
     info = load_checkpoint(source)
     model_cfg = info.config("model", ModelConfig)
-    gpt2_config(model_cfg)  # refuses what GPT-2 cannot express, before the weights are read
+    hf_config(model_cfg)  # refuses what transformers cannot express, before the weights are read
     model = GPT(model_cfg)
     model.load_state_dict(load_model_state(source))
     path = save_pretrained(model, out, info.load_tokenizer())
-    print(f"exported {source} (step {info.step}) as a transformers GPT-2 directory {path}")
+    architecture = hf_architecture(model_cfg)
+    family = {"GPT2LMHeadModel": "GPT-2", "LlamaForCausalLM": "Llama", "Qwen3ForCausalLM": "Qwen3"}
+    print(f"exported {source} (step {info.step}) as a transformers {family[architecture]} directory "
+          f"({architecture}) {path}")
     return 0
 
 

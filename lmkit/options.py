@@ -3,10 +3,10 @@
 ``lmkit`` (`lmkit.cli`) and ``python -m lmkit.lab.experiments`` build their parsers from these
 pieces, so that both behave alike:
 
-- a run's options come from three places, later ones winning: the dataclass defaults
-  (`lmkit.config`), a TOML file (sections ``[model]``, ``[train]``, ``[parallel]``, `load_toml`)
-  and the flags, one per config field (`add_config_flags`); `resolve_configs` merges and
-  validates them;
+- a run's options come from four places, later ones winning: the dataclass defaults
+  (`lmkit.config`), a model preset (``--preset llama``: `lmkit.config.PRESETS`), a TOML file
+  (sections ``[model]``, ``[train]``, ``[parallel]``, `load_toml`) and the flags, one per config
+  field (`add_config_flags`); `resolve_configs` merges and validates them;
 - `HelpFormatter` shows every option's default where it has one (never a bare "None");
 - `Parser` turns a bad argument into one line and exit status 2 (`UsageError`), no usage dump;
 - `one_line_warnings` prints a warning that reaches the terminal as ``lmkit: warning: ...``, one
@@ -28,12 +28,14 @@ from typing import Any
 
 from lmkit.config import (
     CORPUS_NAMES,
+    PRESETS,
     ConfigError,
     ModelConfig,
     ParallelConfig,
     TrainConfig,
     describe,
     from_dict,
+    model_preset,
 )
 
 __all__ = [
@@ -105,8 +107,25 @@ def _device(value: str) -> str:
 _TYPES = {"corpus": _corpus, "device": _device}  # enumerated, but not a fixed list of strings
 
 
+def _preset_help() -> str:
+    """``--preset``'s help: what each of `lmkit.config.PRESETS` sets."""
+    sets = {name: ", ".join(f"{k}={v}" for k, v in fields.items()) or "the defaults (GPT-2's network)"
+            for name, fields in PRESETS.items()}
+    sets["llama"] += ", n_kv_head=n_head/2 unless given (grouped-query attention; n_head when odd)"
+    listed = "; ".join(f"{name} = {what}" for name, what in sets.items())
+    return (f"network the [model] options start from, below the TOML file and the flags: {listed} "
+            "(default: no preset, the [model] defaults)")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
-    """One flag per dataclass field: its description, choices and default come from `lmkit.config`."""
+    """One flag per dataclass field: its description, choices and default come from `lmkit.config`.
+
+    The model's section also gets ``--preset`` (`lmkit.config.model_preset`), a flag only: the
+    values it stands for sit below the TOML file and the flags (`resolve_configs`).
+    """
+    if cls is ModelConfig:
+        parser.add_argument("--preset", dest="model_preset", choices=sorted(PRESETS), default=None,
+                            help=_preset_help())
     group = parser.add_argument_group(f"[{section}] options (also settable in the TOML file)")
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -145,7 +164,7 @@ def load_toml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, ParallelConfig]:
-    """Defaults < TOML file < flags; every value validated."""
+    """Defaults < model preset (``--preset``) < TOML file < flags; every value validated."""
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if getattr(args, "config", None):
         for section, items in load_toml(args.config).items():
@@ -161,7 +180,9 @@ def resolve_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig,
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             values[section][name] = value
-    model_cfg = from_dict(ModelConfig, values["model"])
+    preset = getattr(args, "model_preset", None)
+    model_cfg = (model_preset(preset, **values["model"]) if preset
+                 else from_dict(ModelConfig, values["model"]))
     train_cfg = from_dict(TrainConfig, values["train"])
     parallel_cfg = from_dict(ParallelConfig, values["parallel"])
     return model_cfg.validate(), train_cfg.validate(), parallel_cfg.validate()

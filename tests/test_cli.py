@@ -245,3 +245,77 @@ def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     assert main(["generate", str(out), "--int8", "--device", "cpu", *greedy]) == 0
     int8 = capsys.readouterr().out.split("-" * 40 + "\n")
     assert int8[0].startswith("ROMEO:") and int8[1].startswith("To be") and len(int8[0]) > len("ROMEO:\n")
+
+
+def test_preset_llama_then_toml_then_flags(tmp_path, capsys, monkeypatch):
+    """--preset sets the network; the TOML file and the flags override it; an unknown preset exits 2."""
+    from lmkit.config import model_preset
+
+    def model(*argv: str) -> ModelConfig:
+        return resolve_configs(build_parser().parse_args(["train", *argv]))[0]
+
+    llama = model("--preset", "llama")
+    assert llama == model_preset("llama")
+    assert (llama.pos, llama.norm, llama.mlp, llama.bias, llama.tie_embeddings, llama.kv_heads) == \
+        ("rope", "rms", "swiglu", False, False, ModelConfig.n_head // 2)
+    assert model("--preset", "llama", "--n-head", "8").kv_heads == 4  # n_head/2 of the final n_head
+    assert model("--preset", "llama", "--n-kv-head", "1").n_kv_head == 1
+    assert model("--preset", "llama", "--tie-embeddings").tie_embeddings
+    assert model("--preset", "gpt2") == model() == ModelConfig()
+    config = tmp_path / "run.toml"
+    config.write_text("[model]\nbias = true\nd_model = 64\n")
+    from_toml = model("--preset", "llama", "--config", str(config))
+    assert (from_toml.bias, from_toml.d_model, from_toml.mlp) == (True, 64, "swiglu")
+    assert not model("--preset", "llama", "--config", str(config), "--no-bias").bias
+    assert main(["train", "--preset", "mistral"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --preset: invalid choice: 'mistral' (choose from 'gpt2', 'llama')" in err
+    assert err.count("\n") == 1
+    monkeypatch.setenv("COLUMNS", "100")
+    entry = _help_entries(dict(_parsers())["lmkit train"].format_help())["--preset"]
+    assert all(word in entry for word in ("gpt2", "llama", "mlp=swiglu", "n_kv_head", "(default:")), entry
+
+
+def test_export_hf_dir_of_a_llama_run_then_generate_from_it(tmp_path, capsys):
+    """A --preset llama run exports as a LlamaForCausalLM with the run's logits; generate --hf-dir decodes
+    what the checkpoint does."""
+    import json
+
+    import torch
+    import transformers
+
+    from lmkit.checkpoint.format import find_latest
+    from lmkit.checkpoint.single import load_checkpoint
+    from lmkit.model import GPT
+
+    out, hf_dir = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--preset", "llama", "--corpus", "tinyshakespeare", "--max-steps", "3",
+                 "--out-dir", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 0
+    assert "transformers Llama directory (LlamaForCausalLM)" in capsys.readouterr().out
+    assert json.loads((hf_dir / "config.json").read_text())["num_key_value_heads"] == 1
+    theirs = transformers.LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    latest = find_latest(out)
+    ours = GPT(load_checkpoint(latest).config("model", ModelConfig))
+    load_checkpoint(latest, model=ours)
+    assert ours.config.mlp == "swiglu" and ours.config.kv_heads == 1
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
+    greedy = ["--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "12", "--greedy"]
+    assert main(["generate", str(out), *greedy]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["generate", "--hf-dir", str(hf_dir), *greedy]) == 0
+    assert capsys.readouterr().out == from_checkpoint
+
+
+def test_export_hf_dir_refuses_a_network_transformers_lacks(tmp_path, capsys):
+    out, hf_dir = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--pos", "rope", "--corpus", "tinyshakespeare", "--max-steps", "1",
+                 "--out-dir", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM needs also norm='rms', mlp='swiglu'" in err and err.count("\n") == 1, err
+    assert not hf_dir.exists()
