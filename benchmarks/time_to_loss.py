@@ -1,7 +1,8 @@
 """Time to a given loss on Tiny Shakespeare characters: transformers' GPT-2 and lmkit with
 nanoGPT's recipe against lmkit's best recipe, in one run.
 
-    LMKIT_DATA=../shared/data python benchmarks/time_to_loss.py [--steps 2000] [--threads 1]
+    LMKIT_DATA=../shared/data python benchmarks/time_to_loss.py [--steps 2000] [--threads 1] \
+        [--layout-steps 100]
 
 The model is nanoGPT's CPU "baby GPT" (4 layers, 4 heads, width 128, context 64, no biases, ~0.8M
 parameters). Recipes:
@@ -19,6 +20,11 @@ transformers model), train on the same batches in the same order, with the same 
 validation loss is measured on one fixed set of validation batches every ``--eval-every`` steps;
 evaluation time is excluded from the wall times printed. The target is (a)'s final validation
 loss; a recipe's time to it is interpolated linearly between the evaluations around the crossing.
+
+Then (c) trains the way chapter 6 trains, through `lmkit.train.Trainer`: its first ``--layout-steps``
+steps in one process, under dp2 and under tp2 (`lmkit.lab.time_to_loss.recipe_under_layouts`), and
+the table gives each layout's largest relative loss difference from the single process beside its
+wall time (``--layout-steps 0`` skips it).
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 
 import torch
 
+from lmkit.config import ParallelConfig
 from lmkit.lab.time_to_loss import (
     best_recipe,
     fixed_batches,
     nanogpt_recipe,
+    recipe_under_layouts,
     shakespeare_tokens,
     time_table,
     train_curves,
@@ -47,7 +56,12 @@ def main() -> int:
     ap.add_argument("--val-batches", type=int, default=50, help="fixed validation batches of 12 x 64")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same for every recipe")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--layout-steps", type=int, default=100,
+                    help="steps of (c) under dp2 and tp2 against one process (0: skip)")
     args = ap.parse_args()
+    if args.layout_steps < 0:
+        print("time_to_loss: --layout-steps must be >= 0", file=sys.stderr)
+        return 2
     for name in ("steps", "eval_every", "val_batches", "threads"):
         if getattr(args, name) <= 0:
             print(f"time_to_loss: --{name.replace('_', '-')} must be a positive integer", file=sys.stderr)
@@ -76,6 +90,16 @@ def main() -> int:
     ratio = rows[2]["x_reference"]
     print(f"\n(c)/(a) wall time to the reference's final loss: {ratio:.2f}x (goal <= 0.6x: "
           f"{'met' if ratio <= 0.6 else 'not met'})")
+    if args.layout_steps:
+        layouts = [ParallelConfig(dp=2), ParallelConfig(tp=2)]
+        print(f"\n(c) through lmkit.train.Trainer, {args.layout_steps} steps (Muon's Newton-Schulz in fp32), "
+              f"load average {os.getloadavg()[0]:.2f}")
+        print(f"{'layout':<10}{'final loss':>12}{'max rel diff':>14}{'wall s':>8}{'x 1 process':>13}")
+        with tempfile.TemporaryDirectory() as out:
+            table = recipe_under_layouts(recipes[2], layouts, args.layout_steps, out)
+        for row in table:
+            print(f"{row['layout']:<10}{row['final_loss']:>12.5f}{row['max_rel_diff']:>14.2e}{row['seconds']:>8.1f}"
+                  f"{row['seconds'] / table[0]['seconds']:>13.2f}")
     return 0
 
 

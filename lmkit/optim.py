@@ -30,8 +30,7 @@ which differ between layouts, into different values).
 from __future__ import annotations
 
 import math
-from collections import ChainMap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ from lmkit.config import ConfigError, TrainConfig
 
 __all__ = [
     "Muon", "Direction", "orthogonalize", "muon_lr_scale", "shardwise_error", "MuonAdamW", "is_muon_matrix",
-    "muon_parameter_names", "configure_optimizer", "lr_multiplier", "named_optimizer_state",
+    "muon_parameter_names", "peak_lrs", "configure_optimizer", "lr_multiplier", "named_optimizer_state",
     "load_named_optimizer_state",
 ]
 
@@ -147,6 +146,27 @@ def muon_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if is_muon_matrix(name, p)]
 
 
+class _StateView(Mapping):
+    """Read-only view of several optimizers' ``state`` (a ChainMap would not do: looking a key up in
+    torch's ``defaultdict`` state creates it)."""
+
+    def __init__(self, *states: Mapping) -> None:
+        self.states = states
+
+    def __getitem__(self, key: Any) -> Any:
+        for state in self.states:
+            if key in state:
+                return state[key]
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        for state in self.states:
+            yield from state
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self.states)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """`Muon` on `muon_parameter_names`, ``torch.optim.AdamW`` on every other
     parameter (weight decay on matrices only, as `configure_optimizer`).
@@ -184,7 +204,7 @@ class MuonAdamW(torch.optim.Optimizer):
         # The groups are the sub-optimizers' own dicts: a scheduler setting group["lr"] drives them.
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = ChainMap(self.muon.state, self.adamw.state)  # type: ignore[assignment]
+        self.state = _StateView(self.muon.state, self.adamw.state)  # type: ignore[assignment]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: D102 - see the class docstring
@@ -243,6 +263,13 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device
     fused = device is not None and device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                              fused=fused or None)
+
+
+def peak_lrs(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[float]:
+    """The peak learning rate of each of `optimizer`'s groups: ``cfg.muon_lr`` for Muon's, ``cfg.lr``
+    for the others (what a changed schedule restarts from)."""
+    n_muon = len(optimizer.muon.param_groups) if isinstance(optimizer, MuonAdamW) else 0
+    return [cfg.muon_lr if i < n_muon else cfg.lr for i in range(len(optimizer.param_groups))]
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:

@@ -59,7 +59,13 @@ from lmkit.checkpoint.sharded import (
 from lmkit.checkpoint.single import load_checkpoint, load_model_state, save_checkpoint
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.data import BatchSampler
-from lmkit.optim import configure_optimizer, load_named_optimizer_state, lr_multiplier, named_optimizer_state
+from lmkit.optim import (
+    configure_optimizer,
+    load_named_optimizer_state,
+    lr_multiplier,
+    named_optimizer_state,
+    peak_lrs,
+)
 from lmkit.parallel.mesh import single_process_topology
 from lmkit.parallel.tp_rng import get_tp_rng_tracker
 from lmkit.run import build_engine, configure_cuda_matmul, peak_flops_of, resolve_device
@@ -393,10 +399,10 @@ class Trainer:
         self.tokens_seen = int(info.extra.get("tokens_seen", 0))
         self.skipped_steps = int(info.extra.get("skipped_steps", 0))
         if allow_schedule_change:  # the checkpoint's scheduler state holds the old peak lr
-            self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
-            for group in self.optimizer.param_groups:
-                group["initial_lr"] = self.cfg.lr
-                group["lr"] = self.cfg.lr * lr_multiplier(self.step, self.cfg)
+            self.scheduler.base_lrs = peak_lrs(self.optimizer, self.cfg)
+            for group, peak in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["initial_lr"] = peak
+                group["lr"] = peak * lr_multiplier(self.step, self.cfg)
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         bad = self.nonfinite_weights()
         if bad:
