@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmkit import costs
 from lmkit.cli import main
-from lmkit.config import ModelConfig
+from lmkit.config import ModelConfig, model_preset, swiglu_width
 from lmkit.model import GPT
 from lmkit.parallel.pipeline import peak_in_flight, schedule_actions
 
@@ -45,11 +47,107 @@ def test_parameters_and_flops_equal_the_models_own_counts(cfg):
     assert all(tuple(shapes[p.name].shape) == p.shape for p in costs.parameter_table(model))
 
 
-def test_presets_have_their_advertised_size():
+def random_configs(n: int, seed: int = 21) -> list[ModelConfig]:
+    """`n` ModelConfigs drawing every option and shape at random (seeded): heads, key/value heads,
+    head width, MLP kind and width, tying, positions, norm, QK-norm, bias, activation, dropout."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        n_head = rng.choice([1, 2, 3, 4, 6, 8, 12])
+        pos = rng.choice(["learned", "rope"])
+        head_dim = rng.choice([2, 4, 6, 8, 16] if pos == "rope" else [1, 3, 4, 5, 8, 16])
+        mlp = rng.choice(["plain", "swiglu"])
+        out.append(ModelConfig(
+            vocab_size=rng.randint(2, 300), block_size=rng.randint(1, 64), n_layer=rng.randint(1, 4),
+            n_head=n_head, d_model=n_head * head_dim, dropout=rng.choice([0.0, 0.1]), bias=rng.random() < 0.5,
+            pos=pos, norm=rng.choice(["layer", "rms"]), qk_norm=rng.random() < 0.5,
+            activation="gelu" if mlp == "swiglu" else rng.choice(["gelu", "relu2"]),
+            n_kv_head=rng.choice([0] + [k for k in range(1, n_head + 1) if n_head % k == 0]), mlp=mlp,
+            d_ff=rng.choice([0, 0, rng.randint(1, 200)]), tie_embeddings=rng.random() < 0.5).validate())
+    return out
+
+
+@pytest.mark.parametrize("cfg", random_configs(60), ids=lambda c: "-".join(f"{k}={v}" for k, v in (
+    ("L", c.n_layer), ("d", c.d_model), ("H", c.n_head), ("KV", c.kv_heads), ("ff", c.ffn_width),
+    ("mlp", c.mlp), ("tie", int(c.tie_embeddings)), ("pos", c.pos), ("norm", c.norm), ("qk", int(c.qk_norm)),
+    ("bias", int(c.bias)))))
+def test_every_option_counts_as_the_model_counts_itself(cfg):
+    """Parameters (both variants), FLOPs (both) and every tensor's name and shape, in registration
+    order, for random combinations of all the model's options (built on the meta device: shapes only)."""
+    with torch.device("meta"):
+        gpt = GPT(cfg)
+    model = costs.Model.from_config(cfg)
+    assert costs.num_params(model) == gpt.num_params(non_embedding=False)
+    assert costs.num_params(model, non_embedding=True) == gpt.num_params(non_embedding=True)
+    assert costs.flops_per_token(model) == gpt.flops_per_token()
+    assert costs.flops_per_token(model, training=False) == gpt.flops_per_token(training=False)
+    table = [(p.name, p.shape) for p in costs.parameter_table(model)]
+    assert table == [(name, tuple(p.shape)) for name, p in gpt.named_parameters()]
+    # the state dict names the tied head as well: the table's copy of it on a last pipeline stage
+    with_head = costs.parameter_table(model, head_copy=cfg.tie_embeddings)
+    state = [(k, tuple(v.shape)) for k, v in gpt.state_dict().items()]
+    assert [(p.name, p.shape) for p in with_head] == state
+
+
+def test_the_options_default_as_the_config_does():
+    for d in (8, 48, 100, 768, 4096, 5120, 8192):
+        assert costs.swiglu_width(d) == swiglu_width(d)
+    cfg = model_preset("llama", n_layer=2, n_head=8, d_model=64)
+    model = costs.Model.from_config(cfg)
+    assert (model.kv_heads, model.ffn_width, model.head_dim) == (cfg.kv_heads, cfg.ffn_width, cfg.head_dim)
+    assert costs.Model.from_config(ModelConfig()) == costs.Model(4, 128, 4, 256, 128)  # GPT-2's network
+
+
+def test_presets_have_their_published_size():
+    """GPT-2 124M (vocabulary padded to 50304), GPT-3 175B (Brown et al. 2020) and the Llama models
+    at the totals of their released weights: 6.74B, 13.02B (Touvron et al. 2023), 8.03B, 70.55B
+    (Dubey et al. 2024)."""
     sizes = {name: costs.num_params(m) / 1e9 for name, m in costs.PRESETS.items()}
-    assert sizes["gpt2-124m"] == pytest.approx(0.124, abs=0.001)  # 124.4M with the vocabulary padded to 50304
+    assert sizes["gpt2-124m"] == pytest.approx(0.124, abs=0.001)
     assert sizes["gpt3-175b"] == pytest.approx(175, rel=0.005)
-    assert 6.4 < sizes["7b"] < 6.8 and 12.5 < sizes["13b"] < 13.1 and 64 < sizes["70b"] < 66  # a 4h GELU MLP
+    assert round(sizes["llama2-7b"], 2) == 6.74 and round(sizes["llama2-13b"], 2) == 13.02
+    assert round(sizes["llama3-8b"], 2) == 8.03 and round(sizes["llama3-70b"], 2) == 70.55
+    for key in ("llama3-8b", "llama3-70b"):
+        model = costs.PRESETS[key]
+        assert model.kv_heads == 8 and not model.tie_embeddings and model.mlp == "swiglu"
+        assert model.pos == "rope" and model.norm == "rms" and not model.bias
+    # each equals lmkit's own GPT built from the same options (on the meta device)
+    for key in ("llama2-7b", "llama3-8b"):
+        m = costs.PRESETS[key]
+        cfg = model_preset("llama", n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head,
+                           n_kv_head=m.kv_heads, d_ff=m.d_ff, vocab_size=m.vocab_size, block_size=m.seq_len)
+        assert costs.Model.from_config(cfg, name=m.name) == m
+
+
+def test_the_kv_cache_is_what_the_model_allocates_for_its_key_value_heads():
+    cfg = model_preset("llama", n_layer=3, n_head=8, n_kv_head=2, d_model=32, vocab_size=50, block_size=16)
+    torch.manual_seed(0)
+    gpt, model = GPT(cfg).eval(), costs.Model.from_config(cfg)
+    for batch, length in ((1, 5), (3, 16)):
+        cache = gpt.new_kv_cache(batch, max_len=length)
+        with torch.no_grad():
+            gpt(torch.randint(0, cfg.vocab_size, (batch, length)), kv_cache=cache)
+        allocated = sum(t.numel() * t.element_size() for t in cache.kv)
+        assert costs.kv_cache_bytes(model, batch, length, act_bytes=4) == allocated
+    mha = dataclasses.replace(model, n_kv_head=0)
+    assert costs.kv_cache_bytes(mha, 3, 16) == 4 * costs.kv_cache_bytes(model, 3, 16)  # 8 / 2 heads per group
+    assert costs.kv_cache_bytes(model, 3, 16, tp=2) == costs.kv_cache_bytes(model, 3, 16) / 2
+    with pytest.raises(costs.CostError, match="n_kv_head=2 is not divisible by tp=4; choose tp among 1, 2"):
+        costs.kv_cache_bytes(model, tp=4)
+
+
+def test_tensor_parallelism_must_divide_the_key_value_heads_and_the_mlp():
+    model = costs.Model(2, 64, 8, 64, 32, n_kv_head=2, mlp="swiglu", d_ff=100)
+    assert costs.tp_choices(model) == [1, 2]
+    with pytest.raises(costs.CostError, match=r"^n_kv_head=2 is not divisible by tp=4; .* among 1, 2$"):
+        costs.memory(model, costs.Layout(tp=4), 8)
+    with pytest.raises(costs.CostError, match=r"d_ff=100 is not divisible by tp=8; .* among 1, 2, 4$"):
+        costs.memory(dataclasses.replace(model, n_kv_head=8), costs.Layout(tp=8), 8)
+    h100 = costs.DEVICES["h100"]
+    found = costs.search(model, 8, costs.Cluster(8, 80, h100[1]))
+    assert found and {c.layout.tp for c in found} == {1, 2}  # the search leaves out tp = 4 and 8
+    with pytest.raises(costs.CostError, match="n_kv_head=3 does not divide n_head=8"):
+        dataclasses.replace(model, n_kv_head=3).validate()
 
 
 def test_zero_paper_figures():

@@ -331,7 +331,7 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         terms.append(CommTerm("pp", "send", "activations forward, gradients backward, 1 per microbatch "
                               "and boundary", sends, sends * act, pp))
         terms.append(CommTerm("pp", "recv", "the mirror image of the sends", sends, sends * act, pp))
-        if first or last:  # ZeRO-2: on the dp shard of the embedding's own bucket
+        if (first or last) and model.tie_embeddings:  # ZeRO-2: the dp shard of the embedding's own bucket
             emb = V * h // tp
             emb = math.ceil(emb / dp) if layout.zero == 2 else emb
             terms.append(CommTerm("embedding", "all_reduce", "tied embedding gradients, first + last stage",
