@@ -18,7 +18,8 @@ import torch
 from lmkit import costs
 from lmkit.cli import main
 from lmkit.config import ModelConfig, model_preset, swiglu_width
-from lmkit.model import GPT
+from lmkit.lab import efficiency
+from lmkit.model import GPT, rope_tables
 from lmkit.parallel.pipeline import peak_in_flight, schedule_actions
 
 GB = 1e9
@@ -170,6 +171,40 @@ def test_activations_follow_korthikanti_et_al():
     assert act(b, s, h, a, tp=t, recompute="full") == 2 * s * b * h
     # fp32, no dropout, flash attention (what lmkit's GPT runs on a CPU): 16 values of b s h x 4 bytes
     assert act(b, s, h, a, act_bytes=4, dropout=False, flash_attention=True) == 64 * s * b * h + 4 * a * s * b
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"n_kv_head": 2}, {"n_kv_head": 1, "bias": False}, {"mlp": "swiglu"}, {"mlp": "swiglu", "d_ff": 40},
+    {"d_ff": 72, "activation": "relu2"}, {"norm": "rms"}, {"pos": "rope"}, {"qk_norm": True},
+    {"pos": "rope", "qk_norm": True, "n_kv_head": 4}, "llama"], ids=str)
+def test_a_block_keeps_the_activations_the_formula_counts(options):
+    """One block, fp32, measured with `saved_tensor_bytes` (distinct storages autograd keeps) against
+    `activation_bytes_per_layer` with the model's options, plus the copies its docstring leaves out
+    by name: torch's unfused RMSNorm keeps x / rms(x) (h per block norm; head_dim per head for
+    QK-norm), and the attention output is copied for ``proj`` when q and k were transformed. The
+    rest, within 2 %, is the norms' statistics."""
+    b, s, h, a = 2, 32, 64, 8
+    shape = {"n_layer": 1, "n_head": a, "d_model": h, "block_size": s, "vocab_size": 16}
+    if options == "llama":
+        cfg = model_preset("llama", n_kv_head=2, **shape)
+    else:
+        cfg = ModelConfig(**shape, **options)
+    torch.manual_seed(0)
+    block = GPT(cfg).blocks[0]
+    x = torch.randn(b, s, h, requires_grad=True)
+    rope = rope_tables(torch.arange(s), cfg.head_dim) if cfg.pos == "rope" else None
+    measured = efficiency.saved_tensor_bytes(lambda: block(x, None, True, None, 0, 0, rope), exclude=block)
+    model = costs.Model.from_config(cfg)
+    counted = costs.activation_bytes_per_layer(b, s, h, a, act_bytes=4, dropout=False, flash_attention=True,
+                                               **costs.model_activation_options(model))
+    kv = model.kv_width
+    extra = (2 * h if cfg.norm == "rms" else 0) + (h + kv if cfg.qk_norm else 0)
+    extra += h if (cfg.qk_norm or cfg.pos == "rope") else 0
+    expected = counted + 4 * b * s * extra
+    assert expected <= measured <= 1.02 * expected, (measured, counted, expected)
+    if options in ({}, {"n_kv_head": 2}, {"mlp": "swiglu"}):  # the terms by hand, in units of b s x 4 bytes
+        hidden = 4 * swiglu_width(h) if cfg.mlp == "swiglu" else 2 * 4 * h
+        assert counted == 4 * b * s * (4 * h + (h + 2 * kv) + h + hidden) + 4 * a * s * b
 
 
 @pytest.mark.parametrize("schedule,pp,m,v", [
@@ -426,6 +461,36 @@ def test_cp_communication_adds_the_ring_and_divides_the_other_messages():
     full = costs.communication(model, dataclasses.replace(layout, recompute="full"), 8, "fp32", 0)
     again = [t for t in full if t.group == "cp" and "recomputation" in t.what]
     assert [t.calls for t in again] == [2 * 2 * 1, 2 * 2 * 1]  # the forward ring once more: send, recv
+
+
+def test_ring_attention_passes_only_the_key_value_heads():
+    """With grouped-query attention a K/V block is [2, b, KV/t, s/cp, hd]: forward cp - 1 hops of it per
+    layer, backward cp - 1 more and cp hops of the fp32 dK/dV accumulator of the same shape."""
+    b, s, L, cp, tp, hd, kv_heads = 2, 64, 3, 4, 2, 8, 2
+    gqa = costs.Model(L, 8 * hd, 8, 64, s, n_kv_head=kv_heads, mlp="swiglu", tie_embeddings=False)
+    layout = costs.Layout(cp=cp, tp=tp)
+    ring = [t for t in costs.communication(gqa, layout, b, "mixed") if t.group == "cp"]
+    block = 2 * b * (kv_heads // tp) * (s // cp) * hd
+    sent = L * ((cp - 1) * block * 2 + (cp - 1) * block * 2 + cp * block * 4)  # bf16 K/V, fp32 dK/dV
+    assert sum(t.bytes for t in ring if t.kind == "send") == sent
+    assert ring == costs.cp_communication(b, s, gqa.d_model, cp, tp, L, 1, 2, kv_width=kv_heads * hd)
+    mha = dataclasses.replace(gqa, n_kv_head=0)
+    mha_ring = [t for t in costs.communication(mha, layout, b, "mixed") if t.group == "cp"]
+    assert sum(t.bytes for t in mha_ring) == 4 * sum(t.bytes for t in ring)  # 8 / 2 heads per group
+    # what a rank holds: the K/V and dK/dV blocks in flight shrink alike, q and the output do not
+    mem, mem_mha = (costs.cp_attention_memory(b, s, gqa.d_model, 8, cp, tp, 2, kv_width=m.kv_width)
+                    for m in (gqa, mha))
+    for key in ("kv_in_flight", "dkv_in_flight"):
+        assert 4 * mem[key] == mem_mha[key]
+    width, kv_width = gqa.d_model // tp, gqa.kv_width // tp
+    local = s // cp
+    assert mem["saved"] == (2 * (width + 2 * kv_width) + 4 * width) * b * local + 4 * b * (8 // tp) * local
+    held = [costs.memory(m, layout, b, "mixed").activations for m in (gqa, mha)]
+    assert held[0] < held[1]
+    # the ring step moves 4x fewer bytes for the same compute: it hides at 4x shorter chunks
+    step, step_mha = (costs.cp_ring_step(b, s, gqa.d_model, cp, 1e12, 1e9, tp, kv_width=m.kv_width)
+                      for m in (gqa, mha))
+    assert step["flops"] == step_mha["flops"] and 4 * step["bytes"] == step_mha["bytes"]
 
 
 def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():

@@ -60,6 +60,7 @@ from lmkit.costs.per_rank import (
     cp_ring_step,
     in_flight,
     memory,
+    model_activation_options,
     model_states,
     wire_bytes,
 )
@@ -71,7 +72,8 @@ __all__ = [
     "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
     "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
     "kv_cache_bytes", "model_states", "zero_buckets",
-    "activation_bytes_per_layer", "in_flight", "memory", "communication", "wire_bytes", "bubble_fraction",
+    "activation_bytes_per_layer", "model_activation_options", "in_flight", "memory", "communication",
+    "wire_bytes", "bubble_fraction",
     "step_time", "search", "calculate", "format_bytes",
     "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication", "cp_ring_step",
 ]

@@ -152,7 +152,7 @@ def _ring_exposed_s(model: Model, layout: Layout, global_batch: int, cluster: Cl
     e = 4 if precision == "fp32" else 2
     b, s, h, t = global_batch // (layout.dp * layout.microbatches), model.seq_len, model.d_model, layout.tp
     beta = _bandwidth(cluster, t * cp)
-    step = cp_ring_step(b, s, h, cp, cluster.peak_flops * efficiency, beta, t, e)
+    step = cp_ring_step(b, s, h, cp, cluster.peak_flops * efficiency, beta, t, e, kv_width=model.kv_width)
     f, k = step["compute_s"], step["comm_s"]
     g = k * max(e, 4) / e
     forward = (cp - 1) * max(0.0, k - f)
