@@ -308,6 +308,24 @@ def test_calculate_is_memory_and_communication_in_json():
     assert costs.calculate({"preset": "nope"})["error"].startswith("unknown preset")
 
 
+def test_calculate_takes_a_typed_model_with_every_option():
+    llama = costs.PRESETS["llama3-8b"]
+    layout = {"dp": 2, "tp": 4, "zero": 1, "global_batch": 8}
+    by_name = costs.calculate({"preset": "llama3-8b", **layout})
+    fields = {k: v for k, v in dataclasses.asdict(llama).items() if k != "name"}
+    typed = costs.calculate({"model": json.loads(json.dumps(fields)), **layout})  # as the page sends it
+    assert typed["error"] is None and typed["model"] == "custom"
+    assert {**typed, "model": ""} == {**by_name, "model": ""}
+    assert typed["kv_cache_per_token"] == 2 * 32 * 8 * 128 * 2  # L x K and V x 8 heads x 128 x bf16
+    assert typed["num_params"] == costs.num_params(llama)
+    for bad, message in (({"mlp": "gated"}, "model mlp='gated' is unknown"),
+                         ({"n_kv_head": 5}, "n_kv_head=5 does not divide n_head=32"),
+                         ({"tp": 16}, "n_kv_head=8 is not divisible by tp=16")):
+        spec = {"model": {**fields, **{k: v for k, v in bad.items() if k != "tp"}}, **layout}
+        out = costs.calculate({**spec, **{k: v for k, v in bad.items() if k == "tp"}})
+        assert out["error"].startswith(message) and "\n" not in out["error"], out
+
+
 def test_format_bytes_rounds_into_the_next_unit():
     assert costs.format_bytes(999.7e6) == "1 GB"
     assert costs.format_bytes(1.234e9) == "1.23 GB" and costs.format_bytes(12) == "12 B"
