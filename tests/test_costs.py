@@ -341,6 +341,15 @@ def test_estimate_prints_the_ranked_table(capsys):
                  "--seq-len", "32", "--devices", "2", "--global-batch", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(r["gb_per_device"] <= 80 for r in rows)
+    # a Llama-style shape: 2 key/value heads, a SwiGLU MLP of width 96; tp = 4 would split a key/value head
+    shape = ["--n-layer", "4", "--d-model", "64", "--n-head", "8", "--vocab-size", "64", "--seq-len", "32"]
+    gqa = ["--n-kv-head", "2", "--mlp", "swiglu", "--d-ff", "96"]
+    assert main(["estimate", *shape, *gqa, "--devices", "4", "--global-batch", "8", "--top", "100"]) == 0
+    out = capsys.readouterr().out
+    model = costs.Model(4, 64, 8, 64, 32, n_kv_head=2, mlp="swiglu", d_ff=96)
+    assert out.startswith(f"custom: {costs.num_params(model) / 1e9:.2f}B parameters")
+    layouts = [line.split("  ")[0] for line in out.splitlines()[3:]]
+    assert layouts and not any("tp4" in name for name in layouts) and any("tp2" in name for name in layouts)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -349,6 +358,10 @@ def test_estimate_prints_the_ranked_table(capsys):
     (["--preset", "7b", "--n-layer", "3", "--devices", "8", "--global-batch", "8"],
      "give --preset or the model's shape, not both"),
     (["--n-layer", "3", "--devices", "8", "--global-batch", "8"], "missing --d-model"),
+    (["--preset", "llama3-8b", "--n-kv-head", "4", "--devices", "8", "--global-batch", "8"],
+     "give --preset or the model's shape, not both (got --preset and --n-kv-head)"),
+    (["--n-layer", "2", "--d-model", "64", "--n-head", "8", "--vocab-size", "64", "--seq-len", "32",
+      "--n-kv-head", "3", "--devices", "8", "--global-batch", "8"], "n_kv_head=3 does not divide n_head=8"),
     (["--preset", "7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
 ])
 def test_estimate_rejects_impossible_requests_in_one_line(argv, message, capsys):
