@@ -251,7 +251,7 @@ def test_zero_communication_volumes():
 
 
 def test_memory_shrinks_with_every_dimension():
-    model, batch = costs.PRESETS["7b"], 64
+    model, batch = costs.PRESETS["llama2-7b"], 64
     base = costs.memory(model, costs.Layout(dp=8), batch, "mixed")
     for layout in (costs.Layout(dp=8, zero=1), costs.Layout(dp=8, zero=3), costs.Layout(tp=8, dp=1),
                    costs.Layout(pp=8, microbatches=8)):
@@ -266,7 +266,7 @@ def test_memory_shrinks_with_every_dimension():
 
 
 def test_bad_layouts_name_the_problem():
-    model = costs.PRESETS["7b"]
+    model = costs.PRESETS["llama2-7b"]
     cases = [(costs.Layout(tp=3), "n_head=32 is not divisible by tp=3"),
              (costs.Layout(pp=4, microbatches=2), "needs microbatches >= pp"),
              (costs.Layout(pp=64, microbatches=64), "only 32 layers"),
@@ -292,16 +292,16 @@ def test_search_ranks_layouts_that_fit():
 def test_search_says_by_how_much_a_model_misses():
     l4 = costs.Cluster(1, 24, 121e12)
     with pytest.raises(costs.CostError, match=r"fits on no layout of 1 device of 24 GB: .* GB too many"):
-        costs.search(costs.PRESETS["70b"], 8, l4)
+        costs.search(costs.PRESETS["llama3-70b"], 8, l4)
 
 
 def test_calculate_is_memory_and_communication_in_json():
-    inputs = {"preset": "70b", "dp": 2, "tp": 8, "pp": 4, "zero": 1, "microbatches": 16, "schedule": "1f1b",
-              "global_batch": 64, "precision": "mixed", "device_memory_gb": 80}
+    inputs = {"preset": "llama3-70b", "dp": 2, "tp": 8, "pp": 4, "zero": 1, "microbatches": 16,
+              "schedule": "1f1b", "global_batch": 64, "precision": "mixed", "device_memory_gb": 80}
     out = costs.calculate(inputs)
     assert out["error"] is None
     layout = costs.Layout(dp=2, tp=8, pp=4, zero=1, microbatches=16, schedule="1f1b")
-    mem = costs.memory(costs.PRESETS["70b"], layout, 64, "mixed")
+    mem = costs.memory(costs.PRESETS["llama3-70b"], layout, 64, "mixed")
     assert out["memory"] == mem.as_dict() and out["fits"] == (mem.total <= 80 * GB)
     assert out["bubble"] == costs.bubble_fraction(4, 16)
     assert costs.calculate({**inputs, "tp": 3})["error"].startswith("n_head=64 is not divisible by tp=3")
@@ -353,16 +353,16 @@ def test_estimate_prints_the_ranked_table(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--preset", "70b", "--devices", "1", "--device", "l4", "--global-batch", "8"],
-     "lmkit: error: 70B (LLaMA-70B shape) fits on no layout of 1 device of 24 GB"),
-    (["--preset", "7b", "--n-layer", "3", "--devices", "8", "--global-batch", "8"],
+    (["--preset", "llama3-70b", "--devices", "1", "--device", "l4", "--global-batch", "8"],
+     "lmkit: error: Llama 3 70B fits on no layout of 1 device of 24 GB"),
+    (["--preset", "llama2-7b", "--n-layer", "3", "--devices", "8", "--global-batch", "8"],
      "give --preset or the model's shape, not both"),
     (["--n-layer", "3", "--devices", "8", "--global-batch", "8"], "missing --d-model"),
     (["--preset", "llama3-8b", "--n-kv-head", "4", "--devices", "8", "--global-batch", "8"],
      "give --preset or the model's shape, not both (got --preset and --n-kv-head)"),
     (["--n-layer", "2", "--d-model", "64", "--n-head", "8", "--vocab-size", "64", "--seq-len", "32",
       "--n-kv-head", "3", "--devices", "8", "--global-batch", "8"], "n_kv_head=3 does not divide n_head=8"),
-    (["--preset", "7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
+    (["--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
 ])
 def test_estimate_rejects_impossible_requests_in_one_line(argv, message, capsys):
     assert main(["estimate", *argv]) == 2
@@ -453,10 +453,11 @@ def test_a_cp_layout_counts_its_ranks_and_refuses_what_the_engine_refuses():
 
 
 def test_cp_splits_each_sequence_and_zero_shards_over_dp_x_cp():
-    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=32768)
+    model = dataclasses.replace(costs.PRESETS["llama2-7b"], seq_len=32768)
     one = costs.memory(model, costs.Layout(tp=8, sequence_parallel=True), 1, "mixed")
     two = costs.memory(model, costs.Layout(cp=2, tp=8, sequence_parallel=True), 1, "mixed")
-    ring = costs.cp_attention_memory(1, model.seq_len, model.d_model, model.n_head, 2, 8, act_bytes=2)
+    ring = costs.cp_attention_memory(1, model.seq_len, model.d_model, model.n_head, 2, 8, act_bytes=2,
+                                     kv_width=model.kv_width)
     # every activation term (layers, head, logits) holds s / cp tokens, plus the ring's blocks in flight
     in_flight = ring["kv_in_flight"] + ring["dkv_in_flight"]
     assert two.activations == pytest.approx(one.activations / 2 + in_flight, rel=1e-12)
@@ -529,7 +530,7 @@ def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():
     exposed is the dK/dV accumulator's last hop home, one per layer and microbatch."""
     h100 = costs.DEVICES["h100"]
     node = costs.Cluster(8, 80, h100[1])
-    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=65536)
+    model = dataclasses.replace(costs.PRESETS["llama2-7b"], seq_len=65536)
     layout = costs.Layout(cp=2, tp=4, sequence_parallel=True)
     cand = costs.step_time(model, layout, 1, node)
     step = costs.cp_ring_step(1, model.seq_len, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
@@ -553,7 +554,7 @@ def test_search_picks_context_parallelism_for_one_long_sequence_on_two_nodes():
     its all-reduces cross InfiniBand. cp keeps tp inside a node and its ring hides behind compute."""
     h100 = costs.DEVICES["h100"]
     cluster = costs.Cluster(16, 80, h100[1], intra_node_gbps=h100[2], inter_node_gbps=h100[3])
-    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=131072)
+    model = dataclasses.replace(costs.PRESETS["llama2-7b"], seq_len=131072)
     found = costs.search(model, 1, cluster)
     best = found[0]
     assert best.layout.cp > 1 and best.layout.tp <= cluster.devices_per_node and best.layout.dp == 1
@@ -569,12 +570,12 @@ def test_search_picks_context_parallelism_for_one_long_sequence_on_two_nodes():
 
 
 def test_calculate_reports_the_ring_in_its_own_row():
-    inputs = {"preset": "7b", "cp": 2, "tp": 8, "sequence_parallel": True, "global_batch": 1,
+    inputs = {"preset": "llama2-7b", "cp": 2, "tp": 8, "sequence_parallel": True, "global_batch": 1,
               "precision": "mixed", "device_memory_gb": 80}
     out = costs.calculate(inputs)
     assert out["error"] is None and out["layout"] == "cp2 x tp8 sp x m1"
     layout = costs.Layout(cp=2, tp=8, sequence_parallel=True)
-    ring = [t for t in costs.communication(costs.PRESETS["7b"], layout, 1, "mixed") if t.group == "cp"]
+    ring = [t for t in costs.communication(costs.PRESETS["llama2-7b"], layout, 1, "mixed") if t.group == "cp"]
     assert out["communication"]["cp"] == sum(t.wire_bytes for t in ring) > 0
     sent = out["communication"]
     assert sent["total"] == sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]

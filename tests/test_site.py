@@ -589,8 +589,8 @@ def _inputs(model: str | dict, **layout) -> dict:
 
 
 CALCULATOR_CASES = {
-    "7b tp8 zero1": _inputs("7b", tp=8, zero=1, sequence_parallel=True, recompute="selective"),
-    "70b tp8 pp4 1f1b m16": _inputs("70b", dp=2, tp=8, pp=4, zero=1, sequence_parallel=True,
+    "llama2-7b tp8 zero1": _inputs("llama2-7b", tp=8, zero=1, sequence_parallel=True, recompute="selective"),
+    "llama3-70b tp8 pp4 1f1b m16": _inputs("llama3-70b", dp=2, tp=8, pp=4, zero=1, sequence_parallel=True,
                                     recompute="selective", microbatches=16, global_batch=64),
     "gpt3 tp8 pp16 interleaved v2 dp8": _inputs("gpt3-175b", dp=8, tp=8, pp=16, zero=1,
                                                 sequence_parallel=True, recompute="selective",
@@ -612,7 +612,7 @@ CALCULATOR_CASES = {
                                        device_memory_gb=24.5),
 }
 # A layout the model forbids: 32 heads do not split over 3 tensor-parallel ranks.
-CALCULATOR_IMPOSSIBLE = {**CALCULATOR_CASES["7b tp8 zero1"], "tp": 3, "sequence_parallel": False}
+CALCULATOR_IMPOSSIBLE = {**CALCULATOR_CASES["llama2-7b tp8 zero1"], "tp": 3, "sequence_parallel": False}
 
 
 def _shown(key: str, value) -> str:
@@ -768,7 +768,7 @@ def test_calculator_runs_the_tested_costs_package_from_the_site(site: Site, calc
         assert (served / name).read_bytes() == (ROOT / "lmkit" / "costs" / name).read_bytes(), \
             f"the site serves another lmkit/costs/{name}"
     browser = _open_calculator(calculator, server, fresh=True)  # every request from the page's start
-    _calculate_on_page(browser, CALCULATOR_CASES["7b tp8 zero1"])
+    _calculate_on_page(browser, CALCULATOR_CASES["llama2-7b tp8 zero1"])
     resources = "return performance.getEntriesByType('resource').map(e => e.name)"
     requests = set(browser.execute_script(resources))
     for entry in browser.get_log("performance"):

@@ -155,9 +155,6 @@ PRESETS: dict[str, Model] = {
     "llama3-8b": Model(32, 4096, 32, 128256, 8192, name="Llama 3 8B", n_kv_head=8, d_ff=14336, **_LLAMA),
     "llama3-70b": Model(80, 8192, 64, 128256, 8192, name="Llama 3 70B", n_kv_head=8, d_ff=28672, **_LLAMA),
     "gpt3-175b": Model(96, 12288, 96, 50304, 2048, name="GPT-3 175B"),
-    "7b": Model(32, 4096, 32, 32000, 2048, name="7B (LLaMA-7B shape)"),
-    "13b": Model(40, 5120, 40, 32000, 2048, name="13B (LLaMA-13B shape)"),
-    "70b": Model(80, 8192, 64, 32000, 4096, name="70B (LLaMA-70B shape)"),
 }
 
 
