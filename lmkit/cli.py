@@ -111,13 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Memory per device, communication, bubble and an estimated step time "
                                      "for every dp x cp x tp x pp layout that fits; the cost model of "
                                      "chapter 5 (lmkit.costs).")
-    est.add_argument("--preset", choices=sorted(costs.PRESETS), default=None,
-                     help="a model of lmkit.costs.PRESETS (default: none; give the model's shape instead: "
-                          "--n-layer, --d-model, --n-head, --vocab-size, --seq-len)")
+    est.add_argument("--preset", choices=list(costs.PRESETS), default=None,
+                     help="a model of lmkit.costs.PRESETS: " + ", ".join(
+                         f"{k} ({m.name})" for k, m in costs.PRESETS.items())
+                     + " (default: none; give the model's shape instead: --n-layer, --d-model, --n-head, "
+                       "--vocab-size, --seq-len, optionally --n-kv-head, --mlp, --d-ff)")
     for flag, what in (("n-layer", "layers"), ("d-model", "width"), ("n-head", "attention heads"),
                        ("vocab-size", "vocabulary size"), ("seq-len", "sequence length")):
         est.add_argument(f"--{flag}", type=int, default=None,
                          help=f"the model's {what} (instead of --preset)")
+    est.add_argument("--n-kv-head", type=int, default=None,
+                     help="key/value heads: grouped-query attention when fewer than --n-head (default: as "
+                          "many as --n-head; with the shape flags)")
+    est.add_argument("--mlp", choices=costs.MLP_CHOICES, default=None,
+                     help="the MLP: plain (4 d, GELU) or swiglu (gated) (default: plain; with the shape "
+                          "flags)")
+    est.add_argument("--d-ff", type=int, default=None,
+                     help="hidden width of the MLP (default: 4 d plain, 8/3 d rounded up to 32 swiglu; with "
+                          "the shape flags)")
     est.add_argument("--devices", type=int, required=True, help="number of devices (GPUs)")
     est.add_argument("--device", choices=sorted(costs.DEVICES), default="h100",
                      help="device preset: memory, dense bf16 peak FLOP/s, link bandwidths")
@@ -428,14 +439,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _estimate_inputs(args: argparse.Namespace) -> tuple[costs.Model, costs.Cluster]:
     shape = {k: getattr(args, k) for k in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len")}
-    given = [k for k, v in shape.items() if v is not None]
+    options = {k: getattr(args, k) for k in ("n_kv_head", "mlp", "d_ff") if getattr(args, k) is not None}
+    given = [k for k, v in shape.items() if v is not None] + list(options)
     if args.preset and given:
         raise UsageError(f"lmkit estimate: give --preset or the model's shape, not both (got --preset and "
                          f"{', '.join('--' + k.replace('_', '-') for k in given)})")
     if args.preset:
         model = costs.PRESETS[args.preset]
-    elif len(given) == len(shape):
-        model = costs.Model(**shape, name="custom").validate()
+    elif all(v is not None for v in shape.values()):
+        model = costs.Model(**shape, **options, name="custom").validate()
     else:
         missing = [k for k in shape if shape[k] is None]
         raise UsageError("lmkit estimate: give --preset, or all of --n-layer --d-model --n-head --vocab-size "

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from lmkit import costs
 from lmkit.cli import main
-from lmkit.config import ModelConfig
-from lmkit.model import GPT
+from lmkit.config import ModelConfig, model_preset, swiglu_width
+from lmkit.lab import efficiency
+from lmkit.model import GPT, rope_tables
 from lmkit.parallel.pipeline import peak_in_flight, schedule_actions
 
 GB = 1e9
@@ -45,11 +48,107 @@ def test_parameters_and_flops_equal_the_models_own_counts(cfg):
     assert all(tuple(shapes[p.name].shape) == p.shape for p in costs.parameter_table(model))
 
 
-def test_presets_have_their_advertised_size():
+def random_configs(n: int, seed: int = 21) -> list[ModelConfig]:
+    """`n` ModelConfigs drawing every option and shape at random (seeded): heads, key/value heads,
+    head width, MLP kind and width, tying, positions, norm, QK-norm, bias, activation, dropout."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        n_head = rng.choice([1, 2, 3, 4, 6, 8, 12])
+        pos = rng.choice(["learned", "rope"])
+        head_dim = rng.choice([2, 4, 6, 8, 16] if pos == "rope" else [1, 3, 4, 5, 8, 16])
+        mlp = rng.choice(["plain", "swiglu"])
+        out.append(ModelConfig(
+            vocab_size=rng.randint(2, 300), block_size=rng.randint(1, 64), n_layer=rng.randint(1, 4),
+            n_head=n_head, d_model=n_head * head_dim, dropout=rng.choice([0.0, 0.1]), bias=rng.random() < 0.5,
+            pos=pos, norm=rng.choice(["layer", "rms"]), qk_norm=rng.random() < 0.5,
+            activation="gelu" if mlp == "swiglu" else rng.choice(["gelu", "relu2"]),
+            n_kv_head=rng.choice([0] + [k for k in range(1, n_head + 1) if n_head % k == 0]), mlp=mlp,
+            d_ff=rng.choice([0, 0, rng.randint(1, 200)]), tie_embeddings=rng.random() < 0.5).validate())
+    return out
+
+
+@pytest.mark.parametrize("cfg", random_configs(60), ids=lambda c: "-".join(f"{k}={v}" for k, v in (
+    ("L", c.n_layer), ("d", c.d_model), ("H", c.n_head), ("KV", c.kv_heads), ("ff", c.ffn_width),
+    ("mlp", c.mlp), ("tie", int(c.tie_embeddings)), ("pos", c.pos), ("norm", c.norm), ("qk", int(c.qk_norm)),
+    ("bias", int(c.bias)))))
+def test_every_option_counts_as_the_model_counts_itself(cfg):
+    """Parameters (both variants), FLOPs (both) and every tensor's name and shape, in registration
+    order, for random combinations of all the model's options (built on the meta device: shapes only)."""
+    with torch.device("meta"):
+        gpt = GPT(cfg)
+    model = costs.Model.from_config(cfg)
+    assert costs.num_params(model) == gpt.num_params(non_embedding=False)
+    assert costs.num_params(model, non_embedding=True) == gpt.num_params(non_embedding=True)
+    assert costs.flops_per_token(model) == gpt.flops_per_token()
+    assert costs.flops_per_token(model, training=False) == gpt.flops_per_token(training=False)
+    table = [(p.name, p.shape) for p in costs.parameter_table(model)]
+    assert table == [(name, tuple(p.shape)) for name, p in gpt.named_parameters()]
+    # the state dict names the tied head as well: the table's copy of it on a last pipeline stage
+    with_head = costs.parameter_table(model, head_copy=cfg.tie_embeddings)
+    state = [(k, tuple(v.shape)) for k, v in gpt.state_dict().items()]
+    assert [(p.name, p.shape) for p in with_head] == state
+
+
+def test_the_options_default_as_the_config_does():
+    for d in (8, 48, 100, 768, 4096, 5120, 8192):
+        assert costs.swiglu_width(d) == swiglu_width(d)
+    cfg = model_preset("llama", n_layer=2, n_head=8, d_model=64)
+    model = costs.Model.from_config(cfg)
+    assert (model.kv_heads, model.ffn_width, model.head_dim) == (cfg.kv_heads, cfg.ffn_width, cfg.head_dim)
+    assert costs.Model.from_config(ModelConfig()) == costs.Model(4, 128, 4, 256, 128)  # GPT-2's network
+
+
+def test_presets_have_their_published_size():
+    """GPT-2 124M (vocabulary padded to 50304), GPT-3 175B (Brown et al. 2020) and the Llama models
+    at the totals of their released weights: 6.74B, 13.02B (Touvron et al. 2023), 8.03B, 70.55B
+    (Dubey et al. 2024)."""
     sizes = {name: costs.num_params(m) / 1e9 for name, m in costs.PRESETS.items()}
-    assert sizes["gpt2-124m"] == pytest.approx(0.124, abs=0.001)  # 124.4M with the vocabulary padded to 50304
+    assert sizes["gpt2-124m"] == pytest.approx(0.124, abs=0.001)
     assert sizes["gpt3-175b"] == pytest.approx(175, rel=0.005)
-    assert 6.4 < sizes["7b"] < 6.8 and 12.5 < sizes["13b"] < 13.1 and 64 < sizes["70b"] < 66  # a 4h GELU MLP
+    assert round(sizes["llama2-7b"], 2) == 6.74 and round(sizes["llama2-13b"], 2) == 13.02
+    assert round(sizes["llama3-8b"], 2) == 8.03 and round(sizes["llama3-70b"], 2) == 70.55
+    for key in ("llama3-8b", "llama3-70b"):
+        model = costs.PRESETS[key]
+        assert model.kv_heads == 8 and not model.tie_embeddings and model.mlp == "swiglu"
+        assert model.pos == "rope" and model.norm == "rms" and not model.bias
+    # each equals lmkit's own GPT built from the same options (on the meta device)
+    for key in ("llama2-7b", "llama3-8b"):
+        m = costs.PRESETS[key]
+        cfg = model_preset("llama", n_layer=m.n_layer, d_model=m.d_model, n_head=m.n_head,
+                           n_kv_head=m.kv_heads, d_ff=m.d_ff, vocab_size=m.vocab_size, block_size=m.seq_len)
+        assert costs.Model.from_config(cfg, name=m.name) == m
+
+
+def test_the_kv_cache_is_what_the_model_allocates_for_its_key_value_heads():
+    cfg = model_preset("llama", n_layer=3, n_head=8, n_kv_head=2, d_model=32, vocab_size=50, block_size=16)
+    torch.manual_seed(0)
+    gpt, model = GPT(cfg).eval(), costs.Model.from_config(cfg)
+    for batch, length in ((1, 5), (3, 16)):
+        cache = gpt.new_kv_cache(batch, max_len=length)
+        with torch.no_grad():
+            gpt(torch.randint(0, cfg.vocab_size, (batch, length)), kv_cache=cache)
+        allocated = sum(t.numel() * t.element_size() for t in cache.kv)
+        assert costs.kv_cache_bytes(model, batch, length, act_bytes=4) == allocated
+    mha = dataclasses.replace(model, n_kv_head=0)
+    assert costs.kv_cache_bytes(mha, 3, 16) == 4 * costs.kv_cache_bytes(model, 3, 16)  # 8 / 2 heads per group
+    assert costs.kv_cache_bytes(model, 3, 16, tp=2) == costs.kv_cache_bytes(model, 3, 16) / 2
+    with pytest.raises(costs.CostError, match="n_kv_head=2 is not divisible by tp=4; choose tp among 1, 2"):
+        costs.kv_cache_bytes(model, tp=4)
+
+
+def test_tensor_parallelism_must_divide_the_key_value_heads_and_the_mlp():
+    model = costs.Model(2, 64, 8, 64, 32, n_kv_head=2, mlp="swiglu", d_ff=100)
+    assert costs.tp_choices(model) == [1, 2]
+    with pytest.raises(costs.CostError, match=r"^n_kv_head=2 is not divisible by tp=4; .* among 1, 2$"):
+        costs.memory(model, costs.Layout(tp=4), 8)
+    with pytest.raises(costs.CostError, match=r"d_ff=100 is not divisible by tp=8; .* among 1, 2, 4$"):
+        costs.memory(dataclasses.replace(model, n_kv_head=8), costs.Layout(tp=8), 8)
+    h100 = costs.DEVICES["h100"]
+    found = costs.search(model, 8, costs.Cluster(8, 80, h100[1]))
+    assert found and {c.layout.tp for c in found} == {1, 2}  # the search leaves out tp = 4 and 8
+    with pytest.raises(costs.CostError, match="n_kv_head=3 does not divide n_head=8"):
+        dataclasses.replace(model, n_kv_head=3).validate()
 
 
 def test_zero_paper_figures():
@@ -72,6 +171,40 @@ def test_activations_follow_korthikanti_et_al():
     assert act(b, s, h, a, tp=t, recompute="full") == 2 * s * b * h
     # fp32, no dropout, flash attention (what lmkit's GPT runs on a CPU): 16 values of b s h x 4 bytes
     assert act(b, s, h, a, act_bytes=4, dropout=False, flash_attention=True) == 64 * s * b * h + 4 * a * s * b
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"n_kv_head": 2}, {"n_kv_head": 1, "bias": False}, {"mlp": "swiglu"}, {"mlp": "swiglu", "d_ff": 40},
+    {"d_ff": 72, "activation": "relu2"}, {"norm": "rms"}, {"pos": "rope"}, {"qk_norm": True},
+    {"pos": "rope", "qk_norm": True, "n_kv_head": 4}, "llama"], ids=str)
+def test_a_block_keeps_the_activations_the_formula_counts(options):
+    """One block, fp32, measured with `saved_tensor_bytes` (distinct storages autograd keeps) against
+    `activation_bytes_per_layer` with the model's options, plus the copies its docstring leaves out
+    by name: torch's unfused RMSNorm keeps x / rms(x) (h per block norm; head_dim per head for
+    QK-norm), and the attention output is copied for ``proj`` when q and k were transformed. The
+    rest, within 2 %, is the norms' statistics."""
+    b, s, h, a = 2, 32, 64, 8
+    shape = {"n_layer": 1, "n_head": a, "d_model": h, "block_size": s, "vocab_size": 16}
+    if options == "llama":
+        cfg = model_preset("llama", n_kv_head=2, **shape)
+    else:
+        cfg = ModelConfig(**shape, **options)
+    torch.manual_seed(0)
+    block = GPT(cfg).blocks[0]
+    x = torch.randn(b, s, h, requires_grad=True)
+    rope = rope_tables(torch.arange(s), cfg.head_dim) if cfg.pos == "rope" else None
+    measured = efficiency.saved_tensor_bytes(lambda: block(x, None, True, None, 0, 0, rope), exclude=block)
+    model = costs.Model.from_config(cfg)
+    counted = costs.activation_bytes_per_layer(b, s, h, a, act_bytes=4, dropout=False, flash_attention=True,
+                                               **costs.model_activation_options(model))
+    kv = model.kv_width
+    extra = (2 * h if cfg.norm == "rms" else 0) + (h + kv if cfg.qk_norm else 0)
+    extra += h if (cfg.qk_norm or cfg.pos == "rope") else 0
+    expected = counted + 4 * b * s * extra
+    assert expected <= measured <= 1.02 * expected, (measured, counted, expected)
+    if options in ({}, {"n_kv_head": 2}, {"mlp": "swiglu"}):  # the terms by hand, in units of b s x 4 bytes
+        hidden = 4 * swiglu_width(h) if cfg.mlp == "swiglu" else 2 * 4 * h
+        assert counted == 4 * b * s * (4 * h + (h + 2 * kv) + h + hidden) + 4 * a * s * b
 
 
 @pytest.mark.parametrize("schedule,pp,m,v", [
@@ -118,7 +251,7 @@ def test_zero_communication_volumes():
 
 
 def test_memory_shrinks_with_every_dimension():
-    model, batch = costs.PRESETS["7b"], 64
+    model, batch = costs.PRESETS["llama2-7b"], 64
     base = costs.memory(model, costs.Layout(dp=8), batch, "mixed")
     for layout in (costs.Layout(dp=8, zero=1), costs.Layout(dp=8, zero=3), costs.Layout(tp=8, dp=1),
                    costs.Layout(pp=8, microbatches=8)):
@@ -133,7 +266,7 @@ def test_memory_shrinks_with_every_dimension():
 
 
 def test_bad_layouts_name_the_problem():
-    model = costs.PRESETS["7b"]
+    model = costs.PRESETS["llama2-7b"]
     cases = [(costs.Layout(tp=3), "n_head=32 is not divisible by tp=3"),
              (costs.Layout(pp=4, microbatches=2), "needs microbatches >= pp"),
              (costs.Layout(pp=64, microbatches=64), "only 32 layers"),
@@ -159,20 +292,38 @@ def test_search_ranks_layouts_that_fit():
 def test_search_says_by_how_much_a_model_misses():
     l4 = costs.Cluster(1, 24, 121e12)
     with pytest.raises(costs.CostError, match=r"fits on no layout of 1 device of 24 GB: .* GB too many"):
-        costs.search(costs.PRESETS["70b"], 8, l4)
+        costs.search(costs.PRESETS["llama3-70b"], 8, l4)
 
 
 def test_calculate_is_memory_and_communication_in_json():
-    inputs = {"preset": "70b", "dp": 2, "tp": 8, "pp": 4, "zero": 1, "microbatches": 16, "schedule": "1f1b",
-              "global_batch": 64, "precision": "mixed", "device_memory_gb": 80}
+    inputs = {"preset": "llama3-70b", "dp": 2, "tp": 8, "pp": 4, "zero": 1, "microbatches": 16,
+              "schedule": "1f1b", "global_batch": 64, "precision": "mixed", "device_memory_gb": 80}
     out = costs.calculate(inputs)
     assert out["error"] is None
     layout = costs.Layout(dp=2, tp=8, pp=4, zero=1, microbatches=16, schedule="1f1b")
-    mem = costs.memory(costs.PRESETS["70b"], layout, 64, "mixed")
+    mem = costs.memory(costs.PRESETS["llama3-70b"], layout, 64, "mixed")
     assert out["memory"] == mem.as_dict() and out["fits"] == (mem.total <= 80 * GB)
     assert out["bubble"] == costs.bubble_fraction(4, 16)
     assert costs.calculate({**inputs, "tp": 3})["error"].startswith("n_head=64 is not divisible by tp=3")
     assert costs.calculate({"preset": "nope"})["error"].startswith("unknown preset")
+
+
+def test_calculate_takes_a_typed_model_with_every_option():
+    llama = costs.PRESETS["llama3-8b"]
+    layout = {"dp": 2, "tp": 4, "zero": 1, "global_batch": 8}
+    by_name = costs.calculate({"preset": "llama3-8b", **layout})
+    fields = {k: v for k, v in dataclasses.asdict(llama).items() if k != "name"}
+    typed = costs.calculate({"model": json.loads(json.dumps(fields)), **layout})  # as the page sends it
+    assert typed["error"] is None and typed["model"] == "custom"
+    assert {**typed, "model": ""} == {**by_name, "model": ""}
+    assert typed["kv_cache_per_token"] == 2 * 32 * 8 * 128 * 2  # L x K and V x 8 heads x 128 x bf16
+    assert typed["num_params"] == costs.num_params(llama)
+    for bad, message in (({"mlp": "gated"}, "model mlp='gated' is unknown"),
+                         ({"n_kv_head": 5}, "n_kv_head=5 does not divide n_head=32"),
+                         ({"tp": 16}, "n_kv_head=8 is not divisible by tp=16")):
+        spec = {"model": {**fields, **{k: v for k, v in bad.items() if k != "tp"}}, **layout}
+        out = costs.calculate({**spec, **{k: v for k, v in bad.items() if k == "tp"}})
+        assert out["error"].startswith(message) and "\n" not in out["error"], out
 
 
 def test_format_bytes_rounds_into_the_next_unit():
@@ -190,15 +341,28 @@ def test_estimate_prints_the_ranked_table(capsys):
                  "--seq-len", "32", "--devices", "2", "--global-batch", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(r["gb_per_device"] <= 80 for r in rows)
+    # a Llama-style shape: 2 key/value heads, a SwiGLU MLP of width 96; tp = 4 would split a key/value head
+    shape = ["--n-layer", "4", "--d-model", "64", "--n-head", "8", "--vocab-size", "64", "--seq-len", "32"]
+    gqa = ["--n-kv-head", "2", "--mlp", "swiglu", "--d-ff", "96"]
+    assert main(["estimate", *shape, *gqa, "--devices", "4", "--global-batch", "8", "--top", "100"]) == 0
+    out = capsys.readouterr().out
+    model = costs.Model(4, 64, 8, 64, 32, n_kv_head=2, mlp="swiglu", d_ff=96)
+    assert out.startswith(f"custom: {costs.num_params(model) / 1e9:.2f}B parameters")
+    layouts = [line.split("  ")[0] for line in out.splitlines()[3:]]
+    assert layouts and not any("tp4" in name for name in layouts) and any("tp2" in name for name in layouts)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--preset", "70b", "--devices", "1", "--device", "l4", "--global-batch", "8"],
-     "lmkit: error: 70B (LLaMA-70B shape) fits on no layout of 1 device of 24 GB"),
-    (["--preset", "7b", "--n-layer", "3", "--devices", "8", "--global-batch", "8"],
+    (["--preset", "llama3-70b", "--devices", "1", "--device", "l4", "--global-batch", "8"],
+     "lmkit: error: Llama 3 70B fits on no layout of 1 device of 24 GB"),
+    (["--preset", "llama2-7b", "--n-layer", "3", "--devices", "8", "--global-batch", "8"],
      "give --preset or the model's shape, not both"),
     (["--n-layer", "3", "--devices", "8", "--global-batch", "8"], "missing --d-model"),
-    (["--preset", "7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
+    (["--preset", "llama3-8b", "--n-kv-head", "4", "--devices", "8", "--global-batch", "8"],
+     "give --preset or the model's shape, not both (got --preset and --n-kv-head)"),
+    (["--n-layer", "2", "--d-model", "64", "--n-head", "8", "--vocab-size", "64", "--seq-len", "32",
+      "--n-kv-head", "3", "--devices", "8", "--global-batch", "8"], "n_kv_head=3 does not divide n_head=8"),
+    (["--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
 ])
 def test_estimate_rejects_impossible_requests_in_one_line(argv, message, capsys):
     assert main(["estimate", *argv]) == 2
@@ -289,10 +453,11 @@ def test_a_cp_layout_counts_its_ranks_and_refuses_what_the_engine_refuses():
 
 
 def test_cp_splits_each_sequence_and_zero_shards_over_dp_x_cp():
-    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=32768)
+    model = dataclasses.replace(costs.PRESETS["llama2-7b"], seq_len=32768)
     one = costs.memory(model, costs.Layout(tp=8, sequence_parallel=True), 1, "mixed")
     two = costs.memory(model, costs.Layout(cp=2, tp=8, sequence_parallel=True), 1, "mixed")
-    ring = costs.cp_attention_memory(1, model.seq_len, model.d_model, model.n_head, 2, 8, act_bytes=2)
+    ring = costs.cp_attention_memory(1, model.seq_len, model.d_model, model.n_head, 2, 8, act_bytes=2,
+                                     kv_width=model.kv_width)
     # every activation term (layers, head, logits) holds s / cp tokens, plus the ring's blocks in flight
     in_flight = ring["kv_in_flight"] + ring["dkv_in_flight"]
     assert two.activations == pytest.approx(one.activations / 2 + in_flight, rel=1e-12)
@@ -330,12 +495,42 @@ def test_cp_communication_adds_the_ring_and_divides_the_other_messages():
     assert [t.calls for t in again] == [2 * 2 * 1, 2 * 2 * 1]  # the forward ring once more: send, recv
 
 
+def test_ring_attention_passes_only_the_key_value_heads():
+    """With grouped-query attention a K/V block is [2, b, KV/t, s/cp, hd]: forward cp - 1 hops of it per
+    layer, backward cp - 1 more and cp hops of the fp32 dK/dV accumulator of the same shape."""
+    b, s, L, cp, tp, hd, kv_heads = 2, 64, 3, 4, 2, 8, 2
+    gqa = costs.Model(L, 8 * hd, 8, 64, s, n_kv_head=kv_heads, mlp="swiglu", tie_embeddings=False)
+    layout = costs.Layout(cp=cp, tp=tp)
+    ring = [t for t in costs.communication(gqa, layout, b, "mixed") if t.group == "cp"]
+    block = 2 * b * (kv_heads // tp) * (s // cp) * hd
+    sent = L * ((cp - 1) * block * 2 + (cp - 1) * block * 2 + cp * block * 4)  # bf16 K/V, fp32 dK/dV
+    assert sum(t.bytes for t in ring if t.kind == "send") == sent
+    assert ring == costs.cp_communication(b, s, gqa.d_model, cp, tp, L, 1, 2, kv_width=kv_heads * hd)
+    mha = dataclasses.replace(gqa, n_kv_head=0)
+    mha_ring = [t for t in costs.communication(mha, layout, b, "mixed") if t.group == "cp"]
+    assert sum(t.bytes for t in mha_ring) == 4 * sum(t.bytes for t in ring)  # 8 / 2 heads per group
+    # what a rank holds: the K/V and dK/dV blocks in flight shrink alike, q and the output do not
+    mem, mem_mha = (costs.cp_attention_memory(b, s, gqa.d_model, 8, cp, tp, 2, kv_width=m.kv_width)
+                    for m in (gqa, mha))
+    for key in ("kv_in_flight", "dkv_in_flight"):
+        assert 4 * mem[key] == mem_mha[key]
+    width, kv_width = gqa.d_model // tp, gqa.kv_width // tp
+    local = s // cp
+    assert mem["saved"] == (2 * (width + 2 * kv_width) + 4 * width) * b * local + 4 * b * (8 // tp) * local
+    held = [costs.memory(m, layout, b, "mixed").activations for m in (gqa, mha)]
+    assert held[0] < held[1]
+    # the ring step moves 4x fewer bytes for the same compute: it hides at 4x shorter chunks
+    step, step_mha = (costs.cp_ring_step(b, s, gqa.d_model, cp, 1e12, 1e9, tp, kv_width=m.kv_width)
+                      for m in (gqa, mha))
+    assert step["flops"] == step_mha["flops"] and 4 * step["bytes"] == step_mha["bytes"]
+
+
 def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():
     """At long context every ring step's compute outlasts its transfer (`cp_ring_step`): what is left
     exposed is the dK/dV accumulator's last hop home, one per layer and microbatch."""
     h100 = costs.DEVICES["h100"]
     node = costs.Cluster(8, 80, h100[1])
-    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=65536)
+    model = dataclasses.replace(costs.PRESETS["llama2-7b"], seq_len=65536)
     layout = costs.Layout(cp=2, tp=4, sequence_parallel=True)
     cand = costs.step_time(model, layout, 1, node)
     step = costs.cp_ring_step(1, model.seq_len, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
@@ -359,7 +554,7 @@ def test_search_picks_context_parallelism_for_one_long_sequence_on_two_nodes():
     its all-reduces cross InfiniBand. cp keeps tp inside a node and its ring hides behind compute."""
     h100 = costs.DEVICES["h100"]
     cluster = costs.Cluster(16, 80, h100[1], intra_node_gbps=h100[2], inter_node_gbps=h100[3])
-    model = dataclasses.replace(costs.PRESETS["7b"], seq_len=131072)
+    model = dataclasses.replace(costs.PRESETS["llama2-7b"], seq_len=131072)
     found = costs.search(model, 1, cluster)
     best = found[0]
     assert best.layout.cp > 1 and best.layout.tp <= cluster.devices_per_node and best.layout.dp == 1
@@ -375,12 +570,12 @@ def test_search_picks_context_parallelism_for_one_long_sequence_on_two_nodes():
 
 
 def test_calculate_reports_the_ring_in_its_own_row():
-    inputs = {"preset": "7b", "cp": 2, "tp": 8, "sequence_parallel": True, "global_batch": 1,
+    inputs = {"preset": "llama2-7b", "cp": 2, "tp": 8, "sequence_parallel": True, "global_batch": 1,
               "precision": "mixed", "device_memory_gb": 80}
     out = costs.calculate(inputs)
     assert out["error"] is None and out["layout"] == "cp2 x tp8 sp x m1"
     layout = costs.Layout(cp=2, tp=8, sequence_parallel=True)
-    ring = [t for t in costs.communication(costs.PRESETS["7b"], layout, 1, "mixed") if t.group == "cp"]
+    ring = [t for t in costs.communication(costs.PRESETS["llama2-7b"], layout, 1, "mixed") if t.group == "cp"]
     assert out["communication"]["cp"] == sum(t.wire_bytes for t in ring) > 0
     sent = out["communication"]
     assert sent["total"] == sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]

@@ -102,13 +102,13 @@ def test_every_citation_is_in_the_bibliography(name):
 
 def test_the_7b_figures_are_what_lmkit_estimate_prints(capsys):
     faq, outlook = flat("faq"), flat("outlook")
-    status, out, _ = estimate(capsys, "--preset", "7b", "--devices", "8", "--global-batch", "64")
+    status, out, _ = estimate(capsys, "--preset", "llama2-7b", "--devices", "8", "--global-batch", "64")
     assert status == 0
     count, (layout, gb, states, *_rest, tokens_s, _mfu) = fastest(out)
     for text in (faq, outlook):
         assert f"{count} layouts" in text and f"`{layout}`" in text and f"{tokens_s} tokens/s" in text
     assert f"{gb} GB per device" in faq and f"({states} GB each)" in faq
-    psi = costs.num_params(costs.PRESETS["7b"])
+    psi = costs.num_params(costs.PRESETS["llama2-7b"])
     rate = float(tokens_s.replace(",", ""))
     assert f"{psi / 1e9:.2f} billion" in faq and f"{psi / 1e9:.2f}-billion" in outlook
     assert f"{16 * psi / 1e9:.0f} GB" in faq and f"{16 * psi / 1e9:.0f} GB" in outlook
@@ -125,11 +125,11 @@ def test_the_7b_figures_are_what_lmkit_estimate_prints(capsys):
 
 
 def test_the_figures_of_models_that_do_not_fit(capsys):
-    status, _, err = estimate(capsys, "--preset", "7b", "--devices", "1", "--global-batch", "64")
+    status, _, err = estimate(capsys, "--preset", "llama2-7b", "--devices", "1", "--global-batch", "64")
     assert status == 2
     needs = re.search(r"needs ([\d.]+) GB per device", err).group(1)
     assert f"needs {needs} GB per device" in flat("faq")
-    status, _, err = estimate(capsys, "--preset", "13b", "--devices", "8", "--device", "l4",
+    status, _, err = estimate(capsys, "--preset", "llama2-13b", "--devices", "8", "--device", "l4",
                               "--global-batch", "64")
     assert status == 2
     short = re.search(r"([\d.]+) GB too many", err).group(1)
@@ -137,19 +137,27 @@ def test_the_figures_of_models_that_do_not_fit(capsys):
 
 
 def test_the_70b_layout_of_the_outlook(capsys):
-    status, out, _ = estimate(capsys, "--preset", "70b", "--devices", "64", "--global-batch", "512")
+    status, out, _ = estimate(capsys, "--preset", "llama3-70b", "--devices", "64", "--global-batch", "512")
     assert status == 0
     count, (layout, *_rest) = fastest(out)
     assert f"{count:,} layouts" in flat("outlook") and f"`{layout}`" in flat("outlook")
+    # "every dimension of chapter 5 but experts"
+    assert all(f"{dim}" in layout for dim in ("dp", "zero1", "cp", "tp", " sp", "pp"))
 
 
 def test_the_kv_cache_and_int8_figures():
-    p = costs.PRESETS["7b"]
-    per_token = efficiency.kv_cache_bytes(p.n_layer, p.d_model, 1, 1, 2)
-    sequence = efficiency.kv_cache_bytes(p.n_layer, p.d_model, 1, 4096, 2)
+    p, gqa = costs.PRESETS["llama2-7b"], costs.PRESETS["llama3-8b"]
+    per_token = costs.kv_cache_bytes(p, 1, 1)
+    assert per_token == efficiency.kv_cache_bytes(p.n_layer, p.d_model, 1, 1, 2)  # all 32 heads keep K and V
+    sequence = costs.kv_cache_bytes(p, 1, 4096)
     for name in ("faq", "outlook"):
         assert f"{per_token / 1e6:.2f} MB per token" in flat(name)
     assert f"{sequence / 1e9:.1f} GB for one sequence of 4,096 tokens" in flat("outlook")
+    # grouped-query attention: 32 query heads, 8 key/value heads, a quarter of the cache
+    assert (gqa.n_head, gqa.kv_heads) == (32, 8) and costs.kv_cache_bytes(gqa, 1, 1) == per_token / 4
+    gqa_token = f"{costs.kv_cache_bytes(gqa, 1, 1) / 1e6:.2f} MB"
+    assert f"and {gqa_token} for Llama 3 8B" in flat("faq")
+    assert f"its cache is {gqa_token} per token" in flat("outlook")
     # chapter 7's full-size model (its size after int8 does not depend on the trained values)
     model = GPT(ModelConfig(vocab_size=70, block_size=128, n_layer=4, n_head=4, d_model=128))
     method = "dynamic" if efficiency.dynamic_quantization_available() else "weight_only"

@@ -568,7 +568,16 @@ CALCULATOR_PAGE = "chapters/05_parallelism_theory"
 # schedule first, because choosing one adjusts the virtual stages.
 CALCULATOR_FIELDS = ("schedule", "dp", "cp", "tp", "pp", "zero", "sequence_parallel", "recompute",
                      "microbatches", "virtual_stages", "global_batch", "precision", "device_memory_gb")
-MODEL_FIELDS = ("n_layer", "d_model", "n_head", "vocab_size", "seq_len")
+MODEL_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len", "mlp",
+                "tie_embeddings")
+# The page's "network" select sets three fields of the model at once.
+NETWORKS = {"gpt2": {"pos": "learned", "norm": "layer", "bias": True},
+            "llama": {"pos": "rope", "norm": "rms", "bias": False}}
+
+
+def _typed(network: str, **fields) -> dict:
+    """A model typed into the form: every field the page sends for a custom model."""
+    return {"n_kv_head": 0, "d_ff": 0, "mlp": "plain", "tie_embeddings": True, **fields, **NETWORKS[network]}
 
 
 def _inputs(model: str | dict, **layout) -> dict:
@@ -580,8 +589,8 @@ def _inputs(model: str | dict, **layout) -> dict:
 
 
 CALCULATOR_CASES = {
-    "7b tp8 zero1": _inputs("7b", tp=8, zero=1, sequence_parallel=True, recompute="selective"),
-    "70b tp8 pp4 1f1b m16": _inputs("70b", dp=2, tp=8, pp=4, zero=1, sequence_parallel=True,
+    "llama2-7b tp8 zero1": _inputs("llama2-7b", tp=8, zero=1, sequence_parallel=True, recompute="selective"),
+    "llama3-70b tp8 pp4 1f1b m16": _inputs("llama3-70b", dp=2, tp=8, pp=4, zero=1, sequence_parallel=True,
                                     recompute="selective", microbatches=16, global_batch=64),
     "gpt3 tp8 pp16 interleaved v2 dp8": _inputs("gpt3-175b", dp=8, tp=8, pp=16, zero=1,
                                                 sequence_parallel=True, recompute="selective",
@@ -590,22 +599,25 @@ CALCULATOR_CASES = {
     "gpt2 dp8 zero3": _inputs("gpt2-124m", dp=8, zero=3, microbatches=2, global_batch=64,
                               device_memory_gb=40),
     # one sequence of 32k tokens: context parallelism across the ring of 2 x 4 tensor-parallel ranks
-    "custom 32k tokens cp2 tp4 pp2": _inputs({"n_layer": 32, "d_model": 4096, "n_head": 32,
-                                              "vocab_size": 32000, "seq_len": 32768},
+    # a Llama-style network with grouped-query attention (8 key/value heads) on a sequence of 32k tokens:
+    # context parallelism across the ring of 2 x 4 tensor-parallel ranks, passing the key/value heads only
+    "custom 32k tokens cp2 tp4 pp2": _inputs(_typed("llama", n_layer=32, d_model=4096, n_head=32, n_kv_head=8,
+                                                    d_ff=14336, vocab_size=32000, seq_len=32768, mlp="swiglu",
+                                                    tie_embeddings=False),
                                              dp=2, cp=2, tp=4, pp=2, zero=1, sequence_parallel=True,
                                              microbatches=2, global_batch=4),
-    "custom model gpipe fp32": _inputs({"n_layer": 24, "d_model": 2048, "n_head": 16, "vocab_size": 50304,
-                                        "seq_len": 4096}, dp=4, tp=2, pp=2, zero=2, recompute="full",
+    "custom model gpipe fp32": _inputs(_typed("gpt2", n_layer=24, d_model=2048, n_head=16, vocab_size=50304,
+                                              seq_len=4096), dp=4, tp=2, pp=2, zero=2, recompute="full",
                                        microbatches=8, schedule="gpipe", global_batch=64, precision="fp32",
                                        device_memory_gb=24.5),
 }
 # A layout the model forbids: 32 heads do not split over 3 tensor-parallel ranks.
-CALCULATOR_IMPOSSIBLE = {**CALCULATOR_CASES["7b tp8 zero1"], "tp": 3, "sequence_parallel": False}
+CALCULATOR_IMPOSSIBLE = {**CALCULATOR_CASES["llama2-7b tp8 zero1"], "tp": 3, "sequence_parallel": False}
 
 
 def _shown(key: str, value) -> str:
     """What the page must display for an output (the formatting of lmkit-calculator.mjs's glue)."""
-    if key.startswith(("memory-", "communication-")) or key == "device-memory":
+    if key.startswith(("memory-", "communication-")) or key in ("device-memory", "kv-cache-per-token"):
         return costs.format_bytes(value)
     if key == "num-params":
         return f"{value / 1e9:.3f} B"
@@ -618,7 +630,8 @@ def _shown(key: str, value) -> str:
 
 def _expected_outputs(result: dict) -> dict:
     """``data-output`` key -> value, as the page lays out `costs.calculate`'s result."""
-    out = {"model": result["model"], "num-params": result["num_params"], "layout": result["layout"],
+    out = {"model": result["model"], "num-params": result["num_params"],
+           "kv-cache-per-token": result["kv_cache_per_token"], "layout": result["layout"],
            "stage": result["stage"], "device-memory": result["device_memory"], "fits": result["fits"],
            "bubble": result["bubble"]}
     for group in ("memory", "communication"):
@@ -673,8 +686,10 @@ def _calculate_on_page(driver, inputs: dict) -> dict:
         _set(driver, "preset", inputs["preset"])
     else:
         _set(driver, "preset", "custom")
+        model = inputs["model"]
         for field_name in MODEL_FIELDS:
-            _set(driver, field_name, inputs["model"][field_name])
+            _set(driver, field_name, model[field_name])
+        _set(driver, "network", next(k for k, v in NETWORKS.items() if v["pos"] == model["pos"]))
     for field_name in CALCULATOR_FIELDS:
         _set(driver, field_name, inputs[field_name])
 
@@ -727,6 +742,12 @@ def test_calculator_covers_pipelines_and_a_typed_model():
     assert {c["schedule"] for c in cases if c["pp"] > 1} >= {"gpipe", "1f1b", "interleaved"}
     assert any("model" in c for c in cases) and any(c["zero"] == 3 for c in cases)
     assert any(c["cp"] > 1 and costs.calculate(dict(c))["communication"]["cp"] > 0 for c in cases)
+    assert all(costs.calculate(dict(c))["error"] is None for c in cases)
+    # a typed model with the options of today's networks: grouped-query attention, SwiGLU, untied head
+    typed = [c["model"] for c in cases if "model" in c]
+    assert any(0 < m["n_kv_head"] < m["n_head"] and m["mlp"] == "swiglu" and not m["tie_embeddings"]
+               for m in typed)
+    assert all(set(m) == {*MODEL_FIELDS, *NETWORKS["gpt2"]} for m in typed)
 
 
 def test_calculator_reports_an_impossible_layout_in_one_line(calculator):
@@ -747,7 +768,7 @@ def test_calculator_runs_the_tested_costs_package_from_the_site(site: Site, calc
         assert (served / name).read_bytes() == (ROOT / "lmkit" / "costs" / name).read_bytes(), \
             f"the site serves another lmkit/costs/{name}"
     browser = _open_calculator(calculator, server, fresh=True)  # every request from the page's start
-    _calculate_on_page(browser, CALCULATOR_CASES["7b tp8 zero1"])
+    _calculate_on_page(browser, CALCULATOR_CASES["llama2-7b tp8 zero1"])
     resources = "return performance.getEntriesByType('resource').map(e => e.name)"
     requests = set(browser.execute_script(resources))
     for entry in browser.get_log("performance"):

@@ -26,9 +26,19 @@ from sphinx.util.docutils import SphinxDirective
 STATIC = Path(__file__).resolve().parent / "calculator_static"
 SCRIPT, STYLE = "lmkit-calculator.mjs", "lmkit-calculator.css"
 
-# (id, label, default, minimum) of the number inputs; ids are the calculate() keys with "-".
+# (id, label, default, minimum) of the number inputs; ids are the calculate() keys with "-". The
+# defaults are Llama 3 8B's (the page fills in the preset's values once Python runs).
 MODEL_INPUTS = [("n-layer", "layers", 32, 1), ("d-model", "width d", 4096, 1), ("n-head", "heads", 32, 1),
-                ("vocab-size", "vocabulary", 32000, 1), ("seq-len", "sequence length", 2048, 1)]
+                ("n-kv-head", "key/value heads (0: as many as heads)", 8, 0),
+                ("d-ff", "MLP width d_ff (0: the default)", 14336, 0),
+                ("vocab-size", "vocabulary", 128256, 1), ("seq-len", "sequence length", 8192, 1)]
+# The model's options that are not numbers: the MLP kind, and the network, which sets positions, norm
+# and biases together (GPT-2: learned, LayerNorm, biases; Llama: rotary, RMSNorm, none).
+MODEL_SELECTS = {
+    "mlp": ("MLP", [("plain", "plain (4d, GELU)"), ("swiglu", "SwiGLU (gated)")], "swiglu"),
+    "network": ("network", [("gpt2", "GPT-2: learned positions, LayerNorm, biases"),
+                            ("llama", "Llama: rotary positions, RMSNorm, no biases")], "llama"),
+}
 LAYOUT_INPUTS = [("dp", "data parallel dp", 2, 1), ("cp", "context parallel cp", 1, 1),
                  ("tp", "tensor parallel tp", 4, 1), ("pp", "pipeline stages pp", 1, 1)]
 BATCH_INPUTS = [("microbatches", "microbatches m", 1, 1), ("virtual-stages", "virtual stages v", 1, 1),
@@ -43,7 +53,8 @@ SELECTS = {
     "precision": ("precision", [("mixed", "mixed (bf16 + fp32 Adam)"), ("fp32", "fp32")], "mixed"),
 }
 OUTPUTS = {  # section -> (data-output key, label)
-    "model": [("model", "model"), ("num-params", "parameters"), ("layout", "layout"),
+    "model": [("model", "model"), ("num-params", "parameters"),
+              ("kv-cache-per-token", "KV cache per token (bf16)"), ("layout", "layout"),
               ("stage", "worst pipeline stage")],
     "memory per rank": [("memory-params", "parameters"), ("memory-grads", "gradients"),
                         ("memory-optimizer", "optimizer state"), ("memory-activations", "activations"),
@@ -75,6 +86,9 @@ def _select(key: str, label: str, options: list[tuple[str, str]], default: str) 
 def markup(preset: str) -> str:
     """The calculator's HTML: a form of inputs, a status line, an error line, the bar and the results."""
     model = "".join(_number(*row) for row in MODEL_INPUTS)
+    model += "".join(_select(key, *row) for key, row in MODEL_SELECTS.items())
+    model += ('<label for="calc-tie-embeddings">output layer tied to the embedding</label>'
+              '<input id="calc-tie-embeddings" type="checkbox" disabled>')
     layout = "".join(_number(*row) for row in LAYOUT_INPUTS) + _select("zero", *SELECTS["zero"])
     layout += ('<label for="calc-sequence-parallel">sequence parallel</label>'
                '<input id="calc-sequence-parallel" type="checkbox" checked disabled>')
@@ -116,7 +130,7 @@ class CalculatorDirective(SphinxDirective):
 
     def run(self) -> list[nodes.Node]:
         node = calculator_node()
-        node["preset"] = self.options.get("preset", "7b")
+        node["preset"] = self.options.get("preset", "llama3-8b")
         return [node]
 
 

@@ -1,8 +1,10 @@
 """What a training layout costs, on paper: parameters, FLOPs, memory, communication, bubble, step time.
 
-An analytical model of lmkit's GPT under a ``dp x cp x tp x pp`` layout, in pure Python (no module
-of this package imports torch), so that the same files run in the tests, in ``lmkit estimate``, in
-the trainer's MFU and in the browser (chapter 5's calculator loads this folder into Pyodide).
+An analytical model of lmkit's GPT, every option of its network included (grouped-query attention,
+SwiGLU, untied head, rotary positions, RMSNorm, QK-norm), under a ``dp x cp x tp x pp`` layout, in
+pure Python (no module of this package imports torch), so that the same files run in the tests, in
+``lmkit estimate``, in the trainer's MFU and in the browser (chapter 5's calculator loads this folder
+into Pyodide).
 Chapter 5 derives every formula; the tests check them against the engines' measured bytes and
 memory (``tests/test_costs_engine.py``) and against published figures (``tests/test_costs.py``).
 Units: bytes, FLOPs, seconds; "GB" is 1e9.
@@ -21,7 +23,10 @@ package's interface, each defined in the module above that holds it.
 from lmkit.costs.calculator import calculate, format_bytes
 from lmkit.costs.layout import (
     GB,
+    MLP_CHOICES,
+    NORM_CHOICES,
     PEAK_FLOPS,
+    POS_CHOICES,
     PRECISIONS,
     PRESETS,
     RECOMPUTE,
@@ -31,12 +36,15 @@ from lmkit.costs.layout import (
     Model,
     Param,
     flops_per_token,
+    kv_cache_bytes,
     layer_split,
     lookup_peak_flops,
     mfu,
     num_params,
     parameter_table,
     stage_params,
+    swiglu_width,
+    tp_choices,
     zero_buckets,
 )
 from lmkit.costs.per_rank import (
@@ -52,6 +60,7 @@ from lmkit.costs.per_rank import (
     cp_ring_step,
     in_flight,
     memory,
+    model_activation_options,
     model_states,
     wire_bytes,
 )
@@ -59,10 +68,12 @@ from lmkit.costs.search import DEVICES, Candidate, Cluster, search, step_time
 
 __all__ = [
     "GB", "SCHEDULES", "RECOMPUTE", "PRECISIONS", "PEAK_FLOPS", "lookup_peak_flops",
+    "MLP_CHOICES", "POS_CHOICES", "NORM_CHOICES", "swiglu_width", "tp_choices",
     "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
     "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
-    "model_states", "zero_buckets",
-    "activation_bytes_per_layer", "in_flight", "memory", "communication", "wire_bytes", "bubble_fraction",
+    "kv_cache_bytes", "model_states", "zero_buckets",
+    "activation_bytes_per_layer", "model_activation_options", "in_flight", "memory", "communication",
+    "wire_bytes", "bubble_fraction",
     "step_time", "search", "calculate", "format_bytes",
     "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication", "cp_ring_step",
 ]

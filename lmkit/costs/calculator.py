@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from lmkit.costs.layout import GB, PRESETS, CostError, Layout, Model, num_params
+from lmkit.costs.layout import GB, PRESETS, CostError, Layout, Model, kv_cache_bytes, num_params
 from lmkit.costs.per_rank import bubble_fraction, communication, memory
 
-__all__ = ["calculate", "format_bytes"]
+__all__ = ["calculate", "format_bytes", "model_of"]
 
 
 def format_bytes(n: float) -> str:
@@ -24,16 +24,29 @@ def format_bytes(n: float) -> str:
 
 
 _LAYOUT_FIELDS = {f.name: f.type for f in dataclasses.fields(Layout)}
+_MODEL_FIELDS = {f.name: f.type for f in dataclasses.fields(Model)}  # "int", "bool", "str"
+
+
+def model_of(spec: dict[str, Any]) -> Model:
+    """A `Model` from JSON fields (numbers may arrive as floats or strings from a form); the fields
+    left out take GPT-2's values, e.g. ``{"n_layer": 32, ..., "n_kv_head": 8, "mlp": "swiglu"}``."""
+    unknown = sorted(set(spec) - set(_MODEL_FIELDS))
+    if unknown:
+        raise CostError(f"unknown model field(s) {unknown}; use {', '.join(_MODEL_FIELDS)}")
+    convert = {"int": int, "bool": bool, "str": str}
+    return Model(**{k: convert[_MODEL_FIELDS[k]](v) for k, v in spec.items()}).validate()
 
 
 def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
     """The calculator's one entry point (JSON in, JSON out): the page and the tests call it alike.
 
-    `inputs`: ``preset`` (a key of `PRESETS`) or ``model`` (the fields of `Model`), the fields of
+    `inputs`: ``preset`` (a key of `PRESETS`) or ``model`` (the fields of `Model`: the shape and the
+    options, ``n_kv_head``, ``mlp``, ``d_ff``, ``tie_embeddings`` ...; `model_of`), the fields of
     `Layout` (``cp`` included), ``global_batch``, ``precision`` and ``device_memory_gb``. Returns
     memory per rank of the worst stage (bytes), whether it fits, bytes each rank sends per step by
     group (``dp``: the gradients' dp x cp group; ``cp``: ring attention's K/V and dK/dV blocks;
-    ``total``), the bubble and the parameter count; or ``{"error": "<one line>"}``.
+    ``total``), the bubble, the parameter count and the KV cache of one token of one sequence in
+    bf16 (`kv_cache_bytes`: what decoding keeps); or ``{"error": "<one line>"}``.
     """
     try:
         if inputs.get("preset"):
@@ -41,12 +54,7 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
                 raise CostError(f"unknown preset {inputs['preset']!r}; use one of {', '.join(PRESETS)}")
             model = PRESETS[inputs["preset"]]
         else:
-            spec = dict(inputs.get("model") or {})
-            unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(Model)})
-            if unknown:
-                raise CostError(f"unknown model field(s) {unknown}")
-            model = Model(**{k: (int(v) if k not in ("bias", "dropout", "name") else v)
-                             for k, v in spec.items()}).validate()
+            model = model_of(inputs.get("model") or {})
         values = {k: inputs[k] for k in _LAYOUT_FIELDS if k in inputs}
         for k in ("dp", "tp", "pp", "cp", "zero", "microbatches", "virtual_stages"):
             if k in values:
@@ -63,7 +71,8 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
             sent["pp" if term.group == "embedding" else term.group] += term.wire_bytes
         sent["total"] = sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
         bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages)
-        return {"model": model.name or "custom", "num_params": num_params(model), "layout": layout.name,
+        return {"model": model.name or "custom", "num_params": num_params(model),
+                "kv_cache_per_token": kv_cache_bytes(model, length=1), "layout": layout.name,
                 "stage": mem.stage, "memory": mem.as_dict(), "device_memory": device_gb * GB,
                 "fits": mem.total <= device_gb * GB, "communication": sent, "bubble": bubble, "error": None}
     except (CostError, TypeError, ValueError) as e:

@@ -1,12 +1,12 @@
 """A model and a layout on paper: shapes, parameters, FLOPs, the rules of a layout, what each stage holds.
 
-`Model` is lmkit's GPT by its shape (`PRESETS`: GPT-2 124M to GPT-3 175B); `Layout` is a
-``dp x cp x tp x pp`` layout with ZeRO stage, sequence parallelism, microbatches, schedule and
-recomputation, and `Layout.validate` refuses what the engines refuse, in one line. `parameter_table`
-lists every tensor with how tensor parallelism splits it; `stage_params`, `stage_counts` and
+`Model` is lmkit's GPT by its shape and options (`PRESETS`: GPT-2 124M, Llama 2 and 3, GPT-3 175B);
+`Layout` is a ``dp x cp x tp x pp`` layout with ZeRO stage, sequence parallelism, microbatches,
+schedule and recomputation, and `Layout.validate` refuses what the engines refuse, in one line.
+`parameter_table` lists every tensor with how tensor parallelism splits it; `stage_params`, `stage_counts` and
 `zero_buckets` say what one pipeline rank holds. `flops_per_token` and `mfu` are the FLOPs a token
-costs and the share of the devices' peak (`PEAK_FLOPS`) a run reaches. Pure Python, like all of
-`lmkit.costs`.
+costs and the share of the devices' peak (`PEAK_FLOPS`) a run reaches; `kv_cache_bytes` what decoding
+keeps per token. Pure Python, like all of `lmkit.costs`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "GB", "SCHEDULES", "RECOMPUTE", "PRECISIONS", "CostError", "Model", "PRESETS", "layer_split", "Param",
-    "parameter_table", "num_params", "flops_per_token", "mfu", "PEAK_FLOPS", "lookup_peak_flops", "Layout",
+    "GB", "SCHEDULES", "RECOMPUTE", "PRECISIONS", "MLP_CHOICES", "POS_CHOICES", "NORM_CHOICES", "CostError",
+    "swiglu_width", "Model", "PRESETS", "layer_split", "Param", "parameter_table", "num_params",
+    "flops_per_token", "kv_cache_bytes", "mfu", "PEAK_FLOPS", "lookup_peak_flops", "Layout", "tp_choices",
     "stage_chunks", "stage_params", "stage_counts", "zero_buckets", "padded_numel",
 ]
 
@@ -36,9 +37,32 @@ class CostError(ValueError):
 # --------------------------------------------------------------------------------- the model
 
 
+#: The choices of the model options, as `lmkit.config.ModelConfig` names them (repeated here: this
+#: package imports nothing from lmkit outside it, so that it runs in the browser).
+MLP_CHOICES = ("plain", "swiglu")
+POS_CHOICES = ("learned", "rope")
+NORM_CHOICES = ("layer", "rms")
+
+
+def swiglu_width(d_model: int, multiple: int = 32) -> int:
+    """Default hidden width of a SwiGLU MLP, = `lmkit.config.swiglu_width`: 8/3 d_model rounded up
+    to a multiple of `multiple` (the three matrices then hold about as many parameters as a plain
+    MLP's two of 4 d_model)."""
+    return -(-8 * d_model // (3 * multiple)) * multiple
+
+
 @dataclass(frozen=True)
 class Model:
-    """lmkit's GPT (GPT-2 architecture: learned positions, LayerNorm, 4h GELU MLP, tied head)."""
+    """lmkit's GPT by its shape and options; the defaults are GPT-2's network.
+
+    GPT-2: learned positions, LayerNorm, a plain 4h MLP, as many key/value heads as query heads, the
+    head tied to the token embedding. The options are those of `lmkit.config.ModelConfig`, with its
+    conventions: ``n_kv_head`` key/value heads (grouped-query attention; 0 = ``n_head``), ``mlp``
+    ``"plain"`` or ``"swiglu"`` (a fused ``[gate | up]`` projection) of hidden width ``d_ff``
+    (0 = 4 d_model plain, `swiglu_width` gated), ``tie_embeddings``, ``pos`` (``"rope"``: no position
+    table), ``norm`` (``"rms"``: weight only), ``qk_norm`` (a head_dim gain for q and one for k) and
+    ``bias``. `from_config` reads them off a ModelConfig; ``PRESETS`` holds published models.
+    """
 
     n_layer: int
     d_model: int
@@ -48,32 +72,88 @@ class Model:
     bias: bool = True
     dropout: bool = False
     name: str = ""
+    n_kv_head: int = 0
+    mlp: str = "plain"
+    d_ff: int = 0
+    tie_embeddings: bool = True
+    pos: str = "learned"
+    norm: str = "layer"
+    qk_norm: bool = False
 
     @classmethod
     def from_config(cls, config: Any, name: str = "") -> Model:
-        """From an `lmkit.config.ModelConfig` (or anything with the same attributes)."""
+        """From an `lmkit.config.ModelConfig` (or anything with the same attributes; options it
+        lacks take GPT-2's values)."""
+        get = functools.partial(getattr, config)
         return cls(n_layer=config.n_layer, d_model=config.d_model, n_head=config.n_head,
                    vocab_size=config.vocab_size, seq_len=config.block_size, bias=bool(config.bias),
-                   dropout=float(getattr(config, "dropout", 0.0)) > 0, name=name).validate()
+                   dropout=float(get("dropout", 0.0)) > 0, name=name, n_kv_head=int(get("n_kv_head", 0)),
+                   mlp=get("mlp", "plain"), d_ff=int(get("d_ff", 0)),
+                   tie_embeddings=bool(get("tie_embeddings", True)), pos=get("pos", "learned"),
+                   norm=get("norm", "layer"), qk_norm=bool(get("qk_norm", False))).validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per block: `n_kv_head`, or `n_head` (multi-head attention) when 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def kv_width(self) -> int:
+        """Features of the keys (and of the values) of one token: ``kv_heads x head_dim``."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def ffn_width(self) -> int:
+        """Hidden width of the MLP: `d_ff`, or its default for the MLP kind."""
+        if self.d_ff:
+            return self.d_ff
+        return swiglu_width(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
 
     def validate(self) -> Model:
         for f in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len"):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CostError(f"model {f} must be a positive integer, got {value!r}")
+        for f in ("n_kv_head", "d_ff"):
+            value = getattr(self, f)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CostError(f"model {f} must be an integer >= 0 (0 = the default), got {value!r}")
+        for f, choices in (("mlp", MLP_CHOICES), ("pos", POS_CHOICES), ("norm", NORM_CHOICES)):
+            if getattr(self, f) not in choices:
+                raise CostError(f"model {f}={getattr(self, f)!r} is unknown; use one of {', '.join(choices)}")
         if self.d_model % self.n_head:
             raise CostError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                             "choose n_head dividing d_model")
+        if self.n_head % self.kv_heads:
+            raise CostError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head} (each "
+                            f"key/value head serves n_head / n_kv_head query heads); choose n_kv_head among "
+                            f"{', '.join(map(str, _divisors(self.n_head)))}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise CostError(f"pos='rope' turns pairs of a head's features: head_dim = d_model / n_head = "
+                            f"{self.head_dim} must be even; change d_model or n_head")
         return self
 
 
-#: Models for the calculator and `lmkit estimate`, in lmkit's GPT architecture. Vocabularies are
-#: padded to a multiple of 128 (50257 -> 50304, as Megatron and nanoGPT do) so that tp divides them.
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+#: Models for the calculator and `lmkit estimate`, with their published shapes. GPT-2's vocabulary is
+#: padded to a multiple of 128 (50257 -> 50304, as Megatron and nanoGPT do) so that tp divides it.
+#: Llama 2 (Touvron et al. 2023, table 1 and the released configurations) and Llama 3 (Dubey et al.
+#: 2024, table 3): rotary positions, RMSNorm, SwiGLU, no biases, an output matrix of its own;
+#: Llama 3 uses grouped-query attention with 8 key/value heads.
+_LLAMA = {"bias": False, "mlp": "swiglu", "tie_embeddings": False, "pos": "rope", "norm": "rms"}
 PRESETS: dict[str, Model] = {
     "gpt2-124m": Model(12, 768, 12, 50304, 1024, name="GPT-2 124M"),
-    "7b": Model(32, 4096, 32, 32000, 2048, name="7B (LLaMA-7B shape)"),
-    "13b": Model(40, 5120, 40, 32000, 2048, name="13B (LLaMA-13B shape)"),
-    "70b": Model(80, 8192, 64, 32000, 4096, name="70B (LLaMA-70B shape)"),
+    "llama2-7b": Model(32, 4096, 32, 32000, 4096, name="Llama 2 7B", n_kv_head=32, d_ff=11008, **_LLAMA),
+    "llama2-13b": Model(40, 5120, 40, 32000, 4096, name="Llama 2 13B", n_kv_head=40, d_ff=13824, **_LLAMA),
+    "llama3-8b": Model(32, 4096, 32, 128256, 8192, name="Llama 3 8B", n_kv_head=8, d_ff=14336, **_LLAMA),
+    "llama3-70b": Model(80, 8192, 64, 128256, 8192, name="Llama 3 70B", n_kv_head=8, d_ff=28672, **_LLAMA),
     "gpt3-175b": Model(96, 12288, 96, 50304, 2048, name="GPT-3 175B"),
 }
 
@@ -116,16 +196,21 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
                     head_copy: bool = False) -> list[Param]:
     """The parameter tensors of a stage holding `layers` (all by default), in registration order.
 
-    `first` adds the embeddings, `last` the final LayerNorm; `head_copy` the last stage's own
-    copy of the tied embedding matrix (when the embedding lives on another pipeline stage).
+    `first` adds the embeddings (the position table only with learned positions), `last` the final
+    norm and an untied head's own matrix; `head_copy` the last stage's own copy of the tied embedding
+    matrix (when the embedding lives on another pipeline stage). The same names and shapes as
+    ``GPT.named_parameters()``; `split` is what the tensor-parallel plan does with each: ``attn.qkv``
+    in whole heads of each of q, k and v, SwiGLU's fused ``mlp.fc`` in each of its halves (both
+    "column"), ``q_norm``/``k_norm`` replicated.
     """
     h, V, s = model.d_model, model.vocab_size, model.seq_len
+    hd, f = model.head_dim, model.ffn_width
     layers = range(model.n_layer) if layers is None else layers
     out: list[Param] = []
 
     def norm(name: str) -> None:
         out.append(Param(f"{name}.weight", (h,), "replicated"))
-        if model.bias:
+        if model.bias and model.norm == "layer":  # RMSNorm has no bias
             out.append(Param(f"{name}.bias", (h,), "replicated"))
 
     def linear(name: str, n_out: int, n_in: int, split: str) -> None:
@@ -134,39 +219,64 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
             out.append(Param(f"{name}.bias", (n_out,), "column" if split == "column" else "replicated"))
 
     if first:
-        out += [Param("tok_emb.weight", (V, h), "vocab"), Param("pos_emb.weight", (s, h), "replicated")]
+        out.append(Param("tok_emb.weight", (V, h), "vocab"))
+        if model.pos == "learned":
+            out.append(Param("pos_emb.weight", (s, h), "replicated"))
     for i in layers:
         b = f"blocks.{i}"
         norm(f"{b}.ln1")
-        linear(f"{b}.attn.qkv", 3 * h, h, "column")
+        linear(f"{b}.attn.qkv", (model.n_head + 2 * model.kv_heads) * hd, h, "column")
         linear(f"{b}.attn.proj", h, h, "row")
+        if model.qk_norm:
+            out += [Param(f"{b}.attn.q_norm.weight", (hd,), "replicated"),
+                    Param(f"{b}.attn.k_norm.weight", (hd,), "replicated")]
         norm(f"{b}.ln2")
-        linear(f"{b}.mlp.fc", 4 * h, h, "column")
-        linear(f"{b}.mlp.proj", h, 4 * h, "row")
+        linear(f"{b}.mlp.fc", 2 * f if model.mlp == "swiglu" else f, h, "column")
+        linear(f"{b}.mlp.proj", h, f, "row")
     if last:
         norm("ln_f")
-        if head_copy:
+        if head_copy or not model.tie_embeddings:
             out.append(Param("head.weight", (V, h), "vocab"))
     return out
 
 
 @functools.lru_cache(maxsize=256)  # the search asks for every layout it ranks
 def num_params(model: Model, non_embedding: bool = False) -> int:
-    """Parameters of the whole model, the tied head counted once (= ``GPT.num_params``)."""
+    """Parameters of the whole model, a tied head counted once (= ``GPT.num_params``).
+
+    ``non_embedding`` leaves out the token embedding and the position table (not an untied head).
+    """
     n = sum(p.numel for p in parameter_table(model))
     if non_embedding:
-        n -= (model.vocab_size + model.seq_len) * model.d_model
+        n -= (model.vocab_size + (model.seq_len if model.pos == "learned" else 0)) * model.d_model
     return n
 
 
 def flops_per_token(model: Model, training: bool = True) -> float:
     """``6 N + 12 L h s`` for training, ``2 N + 4 L h s`` forward only (PaLM, appendix B).
 
-    N counts the non-embedding parameters plus the head's V x h matmul; = ``GPT.flops_per_token``.
+    N counts the non-embedding parameters plus, when tied, the head's V x h matmul (an untied head is
+    among the non-embedding parameters already); = ``GPT.flops_per_token``. Grouped-query attention
+    changes N (a smaller qkv), not the attention term: the scores are those of all ``n_head`` queries.
     """
-    n = num_params(model, non_embedding=True) + model.d_model * model.vocab_size
+    head = model.d_model * model.vocab_size if model.tie_embeddings else 0
+    n = num_params(model, non_embedding=True) + head
     attn = 4 * model.n_layer * model.d_model * model.seq_len
     return float(6 * n + 3 * attn) if training else float(2 * n + attn)
+
+
+def kv_cache_bytes(model: Model, batch: int = 1, length: int | None = None, act_bytes: int = 2,
+                   tp: int = 1) -> float:
+    """Bytes of the KV cache for `batch` sequences of `length` tokens (default `seq_len`), per
+    tensor-parallel rank: ``2 L KV hd e`` per token and sequence, keys and values of the ``KV``
+    key/value heads only (grouped-query attention divides the cache by ``n_head / KV``), split
+    over tp with the heads. = what `lmkit.model.KVCache` allocates (``[2, B, KV, T, hd]`` per layer).
+    """
+    length = model.seq_len if length is None else length
+    if tp < 1 or model.kv_heads % tp:
+        raise CostError(f"n_kv_head={model.kv_heads} is not divisible by tp={tp}; choose tp among "
+                        f"{', '.join(map(str, tp_choices(model)))}")
+    return float(2 * model.n_layer * model.kv_heads // tp * model.head_dim * act_bytes * batch * length)
 
 
 def mfu(tokens_per_s: float, flops_per_token_: float, n_devices: int, peak_flops: float) -> float:
@@ -275,6 +385,14 @@ class Layout:
         if model.n_head % self.tp:
             raise CostError(f"n_head={model.n_head} is not divisible by tp={self.tp}; "
                             "attention heads are split over tensor-parallel ranks")
+        if model.kv_heads % self.tp:
+            raise CostError(f"n_kv_head={model.kv_heads} is not divisible by tp={self.tp}; the key/value "
+                            "heads are split over tensor-parallel ranks: choose tp among "
+                            f"{', '.join(map(str, tp_choices(model)))}")
+        if model.ffn_width % self.tp:
+            raise CostError(f"the MLP's width d_ff={model.ffn_width} is not divisible by tp={self.tp}; its "
+                            "hidden features are split over tensor-parallel ranks: choose tp among "
+                            f"{', '.join(map(str, tp_choices(model)))}")
         if model.vocab_size % self.tp:
             raise CostError(f"the vocabulary ({model.vocab_size}) is not divisible by tp={self.tp}; "
                             "pad it to a multiple of tp")
@@ -318,6 +436,12 @@ class Layout:
         return self
 
 
+def tp_choices(model: Model) -> list[int]:
+    """The tensor-parallel sizes the model's shape allows: divisors of the query heads, the key/value
+    heads and the MLP's width (the vocabulary must divide too; pad it)."""
+    return [t for t in _divisors(model.kv_heads) if not model.n_head % t and not model.ffn_width % t]
+
+
 def stage_chunks(model: Model, layout: Layout, stage: int) -> list[tuple[range, bool, bool]]:
     """(layers, is_first, is_last) of every chunk pipeline rank `stage` holds."""
     n = layout.pp * layout.virtual_stages
@@ -355,13 +479,13 @@ def zero_buckets(model: Model, layout: Layout, stage: int) -> list[int]:
 
     One bucket per optimizer group (matrices, vectors), which is what the engine builds while a
     group fits its 25 MiB bucket cap (a larger group has more buckets, each padded: at most
-    ``dp - 1`` more elements per bucket than counted here). Under ZeRO-2 with pipelining the tied
+    ``dp - 1`` more elements per bucket than counted here). Under ZeRO-2 with pipelining a tied
     embedding's copy on the first and the last stage is a bucket of its own, so both stages shard
-    it alike (chapter 5, section 5.3).
+    it alike (chapter 5, section 5.3); an untied head is one more matrix of the last stage.
     """
     mats, vecs, _, _, _, _, first, last = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp,
                                                         stage)
-    if layout.zero == 2 and layout.pp > 1 and (first or last):
+    if layout.zero == 2 and layout.pp > 1 and (first or last) and model.tie_embeddings:
         emb = model.vocab_size * model.d_model // layout.tp
         return [n for n in (emb, mats - emb, vecs) if n]
     return [n for n in (mats, vecs) if n]

@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from lmkit.costs.layout import (
+    MLP_CHOICES,
     PRECISIONS,
     CostError,
     Layout,
@@ -26,9 +28,9 @@ from lmkit.costs.layout import (
 )
 
 __all__ = [
-    "model_states", "activation_bytes_per_layer", "in_flight", "Memory", "memory", "wire_bytes", "CommTerm",
-    "communication", "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication",
-    "cp_ring_step", "bubble_fraction",
+    "model_states", "activation_bytes_per_layer", "model_activation_options", "in_flight", "Memory",
+    "memory", "wire_bytes", "CommTerm", "communication", "CP_LAYOUTS", "cp_attention_work",
+    "cp_attention_memory", "cp_communication", "cp_ring_step", "bubble_fraction",
 ]
 
 
@@ -52,7 +54,9 @@ def model_states(numel: float, dp: int = 1, zero: int = 0,
 
 def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
                                recompute: str = "none", act_bytes: int = 2, dropout: bool = True,
-                               flash_attention: bool = False, cp: int = 1) -> float:
+                               flash_attention: bool = False, cp: int = 1, *, kv_width: int | None = None,
+                               d_ff: int | None = None, mlp: str = "plain",
+                               qk_transformed: bool = False) -> float:
     """Bytes one Transformer layer keeps for backward, for a microbatch of `b` sequences of `s` tokens.
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
@@ -65,19 +69,44 @@ def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequ
     tokens: every ``s b h`` term is divided by ``cp``, and so is the score term, whose rows are this
     rank's queries against all ``s`` keys (``a (s/cp) s b``); ring attention (`cp_attention_memory`)
     keeps none of it.
+
+    The tensors counted, per token (``a`` query heads; the defaults are GPT-2's, Korthikanti's):
+
+    - outside the tensor-parallel regions (split over tp only with sequence parallelism): the inputs
+      of the two norms and of ``qkv`` and ``fc`` (``4 h``), and two dropout masks;
+    - attention (split over tp by heads): the ``qkv`` output that attention reads, ``h + 2 kv_width``
+      wide (``kv_width`` = key/value heads x head_dim: grouped-query attention keeps less); when queries
+      and keys are rotated or normalised after the projection (`qk_transformed`: rotary positions,
+      QK-norm) attention reads new q and k, ``h + kv_width`` more, while v keeps the ``qkv`` output
+      alive; the attention output, ``h`` (the input of ``proj``); the scores as above;
+    - MLP (split over tp): plain, the ``fc`` output and the activation's, ``2 d_ff`` (GELU's
+      ``8 h`` for ``d_ff = 4 h``); SwiGLU (`mlp`), the fused ``[gate | up]`` output, ``silu(gate)`` and
+      the product, ``4 d_ff``.
+
+    Not counted: the norms' statistics (one or two numbers per token), the rotary tables, and
+    copies an unfused implementation makes: torch's RMSNorm on a CPU also keeps ``x / rms(x)``
+    (``h`` per norm), and lmkit's attention copies its output into ``[b, s, h]`` for ``proj`` when q
+    is not a view of the ``qkv`` output (with `qk_transformed`). ``tests/test_costs.py`` measures a
+    block against this count.
     """
     e, mask, t = act_bytes, (1 if dropout else 0), tp
     sp = t if sequence_parallel else 1
     if cp > 1 and s % cp:
         raise CostError(f"seq_len={s} is not divisible by cp={cp}; use a multiple of cp (2 cp for zigzag)")
-    sbh, local = s // cp * b * h, s // cp
+    if mlp not in MLP_CHOICES:
+        raise CostError(f"mlp={mlp!r} is unknown; use one of {', '.join(MLP_CHOICES)}")
+    kv = h if kv_width is None else kv_width
+    ff = 4 * h if d_ff is None else d_ff
+    sb, local = s // cp * b, s // cp
     if recompute == "full":
-        return e * sbh / sp
+        return e * sb * h / sp
     # Outside the tensor-parallel regions (replicated over tp unless sequence-parallel): the two
-    # LayerNorm inputs, the inputs of qkv and fc, and two dropout masks.
-    outside = (4 * e + 2 * mask) * sbh / sp
-    # Inside (split over tp): q, k, v, the attention output (proj input), the GELU input and output.
-    inside = (4 * e + 8 * e) * sbh / t
+    # norm inputs, the inputs of qkv and fc, and two dropout masks.
+    outside = (4 * e + 2 * mask) * sb * h / sp
+    # Inside (split over tp): q, k, v (and new q, k), the attention output (proj input), the MLP's hidden.
+    attention = (h + 2 * kv) + ((h + kv) if qk_transformed else 0) + h
+    hidden = (4 if mlp == "swiglu" else 2) * ff
+    inside = e * sb * (attention + hidden) / t
     if flash_attention:
         scores = 4 * a * local * b / t  # fp32 log-sum-exp per row and head
     elif recompute == "selective":
@@ -85,6 +114,12 @@ def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequ
     else:  # softmax output, its dropout mask and the dropped-out copy
         scores = (e + mask + (e if dropout else 0)) * a * local * s * b / t
     return outside + inside + scores
+
+
+def model_activation_options(model: Model) -> dict[str, Any]:
+    """The keyword arguments of `activation_bytes_per_layer` that `model`'s options set."""
+    return {"kv_width": model.kv_width, "d_ff": model.ffn_width, "mlp": model.mlp,
+            "qk_transformed": model.pos == "rope" or model.qk_norm}
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -165,15 +200,16 @@ def _activations(model: Model, layout: Layout, global_batch: int, precision: str
     _, layers, _, last = stage_counts(model, layout.pp, layout.virtual_stages, t, stage)[4:]
     # Ring attention keeps the log-sum-exp, never the scores (it recomputes them blockwise, like flash).
     flash = flash_attention or cp > 1
+    options = model_activation_options(model)
     per_layer = activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, layout.recompute, e,
-                                           model.dropout, flash, cp)
+                                           model.dropout, flash, cp, **options)
     units = in_flight(layout, stage) if layout.pp > 1 else 1
     total = units * layers * per_layer
     if layout.recompute == "full":  # the layer being recomputed holds its full activations once
         total += activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, "none", e, model.dropout,
-                                            flash, cp)
+                                            flash, cp, **options)
     if cp > 1:  # the layer running its ring: K/V and dK/dV blocks in flight (and a score block unless flash)
-        ring = cp_attention_memory(b, s, h, a, cp, t, e)
+        ring = cp_attention_memory(b, s, h, a, cp, t, e, kv_width=model.kv_width)
         total += ring["kv_in_flight"] + ring["dkv_in_flight"]
         if not flash_attention:
             total += ring["score_block"]
@@ -331,7 +367,7 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         terms.append(CommTerm("pp", "send", "activations forward, gradients backward, 1 per microbatch "
                               "and boundary", sends, sends * act, pp))
         terms.append(CommTerm("pp", "recv", "the mirror image of the sends", sends, sends * act, pp))
-        if first or last:  # ZeRO-2: on the dp shard of the embedding's own bucket
+        if (first or last) and model.tie_embeddings:  # ZeRO-2: the dp shard of the embedding's own bucket
             emb = V * h // tp
             emb = math.ceil(emb / dp) if layout.zero == 2 else emb
             terms.append(CommTerm("embedding", "all_reduce", "tied embedding gradients, first + last stage",
@@ -339,7 +375,7 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
         terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
     if cp > 1:
-        ring = cp_communication(b, model.seq_len, h, cp, tp, layers, m, e)
+        ring = cp_communication(b, model.seq_len, h, cp, tp, layers, m, e, kv_width=model.kv_width)
         terms += ring
         if layout.recompute == "full":  # the recomputed forward runs its ring again
             terms += [dataclasses.replace(t, what=t.what.replace("forward", "forward again (recomputation)"))
@@ -387,12 +423,17 @@ def cp_attention_work(s: int, cp: int, layout: str = "zigzag") -> list[dict[str,
 
 
 def cp_attention_memory(b: int, s: int, h: int, a: int, cp: int, tp: int = 1, act_bytes: int = 4,
-                        layout: str = "zigzag") -> dict[str, float]:
+                        layout: str = "zigzag", *, kv_width: int | None = None) -> dict[str, float]:
     """Bytes one rank's ring attention holds, against the score matrix of attention without it.
 
-    - ``saved``: what the forward keeps for backward: q, k, v (``act_bytes``) and the output and
-      log-sum-exp in the accumulation precision (``max(act_bytes, 4)``): linear in ``s / cp``;
-    - ``kv_in_flight``: the K/V block computed on plus the one arriving (2 blocks of ``2 b (s/cp) h/t``);
+    ``kv_width`` is the keys' (and the values') width, key/value heads x head_dim (default `h`:
+    as many key/value heads as the ``a`` query heads; grouped-query attention has fewer).
+
+    - ``saved``: what the forward keeps for backward: q (``h``), k and v (``kv_width`` each) in
+      ``act_bytes``, and the output (``h``) and log-sum-exp in the accumulation precision
+      (``max(act_bytes, 4)``): linear in ``s / cp``;
+    - ``kv_in_flight``: the K/V block computed on plus the one arriving (2 blocks of
+      ``2 b (s/cp) kv_width/t``);
     - ``dkv_in_flight``: in backward, the dK/dV accumulator computed into plus the one arriving (2 blocks
       in the accumulation precision);
     - ``score_block``: the largest score block alive at once (one chunk pair, fp32 or wider);
@@ -400,28 +441,33 @@ def cp_attention_memory(b: int, s: int, h: int, a: int, cp: int, tp: int = 1, ac
     """
     n, c = _cp_chunks(s, cp, layout)
     acc = max(act_bytes, 4)
-    local, width = s // cp, h // tp
-    return {"saved": (3 * act_bytes + acc) * b * local * width + acc * b * (a // tp) * local,
-            "kv_in_flight": 2 * 2 * b * local * width * act_bytes,
-            "dkv_in_flight": 2 * 2 * b * local * width * acc,
+    kv = h if kv_width is None else kv_width
+    local, width, kv_local = s // cp, h // tp, kv // tp
+    return {"saved": (act_bytes * (width + 2 * kv_local) + acc * width) * b * local
+                     + acc * b * (a // tp) * local,
+            "kv_in_flight": 2 * 2 * b * local * kv_local * act_bytes,
+            "dkv_in_flight": 2 * 2 * b * local * kv_local * acc,
             "score_block": acc * b * (a // tp) * c * c,
             "scores_full": act_bytes * b * (a // tp) * s * s}
 
 
 def cp_communication(b: int, s: int, h: int, cp: int, tp: int = 1, layers: int = 1, microbatches: int = 1,
-                     act_bytes: int = 4) -> list[CommTerm]:
+                     act_bytes: int = 4, *, kv_width: int | None = None) -> list[CommTerm]:
     """The sends (and mirrored receives) of ring attention for `layers` layers and `microbatches`.
 
-    A K/V block is ``2 b (s/cp) (h/t) e`` bytes (its heads under tensor parallelism). Forward: ``cp - 1``
-    ring steps pass it on. Backward: the blocks go round again (``cp - 1`` sends; the alternative,
-    keeping all ``cp`` blocks from the forward, would cost ``cp`` times the K/V memory), and the dK/dV
-    accumulators, in the accumulation precision ``max(e, 4)``, make ``cp`` hops, the last one home.
+    Only keys and values travel: a K/V block is ``[2, b, KV/t, s/cp, hd]``, ``2 b (s/cp) (kv_width/t) e``
+    bytes, ``kv_width`` = key/value heads x head_dim (default `h`, multi-head attention; grouped-query
+    attention sends ``n_head / n_kv_head`` times less). Forward: ``cp - 1`` ring steps pass it on.
+    Backward: the blocks go round again (``cp - 1`` sends; the alternative, keeping all ``cp`` blocks
+    from the forward, would cost ``cp`` times the K/V memory), and the dK/dV accumulators, of the same
+    shape in the accumulation precision ``max(e, 4)``, make ``cp`` hops, the last one home.
     """
     if cp == 1:
         return []
     _cp_chunks(s, cp, "contiguous")
     e, acc, n = act_bytes, max(act_bytes, 4), layers * microbatches
-    block, grad_block = 2 * b * (s // cp) * (h // tp) * e, 2 * b * (s // cp) * (h // tp) * acc
+    kv = (h if kv_width is None else kv_width) // tp
+    block, grad_block = 2 * b * (s // cp) * kv * e, 2 * b * (s // cp) * kv * acc
     terms = []
     for kind in ("send", "recv"):
         terms += [CommTerm("cp", kind, "K/V blocks forward: cp - 1 ring steps per layer", n * (cp - 1),
@@ -434,19 +480,22 @@ def cp_communication(b: int, s: int, h: int, cp: int, tp: int = 1, layers: int =
 
 
 def cp_ring_step(b: int, s: int, h: int, cp: int, peak_flops: float, bandwidth: float, tp: int = 1,
-                 act_bytes: int = 2, layout: str = "zigzag") -> dict[str, float]:
+                 act_bytes: int = 2, layout: str = "zigzag", *,
+                 kv_width: int | None = None) -> dict[str, float]:
     """Seconds of one forward ring step (a K/V block that is not the rank's own): compute and transfer.
 
     Zigzag: two ``C x C`` blocks (``C = s / 2cp``) of ``QK^T`` and ``PV``, ``4 b C^2 h/t`` FLOPs each
-    (a contiguous rank below the diagonal: one ``(s/cp)^2`` block, twice as much); the transfer is one
-    K/V block, ``2 b (s/cp) (h/t) e`` bytes at `bandwidth` bytes/s. The transfer hides behind the
-    compute when ``compute_s >= comm_s``: for zigzag when ``s / cp >= e F / beta`` tokens per rank.
+    (every query head computes; a contiguous rank below the diagonal: one ``(s/cp)^2`` block, twice
+    as much); the transfer is one K/V block, ``2 b (s/cp) (kv_width/t) e`` bytes at `bandwidth`
+    bytes/s (``kv_width`` default `h`). The transfer hides behind the compute when
+    ``compute_s >= comm_s``: for zigzag when ``s / cp >= (kv_width / h) e F / beta`` tokens per rank,
+    so grouped-query attention hides its ring at ``n_head / n_kv_head`` times shorter chunks.
     """
     _, c = _cp_chunks(s, cp, layout)
-    width = h // tp
+    width, kv = h // tp, (h if kv_width is None else kv_width) // tp
     block_pairs = 2 if layout == "zigzag" else 1
     flops = block_pairs * 4 * b * c * c * width
-    comm = 2 * b * (s // cp) * width * act_bytes
+    comm = 2 * b * (s // cp) * kv * act_bytes
     return {"flops": float(flops), "compute_s": flops / peak_flops, "bytes": float(comm),
             "comm_s": comm / bandwidth}
 

@@ -12,7 +12,16 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from lmkit.costs.layout import GB, RECOMPUTE, CostError, Layout, Model, flops_per_token, stage_counts
+from lmkit.costs.layout import (
+    GB,
+    RECOMPUTE,
+    CostError,
+    Layout,
+    Model,
+    flops_per_token,
+    stage_counts,
+    tp_choices,
+)
 from lmkit.costs.per_rank import Memory, bubble_fraction, communication, cp_ring_step, memory
 
 __all__ = ["Cluster", "DEVICES", "Candidate", "step_time", "search"]
@@ -143,7 +152,7 @@ def _ring_exposed_s(model: Model, layout: Layout, global_batch: int, cluster: Cl
     e = 4 if precision == "fp32" else 2
     b, s, h, t = global_batch // (layout.dp * layout.microbatches), model.seq_len, model.d_model, layout.tp
     beta = _bandwidth(cluster, t * cp)
-    step = cp_ring_step(b, s, h, cp, cluster.peak_flops * efficiency, beta, t, e)
+    step = cp_ring_step(b, s, h, cp, cluster.peak_flops * efficiency, beta, t, e, kv_width=model.kv_width)
     f, k = step["compute_s"], step["comm_s"]
     g = k * max(e, 4) / e
     forward = (cp - 1) * max(0.0, k - f)
@@ -168,14 +177,17 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
     sequence a multiple of ``2 cp``) is enumerated where it can win: with flash attention, a cp
     layout whose batch would also split over ``dp x cp`` data-parallel ranks is left out, since
     that layout holds the same tokens per rank with the same model states and sends no ring.
+    Tensor parallelism takes the sizes `tp_choices` allows (whole query heads, key/value heads and
+    MLP features on every rank) that divide the vocabulary.
     """
     model.validate()
     cluster.validate()
     if not isinstance(global_batch, int) or global_batch <= 0:
         raise CostError(f"the global batch must be a positive number of sequences, got {global_batch!r}")
     fits, best_miss = [], None
+    tp_options = tp_choices(model)  # whole query and key/value heads, whole MLP features per rank
     for tp, pp, cp in itertools.product(_divisors(cluster.devices), repeat=3):
-        if (cluster.devices % (tp * pp * cp) or model.n_head % tp or model.vocab_size % tp
+        if (cluster.devices % (tp * pp * cp) or tp not in tp_options or model.vocab_size % tp
                 or pp > model.n_layer or (cp > 1 and (model.seq_len % (2 * cp) or model.dropout))):
             continue
         dp = cluster.devices // (tp * pp * cp)
@@ -209,8 +221,8 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
     if not fits:
         if best_miss is None:
             raise CostError(f"no dp x cp x tp x pp layout of {cluster.devices} devices suits this model and "
-                            f"a global batch of {global_batch}; check that heads, vocabulary and batch "
-                            "divide")
+                            f"a global batch of {global_batch}; check that heads, key/value heads, MLP "
+                            "width, vocabulary and batch divide")
         need, layout = best_miss
         raise CostError(
             f"{model.name or 'the model'} fits on no layout of {cluster.devices} "

@@ -27,12 +27,20 @@ def run(text):
                 shown[f"{group}-{key}"] = costs.format_bytes(value)
         shown["device-memory"] = costs.format_bytes(out["device_memory"])
         shown["num-params"] = f"{out['num_params'] / 1e9:.3f} B"
+        shown["kv-cache-per-token"] = costs.format_bytes(out["kv_cache_per_token"])
         shown["bubble"] = f"{100 * out['bubble']:.2f} %"
     return json.dumps({"result": out, "shown": shown})
 `;
 
 const INTEGER_FIELDS = ["dp", "cp", "tp", "pp", "zero", "microbatches", "virtual_stages", "global_batch"];
-const MODEL_FIELDS = ["n_layer", "d_model", "n_head", "vocab_size", "seq_len"];
+const MODEL_FIELDS = ["n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len"];
+// The network select sets three fields of lmkit.costs.Model at once.
+const NETWORKS = {
+  gpt2: { pos: "learned", norm: "layer", bias: true },
+  llama: { pos: "rope", norm: "rms", bias: false },
+};
+// Every control that describes the model: editing one makes the model "custom".
+const MODEL_CONTROLS = [...MODEL_FIELDS, "mlp", "tie_embeddings", "network"];
 const PARTS = ["params", "grads", "optimizer", "activations"];
 const COLOURS = { params: "#4c72b0", grads: "#dd8452", optimizer: "#55a868", activations: "#c44e52" };
 
@@ -50,6 +58,9 @@ function readInputs() {
   const preset = $("preset").value;
   if (preset === "custom") {
     inputs.model = Object.fromEntries(MODEL_FIELDS.map((f) => [f, number($(idOf(f)).value)]));
+    inputs.model.mlp = $("mlp").value;
+    inputs.model.tie_embeddings = $("tie-embeddings").checked;
+    Object.assign(inputs.model, NETWORKS[$("network").value]);
   } else {
     inputs.preset = preset;
   }
@@ -120,7 +131,8 @@ function show(inputs, reply) {
   error.hidden = true;
   $("results").hidden = false;
   const values = {
-    "num-params": result.num_params, "bubble": result.bubble, "fits": result.fits,
+    "num-params": result.num_params, "kv-cache-per-token": result.kv_cache_per_token,
+    "bubble": result.bubble, "fits": result.fits,
     "device-memory": result.device_memory, "model": result.model, "layout": result.layout,
     "stage": result.stage,
   };
@@ -141,7 +153,11 @@ function show(inputs, reply) {
 function fillModel(presets) {
   const preset = $("preset").value;
   if (preset === "custom") return;
-  for (const f of MODEL_FIELDS) $(idOf(f)).value = presets[preset][f];
+  const model = presets[preset];
+  for (const f of MODEL_FIELDS) $(idOf(f)).value = model[f];
+  $("mlp").value = model.mlp;
+  $("tie-embeddings").checked = model.tie_embeddings;
+  $("network").value = model.pos === "rope" ? "llama" : "gpt2";
 }
 
 // The modules of lmkit/costs/ as [name, source] pairs, in the order files.json lists them.
@@ -197,8 +213,9 @@ async function main() {
     });
   };
   select.addEventListener("change", () => { fillModel(presets); update(); });
-  for (const f of MODEL_FIELDS) {
-    $(idOf(f)).addEventListener("input", () => {
+  for (const f of MODEL_CONTROLS) {
+    const el = $(idOf(f));
+    el.addEventListener(el.tagName === "SELECT" || el.type === "checkbox" ? "change" : "input", () => {
       if (select.value !== "custom") select.value = "custom";
       update();
     });
