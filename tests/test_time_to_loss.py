@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lmkit.config import ParallelConfig
 from lmkit.lab.time_to_loss import (
     ABLATION,
     Curve,
@@ -15,6 +16,8 @@ from lmkit.lab.time_to_loss import (
     combined_changes,
     fixed_batches,
     nanogpt_recipe,
+    recipe_under_layouts,
+    shakespeare_tokens,
     time_table,
     train_curves,
 )
@@ -102,3 +105,13 @@ def test_step_work_counts_operators_and_flops_of_one_training_step():
     assert work["rope"]["flops"] == work["qk"]["flops"] == work["base"]["flops"] > 0
     assert work["rope"]["ops"] > work["base"]["ops"] and work["qk"]["ops"] > work["base"]["ops"]
     assert work["muon"]["flops"] > work["base"]["flops"]
+
+
+@pytest.mark.distributed
+def test_best_recipe_under_dp2_follows_the_single_process(tmp_path):
+    """The recipe chapter 7 recommends (rotary, QK-norm, ReLU^2, Muon) trains under a parallel layout."""
+    _, _, vocab = shakespeare_tokens()
+    rows = recipe_under_layouts(best_recipe(nanogpt_recipe(vocab, 100)), [ParallelConfig(dp=2)], 3,
+                                str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    assert [r["layout"] for r in rows] == ["1 process", "dp2"]
+    assert rows[1]["max_rel_diff"] < 1e-5 and rows[0]["final_loss"] < math.log(vocab) + 0.5
