@@ -14,7 +14,7 @@ import statistics
 from collections import Counter
 
 import pytest
-from test_parallel_equivalence import CP_LAYOUTS, LAYOUTS, MODEL, TEXT, TRAIN, ZERO2_LAYOUTS
+from test_parallel_equivalence import CP_LAYOUTS, LAYOUTS, LLAMA, MODEL, MUON, TEXT, TRAIN, ZERO2_LAYOUTS
 
 from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
@@ -86,11 +86,12 @@ def test_model_states_per_rank_equal_the_formula(measured):
 
 
 def _bytes_and_calls(model: costs.Model, pc: ParallelConfig, layout: costs.Layout,
-                     rank: dict) -> tuple[Counter, Counter, Counter, Counter, set]:
+                     rank: dict, optimizer: str = "adamw") -> tuple[Counter, Counter, Counter, Counter, set]:
     """(measured bytes, formula bytes, measured calls, formula calls, keys whose calls the formula
     leaves open) by (group, kind) for one rank's measured step."""
     pred, got, pred_calls, got_calls, uncounted = Counter(), Counter(), Counter(), Counter(), set()
-    for term in costs.communication(model, layout, TRAIN.batch_size, "fp32", rank["coords"]["pp"]):
+    for term in costs.communication(model, layout, TRAIN.batch_size, "fp32", rank["coords"]["pp"],
+                                    optimizer=optimizer):
         key = ("pp" if term.group == "embedding" and pc.pp == 2 else term.group, term.kind)
         pred[key] += term.bytes
         if term.calls is None:  # bucketed: as many calls as buckets
@@ -126,6 +127,58 @@ def test_bytes_of_every_collective_equal_the_formula(measured):
                 assert got[("cp", "send")] > 0, where
     assert checked > 100
     assert cp_checked == sum(p.world_size for p in CP)
+
+
+# Today's model (rotary, RMSNorm, SwiGLU, 2 key/value heads for 4 query heads, untied head, QK-norm), with
+# AdamW and with Muon, whose Newton-Schulz gathers whole matrices (over dp under ZeRO, over tp).
+LLAMA_LAYOUTS = {
+    "adamw": [ParallelConfig(tp=2, sequence_parallel=True), ParallelConfig(cp=2, tp=2),
+              ParallelConfig(dp=2, pp=2, zero=2, microbatches=2),
+              ParallelConfig(dp=2, tp=2, pp=2, zero=1, sequence_parallel=True, microbatches=2)],
+    "muon": [ParallelConfig(dp=2, zero=1), ParallelConfig(dp=2, zero=2),
+             ParallelConfig(tp=2, sequence_parallel=True), ParallelConfig(pp=2, microbatches=4),
+             ParallelConfig(cp=2),
+             ParallelConfig(dp=2, tp=2, pp=2, zero=1, microbatches=2)],
+}
+
+
+@pytest.fixture(scope="module")
+def llama_measured(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    out = []
+    for optimizer, train in (("adamw", TRAIN), ("muon", MUON)):
+        layouts = LLAMA_LAYOUTS[optimizer]
+        entries = measure_layouts(LLAMA, train, layouts, steps=1, warmup=1, text=TEXT, cache_dir=cache)
+        out += [(optimizer, pc, entry) for pc, entry in zip(layouts, entries, strict=True)]
+    return out
+
+
+def test_llama_style_model_and_muon_memory_and_bytes_equal_the_formulas(llama_measured):
+    model = costs.Model.from_config(ModelConfig(**{**LLAMA.__dict__, "vocab_size": VOCAB}))
+    ranks = 0
+    muon_bytes = Counter()
+    for optimizer, pc, entry in llama_measured:
+        assert "error" not in entry, entry
+        layout = costs.Layout.from_parallel_config(pc)
+        for rank in entry["ranks"]:
+            where = f"{optimizer} {entry['name']} rank {rank['rank']}"
+            stage = rank["coords"]["pp"]
+            pred = costs.memory(model, layout, TRAIN.batch_size, "fp32", stage=stage, optimizer=optimizer)
+            got = rank["memory"]
+            assert (got["param_bytes"], got["grad_bytes"], got["optimizer_bytes"]) == \
+                (pred.params, pred.grads, pred.optimizer), where
+            got_b, pred_b, got_calls, pred_calls, uncounted = _bytes_and_calls(model, pc, layout, rank,
+                                                                               optimizer)
+            assert got_b == pred_b, (where, dict(got_b), dict(pred_b))
+            for key in set(got_b) - uncounted:
+                assert got_calls[key] == pred_calls[key], (where, key, dict(got_calls), dict(pred_calls))
+            terms = costs.communication(model, layout, TRAIN.batch_size, "fp32", stage, optimizer=optimizer)
+            muon_bytes[entry["name"]] += sum(t.bytes for t in terms if t.what.startswith("Muon"))
+            ranks += 1
+    assert ranks == sum(p.world_size for layouts in LLAMA_LAYOUTS.values() for p in layouts)
+    # Muon's gathers are there where a matrix is split (ZeRO chunks, tp shards), and nowhere else
+    assert muon_bytes["dp2 zero1"] > 0 and muon_bytes["tp2 sp"] > 0 and muon_bytes["pp2 1f1b m4"] == 0
+    assert muon_bytes["cp2"] == 0
 
 
 def test_full_recomputation_runs_the_ring_of_every_layer_again(tmp_path):

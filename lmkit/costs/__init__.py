@@ -40,6 +40,7 @@ from lmkit.costs.layout import (
     layer_split,
     lookup_peak_flops,
     mfu,
+    muon_tensors,
     num_params,
     parameter_table,
     stage_params,
@@ -49,6 +50,7 @@ from lmkit.costs.layout import (
 )
 from lmkit.costs.per_rank import (
     CP_LAYOUTS,
+    OPTIMIZERS,
     CommTerm,
     Memory,
     activation_bytes_per_layer,
@@ -71,7 +73,7 @@ __all__ = [
     "MLP_CHOICES", "POS_CHOICES", "NORM_CHOICES", "swiglu_width", "tp_choices",
     "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
     "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
-    "kv_cache_bytes", "model_states", "zero_buckets",
+    "kv_cache_bytes", "model_states", "zero_buckets", "muon_tensors", "OPTIMIZERS",
     "activation_bytes_per_layer", "model_activation_options", "in_flight", "memory", "communication",
     "wire_bytes", "bubble_fraction",
     "step_time", "search", "calculate", "format_bytes",

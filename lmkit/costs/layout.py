@@ -21,7 +21,7 @@ __all__ = [
     "GB", "SCHEDULES", "RECOMPUTE", "PRECISIONS", "MLP_CHOICES", "POS_CHOICES", "NORM_CHOICES", "CostError",
     "swiglu_width", "Model", "PRESETS", "layer_split", "Param", "parameter_table", "num_params",
     "flops_per_token", "kv_cache_bytes", "mfu", "PEAK_FLOPS", "lookup_peak_flops", "Layout", "tp_choices",
-    "stage_chunks", "stage_params", "stage_counts", "zero_buckets", "padded_numel",
+    "stage_chunks", "stage_params", "stage_counts", "zero_buckets", "padded_numel", "muon_tensors",
 ]
 
 GB = 1e9
@@ -474,21 +474,31 @@ def stage_counts(model: Model, pp: int, virtual_stages: int, tp: int, stage: int
             int(any(c[1] for c in chunks)), int(any(c[2] for c in chunks)))
 
 
-def zero_buckets(model: Model, layout: Layout, stage: int) -> list[int]:
+def muon_tensors(model: Model, layout: Layout, stage: int) -> tuple[int, int]:
+    """(elements, tensors) of the matrices Muon steps on pipeline rank `stage` after the tp split: the
+    blocks' 2-D weights (`lmkit.optim.is_muon_matrix`)."""
+    mats = [p for p in stage_params(model, layout, stage)
+            if len(p.shape) == 2 and p.name.startswith("blocks.")]
+    return sum(p.local_numel(layout.tp) for p in mats), len(mats)
+
+
+def zero_buckets(model: Model, layout: Layout, stage: int, optimizer: str = "adamw") -> list[int]:
     """Elements of the flat buckets lmkit's ZeRO shards on pipeline rank `stage`, unpadded.
 
-    One bucket per optimizer group (matrices, vectors), which is what the engine builds while a
-    group fits its 25 MiB bucket cap (a larger group has more buckets, each padded: at most
-    ``dp - 1`` more elements per bucket than counted here). Under ZeRO-2 with pipelining a tied
-    embedding's copy on the first and the last stage is a bucket of its own, so both stages shard
-    it alike (chapter 5, section 5.3); an untied head is one more matrix of the last stage.
+    One bucket per optimizer group (matrices, vectors; with ``optimizer="muon"`` Muon's matrices
+    first, a group of their own), which is what the engine builds while a group fits its 25 MiB
+    bucket cap (a larger group has more buckets, each padded: at most ``dp - 1`` more elements per
+    bucket than counted here). Under ZeRO-2 with pipelining a tied embedding's copy on the first
+    and the last stage is a bucket of its own, so both stages shard it alike (chapter 5, section
+    5.3); an untied head is one more matrix of the last stage.
     """
     mats, vecs, _, _, _, _, first, last = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp,
                                                         stage)
+    muon = muon_tensors(model, layout, stage)[0] if optimizer == "muon" else 0
     if layout.zero == 2 and layout.pp > 1 and (first or last) and model.tie_embeddings:
         emb = model.vocab_size * model.d_model // layout.tp
-        return [n for n in (emb, mats - emb, vecs) if n]
-    return [n for n in (mats, vecs) if n]
+        return [n for n in (muon, emb, mats - emb - muon, vecs) if n]
+    return [n for n in (muon, mats - muon, vecs) if n]
 
 
 def padded_numel(buckets: list[int], dp: int) -> int:

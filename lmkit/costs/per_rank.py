@@ -22,6 +22,7 @@ from lmkit.costs.layout import (
     CostError,
     Layout,
     Model,
+    muon_tensors,
     padded_numel,
     stage_counts,
     zero_buckets,
@@ -29,7 +30,7 @@ from lmkit.costs.layout import (
 
 __all__ = [
     "model_states", "activation_bytes_per_layer", "model_activation_options", "in_flight", "Memory",
-    "memory", "wire_bytes", "CommTerm", "communication", "CP_LAYOUTS", "cp_attention_work",
+    "memory", "OPTIMIZERS", "wire_bytes", "CommTerm", "communication", "CP_LAYOUTS", "cp_attention_work",
     "cp_attention_memory", "cp_communication", "cp_ring_step", "bubble_fraction",
 ]
 
@@ -166,27 +167,31 @@ class Memory:
 
 
 def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
-                     flash_attention: bool) -> Memory:
+                     flash_attention: bool, optimizer: str) -> Memory:
     mats, vecs, count, *_ = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage)
     numel, dp, zero = mats + vecs, layout.grad_ranks, layout.zero  # ZeRO shards over dp x cp
+    muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
     if precision == "fp32":
         # lmkit's engine: AdamW (4 + 4 + 8 bytes per parameter, and a 4-byte step counter per tensor
-        # it steps). Under ZeRO every bucket is padded to a multiple of dp x cp and split into as many
-        # chunks;
-        # the optimizer steps this rank's chunk of each (one counter per bucket), and ZeRO-2 keeps
-        # only the gradients of those chunks.
-        buckets = zero_buckets(model, layout, stage)
+        # it steps); Muon's matrices 4 + 4 + 4 (one momentum, no counter). Under ZeRO every bucket is
+        # padded to a multiple of dp x cp and split into as many chunks; the optimizer steps this
+        # rank's chunk of each (one counter per AdamW bucket), and ZeRO-2 keeps only the gradients of
+        # those chunks.
+        buckets = zero_buckets(model, layout, stage, optimizer)
         padded = padded_numel(buckets, dp)
         shard = padded // dp
-        groups = len(buckets)
         if zero == 0:
-            p_bytes, g_bytes, o_bytes = 4 * numel, 4 * numel, 8 * numel + 4 * count
+            p_bytes, g_bytes = 4 * numel, 4 * numel
+            o_bytes = 8 * (numel - muon) + 4 * (count - muon_count) + 4 * muon
         else:
             p_bytes = 4 * (shard if zero >= 3 else padded)
             g_bytes = 4 * (shard if zero >= 2 else padded)
-            o_bytes = 8 * shard + 4 * groups
+            muon_shard = padded_numel(buckets[:1], dp) // dp if muon else 0
+            o_bytes = 8 * (shard - muon_shard) + 4 * (len(buckets) - bool(muon)) + 4 * muon_shard
     else:
         p_bytes, g_bytes, o_bytes = model_states(numel, dp, zero, precision)
+        if muon:  # Muon's master weight and momentum: 8 bytes per element instead of Adam's 12
+            o_bytes -= 4 * muon / (dp if zero >= 1 else 1)
     act = _activations(model, layout, global_batch, precision, stage, flash_attention)
     return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel)
 
@@ -221,7 +226,7 @@ def _activations(model: Model, layout: Layout, global_batch: int, precision: str
 
 
 def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp32", stage: int | None = None,
-           flash_attention: bool = True) -> Memory:
+           flash_attention: bool = True, optimizer: str = "adamw") -> Memory:
     """Bytes per rank on pipeline rank `stage` (default: the rank that needs the most).
 
     Model states: `model_states` with the layout's tp/pp split of every tensor (embedding and head
@@ -240,11 +245,18 @@ def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp
     stages = range(layout.pp) if stage is None else [stage]
     if stage is not None and not 0 <= stage < layout.pp:
         raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
-    results = [_memory_of_stage(model, layout, global_batch, precision, r, flash_attention) for r in stages]
+    if optimizer not in OPTIMIZERS:
+        raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
+    results = [_memory_of_stage(model, layout, global_batch, precision, r, flash_attention, optimizer)
+               for r in stages]
     return max(results, key=lambda mem: mem.total)
 
 
 # --------------------------------------------------------------------------------- communication
+
+
+#: The optimizers whose state and communication the model counts (`lmkit.config.TrainConfig.optimizer`).
+OPTIMIZERS = ("adamw", "muon")
 
 
 def wire_bytes(kind: str, nbytes: float, group_size: int) -> float:
@@ -284,7 +296,7 @@ class CommTerm:
 
 
 def communication(model: Model, layout: Layout, global_batch: int, precision: str = "fp32",
-                  stage: int = 0) -> list[CommTerm]:
+                  stage: int = 0, optimizer: str = "adamw") -> list[CommTerm]:
     """The collectives pipeline rank `stage` issues per optimizer step, term by term.
 
     Data parallel: the gradient all-reduce (ZeRO-1: plus an all-gather of the updated parameters;
@@ -299,7 +311,12 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     and microbatches; the "dp" terms run over the ``dp x cp`` ranks that average the gradients, and
     tensor- and pipeline-parallel messages carry this rank's ``s / cp`` tokens. Full recomputation
     runs every layer's forward, and its ring, a second time.
+    Muon (``optimizer="muon"``, `lmkit.optim.Muon`): Newton-Schulz needs whole matrices, so under ZeRO
+    the Nesterov updates of the Muon bucket are all-gathered over dp x cp (as many bytes as the
+    parameters' all-gather of that bucket), and under tp every Muon matrix's shards over tp.
     """
+    if optimizer not in OPTIMIZERS:
+        raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
     layout.validate(model, global_batch)
     if not 0 <= stage < layout.pp:
         raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
@@ -310,8 +327,9 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     s, h, V = model.seq_len // cp, model.d_model, model.vocab_size  # s: the tokens of a sequence on this rank
     mats, vecs, _, replicated, layers, _, first, last = stage_counts(model, pp, v, tp, stage)
     numel = mats + vecs
-    buckets = zero_buckets(model, layout, stage)
+    buckets = zero_buckets(model, layout, stage, optimizer)
     padded = padded_numel(buckets, dp)
+    muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
     terms: list[CommTerm] = []
     if dp > 1:
         if layout.zero == 3:
@@ -336,6 +354,9 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         if layout.zero in (1, 2):
             terms.append(CommTerm("dp", "all_gather", "updated parameter shards all-gathered", None,
                                   e * padded, dp))
+        if layout.zero in (1, 2) and muon:
+            terms.append(CommTerm("dp", "all_gather", "Muon: the Nesterov updates of its bucket, whole "
+                                  "matrices for Newton-Schulz", 1, e * padded_numel(buckets[:1], dp), dp))
         if layout.zero == 2:
             terms.append(CommTerm("dp", "all_reduce", "gradient norm^2 over dp", 1, 4, dp, True))
         terms.append(CommTerm("dp", "all_reduce", "loss mean over dp (fp64)", 1, 8, dp, True))
@@ -353,11 +374,19 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         else:
             terms.append(CommTerm("tp", "all_reduce", "activations: 2 per layer forward + 2 backward, "
                                   "embedding forward, head backward", calls, calls * act, tp))
+            if model.qk_norm:  # (under SP they join the replicated gradients' all-reduce above)
+                qk = 2 * layers * (h // model.n_head)
+                share = math.ceil(qk / dp) if layout.zero == 2 else qk
+                terms.append(CommTerm("tp", "all_reduce", "QK-norm gains' gradients (each rank normalised "
+                                      "its own heads)", 1, 4 * share, tp))
         if last:
             terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: max", m,
                                   m * 4 * b * s, tp))
             terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: exp-sum, target logit",
                                   m, m * 8 * b * s, tp))
+        if muon:
+            terms.append(CommTerm("tp", "all_gather", "Muon: every matrix's shards, whole for Newton-Schulz",
+                                  muon_count, e * muon * tp, tp))
         terms.append(CommTerm("tp", "all_reduce", "gradient norm^2 over tp (fp64)", 1, 8, tp, True))
     if pp > 1:
         n_chunks = pp * v
