@@ -216,12 +216,8 @@ def test_generate_chinese_prompt_with_byte_level_bpe(tmp_path, capsys):
 def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     """export --hf-dir writes what transformers loads; generate --hf-dir decodes what the checkpoint does;
     --int8 decodes a batch of prompts with int8 weights."""
-    import torch
     import transformers
 
-    from lmkit.checkpoint.format import find_latest
-    from lmkit.checkpoint.single import load_checkpoint
-    from lmkit.model import GPT
 
     out, hf_dir = tmp_path / "run", tmp_path / "hf"
     train = ["train", "--corpus", "tinyshakespeare", "--max-steps", "4", "--out-dir", str(out), *TINY]
@@ -230,18 +226,7 @@ def test_export_hf_dir_then_generate_from_it_and_with_int8(tmp_path, capsys):
     assert main(["export", str(out), "--hf-dir", str(hf_dir)]) == 0
     assert "transformers GPT-2 directory" in capsys.readouterr().out
     theirs = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True).eval()
-    latest = find_latest(out)
-    info = load_checkpoint(latest)
-    ours = GPT(info.config("model", ModelConfig))
-    load_checkpoint(latest, model=ours)
-    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
-    greedy = ["--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "12", "--greedy"]
-    assert main(["generate", str(out), *greedy]) == 0
-    from_checkpoint = capsys.readouterr().out
-    assert main(["generate", "--hf-dir", str(hf_dir), *greedy]) == 0
-    assert capsys.readouterr().out == from_checkpoint
+    greedy = _same_as_the_checkpoint(theirs, out, hf_dir, capsys)
     assert main(["generate", str(out), "--int8", "--device", "cpu", *greedy]) == 0
     int8 = capsys.readouterr().out.split("-" * 40 + "\n")
     assert int8[0].startswith("ROMEO:") and int8[1].startswith("To be") and len(int8[0]) > len("ROMEO:\n")
@@ -281,12 +266,8 @@ def test_export_hf_dir_of_a_llama_run_then_generate_from_it(tmp_path, capsys):
     what the checkpoint does."""
     import json
 
-    import torch
     import transformers
 
-    from lmkit.checkpoint.format import find_latest
-    from lmkit.checkpoint.single import load_checkpoint
-    from lmkit.model import GPT
 
     out, hf_dir = tmp_path / "run", tmp_path / "hf"
     assert main(["train", "--preset", "llama", "--corpus", "tinyshakespeare", "--max-steps", "3",
@@ -296,18 +277,8 @@ def test_export_hf_dir_of_a_llama_run_then_generate_from_it(tmp_path, capsys):
     assert "transformers Llama directory (LlamaForCausalLM)" in capsys.readouterr().out
     assert json.loads((hf_dir / "config.json").read_text())["num_key_value_heads"] == 1
     theirs = transformers.LlamaForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
-    latest = find_latest(out)
-    ours = GPT(load_checkpoint(latest).config("model", ModelConfig))
-    load_checkpoint(latest, model=ours)
-    assert ours.config.mlp == "swiglu" and ours.config.kv_heads == 1
-    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
-    greedy = ["--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "12", "--greedy"]
-    assert main(["generate", str(out), *greedy]) == 0
-    from_checkpoint = capsys.readouterr().out
-    assert main(["generate", "--hf-dir", str(hf_dir), *greedy]) == 0
-    assert capsys.readouterr().out == from_checkpoint
+    assert theirs.config.num_key_value_heads == 1 and theirs.config.hidden_act == "silu"
+    _same_as_the_checkpoint(theirs, out, hf_dir, capsys)
 
 
 def test_export_hf_dir_refuses_a_network_transformers_lacks(tmp_path, capsys):
@@ -319,3 +290,26 @@ def test_export_hf_dir_refuses_a_network_transformers_lacks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "LlamaForCausalLM needs also norm='rms', mlp='swiglu'" in err and err.count("\n") == 1, err
     assert not hf_dir.exists()
+
+
+def _same_as_the_checkpoint(theirs, out, hf_dir, capsys) -> list[str]:
+    """The exported transformers model `theirs` gives the run's latest checkpoint's logits, and
+    ``lmkit generate --hf-dir`` its greedy text; returns the greedy flags used."""
+    import torch
+
+    from lmkit.checkpoint.format import find_latest
+    from lmkit.checkpoint.single import load_checkpoint
+    from lmkit.model import GPT
+
+    latest = find_latest(out)
+    ours = GPT(load_checkpoint(latest).config("model", ModelConfig))
+    load_checkpoint(latest, model=ours)
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours.eval()(idx)[0], atol=1e-5, rtol=0)
+    greedy = ["--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "12", "--greedy"]
+    assert main(["generate", str(out), *greedy]) == 0
+    from_checkpoint = capsys.readouterr().out
+    assert main(["generate", "--hf-dir", str(hf_dir), *greedy]) == 0
+    assert capsys.readouterr().out == from_checkpoint
+    return greedy

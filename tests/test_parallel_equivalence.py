@@ -76,13 +76,20 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS,
                          ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS])
 def test_layout_reproduces_single_process_losses(layout, reference):
+    assert_on_the_curve(MODEL, TRAIN, layout, reference, "gpt2")
+
+
+def assert_on_the_curve(model: ModelConfig, train: TrainConfig, layout: ParallelConfig,
+                        reference: tuple[dict, str], what: str) -> None:
+    """`layout`'s losses within 1e-5 (relative) of the single-process `reference` at every step, its
+    gradient norms within 1e-4, with clipping active (so the global norm mattered)."""
     ref, cache = reference
-    got = layout_losses(MODEL, TRAIN, layout, STEPS, text=TEXT, cache_dir=cache)
+    got = layout_losses(model, train, layout, STEPS, text=TEXT, cache_dir=cache)
     diff = max_relative_difference(got["losses"], ref["losses"])
-    print(f"{layout_name(layout)}: max relative loss difference {diff:.2e}")
+    print(f"{what} {layout_name(layout)}: max relative loss difference {diff:.2e}")
     assert diff < 1e-5, f"{layout_name(layout)}: {got['losses']} vs {ref['losses']}"
     assert max_relative_difference(got["grad_norms"], ref["grad_norms"]) < 1e-4
-    assert ref["grad_norms"][0] > TRAIN.grad_clip  # clipping was active, so the global norm mattered
+    assert ref["grad_norms"][0] > train.grad_clip
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +103,7 @@ def llama_reference(reference):
 def test_llama_style_layout_reproduces_single_process_losses(layout, llama_reference):
     """Rotary angles of each stage's, sequence-parallel region's and zigzag chunk's own positions; key/value
     heads split over tp; QK-norm gains summed over tp; no tied embedding to sum over pipeline stages."""
-    ref, cache = llama_reference
-    got = layout_losses(LLAMA, TRAIN, layout, STEPS, text=TEXT, cache_dir=cache)
-    diff = max_relative_difference(got["losses"], ref["losses"])
-    print(f"llama {layout_name(layout)}: max relative loss difference {diff:.2e}")
-    assert diff < 1e-5, f"{layout_name(layout)}: {got['losses']} vs {ref['losses']}"
-    assert max_relative_difference(got["grad_norms"], ref["grad_norms"]) < 1e-4
-    assert ref["grad_norms"][0] > TRAIN.grad_clip
+    assert_on_the_curve(LLAMA, TRAIN, layout, llama_reference, "llama")
 
 
 def test_llama_style_checkpoint_resumes_under_other_layouts(llama_reference, tmp_path):
@@ -141,12 +142,7 @@ def muon_reference(reference):
 
 @pytest.mark.parametrize("layout", MUON_LAYOUTS, ids=[layout_name(p) for p in MUON_LAYOUTS])
 def test_muon_under_a_layout_gives_the_single_process_update(layout, muon_reference):
-    ref, cache = muon_reference
-    got = layout_losses(LLAMA, MUON, layout, STEPS, text=TEXT, cache_dir=cache)
-    diff = max_relative_difference(got["losses"], ref["losses"])
-    print(f"muon {layout_name(layout)}: max relative loss difference {diff:.2e}")
-    assert diff < 1e-5, f"{layout_name(layout)}: {got['losses']} vs {ref['losses']}"
-    assert max_relative_difference(got["grad_norms"], ref["grad_norms"]) < 1e-4
+    assert_on_the_curve(LLAMA, MUON, layout, muon_reference, "muon")
 
 
 def test_muon_in_bf16_agrees_to_its_rounding(muon_reference):
