@@ -30,12 +30,16 @@ single-process initial value (`lmkit.weights.InitialWeights`); the pipeline sche
 
 What it takes to reproduce the single process (each was found by the loss-compare tests):
 
-* ``ColwiseParallel`` gives a tp rank *contiguous* rows, so the fused ``[q | k | v]`` rows are
-  permuted once (`qkv_permutation`: rank ``r``'s block is ``[q_r | k_r | v_r]``); checkpoints
-  undo the permutation;
-* the head and the embedding are both sharded by vocabulary rows, so on one stage they are
-  re-tied into one DTensor Parameter; across stages the head's copy has its gradient summed with
-  the embedding's after every backward;
+* ``ColwiseParallel`` gives a tp rank *contiguous* rows, so the rows of a fused projection are
+  permuted once (`fused_permutation`: rank ``r``'s block is ``[q_r | k_r | v_r]``, its query and
+  key/value heads, or a SwiGLU's ``[gate_r | up_r]``); checkpoints undo the permutation;
+* the head and the embedding of a model that ties them are both sharded by vocabulary rows, so on
+  one stage they are re-tied into one DTensor Parameter; across stages the head's copy has its
+  gradient summed with the embedding's after every backward (an untied head is a matrix like any);
+* rotary positions (no ``pos_emb``): every stage computes the tables of all ``T`` positions
+  (`GPTStage.rope`; under SP the attention runs on the gathered sequence);
+* QK-norm gains are replicated DTensors fed this rank's heads as ``Shard(1)`` (`HeadNorm`), so
+  their gradient comes back ``Partial`` over tp and is summed like the SP norms';
 * under sequence parallelism ``pos_emb`` is a replicated DTensor whose ``Shard(0)`` slice each
   rank takes (its backward all-gathers the rows' gradients);
 * without FSDP2 some gradients come back in another layout than their parameter (``Partial``
@@ -77,6 +81,7 @@ from lmkit.parallel.mesh import Topology
 from lmkit.parallel.native_plan import (
     NativeStage,
     data_parallel,
+    fused_permutation,
     global_grad_norm,
     is_dtensor,
     layout_key,
@@ -92,12 +97,6 @@ from lmkit.weights import InitialWeights
 __all__ = ["NativeEngine", "native_loss", "qkv_permutation"]
 
 
-def _permuted(name: str) -> bool:
-    """Whether the rows of parameter `name` are permuted for ``ColwiseParallel`` (`qkv_permutation`)."""
-    row = plan.row_of(name.rpartition(".")[0])
-    return row is not None and row.style == "column_heads"
-
-
 def native_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy; `logits` may be a vocab-sharded DTensor (under ``loss_parallel``)."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), ignore_index=-100)
@@ -109,7 +108,7 @@ class NativeEngine(EngineBase):
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
         cfg = model.config
         validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size,
-                        cfg.dropout)
+                        cfg.dropout, cfg.kv_heads, cfg.ffn_width)
         if pcfg.engine != "native":
             raise ConfigError(f"NativeEngine needs parallel.engine='native', got {pcfg.engine!r}")
         self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
@@ -118,14 +117,13 @@ class NativeEngine(EngineBase):
         self.mesh = self._device_mesh()
         tp, sp = pcfg.tp, pcfg.sequence_parallel
         initial = InitialWeights(model) if on_meta(model) else None
-        if tp > 1:
-            perm = qkv_permutation(cfg.d_model, tp)
-            self._perm, self._inv = perm, torch.argsort(perm)
-            with torch.no_grad():  # rows [q_r | k_r | v_r] contiguous per tp rank (module docstring)
-                for block in model.blocks if initial is None else ():  # (InitialWeights: by `_shard`)
-                    for p in (block.attn.qkv.weight, block.attn.qkv.bias):
-                        if p is not None:
-                            p.copy_(p[perm])
+        self._perms: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # fused parts -> (perm, inverse)
+        if tp > 1 and initial is None:  # rows [q_r | k_r | v_r] contiguous per tp rank (module docstring)
+            with torch.no_grad():  # (InitialWeights: permuted by `_shard`)
+                for name, p in model.named_parameters():
+                    perm = self._permutation(name)
+                    if perm is not None:
+                        p.copy_(p[perm[0]])
         self.stages = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages, NativeStage)
         for stage in self.stages:
             if initial is None:
@@ -136,7 +134,8 @@ class NativeEngine(EngineBase):
                 data_parallel(stage, self.mesh["dp"], pcfg.zero, tcfg.dtype)
             if initial is not None:  # DTensors keep their identity (swapped); FSDP2 resets its shards
                 stage.to_empty(device=self.device)
-                if stage.is_first and stage.is_last and stage.head.weight is not stage.tok_emb.weight:
+                if stage.is_first and stage.is_last and cfg.tie_embeddings \
+                        and stage.head.weight is not stage.tok_emb.weight:
                     stage.head.weight = stage.tok_emb.weight  # plain parameters come back new: re-tie
         self.named_params = self._named_parameters()
         if initial is not None:
@@ -166,6 +165,17 @@ class NativeEngine(EngineBase):
         if p.dp > 1 and p.tp > 1:  # 2-D gradients' norms reduce in one all-reduce over dp x tp
             mesh["dp", "tp"]._flatten("dp_tp")
         return mesh
+
+    def _permutation(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """(perm, inverse) of the rows of parameter `name` when they are permuted for
+        ``ColwiseParallel`` (a fused projection's weight or bias under tp, `fused_permutation`)."""
+        parts = plan.fused_parts(name.rpartition(".")[0], self.config) if self.pcfg.tp > 1 else None
+        if parts is None:
+            return None
+        if parts not in self._perms:
+            perm = fused_permutation(parts, self.pcfg.tp)
+            self._perms[parts] = perm, torch.argsort(perm)
+        return self._perms[parts]
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         named, seen = [], set()
@@ -291,17 +301,21 @@ class NativeEngine(EngineBase):
     # ------------------------------------------------------------------ checkpoints
     def _full(self, name: str, tensor: Tensor) -> Tensor:
         """The full (unsharded, unpermuted) CPU tensor of a parameter or optimizer-state tensor."""
+        return self._gathered(name, tensor).cpu()
+
+    def _gathered(self, name: str, tensor: Tensor) -> Tensor:
+        """The full (unsharded, unpermuted) tensor of parameter `name`'s `tensor`, on this device."""
         t = tensor.detach()
         t = t.full_tensor() if is_dtensor(t) else t.clone()
-        if self.pcfg.tp > 1 and _permuted(name):
-            t = t[self._inv]
-        return t.cpu()
+        perm = self._permutation(name)
+        return t if perm is None else t[perm[1]]
 
     def _shard(self, name: str, full: Tensor, like: Tensor) -> Tensor:
         """This rank's local piece of `full` in the layout of `like` (a parameter)."""
         full = full.to(device=self.device, dtype=like.dtype)
-        if self.pcfg.tp > 1 and _permuted(name):
-            full = full[self._perm]
+        perm = self._permutation(name)
+        if perm is not None:
+            full = full[perm[0]]
         if not is_dtensor(like):
             return full
         return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
@@ -335,8 +349,9 @@ class NativeEngine(EngineBase):
         if is_dtensor(tensor):
             _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
                                                                tensor.placements)
-        if self.pcfg.tp > 1 and _permuted(name):  # rows of the permuted layout: map them back
-            rows = self._perm[offsets[0]:offsets[0] + local.shape[0]]
+        perm = self._permutation(name)
+        if perm is not None:  # rows of the permuted layout: map them back
+            rows = perm[0][offsets[0]:offsets[0] + local.shape[0]]
             spec = ShardSpec(0, shape[0], rows)
             return shard_pieces(fqn, local.reshape(-1), 0, local.numel(), tuple(local.shape), spec, 0, write)
         return [Piece(fqn, shape, tuple(offsets), local, write)]
