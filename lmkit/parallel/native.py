@@ -32,7 +32,8 @@ What it takes to reproduce the single process (each was found by the loss-compar
 
 * ``ColwiseParallel`` gives a tp rank *contiguous* rows, so the rows of a fused projection are
   permuted once (`fused_permutation`: rank ``r``'s block is ``[q_r | k_r | v_r]``, its query and
-  key/value heads, or a SwiGLU's ``[gate_r | up_r]``); checkpoints undo the permutation;
+  key/value heads, or a SwiGLU's ``[gate_r | up_r]``); checkpoints and Muon's gathered
+  matrices undo the permutation;
 * the head and the embedding of a model that ties them are both sharded by vocabulary rows, so on
   one stage they are re-tied into one DTensor Parameter; across stages the head's copy has its
   gradient summed with the embedding's after every backward (an untied head is a matrix like any);
@@ -54,6 +55,13 @@ ZeRO: ``zero=0`` with ``dp > 1`` is ``replicate`` (DDP semantics), ``zero=2``
 Accumulation uses ``set_requires_gradient_sync(False)`` (``pp = 1``; schedules manage it
 themselves); ``train.dtype='bfloat16'`` gathers bf16 parameters and reduces fp32 gradients.
 Dropout draws from each rank's own generator (use ``dropout=0`` for bit-level comparisons).
+
+Muon (``train.optimizer='muon'``): `lmkit.optim.Muon` on the blocks' matrices, whatever DTensor
+shards (FSDP2's dim-0 chunks over dp, tp's rows or columns) each rank holds: momentum, Nesterov mix,
+weight decay and the update run elementwise on the shards, and its ``directions`` callback
+(`NativeEngine._muon_directions`) gathers each matrix's update (``full_tensor``), un-permutes its
+rows, runs Newton-Schulz on the whole matrix and keeps this rank's shard (``distribute_tensor``):
+the single process's update. AdamW takes the rest, as `lmkit.optim.MuonAdamW`.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
 from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
@@ -140,11 +149,7 @@ class NativeEngine(EngineBase):
         self.named_params = self._named_parameters()
         if initial is not None:
             self.load_full_state(initial, None)
-        decay = [p for _, p in self.named_params if p.dim() >= 2]
-        no_decay = [p for _, p in self.named_params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(  # same groups and hyper-parameters as lmkit.optim
-            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
+        self.optimizer = self._optimizer()
         self.schedule = self._schedule() if pcfg.pp > 1 else None
         self._eval_schedule = None
 
@@ -176,6 +181,36 @@ class NativeEngine(EngineBase):
             perm = fused_permutation(parts, self.pcfg.tp)
             self._perms[parts] = perm, torch.argsort(perm)
         return self._perms[parts]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with `lmkit.optim.configure_optimizer`'s groups and hyper-parameters, or with Muon on
+        the blocks' matrices first (`lmkit.optim.MuonAdamW`'s groups; directions `_muon_directions`)."""
+        tcfg = self.tcfg
+        muon = tcfg.optimizer == "muon"
+        self._muon = [(n, p) for n, p in self.named_params if muon and is_muon_matrix(n, p)]
+        self._muon_ids = {id(p) for _, p in self._muon}
+        rest = [p for _, p in self.named_params if id(p) not in self._muon_ids]
+        adamw = torch.optim.AdamW(
+            [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+            lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
+        if not self._muon:
+            return adamw
+        matrices = Muon([p for _, p in self._muon], lr=tcfg.muon_lr, weight_decay=tcfg.weight_decay,
+                        momentum=tcfg.muon_momentum, directions=self._muon_directions)
+        return MuonAdamW.combine(matrices, adamw)
+
+    def _muon_directions(self, updates: list[Tensor]) -> list[list[Direction]]:
+        """Muon's directions of this rank's shards: each matrix's update gathered whole (collective
+        over its mesh; every rank of a stage calls it for the same matrices in the same order), its
+        rows un-permuted, orthogonalised, and this rank's local piece of the result kept."""
+        out = []
+        with quiet_redistribute():
+            for (name, p), update in zip(self._muon, updates, strict=True):
+                full = self._gathered(name, update)
+                local = self._shard(name, orthogonalize(full, self.tcfg.muon_precision), p)
+                out.append([(0, local.numel(), local.reshape(-1), muon_lr_scale(full.shape))])
+        return out
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         named, seen = [], set()
@@ -327,19 +362,29 @@ class NativeEngine(EngineBase):
         if create:
             for _, p in self.named_params:
                 if not self.optimizer.state.get(p):
-                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                               "exp_avg_sq": torch.zeros_like(p)}
+                    self._state_of(p)[p] = ({"momentum_buffer": torch.zeros_like(p)} if self._is_muon(p) else
+                                            {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                             "exp_avg_sq": torch.zeros_like(p)})
         pieces = []
         for name, p in self.named_params:
             source = self.saved_as(name)
             write = source == name
             tensors = {"model": p.detach()}
-            tensors.update({key: self.optimizer.state[p][key] for key in ("exp_avg", "exp_avg_sq")
-                            if self.optimizer.state.get(p)})
+            tensors.update({key: v for key, v in (self.optimizer.state.get(p) or {}).items()
+                            if torch.is_tensor(v) and v.dim() > 0})  # AdamW's moments, Muon's momentum
             for key, tensor in tensors.items():
                 fqn = f"model.{source}" if key == "model" else f"optim.{source}.{key}"
                 pieces += self._pieces(fqn, name, tensor, write)
         return pieces, optimizer_meta(self.optimizer)
+
+    def _is_muon(self, p: Tensor) -> bool:
+        return id(p) in self._muon_ids
+
+    def _state_of(self, p: Tensor) -> dict:
+        """The state dict of the optimizer that steps `p` (Muon's or AdamW's, under `MuonAdamW`)."""
+        if isinstance(self.optimizer, MuonAdamW):
+            return self.optimizer.muon.state if self._is_muon(p) else self.optimizer.adamw.state
+        return self.optimizer.state
 
     def _pieces(self, fqn: str, name: str, tensor: Tensor, write: bool) -> list[Piece]:
         local = tensor.to_local() if is_dtensor(tensor) else tensor
@@ -381,7 +426,8 @@ class NativeEngine(EngineBase):
         saved = optimizer["param_groups"]
         if len(saved) != len(self.optimizer.param_groups):
             raise ConfigError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this one "
-                              f"{len(self.optimizer.param_groups)} (decay, no decay)")
+                              f"{len(self.optimizer.param_groups)} (Muon's with optimizer='muon', decay, no "
+                              "decay): resume with the run's train.optimizer")
         for group, hyper in zip(self.optimizer.param_groups, saved, strict=True):
             group.update({k: v for k, v in hyper.items() if k != "params"})
         for name, p in self.named_params:
@@ -396,7 +442,7 @@ class NativeEngine(EngineBase):
                     new[k] = t
                 else:
                     new[k] = v.detach().clone().float() if torch.is_tensor(v) else v
-            self.optimizer.state[p] = new
+            self._state_of(p)[p] = new
 
 
 def _item(loss: Tensor) -> float:
