@@ -330,22 +330,14 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_layout_supports(model: ModelConfig, train: TrainConfig, parallel: ParallelConfig) -> None:
-    """Refuse, in one line, the model and optimizer options the parallel engines do not compute.
+    """Refuse, in one line, the model and optimizer options a parallel engine does not compute.
 
-    The engines of chapter 6 rebuild the embedding and the blocks' parameter layout themselves
-    (learned position table, LayerNorm sharding, one AdamW), so every option of chapter 7's
-    "Time to a given loss" runs single-process only.
+    Nothing is refused today: both engines train every model option and Muon under each of their
+    layouts (chapter 6). What a layout itself cannot do (the native engine has no context
+    parallelism and no ZeRO-1; tp must divide the heads, key/value heads and MLP width) is
+    `lmkit.parallel.engine.validate_layout`'s; a future option an engine lacks is refused here.
     """
-    if parallel.world_size == 1:
-        return
-    options = {} if parallel.engine == "lmkit" else dict(model.options())
-    if train.optimizer != "adamw" and parallel.engine != "lmkit":
-        options["optimizer"] = train.optimizer
-    if options:
-        listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ConfigError(f"{listed} run single-process or with engine='lmkit' only; the "
-                          f"{parallel.engine} engine's layouts (here dp={parallel.dp}, tp={parallel.tp}, "
-                          f"pp={parallel.pp}) need the defaults")
+    del model, train, parallel  # every option runs under every layout of both engines
 
 
 def from_dict(cls: type, values: dict[str, Any] | None) -> Any:

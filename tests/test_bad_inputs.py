@@ -159,8 +159,9 @@ ROWS = {
         "choose tp dividing the vocabulary size",
         env={"WORLD_SIZE": "4"}),
     "model option under a parallel layout": Row(
-        lambda w: ["train", "--tp", "2", "--pos", "rope", "--out-dir", str(w / "rope"), *TINY],
-        "pos='rope' run single-process only", "need the defaults", env={"WORLD_SIZE": "2"}),
+        lambda w: ["train", "--tp", "2", "--n-kv-head", "1", "--out-dir", str(w / "gqa"), *TINY],
+        "model.n_kv_head=1 is not divisible by parallel.tp=2", "choose tp among [1]",
+        env={"WORLD_SIZE": "2"}),
     "missing checkpoint": Row(
         lambda w: ["train", "--resume", str(w / "no_such_run"), "--out-dir", str(w / "missing"), *TINY],
         "no_such_run does not exist", "or --resume auto"),

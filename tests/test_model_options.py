@@ -166,7 +166,8 @@ def test_refusals():
     check_layout_supports(rope, TrainConfig(optimizer="muon"), ParallelConfig())  # single process: fine
     check_layout_supports(BASE, TrainConfig(), ParallelConfig(tp=2))  # defaults: every layout
     for model, train in ((rope, TrainConfig()), (BASE, TrainConfig(optimizer="muon"))):
-        check_layout_supports(model, train, ParallelConfig(dp=2, tp=2))  # the lmkit engine: every layout
+        for engine in ("lmkit", "native"):  # both engines: every option under every layout
+            check_layout_supports(model, train, ParallelConfig(dp=2, tp=2, engine=engine))
     for bad in ({"pos": "alibi"}, {"norm": "batch"}, {"activation": "swish"}):
         with pytest.raises(ConfigError, match="is unknown"):
             dataclasses.replace(BASE, **bad).validate()
