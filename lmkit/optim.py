@@ -150,6 +150,18 @@ def muon_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if is_muon_matrix(name, p)]
 
 
+class _States(ChainMap):
+    """Muon's and AdamW's state as one mapping. A lookup never creates an entry: each state is torch's
+    ``defaultdict(dict)``, so ChainMap's own lookup would hand an AdamW parameter an empty Muon state
+    (and ``optimizer_meta`` would find no step, ``Muon.state_dict`` a parameter it does not hold)."""
+
+    def __getitem__(self, key: Any) -> Any:
+        for mapping in self.maps:
+            if key in mapping:
+                return mapping[key]
+        return self.__missing__(key)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     """`Muon` on `muon_parameter_names`, ``torch.optim.AdamW`` on every other
     parameter (weight decay on matrices only, as `configure_optimizer`).
@@ -187,7 +199,7 @@ class MuonAdamW(torch.optim.Optimizer):
         # The groups are the sub-optimizers' own dicts: a scheduler setting group["lr"] drives them.
         super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = ChainMap(self.muon.state, self.adamw.state)  # type: ignore[assignment]
+        self.state = _States(self.muon.state, self.adamw.state)  # type: ignore[assignment]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # noqa: D102 - see the class docstring
