@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lmkit import costs
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from lmkit.options import (
     SECTIONS,
     HelpFormatter,
@@ -183,7 +183,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg, train_cfg, parallel_cfg = resolve_configs(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel_cfg.validate(world_size=world)  # before any work: a wrong launch fails on every rank at once
-    check_layout_supports(model_cfg, train_cfg, parallel_cfg)
     check_out_dir(train_cfg.out_dir)  # before the corpus, the model and the first step
     if args.resume not in (None, "auto") and not Path(args.resume).exists():
         raise UsageError(f"lmkit train: --resume {args.resume} does not exist; pass a run directory (its "

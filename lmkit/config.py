@@ -25,7 +25,6 @@ __all__ = [
     "CORPUS_NAMES",
     "NONFINITE_POLICIES",
     "MODEL_OPTION_DEFAULTS",
-    "check_layout_supports",
     "PRESETS",
     "model_preset",
     "swiglu_width",
@@ -327,25 +326,6 @@ def model_preset(name: str, **fields: Any) -> ModelConfig:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0][:8]
-
-
-def check_layout_supports(model: ModelConfig, train: TrainConfig, parallel: ParallelConfig) -> None:
-    """Refuse, in one line, the model and optimizer options the parallel engines do not compute.
-
-    The engines of chapter 6 rebuild the embedding and the blocks' parameter layout themselves
-    (learned position table, LayerNorm sharding, one AdamW), so every option of chapter 7's
-    "Time to a given loss" runs single-process only.
-    """
-    if parallel.world_size == 1:
-        return
-    options = {} if parallel.engine == "lmkit" else dict(model.options())
-    if train.optimizer != "adamw" and parallel.engine != "lmkit":
-        options["optimizer"] = train.optimizer
-    if options:
-        listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
-        raise ConfigError(f"{listed} run single-process or with engine='lmkit' only; the "
-                          f"{parallel.engine} engine's layouts (here dp={parallel.dp}, tp={parallel.tp}, "
-                          f"pp={parallel.pp}) need the defaults")
 
 
 def from_dict(cls: type, values: dict[str, Any] | None) -> Any:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS, _adjust_lr
 from torch.optim._muon import _zeropower_via_newtonschulz as _newton_schulz_bf16
 
@@ -103,7 +104,9 @@ class Muon(torch.optim.Optimizer):
 
     `directions(updates)` gets the Nesterov updates of all units, in order, and returns per unit the
     `Direction` pieces of the orthogonalised full matrices that fall in it; in a parallel engine it
-    gathers shards, so every rank of the group calls `step` together (see the module docstring).
+    gathers shards, so every rank of the group calls `step` together (see the module docstring). A
+    DTensor unit (the native engine's) is stepped elementwise as a DTensor; its pieces index its local
+    tensor.
     State per unit: ``momentum_buffer``, as torch's, so checkpoints move between layouts.
     """
 
@@ -130,7 +133,7 @@ class Muon(torch.optim.Optimizer):
                 updates.append(unit.grad.lerp(buf, mu))
             for unit, pieces in zip(units, self.directions(updates), strict=True):
                 unit.mul_(1 - lr * wd)
-                flat = unit.view(-1)
+                flat = (unit.to_local() if isinstance(unit, DTensor) else unit).view(-1)
                 for lo, hi, values, scale in pieces:
                     flat[lo:hi].add_(values.view_as(flat[lo:hi]), alpha=-lr * scale)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports, to_dict
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.data import default_cache_dir, encode_to_file, load_splits, train_val_split
 from lmkit.model import build_model
 from lmkit.parallel.engine import ParallelEngine
@@ -158,7 +158,6 @@ def build_engine(model: nn.Module, parallel: ParallelConfig, cfg: TrainConfig, t
     """This rank's engine for the layout: `lmkit.parallel.engine.ParallelEngine` (from scratch) or
     `lmkit.parallel.native.NativeEngine`, cut from `model` (on the meta device: this rank's part
     only is ever allocated)."""
-    check_layout_supports(model.config, cfg, parallel)
     if parallel.engine == "native":
         return NativeEngine(model, parallel, cfg, topology)
     return ParallelEngine(model, parallel, cfg, topology)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, check_layout_supports
+from lmkit.config import ConfigError, ModelConfig, TrainConfig
 from lmkit.model import GPT, apply_rope, rope_tables
 from lmkit.optim import MuonAdamW, muon_parameter_names
 
@@ -162,11 +162,12 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
 
 
 def test_refusals():
-    rope = dataclasses.replace(BASE, pos="rope")
-    check_layout_supports(rope, TrainConfig(optimizer="muon"), ParallelConfig())  # single process: fine
-    check_layout_supports(BASE, TrainConfig(), ParallelConfig(tp=2))  # defaults: every layout
-    for model, train in ((rope, TrainConfig()), (BASE, TrainConfig(optimizer="muon"))):
-        check_layout_supports(model, train, ParallelConfig(dp=2, tp=2))  # the lmkit engine: every layout
+    for bad, message in (({"n_kv_head": 3}, "does not divide model.n_head=4"),
+                         ({"mlp": "swiglu", "activation": "relu2"}, "activation is its SiLU gate"),
+                         ({"rope_theta": 0.0}, "rope_theta must be positive"),
+                         ({"d_ff": -1}, "integer >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(BASE, n_head=4, **bad).validate()
     for bad in ({"pos": "alibi"}, {"norm": "batch"}, {"activation": "swish"}):
         with pytest.raises(ConfigError, match="is unknown"):
             dataclasses.replace(BASE, **bad).validate()

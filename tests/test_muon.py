@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from lmkit.checkpoint.sharded import optimizer_meta
 from lmkit.config import ModelConfig, TrainConfig, model_preset
 from lmkit.model import GPT
 from lmkit.optim import Muon, MuonAdamW, muon_lr_scale, orthogonalize, shardwise_error
@@ -77,3 +78,8 @@ def test_muon_adamw_groups_and_state():
     state = opt.state_dict()["state"]
     assert len(opt.state) == len(state) == 16 and state[0].keys() == {"momentum_buffer"}
     assert state[4].keys() == {"step", "exp_avg", "exp_avg_sq"}
+    # looking an AdamW parameter up finds AdamW's state and leaves Muon's alone (both are defaultdicts)
+    table = opt.adamw.param_groups[0]["params"][0]
+    assert opt.state.get(table).keys() == {"step", "exp_avg", "exp_avg_sq"} and table not in opt.muon.state
+    assert optimizer_meta(opt)["step"] == 1.0  # what a sharded checkpoint keeps beside the moments
+    opt.state_dict()

@@ -30,12 +30,17 @@ single-process initial value (`lmkit.weights.InitialWeights`); the pipeline sche
 
 What it takes to reproduce the single process (each was found by the loss-compare tests):
 
-* ``ColwiseParallel`` gives a tp rank *contiguous* rows, so the fused ``[q | k | v]`` rows are
-  permuted once (`qkv_permutation`: rank ``r``'s block is ``[q_r | k_r | v_r]``); checkpoints
-  undo the permutation;
-* the head and the embedding are both sharded by vocabulary rows, so on one stage they are
-  re-tied into one DTensor Parameter; across stages the head's copy has its gradient summed with
-  the embedding's after every backward;
+* ``ColwiseParallel`` gives a tp rank *contiguous* rows, so the rows of a fused projection are
+  permuted once (`fused_permutation`: rank ``r``'s block is ``[q_r | k_r | v_r]``, its query and
+  key/value heads, or a SwiGLU's ``[gate_r | up_r]``); checkpoints and Muon's gathered
+  matrices undo the permutation;
+* the head and the embedding of a model that ties them are both sharded by vocabulary rows, so on
+  one stage they are re-tied into one DTensor Parameter; across stages the head's copy has its
+  gradient summed with the embedding's after every backward (an untied head is a matrix like any);
+* rotary positions (no ``pos_emb``): every stage computes the tables of all ``T`` positions
+  (`GPTStage.rope`; under SP the attention runs on the gathered sequence);
+* QK-norm gains are replicated DTensors fed this rank's heads as ``Shard(1)`` (`HeadNorm`), so
+  their gradient comes back ``Partial`` over tp and is summed like the SP norms';
 * under sequence parallelism ``pos_emb`` is a replicated DTensor whose ``Shard(0)`` slice each
   rank takes (its backward all-gathers the rows' gradients);
 * without FSDP2 some gradients come back in another layout than their parameter (``Partial``
@@ -50,6 +55,13 @@ ZeRO: ``zero=0`` with ``dp > 1`` is ``replicate`` (DDP semantics), ``zero=2``
 Accumulation uses ``set_requires_gradient_sync(False)`` (``pp = 1``; schedules manage it
 themselves); ``train.dtype='bfloat16'`` gathers bf16 parameters and reduces fp32 gradients.
 Dropout draws from each rank's own generator (use ``dropout=0`` for bit-level comparisons).
+
+Muon (``train.optimizer='muon'``): `lmkit.optim.Muon` on the blocks' matrices, whatever DTensor
+shards (FSDP2's dim-0 chunks over dp, tp's rows or columns) each rank holds: momentum, Nesterov mix,
+weight decay and the update run elementwise on the shards, and its ``directions`` callback
+(`NativeEngine._muon_directions`) gathers each matrix's update (``full_tensor``), un-permutes its
+rows, runs Newton-Schulz on the whole matrix and keeps this rank's shard (``distribute_tensor``):
+the single process's update. AdamW takes the rest, as `lmkit.optim.MuonAdamW`.
 """
 
 from __future__ import annotations
@@ -71,12 +83,14 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
 from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.native_plan import (
     NativeStage,
     data_parallel,
+    fused_permutation,
     global_grad_norm,
     is_dtensor,
     layout_key,
@@ -92,12 +106,6 @@ from lmkit.weights import InitialWeights
 __all__ = ["NativeEngine", "native_loss", "qkv_permutation"]
 
 
-def _permuted(name: str) -> bool:
-    """Whether the rows of parameter `name` are permuted for ``ColwiseParallel`` (`qkv_permutation`)."""
-    row = plan.row_of(name.rpartition(".")[0])
-    return row is not None and row.style == "column_heads"
-
-
 def native_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean next-token cross-entropy; `logits` may be a vocab-sharded DTensor (under ``loss_parallel``)."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), ignore_index=-100)
@@ -109,7 +117,7 @@ class NativeEngine(EngineBase):
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
         cfg = model.config
         validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size,
-                        cfg.dropout)
+                        cfg.dropout, cfg.kv_heads, cfg.ffn_width)
         if pcfg.engine != "native":
             raise ConfigError(f"NativeEngine needs parallel.engine='native', got {pcfg.engine!r}")
         self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
@@ -118,14 +126,13 @@ class NativeEngine(EngineBase):
         self.mesh = self._device_mesh()
         tp, sp = pcfg.tp, pcfg.sequence_parallel
         initial = InitialWeights(model) if on_meta(model) else None
-        if tp > 1:
-            perm = qkv_permutation(cfg.d_model, tp)
-            self._perm, self._inv = perm, torch.argsort(perm)
-            with torch.no_grad():  # rows [q_r | k_r | v_r] contiguous per tp rank (module docstring)
-                for block in model.blocks if initial is None else ():  # (InitialWeights: by `_shard`)
-                    for p in (block.attn.qkv.weight, block.attn.qkv.bias):
-                        if p is not None:
-                            p.copy_(p[perm])
+        self._perms: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # fused parts -> (perm, inverse)
+        if tp > 1 and initial is None:  # rows [q_r | k_r | v_r] contiguous per tp rank (module docstring)
+            with torch.no_grad():  # (InitialWeights: permuted by `_shard`)
+                for name, p in model.named_parameters():
+                    perm = self._permutation(name)
+                    if perm is not None:
+                        p.copy_(p[perm[0]])
         self.stages = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages, NativeStage)
         for stage in self.stages:
             if initial is None:
@@ -136,16 +143,13 @@ class NativeEngine(EngineBase):
                 data_parallel(stage, self.mesh["dp"], pcfg.zero, tcfg.dtype)
             if initial is not None:  # DTensors keep their identity (swapped); FSDP2 resets its shards
                 stage.to_empty(device=self.device)
-                if stage.is_first and stage.is_last and stage.head.weight is not stage.tok_emb.weight:
+                if stage.is_first and stage.is_last and cfg.tie_embeddings \
+                        and stage.head.weight is not stage.tok_emb.weight:
                     stage.head.weight = stage.tok_emb.weight  # plain parameters come back new: re-tie
         self.named_params = self._named_parameters()
         if initial is not None:
             self.load_full_state(initial, None)
-        decay = [p for _, p in self.named_params if p.dim() >= 2]
-        no_decay = [p for _, p in self.named_params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(  # same groups and hyper-parameters as lmkit.optim
-            [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
+        self.optimizer = self._optimizer()
         self.schedule = self._schedule() if pcfg.pp > 1 else None
         self._eval_schedule = None
 
@@ -166,6 +170,47 @@ class NativeEngine(EngineBase):
         if p.dp > 1 and p.tp > 1:  # 2-D gradients' norms reduce in one all-reduce over dp x tp
             mesh["dp", "tp"]._flatten("dp_tp")
         return mesh
+
+    def _permutation(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """(perm, inverse) of the rows of parameter `name` when they are permuted for
+        ``ColwiseParallel`` (a fused projection's weight or bias under tp, `fused_permutation`)."""
+        parts = plan.fused_parts(name.rpartition(".")[0], self.config) if self.pcfg.tp > 1 else None
+        if parts is None:
+            return None
+        if parts not in self._perms:
+            perm = fused_permutation(parts, self.pcfg.tp)
+            self._perms[parts] = perm, torch.argsort(perm)
+        return self._perms[parts]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with `lmkit.optim.configure_optimizer`'s groups and hyper-parameters, or with Muon on
+        the blocks' matrices first (`lmkit.optim.MuonAdamW`'s groups; directions `_muon_directions`)."""
+        tcfg = self.tcfg
+        muon = tcfg.optimizer == "muon"
+        self._muon = [(n, p) for n, p in self.named_params if muon and is_muon_matrix(n, p)]
+        self._muon_ids = {id(p) for _, p in self._muon}
+        rest = [p for _, p in self.named_params if id(p) not in self._muon_ids]
+        adamw = torch.optim.AdamW(
+            [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+            lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=1e-8)
+        if not self._muon:
+            return adamw
+        matrices = Muon([p for _, p in self._muon], lr=tcfg.muon_lr, weight_decay=tcfg.weight_decay,
+                        momentum=tcfg.muon_momentum, directions=self._muon_directions)
+        return MuonAdamW.combine(matrices, adamw)
+
+    def _muon_directions(self, updates: list[Tensor]) -> list[list[Direction]]:
+        """Muon's directions of this rank's shards: each matrix's update gathered whole (collective
+        over its mesh; every rank of a stage calls it for the same matrices in the same order), its
+        rows un-permuted, orthogonalised, and this rank's local piece of the result kept."""
+        out = []
+        with quiet_redistribute():
+            for (name, p), update in zip(self._muon, updates, strict=True):
+                full = self._gathered(name, update)
+                local = self._shard(name, orthogonalize(full, self.tcfg.muon_precision), p)
+                out.append([(0, local.numel(), local.reshape(-1), muon_lr_scale(full.shape))])
+        return out
 
     def _named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         named, seen = [], set()
@@ -291,17 +336,21 @@ class NativeEngine(EngineBase):
     # ------------------------------------------------------------------ checkpoints
     def _full(self, name: str, tensor: Tensor) -> Tensor:
         """The full (unsharded, unpermuted) CPU tensor of a parameter or optimizer-state tensor."""
+        return self._gathered(name, tensor).cpu()
+
+    def _gathered(self, name: str, tensor: Tensor) -> Tensor:
+        """The full (unsharded, unpermuted) tensor of parameter `name`'s `tensor`, on this device."""
         t = tensor.detach()
         t = t.full_tensor() if is_dtensor(t) else t.clone()
-        if self.pcfg.tp > 1 and _permuted(name):
-            t = t[self._inv]
-        return t.cpu()
+        perm = self._permutation(name)
+        return t if perm is None else t[perm[1]]
 
     def _shard(self, name: str, full: Tensor, like: Tensor) -> Tensor:
         """This rank's local piece of `full` in the layout of `like` (a parameter)."""
         full = full.to(device=self.device, dtype=like.dtype)
-        if self.pcfg.tp > 1 and _permuted(name):
-            full = full[self._perm]
+        perm = self._permutation(name)
+        if perm is not None:
+            full = full[perm[0]]
         if not is_dtensor(like):
             return full
         return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
@@ -313,19 +362,29 @@ class NativeEngine(EngineBase):
         if create:
             for _, p in self.named_params:
                 if not self.optimizer.state.get(p):
-                    self.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                               "exp_avg_sq": torch.zeros_like(p)}
+                    self._state_of(p)[p] = ({"momentum_buffer": torch.zeros_like(p)} if self._is_muon(p) else
+                                            {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                             "exp_avg_sq": torch.zeros_like(p)})
         pieces = []
         for name, p in self.named_params:
             source = self.saved_as(name)
             write = source == name
             tensors = {"model": p.detach()}
-            tensors.update({key: self.optimizer.state[p][key] for key in ("exp_avg", "exp_avg_sq")
-                            if self.optimizer.state.get(p)})
+            tensors.update({key: v for key, v in (self.optimizer.state.get(p) or {}).items()
+                            if torch.is_tensor(v) and v.dim() > 0})  # AdamW's moments, Muon's momentum
             for key, tensor in tensors.items():
                 fqn = f"model.{source}" if key == "model" else f"optim.{source}.{key}"
                 pieces += self._pieces(fqn, name, tensor, write)
         return pieces, optimizer_meta(self.optimizer)
+
+    def _is_muon(self, p: Tensor) -> bool:
+        return id(p) in self._muon_ids
+
+    def _state_of(self, p: Tensor) -> dict:
+        """The state dict of the optimizer that steps `p` (Muon's or AdamW's, under `MuonAdamW`)."""
+        if isinstance(self.optimizer, MuonAdamW):
+            return self.optimizer.muon.state if self._is_muon(p) else self.optimizer.adamw.state
+        return self.optimizer.state
 
     def _pieces(self, fqn: str, name: str, tensor: Tensor, write: bool) -> list[Piece]:
         local = tensor.to_local() if is_dtensor(tensor) else tensor
@@ -335,8 +394,9 @@ class NativeEngine(EngineBase):
         if is_dtensor(tensor):
             _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
                                                                tensor.placements)
-        if self.pcfg.tp > 1 and _permuted(name):  # rows of the permuted layout: map them back
-            rows = self._perm[offsets[0]:offsets[0] + local.shape[0]]
+        perm = self._permutation(name)
+        if perm is not None:  # rows of the permuted layout: map them back
+            rows = perm[0][offsets[0]:offsets[0] + local.shape[0]]
             spec = ShardSpec(0, shape[0], rows)
             return shard_pieces(fqn, local.reshape(-1), 0, local.numel(), tuple(local.shape), spec, 0, write)
         return [Piece(fqn, shape, tuple(offsets), local, write)]
@@ -366,7 +426,8 @@ class NativeEngine(EngineBase):
         saved = optimizer["param_groups"]
         if len(saved) != len(self.optimizer.param_groups):
             raise ConfigError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this one "
-                              f"{len(self.optimizer.param_groups)} (decay, no decay)")
+                              f"{len(self.optimizer.param_groups)} (Muon's with optimizer='muon', decay, no "
+                              "decay): resume with the run's train.optimizer")
         for group, hyper in zip(self.optimizer.param_groups, saved, strict=True):
             group.update({k: v for k, v in hyper.items() if k != "params"})
         for name, p in self.named_params:
@@ -381,7 +442,7 @@ class NativeEngine(EngineBase):
                     new[k] = t
                 else:
                     new[k] = v.detach().clone().float() if torch.is_tensor(v) else v
-            self.optimizer.state[p] = new
+            self._state_of(p)[p] = new
 
 
 def _item(loss: Tensor) -> float:

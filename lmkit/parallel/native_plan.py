@@ -1,10 +1,11 @@
 """The plan (`lmkit.parallel.plan`) applied with PyTorch's own APIs, for the native engine.
 
 `NativeStage` holds a pipeline stage's GPT modules under their GPT names; `tensor_parallel`
-turns the plan's rows into a DTensor ``parallelize_module`` plan (torchtitan's styles for
-GPT-2's modules); `data_parallel` wraps the stage in FSDP2 or ``replicate``; `global_grad_norm`
-adds the gradient norms of DTensors on different meshes. Used by `lmkit.parallel.native`; the
-book, chapter 6.
+turns the plan's rows into a DTensor ``parallelize_module`` plan (torchtitan's styles for the
+GPT's modules, `HeadNorm` for the QK-norm gains); `fused_permutation` orders a fused projection's
+rows so that ``ColwiseParallel``'s contiguous chunks are every part's share; `data_parallel` wraps
+the stage in FSDP2 or ``replicate``; `global_grad_norm` adds the gradient norms of DTensors on
+different meshes. Used by `lmkit.parallel.native`; the book, chapter 6.
 """
 
 from __future__ import annotations
@@ -32,17 +33,25 @@ from torch.utils.checkpoint import checkpoint
 from lmkit.parallel import plan
 from lmkit.parallel.stage import GPTStage
 
-__all__ = ["NativeStage", "qkv_permutation", "dtensor_plan", "tensor_parallel",
-           "data_parallel", "is_dtensor", "layout_key", "global_grad_norm", "quiet_redistribute"]
+__all__ = ["NativeStage", "fused_permutation", "qkv_permutation", "HeadNorm", "dtensor_plan",
+           "tensor_parallel", "data_parallel", "is_dtensor", "layout_key", "global_grad_norm",
+           "quiet_redistribute"]
 
 
-def qkv_permutation(d_model: int, tp: int) -> Tensor:
-    """Row order of the fused qkv weight such that tp rank ``r``'s contiguous block is ``[q_r|k_r|v_r]``
-    (the rows `plan.qkv_shard_rows` gives rank ``r``, one rank after the other).
+def fused_permutation(parts: tuple[int, ...], tp: int) -> Tensor:
+    """Row order of a fused weight (`plan.fused_parts`: ``[q | k | v]`` with key/value heads,
+    ``[gate | up]``) such that tp rank ``r``'s contiguous block is its share of every part,
+    ``[q_r | k_r | v_r]`` or ``[gate_r | up_r]`` (the rows `plan.part_shard_rows` gives rank ``r``,
+    one rank after the other).
 
     ``W_sharded = W[perm]`` before ``ColwiseParallel``; ``W = W_sharded[argsort(perm)]`` after.
     """
-    return torch.cat([plan.qkv_shard_rows(tp, d_model // tp, r, tp) for r in range(tp)])
+    return torch.cat([plan.part_shard_rows(parts, r, tp) for r in range(tp)])
+
+
+def qkv_permutation(d_model: int, tp: int) -> Tensor:
+    """`fused_permutation` of GPT-2's ``[q | k | v]`` (as many key/value heads as query heads)."""
+    return fused_permutation((d_model,) * 3, tp)
 
 
 class NativeStage(GPTStage):
@@ -55,18 +64,46 @@ class NativeStage(GPTStage):
         return nn.ModuleDict({str(i): model.blocks[i] for i in self.layers})
 
     def forward(self, h: Tensor) -> Tensor:
+        rope = self.rope(h)  # all T positions under SP too: the attention sees the gathered sequence
         if self.is_first:
-            pos = self.pos_emb.weight[: h.size(1)]
-            h = self.tok_emb(h)  # [b, T / tp, d] under sequence parallelism (this rank's positions)
-            if self.sequence_parallel:  # pos is a replicated DTensor: keep this rank's rows; the
-                pos = pos.redistribute(placements=[Shard(0)]).to_local()  # backward all-gathers them
-            h = self.drop(h + pos)
+            h = self._embed(h)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks.values():
-            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+            if recompute:
+                h = checkpoint(block, h, None, True, None, 0, 0, rope, use_reentrant=False)
+            else:
+                h = block(h, rope=rope)
         if self.is_last:
             h = self.head(self.ln_f(h))
         return h
+
+    def _embed(self, idx: Tensor) -> Tensor:
+        h = self.tok_emb(idx)  # [b, T / tp, d] under sequence parallelism (this rank's positions)
+        if not hasattr(self, "pos_emb"):  # rotary positions: the attention turns q and k instead
+            return self.drop(h)
+        pos = self.pos_emb.weight[: idx.size(1)]
+        if self.sequence_parallel:  # pos is a replicated DTensor: keep this rank's rows; the
+            pos = pos.redistribute(placements=[Shard(0)]).to_local()  # backward all-gathers them
+        return self.drop(h + pos)
+
+
+class HeadNorm(ParallelStyle):
+    """QK-norm (a ``head_norm`` row) under tensor parallelism: the gains replicated DTensors, the
+    input (this rank's heads, ``[b, heads / tp, T, head_dim]``) seen as ``Shard(1)`` of all heads, so
+    DTensor makes the gains' gradient ``Partial`` over tp (each rank saw its own heads only); it is
+    summed where the SP norms' is (`NativeEngine._reduce_partial_grads`, or FSDP2). The output is
+    this rank's local tensor again."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        return distribute_module(module, device_mesh, _replicate, _heads_in, _local_out)
+
+
+def _heads_in(module: nn.Module, inputs: tuple, mesh) -> tuple:
+    return tuple(DTensor.from_local(t, mesh, [Shard(1)], run_check=False) for t in inputs)
+
+
+def _local_out(module: nn.Module, output: Tensor, mesh) -> Tensor:
+    return output.to_local()
 
 
 def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
@@ -75,13 +112,15 @@ def _style(style: str, sequence_parallel: bool) -> ParallelStyle | None:
     if style == "vocab":  # partial lookups reduced (or reduce-scattered under SP)
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
     if style in ("column", "column_heads"):  # all-gather of the sequence under SP
-        return ColwiseParallel(input_layouts=seq)  # (qkv: rows permuted, `qkv_permutation`)
+        return ColwiseParallel(input_layouts=seq)  # (fused qkv, fc: rows permuted, `fused_permutation`)
     if style == "row":  # all-reduce / reduce-scatter
         return RowwiseParallel(output_layouts=seq)
     if style == "vocab_head":  # logits stay sharded by vocabulary (a DTensor) for loss_parallel
         return ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
     if style == "norm" and sequence_parallel:
         return SequenceParallel()
+    if style == "head_norm":
+        return HeadNorm()
     return None
 
 
@@ -104,15 +143,18 @@ def _replicate(name: str, module: nn.Module, mesh) -> None:
 
 def tensor_parallel(stage: NativeStage, tp_mesh, sequence_parallel: bool) -> None:
     """Shard `stage` with DTensor by `dtensor_plan`; under SP the plan's ``positions`` become a
-    replicated DTensor (each tp rank takes its rows in the forward); tied weights re-tied."""
+    replicated DTensor (each tp rank takes its rows in the forward); tied weights (a model that
+    ties its embeddings) re-tied."""
     parallelize_module(stage, tp_mesh, dtensor_plan(stage, sequence_parallel))
     for path, row in plan.rows_in(stage):
         module = stage.get_submodule(path)
         if row.style == "positions" and sequence_parallel:
             distribute_module(module, tp_mesh, _replicate)
-        if row.tied is not None and hasattr(stage, row.tied):  # both Shard(0) by vocabulary on the tp mesh
-            module.weight = stage.get_submodule(row.tied).weight
+        partner = plan.tied_to(row, stage.config.tie_embeddings)
+        if partner is not None and hasattr(stage, partner):  # both Shard(0) by vocabulary on the tp mesh
+            module.weight = stage.get_submodule(partner).weight
     stage.sequence_parallel = bool(sequence_parallel)
+    stage.tp_rank, stage.tp_size = tp_mesh.get_local_rank(), tp_mesh.size()  # (rotary tables under SP)
 
 
 def data_parallel(stage: NativeStage, dp_mesh, zero: int, dtype: str) -> None:
