@@ -260,7 +260,7 @@ class DeviceAudit(TorchFunctionMode):
     """Checks that every tensor handed to a ``c10d`` collective lives on the engine's device.
 
     NCCL rejects a CPU tensor; gloo takes any, so on a CPU the mistake is invisible. The audit
-    makes it visible without a GPU, in two ways (the book, chapter 6, section 6.9 "On GPUs"):
+    makes it visible without a GPU, in two ways (the book, chapter 6, section 6.10 "On GPUs"):
 
     * ``records``: every tensor argument of every collective, with its device; `violations` lists
       those whose device is not ``device`` (the group's device: the engine's);
