@@ -639,18 +639,24 @@ def _expected_outputs(result: dict) -> dict:
     return out
 
 
+CALCULATOR_STATE = "return (document.getElementById('lmkit-calculator') || {dataset: {}}).dataset.state"
+
+
 def _open_calculator(driver, server: str, fresh: bool = False):
-    """Chapter 5 in Chromium with its calculator started; reloaded only if needed (or `fresh`)."""
+    """Chapter 5 in Chromium with its calculator started (its button clicked, as a reader does);
+    reloaded only if needed (or `fresh`)."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     url = server + f"{CALCULATOR_PAGE}.html"
-    state = "return (document.getElementById('lmkit-calculator') || {dataset: {}}).dataset.state"
+    state = CALCULATOR_STATE
     started = driver.current_url.startswith(url) and driver.execute_script(state) in ("ready", "error")
     if fresh or not started:
         driver.get_log("performance")  # drain what earlier pages left
         driver.get_log("browser")
         driver.get(url)
-        WebDriverWait(driver, 120, poll_frequency=0.2).until(lambda d: d.execute_script(state) != "loading")
+        driver.find_element("id", "calc-start").click()
+        WebDriverWait(driver, 120, poll_frequency=0.2).until(
+            lambda d: d.execute_script(state) not in ("idle", "loading"))
     current = driver.execute_script(state)
     assert current in ("ready", "error"), (
         f"the calculator did not start ({current}): {driver.find_element('id', 'calc-status').text}")
@@ -758,6 +764,25 @@ def test_calculator_reports_an_impossible_layout_in_one_line(calculator):
     assert page["error"] == expected
     assert json.loads(page["result"]) == {"error": expected}
     assert all(value == "" and text == "" for _, value, text in page["outputs"]), "stale results are shown"
+
+
+def test_calculator_loads_python_only_when_started(site: Site, calculator, server):
+    """Opening chapter 5 requests no Pyodide (megabytes a reader who never uses the calculator would
+    download); its start button does."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = calculator
+    browser.get(server + f"{CALCULATOR_PAGE}.html")
+    resources = "return performance.getEntriesByType('resource').map(e => e.name)"
+    WebDriverWait(browser, 30, poll_frequency=0.2).until(
+        lambda d: d.execute_script("return document.readyState") == "complete")
+    assert browser.execute_script(CALCULATOR_STATE) == "idle"
+    assert not [u for u in browser.execute_script(resources) if "pyodide" in u], "Pyodide loaded on open"
+    browser.find_element("id", "calc-start").click()
+    WebDriverWait(browser, 120, poll_frequency=0.2).until(
+        lambda d: d.execute_script(CALCULATOR_STATE) not in ("idle", "loading"))
+    assert [u for u in browser.execute_script(resources) if "pyodide/pyodide.asm.wasm" in u]
+    assert browser.execute_script(CALCULATOR_STATE) == "ready"
 
 
 def test_calculator_runs_the_tested_costs_package_from_the_site(site: Site, calculator, server):

@@ -84,7 +84,8 @@ def _select(key: str, label: str, options: list[tuple[str, str]], default: str) 
 
 
 def markup(preset: str) -> str:
-    """The calculator's HTML: a form of inputs, a status line, an error line, the bar and the results."""
+    """The calculator's HTML: a form of inputs, a start button (Pyodide loads when the reader asks, not
+    with the page), a status line, an error line, the bar and the results."""
     model = "".join(_number(*row) for row in MODEL_INPUTS)
     model += "".join(_select(key, *row) for key, row in MODEL_SELECTS.items())
     model += ('<label for="calc-tie-embeddings">output layer tied to the embedding</label>'
@@ -102,7 +103,7 @@ def markup(preset: str) -> str:
                   for key, label in rows)
         for section, rows in OUTPUTS.items())
     return f"""
-<div id="lmkit-calculator" class="lmkit-calculator" data-state="loading"
+<div id="lmkit-calculator" class="lmkit-calculator" data-state="idle"
      data-default-preset="{html.escape(preset)}">
   <form id="calc-form" onsubmit="return false">
     <fieldset><legend>model</legend><div class="calc-grid">
@@ -114,7 +115,9 @@ def markup(preset: str) -> str:
     <fieldset><legend>pipeline and batch</legend><div class="calc-grid">{batch}</div></fieldset>
     <fieldset><legend>device</legend><div class="calc-grid">{device}</div></fieldset>
   </form>
-  <p id="calc-status" class="lmkit-calculator-status">Loading Python (Pyodide) and lmkit.costs ...</p>
+  <p class="lmkit-calculator-start"><button id="calc-start" type="button">Start the calculator</button></p>
+  <p id="calc-status" class="lmkit-calculator-status">It runs lmkit.costs in Python inside this page:
+  starting it downloads Pyodide, Python for the browser, once; the page loads nothing of it before.</p>
   <p id="calc-error" class="lmkit-calculator-error" role="alert" hidden></p>
   <div id="calc-results">
     <svg id="calc-bar" viewBox="0 0 640 90" role="img" aria-label="memory per rank"></svg>

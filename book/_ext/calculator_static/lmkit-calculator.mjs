@@ -235,4 +235,13 @@ async function main() {
   update();
 }
 
-if (root) main();
+// Pyodide is megabytes: it loads when the reader starts the calculator, not when the page opens.
+if (root) {
+  const start = $("start");
+  start.addEventListener("click", () => {
+    start.disabled = true;
+    root.dataset.state = "loading";
+    $("status").textContent = "Loading Python (Pyodide) and lmkit.costs ...";
+    main();
+  }, { once: true });
+}
