@@ -51,7 +51,11 @@ CHROMEDRIVER = Path(os.environ.get("LMKIT_CHROMEDRIVER", "/usr/bin/chromedriver"
 BIN = Path(sys.executable).parent
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml", "image/gif")
 RENDERED_MATH = ".MathJax, .MathJax_Display, .MathJax_CHTML, .MathJax_SVG, .MathJax_PHTML, mjx-container"
-RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$")
+RAW_TEX = re.compile(r"\\\(|\\\)|\\\[|\\\]|\$\$|(?<![\w$])\$(?=[^\s$])[^$\n]{1,120}(?<=[^\s$])\$(?![\w$])")
+# MyST roles that did not render (a role in generated markdown, a typo): the reader sees the markup.
+LITERAL_ROLE = re.compile(r"\{(?:cite|ref|numref|doc|eq|term|glue:?\w*)(?::\w+)?\}`?[^`\s]*`?")
+# What a reader of a cell's output should never see: warnings and this machine's paths.
+OUTPUT_WARNING = re.compile(r"\b\w*Warning\b|/work/|/tmp/|/home/|site-packages")
 TRACEBACK = "Traceback"
 # Console errors that are not the site's: the browser asks for /favicon.ico, and pydata-sphinx-theme
 # logs a console.error when a fresh browser profile has no stored light/dark mode yet.
@@ -268,6 +272,11 @@ class PageReport:
     diagram_svgs: list[dict]
     images: list[dict]
     output_errors: list[str]
+    literal_roles: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    wide: list[str] = field(default_factory=list)
+    prose_cells: list[str] = field(default_factory=list)
+    figures: list[dict] = field(default_factory=list)
     requests: set[str] = field(default_factory=set)
     console_errors: list[str] = field(default_factory=list)
     screenshot: Path | None = None
@@ -319,11 +328,41 @@ const images = [...article.querySelectorAll('img')].map(img => ({
   src: img.currentSrc || img.src, complete: img.complete, width: img.naturalWidth,
   output: !!img.closest('.cell_output')}));
 const texts = (selector) => [...article.querySelectorAll(selector)].map(e => e.textContent);
+const shown = (el) => el.offsetParent !== null;
+const snippet = (el) => (el.textContent || '').trim().replace(/\\s+/g, ' ').slice(0, 60);
+// Output blocks and tables wider than the text column scroll sideways: a reader misses columns.
+const wide = [...article.querySelectorAll('.cell_output pre, .cell_output table')].filter(shown)
+  .filter(el => el.scrollWidth > el.clientWidth + 2
+                || el.getBoundingClientRect().width > el.closest('.cell').getBoundingClientRect().width + 2)
+  .map(el => `${el.tagName.toLowerCase()} ${el.scrollWidth}px in ${Math.round(el.clientWidth)}px: `
+              + snippet(el));
+// A table printed as text (a rule of dashes under its header) instead of rendered as a table.
+const printedTables = [...article.querySelectorAll('.cell_output pre')]
+  .filter(el => /^ *-{3,}( +-{3,}){2,} *$/m.test(el.textContent)).map(snippet);
+// A code cell shown to the reader whose only output is prose: the paragraph is read twice.
+const HIDDEN_INPUT = ['tag_hide-input', 'tag_remove-input', 'tag_hide-cell', 'tag_remove-cell'];
+const PROSE = new Set(['P', 'UL', 'OL', 'DL', 'BLOCKQUOTE', 'H2', 'H3', 'H4', 'H5', 'H6']);
+const proseCells = [...article.querySelectorAll('.cell')].filter(cell =>
+    !HIDDEN_INPUT.some(t => cell.classList.contains(t)) && cell.querySelector(':scope > .cell_input'))
+  .filter(cell => {
+    const outs = [...cell.querySelectorAll(':scope > .cell_output')];
+    const parts = outs.flatMap(o => [...o.children]);
+    return parts.length > 0 && parts.every(p => PROSE.has(p.tagName));
+  }).map(cell => snippet(cell.querySelector(':scope > .cell_output')));
+// Figures of executed cells: numbered, with a caption, and drawn at a scale where their text reads.
+const figures = [...article.querySelectorAll('.cell_output img')].map(img => {
+  const figure = img.closest('figure');
+  return {src: (img.currentSrc || img.src).split('/').pop(),
+          caption: !!(figure && figure.querySelector('figcaption')),
+          number: !!(figure && figure.querySelector('.caption-number')),
+          scale: img.naturalWidth ? img.getBoundingClientRect().width / img.naturalWidth : 0,
+          natural: img.naturalWidth};
+});
 const h1 = document.querySelector('article h1') || document.querySelector('main h1, h1');
 return {title: document.title, h1: h1 ? h1.textContent.trim() : '', mathElements: maths.length,
         unrendered, mathErrors, visible: visible.join(' '), diagrams: diagrams.length, svgs, images,
         tracebacks: texts('.output.traceback, .output.error'), stderr: texts('.output.stderr'),
-        outputs: texts('.cell_output'),
+        outputs: texts('.cell_output'), wide, printedTables, proseCells, figures,
         resources: performance.getEntriesByType('resource').map(e => e.name),
         dom: [...document.querySelectorAll('script[src], link[href], img[src], iframe[src], source[src]')]
           .filter(e => !(e.tagName === 'LINK' && /^(canonical|alternate|index|search|next|prev)$/i
@@ -377,6 +416,12 @@ def _load(driver, url: str, page: str) -> PageReport:
         raw_tex=sorted(set(RAW_TEX.findall(info["visible"]))), diagrams=info["diagrams"],
         diagram_svgs=info["svgs"], images=info["images"], output_errors=errors, requests=requests,
         console_errors=console,
+        literal_roles=sorted(set(LITERAL_ROLE.findall(info["visible"]))),
+        warnings=[t.strip()[:200] for t in info["stderr"] if t.strip()]
+        + [m.group(0) + ": " + t.strip()[max(0, m.start() - 80):m.start() + 80]
+           for t in info["outputs"] for m in [OUTPUT_WARNING.search(t)] if m],
+        wide=info["wide"] + [f"printed table: {t}" for t in info["printedTables"]],
+        prose_cells=info["proseCells"], figures=info["figures"],
     )
     shots = os.environ.get("LMKIT_SITE_SCREENSHOTS")
     if shots:
@@ -461,6 +506,49 @@ def test_math_is_typeset(pages, page):
     assert not report.math_unrendered, f"{page}: formulas left untypeset: {report.math_unrendered[:5]}"
     assert not report.math_errors, f"{page}: TeX errors: {report.math_errors[:5]}"
     assert not report.raw_tex, f"{page}: raw TeX delimiters visible in the text: {report.raw_tex}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_literal_roles(pages, page):
+    report = pages(page)
+    roles = report.literal_roles
+    assert not roles, f"{page}: roles shown as markup, not rendered: {roles[:5]}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_warnings_or_machine_paths_in_outputs(pages, page):
+    report = pages(page)
+    assert not report.warnings, f"{page}: outputs show warnings or this machine's paths:\n" + "\n".join(
+        report.warnings[:8])
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_outputs_fit_the_column(pages, page):
+    report = pages(page)
+    wide = "\n".join(report.wide[:10])
+    assert not report.wide, f"{page}: output blocks wider than the text column:\n{wide}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_visible_code_cell_only_prints_prose(pages, page):
+    report = pages(page)
+    cells = "\n".join(report.prose_cells)
+    assert not cells, (f"{page}: code cells in view whose only output is prose (write markdown with glued "
+                       f"values, or hide the input):\n{cells}")
+
+
+# An image drawn at under this fraction of its pixel width shrinks 9-pt text below about 7 px.
+MIN_FIGURE_SCALE = 0.55
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_figures_are_numbered_captioned_and_legible(pages, page):
+    report = pages(page)
+    uncaptioned = [f["src"] for f in report.figures if not (f["caption"] and f["number"])]
+    assert not uncaptioned, f"{page}: figures without a numbered caption: {uncaptioned}"
+    shrunk = [f"{f['src']} at {f['scale']:.2f} of {f['natural']} px" for f in report.figures
+              if f["natural"] and f["scale"] < MIN_FIGURE_SCALE]
+    assert not shrunk, f"{page}: figures drawn so small their text cannot be read: {shrunk}"
 
 
 @pytest.mark.parametrize("page", PAGES)

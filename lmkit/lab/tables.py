@@ -1,7 +1,7 @@
 """Tables a notebook shows as rendered HTML, not as printed text.
 
 A chapter builds ``table(rows, columns)`` and leaves it as the cell's last expression: Jupyter and
-the book render its HTML (class ``lmkit-table``, styled in ``book/_static/tables.css`` to fit the
+the book render its HTML (class ``lmkit-table``, styled in ``book/_static/outputs.css`` to fit the
 text column), a terminal prints its aligned text. Numbers are formatted per column with ordinary
 format specs, so a cell states its precision once.
 """
