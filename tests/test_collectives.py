@@ -41,3 +41,18 @@ def test_ring_all_reduce_is_a_no_op_on_one_rank():
         assert torch.equal(ring_all_reduce(x.clone()), x)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_the_tour_of_collectives_leaves_what_each_collective_promises():
+    from lmkit.lab.collectives_tour import collectives_tour_worker
+
+    outs = run_local(N, collectives_tour_worker, timeout=120)
+    held = [out["holds"] for out in outs]
+    total = [sum(col) for col in zip(*held, strict=True)]
+    for rank, out in enumerate(outs):
+        assert out["rank"] == rank and out["all_reduce"] == out["all_gather"] == total
+        assert out["reduce_scatter"] == [total[rank]] and out["broadcast"] == held[0]
+        assert out["all_to_all"] == [h[rank] for h in held]
+        for kind, counted in out["comm"].items():
+            assert counted == {"calls": 1, "bytes": N * 8, "wire_bytes": wire_bytes(kind, N * 8, N)}
