@@ -43,6 +43,7 @@ from lmkit.options import HelpFormatter, Parser, UsageError, one_line_warnings
 from lmkit.tokenizer import CharTokenizer
 
 __all__ = [
+    "wrap_command",
     "CHAPTER6_MODEL", "CHAPTER6_TEXT", "CHAPTER6_CP_LAYOUTS", "chapter6_model_config",
     "chapter6_train_config", "chapter6_layouts", "chapter6_checkpoint_plan", "run_chapter6",
     "load_results", "summary_table", "chapter6_command", "missing_layouts", "missing_notice",
@@ -336,6 +337,27 @@ def summary_table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<40} {len(e['ranks']):>5} {diff:>18.2e} {step_ms:>8.1f} {sent:>13,} "
                      f"{mem:>12.3f}")
     return "\n".join(lines)
+
+
+def wrap_command(command: str | Sequence[str], width: int = 88, indent: str = "    ") -> str:
+    """A shell command as lines of at most `width` characters, joined by `` \\`` continuations (so
+    that it still pastes into a shell), words never broken; for pages whose text column is narrow."""
+    split = command.split() if isinstance(command, str) else list(command)
+    words: list[str] = []  # a flag and its value stay on one line
+    for word in split:
+        if words and words[-1].startswith("--") and "=" not in words[-1] and " " not in words[-1] \
+                and not word.startswith("-"):
+            words[-1] += " " + word
+        else:
+            words.append(word)
+    lines: list[str] = []
+    for word in words:
+        prefix = indent if lines else ""
+        if lines and len(lines[-1]) + 1 + len(word) + 2 <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(prefix + word)
+    return " \\\n".join(lines)
 
 
 def _smoke_folder(manifest: dict[str, Any]) -> bool:

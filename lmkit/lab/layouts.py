@@ -14,7 +14,8 @@ the tests call the same functions:
 - `ideal_timeline` and `ring_pass` are the schedules' timelines without communication and one
   pass of ring attention, for the Gantt charts;
 - `max_relative_difference` is the criterion; `layout_name`, `label`, `group_label` and
-  `collective_dim` are the labels.
+  `collective_dim` are the labels; `layout_groups` lists a layout's process groups from
+  `lmkit.parallel.mesh`'s rank order, and `topology_groups` the groups a built rank belongs to.
 
 Layouts run in gloo processes forked by `lmkit.parallel.launch.run_local` from a parent that
 has imported torch, exactly as ``torchrun -m lmkit train`` would run them, at a fraction of the
@@ -47,6 +48,7 @@ from lmkit.train import Trainer
 
 __all__ = [
     "layout_name", "label", "group_label", "collective_dim", "max_relative_difference", "ranks_of",
+    "layout_groups", "topology_groups",
     "layout_losses", "train_on_rank", "measure_layouts", "measure_on_rank", "wait_for_all_ranks",
     "start_memory", "ideal_timeline", "ring_pass",
 ]
@@ -115,6 +117,38 @@ def collective_dim(collective: dict[str, Any], layout: ParallelConfig | None) ->
             and set(_varying(collective["ranks"], layout)) <= {"dp", "cp"}:
         return "dp"
     return group
+
+
+DIMENSIONS = ("dp", "cp", "tp", "pp")
+
+
+def layout_groups(layout: ParallelConfig) -> dict[str, list[list[int]]]:
+    """Every process group of `layout` by dimension: the ranks that share all coordinates but that one.
+
+    Coordinates come from `lmkit.parallel.mesh.coords_of` and `cp_rank_of` (tp fastest, then cp,
+    dp, pp), so these are the groups `init_topology` builds; `topology_groups` of each built rank
+    must find its own among them. Groups are sorted lists of global ranks, in order of their first rank.
+    """
+    coords = {}
+    for r in range(layout.world_size):
+        pp, dp, tp = coords_of(r, layout.dp, layout.tp, layout.cp)
+        coords[r] = {"pp": pp, "dp": dp, "tp": tp, "cp": cp_rank_of(r, layout.tp, layout.cp)}
+    out: dict[str, list[list[int]]] = {}
+    for dim in DIMENSIONS:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for r, c in coords.items():
+            groups.setdefault(tuple(c[d] for d in DIMENSIONS if d != dim), []).append(r)
+        out[dim] = sorted(groups.values())
+    return out
+
+
+def topology_groups(topology: Any) -> dict[str, list[int]]:
+    """The ranks of each group a built rank belongs to (`lmkit.parallel.mesh.Topology`); ``cp`` is
+    read off its gradient group (dp x cp ranks) as the ranks with its own dp coordinate."""
+    cp = [r for r in topology.grad_ranks if coords_of(r, topology.dp, topology.tp, topology.cp)[1]
+          == topology.dp_rank] if topology.cp > 1 else [topology.rank]
+    return {"dp": list(topology.dp_ranks), "cp": cp, "tp": list(topology.tp_ranks),
+            "pp": list(topology.pp_ranks)}
 
 
 def max_relative_difference(a: Sequence[float], b: Sequence[float]) -> float:
@@ -243,6 +277,7 @@ def measure_on_rank(model: dict, train: dict, layouts: list[dict | None], steps:
             "layout": layout, "rank": topo.rank if topo else 0, "world_size": topo.world_size if topo else 1,
             "coords": {"pp": topo.pp_rank, "dp": topo.dp_rank, "cp": topo.cp_rank, "tp": topo.tp_rank} if topo
             else {"pp": 0, "dp": 0, "cp": 0, "tp": 0},
+            "groups": topology_groups(topo) if topo else {d: [0] for d in DIMENSIONS},
             "step_s": [s["wall_s"] for s in inst.steps], "plain_step_s": plain,
             "counter_overhead_s": [s["counter_overhead_s"] for s in inst.steps],
             "comm": comm, "records": inst.counter.records,

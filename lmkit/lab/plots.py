@@ -47,7 +47,7 @@ COMPUTE_LANE = ("forward", "backward", "ring_forward", "ring_backward", "ring_wa
 
 def gantt(timeline, ax=None, step: int | None = None, title: str = "Per-rank timeline of one training step",
           label_microbatches: bool = True, label: str = "microbatch",
-          xlabel: str = "time since the step started (ms)"):
+          xlabel: str = "time since the step started (ms)", legend: bool = True, fontsize: float = 10):
     """Gantt chart of a step: one row per rank, one colour per event kind.
 
     `timeline`: a `Timeline`, a list of event dicts (any number of ranks) or the path of a JSON
@@ -55,7 +55,9 @@ def gantt(timeline, ax=None, step: int | None = None, title: str = "Per-rank tim
     Compute bars (`COMPUTE_LANE`: forward, backward, ring attention's steps and waits) fill the
     upper part of a rank's row, labelled with their `label` field (the microbatch, or e.g.
     ``"ring_step"``); communication (send, recv, collectives, K/V blocks in flight, which may
-    overlap computation) is drawn in the lower part. Returns the figure.
+    overlap computation) is drawn in the lower part. `legend`: a legend outside the axes, on the
+    right (pass False and call `timeline_legend` once for a figure of several charts). `fontsize`
+    (points, at least 9 for a printed page) sizes the bar labels, ticks and legend. Returns the figure.
     """
     from pathlib import Path
 
@@ -88,14 +90,76 @@ def gantt(timeline, ax=None, step: int | None = None, title: str = "Per-rank tim
             seen.append(kind)
         if compute and label_microbatches and e.get(label, -1) >= 0 and width > span * 1e3 / 60:
             ax.text(start + width / 2, y + h / 2, str(e[label]), ha="center", va="center",
-                    fontsize=7, color="white")
+                    fontsize=fontsize - 1, color="white")
     ax.set_yticks(range(len(ranks)))
-    ax.set_yticklabels([f"rank {r}" for r in ranks])
+    ax.set_yticklabels([f"rank {r}" for r in ranks], fontsize=fontsize)
+    ax.tick_params(axis="x", labelsize=fontsize)
     ax.set_ylim(len(ranks) - 0.5, -0.5)  # rank 0 on top
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("rank")
-    ax.set_title(title)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    ax.set_xlabel(xlabel, fontsize=fontsize)
+    ax.set_ylabel("rank", fontsize=fontsize)
+    ax.set_title(title, fontsize=fontsize + 1)
+    if legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=fontsize, frameon=False)
     ax.grid(axis="x", alpha=0.3)
+    if legend:
+        fig.tight_layout()
+    return fig
+
+
+__all__ += ["timeline_legend", "rank_groups"]
+
+
+def timeline_legend(fig, kinds, fontsize: float = 10, ncol: int | None = None):
+    """One legend for a figure of `gantt` charts drawn with ``legend=False``: an entry per event
+    kind in `kinds`, in one row below the charts (call after ``tight_layout``, which it adjusts)."""
+    import math
+
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=TIMELINE_COLOURS.get(k, "#BBBBBB"), label=k.replace("_", " ")) for k in kinds]
+    ncol = ncol or len(handles)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=fontsize,
+               frameon=False, bbox_to_anchor=(0.5, 0.0))
+    rows = math.ceil(len(handles) / ncol)  # each row of entries takes about 2.2 font heights
+    bottom = min(0.4, (0.1 + rows * 2.2 * fontsize / 72) / fig.get_figheight())
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fig
+
+
+#: Colours of the groups of one dimension (up to 8 groups; more repeat).
+GROUP_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#CCB974")
+
+
+def rank_groups(layout, groups: dict[str, list[list[int]]], dims=("tp", "dp", "pp"), fontsize: float = 10):
+    """How the ranks of `layout` fall into the groups of each dimension: one panel per dimension of
+    `dims`, every rank a square at (pipeline stage, data-parallel row, tensor/context column), coloured
+    by its group of that dimension (`groups`: `lmkit.lab.layouts.layout_groups`). Returns the figure."""
+    from lmkit.parallel.mesh import coords_of, cp_rank_of
+
+    width = layout.cp * layout.tp  # columns of one stage: cp blocks of tp ranks
+    fig, axes = plt.subplots(1, len(dims), figsize=(min(9.0, 3.0 * len(dims)), 0.9 + 0.75 * layout.dp),
+                             squeeze=False)
+    for ax, dim in zip(axes[0], dims, strict=True):
+        member = {r: k for k, g in enumerate(groups[dim]) for r in g}
+        for r in range(layout.world_size):
+            pp, dp, tp = coords_of(r, layout.dp, layout.tp, layout.cp)
+            x = pp * (width + 0.6) + cp_rank_of(r, layout.tp, layout.cp) * layout.tp + tp
+            colour = GROUP_COLOURS[member[r] % len(GROUP_COLOURS)]
+            ax.add_patch(plt.Rectangle((x + 0.05, dp + 0.05), 0.9, 0.9, facecolor=colour, edgecolor="white"))
+            ax.text(x + 0.5, dp + 0.5, str(r), ha="center", va="center", color="white", fontsize=fontsize + 1,
+                    fontweight="bold")
+        for stage in range(layout.pp):
+            ax.text(stage * (width + 0.6) + width / 2, -0.15, f"stage {stage}", ha="center", va="bottom",
+                    fontsize=fontsize)
+        ax.set_xlim(-0.1, layout.pp * (width + 0.6) - 0.5)
+        ax.set_ylim(layout.dp + 0.1, -0.6)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([d + 0.5 for d in range(layout.dp)])
+        ax.set_yticklabels([f"dp {d}" for d in range(layout.dp)], fontsize=fontsize)
+        for side in ("top", "right", "bottom", "left"):
+            ax.spines[side].set_visible(False)
+        ax.tick_params(length=0)
+        ax.set_title(f"{len(groups[dim])} {dim} groups of {len(groups[dim][0])}", fontsize=fontsize + 1)
     fig.tight_layout()
     return fig
