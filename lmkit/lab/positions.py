@@ -1,17 +1,20 @@
 """Position information of a Transformer's input, written from the formulas (chapter 1).
 
-Attention compares every query with every key and is blind to order: permute the tokens and each
-output moves with its token, unchanged. A model learns order only from what positions add:
+Attention compares every query with every key and is blind to order: permute the tokens
+and each output moves with its token, unchanged. A model learns order only from what
+positions add:
 
 - a learned table of vectors, one per position, added to the token embeddings (GPT-2,
   ``lmkit.model.GPT`` with ``pos="learned"``);
-- `sinusoidal`: the fixed sines and cosines of Vaswani et al. (2017), added the same way;
-- `rotate`: rotary embeddings (RoPE, Su et al. 2021), which turn each query and key by an angle
-  proportional to its position, written here with complex numbers so that it checks
-  ``lmkit.model.apply_rope`` (the same rotation, written with cos and sin tables).
+- `sinusoidal`: the fixed sines and cosines of Vaswani et al. (2017), added the same
+  way;
+- `rotate`: rotary embeddings (RoPE, Su et al. 2021), which turn each query and key by
+  an angle proportional to its position, written with complex numbers so that it
+  checks ``lmkit.model.apply_rope`` (the same rotation, with cos and sin tables).
 
-`score_grid` gives the attention score of one fixed (query, key) content placed at every pair of
-positions, and `offset_spread` says how far such a grid is from depending on the offset alone.
+`score_grid` gives the attention score of one fixed (query, key) content placed at every
+pair of positions; `offset_spread` says how far such a grid is from depending on the
+offset alone. Lines stay within 88 characters: chapter 1 prints these functions.
 """
 
 from __future__ import annotations
@@ -25,42 +28,44 @@ __all__ = ["sinusoidal", "rotate", "score_grid", "offset_spread"]
 
 
 def sinusoidal(n_positions: int, d: int, base: float = 10000.0) -> Tensor:
-    """The [n_positions, d] table PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(same)."""
+    """[n_positions, d]: PE[p, 2i] = sin(p w_i), PE[p, 2i+1] = cos(p w_i), where
+    w_i = base^(-2i/d)."""
     if d % 2:
-        raise ValueError(f"sinusoidal encodings pair sines with cosines: d must be even, got {d}")
+        raise ValueError(f"sines and cosines come in pairs: d must be even, got {d}")
     p = torch.arange(n_positions, dtype=torch.float64)[:, None]
-    angles = p / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = p * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [T, d/2]
     pe = torch.empty(n_positions, d, dtype=torch.float64)
     pe[:, 0::2], pe[:, 1::2] = angles.sin(), angles.cos()
     return pe.float()
 
 
 def rotate(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotary embedding of ``x`` [..., T, hd] at integer `positions` [T], with complex numbers.
+    """Rotary embedding of ``x`` [..., T, hd] at integer `positions` [T].
 
-    Features j and j + hd/2 form the complex number z_j = x_j + i x_{j+hd/2}; at position p it is
-    multiplied by e^{i p theta_j} with theta_j = base^(-2j/hd). A query turned by angle a and a key
-    turned by angle b give Re(q conj(k) e^{i(a-b)}): a score that depends on the offset only.
+    Features j and j + hd/2 form z_j = x_j + i x_{j+hd/2}; at position p, z_j is
+    multiplied by e^{i p theta_j}, theta_j = base^(-2j/hd). A query turned by angle a
+    and a key turned by b score Re(q conj(k) e^{i(a-b)}): a function of a - b alone.
     """
     hd = x.shape[-1]
     if hd % 2:
-        raise ValueError(f"rotary embeddings turn pairs of features: the last size must be even, got {hd}")
+        raise ValueError(f"rotary turns pairs of features: hd must be even, got {hd}")
     half = hd // 2
     z = torch.complex(x[..., :half].double(), x[..., half:].double())
     theta = base ** (-2.0 * torch.arange(half, dtype=torch.float64) / hd)
-    turn = torch.polar(torch.ones(len(positions), half, dtype=torch.float64),
-                       positions.double()[:, None] * theta)
-    z = z * turn
+    angle = positions.double()[:, None] * theta  # [T, hd/2]
+    z = z * torch.polar(torch.ones_like(angle), angle)
     return torch.cat((z.real, z.imag), dim=-1).to(x.dtype)
 
 
 def score_grid(x_q: Tensor, x_k: Tensor, w_q: Tensor, w_k: Tensor, n_positions: int, *,
-               table: Tensor | None = None, rotary: bool = False, base: float = 10000.0) -> Tensor:
-    """[n_positions, n_positions] scores of query content `x_q` at position m and key content `x_k`
-    at position n, through one head's projections `w_q`, `w_k` [d_head, d].
+               table: Tensor | None = None, rotary: bool = False,
+               base: float = 10000.0) -> Tensor:
+    """[n_positions, n_positions] scores: query content `x_q` at position m (row), key
+    content `x_k` at position n (column), through one head's `w_q`, `w_k` [d_head, d].
 
-    With `table` [n_positions, d] the position vectors are added to the content first (learned or
-    sinusoidal positions); with ``rotary=True`` the projected query and key are rotated instead.
+    With `table` [n_positions, d] the position vectors are added to the contents first
+    (learned or sinusoidal positions); with ``rotary=True`` the projected query and key
+    are rotated instead.
     """
     if (table is None) == (not rotary):
         raise ValueError("give either an additive position table or rotary=True")
@@ -74,7 +79,8 @@ def score_grid(x_q: Tensor, x_k: Tensor, w_q: Tensor, w_k: Tensor, n_positions: 
 
 
 def offset_spread(grid: Tensor) -> float:
-    """Largest range (max - min) of a square grid along any of its diagonals (one offset n - m):
-    zero exactly when the score depends on the offset alone."""
+    """Largest range (max - min) of a square grid along one of its diagonals (one offset
+    n - m): zero exactly when the score depends on the offset alone."""
     size = grid.shape[0]
-    return max(float(d.max() - d.min()) for d in (grid.diagonal(o) for o in range(1 - size, size)))
+    diagonals = (grid.diagonal(o) for o in range(1 - size, size))
+    return max(float(d.max() - d.min()) for d in diagonals)
