@@ -10,6 +10,8 @@
 - `time_to_loss`: recipes compared by the training time to a target loss (chapter 7);
 - `efficiency`: memory, size, speed and quality of a model, and int8 weights (chapters 2 and 7;
   ``lmkit generate --int8``);
+- `blocks`: the Transformer block's parts by hand, a post-norm variant, the residual stream read
+  with hooks (chapter 2);
 - `positions`: learned, sinusoidal and rotary positions from their formulas (chapter 1);
 - `likelihood`: negative log-likelihood, perplexity and bits per byte of a text (chapters 1, 4, 8);
 - `textprep`: cleaning, Chinese segmentation and what BPE learnt (chapter 2);
