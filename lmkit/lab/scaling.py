@@ -118,8 +118,9 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_for_tokens(config: ModelConfig, train_ids: torch.Tensor, val_ids: torch.Tensor,
-                     tokens: float, *, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
+def train_for_tokens(config: ModelConfig, train_ids: torch.Tensor,
+                     val_ids: torch.Tensor, tokens: float, *, batch_size: int = 16,
+                     lr: float = 3e-3, seed: int = 0,
                      eval_windows: int = 256) -> tuple[float, int, float]:
     """Train a fresh GPT of `config` on about `tokens` tokens of `train_ids`.
 
