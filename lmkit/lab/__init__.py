@@ -12,6 +12,8 @@
   ``lmkit generate --int8``);
 - `blocks`: the Transformer block's parts by hand, a post-norm variant, the residual stream read
   with hooks (chapter 2);
+- `scaling`: a compute sweep of model sizes at fixed FLOP budgets, IsoFLOP fits and the
+  compute-optimal size (chapter 3);
 - `positions`: learned, sinusoidal and rotary positions from their formulas (chapter 1);
 - `likelihood`: negative log-likelihood, perplexity and bits per byte of a text (chapters 1, 4, 8);
 - `textprep`: cleaning, Chinese segmentation and what BPE learnt (chapter 2);
