@@ -226,3 +226,16 @@ def test_count_flops_of_decoding_grows_quadratically_without_the_cache():
     assert with_cache[1] / with_cache[0] < 4.5   # about linear in the new tokens
     assert without[1] / without[0] > 10          # about quadratic
     assert without[1] > 5 * with_cache[1]
+
+
+@pytest.mark.skipif(not efficiency.dynamic_quantization_available(), reason="no dynamic int8 kernel")
+def test_dynamic_int8_packing_raises_no_deprecation_warning():
+    # torch 2.13 deprecates creating qint8 tensors (linear_prepack's input), not the kernel: the chapter's
+    # pages must not show that warning
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        efficiency.quantize_int8(GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2,
+                                                 d_model=16)).eval(), "dynamic")
+    assert not [w for w in caught if "quantize_per_channel" in str(w.message)]

@@ -200,8 +200,14 @@ class DynamicInt8Linear(Int8Linear):
 
     def _pack(self) -> None:
         zero = torch.zeros(self.scale.numel(), dtype=torch.long)
-        qw = torch._make_per_channel_quantized_tensor(self.weight_int8.cpu(), self.scale.double().cpu(),
-                                                      zero, 0)
+        # linear_prepack takes its weights only as a quantized (qint8) tensor, whose creation functions
+        # PyTorch 2.13 marks as deprecated (in favour of torchao) with a UserWarning on every process's
+        # first call; the kernel itself is not deprecated, so that one warning is silenced here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+            qw = torch._make_per_channel_quantized_tensor(self.weight_int8.cpu(), self.scale.double().cpu(),
+                                                          zero, 0)
         self._packed = torch.ops.quantized.linear_prepack(qw, None if self.bias is None else self.bias.cpu())
 
     def forward(self, x: Tensor) -> Tensor:
