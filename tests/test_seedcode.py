@@ -63,3 +63,11 @@ def test_tiny_word_corpus_shares_one_vocabulary_and_shifts_targets():
     assert train.vocab is test.vocab and set(train.vocab) == set("abcdefg")
     x, y = train[0]
     assert torch.equal(x[1:], y[:-1]) and test.seq == ["g a b"]
+
+
+def test_listing_numbers_lines_and_wraps_long_ones():
+    text = seedcode.listing("a = 1\nb = [" + "x, " * 40 + "]\n", width=40)
+    lines = text.splitlines()
+    assert lines[0] == "  1 | a = 1" and lines[1].startswith("  2 | b = [")
+    assert all(len(line) <= 40 for line in lines) and lines[2].startswith("    | ")
+    assert max(map(len, seedcode.listing().splitlines())) <= 88

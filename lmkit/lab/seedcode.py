@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["SEED_PROGRAM", "Failure", "Fix", "Round", "run_until_error", "replay", "word_fixes",
+__all__ = ["SEED_PROGRAM", "listing", "Failure", "Fix", "Round", "run_until_error", "replay", "word_fixes",
            "tiny_word_corpus"]
 
 FILENAME = "<the source's section 5.2>"
@@ -158,6 +158,20 @@ def generate_text(model, start_word, max_length=50):
 # 输出测试文本
 print(generate_text(model, "我喜欢编程"))
 """
+
+
+def listing(source: str = SEED_PROGRAM, width: int = 88) -> str:
+    """`source` with line numbers (the lines `Failure` reports); a line longer than `width` continues
+    on the next, unnumbered, line, broken at a space."""
+    out = []
+    for number, line in enumerate(source.splitlines(), 1):
+        prefix = f"{number:>3} | "
+        while len(prefix) + len(line) > width and " " in line[: width - len(prefix)]:
+            cut = line.rindex(" ", 0, width - len(prefix))
+            out.append(prefix + line[:cut])
+            line, prefix = " " * 8 + line[cut + 1:], "    | "
+        out.append(prefix + line)
+    return "\n".join(out)
 
 
 @dataclass
