@@ -15,6 +15,8 @@
 - `scaling`: a compute sweep of model sizes at fixed FLOP budgets, IsoFLOP fits and the
   compute-optimal size (chapter 3);
 - `positions`: learned, sinusoidal and rotary positions from their formulas (chapter 1);
+- `seedcode`: the source document's section 5.2 program run statement by statement, each error
+  reported and the smallest fix applied to reach the next (chapter 4);
 - `likelihood`: negative log-likelihood, perplexity and bits per byte of a text (chapters 1, 4, 8);
 - `textprep`: cleaning, Chinese segmentation and what BPE learnt (chapter 2);
 - `plots`, `live`: figures, and a live loss curve while a notebook trains (chapters 1, 4, 5, 6);
