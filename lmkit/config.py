@@ -189,6 +189,12 @@ class TrainConfig:
     seed: int = _opt(1337, "seed of the weights, the batches and dropout")
     dtype: str = _opt("float32", "compute precision (autocast; float16 needs CUDA)",
                       ("float32", "bfloat16", "float16"))
+    param_dtype: str = _opt("float32", "dtype of the weights the model computes with: float32, or bfloat16 "
+                            "with fp32 master weights and optimizer states (needs dtype=bfloat16)",
+                            ("float32", "bfloat16"))
+    reduce_dtype: str = _opt("float32", "dtype in which gradients are accumulated and reduced over "
+                             "data-parallel ranks (param_dtype=bfloat16): float32, or bfloat16 (half the "
+                             "bytes)", ("float32", "bfloat16"))
     activation_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     compile: bool = _opt(False, "torch.compile the model (single process)")
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N",
@@ -217,6 +223,17 @@ class TrainConfig:
             raise ConfigError(
                 f"train.dtype={self.dtype!r} is unknown; use 'float32', 'bfloat16' or 'float16'"
             )
+        if {self.param_dtype, self.reduce_dtype} - {"float32", "bfloat16"}:
+            raise ConfigError(f"train.param_dtype={self.param_dtype!r} / reduce_dtype={self.reduce_dtype!r}: "
+                              "use 'float32' or 'bfloat16' for each")
+        if self.param_dtype == "bfloat16" and self.dtype != "bfloat16":
+            raise ConfigError(f"train.param_dtype='bfloat16' computes in bf16 but train.dtype="
+                              f"{self.dtype!r}; set dtype=bfloat16 (autocast keeps norms, softmax, loss "
+                              "in fp32)")
+        if self.reduce_dtype == "bfloat16" and self.param_dtype != "bfloat16":
+            raise ConfigError("train.reduce_dtype='bfloat16' applies to bf16 weights with fp32 masters; set "
+                              "param_dtype=bfloat16, or keep reduce_dtype=float32 (fp32 weights have fp32 "
+                              "gradients)")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -248,6 +265,11 @@ class TrainConfig:
         return self
 
 
+#: pipeline schedules; the V ones hold chunks ``r`` and ``2 pp - 1 - r`` on rank ``r``
+SCHEDULE_CHOICES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev")
+V_SCHEDULES = ("zb-v", "dualpipev")
+
+
 @dataclass
 class ParallelConfig:
     """The layout of a run over ``dp * cp * tp * pp`` processes.
@@ -262,8 +284,11 @@ class ParallelConfig:
     zero: int = _opt(0, "ZeRO stage: 0 off, 1 optimizer state, 2 also gradients, 3 also weights (native)",
                      (0, 1, 2, 3))
     microbatches: int = _opt(1, "microbatches per step through the pipeline")
-    schedule: str = _opt("1f1b", "pipeline schedule", ("gpipe", "1f1b", "interleaved"))
-    virtual_stages: int = _opt(1, "model chunks per pipeline rank (interleaved schedule)")
+    schedule: str = _opt("1f1b", "pipeline schedule: zb-h1/zb-h2 split backward into input (B) and "
+                         "weight (W) gradients; zb-v and dualpipev place two chunks per rank in a V",
+                         SCHEDULE_CHOICES)
+    virtual_stages: int = _opt(1, "model chunks per pipeline rank (interleaved schedule; 2 for zb-v and "
+                               "dualpipev)")
     sequence_parallel: bool = _opt(False, "shard LayerNorm and dropout activations over tp (needs tp > 1)")
     engine: str = _opt("lmkit", "lmkit (from scratch) or native (FSDP2 / DTensor / pipelining)",
                        ("lmkit", "native"))
@@ -279,18 +304,22 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero={self.zero} is unknown; use 0, 1, 2 (or 3 with engine=native)")
-        if self.schedule not in ("gpipe", "1f1b", "interleaved"):
+        if self.schedule not in SCHEDULE_CHOICES:
             raise ConfigError(
-                f"parallel.schedule={self.schedule!r} is unknown; use 'gpipe', '1f1b' or 'interleaved'"
+                f"parallel.schedule={self.schedule!r} is unknown; use one of {', '.join(SCHEDULE_CHOICES)}"
             )
         if self.engine not in ("lmkit", "native"):
             raise ConfigError(f"parallel.engine={self.engine!r} is unknown; use 'lmkit' or 'native'")
         if self.schedule == "interleaved" and self.virtual_stages < 2:
             raise ConfigError("parallel.schedule='interleaved' needs parallel.virtual_stages >= 2")
-        if self.schedule != "interleaved" and self.virtual_stages != 1:
+        if self.schedule in V_SCHEDULES and self.virtual_stages != 2:
+            raise ConfigError(f"parallel.schedule={self.schedule!r} places two model chunks per rank in a V; "
+                              f"set virtual_stages=2 (got {self.virtual_stages})")
+        if self.schedule not in ("interleaved", *V_SCHEDULES) and self.virtual_stages != 1:
             raise ConfigError(
                 f"parallel.virtual_stages={self.virtual_stages} only applies to "
-                "schedule='interleaved'; set virtual_stages=1 or schedule='interleaved'"
+                "schedule='interleaved' (or 2 for zb-v/dualpipev); set virtual_stages=1 or "
+                "schedule='interleaved'"
             )
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
