@@ -133,7 +133,10 @@ class Trainer:
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
                                "float16": torch.float16}[self.cfg.dtype]
         self.engine = None
-        if self.parallel is not None and (self.parallel.world_size > 1 or self.topology is not None):
+        if self.cfg.param_dtype != "float32" and self.parallel is None:
+            self.parallel = ParallelConfig()  # the engine keeps the fp32 masters, on one process too
+        if self.parallel is not None and (self.parallel.world_size > 1 or self.topology is not None
+                                          or self.cfg.param_dtype != "float32"):
             topo = self.topology or single_process_topology(resolve_device(self.cfg.device))
             self.topology = topo
             self.device = topo.device

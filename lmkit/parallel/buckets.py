@@ -59,7 +59,9 @@ class FlatGroup:
     grad: Tensor | None = None  # ZeRO-0/1: flat gradients; every member's .grad is a view into it
     shard_grad: Tensor | None = None  # ZeRO-2: this rank's reduced gradient shard (the accumulator)
     param: Tensor | None = None  # ZeRO only: flat parameters; every member's .data is a view into it
-    segments: list[tuple[int, int, int]] = field(default_factory=list)  # norm's share: (param, lo, hi)
+    # the reduced gradients this rank holds (its chunks under ZeRO): (param, lo, hi) in `grad` (ZeRO-0/1)
+    # or in `shard_grad` (ZeRO-2)
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: int, dp: int, dp_rank: int,
@@ -108,10 +110,10 @@ def bucket_layout(params: Sequence[Tensor], cap: int, isolated: set[int], zero: 
     raw.sort(key=lambda b: (-min(b.params), b.group, b.start))
     for k, b in enumerate(raw):
         b.index = k
-    for b in raw:  # the gradients this rank is responsible for: its chunks under ZeRO-2, else all
+    for b in raw:  # the reduced gradients this rank holds: its chunks under ZeRO, else all
         g = groups[b.group]
         lo, hi = (b.start + dp_rank * b.chunk, b.start + (dp_rank + 1) * b.chunk) \
-            if zero == 2 else (b.start, b.end)
+            if zero else (b.start, b.end)
         for i in b.params:
             a, e = g.offsets[i], g.offsets[i] + params[i].numel()
             if max(a, lo) < min(e, hi):
@@ -127,8 +129,30 @@ def _moments(state: dict[str, Tensor], numel: int) -> list[tuple[str, Tensor]]:
 
 class BucketState:
     """Checkpoint conversions of `DataParallel` (a mixin: they read its ``params``, ``names``,
-    ``groups``, ``optimizer``, ``zero``, ``dp`` and, under ZeRO, ``_chunks``, this rank's bucket
-    chunks, and ``_chunk_range``)."""
+    ``groups``, ``optimizer``, ``zero``, ``dp``, ``mixed``, ``_unit`` and, under ZeRO, ``_chunks``,
+    this rank's bucket chunks, and ``_chunk_range``). In mixed precision the fp32 master weights are
+    one more per-element entry of the state, ``"master"``, saved and resharded like the moments."""
+
+    def _state_of(self, unit: Tensor) -> dict[str, Tensor]:
+        """The optimizer state of `unit` (a parameter, a master or a ZeRO chunk), with its master."""
+        st = dict(self.optimizer.state.get(unit) or {})
+        if st and self.mixed:
+            st["master"] = unit.data
+        return st
+
+    def refresh_masters(self) -> None:
+        """Mixed precision: set the fp32 masters from the (just loaded) bf16 weights; a checkpoint's own
+        masters, when it has them, overwrite these in `load_state_dict`."""
+        if not self.mixed:
+            return
+        with torch.no_grad():
+            if not self.zero:
+                for i in range(len(self.params)):
+                    self._unit(i).copy_(self.params[i].reshape(self._unit(i).shape))
+                return
+            for b, chunk in self._chunks:
+                lo, hi = self._chunk_range(b)
+                chunk.copy_(self.groups[b.group].param[lo:hi])
 
     def optimizer_segments(self, create: bool = False) -> list[tuple[int, int, int, dict[str, Tensor]]]:
         """This rank's optimizer moments without any gathering: ``(param index, lo, hi, {name: moment})``
@@ -143,12 +167,12 @@ class BucketState:
         out = []
         if not self.zero:
             for i, p in enumerate(self.params):
-                st = self.optimizer.state.get(p)
+                st = self._state_of(self._unit(i))
                 if st:
                     out.append((i, 0, p.numel(), {k: v.view(-1) for k, v in _moments(st, p.numel())}))
             return out
         for b, chunk in self._chunks:
-            st = self.optimizer.state.get(chunk)
+            st = self._state_of(chunk)
             if not st:
                 continue
             g, (clo, chi) = self.groups[b.group], self._chunk_range(b)
@@ -176,12 +200,15 @@ class BucketState:
         param_groups = [{k: v for k, v in pg.items() if k != "params"} for pg in self.optimizer.param_groups]
         state: dict[str, dict[str, Tensor]] = {}
         if not self.zero:
-            for name, p in zip(self.names, self.params, strict=True):
-                if self.optimizer.state.get(p):
-                    state[name] = {k: v.detach().clone() for k, v in self.optimizer.state[p].items()}
+            for i, (name, p) in enumerate(zip(self.names, self.params, strict=True)):
+                st = self._state_of(self._unit(i))
+                if st:
+                    state[name] = {k: v.detach().clone().view_as(v) for k, v in st.items()}
+                    if "master" in st:
+                        state[name]["master"] = state[name]["master"].view_as(p)
             return {"state": state, "param_groups": param_groups}
         for b, chunk in self._chunks:
-            st = self.optimizer.state.get(chunk)
+            st = self._state_of(chunk)
             if not st:  # no step taken yet: the same on every rank
                 continue
             full = {k: self._gather_bucket(b, v) for k, v in st.items() if v.dim() > 0}
@@ -210,21 +237,28 @@ class BucketState:
                                          f"parameter {tuple(p.shape)}: saved under another tensor layout?")
         torch_sd: dict[str, Any] = {"state": {}, "param_groups": []}
         bucket_of_chunk = {id(chunk): b for b, chunk in getattr(self, "_chunks", [])}
+        masters: list[tuple[Tensor, Tensor]] = []  # (unit, its saved fp32 master)
         idx = 0
         for pg, saved in zip(self.optimizer.param_groups, saved_groups, strict=True):
             ids = []
-            for p in pg["params"]:  # ZeRO: this rank's bucket chunks; else the parameters
+            for p in pg["params"]:  # ZeRO: this rank's bucket chunks; else the parameters (or masters)
                 if self.zero:
                     entry = self._chunk_entry(bucket_of_chunk[id(p)], state)
                 else:
                     entry = state.get(self.names[self._index[id(p)]])
                     entry = None if entry is None else {k: v.clone() for k, v in entry.items()}
                 if entry is not None:
+                    master = entry.pop("master", None)
+                    if master is not None and self.mixed:
+                        masters.append((p, master))
                     torch_sd["state"][idx] = entry
                 ids.append(idx)
                 idx += 1
             torch_sd["param_groups"].append({**saved, "params": ids})
         self.optimizer.load_state_dict(torch_sd)
+        with torch.no_grad():
+            for unit, master in masters:
+                unit.copy_(master.reshape(unit.shape))
 
     def _chunk_entry(self, b: Bucket, state: dict[str, Any]) -> dict[str, Tensor] | None:
         """ZeRO: the AdamW state of this rank's chunk of bucket `b`, cut from the full tensors by

@@ -1,13 +1,18 @@
 """Data parallelism by hand: bucketed gradient all-reduce, ``no_sync`` accumulation, ZeRO-1/2 AdamW
-(and Muon, `lmkit.parallel.muon`).
+(and Muon, `lmkit.optim.Muon`), and mixed precision with fp32 master weights.
 
 Gradients live in flat buckets (views, no copies) all-reduced as soon as backward fills them
 (PyTorch DDP, Li et al. 2020). Under ZeRO every bucket is padded to a multiple of dp and split
-into dp chunks, one per rank (Megatron-LM's distributed optimizer); ZeRO-1 steps AdamW on the
-rank's chunks only, ZeRO-2 also keeps only their gradients: one reduce-scatter per bucket and
-backward into the rank's shard (Rajbhandari et al. 2020), so gradient memory is divided by dp.
-Checkpoints hold the full state, so they load under any dp/zero. Explained in the book,
-chapter 5, section 5.3.
+into dp chunks, one per rank (Megatron-LM's distributed optimizer): each bucket is
+reduce-scattered, every rank steps AdamW on its chunks only and the updated chunks are
+all-gathered, so ZeRO moves the bytes of one all-reduce (Rajbhandari et al. 2020, section 7).
+ZeRO-1 accumulates the microbatches in a full gradient buffer and reduce-scatters once per step;
+ZeRO-2 keeps only the rank's shard: one reduce-scatter per bucket and backward into it, so
+gradient memory is divided by dp. With ``train.param_dtype="bfloat16"`` the model computes with
+bf16 weights while the optimizer steps fp32 master weights (sharded with its moments under ZeRO)
+and gradients are accumulated and reduced in ``train.reduce_dtype`` (Micikevicius et al. 2018;
+Megatron-LM's ``main_grad``). Checkpoints hold the full state, so they load under any dp/zero.
+Explained in the book, chapter 5, sections on ZeRO and on mixed precision.
 """
 
 from __future__ import annotations
@@ -103,7 +108,16 @@ class DataParallel(BucketState):
         devices = {p.device for p in self.params}
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(f"all parameters need one dtype and device, got {dtypes} / {devices}")
-        self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.dtype, self.device = dtypes.pop(), devices.pop()  # the optimizer's (master) dtype
+        # Mixed precision: the model's weights become `compute_dtype`; the optimizer keeps `dtype` masters.
+        self.compute_dtype = getattr(torch, train_cfg.param_dtype)
+        self.mixed = self.compute_dtype != self.dtype
+        if self.mixed and self.dtype != torch.float32:
+            raise ValueError(f"train.param_dtype={train_cfg.param_dtype} needs float32 parameters to keep as "
+                             f"master weights, got {self.dtype}")
+        self.grad_dtype = getattr(torch, train_cfg.reduce_dtype) if self.mixed else self.dtype
+        # autograd's .grad has the weights' dtype; a buffer of another dtype takes it in the hook
+        self.split_grads = self.grad_dtype != self.compute_dtype
         self.zero, self.cfg = zero, train_cfg
         self.dp, self.dp_rank = topo.dp, topo.dp_rank
         self.dp_group, self.dp_ranks = topo.dp_group, list(topo.dp_ranks)
@@ -117,7 +131,7 @@ class DataParallel(BucketState):
         self.muon = ({i for i, (n, p) in enumerate(pairs) if is_muon_matrix(n, p)}
                      if train_cfg.optimizer == "muon" else set())
 
-        cap = int(bucket_cap_mb * 2**20) // self.params[0].element_size()
+        cap = int(bucket_cap_mb * 2**20) // torch.empty((), dtype=self.grad_dtype).element_size()
         self.groups, self.buckets = bucket_layout(self.params, cap, isolated, zero, self.dp, self.dp_rank,
                                                   leading=self.muon)
         self._group_of = {i: gi for gi, g in enumerate(self.groups) for i in g.members}
@@ -146,13 +160,20 @@ class DataParallel(BucketState):
         return lo, lo + b.chunk
 
     def _allocate_buffers(self) -> None:
-        for g in self.groups:
+        """Flat gradient buffers (or ZeRO-2 shards), flat parameter buffers under ZeRO, and, in mixed
+        precision, the fp32 values the masters start from (``_staging``: the flat fp32 parameters under
+        ZeRO, ``_masters`` without); then every replica takes dp rank 0's values."""
+        self._masters: dict[int, Tensor] = {}  # ZeRO-0 mixed precision: parameter index -> fp32 master
+        self._staging: dict[int, Tensor] = {}  # ZeRO mixed precision: group -> fp32 flat parameters
+        for gi, g in enumerate(self.groups):
             if self.zero == 2:
-                g.shard_grad = torch.zeros(g.shard, dtype=self.dtype, device=self.device)
+                g.shard_grad = torch.zeros(g.shard, dtype=self.grad_dtype, device=self.device)
             else:
-                g.grad = torch.zeros(g.numel, dtype=self.dtype, device=self.device)
+                g.grad = torch.zeros(g.numel, dtype=self.grad_dtype, device=self.device)
             if self.zero:
-                g.param = torch.zeros(g.numel, dtype=self.dtype, device=self.device)
+                g.param = torch.zeros(g.numel, dtype=self.compute_dtype, device=self.device)
+                if self.mixed:
+                    self._staging[gi] = torch.zeros(g.numel, dtype=self.dtype, device=self.device)
             with torch.no_grad():
                 for i in g.members:
                     p = self.params[i]
@@ -160,16 +181,23 @@ class DataParallel(BucketState):
                         view = self._grad_view(i)
                         if p.grad is not None:
                             view.copy_(p.grad)
-                        p.grad = view
+                        p.grad = None if self.split_grads else view
                     else:
                         p.grad = None  # ZeRO-2: full gradients exist only until their bucket is reduced
+                    if gi in self._staging:
+                        self._staging[gi][g.offsets[i]:g.offsets[i] + p.numel()].copy_(p.reshape(-1))
+                    elif self.mixed:
+                        self._masters[i] = p.detach().clone()
                     if g.param is not None:
                         flat = g.param[g.offsets[i]:g.offsets[i] + p.numel()].view_as(p)
                         flat.copy_(p)
                         p.data = flat  # the model's parameter now lives in the flat buffer
         if self.dp > 1:
-            # Like DDP's construction: replicas start from dp rank 0's parameters.
-            if self.zero:
+            # Like DDP's construction: replicas start from dp rank 0's parameters (mixed precision: its
+            # fp32 values, from which the masters and the bf16 weights both follow).
+            if self.mixed:
+                tensors = list(self._staging.values()) if self.zero else list(self._masters.values())
+            elif self.zero:
                 tensors = [g.param for g in self.groups if g.numel]
             else:
                 tensors = [p.data for p in self.params]
@@ -177,6 +205,11 @@ class DataParallel(BucketState):
                      for t in tensors]
             for w in works:
                 w.wait()
+        with torch.no_grad():
+            for gi, flat32 in self._staging.items():
+                self.groups[gi].param.copy_(flat32)
+            for i, master in self._masters.items():
+                self.params[i].data = master.to(self.compute_dtype)
 
     def _grad_view(self, i: int) -> Tensor:
         g = self.groups[self._group_of[i]]
@@ -195,20 +228,23 @@ class DataParallel(BucketState):
         cfg = self.cfg
         decays = ((cfg.weight_decay,) if self.muon else ()) + (cfg.weight_decay, 0.0)
         if self.zero:
-            self._chunks: list[tuple[Bucket, Tensor]] = []
+            self._chunks: list[tuple[Bucket, Tensor]] = []  # (bucket, the optimizer's tensor of its chunk)
             groups = []
             for gi, (g, wd) in enumerate(zip(self.groups, decays, strict=True)):
                 chunk_params = []
                 for b in (b for b in sorted(self.buckets, key=lambda b: b.start) if b.group == gi):
                     lo, hi = self._chunk_range(b)
-                    chunk = g.param[lo:hi]
-                    chunk.grad = self._chunk_grad(b)
+                    # mixed precision: an fp32 master of the chunk; else the chunk of the weights itself
+                    chunk = self._staging[gi][lo:hi].clone() if self.mixed else g.param[lo:hi]
+                    self._set_unit_grad(chunk, self._chunk_grad(b))
                     self._chunks.append((b, chunk))
                     chunk_params.append(chunk)
                 groups.append({"params": chunk_params, "weight_decay": wd})
+            self._staging = {}
         else:
-            groups = [{"params": [self.params[i] for i in sorted(g.members)], "weight_decay": wd}
+            groups = [{"params": [self._unit(i) for i in sorted(g.members)], "weight_decay": wd}
                       for g, wd in zip(self.groups, decays, strict=True)]
+            self._index.update({id(m): i for i, m in self._masters.items()})
         fused = self.device.type == "cuda"
         if not self.muon:
             return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
@@ -255,6 +291,15 @@ class DataParallel(BucketState):
             out.append(pieces)
         return out
 
+    def _unit(self, i: int) -> Tensor:
+        """What the optimizer steps for parameter `i` without ZeRO: its fp32 master, or itself."""
+        return self._masters.get(i, self.params[i])
+
+    def _set_unit_grad(self, unit: Tensor, grad: Tensor) -> None:
+        """Give an optimizer tensor its reduced gradient: a view when the dtypes agree, else an fp32 copy
+        (bf16 reduction with fp32 masters; dropped after the step)."""
+        unit.grad = grad if grad.dtype == unit.dtype else grad.to(unit.dtype)
+
     def _new_state(self, p: Tensor) -> None:
         """Zero optimizer state for unit `p` (to load a sharded checkpoint into)."""
         if self.muon and any(p is q for q in self.optimizer.muon.param_groups[0]["params"]):
@@ -283,8 +328,16 @@ class DataParallel(BucketState):
         self._dirty = False  # a gradient arrived since the last sync
 
     def _adopt_grad(self, i: int) -> None:
-        """Make ``p.grad`` the view into the flat buffer again if someone replaced it (ZeRO-0/1)."""
+        """Make ``p.grad`` the view into the flat buffer again if someone replaced it (ZeRO-0/1).
+
+        When the buffer has another dtype than the weights (bf16 weights, fp32 reduction) ``p.grad`` is
+        autograd's own tensor: it is added into the buffer and dropped (Megatron's ``main_grad``)."""
         p, view = self.params[i], self._grad_views[i]
+        if self.split_grads:
+            if p.grad is not None:
+                view.add_(p.grad)
+                p.grad = None
+            return
         if p.grad is None:
             view.zero_()  # no gradient since it was set to None: zero, not stale
             p.grad = view
@@ -321,11 +374,19 @@ class DataParallel(BucketState):
             self._launch(self._next, "backward")
 
     def _launch(self, b: int, where: str) -> None:
-        """ZeRO-0/1: all-reduce bucket `b` of the flat gradient buffer, asynchronously."""
+        """ZeRO-0: all-reduce bucket `b` of the flat gradient buffer; ZeRO-1: reduce-scatter it, each
+        rank receiving the reduced chunk it updates (half the bytes; the all-gather of the updated
+        parameters is the other half). Asynchronous; `finish_grad_sync` waits."""
         bucket = self.buckets[b]
         flat = self.groups[bucket.group].grad[bucket.start:bucket.end]
         flat.div_(self.dp)  # average = sum of grad / dp; dividing first keeps magnitudes small
-        self._works.append(dist.all_reduce(flat, group=self.dp_group, async_op=True))
+        if self.zero == 1:
+            lo, hi = self._chunk_range(bucket)
+            out = torch.empty(bucket.chunk, dtype=flat.dtype, device=flat.device)
+            work = reduce_scatter_single(out, flat, group=self.dp_group, async_op=True)
+            self._works.append((work, out, self.groups[bucket.group].grad[lo:hi]))
+        else:
+            self._works.append((dist.all_reduce(flat, group=self.dp_group, async_op=True), None, None))
         self._next = b + 1
         if self.comm_log is not None:
             self.comm_log.append((b, where, self._n_ready))
@@ -410,13 +471,15 @@ class DataParallel(BucketState):
         if self.dp > 1 and (self._dirty or self._next > 0):
             while self._next < len(self.buckets):
                 self._launch(self._next, "finish")
-            for work in self._works:
+            for work, out, chunk in self._works:
                 work.wait()
+                if chunk is not None:  # ZeRO-1: the reduced chunk lands in place of this rank's part
+                    chunk.copy_(out)
         self._reset_round()
 
     def grad_shards(self) -> dict[str, tuple[int, int, Tensor]]:
         """The reduced gradients this rank holds, by name: ``(lo, hi, values)`` where `values` are
-        elements ``[lo, hi)`` of the flattened parameter (ZeRO-2: its share of the shard; else all)."""
+        elements ``[lo, hi)`` of the flattened parameter (ZeRO: its chunks' share; else all)."""
         out = {}
         for g in self.groups:
             store = g.shard_grad if self.zero == 2 else g.grad
@@ -432,16 +495,19 @@ class DataParallel(BucketState):
         return lo - b.shard_offset + self._chunk_range(b)[0] - g.offsets[i]
 
     def all_reduce_grads(self, params: Sequence[Tensor], group: Any) -> None:
-        """Sum the (dp-reduced) gradients of `params` over `group`, whose ranks hold the same
-        parameters with the same layout (the tensor-parallel group for sequence-parallel
-        LayerNorms; the first and last pipeline stage for the tied embedding, isolated in a
-        bucket of its own). ZeRO-0/1: the full gradients; ZeRO-2: this rank's shard of them.
-        One all-reduce of one flat tensor."""
+        """Sum the gradients of `params` over `group`, whose ranks hold the same parameters with the
+        same layout (the tensor-parallel group for sequence-parallel LayerNorms and QK-norms; the
+        first and last pipeline stage for the tied embedding, isolated in a bucket of its own).
+        ZeRO-0/1: the full local gradients, before the dp reduction; ZeRO-2: this rank's reduced
+        shard of them (the sum is linear: its order with the dp average does not matter). One
+        all-reduce of one flat tensor."""
         wanted = {self._index[id(p)] for p in params if id(p) in self._index}
-        views = []
-        for g in self.groups:
-            store = g.shard_grad if self.zero == 2 else g.grad
-            views += [store[lo:hi] for i, lo, hi in g.segments if i in wanted]
+        if self.zero < 2:
+            for i in wanted:
+                self._adopt_grad(i)
+            views = [self._grad_views[i].view(-1) for i in sorted(wanted, key=lambda i: self.names[i])]
+        else:
+            views = [g.shard_grad[lo:hi] for g in self.groups for i, lo, hi in g.segments if i in wanted]
         if not views:
             return
         flat = torch.cat(views)
@@ -452,6 +518,21 @@ class DataParallel(BucketState):
             offset += v.numel()
 
     # ------------------------------------------------------------------ optimizer
+
+    def add_grad(self, param: Tensor, grad: Tensor) -> None:
+        """Accumulate `grad` into `param`'s gradient as backward would (a zero-bubble pipeline's
+        deferred weight gradient, `lmkit.parallel.pipeline`): into the fp32 buffer directly when the
+        weights are bf16, and counted as arrived, so that ZeRO-2 reduces a completed bucket."""
+        i = self._index[id(param)]
+        if self.zero < 2 and self.split_grads:
+            self._grad_views[i].add_(grad.reshape(self._grad_views[i].shape))
+            self._dirty = True
+            return
+        if param.grad is None:
+            param.grad = grad.to(param.dtype).reshape(param.shape)
+        else:
+            param.grad.add_(grad.reshape(param.shape))
+        self._grad_ready(i)
 
     def zero_grad(self) -> None:
         """Zero the gradient buffers (ZeRO-0/1: the ``.grad`` views stay in place)."""
@@ -466,22 +547,42 @@ class DataParallel(BucketState):
         for g in self.groups:
             g.grad.zero_()
         for i in range(len(self.params)):
+            if self.split_grads:
+                self.params[i].grad = None  # (autograd's own: not yet added to the buffer)
             self._adopt_grad(i)
         self._reset_round()
 
     def step(self) -> None:
-        """One AdamW step (on this rank's chunks under ZeRO, then all-gather every bucket)."""
+        """One AdamW step (on this rank's chunks under ZeRO, then all-gather every bucket). Mixed
+        precision: the step updates the fp32 masters, which are then rounded into the bf16 weights."""
         if self._dirty or self._next > 0:
             self.finish_grad_sync()
         if not self.zero:
+            for i, master in self._masters.items():
+                self._set_unit_grad(master, self._grad_views[i])
             self.optimizer.step()
+            with torch.no_grad():
+                for i, master in self._masters.items():
+                    self.params[i].copy_(master)
+                    master.grad = None if master.grad.data_ptr() != self._grad_views[i].data_ptr() \
+                        else master.grad
             return
         for b, chunk in self._chunks:
-            chunk.grad = self._chunk_grad(b)  # in case someone reset it
+            self._set_unit_grad(chunk, self._chunk_grad(b))  # (a view: in case someone reset it)
         self.optimizer.step()
+        weights = []
+        with torch.no_grad():
+            for b, chunk in self._chunks:
+                lo, hi = self._chunk_range(b)
+                weights.append(self.groups[b.group].param[lo:hi])
+                if self.mixed:
+                    weights[-1].copy_(chunk)
+                    if chunk.grad.data_ptr() != self._chunk_grad(b).data_ptr():
+                        chunk.grad = None  # the fp32 copy of a bf16 reduction
         if self.dp > 1:
-            works = [all_gather_single(self.groups[b.group].param[b.start:b.end], chunk.clone(),
-                                        group=self.dp_group, async_op=True) for b, chunk in self._chunks]
+            works = [all_gather_single(self.groups[b.group].param[b.start:b.end], w.clone(),
+                                        group=self.dp_group, async_op=True)
+                     for (b, _), w in zip(self._chunks, weights, strict=True)]
             for w in works:
                 w.wait()
 
@@ -491,8 +592,8 @@ class DataParallel(BucketState):
         """Sum of ``norm_weights[i] * grad**2`` over the gradients this rank is responsible for,
         summed over the dp group (the same value on every dp rank).
 
-        ZeRO-0/1: every rank holds all averaged gradients, so the local sum is already the
-        group's. ZeRO-2: each rank sums its shard and the shards are all-reduced.
+        ZeRO-0: every rank holds all averaged gradients, so the local sum is already the
+        group's. ZeRO-1/2: each rank sums its chunks and the sums are all-reduced.
         """
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for g in self.groups:
@@ -501,7 +602,7 @@ class DataParallel(BucketState):
                 weight = self.norm_weights[i]
                 if weight:
                     total += weight * torch.linalg.vector_norm(store[lo:hi], dtype=torch.float32) ** 2
-        if self.zero == 2 and self.dp > 1:
+        if self.zero and self.dp > 1:
             dist.all_reduce(total, group=self.dp_group)
         return total
 

@@ -54,14 +54,12 @@ from lmkit.parallel.data_parallel import DataParallel
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.native_plan import quiet_redistribute
 from lmkit.parallel.pipeline import (
-    allreduce_tied_embedding_grads,
     pipeline_forward,
     run_pipeline,
     validate_pipeline,
 )
 from lmkit.parallel.stage import GPTStage, activation_shape, build_stages
 from lmkit.parallel.tensor_parallel import (
-    allreduce_tp_partial_grads,
     gather_full_param,
     parallelize_stage,
     shard_full_param,
@@ -295,19 +293,17 @@ class ParallelEngine(EngineBase):
                                           on_event=on_event)
         if pcfg.zero == 2:  # the gradients are in the dp shards: the fix-ups sum shards (same layout)
             self.dp.finish_grad_sync()
-            self._sum_shards_of_fixups()
+            self._sum_fixups()
             return loss_value
-        if self._tied_across_stages():
-            allreduce_tied_embedding_grads(self.stages, topo)
-        if self._tp_partial():
-            allreduce_tp_partial_grads(self.stages, topo)
+        self._sum_fixups()  # on the full local gradients, before the dp reduction
         self.dp.finish_grad_sync()
         return loss_value
 
-    def _sum_shards_of_fixups(self) -> None:
-        """ZeRO-2: the tied embedding's copies (first + last stage) and the replicated gradients that
-        are partial over tp (`plan.tp_partial`) summed after the dp reduce-scatter, on the shards: both
-        sums are linear, so their order with the dp average does not matter."""
+    def _sum_fixups(self) -> None:
+        """The tied embedding's copies (first + last stage) and the replicated gradients that are
+        partial over tp (`plan.tp_partial`) summed over their groups, in `DataParallel`'s gradient
+        buffers (ZeRO-0/1: the full local gradients; ZeRO-2: the dp shards, after the reduce-scatter:
+        both sums are linear, so their order with the dp average does not matter)."""
         topo = self.topo
         if self._tied_across_stages() and (topo.is_first_stage or topo.is_last_stage):
             tied = [p for name, p in self.named_params if name in ("tok_emb.weight", "head.weight")]
@@ -375,6 +371,8 @@ class ParallelEngine(EngineBase):
             for name, param in self.named_params:
                 source = weights[self.saved_as(name)]
                 param.copy_(self._shard_tp(name, source.to(param.device)))
+        if hasattr(self, "dp"):  # mixed precision: masters from the weights, unless the optimizer has them
+            self.dp.refresh_masters()
         if optimizer is not None:
             state = {}
             for name, _ in self.named_params:
