@@ -152,11 +152,58 @@ def test_tensor_parallelism_must_divide_the_key_value_heads_and_the_mlp():
 
 
 def test_zero_paper_figures():
-    """Rajbhandari et al. 2020, figure 1: a 7.5B model on 64 GPUs, mixed precision with Adam (K = 12)."""
-    per_gpu = [sum(costs.model_states(7.5e9, dp=64, zero=stage)) / GB for stage in range(4)]
+    """Rajbhandari et al. 2020, figure 1: a 7.5B model on 64 GPUs, mixed precision with Adam (K = 12).
+    The paper's 16 Psi keeps 2-byte gradients: lmkit's bf16 reduce (``reduce="bf16"``)."""
+    per_gpu = [sum(costs.model_states(7.5e9, dp=64, zero=stage, reduce="bf16")) / GB for stage in range(4)]
     assert per_gpu[0] == 120.0
     assert round(per_gpu[1], 1) == 31.4 and round(per_gpu[2], 1) == 16.6 and round(per_gpu[3], 1) == 1.9
     assert costs.model_states(10, precision="fp32") == (40, 40, 80)
+
+
+def test_mixed_precision_holds_what_the_engine_allocates():
+    """bf16 weights, gradients in the reduce dtype, fp32 masters and moments: 2 + 4 + 12 = 18 bytes per
+    parameter with the default fp32 reduce (16 with bf16); ZeRO-1/2 shard the master and the moments."""
+    assert costs.model_states(10) == (20, 40, 120)
+    assert costs.model_states(10, reduce="bf16") == (20, 20, 120)
+    model, layout = costs.PRESETS["gpt2-124m"], costs.Layout(dp=8, zero=1)
+    n = costs.num_params(model)
+    for reduce, r in (("fp32", 4), ("bf16", 2)):
+        buckets = costs.zero_buckets(model, layout, 0, grad_bytes=r)
+        # the cap counts gradient elements; a larger parameter (the embedding) gets a bucket of its own
+        assert sum(buckets) == n
+        assert all(k <= 25 * 2**20 // r or k == model.vocab_size * model.d_model for k in buckets)
+        padded = sum(-(-k // 8) * 8 for k in buckets)
+        shard = padded // 8
+        plain = costs.memory(model, costs.Layout(dp=8), 8, "mixed", reduce=reduce)
+        tensors = len(costs.parameter_table(model))
+        assert (plain.params, plain.grads, plain.optimizer) == (2 * n, r * n, 12 * n + 4 * tensors)
+        for zero, grads in ((1, r * padded), (2, r * shard)):
+            mem = costs.memory(model, costs.Layout(dp=8, zero=zero), 8, "mixed", reduce=reduce)
+            states = (mem.params, mem.grads, mem.optimizer)
+            assert states == (2 * padded, grads, 12 * shard + 4 * len(buckets))
+    # a bf16 gradient buffer fits twice the elements in a bucket: fewer buckets
+    assert len(costs.zero_buckets(model, layout, 0, grad_bytes=2)) < len(costs.zero_buckets(model, layout, 0))
+    with pytest.raises(costs.CostError, match="reduce='bf16' applies to mixed precision"):
+        costs.memory(model, costs.Layout(dp=8), 8, "fp32", reduce="bf16")
+    with pytest.raises(costs.CostError, match="reduce='fp16' is unknown"):
+        costs.model_states(10, reduce="fp16")
+
+
+def test_zero1_is_a_distributed_optimizer():
+    """ZeRO-1 reduce-scatters each bucket once per step into the rank's chunk, all-gathers the updated
+    chunks (bf16 under mixed precision) and all-reduces one fp32 norm^2 over dp."""
+    model, layout = costs.PRESETS["gpt2-124m"], costs.Layout(dp=8, zero=1, microbatches=4)
+    for reduce, r in (("fp32", 4), ("bf16", 2)):
+        terms = costs.communication(model, layout, 32, "mixed", reduce=reduce)
+        buckets = costs.zero_buckets(model, layout, 0, grad_bytes=r)
+        padded = sum(-(-k // 8) * 8 for k in buckets)
+        (rs,) = [t for t in terms if t.kind == "reduce_scatter"]
+        assert (rs.calls, rs.bytes) == (len(buckets), r * padded)  # once per step, not per microbatch
+        gathers = [t for t in terms if t.kind == "all_gather"]
+        assert [(t.calls, t.bytes) for t in gathers] == [(len(buckets), 2 * padded)]
+        norms = [t for t in terms if t.kind == "all_reduce" and "norm" in t.what]
+        assert [(t.bytes, t.bookkeeping) for t in norms] == [(4, True)]
+        assert not any(t.kind == "all_reduce" and not t.bookkeeping for t in terms)
 
 
 def test_activations_follow_korthikanti_et_al():
@@ -241,13 +288,18 @@ def test_zero_communication_volumes():
     """ZeRO paper section 7: ZeRO-1/2 move what plain DP moves (2 Psi per rank); ZeRO-3 1.5x."""
     model = costs.PRESETS["gpt2-124m"]
 
-    def sent(zero: int) -> float:
-        return sum(t.wire_bytes for t in costs.communication(model, costs.Layout(dp=8, zero=zero), 8, "mixed")
-                   if not t.bookkeeping)
+    def sent(zero: int, reduce: str = "fp32") -> float:
+        return sum(t.wire_bytes for t in costs.communication(model, costs.Layout(dp=8, zero=zero), 8, "mixed",
+                                                             reduce=reduce) if not t.bookkeeping)
 
-    assert sent(2) == pytest.approx(sent(0), rel=1e-6)
-    assert sent(3) == pytest.approx(1.5 * sent(0), rel=1e-6)
-    assert sent(1) == pytest.approx(1.5 * sent(0), rel=1e-6)  # all-reduce plus an all-gather of the shards
+    # (bf16 reduce: the gradients travel in 2 bytes like the parameters' all-gathers, as in the paper)
+    assert sent(2, "bf16") == pytest.approx(sent(0, "bf16"), rel=1e-6)
+    assert sent(3, "bf16") == pytest.approx(1.5 * sent(0, "bf16"), rel=1e-6)
+    # ZeRO-1 is a distributed optimizer: reduce-scatter + all-gather, the all-reduce's 2 Psi
+    assert sent(1, "bf16") == pytest.approx(sent(0, "bf16"), rel=1e-6)
+    # an fp32 reduce doubles the gradients' bytes, not the parameters' (bf16) all-gather: 3 Psi of 2
+    assert sent(1) == pytest.approx(1.5 * sent(1, "bf16"), rel=1e-6)
+    assert sent(0) == pytest.approx(2 * sent(0, "bf16"), rel=1e-6)
 
 
 def test_memory_shrinks_with_every_dimension():
@@ -304,6 +356,15 @@ def test_calculate_is_memory_and_communication_in_json():
     mem = costs.memory(costs.PRESETS["llama3-70b"], layout, 64, "mixed")
     assert out["memory"] == mem.as_dict() and out["fits"] == (mem.total <= 80 * GB)
     assert out["bubble"] == costs.bubble_fraction(4, 16)
+    assert out["notes"] == ""
+    bf16 = costs.calculate({**inputs, "reduce": "bf16"})
+    bf16_memory = costs.memory(costs.PRESETS["llama3-70b"], layout, 64, "mixed", reduce="bf16")
+    assert bf16["memory"] == bf16_memory.as_dict()
+    assert bf16["memory"]["grads"] == out["memory"]["grads"] / 2
+    assert bf16["communication"]["dp"] < out["communication"]["dp"]
+    # selective recomputation drops the score matrix that flash attention never stores: said, not offered
+    selective = costs.calculate({**inputs, "recompute": "selective"})
+    assert selective["memory"] == out["memory"] and "no effect with flash attention" in selective["notes"]
     assert costs.calculate({**inputs, "tp": 3})["error"].startswith("n_head=64 is not divisible by tp=3")
     assert costs.calculate({"preset": "nope"})["error"].startswith("unknown preset")
 
@@ -336,7 +397,17 @@ def test_estimate_prints_the_ranked_table(capsys):
                  "--global-batch", "1536", "--zero", "0", "1", "--top", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("GPT-3 175B: 174.60B parameters, 1024 x h100") and "layouts fit" in lines[0]
-    assert lines[1].split()[:3] == ["layout", "GB/device", "states"] and len(lines) == 3 + 3
+    assert lines[1].split()[:3] == ["layout", "GB/device", "states"] and len(lines) == 3 + 3 + 1
+    assert "(fp32 gradients)" in lines[0]
+    assert lines[-1] == f"(flash attention; {costs.SELECTIVE_UNDER_FLASH}, so no layout lists it)"
+    assert "no effect with flash attention" in lines[-1]
+    args = ["estimate", "--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--zero", "1",
+            "--top", "1", "--json"]
+    assert main(args) == 0
+    fp32_reduce = json.loads(capsys.readouterr().out)[0]
+    assert main([*args, "--reduce-dtype", "bf16"]) == 0
+    bf16_reduce = json.loads(capsys.readouterr().out)[0]
+    assert bf16_reduce["states_gb"] < fp32_reduce["states_gb"]  # 2-byte gradients
     assert main(["estimate", "--n-layer", "4", "--d-model", "64", "--n-head", "4", "--vocab-size", "66",
                  "--seq-len", "32", "--devices", "2", "--global-batch", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -363,6 +434,8 @@ def test_estimate_prints_the_ranked_table(capsys):
     (["--n-layer", "2", "--d-model", "64", "--n-head", "8", "--vocab-size", "64", "--seq-len", "32",
       "--n-kv-head", "3", "--devices", "8", "--global-batch", "8"], "n_kv_head=3 does not divide n_head=8"),
     (["--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
+    (["--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--precision", "fp32",
+      "--reduce-dtype", "bf16"], "--reduce-dtype bf16 applies to --precision mixed"),
 ])
 def test_estimate_rejects_impossible_requests_in_one_line(argv, message, capsys):
     assert main(["estimate", *argv]) == 2

@@ -88,7 +88,7 @@ def _bandwidth(cluster: Cluster, span: int) -> float:
 
 
 def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster, precision: str = "mixed",
-              efficiency: float = 0.5, flash_attention: bool = True) -> Candidate:
+              efficiency: float = 0.5, flash_attention: bool = True, reduce: str = "fp32") -> Candidate:
     """Estimated step time: compute at `efficiency` of peak, bubble, exposed communication.
 
     Compute: training FLOPs (plus one forward under full recomputation, the attention scores under
@@ -96,12 +96,13 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     tensor- and pipeline-parallel traffic is on the critical path; the data-parallel gradient
     reduction overlaps the last microbatch's backward (2/3 of its compute) and ZeRO-3's parameter
     gathers the whole step's compute, only the rest is exposed; ZeRO-1/2's all-gather of the updated
-    parameters follows the optimizer step and is exposed (as in lmkit's engine). Context parallelism
+    parameters follows the optimizer step and is exposed (as in lmkit's engine). `reduce` is the
+    gradients' dtype under mixed precision (`communication`, `memory`). Context parallelism
     adds no FLOPs (the attention of a sequence is split, not repeated) and its ring hides behind
     the block computations step by step (`_ring_exposed_s`). Ranks are ordered tp fastest, then cp,
     then dp, then pp: a group is on NVLink when it spans at most one node.
     """
-    mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention)
+    mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention, reduce=reduce)
     tokens = global_batch * model.seq_len
     flops = flops_per_token(model) * tokens
     if layout.recompute == "full":
@@ -114,8 +115,8 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     tp_s = pp_s = dp_s = 0.0
     hidden = {"backward": [0.0, compute * 2 / 3 / layout.microbatches], "compute": [0.0, compute]}
     # The busiest rank sets the pace: an end stage (embedding, head) or an inner one (both directions).
-    loads = {r: communication(model, layout, global_batch, precision, r) for r in {0, min(1, layout.pp - 1),
-                                                                                   layout.pp - 1}}
+    loads = {r: communication(model, layout, global_batch, precision, r, reduce=reduce)
+             for r in {0, min(1, layout.pp - 1), layout.pp - 1}}
     worst = max(loads, key=lambda r: sum(t.wire_bytes for t in loads[r]))
     for term in loads[worst]:
         if term.group == "tp":
@@ -169,16 +170,16 @@ def _divisors(n: int) -> list[int]:
 
 def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "mixed",
            efficiency: float = 0.5, zero_stages: tuple[int, ...] = (0, 1, 2, 3), top: int | None = None,
-           flash_attention: bool = True) -> list[Candidate]:
+           flash_attention: bool = True, reduce: str = "fp32") -> list[Candidate]:
     """Every dp x cp x tp x pp layout (with zero, sp, recomputation, microbatches, schedule) that fits.
 
-    Ranked by `step_time`. Raises `CostError` when nothing fits, saying by how much the layout
-    that needs the least memory misses. Context parallelism (``cp`` dividing the devices, the
-    sequence a multiple of ``2 cp``) is enumerated where it can win: with flash attention, a cp
-    layout whose batch would also split over ``dp x cp`` data-parallel ranks is left out, since
-    that layout holds the same tokens per rank with the same model states and sends no ring.
-    Tensor parallelism takes the sizes `tp_choices` allows (whole query heads, key/value heads and
-    MLP features on every rank) that divide the vocabulary.
+    Ranked by `step_time` (`precision` and `reduce` as there). Raises `CostError` when nothing fits,
+    saying by how much the layout that needs the least memory misses. Context parallelism (``cp`` dividing
+    the devices, the sequence a multiple of ``2 cp``) is enumerated where it can win: with flash
+    attention, a cp layout whose batch would also split over ``dp x cp`` data-parallel ranks is left out,
+    since that layout holds the same tokens per rank with the same model states and sends no ring. Tensor
+    parallelism takes the sizes `tp_choices` allows (whole query heads, key/value heads and MLP features
+    on every rank) that divide the vocabulary.
     """
     model.validate()
     cluster.validate()
@@ -210,7 +211,7 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
                 layout = Layout(dp, tp, pp, zero, sp, m, schedule, v, rc, cp)
                 try:
                     cand = step_time(model, layout, global_batch, cluster, precision, efficiency,
-                                     flash_attention)
+                                     flash_attention, reduce)
                 except CostError:
                     continue
                 need = cand.memory.total
