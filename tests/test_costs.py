@@ -7,6 +7,7 @@ Against the engines (bytes of model states and of every collective, measured): s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import subprocess
@@ -207,9 +208,10 @@ def test_zero1_is_a_distributed_optimizer():
 
 
 def test_activations_follow_korthikanti_et_al():
-    """Section 4 of "Reducing Activation Recomputation in Large Transformer Models" (2022), per layer."""
+    """Section 4 of "Reducing Activation Recomputation in Large Transformer Models" (2022), per layer:
+    GPT-3 with dropout (its 1-byte masks are counted only when asked for, ``dropout=True``)."""
     s, b, h, a, t = 2048, 1, 12288, 96, 8
-    act = costs.activation_bytes_per_layer
+    act = functools.partial(costs.activation_bytes_per_layer, dropout=True)
     assert act(b, s, h, a) == s * b * h * (34 + 5 * a * s / h)
     assert act(b, s, h, a, tp=t) == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
     sp = {"tp": t, "sequence_parallel": True}
@@ -218,6 +220,24 @@ def test_activations_follow_korthikanti_et_al():
     assert act(b, s, h, a, tp=t, recompute="full") == 2 * s * b * h
     # fp32, no dropout, flash attention (what lmkit's GPT runs on a CPU): 16 values of b s h x 4 bytes
     assert act(b, s, h, a, act_bytes=4, dropout=False, flash_attention=True) == 64 * s * b * h + 4 * a * s * b
+
+
+def test_no_dropout_masks_unless_the_model_has_dropout():
+    """The default counts no masks: Llama 3 70B (no dropout) at 128k tokens, tp8 + sp, flash, is not
+    charged the two 1-byte masks per token and layer (21 GB over its 80 layers) of a model with dropout."""
+    m70, s = costs.PRESETS["llama3-70b"], 128 * 1024
+    assert not m70.dropout and not any(m.dropout for m in costs.PRESETS.values())
+    kw = {"tp": 8, "sequence_parallel": True, "flash_attention": True, **costs.model_activation_options(m70)}
+    plain = m70.n_layer * costs.activation_bytes_per_layer(1, s, m70.d_model, m70.n_head, **kw)
+    masked = m70.n_layer * costs.activation_bytes_per_layer(1, s, m70.d_model, m70.n_head, dropout=True, **kw)
+    assert round((masked - plain) / GB) == 21
+    assert masked - plain == m70.n_layer * 2 * s * m70.d_model / 8  # two masks, split over tp by sp
+    # memory() and calculate() follow the model: the same layer count without masks
+    layout = costs.Layout(tp=8, sequence_parallel=True)
+    long = dataclasses.replace(m70, seq_len=s)
+    with_dropout = dataclasses.replace(long, dropout=True)
+    held = [costs.memory(m, layout, 1, "mixed").activations for m in (long, with_dropout)]
+    assert held[1] - held[0] == pytest.approx(m70.n_layer * 2 * s * m70.d_model / 8)
 
 
 @pytest.mark.parametrize("options", [

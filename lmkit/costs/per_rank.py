@@ -57,22 +57,23 @@ def model_states(numel: float, dp: int = 1, zero: int = 0, precision: str = "mix
 
 
 def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
-                               recompute: str = "none", act_bytes: int = 2, dropout: bool = True,
+                               recompute: str = "none", act_bytes: int = 2, dropout: bool = False,
                                flash_attention: bool = False, cp: int = 1, *, kv_width: int | None = None,
                                d_ff: int | None = None, mlp: str = "plain",
                                qk_transformed: bool = False) -> float:
     """Bytes one Transformer layer keeps for backward, for a microbatch of `b` sequences of `s` tokens.
 
-    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
-    section 4: ``s b h (34 + 5 a s / h)`` with 2-byte activations and 1-byte dropout masks;
-    ``s b h (10 + 24/t + 5 a s/(h t))`` with tensor parallelism, ``s b h/t (34 + 5 a s / h)`` with
-    sequence parallelism, the ``5 a s / h`` term gone under selective recomputation, ``2 s b h``
-    (the layer's input) under full recomputation. Generalised here to `act_bytes` per element,
-    no masks without dropout, and flash attention (no ``a s^2`` matrix; ``4 a s b`` bytes of
-    log-sum-exp instead). Context parallelism over `cp` ranks gives each rank ``s / cp`` of the
-    tokens: every ``s b h`` term is divided by ``cp``, and so is the score term, whose rows are this
-    rank's queries against all ``s`` keys (``a (s/cp) s b``); ring attention (`cp_attention_memory`)
-    keeps none of it.
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4:
+    ``s b h (34 + 5 a s / h)`` with 2-byte activations and 1-byte dropout masks; ``s b h (10 + 24/t + 5 a
+    s/(h t))`` with tensor parallelism, ``s b h/t (34 + 5 a s / h)`` with sequence parallelism, the ``5 a
+    s / h`` term gone under selective recomputation, ``2 s b h`` (the layer's input) under full
+    recomputation. Generalised here to `act_bytes` per element, masks only with `dropout` (default False:
+    today's models, and every preset, train without it; pass ``dropout=True``, or `Model.dropout`, for
+    Korthikanti's GPT-3 figures), and flash attention (no ``a s^2`` matrix; ``4 a s b`` bytes of
+    log-sum-exp instead). Context parallelism over `cp` ranks gives each rank ``s / cp`` of the tokens:
+    every ``s b h`` term is divided by ``cp``, and so is the score term, whose rows are this rank's
+    queries against all ``s`` keys (``a (s/cp) s b``); ring attention (`cp_attention_memory`) keeps none
+    of it.
 
     The tensors counted, per token (``a`` query heads; the defaults are GPT-2's, Korthikanti's):
 
