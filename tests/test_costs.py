@@ -674,3 +674,18 @@ def test_calculate_reports_the_ring_in_its_own_row():
     assert sent["total"] == sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
     assert costs.calculate({**inputs, "cp": 1})["communication"]["cp"] == 0
     assert "multiple of 6" in costs.calculate({**inputs, "cp": 3})["error"]  # 2048 = 6 x 341.3 tokens
+
+
+def test_full_recomputation_repeats_the_forwards_tensor_parallel_collectives():
+    """Activation checkpointing re-runs each block's forward, and with it its 2 all-reduces per layer and
+    microbatch (sequence parallel: 2 all-gathers and 2 reduce-scatters), as it re-runs cp's ring."""
+    model, m, b = costs.PRESETS["llama2-7b"], 4, 8
+    for sp, kinds in ((False, ("all_reduce",)), (True, ("all_gather", "reduce_scatter"))):
+        calls = {}
+        for rc in ("none", "full"):
+            layout = costs.Layout(tp=8, sequence_parallel=sp, microbatches=m, recompute=rc)
+            terms = costs.communication(model, layout, b, "mixed")
+            calls[rc] = {k: sum(t.calls for t in terms if t.kind == k and "activations" in t.what)
+                         for k in kinds}
+        for k in kinds:
+            assert calls["full"][k] - calls["none"][k] == 2 * model.n_layer * m
