@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import random
 import subprocess
 import sys
@@ -689,3 +690,18 @@ def test_full_recomputation_repeats_the_forwards_tensor_parallel_collectives():
                          for k in kinds}
         for k in kinds:
             assert calls["full"][k] - calls["none"][k] == 2 * model.n_layer * m
+
+
+def test_the_ring_hides_in_backward_at_one_and_a_half_times_the_forwards_tokens_in_bf16():
+    """Backward sends the K/V block and an fp32 dK/dV accumulator per step against twice the forward's
+    compute: k (1 + 4/e) <= 2 f, i.e. 1.5x the forward's tokens per rank in bf16, the same in fp32."""
+    h100 = costs.DEVICES["h100"]
+    F, beta, h = 0.5 * h100[1], 450e9, 4096
+    for e, factor in ((2, 1.5), (4, 1.0)):
+        step = costs.cp_ring_step(1, 65536, h, 2, F, beta, tp=4, act_bytes=e)
+        assert step["hide_tokens"] == pytest.approx(e * F / beta)  # (kv_width / h) e F / beta
+        assert step["hide_tokens_backward"] == pytest.approx(factor * step["hide_tokens"])
+        above, below = step["hide_tokens_backward"] * 1.01, step["hide_tokens"] * 0.99
+        for s, hidden in ((4 * math.ceil(above / 2), True), (4 * math.floor(below / 2), False)):  # cp = 2
+            at = costs.cp_ring_step(1, s, h, 2, F, beta, tp=4, act_bytes=e)
+            assert (2 * at["compute_s"] >= at["comm_s"] * (1 + 4 / e)) == hidden

@@ -559,16 +559,23 @@ def cp_ring_step(b: int, s: int, h: int, cp: int, peak_flops: float, bandwidth: 
     (every query head computes; a contiguous rank below the diagonal: one ``(s/cp)^2`` block, twice
     as much); the transfer is one K/V block, ``2 b (s/cp) (kv_width/t) e`` bytes at `bandwidth`
     bytes/s (``kv_width`` default `h`). The transfer hides behind the compute when
-    ``compute_s >= comm_s``: for zigzag when ``s / cp >= (kv_width / h) e F / beta`` tokens per rank,
-    so grouped-query attention hides its ring at ``n_head / n_kv_head`` times shorter chunks.
+    ``compute_s >= comm_s``: for zigzag when ``s / cp >= (kv_width / h) e F / beta`` tokens per rank
+    (``hide_tokens``), so grouped-query attention hides its ring at ``n_head / n_kv_head`` times
+    shorter chunks. Backward (`lmkit.parallel.context_parallel.RingAttention.backward`): a step's
+    compute, counted as twice the forward's, runs while the next K/V block and the previous step's
+    dK/dV accumulator travel, the latter in the accumulation precision ``max(e, 4)``: it hides when
+    ``2 compute_s >= comm_s (1 + max(e, 4) / e)``, at ``hide_tokens_backward`` = ``(1 + max(e, 4)
+    / e) / 2`` times ``hide_tokens`` per rank: 1.5x in bf16, 1x in fp32 (as `_ring_exposed_s`).
     """
     _, c = _cp_chunks(s, cp, layout)
     width, kv = h // tp, (h if kv_width is None else kv_width) // tp
     block_pairs = 2 if layout == "zigzag" else 1
     flops = block_pairs * 4 * b * c * c * width
     comm = 2 * b * (s // cp) * kv * act_bytes
+    hide = (s // cp) * (comm / bandwidth) / (flops / peak_flops)  # tokens per rank where f = k
     return {"flops": float(flops), "compute_s": flops / peak_flops, "bytes": float(comm),
-            "comm_s": comm / bandwidth}
+            "comm_s": comm / bandwidth, "hide_tokens": hide,
+            "hide_tokens_backward": hide * (1 + max(act_bytes, 4) / act_bytes) / 2}
 
 
 # --------------------------------------------------------------------------------- pipeline bubble
