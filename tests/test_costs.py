@@ -629,7 +629,8 @@ def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():
     cand = costs.step_time(model, layout, 1, node)
     step = costs.cp_ring_step(1, model.seq_len, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
     assert step["compute_s"] > 3 * step["comm_s"] / 2  # backward: 2x the compute against K/V + dK/dV
-    assert cand.cp_exposed_s == pytest.approx(model.n_layer * 2 * step["comm_s"], rel=1e-12)  # fp32 dK/dV
+    alpha = node.intra_node_latency_s  # each block is one message
+    assert cand.cp_exposed_s == pytest.approx(model.n_layer * (2 * step["comm_s"] + alpha), rel=1e-12)
     assert cand.step_s == pytest.approx(cand.compute_s + cand.tp_s + cand.dp_exposed_s + cand.cp_exposed_s,
                                         rel=1e-12)
     # 1,024 tokens per rank are fewer than e F / beta = 2,197: every step's transfer outlasts its compute
@@ -637,8 +638,10 @@ def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():
     step = costs.cp_ring_step(1, 2048, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
     k, f = step["comm_s"], step["compute_s"]
     assert k > 2 * f
-    # forward k - f; backward: K/V k - 2f, dK/dV in flight 2k - 2f, its last hop 2k (fp32: twice bf16)
-    per_layer = (k - f) + (k - 2 * f) + (2 * k - 2 * f) + 2 * k
+    # forward k - f; backward: K/V k - 2f, dK/dV in flight 2k - 2f, its last hop 2k (fp32: twice bf16);
+    # a message latency alpha on each block
+    k, g = k + alpha, 2 * k + alpha
+    per_layer = (k - f) + (k - 2 * f) + (g - 2 * f) + g
     assert short.cp_exposed_s == pytest.approx(model.n_layer * per_layer, rel=1e-12)
 
 
@@ -705,3 +708,31 @@ def test_the_ring_hides_in_backward_at_one_and_a_half_times_the_forwards_tokens_
         for s, hidden in ((4 * math.ceil(above / 2), True), (4 * math.floor(below / 2), False)):  # cp = 2
             at = costs.cp_ring_step(1, s, h, 2, F, beta, tp=4, act_bytes=e)
             assert (2 * at["compute_s"] >= at["comm_s"] * (1 + 4 / e)) == hidden
+
+
+def test_every_message_costs_a_latency_so_tiny_microbatches_are_not_free():
+    """Each collective call and send costs the cluster's latency (a few us in a node, ~15 us across):
+    it grows with the message count, and the search no longer takes the most microbatches there are."""
+    h100 = costs.DEVICES["h100"]
+    model, batch = costs.PRESETS["gpt2-124m"], 4096
+
+    def cluster(scale: float) -> costs.Cluster:
+        return costs.Cluster(16, h100[0], h100[1], intra_node_gbps=h100[2], inter_node_gbps=h100[3],
+                             intra_node_latency_s=5e-6 * scale, inter_node_latency_s=15e-6 * scale)
+
+    assert costs.Cluster(8, 80, 1e15).intra_node_latency_s < costs.Cluster(8, 80, 1e15).inter_node_latency_s
+    extra = []
+    for m in (16, 64, 256):
+        layout = costs.Layout(dp=8, pp=2, microbatches=m)
+        free, charged = (costs.step_time(model, layout, batch, cluster(x)) for x in (0.0, 1.0))
+        messages = sum(t.calls for t in costs.communication(model, layout, batch, "mixed", 0)
+                       if t.group in ("pp", "embedding") and t.kind != "recv")
+        assert charged.pp_s - free.pp_s == pytest.approx(messages * 15e-6)  # pp stages on two nodes
+        extra.append(charged.step_s - free.step_s)
+    assert extra[0] < extra[1] < extra[2]
+    best_m = {}
+    for scale in (0.0, 1.0):
+        found = costs.search(model, batch, cluster(scale), zero_stages=(0, 1))
+        best_m[scale] = next(c for c in found if c.layout.pp > 1).layout.microbatches
+    assert best_m[0.0] == batch // 8  # without latency: one sequence per microbatch, 512 of them
+    assert best_m[1.0] <= 128  # with it: a moderate count
