@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     est.add_argument("--precision", choices=costs.PRECISIONS, default="mixed",
                      help="mixed (bf16 weights and activations, fp32 master weights) or fp32")
+    est.add_argument("--reduce-dtype", choices=costs.REDUCE_DTYPES, default="fp32",
+                     help="dtype of the gradients under mixed precision, accumulated and reduced over dp "
+                          "(train.reduce_dtype): fp32, or bf16 (half the bytes)")
     est.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the compute reaches")
     est.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3],
                      help="ZeRO stages to consider (default: 0 1 2 3)")
@@ -466,8 +469,11 @@ def _estimate_inputs(args: argparse.Namespace) -> tuple[costs.Model, costs.Clust
 def cmd_estimate(args: argparse.Namespace) -> int:
     """Rank the layouts that fit (`lmkit.costs.search`) and print them as a table (chapter 5)."""
     model, cluster = _estimate_inputs(args)
+    if args.precision == "fp32" and args.reduce_dtype != "fp32":
+        raise UsageError("lmkit estimate: --reduce-dtype bf16 applies to --precision mixed (bf16 weights "
+                         "with fp32 masters); drop it or use --precision mixed")
     found = costs.search(model, args.global_batch, cluster, args.precision, args.efficiency,
-                         zero_stages=tuple(sorted(set(args.zero))))
+                         zero_stages=tuple(sorted(set(args.zero))), reduce=args.reduce_dtype)
     found = [c for c in found if (args.tp is None or c.layout.tp == args.tp)
              and (args.pp is None or c.layout.pp == args.pp)]
     if not found:
@@ -488,7 +494,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return 0
     print(f"{model.name or 'model'}: {costs.num_params(model) / 1e9:.2f}B parameters, {cluster.devices} x "
           f"{cluster.name} ({cluster.device_memory_gb:g} GB, {cluster.peak_flops / 1e12:g} TFLOP/s), "
-          f"global batch {args.global_batch} x {model.seq_len} tokens, {args.precision} precision, "
+          f"global batch {args.global_batch} x {model.seq_len} tokens, {args.precision} precision"
+          f"{f' ({args.reduce_dtype} gradients)' if args.precision == 'mixed' else ''}, "
           f"compute at {args.efficiency:.0%} of peak; {len(found):,} layouts fit, the {len(rows)} fastest:")
     header = ["layout", "GB/device", "states", "activ.", "step s", "compute", "bubble", "comm", "tokens/s",
               "MFU"]
@@ -499,6 +506,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     for line in [header, ["-" * w for w in widths], *table]:
         print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
                         for i, (x, w) in enumerate(zip(line, widths, strict=True))))
+    print(f"(flash attention; {costs.SELECTIVE_UNDER_FLASH}, so no layout lists it)")
     return 0
 
 

@@ -7,7 +7,9 @@ Against the engines (bytes of model states and of every collective, measured): s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import random
 import subprocess
 import sys
@@ -152,17 +154,65 @@ def test_tensor_parallelism_must_divide_the_key_value_heads_and_the_mlp():
 
 
 def test_zero_paper_figures():
-    """Rajbhandari et al. 2020, figure 1: a 7.5B model on 64 GPUs, mixed precision with Adam (K = 12)."""
-    per_gpu = [sum(costs.model_states(7.5e9, dp=64, zero=stage)) / GB for stage in range(4)]
+    """Rajbhandari et al. 2020, figure 1: a 7.5B model on 64 GPUs, mixed precision with Adam (K = 12).
+    The paper's 16 Psi keeps 2-byte gradients: lmkit's bf16 reduce (``reduce="bf16"``)."""
+    per_gpu = [sum(costs.model_states(7.5e9, dp=64, zero=stage, reduce="bf16")) / GB for stage in range(4)]
     assert per_gpu[0] == 120.0
     assert round(per_gpu[1], 1) == 31.4 and round(per_gpu[2], 1) == 16.6 and round(per_gpu[3], 1) == 1.9
     assert costs.model_states(10, precision="fp32") == (40, 40, 80)
 
 
+def test_mixed_precision_holds_what_the_engine_allocates():
+    """bf16 weights, gradients in the reduce dtype, fp32 masters and moments: 2 + 4 + 12 = 18 bytes per
+    parameter with the default fp32 reduce (16 with bf16); ZeRO-1/2 shard the master and the moments."""
+    assert costs.model_states(10) == (20, 40, 120)
+    assert costs.model_states(10, reduce="bf16") == (20, 20, 120)
+    model, layout = costs.PRESETS["gpt2-124m"], costs.Layout(dp=8, zero=1)
+    n = costs.num_params(model)
+    for reduce, r in (("fp32", 4), ("bf16", 2)):
+        buckets = costs.zero_buckets(model, layout, 0, grad_bytes=r)
+        # the cap counts gradient elements; a larger parameter (the embedding) gets a bucket of its own
+        assert sum(buckets) == n
+        assert all(k <= 25 * 2**20 // r or k == model.vocab_size * model.d_model for k in buckets)
+        padded = sum(-(-k // 8) * 8 for k in buckets)
+        shard = padded // 8
+        plain = costs.memory(model, costs.Layout(dp=8), 8, "mixed", reduce=reduce)
+        tensors = len(costs.parameter_table(model))
+        assert (plain.params, plain.grads, plain.optimizer) == (2 * n, r * n, 12 * n + 4 * tensors)
+        for zero, grads in ((1, r * padded), (2, r * shard)):
+            mem = costs.memory(model, costs.Layout(dp=8, zero=zero), 8, "mixed", reduce=reduce)
+            states = (mem.params, mem.grads, mem.optimizer)
+            assert states == (2 * padded, grads, 12 * shard + 4 * len(buckets))
+    # a bf16 gradient buffer fits twice the elements in a bucket: fewer buckets
+    assert len(costs.zero_buckets(model, layout, 0, grad_bytes=2)) < len(costs.zero_buckets(model, layout, 0))
+    with pytest.raises(costs.CostError, match="reduce='bf16' applies to mixed precision"):
+        costs.memory(model, costs.Layout(dp=8), 8, "fp32", reduce="bf16")
+    with pytest.raises(costs.CostError, match="reduce='fp16' is unknown"):
+        costs.model_states(10, reduce="fp16")
+
+
+def test_zero1_is_a_distributed_optimizer():
+    """ZeRO-1 reduce-scatters each bucket once per step into the rank's chunk, all-gathers the updated
+    chunks (bf16 under mixed precision) and all-reduces one fp32 norm^2 over dp."""
+    model, layout = costs.PRESETS["gpt2-124m"], costs.Layout(dp=8, zero=1, microbatches=4)
+    for reduce, r in (("fp32", 4), ("bf16", 2)):
+        terms = costs.communication(model, layout, 32, "mixed", reduce=reduce)
+        buckets = costs.zero_buckets(model, layout, 0, grad_bytes=r)
+        padded = sum(-(-k // 8) * 8 for k in buckets)
+        (rs,) = [t for t in terms if t.kind == "reduce_scatter"]
+        assert (rs.calls, rs.bytes) == (len(buckets), r * padded)  # once per step, not per microbatch
+        gathers = [t for t in terms if t.kind == "all_gather"]
+        assert [(t.calls, t.bytes) for t in gathers] == [(len(buckets), 2 * padded)]
+        norms = [t for t in terms if t.kind == "all_reduce" and "norm" in t.what]
+        assert [(t.bytes, t.bookkeeping) for t in norms] == [(4, True)]
+        assert not any(t.kind == "all_reduce" and not t.bookkeeping for t in terms)
+
+
 def test_activations_follow_korthikanti_et_al():
-    """Section 4 of "Reducing Activation Recomputation in Large Transformer Models" (2022), per layer."""
+    """Section 4 of "Reducing Activation Recomputation in Large Transformer Models" (2022), per layer:
+    GPT-3 with dropout (its 1-byte masks are counted only when asked for, ``dropout=True``)."""
     s, b, h, a, t = 2048, 1, 12288, 96, 8
-    act = costs.activation_bytes_per_layer
+    act = functools.partial(costs.activation_bytes_per_layer, dropout=True)
     assert act(b, s, h, a) == s * b * h * (34 + 5 * a * s / h)
     assert act(b, s, h, a, tp=t) == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
     sp = {"tp": t, "sequence_parallel": True}
@@ -171,6 +221,24 @@ def test_activations_follow_korthikanti_et_al():
     assert act(b, s, h, a, tp=t, recompute="full") == 2 * s * b * h
     # fp32, no dropout, flash attention (what lmkit's GPT runs on a CPU): 16 values of b s h x 4 bytes
     assert act(b, s, h, a, act_bytes=4, dropout=False, flash_attention=True) == 64 * s * b * h + 4 * a * s * b
+
+
+def test_no_dropout_masks_unless_the_model_has_dropout():
+    """The default counts no masks: Llama 3 70B (no dropout) at 128k tokens, tp8 + sp, flash, is not
+    charged the two 1-byte masks per token and layer (21 GB over its 80 layers) of a model with dropout."""
+    m70, s = costs.PRESETS["llama3-70b"], 128 * 1024
+    assert not m70.dropout and not any(m.dropout for m in costs.PRESETS.values())
+    kw = {"tp": 8, "sequence_parallel": True, "flash_attention": True, **costs.model_activation_options(m70)}
+    plain = m70.n_layer * costs.activation_bytes_per_layer(1, s, m70.d_model, m70.n_head, **kw)
+    masked = m70.n_layer * costs.activation_bytes_per_layer(1, s, m70.d_model, m70.n_head, dropout=True, **kw)
+    assert round((masked - plain) / GB) == 21
+    assert masked - plain == m70.n_layer * 2 * s * m70.d_model / 8  # two masks, split over tp by sp
+    # memory() and calculate() follow the model: the same layer count without masks
+    layout = costs.Layout(tp=8, sequence_parallel=True)
+    long = dataclasses.replace(m70, seq_len=s)
+    with_dropout = dataclasses.replace(long, dropout=True)
+    held = [costs.memory(m, layout, 1, "mixed").activations for m in (long, with_dropout)]
+    assert held[1] - held[0] == pytest.approx(m70.n_layer * 2 * s * m70.d_model / 8)
 
 
 @pytest.mark.parametrize("options", [
@@ -241,13 +309,18 @@ def test_zero_communication_volumes():
     """ZeRO paper section 7: ZeRO-1/2 move what plain DP moves (2 Psi per rank); ZeRO-3 1.5x."""
     model = costs.PRESETS["gpt2-124m"]
 
-    def sent(zero: int) -> float:
-        return sum(t.wire_bytes for t in costs.communication(model, costs.Layout(dp=8, zero=zero), 8, "mixed")
-                   if not t.bookkeeping)
+    def sent(zero: int, reduce: str = "fp32") -> float:
+        return sum(t.wire_bytes for t in costs.communication(model, costs.Layout(dp=8, zero=zero), 8, "mixed",
+                                                             reduce=reduce) if not t.bookkeeping)
 
-    assert sent(2) == pytest.approx(sent(0), rel=1e-6)
-    assert sent(3) == pytest.approx(1.5 * sent(0), rel=1e-6)
-    assert sent(1) == pytest.approx(1.5 * sent(0), rel=1e-6)  # all-reduce plus an all-gather of the shards
+    # (bf16 reduce: the gradients travel in 2 bytes like the parameters' all-gathers, as in the paper)
+    assert sent(2, "bf16") == pytest.approx(sent(0, "bf16"), rel=1e-6)
+    assert sent(3, "bf16") == pytest.approx(1.5 * sent(0, "bf16"), rel=1e-6)
+    # ZeRO-1 is a distributed optimizer: reduce-scatter + all-gather, the all-reduce's 2 Psi
+    assert sent(1, "bf16") == pytest.approx(sent(0, "bf16"), rel=1e-6)
+    # an fp32 reduce doubles the gradients' bytes, not the parameters' (bf16) all-gather: 3 Psi of 2
+    assert sent(1) == pytest.approx(1.5 * sent(1, "bf16"), rel=1e-6)
+    assert sent(0) == pytest.approx(2 * sent(0, "bf16"), rel=1e-6)
 
 
 def test_memory_shrinks_with_every_dimension():
@@ -304,6 +377,15 @@ def test_calculate_is_memory_and_communication_in_json():
     mem = costs.memory(costs.PRESETS["llama3-70b"], layout, 64, "mixed")
     assert out["memory"] == mem.as_dict() and out["fits"] == (mem.total <= 80 * GB)
     assert out["bubble"] == costs.bubble_fraction(4, 16)
+    assert out["notes"] == ""
+    bf16 = costs.calculate({**inputs, "reduce": "bf16"})
+    bf16_memory = costs.memory(costs.PRESETS["llama3-70b"], layout, 64, "mixed", reduce="bf16")
+    assert bf16["memory"] == bf16_memory.as_dict()
+    assert bf16["memory"]["grads"] == out["memory"]["grads"] / 2
+    assert bf16["communication"]["dp"] < out["communication"]["dp"]
+    # selective recomputation drops the score matrix that flash attention never stores: said, not offered
+    selective = costs.calculate({**inputs, "recompute": "selective"})
+    assert selective["memory"] == out["memory"] and "no effect with flash attention" in selective["notes"]
     assert costs.calculate({**inputs, "tp": 3})["error"].startswith("n_head=64 is not divisible by tp=3")
     assert costs.calculate({"preset": "nope"})["error"].startswith("unknown preset")
 
@@ -336,7 +418,17 @@ def test_estimate_prints_the_ranked_table(capsys):
                  "--global-batch", "1536", "--zero", "0", "1", "--top", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("GPT-3 175B: 174.60B parameters, 1024 x h100") and "layouts fit" in lines[0]
-    assert lines[1].split()[:3] == ["layout", "GB/device", "states"] and len(lines) == 3 + 3
+    assert lines[1].split()[:3] == ["layout", "GB/device", "states"] and len(lines) == 3 + 3 + 1
+    assert "(fp32 gradients)" in lines[0]
+    assert lines[-1] == f"(flash attention; {costs.SELECTIVE_UNDER_FLASH}, so no layout lists it)"
+    assert "no effect with flash attention" in lines[-1]
+    args = ["estimate", "--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--zero", "1",
+            "--top", "1", "--json"]
+    assert main(args) == 0
+    fp32_reduce = json.loads(capsys.readouterr().out)[0]
+    assert main([*args, "--reduce-dtype", "bf16"]) == 0
+    bf16_reduce = json.loads(capsys.readouterr().out)[0]
+    assert bf16_reduce["states_gb"] < fp32_reduce["states_gb"]  # 2-byte gradients
     assert main(["estimate", "--n-layer", "4", "--d-model", "64", "--n-head", "4", "--vocab-size", "66",
                  "--seq-len", "32", "--devices", "2", "--global-batch", "8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -363,6 +455,8 @@ def test_estimate_prints_the_ranked_table(capsys):
     (["--n-layer", "2", "--d-model", "64", "--n-head", "8", "--vocab-size", "64", "--seq-len", "32",
       "--n-kv-head", "3", "--devices", "8", "--global-batch", "8"], "n_kv_head=3 does not divide n_head=8"),
     (["--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--efficiency", "2"], "--efficiency"),
+    (["--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--precision", "fp32",
+      "--reduce-dtype", "bf16"], "--reduce-dtype bf16 applies to --precision mixed"),
 ])
 def test_estimate_rejects_impossible_requests_in_one_line(argv, message, capsys):
     assert main(["estimate", *argv]) == 2
@@ -535,7 +629,8 @@ def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():
     cand = costs.step_time(model, layout, 1, node)
     step = costs.cp_ring_step(1, model.seq_len, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
     assert step["compute_s"] > 3 * step["comm_s"] / 2  # backward: 2x the compute against K/V + dK/dV
-    assert cand.cp_exposed_s == pytest.approx(model.n_layer * 2 * step["comm_s"], rel=1e-12)  # fp32 dK/dV
+    alpha = node.intra_node_latency_s  # each block is one message
+    assert cand.cp_exposed_s == pytest.approx(model.n_layer * (2 * step["comm_s"] + alpha), rel=1e-12)
     assert cand.step_s == pytest.approx(cand.compute_s + cand.tp_s + cand.dp_exposed_s + cand.cp_exposed_s,
                                         rel=1e-12)
     # 1,024 tokens per rank are fewer than e F / beta = 2,197: every step's transfer outlasts its compute
@@ -543,8 +638,10 @@ def test_a_hidden_ring_exposes_only_the_last_hop_of_the_gradient_blocks():
     step = costs.cp_ring_step(1, 2048, model.d_model, 2, 0.5 * h100[1], 450e9, tp=4, act_bytes=2)
     k, f = step["comm_s"], step["compute_s"]
     assert k > 2 * f
-    # forward k - f; backward: K/V k - 2f, dK/dV in flight 2k - 2f, its last hop 2k (fp32: twice bf16)
-    per_layer = (k - f) + (k - 2 * f) + (2 * k - 2 * f) + 2 * k
+    # forward k - f; backward: K/V k - 2f, dK/dV in flight 2k - 2f, its last hop 2k (fp32: twice bf16);
+    # a message latency alpha on each block
+    k, g = k + alpha, 2 * k + alpha
+    per_layer = (k - f) + (k - 2 * f) + (g - 2 * f) + g
     assert short.cp_exposed_s == pytest.approx(model.n_layer * per_layer, rel=1e-12)
 
 
@@ -581,3 +678,61 @@ def test_calculate_reports_the_ring_in_its_own_row():
     assert sent["total"] == sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
     assert costs.calculate({**inputs, "cp": 1})["communication"]["cp"] == 0
     assert "multiple of 6" in costs.calculate({**inputs, "cp": 3})["error"]  # 2048 = 6 x 341.3 tokens
+
+
+def test_full_recomputation_repeats_the_forwards_tensor_parallel_collectives():
+    """Activation checkpointing re-runs each block's forward, and with it its 2 all-reduces per layer and
+    microbatch (sequence parallel: 2 all-gathers and 2 reduce-scatters), as it re-runs cp's ring."""
+    model, m, b = costs.PRESETS["llama2-7b"], 4, 8
+    for sp, kinds in ((False, ("all_reduce",)), (True, ("all_gather", "reduce_scatter"))):
+        calls = {}
+        for rc in ("none", "full"):
+            layout = costs.Layout(tp=8, sequence_parallel=sp, microbatches=m, recompute=rc)
+            terms = costs.communication(model, layout, b, "mixed")
+            calls[rc] = {k: sum(t.calls for t in terms if t.kind == k and "activations" in t.what)
+                         for k in kinds}
+        for k in kinds:
+            assert calls["full"][k] - calls["none"][k] == 2 * model.n_layer * m
+
+
+def test_the_ring_hides_in_backward_at_one_and_a_half_times_the_forwards_tokens_in_bf16():
+    """Backward sends the K/V block and an fp32 dK/dV accumulator per step against twice the forward's
+    compute: k (1 + 4/e) <= 2 f, i.e. 1.5x the forward's tokens per rank in bf16, the same in fp32."""
+    h100 = costs.DEVICES["h100"]
+    F, beta, h = 0.5 * h100[1], 450e9, 4096
+    for e, factor in ((2, 1.5), (4, 1.0)):
+        step = costs.cp_ring_step(1, 65536, h, 2, F, beta, tp=4, act_bytes=e)
+        assert step["hide_tokens"] == pytest.approx(e * F / beta)  # (kv_width / h) e F / beta
+        assert step["hide_tokens_backward"] == pytest.approx(factor * step["hide_tokens"])
+        above, below = step["hide_tokens_backward"] * 1.01, step["hide_tokens"] * 0.99
+        for s, hidden in ((4 * math.ceil(above / 2), True), (4 * math.floor(below / 2), False)):  # cp = 2
+            at = costs.cp_ring_step(1, s, h, 2, F, beta, tp=4, act_bytes=e)
+            assert (2 * at["compute_s"] >= at["comm_s"] * (1 + 4 / e)) == hidden
+
+
+def test_every_message_costs_a_latency_so_tiny_microbatches_are_not_free():
+    """Each collective call and send costs the cluster's latency (a few us in a node, ~15 us across):
+    it grows with the message count, and the search no longer takes the most microbatches there are."""
+    h100 = costs.DEVICES["h100"]
+    model, batch = costs.PRESETS["gpt2-124m"], 4096
+
+    def cluster(scale: float) -> costs.Cluster:
+        return costs.Cluster(16, h100[0], h100[1], intra_node_gbps=h100[2], inter_node_gbps=h100[3],
+                             intra_node_latency_s=5e-6 * scale, inter_node_latency_s=15e-6 * scale)
+
+    assert costs.Cluster(8, 80, 1e15).intra_node_latency_s < costs.Cluster(8, 80, 1e15).inter_node_latency_s
+    extra = []
+    for m in (16, 64, 256):
+        layout = costs.Layout(dp=8, pp=2, microbatches=m)
+        free, charged = (costs.step_time(model, layout, batch, cluster(x)) for x in (0.0, 1.0))
+        messages = sum(t.calls for t in costs.communication(model, layout, batch, "mixed", 0)
+                       if t.group in ("pp", "embedding") and t.kind != "recv")
+        assert charged.pp_s - free.pp_s == pytest.approx(messages * 15e-6)  # pp stages on two nodes
+        extra.append(charged.step_s - free.step_s)
+    assert extra[0] < extra[1] < extra[2]
+    best_m = {}
+    for scale in (0.0, 1.0):
+        found = costs.search(model, batch, cluster(scale), zero_stages=(0, 1))
+        best_m[scale] = next(c for c in found if c.layout.pp > 1).layout.microbatches
+    assert best_m[0.0] == batch // 8  # without latency: one sequence per microbatch, 512 of them
+    assert best_m[1.0] <= 128  # with it: a moderate count

@@ -6,6 +6,14 @@ parameters, gradients and optimizer state every rank allocates must equal `costs
 and the bytes and calls of every (group, collective) it issues must equal `costs.communication`
 exactly (calls where the formula counts them: not the bucketed all-reduces). The bubble formula is
 checked against the measured idle fraction of a pipeline whose compute dominates its messages.
+
+Awaiting the engine (ZeRO-1 as a distributed optimizer; mixed precision with bf16 weights): until
+`lmkit.parallel.data_parallel` lands that design, the ZeRO-1 layouts of these checks fail (costs
+predicts one reduce-scatter per bucket and step, the parameter all-gathers and one fp32 norm^2
+all-reduce over dp, where the old engine all-reduces), and the calls of the ZeRO-0 all-reduce and of
+the parameter all-gathers, now counted (one per bucket), are compared for the first time. Rerun
+every check of this file once it lands. The mixed-precision states (``"mixed"``, ``reduce=``) are
+not measured here yet: the layouts run in fp32.
 """
 
 from __future__ import annotations
@@ -108,6 +116,7 @@ def _bytes_and_calls(model: costs.Model, pc: ParallelConfig, layout: costs.Layou
 
 
 def test_bytes_of_every_collective_equal_the_formula(measured):
+    # Awaits the engine's distributed-optimizer ZeRO-1 (see the module docstring): rerun once it lands.
     model, checked, cp_checked = _model(), 0, 0
     for pc, entry in measured:
         layout = costs.Layout.from_parallel_config(pc)
@@ -154,6 +163,7 @@ def llama_measured(tmp_path_factory):
 
 
 def test_llama_style_model_and_muon_memory_and_bytes_equal_the_formulas(llama_measured):
+    # Awaits the engine's distributed-optimizer ZeRO-1 (its zero=1 layouts; see the module docstring).
     model = costs.Model.from_config(ModelConfig(**{**LLAMA.__dict__, "vocab_size": VOCAB}))
     ranks = 0
     muon_bytes = Counter()

@@ -20,7 +20,7 @@ The cost model is one namespace: chapter 5, ``lmkit estimate`` and the calculato
 package's interface, each defined in the module above that holds it.
 """
 
-from lmkit.costs.calculator import calculate, format_bytes
+from lmkit.costs.calculator import SELECTIVE_UNDER_FLASH, calculate, format_bytes
 from lmkit.costs.layout import (
     GB,
     MLP_CHOICES,
@@ -30,6 +30,7 @@ from lmkit.costs.layout import (
     PRECISIONS,
     PRESETS,
     RECOMPUTE,
+    REDUCE_DTYPES,
     SCHEDULES,
     CostError,
     Layout,
@@ -44,6 +45,7 @@ from lmkit.costs.layout import (
     num_params,
     parameter_table,
     stage_params,
+    state_bytes,
     swiglu_width,
     tp_choices,
     zero_buckets,
@@ -76,6 +78,7 @@ __all__ = [
     "kv_cache_bytes", "model_states", "zero_buckets", "muon_tensors", "OPTIMIZERS",
     "activation_bytes_per_layer", "model_activation_options", "in_flight", "memory", "communication",
     "wire_bytes", "bubble_fraction",
-    "step_time", "search", "calculate", "format_bytes",
+    "step_time", "search", "calculate", "format_bytes", "REDUCE_DTYPES", "state_bytes",
+    "SELECTIVE_UNDER_FLASH",
     "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication", "cp_ring_step",
 ]

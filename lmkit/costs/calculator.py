@@ -12,7 +12,12 @@ from typing import Any
 from lmkit.costs.layout import GB, PRESETS, CostError, Layout, Model, kv_cache_bytes, num_params
 from lmkit.costs.per_rank import bubble_fraction, communication, memory
 
-__all__ = ["calculate", "format_bytes", "model_of"]
+__all__ = ["calculate", "format_bytes", "model_of", "SELECTIVE_UNDER_FLASH"]
+
+#: What the calculator and ``lmkit estimate`` say of selective recomputation: it drops the ``a s^2``
+#: score matrix, which flash attention (assumed by both) never stores, so it saves nothing.
+SELECTIVE_UNDER_FLASH = ("selective recomputation: no effect with flash attention (it recomputes the "
+                         "attention scores, which flash attention never stores)")
 
 
 def format_bytes(n: float) -> str:
@@ -42,11 +47,14 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
 
     `inputs`: ``preset`` (a key of `PRESETS`) or ``model`` (the fields of `Model`: the shape and the
     options, ``n_kv_head``, ``mlp``, ``d_ff``, ``tie_embeddings`` ...; `model_of`), the fields of
-    `Layout` (``cp`` included), ``global_batch``, ``precision`` and ``device_memory_gb``. Returns
+    `Layout` (``cp`` included), ``global_batch``, ``precision``, ``reduce`` (the gradients' dtype
+    under mixed precision: ``"fp32"``, the default, or ``"bf16"``) and ``device_memory_gb``. Returns
     memory per rank of the worst stage (bytes), whether it fits, bytes each rank sends per step by
     group (``dp``: the gradients' dp x cp group; ``cp``: ring attention's K/V and dK/dV blocks;
-    ``total``), the bubble, the parameter count and the KV cache of one token of one sequence in
-    bf16 (`kv_cache_bytes`: what decoding keeps); or ``{"error": "<one line>"}``.
+    ``total``), the bubble, the parameter count, the KV cache of one token of one sequence in
+    bf16 (`kv_cache_bytes`: what decoding keeps) and ``notes`` (one line, "" when there is nothing to
+    say: e.g. that selective recomputation has no effect with flash attention, which the calculator
+    assumes); or ``{"error": "<one line>"}``.
     """
     try:
         if inputs.get("preset"):
@@ -64,16 +72,18 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
         layout = Layout(**values)
         global_batch = int(inputs.get("global_batch", layout.dp * layout.microbatches))
         precision = inputs.get("precision", "mixed")
+        reduce = inputs.get("reduce", "fp32")
         device_gb = float(inputs.get("device_memory_gb", 80))
-        mem = memory(model, layout, global_batch, precision)
+        mem = memory(model, layout, global_batch, precision, reduce=reduce)
         sent: dict[str, float] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0}
-        for term in communication(model, layout, global_batch, precision, mem.stage):
+        for term in communication(model, layout, global_batch, precision, mem.stage, reduce=reduce):
             sent["pp" if term.group == "embedding" else term.group] += term.wire_bytes
         sent["total"] = sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
         bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages)
         return {"model": model.name or "custom", "num_params": num_params(model),
                 "kv_cache_per_token": kv_cache_bytes(model, length=1), "layout": layout.name,
                 "stage": mem.stage, "memory": mem.as_dict(), "device_memory": device_gb * GB,
-                "fits": mem.total <= device_gb * GB, "communication": sent, "bubble": bubble, "error": None}
+                "fits": mem.total <= device_gb * GB, "communication": sent, "bubble": bubble,
+                "notes": SELECTIVE_UNDER_FLASH if layout.recompute == "selective" else "", "error": None}
     except (CostError, TypeError, ValueError) as e:
         return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}

@@ -22,16 +22,41 @@ __all__ = [
     "swiglu_width", "Model", "PRESETS", "layer_split", "Param", "parameter_table", "num_params",
     "flops_per_token", "kv_cache_bytes", "mfu", "PEAK_FLOPS", "lookup_peak_flops", "Layout", "tp_choices",
     "stage_chunks", "stage_params", "stage_counts", "zero_buckets", "padded_numel", "muon_tensors",
+    "REDUCE_DTYPES", "BUCKET_CAP_BYTES", "state_bytes", "muon_buckets",
 ]
 
 GB = 1e9
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("fp32", "mixed")
+#: dtypes in which mixed precision accumulates and reduces gradients (`lmkit.config.TrainConfig.reduce_dtype`)
+REDUCE_DTYPES = ("fp32", "bf16")
+#: the engine's gradient bucket cap, in bytes (`lmkit.parallel.data_parallel.DataParallel`, 25 MiB as DDP)
+BUCKET_CAP_BYTES = 25 * 2**20
 
 
 class CostError(ValueError):
     """An impossible model, layout or request; the message names the problem and the fix."""
+
+
+def state_bytes(precision: str, reduce: str = "fp32") -> tuple[int, int, int]:
+    """(weight, gradient, master weight) bytes per element of lmkit's engine.
+
+    ``"fp32"``: 4-byte weights and gradients, no master copy. ``"mixed"`` (``train.param_dtype=
+    bfloat16``): bf16 weights the model computes with, gradients accumulated and reduced in `reduce`
+    (``"fp32"``, 4 bytes, the default; ``"bf16"``, 2) and fp32 master weights the optimizer steps.
+    AdamW's two moments are fp32 in both (8 bytes), Muon's momentum 4.
+    """
+    if precision not in PRECISIONS:
+        raise CostError(f"precision={precision!r} is unknown; use 'fp32' or 'mixed'")
+    if reduce not in REDUCE_DTYPES:
+        raise CostError(f"reduce={reduce!r} is unknown; use 'fp32' or 'bf16' (the gradients' dtype)")
+    if precision == "fp32":
+        if reduce != "fp32":
+            raise CostError("reduce='bf16' applies to mixed precision (bf16 weights with fp32 masters); "
+                            "use precision='mixed', or reduce='fp32'")
+        return 4, 4, 0
+    return 2, (4 if reduce == "fp32" else 2), 4
 
 
 # --------------------------------------------------------------------------------- the model
@@ -482,23 +507,57 @@ def muon_tensors(model: Model, layout: Layout, stage: int) -> tuple[int, int]:
     return sum(p.local_numel(layout.tp) for p in mats), len(mats)
 
 
-def zero_buckets(model: Model, layout: Layout, stage: int, optimizer: str = "adamw") -> list[int]:
-    """Elements of the flat buckets lmkit's ZeRO shards on pipeline rank `stage`, unpadded.
+def zero_buckets(model: Model, layout: Layout, stage: int, optimizer: str = "adamw",
+                 grad_bytes: int = 4) -> list[int]:
+    """Elements of the flat gradient buckets lmkit's engine builds on pipeline rank `stage`, unpadded.
 
-    One bucket per optimizer group (matrices, vectors; with ``optimizer="muon"`` Muon's matrices
-    first, a group of their own), which is what the engine builds while a group fits its 25 MiB
-    bucket cap (a larger group has more buckets, each padded: at most ``dp - 1`` more elements per
-    bucket than counted here). Under ZeRO-2 with pipelining a tied embedding's copy on the first
-    and the last stage is a bucket of its own, so both stages shard it alike (chapter 5, section
-    5.3); an untied head is one more matrix of the last stage.
+    As `lmkit.parallel.buckets.bucket_layout`: one flat buffer per optimizer group (with
+    ``optimizer="muon"`` Muon's matrices first, a group of their own; then the matrices, then the
+    vectors), each holding its parameters in reverse registration order, cut greedily into buckets
+    of whole parameters of at most `BUCKET_CAP_BYTES` / `grad_bytes` elements (the gradient
+    buffer's element size: 4 in fp32 and with an fp32 reduce, 2 with a bf16 reduce); a larger
+    parameter gets a bucket of its own. Under ZeRO every bucket is padded to a multiple of dp x cp
+    (`padded_numel`). Under ZeRO-2 with pipelining a tied embedding's copy on the first and the
+    last stage is a bucket of its own, so both stages shard it alike (chapter 5, section 5.3).
+    In the engine's order: Muon's buckets, then the matrices', then the vectors'.
     """
-    mats, vecs, _, _, _, _, first, last = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp,
-                                                        stage)
-    muon = muon_tensors(model, layout, stage)[0] if optimizer == "muon" else 0
-    if layout.zero == 2 and layout.pp > 1 and (first or last) and model.tie_embeddings:
-        emb = model.vocab_size * model.d_model // layout.tp
-        return [n for n in (muon, emb, mats - emb - muon, vecs) if n]
-    return [n for n in (muon, mats - muon, vecs) if n]
+    return [n for _, n in _buckets(model, layout.pp, layout.virtual_stages, layout.tp, stage,
+                                   layout.zero == 2 and layout.pp > 1 and model.tie_embeddings,
+                                   optimizer == "muon", BUCKET_CAP_BYTES // grad_bytes)]
+
+
+@functools.lru_cache(maxsize=4096)  # the search asks for every layout it ranks
+def _buckets(model: Model, pp: int, virtual_stages: int, tp: int, stage: int, isolate: bool, muon: bool,
+             cap: int) -> tuple[tuple[int, int], ...]:
+    """((group, elements), ...) of every bucket; group 0 is Muon's when `muon`."""
+    layout = Layout(pp=pp, virtual_stages=virtual_stages, tp=tp,
+                    schedule="interleaved" if virtual_stages > 1 else "1f1b")
+    params = stage_params(model, layout, stage)
+    leading = [p for p in params if muon and len(p.shape) == 2 and p.name.startswith("blocks.")]
+    rest = [p for p in params if not any(p is q for q in leading)]
+    groups = ([leading] if leading else []) + [[p for p in rest if len(p.shape) >= 2],
+                                               [p for p in rest if len(p.shape) < 2]]
+    isolated = {"tok_emb.weight", "head.weight"} if isolate else set()
+    out: list[tuple[int, int]] = []
+    for gi, members in enumerate(groups):
+        runs: list[list[Param]] = []
+        for p in reversed(members):
+            n = p.local_numel(tp)
+            if (not runs or p.name in isolated or runs[-1][0].name in isolated
+                    or sum(q.local_numel(tp) for q in runs[-1]) + n > cap):
+                runs.append([p])
+            else:
+                runs[-1].append(p)
+        out += [(gi, sum(q.local_numel(tp) for q in run)) for run in runs]
+    return tuple(out)
+
+
+def muon_buckets(model: Model, layout: Layout, stage: int, grad_bytes: int = 4) -> int:
+    """How many of `zero_buckets` (the first ones) hold Muon's matrices (``optimizer="muon"``)."""
+    buckets = _buckets(model, layout.pp, layout.virtual_stages, layout.tp, stage,
+                       layout.zero == 2 and layout.pp > 1 and model.tie_embeddings, True,
+                       BUCKET_CAP_BYTES // grad_bytes)
+    return sum(1 for g, _ in buckets if g == 0) if muon_tensors(model, layout, stage)[0] else 0
 
 
 def padded_numel(buckets: list[int], dp: int) -> int:

@@ -1,7 +1,7 @@
 """What one rank of a layout holds and sends: memory, communication, context parallelism, bubble.
 
 `memory` is the bytes per rank of the worst (or a given) pipeline stage: model states
-(`model_states`, exactly as lmkit's engine allocates them in fp32) and activations
+(`model_states`, exactly as lmkit's engine allocates them, fp32 or mixed precision) and activations
 (`activation_bytes_per_layer` times the microbatch-chunks `in_flight`). `communication` is every
 collective a rank issues in one optimizer step, as `CommTerm`s with their bytes on the wire
 (`wire_bytes`). The ``cp_*`` functions are ring attention's work, memory and messages (context
@@ -18,13 +18,14 @@ from typing import Any
 
 from lmkit.costs.layout import (
     MLP_CHOICES,
-    PRECISIONS,
     CostError,
     Layout,
     Model,
+    muon_buckets,
     muon_tensors,
     padded_numel,
     stage_counts,
+    state_bytes,
     zero_buckets,
 )
 
@@ -38,38 +39,41 @@ __all__ = [
 # --------------------------------------------------------------------------------- memory
 
 
-def model_states(numel: float, dp: int = 1, zero: int = 0,
-                 precision: str = "mixed") -> tuple[float, float, float]:
-    """Bytes of (parameters, gradients, Adam state) per rank for `numel` parameters.
+def model_states(numel: float, dp: int = 1, zero: int = 0, precision: str = "mixed",
+                 reduce: str = "fp32") -> tuple[float, float, float]:
+    """Bytes of (parameters, gradients, optimizer state) per rank for `numel` parameters.
 
-    Rajbhandari et al. 2020 (ZeRO), section 3.1 and 5: mixed precision keeps 2-byte parameters and
-    gradients plus K = 12 bytes of fp32 master weights and moments; fp32 training 4 + 4 + 8. ZeRO
-    stage 1 shards the optimizer state over dp, stage 2 also the gradients, stage 3 also the weights.
+    Mixed precision as lmkit's engine runs it (``train.param_dtype=bfloat16``): 2-byte weights,
+    gradients in `reduce` (4 bytes fp32, the default; 2 bytes bf16), and K = 12 bytes of fp32 master
+    weights and AdamW moments: 2 + 4 + 12 = 18 bytes per parameter, or Rajbhandari et al. 2020
+    (ZeRO), section 3.1 and 5's 2 + 2 + 12 = 16 with ``reduce="bf16"`` (the paper's 16 Psi);
+    fp32 training 4 + 4 + 8. ZeRO stage 1 shards the optimizer state (master included) over dp,
+    stage 2 also the gradients, stage 3 also the weights. `memory` adds what the engine adds: the
+    padding of the buckets and AdamW's step counters.
     """
-    if precision not in PRECISIONS:
-        raise CostError(f"precision={precision!r} is unknown; use 'fp32' or 'mixed'")
-    p, g, k = (2, 2, 12) if precision == "mixed" else (4, 4, 8)
-    return (p * numel / (dp if zero >= 3 else 1), g * numel / (dp if zero >= 2 else 1),
-            k * numel / (dp if zero >= 1 else 1))
+    w, r, master = state_bytes(precision, reduce)
+    return (w * numel / (dp if zero >= 3 else 1), r * numel / (dp if zero >= 2 else 1),
+            (master + 8) * numel / (dp if zero >= 1 else 1))
 
 
 def activation_bytes_per_layer(b: int, s: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False,
-                               recompute: str = "none", act_bytes: int = 2, dropout: bool = True,
+                               recompute: str = "none", act_bytes: int = 2, dropout: bool = False,
                                flash_attention: bool = False, cp: int = 1, *, kv_width: int | None = None,
                                d_ff: int | None = None, mlp: str = "plain",
                                qk_transformed: bool = False) -> float:
     """Bytes one Transformer layer keeps for backward, for a microbatch of `b` sequences of `s` tokens.
 
-    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
-    section 4: ``s b h (34 + 5 a s / h)`` with 2-byte activations and 1-byte dropout masks;
-    ``s b h (10 + 24/t + 5 a s/(h t))`` with tensor parallelism, ``s b h/t (34 + 5 a s / h)`` with
-    sequence parallelism, the ``5 a s / h`` term gone under selective recomputation, ``2 s b h``
-    (the layer's input) under full recomputation. Generalised here to `act_bytes` per element,
-    no masks without dropout, and flash attention (no ``a s^2`` matrix; ``4 a s b`` bytes of
-    log-sum-exp instead). Context parallelism over `cp` ranks gives each rank ``s / cp`` of the
-    tokens: every ``s b h`` term is divided by ``cp``, and so is the score term, whose rows are this
-    rank's queries against all ``s`` keys (``a (s/cp) s b``); ring attention (`cp_attention_memory`)
-    keeps none of it.
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4:
+    ``s b h (34 + 5 a s / h)`` with 2-byte activations and 1-byte dropout masks; ``s b h (10 + 24/t + 5 a
+    s/(h t))`` with tensor parallelism, ``s b h/t (34 + 5 a s / h)`` with sequence parallelism, the ``5 a
+    s / h`` term gone under selective recomputation, ``2 s b h`` (the layer's input) under full
+    recomputation. Generalised here to `act_bytes` per element, masks only with `dropout` (default False:
+    today's models, and every preset, train without it; pass ``dropout=True``, or `Model.dropout`, for
+    Korthikanti's GPT-3 figures), and flash attention (no ``a s^2`` matrix; ``4 a s b`` bytes of
+    log-sum-exp instead). Context parallelism over `cp` ranks gives each rank ``s / cp`` of the tokens:
+    every ``s b h`` term is divided by ``cp``, and so is the score term, whose rows are this rank's
+    queries against all ``s`` keys (``a (s/cp) s b``); ring attention (`cp_attention_memory`) keeps none
+    of it.
 
     The tensors counted, per token (``a`` query heads; the defaults are GPT-2's, Korthikanti's):
 
@@ -144,7 +148,8 @@ def in_flight(layout: Layout, stage: int) -> int:
 
 @dataclass(frozen=True)
 class Memory:
-    """Bytes per rank: model states (exactly as lmkit allocates them in fp32) and activations."""
+    """Bytes per rank: model states (exactly as lmkit's engine allocates them; ``optimizer`` holds the
+    fp32 master weights of mixed precision besides the moments) and activations."""
 
     params: float
     grads: float
@@ -167,31 +172,35 @@ class Memory:
 
 
 def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
-                     flash_attention: bool, optimizer: str) -> Memory:
+                     flash_attention: bool, optimizer: str, reduce: str) -> Memory:
     mats, vecs, count, *_ = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage)
     numel, dp, zero = mats + vecs, layout.grad_ranks, layout.zero  # ZeRO shards over dp x cp
     muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
-    if precision == "fp32":
-        # lmkit's engine: AdamW (4 + 4 + 8 bytes per parameter, and a 4-byte step counter per tensor
-        # it steps); Muon's matrices 4 + 4 + 4 (one momentum, no counter). Under ZeRO every bucket is
-        # padded to a multiple of dp x cp and split into as many chunks; the optimizer steps this
-        # rank's chunk of each (one counter per AdamW bucket), and ZeRO-2 keeps only the gradients of
-        # those chunks.
-        buckets = zero_buckets(model, layout, stage, optimizer)
+    w, r, master = state_bytes(precision, reduce)
+    if zero < 3 or precision == "fp32":
+        # lmkit's engine: weights in w bytes (bf16 under mixed), gradients in r (the reduce dtype), the
+        # optimizer's fp32 master copy (mixed only, 4 bytes), AdamW's moments (8 bytes, and a 4-byte
+        # step counter per tensor it steps), Muon's momentum (4). Under ZeRO every bucket is padded to
+        # a multiple of dp x cp and split into as many chunks; the optimizer steps this rank's chunk of
+        # each (master, moments, one counter per AdamW bucket), ZeRO-1 keeps the full flat weight and
+        # gradient buffers, ZeRO-2 only this rank's gradient chunks (its shard accumulator). ZeRO-3
+        # (FSDP2, fp32) shards the weights too.
+        buckets = zero_buckets(model, layout, stage, optimizer, r)
         padded = padded_numel(buckets, dp)
         shard = padded // dp
         if zero == 0:
-            p_bytes, g_bytes = 4 * numel, 4 * numel
-            o_bytes = 8 * (numel - muon) + 4 * (count - muon_count) + 4 * muon
+            p_bytes, g_bytes = w * numel, r * numel
+            o_bytes = (master + 8) * numel - 4 * muon + 4 * (count - muon_count)
         else:
-            p_bytes = 4 * (shard if zero >= 3 else padded)
-            g_bytes = 4 * (shard if zero >= 2 else padded)
-            muon_shard = padded_numel(buckets[:1], dp) // dp if muon else 0
-            o_bytes = 8 * (shard - muon_shard) + 4 * (len(buckets) - bool(muon)) + 4 * muon_shard
-    else:
-        p_bytes, g_bytes, o_bytes = model_states(numel, dp, zero, precision)
+            p_bytes = w * (shard if zero >= 3 else padded)
+            g_bytes = r * (shard if zero >= 2 else padded)
+            n_muon = muon_buckets(model, layout, stage, r) if muon else 0
+            muon_shard = padded_numel(buckets[:n_muon], dp) // dp
+            o_bytes = (master + 8) * shard - 4 * muon_shard + 4 * (len(buckets) - n_muon)
+    else:  # ZeRO-3 in mixed precision (FSDP2's bf16 compute weights): the sharded states of ZeRO
+        p_bytes, g_bytes, o_bytes = model_states(numel, dp, zero, precision, reduce)
         if muon:  # Muon's master weight and momentum: 8 bytes per element instead of Adam's 12
-            o_bytes -= 4 * muon / (dp if zero >= 1 else 1)
+            o_bytes -= 4 * muon / dp
     act = _activations(model, layout, global_batch, precision, stage, flash_attention)
     return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel)
 
@@ -226,29 +235,31 @@ def _activations(model: Model, layout: Layout, global_batch: int, precision: str
 
 
 def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp32", stage: int | None = None,
-           flash_attention: bool = True, optimizer: str = "adamw") -> Memory:
+           flash_attention: bool = True, optimizer: str = "adamw", reduce: str = "fp32") -> Memory:
     """Bytes per rank on pipeline rank `stage` (default: the rank that needs the most).
 
-    Model states: `model_states` with the layout's tp/pp split of every tensor (embedding and head
-    on the end stages). Activations: `activation_bytes_per_layer` times the layers of a chunk times
-    the microbatch-chunks in flight (`in_flight`), plus the head's logits on the last stage.
-    lmkit's ZeRO-2 keeps only this rank's shard of the gradients, ZeRO's 1/dp (plus padding).
-    Context parallelism: every rank holds ``s / cp`` tokens of each sequence (the activation
-    formula with ``s -> s / cp``, no score matrix: ring attention keeps the log-sum-exp), plus the
-    K/V and dK/dV blocks in flight of the one layer running its ring (`cp_attention_memory`); ZeRO
-    shards over the ``dp x cp`` ranks that average the gradients.
-    """
+    Model states: what lmkit's engine allocates (`model_states` plus the buckets' padding and AdamW's step
+    counters) for the layout's tp/pp split of every tensor (embedding and head on the end stages), in
+    `precision` with gradients in `reduce` (mixed precision: bf16 weights, fp32 master weights, counted in
+    ``optimizer``, and moments; ``reduce="fp32"`` or ``"bf16"`` gradients; ZeRO-3 in mixed precision:
+    `model_states`). Activations: `activation_bytes_per_layer` times the layers of a chunk times the
+    microbatch-chunks in flight (`in_flight`), plus the head's logits on the last stage. lmkit's ZeRO-2
+    keeps only this rank's shard of the gradients, ZeRO's 1/dp (plus padding). Context parallelism: every
+    rank holds ``s / cp`` tokens of each sequence (the activation formula with ``s -> s / cp``, no score
+    matrix: ring attention keeps the log-sum-exp), plus the K/V and dK/dV blocks in flight of the one
+    layer running its ring (`cp_attention_memory`); ZeRO shards over the ``dp x cp`` ranks that average
+    the gradients.
+"""
     model.validate()
     layout.validate(model, global_batch)
-    if precision not in PRECISIONS:
-        raise CostError(f"precision={precision!r} is unknown; use 'fp32' or 'mixed'")
+    state_bytes(precision, reduce)  # refuses an unknown precision or reduce dtype
     stages = range(layout.pp) if stage is None else [stage]
     if stage is not None and not 0 <= stage < layout.pp:
         raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
     if optimizer not in OPTIMIZERS:
         raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
-    results = [_memory_of_stage(model, layout, global_batch, precision, r, flash_attention, optimizer)
-               for r in stages]
+    results = [_memory_of_stage(model, layout, global_batch, precision, r, flash_attention, optimizer,
+                                reduce) for r in stages]
     return max(results, key=lambda mem: mem.total)
 
 
@@ -296,38 +307,52 @@ class CommTerm:
 
 
 def communication(model: Model, layout: Layout, global_batch: int, precision: str = "fp32",
-                  stage: int = 0, optimizer: str = "adamw") -> list[CommTerm]:
+                  stage: int = 0, optimizer: str = "adamw", reduce: str = "fp32") -> list[CommTerm]:
     """The collectives pipeline rank `stage` issues per optimizer step, term by term.
 
-    Data parallel: the gradient all-reduce (ZeRO-1: plus an all-gather of the updated parameters;
-    ZeRO-2: one reduce-scatter per bucket and microbatch instead of the all-reduce; ZeRO-3: two
-    parameter all-gathers, forward and backward) -- Rajbhandari et al. 2020, section 7. Tensor parallel:
-    ``2`` all-reduces of the ``b s h`` activation per layer forward and ``2`` backward (Shoeybi et al.
-    2019) *plus* the vocab-parallel embedding's forward and the head's input gradient: ``4 L + 2`` on
-    one stage; sequence parallel turns each into an all-gather and a reduce-scatter (Korthikanti et al.
-    2022).
+    Data parallel (Rajbhandari et al. 2020, section 7; Megatron-LM's distributed optimizer):
+    ZeRO-0 all-reduces the gradient buckets; ZeRO-1 accumulates the gradients in the full flat
+    buffer and, at the synchronisation, reduce-scatters each padded bucket into this rank's chunk
+    (one reduce-scatter per bucket and optimizer step), then all-gathers the updated parameter
+    chunks after the step: reduce-scatter + all-gather send what the all-reduce sends, ``2 Psi``
+    per rank; ZeRO-2 reduce-scatters every bucket after *every* microbatch's backward into the
+    shard accumulator (``m`` times) before the same all-gather; ZeRO-3 (FSDP2) gathers the
+    parameters for every forward and backward and reduce-scatters the gradients. Under ZeRO-1/2
+    the squared gradient norm is summed over this rank's chunks and all-reduced over dp (one fp32
+    scalar). Gradients travel in the reduce dtype (fp32 in fp32 training; `reduce` under mixed
+    precision: 4 or 2 bytes), the parameter all-gathers in the weights' dtype (2 bytes: bf16 under
+    mixed precision). Tensor parallel: ``2`` all-reduces of the ``b s h`` activation per layer
+    forward and ``2`` backward (Shoeybi et al. 2019) *plus* the vocab-parallel embedding's forward and
+    the head's input gradient: ``4 L + 2`` on one stage; sequence parallel turns each into an
+    all-gather and a reduce-scatter (Korthikanti et al. 2022). The replicated gradients that tensor
+    or pipeline parallelism leaves partial (sequence-parallel norms, QK-norm gains, a tied embedding
+    on two stages) are all-reduced over their group in the gradients' dtype: under ZeRO-0/1 the full
+    gradients (before the dp reduction), under ZeRO-2 this rank's shard of them.
     Pipeline: one activation forward and one gradient backward per microbatch and boundary.
     Context parallelism: the ring's K/V and dK/dV blocks (`cp_communication`) for this stage's layers
     and microbatches; the "dp" terms run over the ``dp x cp`` ranks that average the gradients, and
     tensor- and pipeline-parallel messages carry this rank's ``s / cp`` tokens. Full recomputation
-    runs every layer's forward, and its ring, a second time.
+    (activation checkpointing of every block) runs every layer's forward a second time in backward,
+    and with it the forward's communication: the ring, and the tensor-parallel all-reduces (2 per
+    layer and microbatch; under sequence parallelism its 2 all-gathers and 2 reduce-scatters).
     Muon (``optimizer="muon"``, `lmkit.optim.Muon`): Newton-Schulz needs whole matrices, so under ZeRO
-    the Nesterov updates of the Muon bucket are all-gathered over dp x cp (as many bytes as the
-    parameters' all-gather of that bucket), and under tp every Muon matrix's shards over tp.
+    the Nesterov updates of the Muon buckets are all-gathered over dp x cp, and under tp every Muon
+    matrix's shards over tp, in fp32 (the updates of the fp32 master weights).
     """
     if optimizer not in OPTIMIZERS:
         raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
+    w, r, _ = state_bytes(precision, reduce)
     layout.validate(model, global_batch)
     if not 0 <= stage < layout.pp:
         raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
-    e = 4 if precision == "fp32" else 2
+    e = 4 if precision == "fp32" else 2  # activations
     tp, pp, m, v, cp = layout.tp, layout.pp, layout.microbatches, layout.virtual_stages, layout.cp
     b = global_batch // (layout.dp * m)
     dp = layout.grad_ranks  # the gradient group: dp x cp
     s, h, V = model.seq_len // cp, model.d_model, model.vocab_size  # s: the tokens of a sequence on this rank
     mats, vecs, _, replicated, layers, _, first, last = stage_counts(model, pp, v, tp, stage)
     numel = mats + vecs
-    buckets = zero_buckets(model, layout, stage, optimizer)
+    buckets = zero_buckets(model, layout, stage, optimizer, r)
     padded = padded_numel(buckets, dp)
     muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
     terms: list[CommTerm] = []
@@ -337,48 +362,65 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
             # An upper bound inside a pipeline, where back-to-back passes of one stage reuse a gather
             # (chapter 6 measures 0.8 of it for dp2 x tp2 x pp2 with 2 microbatches).
             terms.append(CommTerm("dp", "all_gather", "parameters gathered for forward and again for "
-                                  "backward, every microbatch", None, 2 * m * e * numel, dp,
+                                  "backward, every microbatch", None, 2 * m * w * numel, dp,
                                   hidden_by="compute"))  # prefetched while the previous layer computes
             terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
-                                  e * numel, dp, hidden_by="backward"))
+                                  r * numel, dp, hidden_by="backward"))
         elif layout.zero == 2:
             # one reduce-scatter per bucket and backward pass: the padded bucket in, the rank's chunk
             # out, accumulated in the shard over the microbatches (an upper bound with interleaved
             # stages, whose buckets may wait for more than one backward)
             terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
-                                  "shards, every microbatch", m * len(buckets), m * e * padded, dp,
+                                  "shards, every microbatch", m * len(buckets), m * r * padded, dp,
+                                  hidden_by="backward"))
+        elif layout.zero == 1:
+            # the distributed optimizer: one reduce-scatter per bucket at the synchronisation, the
+            # padded bucket of the full gradient buffer in, this rank's chunk out
+            terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
+                                  "chunks, once per step", len(buckets), r * padded, dp,
                                   hidden_by="backward"))
         else:
-            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce (buckets)", None, e * numel, dp,
+            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce, one per bucket", len(buckets),
+                                  r * numel, dp,
                                   hidden_by="backward"))
         if layout.zero in (1, 2):
-            terms.append(CommTerm("dp", "all_gather", "updated parameter shards all-gathered", None,
-                                  e * padded, dp))
+            terms.append(CommTerm("dp", "all_gather", "updated parameter chunks all-gathered, one per "
+                                  "bucket", len(buckets), w * padded, dp))
         if layout.zero in (1, 2) and muon:
-            terms.append(CommTerm("dp", "all_gather", "Muon: the Nesterov updates of its bucket, whole "
-                                  "matrices for Newton-Schulz", 1, e * padded_numel(buckets[:1], dp), dp))
-        if layout.zero == 2:
-            terms.append(CommTerm("dp", "all_reduce", "gradient norm^2 over dp", 1, 4, dp, True))
+            n_muon = muon_buckets(model, layout, stage, r)
+            terms.append(CommTerm("dp", "all_gather", "Muon: the Nesterov updates of its buckets, whole "
+                                  "matrices for Newton-Schulz", n_muon,
+                                  4 * padded_numel(buckets[:n_muon], dp), dp))
+        if layout.zero in (1, 2):
+            terms.append(CommTerm("dp", "all_reduce", "gradient norm^2 over dp (of the chunks)", 1, 4, dp,
+                                  True))
         terms.append(CommTerm("dp", "all_reduce", "loss mean over dp (fp64)", 1, 8, dp, True))
     if tp > 1:
         calls = m * (4 * layers + int(first) + int(last))
+        again = 2 * m * layers if layout.recompute == "full" else 0  # the recomputed forwards
         act = e * b * s * h
         if layout.sequence_parallel:
             for kind in ("all_gather", "reduce_scatter"):
                 terms.append(CommTerm("tp", kind, "activations: 2 per layer forward + 2 backward, "
                                       "embedding, head", calls, calls * act, tp))
+                if again:
+                    terms.append(CommTerm("tp", kind, "activations: 2 per layer forward again "
+                                          "(recomputation)", again, again * act, tp))
             # ZeRO-2 sums them on the dp shards after the reduce-scatter: about 1/dp of them
             share = math.ceil(replicated / dp) if layout.zero == 2 else replicated
             terms.append(CommTerm("tp", "all_reduce", "sequence-parallel replicated gradients (norms, "
-                                  "positions, row biases)", 1, 4 * share, tp))
+                                  "positions, row biases)", 1, r * share, tp))
         else:
             terms.append(CommTerm("tp", "all_reduce", "activations: 2 per layer forward + 2 backward, "
                                   "embedding forward, head backward", calls, calls * act, tp))
+            if again:
+                terms.append(CommTerm("tp", "all_reduce", "activations: 2 per layer forward again "
+                                      "(recomputation)", again, again * act, tp))
             if model.qk_norm:  # (under SP they join the replicated gradients' all-reduce above)
                 qk = 2 * layers * (h // model.n_head)
                 share = math.ceil(qk / dp) if layout.zero == 2 else qk
                 terms.append(CommTerm("tp", "all_reduce", "QK-norm gains' gradients (each rank normalised "
-                                      "its own heads)", 1, 4 * share, tp))
+                                      "its own heads)", 1, r * share, tp))
         if last:
             terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: max", m,
                                   m * 4 * b * s, tp))
@@ -386,7 +428,7 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   m, m * 8 * b * s, tp))
         if muon:
             terms.append(CommTerm("tp", "all_gather", "Muon: every matrix's shards, whole for Newton-Schulz",
-                                  muon_count, e * muon * tp, tp))
+                                  muon_count, 4 * muon * tp, tp))
         terms.append(CommTerm("tp", "all_reduce", "gradient norm^2 over tp (fp64)", 1, 8, tp, True))
     if pp > 1:
         n_chunks = pp * v
@@ -400,7 +442,7 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
             emb = V * h // tp
             emb = math.ceil(emb / dp) if layout.zero == 2 else emb
             terms.append(CommTerm("embedding", "all_reduce", "tied embedding gradients, first + last stage",
-                                  1, 4 * emb, 2))
+                                  1, r * emb, 2))
         terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
         terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
     if cp > 1:
@@ -517,16 +559,23 @@ def cp_ring_step(b: int, s: int, h: int, cp: int, peak_flops: float, bandwidth: 
     (every query head computes; a contiguous rank below the diagonal: one ``(s/cp)^2`` block, twice
     as much); the transfer is one K/V block, ``2 b (s/cp) (kv_width/t) e`` bytes at `bandwidth`
     bytes/s (``kv_width`` default `h`). The transfer hides behind the compute when
-    ``compute_s >= comm_s``: for zigzag when ``s / cp >= (kv_width / h) e F / beta`` tokens per rank,
-    so grouped-query attention hides its ring at ``n_head / n_kv_head`` times shorter chunks.
+    ``compute_s >= comm_s``: for zigzag when ``s / cp >= (kv_width / h) e F / beta`` tokens per rank
+    (``hide_tokens``), so grouped-query attention hides its ring at ``n_head / n_kv_head`` times
+    shorter chunks. Backward (`lmkit.parallel.context_parallel.RingAttention.backward`): a step's
+    compute, counted as twice the forward's, runs while the next K/V block and the previous step's
+    dK/dV accumulator travel, the latter in the accumulation precision ``max(e, 4)``: it hides when
+    ``2 compute_s >= comm_s (1 + max(e, 4) / e)``, at ``hide_tokens_backward`` = ``(1 + max(e, 4)
+    / e) / 2`` times ``hide_tokens`` per rank: 1.5x in bf16, 1x in fp32 (as `_ring_exposed_s`).
     """
     _, c = _cp_chunks(s, cp, layout)
     width, kv = h // tp, (h if kv_width is None else kv_width) // tp
     block_pairs = 2 if layout == "zigzag" else 1
     flops = block_pairs * 4 * b * c * c * width
     comm = 2 * b * (s // cp) * kv * act_bytes
+    hide = (s // cp) * (comm / bandwidth) / (flops / peak_flops)  # tokens per rank where f = k
     return {"flops": float(flops), "compute_s": flops / peak_flops, "bytes": float(comm),
-            "comm_s": comm / bandwidth}
+            "comm_s": comm / bandwidth, "hide_tokens": hide,
+            "hide_tokens_backward": hide * (1 + max(act_bytes, 4) / act_bytes) / 2}
 
 
 # --------------------------------------------------------------------------------- pipeline bubble

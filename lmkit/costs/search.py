@@ -22,7 +22,7 @@ from lmkit.costs.layout import (
     stage_counts,
     tp_choices,
 )
-from lmkit.costs.per_rank import Memory, bubble_fraction, communication, cp_ring_step, memory
+from lmkit.costs.per_rank import CommTerm, Memory, bubble_fraction, communication, cp_ring_step, memory
 
 __all__ = ["Cluster", "DEVICES", "Candidate", "step_time", "search"]
 
@@ -38,12 +38,20 @@ class Cluster:
     intra_node_gbps: float = 450.0  # NVLink 4 (H100 SXM), one direction
     inter_node_gbps: float = 50.0  # one 400 Gb/s InfiniBand NIC per GPU
     name: str = ""
+    #: Seconds every message costs besides its bytes (the alpha of alpha-beta models), per collective
+    #: call and per point-to-point send: the small-message times of NCCL, a few microseconds over
+    #: NVLink and some 10-20 microseconds across InfiniBand nodes (nccl-tests' 8-byte all-reduce; the
+    #: protocol latencies analysed by Hu et al. 2025, "Demystifying NCCL", arXiv:2507.04786).
+    intra_node_latency_s: float = 5e-6
+    inter_node_latency_s: float = 15e-6
 
     def validate(self) -> Cluster:
         if self.devices < 1 or self.devices_per_node < 1:
             raise CostError("a cluster needs at least one device and one device per node")
         if min(self.device_memory_gb, self.peak_flops, self.intra_node_gbps, self.inter_node_gbps) <= 0:
             raise CostError("device memory, peak FLOP/s and bandwidths must be positive")
+        if min(self.intra_node_latency_s, self.inter_node_latency_s) < 0:
+            raise CostError("message latencies must be >= 0 seconds")
         return self
 
 
@@ -87,8 +95,19 @@ def _bandwidth(cluster: Cluster, span: int) -> float:
     return gbps * GB
 
 
+def _latency(cluster: Cluster, span: int) -> float:
+    """Seconds per message of a group whose ranks lie within `span` consecutive devices."""
+    return cluster.intra_node_latency_s if span <= cluster.devices_per_node else cluster.inter_node_latency_s
+
+
+def _seconds(term: CommTerm, cluster: Cluster, span: int) -> float:
+    """A term's bytes at the group's bandwidth plus a latency per message (a receive is its send's)."""
+    messages = 0 if term.kind == "recv" else (term.calls if term.calls is not None else 1)
+    return term.wire_bytes / _bandwidth(cluster, span) + messages * _latency(cluster, span)
+
+
 def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster, precision: str = "mixed",
-              efficiency: float = 0.5, flash_attention: bool = True) -> Candidate:
+              efficiency: float = 0.5, flash_attention: bool = True, reduce: str = "fp32") -> Candidate:
     """Estimated step time: compute at `efficiency` of peak, bubble, exposed communication.
 
     Compute: training FLOPs (plus one forward under full recomputation, the attention scores under
@@ -96,12 +115,15 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     tensor- and pipeline-parallel traffic is on the critical path; the data-parallel gradient
     reduction overlaps the last microbatch's backward (2/3 of its compute) and ZeRO-3's parameter
     gathers the whole step's compute, only the rest is exposed; ZeRO-1/2's all-gather of the updated
-    parameters follows the optimizer step and is exposed (as in lmkit's engine). Context parallelism
+    parameters follows the optimizer step and is exposed (as in lmkit's engine). `reduce` is the
+    gradients' dtype under mixed precision (`communication`, `memory`). Context parallelism
     adds no FLOPs (the attention of a sequence is split, not repeated) and its ring hides behind
     the block computations step by step (`_ring_exposed_s`). Ranks are ordered tp fastest, then cp,
-    then dp, then pp: a group is on NVLink when it spans at most one node.
+    then dp, then pp: a group is on NVLink when it spans at most one node. Every collective call and
+    every point-to-point send also costs the cluster's per-message latency (`Cluster`), so that
+    thousands of tiny microbatches, each with its tensor- and pipeline-parallel messages, are not free.
     """
-    mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention)
+    mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention, reduce=reduce)
     tokens = global_batch * model.seq_len
     flops = flops_per_token(model) * tokens
     if layout.recompute == "full":
@@ -114,16 +136,16 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     tp_s = pp_s = dp_s = 0.0
     hidden = {"backward": [0.0, compute * 2 / 3 / layout.microbatches], "compute": [0.0, compute]}
     # The busiest rank sets the pace: an end stage (embedding, head) or an inner one (both directions).
-    loads = {r: communication(model, layout, global_batch, precision, r) for r in {0, min(1, layout.pp - 1),
-                                                                                   layout.pp - 1}}
+    loads = {r: communication(model, layout, global_batch, precision, r, reduce=reduce)
+             for r in {0, min(1, layout.pp - 1), layout.pp - 1}}
     worst = max(loads, key=lambda r: sum(t.wire_bytes for t in loads[r]))
     for term in loads[worst]:
         if term.group == "tp":
-            tp_s += term.wire_bytes / _bandwidth(cluster, layout.tp)
+            tp_s += _seconds(term, cluster, layout.tp)
         elif term.group in ("pp", "embedding"):
-            pp_s += term.wire_bytes / _bandwidth(cluster, layout.world_size)
+            pp_s += _seconds(term, cluster, layout.world_size)
         elif term.group == "dp":  # the gradient group, dp x cp: the ranks of tp x cp x dp consecutive devices
-            seconds = term.wire_bytes / _bandwidth(cluster, layout.tp * layout.cp * layout.dp)
+            seconds = _seconds(term, cluster, layout.tp * layout.cp * layout.dp)
             if term.hidden_by:
                 hidden[term.hidden_by][0] += seconds
             else:
@@ -153,8 +175,9 @@ def _ring_exposed_s(model: Model, layout: Layout, global_batch: int, cluster: Cl
     b, s, h, t = global_batch // (layout.dp * layout.microbatches), model.seq_len, model.d_model, layout.tp
     beta = _bandwidth(cluster, t * cp)
     step = cp_ring_step(b, s, h, cp, cluster.peak_flops * efficiency, beta, t, e, kv_width=model.kv_width)
-    f, k = step["compute_s"], step["comm_s"]
-    g = k * max(e, 4) / e
+    alpha = _latency(cluster, t * cp)  # every K/V block and dK/dV accumulator is one message
+    f, k = step["compute_s"], step["comm_s"] + alpha
+    g = step["comm_s"] * max(e, 4) / e + alpha
     forward = (cp - 1) * max(0.0, k - f)
     backward = (max(0.0, k - 2 * f) + (cp - 2) * max(0.0, k + g - 2 * f) + max(0.0, g - 2 * f) + g)
     if layout.recompute == "full":
@@ -169,16 +192,16 @@ def _divisors(n: int) -> list[int]:
 
 def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "mixed",
            efficiency: float = 0.5, zero_stages: tuple[int, ...] = (0, 1, 2, 3), top: int | None = None,
-           flash_attention: bool = True) -> list[Candidate]:
+           flash_attention: bool = True, reduce: str = "fp32") -> list[Candidate]:
     """Every dp x cp x tp x pp layout (with zero, sp, recomputation, microbatches, schedule) that fits.
 
-    Ranked by `step_time`. Raises `CostError` when nothing fits, saying by how much the layout
-    that needs the least memory misses. Context parallelism (``cp`` dividing the devices, the
-    sequence a multiple of ``2 cp``) is enumerated where it can win: with flash attention, a cp
-    layout whose batch would also split over ``dp x cp`` data-parallel ranks is left out, since
-    that layout holds the same tokens per rank with the same model states and sends no ring.
-    Tensor parallelism takes the sizes `tp_choices` allows (whole query heads, key/value heads and
-    MLP features on every rank) that divide the vocabulary.
+    Ranked by `step_time` (`precision` and `reduce` as there). Raises `CostError` when nothing fits,
+    saying by how much the layout that needs the least memory misses. Context parallelism (``cp`` dividing
+    the devices, the sequence a multiple of ``2 cp``) is enumerated where it can win: with flash
+    attention, a cp layout whose batch would also split over ``dp x cp`` data-parallel ranks is left out,
+    since that layout holds the same tokens per rank with the same model states and sends no ring. Tensor
+    parallelism takes the sizes `tp_choices` allows (whole query heads, key/value heads and MLP features
+    on every rank) that divide the vocabulary.
     """
     model.validate()
     cluster.validate()
@@ -210,7 +233,7 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
                 layout = Layout(dp, tp, pp, zero, sp, m, schedule, v, rc, cp)
                 try:
                     cand = step_time(model, layout, global_batch, cluster, precision, efficiency,
-                                     flash_attention)
+                                     flash_attention, reduce)
                 except CostError:
                     continue
                 need = cand.memory.total
