@@ -53,7 +53,18 @@ What it takes to reproduce the single process (each was found by the loss-compar
 ZeRO: ``zero=0`` with ``dp > 1`` is ``replicate`` (DDP semantics), ``zero=2``
 ``fully_shard(reshard_after_forward=False)``, ``zero=3`` ``fully_shard``; FSDP2 has no ZeRO-1.
 Accumulation uses ``set_requires_gradient_sync(False)`` (``pp = 1``; schedules manage it
-themselves); ``train.dtype='bfloat16'`` gathers bf16 parameters and reduces fp32 gradients.
+themselves). Mixed precision: ``train.dtype='bfloat16'`` alone is autocast over fp32 parameters;
+``param_dtype='bfloat16'`` adds FSDP2's ``MixedPrecisionPolicy`` (`native_plan.mixed_precision_policy`):
+fp32 sharded master weights and AdamW moments, transient bf16 gathered copies to compute with,
+gradients reduced in ``reduce_dtype``; layouts without dp get it over the size-1 dp mesh, one process
+without a process group is refused.
+
+Pipelines: `native_plan.SCHEDULE_CLASSES` maps ``parallel.schedule`` to torch's classes, including
+the zero-bubble ones (ZB-H1; ZB-V and DualPipeV with V placement, rank ``r`` holding chunks ``r`` and
+``2 pp - 1 - r``: the tied embedding and head both on rank 0, their gradients summed there). torch 2.13
+has no ZB-H2, and its zero-bubble schedules give wrong gradients under ``zero=3`` (refused,
+`native_plan.validate_native_schedule`); a V schedule evaluates with its forward actions only
+(`native_plan.forward_only`).
 Dropout draws from each rank's own generator (use ``dropout=0`` for bit-level comparisons).
 
 Muon (``train.optimizer='muon'``): `lmkit.optim.Muon` on the blocks' matrices, whatever DTensor
