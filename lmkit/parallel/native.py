@@ -53,7 +53,18 @@ What it takes to reproduce the single process (each was found by the loss-compar
 ZeRO: ``zero=0`` with ``dp > 1`` is ``replicate`` (DDP semantics), ``zero=2``
 ``fully_shard(reshard_after_forward=False)``, ``zero=3`` ``fully_shard``; FSDP2 has no ZeRO-1.
 Accumulation uses ``set_requires_gradient_sync(False)`` (``pp = 1``; schedules manage it
-themselves); ``train.dtype='bfloat16'`` gathers bf16 parameters and reduces fp32 gradients.
+themselves). Mixed precision: ``train.dtype='bfloat16'`` alone is autocast over fp32 parameters;
+``param_dtype='bfloat16'`` adds FSDP2's ``MixedPrecisionPolicy`` (`native_plan.mixed_precision_policy`):
+fp32 sharded master weights and AdamW moments, transient bf16 gathered copies to compute with,
+gradients reduced in ``reduce_dtype``; layouts without dp get it over the size-1 dp mesh, one process
+without a process group is refused.
+
+Pipelines: `native_plan.SCHEDULE_CLASSES` maps ``parallel.schedule`` to torch's classes, including
+the zero-bubble ones (ZB-H1; ZB-V and DualPipeV with V placement, rank ``r`` holding chunks ``r`` and
+``2 pp - 1 - r``: the tied embedding and head both on rank 0, their gradients summed there). torch 2.13
+has no ZB-H2, and its zero-bubble schedules give wrong gradients under ``zero=3`` (refused,
+`native_plan.validate_native_schedule`); a V schedule evaluates with its forward actions only
+(`native_plan.forward_only`).
 Dropout draws from each rank's own generator (use ``dropout=0`` for bit-level comparisons).
 
 Muon (``train.optimizer='muon'``): `lmkit.optim.Muon` on the blocks' matrices, whatever DTensor
@@ -67,6 +78,7 @@ the single process's update. AdamW takes the rest, as `lmkit.optim.MuonAdamW`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -76,31 +88,36 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import loss_parallel
 
 from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
-from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.config import V_SCHEDULES, ConfigError, ParallelConfig, TrainConfig
 from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
 from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.native_plan import (
-    NativeStage,
+    SCHEDULE_CLASSES,
+    build_native_stages,
     data_parallel,
+    forward_only,
     fused_permutation,
     global_grad_norm,
     is_dtensor,
     layout_key,
+    mixed_precision_policy,
     qkv_permutation,
     quiet_redistribute,
+    sum_tied_embedding_grads,
     tensor_parallel,
+    validate_native_schedule,
 )
+from lmkit.parallel.pipeline import SCHEDULES as LMKIT_SCHEDULES
 from lmkit.parallel.pipeline import allreduce_tied_embedding_grads
 from lmkit.parallel.plan import ShardSpec
-from lmkit.parallel.stage import build_stages
 from lmkit.weights import InitialWeights
 
 __all__ = ["NativeEngine", "native_loss", "qkv_permutation"]
@@ -116,10 +133,7 @@ class NativeEngine(EngineBase):
 
     def __init__(self, model: nn.Module, pcfg: ParallelConfig, tcfg: TrainConfig, topo: Topology) -> None:
         cfg = model.config
-        validate_layout(pcfg, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, topo.world_size,
-                        cfg.dropout, cfg.kv_heads, cfg.ffn_width)
-        if pcfg.engine != "native":
-            raise ConfigError(f"NativeEngine needs parallel.engine='native', got {pcfg.engine!r}")
+        validate_native_layout(pcfg, tcfg, cfg, topo.world_size)
         self.pcfg, self.tcfg, self.topo, self.config = pcfg, tcfg, topo, cfg
         self.device = topo.device
         self.micro_steps = tcfg.grad_accum * pcfg.microbatches
@@ -133,14 +147,21 @@ class NativeEngine(EngineBase):
                     perm = self._permutation(name)
                     if perm is not None:
                         p.copy_(p[perm[0]])
-        self.stages = build_stages(model, pcfg.pp, topo.pp_rank, pcfg.virtual_stages, NativeStage)
+        self.stages = build_native_stages(model, pcfg, topo.pp_rank)
+        # FSDP2 on dp (or on the size-1 dp mesh: bf16 compute copies of fp32 masters without dp)
+        self.fsdp = pcfg.dp > 1 or tcfg.param_dtype != "float32"
+        if self.fsdp and self.mesh is None:
+            raise ConfigError(f"train.param_dtype={tcfg.param_dtype!r} is FSDP2's mixed precision in the "
+                              "native engine and needs a process group (dp, tp or pp > 1); in one process use"
+                              " param_dtype='float32' with dtype='bfloat16' (autocast)")
+        mp = mixed_precision_policy(tcfg.param_dtype, tcfg.reduce_dtype)
         for stage in self.stages:
             if initial is None:
                 stage.to(self.device)
             if tp > 1:
                 tensor_parallel(stage, self.mesh["tp"], sp)
-            if pcfg.dp > 1:
-                data_parallel(stage, self.mesh["dp"], pcfg.zero, tcfg.dtype)
+            if self.fsdp:
+                data_parallel(stage, self.mesh["dp"], pcfg.zero, mp)
             if initial is not None:  # DTensors keep their identity (swapped); FSDP2 resets its shards
                 stage.to_empty(device=self.device)
                 if stage.is_first and stage.is_last and cfg.tie_embeddings \
@@ -222,13 +243,20 @@ class NativeEngine(EngineBase):
         return named
 
     def _schedule(self):
+        """torch's schedule of `native_plan.SCHEDULE_CLASSES` over this rank's stage(s): GPipe and 1F1B
+        take one stage, the others (interleaved, zb-h1, zb-v, dualpipev) a list."""
         n = self.pcfg.pp * self.pcfg.virtual_stages
         group = self.mesh["pp"].get_group()
         stages = [PipelineStage(s, s.stage_index, n, self.device, group=group) for s in self.stages]
-        if self.pcfg.schedule == "interleaved":
-            return ScheduleInterleaved1F1B(stages, self.micro_steps, loss_fn=native_loss)
-        cls = ScheduleGPipe if self.pcfg.schedule == "gpipe" else Schedule1F1B
-        return cls(stages[0], self.micro_steps, loss_fn=native_loss)
+        cls = SCHEDULE_CLASSES[self.pcfg.schedule]
+        single = self.pcfg.schedule in ("gpipe", "1f1b")
+        return cls(stages[0] if single else stages, self.micro_steps, loss_fn=native_loss)
+
+    @property
+    def last_stage_rank(self) -> int:
+        """The pipeline rank that holds the last stage (and computes the loss): ``pp - 1``, or 0 under
+        V placement, where rank 0 holds chunks 0 and ``2 pp - 1``."""
+        return 0 if self.pcfg.schedule in V_SCHEDULES else self.pcfg.pp - 1
 
     def _loss_context(self) -> contextlib.AbstractContextManager:
         if self.pcfg.tp == 1:
@@ -248,7 +276,7 @@ class NativeEngine(EngineBase):
         if self.pcfg.pp == 1:
             stage, total = self.stages[0], 0.0
             for i, (x, y) in enumerate(micro):
-                if self.pcfg.dp > 1:  # reduce(-scatter) gradients only after the last microbatch
+                if self.fsdp:  # reduce(-scatter) gradients only after the last microbatch
                     stage.set_requires_gradient_sync(i == len(micro) - 1)
                 with self._loss_context():
                     with autocast():
@@ -261,7 +289,10 @@ class NativeEngine(EngineBase):
         y = torch.cat([m[1] for m in micro])
         value = self._run_pipeline(self.schedule, x, y, autocast, train=True)
         self._reduce_partial_grads()
-        allreduce_tied_embedding_grads(self.stages, self.topo)
+        if self.pcfg.schedule in V_SCHEDULES:  # embedding and head on one rank (`stage_indices`)
+            sum_tied_embedding_grads(self.stages)
+        else:
+            allreduce_tied_embedding_grads(self.stages, self.topo)
         return value
 
     def _reduce_partial_grads(self) -> None:
@@ -287,7 +318,7 @@ class NativeEngine(EngineBase):
         value = torch.zeros((), dtype=torch.float64, device=self.device)  # NCCL needs device tensors
         if any(s.is_last for s in self.stages):
             value += sum(_item(loss) for loss in losses) / len(losses)
-        dist.broadcast(value, group=self.topo.pp_group, group_src=self.pcfg.pp - 1)
+        dist.broadcast(value, group=self.topo.pp_group, group_src=self.last_stage_rank)
         return float(value)
 
     def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
@@ -330,6 +361,8 @@ class NativeEngine(EngineBase):
         else:
             if self._eval_schedule is None:  # its own stages: never switches the training schedule's mode
                 self._eval_schedule = self._schedule()
+                if self.pcfg.schedule in V_SCHEDULES:  # torch's eval() of a V schedule fails (forward_only)
+                    self._eval_schedule = forward_only(self._eval_schedule)
             value = self._run_pipeline(self._eval_schedule, x, y, autocast, train=False)
         return self.mean_over_dp(value) if split else value
 
@@ -443,6 +476,21 @@ class NativeEngine(EngineBase):
                 else:
                     new[k] = v.detach().clone().float() if torch.is_tensor(v) else v
             self._state_of(p)[p] = new
+
+
+def validate_native_layout(pcfg: ParallelConfig, tcfg: TrainConfig, cfg, world_size: int | None) -> None:
+    """`validate_layout`'s rules and the native engine's own (`validate_native_schedule`). A schedule
+    only this engine runs (zb-h1, zb-v, dualpipev) is checked by the shared rules as GPipe (the one
+    without microbatch rules of its own), then by torch's requirements."""
+    if pcfg.engine != "native":
+        raise ConfigError(f"NativeEngine needs parallel.engine='native', got {pcfg.engine!r}")
+    shared = pcfg
+    if pcfg.schedule not in LMKIT_SCHEDULES:
+        shared = dataclasses.replace(pcfg, schedule="gpipe", virtual_stages=1)
+    validate_layout(shared, tcfg, cfg.n_layer, cfg.n_head, cfg.vocab_size, cfg.block_size, world_size,
+                    cfg.dropout, cfg.kv_heads, cfg.ffn_width)
+    if pcfg.pp > 1:
+        validate_native_schedule(pcfg, cfg.n_layer, tcfg.grad_accum * pcfg.microbatches)
 
 
 def _item(loss: Tensor) -> float:

@@ -20,6 +20,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.pipelining import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import _ComputationType
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -30,12 +39,15 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.utils.checkpoint import checkpoint
 
+from lmkit.config import V_SCHEDULES, ConfigError, ParallelConfig
+from lmkit.costs import layer_split
 from lmkit.parallel import plan
 from lmkit.parallel.stage import GPTStage
 
-__all__ = ["NativeStage", "fused_permutation", "qkv_permutation", "HeadNorm", "dtensor_plan",
-           "tensor_parallel", "data_parallel", "is_dtensor", "layout_key", "global_grad_norm",
-           "quiet_redistribute"]
+__all__ = ["NativeStage", "SCHEDULE_CLASSES", "stage_indices", "build_native_stages",
+           "validate_native_schedule", "forward_only", "sum_tied_embedding_grads", "mixed_precision_policy",
+           "fused_permutation", "qkv_permutation", "HeadNorm", "dtensor_plan", "tensor_parallel",
+           "data_parallel", "is_dtensor", "layout_key", "global_grad_norm", "quiet_redistribute"]
 
 
 def fused_permutation(parts: tuple[int, ...], tp: int) -> Tensor:
@@ -85,6 +97,114 @@ class NativeStage(GPTStage):
         if self.sequence_parallel:  # pos is a replicated DTensor: keep this rank's rows; the
             pos = pos.redistribute(placements=[Shard(0)]).to_local()  # backward all-gathers them
         return self.drop(h + pos)
+
+
+# ------------------------------------------------------------------ pipeline schedules and stage placement
+
+#: torch.distributed.pipelining's schedule for each ``parallel.schedule`` the native engine runs. zb-h1 is
+#: ``ScheduleInterleavedZeroBubble`` (the ZB-H1 / "ZB1P" schedule of Qi et al. 2024, arXiv:2401.10241) with
+#: one stage per rank; torch 2.13 has no ZB-H2 (`validate_native_schedule` refuses it).
+SCHEDULE_CLASSES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved": ScheduleInterleaved1F1B,
+    "zb-h1": ScheduleInterleavedZeroBubble,
+    "zb-v": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
+
+
+def stage_indices(schedule: str, pp: int, pp_rank: int, virtual_stages: int = 1) -> list[int]:
+    """The global stage indices rank `pp_rank` holds, in execution order of its first microbatch.
+
+    Looped placement (gpipe, 1f1b, interleaved, zb-h1): ``r, r + pp, r + 2 pp, ...``; V placement
+    (zb-v, dualpipev): ``r`` and ``2 pp - 1 - r``, so the first and the last chunk share rank 0 and a
+    microbatch turns around on rank ``pp - 1`` without a send (torch's ``style="v"`` mapping).
+    """
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [v * pp + pp_rank for v in range(virtual_stages)]
+
+
+def build_native_stages(model: nn.Module, pcfg: ParallelConfig, pp_rank: int) -> list[NativeStage]:
+    """This rank's `NativeStage`s (`stage_indices`), cut as `lmkit.parallel.stage.build_stages` cuts:
+    ``pp * virtual_stages`` chunks of `layer_split`. Under V placement rank 0 holds the embedding
+    (stage 0) and the tied head (stage ``2 pp - 1``): the head keeps its own copy, as on another rank,
+    and `sum_tied_embedding_grads` adds the two gradients locally."""
+    n = pcfg.pp * pcfg.virtual_stages
+    chunks = layer_split(model.config.n_layer, n)
+    return [NativeStage(model, chunks[i], is_first=i == 0, is_last=i == n - 1, stage_index=i)
+            for i in stage_indices(pcfg.schedule, pcfg.pp, pp_rank, pcfg.virtual_stages)]
+
+
+def validate_native_schedule(pcfg: ParallelConfig, n_layer: int, microbatches: int) -> None:
+    """What torch 2.13's schedules need beyond `lmkit.parallel.pipeline.validate_pipeline`'s rules
+    (found in their constructors), as one-line `ConfigError`s before any process communicates."""
+    s, pp, m = pcfg.schedule, pcfg.pp, microbatches
+    if s == "zb-h2":
+        raise ConfigError("parallel.schedule='zb-h2' has no torch.distributed.pipelining schedule in "
+                          f"torch {torch.__version__.split('+')[0]} (it has ZB-H1, ZB-V, DualPipeV); use "
+                          "schedule='zb-h1' or 'zb-v' with engine='native'")
+    if s not in ("zb-h1", *V_SCHEDULES):
+        return
+    if pp < 2:
+        raise ConfigError(f"parallel.schedule={s!r} needs pp >= 2, got pp={pp}")
+    stages = pp * pcfg.virtual_stages
+    if n_layer < stages:
+        raise ConfigError(f"pp={pp} x virtual_stages={pcfg.virtual_stages} = {stages} pipeline stages but "
+                          f"model.n_layer={n_layer}; every stage needs at least one block: lower pp or add "
+                          "layers")
+    if pcfg.zero == 3:  # measured: 2e-2 relative loss difference after 4 steps, no error (zero=2: 1e-7)
+        raise ConfigError(f"parallel.schedule={s!r} with zero=3 gives wrong gradients in torch 2.13: FSDP2 "
+                          "reshards the parameters after each forward, between a microbatch's input- and "
+                          "weight-gradient steps; use zero=2 (parameters kept until backward) or "
+                          "schedule='1f1b'")
+    if s == "zb-h1" and m % max(1, m // pp):
+        rounds = max(1, m // pp)
+        raise ConfigError(f"parallel.schedule='zb-h1': torch's ScheduleInterleavedZeroBubble needs "
+                          f"microbatches={m} divisible by microbatches // pp = {rounds} (its rounds); use a "
+                          f"multiple of pp={pp} microbatches")
+    if s == "dualpipev" and m < stages:
+        raise ConfigError(f"parallel.schedule='dualpipev' needs at least as many microbatches as stages "
+                          f"(2 pp = {stages}), got microbatches={m}; use microbatches >= {stages}")
+
+
+def forward_only(schedule) -> Any:
+    """`schedule` (a V schedule, `_PipelineScheduleRuntime`) without its backward actions and their
+    sends and receives: what its ``eval()`` needs. torch 2.13's ``eval()`` keeps the backward actions
+    and skips their work, but between two stages on one rank (V placement's turn on rank ``pp - 1``)
+    it still hands the input gradient over (``schedules.py``, ``_perform_action``:
+    ``stage.get_local_bwd_output``), which raises ``AssertionError: can't steal_bwd_input if this
+    stage doesn't have backward``. (Re-lowering the forward actions alone is refused by torch's
+    ``_validate_schedule``, which demands every microbatch's backward.)"""
+    backward = {_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_INPUT,
+                _ComputationType.BACKWARD_WEIGHT, _ComputationType.SEND_B, _ComputationType.RECV_B,
+                _ComputationType.REDUCE_GRAD}
+    for rank, actions in schedule.pipeline_order_with_comms.items():
+        kept = []
+        for a in actions:
+            for sub in (a.sub_actions or (a,)):  # DualPipeV's overlapped forward + backward pairs
+                if sub.computation_type not in backward:
+                    kept.append(sub)
+        schedule.pipeline_order_with_comms[rank] = kept
+    return schedule
+
+
+def sum_tied_embedding_grads(stages: list[NativeStage]) -> None:
+    """Under V placement the embedding (stage 0) and the head's copy of it (the last stage) are on one
+    rank: give both the sum of their gradients, the gradient of the one tied matrix (what
+    `lmkit.parallel.pipeline.allreduce_tied_embedding_grads` does across ranks, here without a
+    collective; FSDP2 shards both copies alike, so their local shards add)."""
+    first = next((s for s in stages if s.is_first), None)
+    last = next((s for s in stages if s.tied_embedding_copy() is not None), None)
+    if first is None or last is None:
+        return
+    emb, head = first.tok_emb.weight, last.head.weight
+    grads = [p.grad for p in (emb, head) if p.grad is not None]
+    if not grads:
+        return
+    total = grads[0] if len(grads) == 1 else grads[0] + grads[1]
+    emb.grad, head.grad = total, total.clone()
 
 
 class HeadNorm(ParallelStyle):
@@ -157,10 +277,23 @@ def tensor_parallel(stage: NativeStage, tp_mesh, sequence_parallel: bool) -> Non
     stage.tp_rank, stage.tp_size = tp_mesh.get_local_rank(), tp_mesh.size()  # (rotary tables under SP)
 
 
-def data_parallel(stage: NativeStage, dp_mesh, zero: int, dtype: str) -> None:
-    """FSDP2 per block and on the stage (zero 2/3), or FSDP2-based ``replicate`` (zero 0)."""
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if dtype == "bfloat16" else MixedPrecisionPolicy())
+def mixed_precision_policy(param_dtype: str, reduce_dtype: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy for ``train.param_dtype`` / ``reduce_dtype``: with ``param_dtype='bfloat16'`` the
+    sharded fp32 parameters stay the master weights (the optimizer steps them, its moments fp32) and
+    each forward/backward gathers a transient bf16 copy to compute with; gradients are reduced in
+    `reduce_dtype` and land in fp32 on the shards. ``'float32'``: fp32 parameters (autocast, when on,
+    casts matmul inputs itself)."""
+    if param_dtype == "float32":
+        return MixedPrecisionPolicy()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    return MixedPrecisionPolicy(param_dtype=dtypes[param_dtype], reduce_dtype=dtypes[reduce_dtype])
+
+
+def data_parallel(stage: NativeStage, dp_mesh, zero: int, mp: MixedPrecisionPolicy | None = None) -> None:
+    """FSDP2 per block and on the stage (zero 2/3), or FSDP2-based ``replicate`` (zero 0), with the
+    mixed-precision policy `mp` (`mixed_precision_policy`). A size-1 `dp_mesh` is allowed: it gives
+    tp-only and pp-only layouts FSDP2's bf16 parameters with fp32 masters (no gradient traffic)."""
+    mp = mp or MixedPrecisionPolicy()
     if zero == 0:
         for block in stage.blocks.values():
             replicate(block, mesh=dp_mesh, mp_policy=mp)
