@@ -266,7 +266,7 @@ class TrainConfig:
 
 
 #: pipeline schedules; the V ones hold chunks ``r`` and ``2 pp - 1 - r`` on rank ``r``
-SCHEDULE_CHOICES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipev")
+SCHEDULE_CHOICES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-v", "dualpipev")
 V_SCHEDULES = ("zb-v", "dualpipev")
 
 
@@ -284,7 +284,7 @@ class ParallelConfig:
     zero: int = _opt(0, "ZeRO stage: 0 off, 1 optimizer state, 2 also gradients, 3 also weights (native)",
                      (0, 1, 2, 3))
     microbatches: int = _opt(1, "microbatches per step through the pipeline")
-    schedule: str = _opt("1f1b", "pipeline schedule: zb-h1/zb-h2 split backward into input (B) and "
+    schedule: str = _opt("1f1b", "pipeline schedule: zb-h1 splits backward into input (B) and "
                          "weight (W) gradients; zb-v and dualpipev place two chunks per rank in a V",
                          SCHEDULE_CHOICES)
     virtual_stages: int = _opt(1, "model chunks per pipeline rank (interleaved schedule; 2 for zb-v and "

@@ -177,13 +177,7 @@ class DataParallel(BucketState):
             with torch.no_grad():
                 for i in g.members:
                     p = self.params[i]
-                    if g.grad is not None:
-                        view = self._grad_view(i)
-                        if p.grad is not None:
-                            view.copy_(p.grad)
-                        p.grad = None if self.split_grads else view
-                    else:
-                        p.grad = None  # ZeRO-2: full gradients exist only until their bucket is reduced
+                    old_grad, p.grad = p.grad, None
                     if gi in self._staging:
                         self._staging[gi][g.offsets[i]:g.offsets[i] + p.numel()].copy_(p.reshape(-1))
                     elif self.mixed:
@@ -192,6 +186,14 @@ class DataParallel(BucketState):
                         flat = g.param[g.offsets[i]:g.offsets[i] + p.numel()].view_as(p)
                         flat.copy_(p)
                         p.data = flat  # the model's parameter now lives in the flat buffer
+                    elif self.mixed:
+                        p.data = p.data.to(self.compute_dtype)
+                    if g.grad is not None:
+                        view = self._grad_view(i)
+                        if old_grad is not None:
+                            view.copy_(old_grad)
+                        p.grad = None if self.split_grads else view
+                    # (ZeRO-2: full gradients exist only until their bucket is reduced)
         if self.dp > 1:
             # Like DDP's construction: replicas start from dp rank 0's parameters (mixed precision: its
             # fp32 values, from which the masters and the bf16 weights both follow).

@@ -290,7 +290,7 @@ class ParallelEngine(EngineBase):
             with self.dp.no_sync():
                 loss_value = run_pipeline(pcfg.schedule, self.stages, topo, micro, shape, dtype=dtype,
                                           autocast=autocast if self.tcfg.dtype != "float32" else None,
-                                          on_event=on_event)
+                                          on_event=on_event, accumulate=self.dp.add_grad)
         if pcfg.zero == 2:  # the gradients are in the dp shards: the fix-ups sum shards (same layout)
             self.dp.finish_grad_sync()
             self._sum_fixups()

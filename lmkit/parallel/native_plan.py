@@ -141,10 +141,6 @@ def validate_native_schedule(pcfg: ParallelConfig, n_layer: int, microbatches: i
     """What torch 2.13's schedules need beyond `lmkit.parallel.pipeline.validate_pipeline`'s rules
     (found in their constructors), as one-line `ConfigError`s before any process communicates."""
     s, pp, m = pcfg.schedule, pcfg.pp, microbatches
-    if s == "zb-h2":
-        raise ConfigError("parallel.schedule='zb-h2' has no torch.distributed.pipelining schedule in "
-                          f"torch {torch.__version__.split('+')[0]} (it has ZB-H1, ZB-V, DualPipeV); use "
-                          "schedule='zb-h1' or 'zb-v' with engine='native'")
     if s not in ("zb-h1", *V_SCHEDULES):
         return
     if pp < 2:

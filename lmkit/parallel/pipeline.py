@@ -1,10 +1,14 @@
-"""Pipeline parallelism by hand: GPipe, 1F1B and interleaved 1F1B over point-to-point messages.
+"""Pipeline parallelism by hand: GPipe, 1F1B, interleaved 1F1B and the zero-bubble ZB-H1 over
+point-to-point messages.
 
 Schedules are plain data (`schedule_steps`, `schedule_actions`) that can be printed and simulated
-(`simulate_schedule`) without processes; `run_pipeline` executes them with one batched
-``batch_isend_irecv`` exchange per step, which cannot deadlock under rendezvous sends. Explained in
-the book, chapter 5, section 5.6 (schedules, bubble ``(p-1)/(v m + p-1)``, messages, memory in
-flight).
+(`simulate_schedule`, `ideal_timeline`) without processes; `run_pipeline` executes them with one
+batched ``batch_isend_irecv`` exchange per step, which cannot deadlock under rendezvous sends. The
+zero-bubble schedules (Qi et al. 2024) split a stage's backward into ``B``, the gradient of its
+input, which the previous stage waits for, and ``W``, the gradients of its weights, which nothing
+needs before the optimizer step: `zero_bubble_orders` places the W's in the bubbles of 1F1B.
+`deferred_weight_grads` is how a stage's backward computes B now and W later. Explained in the
+book, chapter 5 (schedules, bubbles, messages, memory in flight).
 """
 
 from __future__ import annotations
@@ -17,17 +21,23 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor
+from torch.overrides import TorchFunctionMode
 
-from lmkit.config import ConfigError, ParallelConfig
+from lmkit.config import V_SCHEDULES, ConfigError, ParallelConfig
 
 __all__ = [
     "SCHEDULES",
     "Action",
     "PipelineStats",
+    "SPLIT_BACKWARD",
     "schedule_steps",
     "schedule_actions",
+    "zero_bubble_orders",
+    "ideal_timeline",
+    "deferred_weight_grads",
     "peak_in_flight",
     "simulate_schedule",
     "run_pipeline",
@@ -36,7 +46,9 @@ __all__ = [
     "validate_pipeline",
 ]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+#: schedules whose backward is split into B (input gradient) and W (weight gradients)
+SPLIT_BACKWARD = ("zb-h1",)
 
 
 # --------------------------------------------------------------------------- validation
@@ -45,6 +57,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 def _check(schedule: str, pp: int, virtual_stages: int, microbatches: int,
            n_layer: int | None = None) -> None:
     """The rules every schedule needs; raises `ConfigError` naming the numbers and the fix."""
+    if schedule in V_SCHEDULES:
+        raise ConfigError(f"schedule={schedule!r} places two chunks per rank in a V, which only "
+                          "engine='native' runs; use --engine native, or schedule='zb-h1' here")
     if schedule not in SCHEDULES:
         raise ConfigError(f"pipeline schedule {schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     if microbatches < 1:
@@ -78,7 +93,10 @@ def validate_pipeline(cfg: ParallelConfig, n_layer: int, microbatches: int) -> N
 
 
 class Action(NamedTuple):
-    """One compute action of a rank: ``kind`` "F" or "B" of ``microbatch`` on local ``chunk``."""
+    """One compute action of a rank: ``kind`` "F", "B" or "W" of ``microbatch`` on local ``chunk``.
+
+    In the zero-bubble schedules "B" is the input gradient only and "W" the weight gradients; in the
+    others "B" is the whole backward."""
 
     kind: str
     microbatch: int
@@ -108,6 +126,8 @@ def schedule_steps(schedule: str, microbatches: int, pp: int, pp_rank: int,
     """Rank `pp_rank`'s compute steps for one optimizer step, in order (see the module doc)."""
     m, v = microbatches, virtual_stages
     _check(schedule, pp, v, m)
+    if schedule in SPLIT_BACKWARD:
+        return [[a] for a in zero_bubble_orders(schedule, m, pp)[pp_rank]]
     fwd = [Action("F", i, 0) for i in range(m)]
     bwd = [Action("B", i, 0) for i in range(m)]
     if schedule == "gpipe":
@@ -137,11 +157,99 @@ def schedule_actions(schedule: str, microbatches: int, pp: int, pp_rank: int,
     return [a for step in schedule_steps(schedule, microbatches, pp, pp_rank, virtual_stages) for a in step]
 
 
+def zero_bubble_orders(schedule: str, microbatches: int, pp: int) -> list[list[Action]]:
+    """Every rank's order of F, B and W for ZB-H1 (Qi et al. 2024, section 2.1), found by running the
+    pipeline on paper with unit times: whenever a rank is free it runs a B whose output gradient has
+    arrived; else a W if ``pp`` of them are pending (what bounds their memory); else the next F if
+    fewer than 1F1B's ``pp - r`` microbatches wait for their B on rank ``r`` (1F1B's activation
+    memory); else the oldest pending W; else it waits. The W's thus fill what 1F1B leaves idle, and
+    the step leaves ``(p - 1) max(t_F, t_F + t_B - t_W)`` idle (`ideal_timeline`), a third of 1F1B's
+    ``(p - 1)(t_F + t_B + t_W)`` when the three are equal: ``(p - 1) t_F``, the least any schedule
+    can leave when the optimizer step waits for every stage (the paper's ZB-H2 and ZB-V reach zero
+    only by letting the next step start before this one's step is validated)."""
+    if schedule not in SPLIT_BACKWARD:
+        raise ValueError(f"{schedule!r} is not a zero-bubble schedule ({SPLIT_BACKWARD})")
+    m = microbatches
+    limit = [pp - r for r in range(pp)]
+    done: dict[tuple[str, int, int], int] = {}  # (kind, rank, microbatch) -> finish time
+    free, orders = [0] * pp, [[] for _ in range(pp)]
+    nxt = {k: [0] * pp for k in "FBW"}
+    while any(len(o) < 3 * m for o in orders):
+        best = None  # (start, rank, kind)
+        for r in range(pp):
+            options = []
+            if nxt["B"][r] < nxt["F"][r]:
+                i = nxt["B"][r]
+                dep = done.get(("B", r + 1, i)) if r < pp - 1 else done.get(("F", r, i))
+                if dep is not None:
+                    options.append((max(free[r], dep), 0, "B"))
+            if nxt["F"][r] < m and nxt["F"][r] - nxt["B"][r] < limit[r]:
+                dep = done.get(("F", r - 1, nxt["F"][r])) if r > 0 else 0
+                if dep is not None:
+                    options.append((max(free[r], dep), 1, "F"))
+            if nxt["W"][r] < nxt["B"][r]:  # a W that has waited its turn goes first (bounded memory)
+                options.append((free[r], 0.5 if nxt["B"][r] - nxt["W"][r] >= pp else 2, "W"))
+            if options:
+                start, _, kind = min(options)
+                if best is None or (start, r) < best[:2]:
+                    best = (start, r, kind)
+        start, r, kind = best  # (a rank can always move: the order is dependency-closed)
+        i = nxt[kind][r]
+        nxt[kind][r] += 1
+        done[(kind, r, i)] = free[r] = start + 1
+        orders[r].append(Action(kind, i, 0))
+    return orders
+
+
+def ideal_timeline(schedule: str, microbatches: int, pp: int, virtual_stages: int = 1, t_f: float = 1.0,
+                   t_b: float = 1.0, t_w: float = 1.0) -> list[list[tuple[Action, float, float]]]:
+    """Every rank's ``(action, start, end)`` with free communication and fixed compute times: a
+    forward takes `t_f`, an input gradient `t_b`, a weight gradient `t_w` (a whole backward, in the
+    schedules that do not split it, ``t_b + t_w``), each divided by `virtual_stages` (a chunk is that
+    much smaller). An action starts when its rank is free and its input exists (the previous stage's
+    F; the next stage's B; the same stage's F for the last stage's B; its own B for a W). The step
+    ends when the last rank finishes (the optimizer step waits for every stage), so a rank's idle
+    time, the bubble, is the end minus its busy time (`lmkit.costs.bubble_time` gives it in closed
+    form)."""
+    v = virtual_stages
+    n = pp * v
+    split = schedule in SPLIT_BACKWARD
+    dur = {"F": t_f / v, "B": (t_b if split else t_b + t_w) / v, "W": t_w / v}
+    orders = [schedule_actions(schedule, microbatches, pp, r, v) for r in range(pp)]
+    done: dict[tuple[str, int, int], float] = {}  # (kind, global stage, microbatch) -> end
+    free, pos = [0.0] * pp, [0] * pp
+    out: list[list[tuple[Action, float, float]]] = [[] for _ in range(pp)]
+    moved = True
+    while moved:
+        moved = False
+        for r in range(pp):
+            while pos[r] < len(orders[r]):
+                a = orders[r][pos[r]]
+                stage = a.chunk * pp + r
+                if a.kind == "F":
+                    dep = done.get(("F", stage - 1, a.microbatch)) if stage > 0 else 0.0
+                elif a.kind == "B":
+                    key = ("B", stage + 1, a.microbatch) if stage < n - 1 else ("F", stage, a.microbatch)
+                    dep = done.get(key)
+                else:
+                    dep = done.get(("B", stage, a.microbatch))
+                if dep is None:
+                    break
+                start = max(free[r], dep)
+                free[r] = done[(a.kind, stage, a.microbatch)] = start + dur[a.kind]
+                out[r].append((a, start, free[r]))
+                pos[r] += 1
+                moved = True
+    if any(pos[r] < len(orders[r]) for r in range(pp)):
+        raise RuntimeError(f"{schedule}: the orders wait on each other (pp={pp}, m={microbatches})")
+    return out
+
+
 def peak_in_flight(actions: Sequence[Action]) -> int:
     """Most (microbatch, chunk) activations a rank holds at once under this order."""
     held = peak = 0
     for a in actions:
-        held += 1 if a.kind == "F" else -1
+        held += {"F": 1, "B": -1}.get(a.kind, 0)
         peak = max(peak, held)
     return peak
 
@@ -162,6 +270,8 @@ def _incoming(a: Action, stage: int, n_stages: int) -> _Msg | None:
     """What `a` must receive before it can run (None on the first stage's F, the last's B)."""
     if a.kind == "F":
         return _Msg("act", a.microbatch, stage - 1, stage) if stage > 0 else None
+    if a.kind == "W":  # the weight gradients need only what this stage's B left behind
+        return None
     return _Msg("grad", a.microbatch, stage + 1, stage) if stage < n_stages - 1 else None
 
 
@@ -169,6 +279,8 @@ def _outgoing(a: Action, stage: int, n_stages: int) -> _Msg | None:
     """What `a` produces for a neighbour (None on the last stage's F, the first's B)."""
     if a.kind == "F":
         return _Msg("act", a.microbatch, stage, stage + 1) if stage < n_stages - 1 else None
+    if a.kind == "W":
+        return None
     return _Msg("grad", a.microbatch, stage, stage - 1) if stage > 0 else None
 
 
@@ -221,6 +333,85 @@ def simulate_schedule(schedule: str, microbatches: int, pp: int, virtual_stages:
     return rounds
 
 
+# --------------------------------------------------------------------------- B now, W later
+
+#: ``accumulate(param, grad)``: add a deferred weight gradient where backward would have put it
+Accumulate = Callable[[Tensor, Tensor], None]
+
+
+def _add_to_grad(param: Tensor, grad: Tensor) -> None:
+    param.grad = grad.to(param.dtype) if param.grad is None else param.grad.add_(grad)
+
+
+class _WeightGradStore:
+    """The W of each ``(microbatch, chunk)``: the input and the output gradient of every linear layer
+    its B went through, kept until the schedule runs that W."""
+
+    def __init__(self, accumulate: Accumulate) -> None:
+        self.accumulate, self.key = accumulate, None
+        self.pending: dict[tuple[int, int], list[tuple[Tensor, Tensor | None, Tensor, Tensor]]] = {}
+
+    def defer(self, weight: Tensor, bias: Tensor | None, x: Tensor, grad: Tensor) -> None:
+        self.pending.setdefault(self.key, []).append((weight, bias, x, grad))
+
+    def run(self, key: tuple[int, int]) -> None:
+        """W: ``dL/dW = g^T x`` and ``dL/db = sum g`` of every deferred layer, then the saved tensors die."""
+        with torch.no_grad():
+            for weight, bias, x, grad in self.pending.pop(key, []):
+                g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+                self.accumulate(weight, g2.t() @ x2)
+                if bias is not None:
+                    self.accumulate(bias, g2.sum(0))
+
+    def held(self) -> int:
+        return len(self.pending)
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """``F.linear`` whose backward returns the input gradient (B) and stores what the weight gradient
+    (W) needs: the input and the output gradient. Under autocast it casts as autocast would (the
+    product in bf16; the input gradient back to the input's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, store: _WeightGradStore) -> Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        xc, wc = (x.to(dtype), weight.to(dtype)) if dtype is not None else (x, weight)
+        bc = bias.to(dtype) if bias is not None and dtype is not None else bias
+        with torch.autocast(device, enabled=False):
+            out = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc, wc)
+        ctx.store, ctx.weight, ctx.bias, ctx.x_dtype = store, weight, bias, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xc, wc = ctx.saved_tensors
+        ctx.store.defer(ctx.weight, ctx.bias, xc, grad)
+        return (grad @ wc).to(ctx.x_dtype), None, None, None
+
+
+class deferred_weight_grads(TorchFunctionMode):  # noqa: N801 (used as a context manager)
+    """Within it, every ``F.linear`` whose weight is one of `params` defers its weight gradient to
+    `store` (`_DeferredLinear`): what lets a zero-bubble schedule run a stage's B now and its W later.
+    The matrix products hold nearly all of a block's weight FLOPs; the norms' and embeddings' small
+    gradients stay in B. Active around F and B (a recomputed forward under activation checkpointing
+    runs inside B)."""
+
+    def __init__(self, store: _WeightGradStore, params: set[int]) -> None:
+        super().__init__()
+        self.store, self.params = store, params
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and torch.is_grad_enabled():
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if id(weight) in self.params:
+                return _DeferredLinear.apply(x, weight, bias, self.store)
+        return func(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- running a step
 
 
@@ -231,7 +422,8 @@ class PipelineStats:
     schedule: str = ""
     microbatches: int = 0
     virtual_stages: int = 1
-    peak_in_flight: int = 0  # most (microbatch, chunk) activations held at once
+    peak_in_flight: int = 0  # most (microbatch, chunk) activations held at once (F done, B not)
+    peak_pending_w: int = 0  # zero-bubble: most (microbatch, chunk) whose W waits (B done, W not)
     compute_s: float = 0.0  # forward + backward time
     comm_s: float = 0.0  # time waiting in exchanges (includes the bubble)
     wall_s: float = 0.0
@@ -294,7 +486,7 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
                  act_shape: torch.Size, dtype: torch.dtype = torch.float32,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
                  on_event: Callable[[str, int, int, float, float], None] | None = None,
-                 stats: PipelineStats | None = None) -> float:
+                 stats: PipelineStats | None = None, accumulate: Accumulate | None = None) -> float:
     """Forward and backward of all `microbatches` of one optimizer step on this rank's `stages`.
 
     Leaves the accumulated gradient of the *mean* loss in the stages' parameters (each
@@ -305,7 +497,10 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
     `dtype`. `on_event(kind, microbatch, chunk, t_start, t_end)` is called after every forward,
     backward, send and recv (``chunk`` is the local virtual stage). Tied embedding gradients are
     summed afterwards by `allreduce_tied_embedding_grads`. `stats` (or `last_stats()`) receives
-    the measurements, among them the peak number of microbatch activations held.
+    the measurements, among them the peak number of microbatch activations held. Zero-bubble
+    schedules run each stage's weight gradients as separate W actions (`deferred_weight_grads`) and
+    hand them to `accumulate(param, grad)` (default: added to ``param.grad``; the engine's
+    `DataParallel.add_grad` adds them to its buffers).
     """
     global _LAST_STATS
     m, v, pp, rank = len(microbatches), len(stages), topo.pp, topo.pp_rank
@@ -319,7 +514,14 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
     stats.schedule, stats.microbatches, stats.virtual_stages = schedule, m, v
     _LAST_STATS = stats
     p2p = _P2P(topo, n_stages, act_shape, dtype, on_event, stats)
-    ctx = autocast or contextlib.nullcontext
+    autocast_ctx = autocast or contextlib.nullcontext
+    split = schedule in SPLIT_BACKWARD
+    store = _WeightGradStore(accumulate or _add_to_grad)
+    weights = {id(p) for s in stages for p in s.parameters() if p.requires_grad}
+
+    def ctx():
+        return deferred_weight_grads(store, weights) if split else contextlib.nullcontext()
+
     inputs: dict[tuple[int, int], Tensor] = {}  # (microbatch, chunk) -> kept from F until B
     outputs: dict[tuple[int, int], Tensor] = {}
     losses: list[Tensor] = []
@@ -338,7 +540,7 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
                     x = idx.to(topo.device)
                 else:
                     x = received.pop(_incoming(a, index, n_stages)).requires_grad_()
-                with ctx():
+                with ctx(), autocast_ctx():
                     out = stage(x, targets.to(topo.device) if stage.is_last else None)
                 if stage.is_last:
                     losses.append(out.detach().float())
@@ -347,20 +549,26 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
                     produced[_outgoing(a, index, n_stages)] = out
                 inputs[key], outputs[key] = x, out
                 stats.peak_in_flight = max(stats.peak_in_flight, len(outputs))
+            elif a.kind == "W":
+                store.run(key)
             else:
                 x, out = inputs.pop(key), outputs.pop(key)
-                if stage.is_last:
-                    out.backward()
-                else:
-                    grad = received.pop(_incoming(a, index, n_stages))
-                    torch.autograd.backward(out, grad.to(out.dtype))
+                store.key = key
+                with ctx():
+                    if stage.is_last:
+                        out.backward()
+                    else:
+                        grad = received.pop(_incoming(a, index, n_stages))
+                        torch.autograd.backward(out, grad.to(out.dtype))
                 if not stage.is_first:
                     produced[_outgoing(a, index, n_stages)] = x.grad
-                del x, out  # this microbatch's activations die here: 1F1B's memory saving
+                del x, out  # this microbatch's activations die here (but what its W keeps): 1F1B's saving
+                stats.peak_pending_w = max(stats.peak_pending_w, store.held())
             t1 = time.perf_counter()
             stats.compute_s += t1 - t0
             if on_event is not None:
-                on_event("forward" if a.kind == "F" else "backward", a.microbatch, a.chunk, t0, t1)
+                kind = {"F": "forward", "B": "backward", "W": "weight"}[a.kind]
+                on_event(kind, a.microbatch, a.chunk, t0, t1)
         sends, recvs = exchanges[i + 1]
         received.update(p2p.exchange(sends, produced, recvs))
         del produced
