@@ -79,7 +79,7 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
         for term in communication(model, layout, global_batch, precision, mem.stage, reduce=reduce):
             sent["pp" if term.group == "embedding" else term.group] += term.wire_bytes
         sent["total"] = sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
-        bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages)
+        bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages, layout.schedule)
         return {"model": model.name or "custom", "num_params": num_params(model),
                 "kv_cache_per_token": kv_cache_bytes(model, length=1), "layout": layout.name,
                 "stage": mem.stage, "memory": mem.as_dict(), "device_memory": device_gb * GB,

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 GB = 1e9
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("fp32", "mixed")
 #: dtypes in which mixed precision accumulates and reduces gradients (`lmkit.config.TrainConfig.reduce_dtype`)

@@ -131,7 +131,8 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     elif layout.recompute == "selective" and not flash_attention:
         flops += 4 * model.n_layer * model.d_model * model.seq_len * tokens
     compute = flops / (layout.world_size * cluster.peak_flops * efficiency)
-    bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages) if layout.pp > 1 else 0.0
+    bubble = (bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages, layout.schedule)
+              if layout.pp > 1 else 0.0)
     bubble_s = compute * bubble / (1 - bubble)
     tp_s = pp_s = dp_s = 0.0
     hidden = {"backward": [0.0, compute * 2 / 3 / layout.microbatches], "compute": [0.0, compute]}
