@@ -65,6 +65,15 @@ CP_LAYOUTS = [
     ParallelConfig(cp=2, pp=2, microbatches=2),
     ParallelConfig(dp=2, cp=2, zero=2),
 ]
+# zero-bubble ZB-H1: B now, W later, composed with every other dimension
+ZB_LAYOUTS = [
+    ParallelConfig(pp=2, schedule="zb-h1", microbatches=4),
+    ParallelConfig(pp=4, schedule="zb-h1", microbatches=4),
+    ParallelConfig(dp=2, pp=2, zero=1, schedule="zb-h1", microbatches=4),
+    ParallelConfig(dp=2, pp=2, zero=2, schedule="zb-h1", microbatches=2),
+    ParallelConfig(tp=2, pp=2, sequence_parallel=True, schedule="zb-h1", microbatches=2),
+    ParallelConfig(cp=2, pp=2, schedule="zb-h1", microbatches=2),
+]
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +82,8 @@ def reference(tmp_path_factory):
     return layout_losses(MODEL, TRAIN, None, STEPS, text=TEXT, cache_dir=cache), cache
 
 
-@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS,
-                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS + ZB_LAYOUTS,
+                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS + ZB_LAYOUTS])
 def test_layout_reproduces_single_process_losses(layout, reference):
     assert_on_the_curve(MODEL, TRAIN, layout, reference, "gpt2")
 
@@ -98,8 +107,8 @@ def llama_reference(reference):
     return layout_losses(LLAMA, TRAIN, None, STEPS, text=TEXT, cache_dir=cache), cache
 
 
-@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS,
-                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS])
+@pytest.mark.parametrize("layout", LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS + ZB_LAYOUTS,
+                         ids=[layout_name(p) for p in LAYOUTS + ZERO2_LAYOUTS + CP_LAYOUTS + ZB_LAYOUTS])
 def test_llama_style_layout_reproduces_single_process_losses(layout, llama_reference):
     """Rotary angles of each stage's, sequence-parallel region's and zigzag chunk's own positions; key/value
     heads split over tp; QK-norm gains summed over tp; no tied embedding to sum over pipeline stages."""

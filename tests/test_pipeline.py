@@ -18,6 +18,8 @@ from lmkit.config import ConfigError, ModelConfig, ParallelConfig
 from lmkit.parallel.pipeline import (
     PipelineStats,
     allreduce_tied_embedding_grads,
+    deferred_weight_grads,
+    ideal_timeline,
     last_stats,
     peak_in_flight,
     run_pipeline,
@@ -70,6 +72,63 @@ def test_every_schedule_completes_with_rendezvous_sends():
             if pp >= 2 and m >= pp and m % pp == 0:
                 for v in (2, 3):
                     simulate_schedule("interleaved", m, pp, v)
+
+
+@pytest.mark.parametrize("pp,m", [(1, 3), (2, 1), (2, 4), (3, 7), (4, 4), (4, 8), (8, 16)])
+def test_zero_bubble_orders_split_every_backward_and_bound_memory(pp, m):
+    """ZB-H1: every microbatch's F, B and W once, B after F and W after B; at most 1F1B's pp - r
+    activations waiting for their B and at most pp W's waiting; no deadlock under rendezvous sends."""
+    for r in range(pp):
+        actions = schedule_actions("zb-h1", m, pp, r)
+        assert sorted(actions) == sorted((k, i, 0) for k in "FBW" for i in range(m))
+        for i in range(m):
+            assert actions.index(("F", i, 0)) < actions.index(("B", i, 0)) < actions.index(("W", i, 0))
+        assert peak_in_flight(actions) <= pp - r
+        pending = peak = 0
+        for a in actions:
+            pending += {"B": 1, "W": -1}.get(a.kind, 0)
+            peak = max(peak, pending)
+        assert peak <= pp
+    simulate_schedule("zb-h1", m, pp)
+
+
+@pytest.mark.parametrize("times", [(1, 1, 1), (1, 1.5, 0.5), (1, 0.8, 1.2), (2, 1.3, 0.9)])
+def test_ideal_timeline_idle_equals_the_cost_model(times):
+    """Every schedule replayed with free messages: each rank's idle time (the step's end minus its
+    busy time) equals `costs.bubble_time`, ZB-H1's a third of 1F1B's when the times are equal."""
+    from lmkit import costs
+    for schedule, v in [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]:
+        for pp, m in [(2, 4), (4, 8), (8, 16)]:
+            timeline = ideal_timeline(schedule, m, pp, v, *times)
+            end = max(e for rank in timeline for _, _, e in rank)
+            for rank in timeline:
+                busy = sum(e - s for _, s, e in rank)
+                assert end - busy == pytest.approx(costs.bubble_time(schedule, pp, m, v, *times), abs=1e-9)
+    one = costs.bubble_time("1f1b", 4, 8)
+    assert costs.bubble_time("zb-h1", 4, 8) == pytest.approx(one / 3)
+
+
+def test_deferred_weight_grads_split_backward_into_b_and_w():
+    """Inside the mode, backward gives the input gradient and no weight gradient; running the stored
+    W then gives exactly autograd's weight and bias gradients."""
+    from lmkit.parallel.pipeline import _WeightGradStore
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 5)
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    ref = copy.deepcopy(lin)
+    xr = x.detach().clone().requires_grad_()
+    (ref(xr) ** 2).sum().backward()
+    store = _WeightGradStore(lambda p, g: setattr(p, "grad", g.clone() if p.grad is None else p.grad + g))
+    with deferred_weight_grads(store, {id(lin.weight)}):
+        out = lin(x)
+        store.key = (0, 0)
+        (out ** 2).sum().backward()
+    assert lin.weight.grad is None and lin.bias.grad is None and store.held() == 1
+    torch.testing.assert_close(x.grad, xr.grad, rtol=0, atol=1e-6)
+    store.run((0, 0))
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, rtol=1e-6, atol=1e-6)
+    assert store.held() == 0
 
 
 # --------------------------------------------------------------------------- validation

@@ -85,7 +85,10 @@ def _check(schedule: str, pp: int, virtual_stages: int, microbatches: int,
 
 
 def validate_pipeline(cfg: ParallelConfig, n_layer: int, microbatches: int) -> None:
-    """Check a pipeline layout before any process starts work (raises `ConfigError`)."""
+    """Check a pipeline layout before any process starts work (raises `ConfigError`); the V schedules
+    are the native engine's (`lmkit.parallel.native_plan.validate_native_schedule` checks them)."""
+    if cfg.engine == "native" and cfg.schedule in V_SCHEDULES:
+        return
     _check(cfg.schedule, cfg.pp, cfg.virtual_stages, microbatches, n_layer)
 
 
