@@ -347,8 +347,9 @@ class ParallelEngine(EngineBase):
             return self._mean_over_cp(value)
         b, t = x.shape
         shape = activation_shape(b, t, self.config.d_model, self.pcfg.tp, self.pcfg.sequence_parallel)
-        with autocast():
-            return self._mean_over_cp(pipeline_forward(self.stages, self.topo, x, y, shape))
+        dtype = torch.float32 if self.tcfg.dtype == "float32" else getattr(torch, self.tcfg.dtype)
+        with autocast():  # activations travel as in training (bf16 weights need bf16 inputs)
+            return self._mean_over_cp(pipeline_forward(self.stages, self.topo, x, y, shape, dtype))
 
     def _mean_over_cp(self, value: float) -> float:
         return group_mean(value, self.topo.cp_group, self.topo.cp, self.topo.device)
