@@ -603,10 +603,12 @@ def bubble_time(schedule: str, pp: int, microbatches: int, virtual_stages: int =
     return (pp - 1) * (t_f + t_b + t_w) / (virtual_stages if schedule == "interleaved" else 1)
 
 
-def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1, schedule: str = "1f1b",
+def bubble_fraction(pp: int, microbatches: int, virtual_stages: int = 1, schedule: str | None = None,
                     t_f: float = 1.0, t_b: float = 1.0, t_w: float = 1.0) -> float:
     """Idle fraction of a pipeline step, `bubble_time` over the step: ``(p-1) / (v m + p - 1)`` for
     GPipe, 1F1B (``v = 1``) and interleaved 1F1B with equal times (Huang et al. 2019; Narayanan et al.
-    2021, section 2.2); ``(p-1) / (3 m + p - 1)`` for ZB-H1 with ``t_F = t_B = t_W``."""
+    2021, section 2.2); ``(p-1) / (3 m + p - 1)`` for ZB-H1 with ``t_F = t_B = t_W``. Without a
+    `schedule`: 1F1B, or the interleaved schedule when ``virtual_stages > 1``."""
+    schedule = schedule or ("interleaved" if virtual_stages > 1 else "1f1b")
     idle = bubble_time(schedule, pp, microbatches, virtual_stages, t_f, t_b, t_w)
     return idle / (idle + microbatches * (t_f + t_b + t_w))

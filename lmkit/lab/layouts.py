@@ -41,7 +41,7 @@ from lmkit.model import build_model
 from lmkit.parallel.instrument import AllocationTracker, Instrument, memory_report
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import coords_of, cp_rank_of, init_topology
-from lmkit.parallel.pipeline import schedule_actions
+from lmkit.parallel.pipeline import ideal_timeline as pipeline_ideal_timeline
 from lmkit.parallel.timeline import RING_KINDS
 from lmkit.run import build_engine, prepare_run, seed_everything
 from lmkit.train import Trainer
@@ -416,44 +416,24 @@ def start_memory(model_cfg: ModelConfig, layouts: Sequence[ParallelConfig],
 
 
 def ideal_timeline(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
-                   forward_s: float = 1.0, backward_s: float = 2.0) -> list[dict[str, Any]]:
+                   forward_s: float = 1.0, backward_s: float = 2.0,
+                   weight_s: float = 0.0) -> list[dict[str, Any]]:
     """The timeline a pipeline schedule would have if communication were free and every stage
-    (chunk) took `forward_s` per forward and `backward_s` per backward (chapter 6, the Gantt charts).
+    (chunk) took `forward_s` per forward and `backward_s` per backward (chapter 6, the Gantt charts);
+    a zero-bubble schedule's B takes `backward_s` and its W `weight_s` (the others run both as one
+    backward of ``backward_s + weight_s``).
 
-    Each rank runs its actions in the order `lmkit.parallel.pipeline.schedule_actions` gives
-    (the order the engine runs), each as early as its inputs allow: a forward of global stage
-    ``s`` after the same microbatch's forward on stage ``s - 1``, a backward after the backward
-    on stage ``s + 1`` (and its own forward). Events have `Timeline`'s format (``step`` 0), so
-    `lmkit.lab.plots.gantt` draws them and `lmkit.parallel.instrument.idle_fractions` measures them;
-    for uniform stages the idle fraction is the bubble ``(p-1) / (v m + p-1)``.
+    `lmkit.parallel.pipeline.ideal_timeline` replays the order the engine runs; this returns its
+    actions as `Timeline` events (``step`` 0), so `lmkit.lab.plots.gantt` draws them and
+    `lmkit.parallel.instrument.idle_fractions` measures them; for uniform stages the idle fraction
+    is the bubble (`lmkit.costs.bubble_fraction`).
     """
-    v, n_stages = virtual_stages, pp * virtual_stages
-    orders = [schedule_actions(schedule, microbatches, pp, r, v) for r in range(pp)]
-    done: dict[tuple[str, int, int], float] = {}  # (kind, microbatch, global stage) -> end time
-    position, free = [0] * pp, [0.0] * pp
-    events: list[dict[str, Any]] = []
-    while any(position[r] < len(orders[r]) for r in range(pp)):
-        progressed = False
-        for r in range(pp):
-            while position[r] < len(orders[r]):
-                a = orders[r][position[r]]
-                stage = a.chunk * pp + r
-                if a.kind == "F":
-                    needs = [("F", a.microbatch, stage - 1)] if stage > 0 else []
-                else:
-                    needs = [("F", a.microbatch, stage)]
-                    needs += [("B", a.microbatch, stage + 1)] if stage < n_stages - 1 else []
-                if any(n not in done for n in needs):
-                    break
-                start = max([free[r], *(done[n] for n in needs)])
-                end = start + (forward_s if a.kind == "F" else backward_s)
-                done[(a.kind, a.microbatch, stage)] = free[r] = end
-                events.append({"rank": r, "step": 0, "kind": "forward" if a.kind == "F" else "backward",
-                               "microbatch": a.microbatch, "chunk": a.chunk, "start": start, "end": end})
-                position[r] += 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"{schedule} with pp={pp}, m={microbatches}, v={v} cannot make progress")
+    v = virtual_stages
+    kinds = {"F": "forward", "B": "backward", "W": "weight"}
+    timeline = pipeline_ideal_timeline(schedule, microbatches, pp, v, forward_s * v, backward_s * v,
+                                       weight_s * v)
+    events = [{"rank": r, "step": 0, "kind": kinds[a.kind], "microbatch": a.microbatch, "chunk": a.chunk,
+               "start": start, "end": end} for r, rank in enumerate(timeline) for a, start, end in rank]
     return sorted(events, key=lambda e: (e["rank"], e["start"]))
 
 

@@ -34,7 +34,7 @@ __all__ += ["gantt", "TIMELINE_COLOURS", "COMPUTE_LANE"]
 
 #: One colour per event kind of `lmkit.parallel.instrument.Timeline`.
 TIMELINE_COLOURS = {
-    "forward": "#4C72B0", "backward": "#DD8452", "send": "#55A868", "recv": "#8FD19E",
+    "forward": "#4C72B0", "backward": "#DD8452", "weight": "#F2C45A", "send": "#55A868", "recv": "#8FD19E",
     "all_reduce": "#C44E52", "all_gather": "#8172B3", "reduce_scatter": "#937860",
     "broadcast": "#DA8BC3", "reduce": "#8C8C8C", "all_to_all": "#CCB974",
     "ring_forward": "#4C72B0", "ring_backward": "#DD8452", "ring_wait": "#C44E52",
@@ -42,7 +42,7 @@ TIMELINE_COLOURS = {
 }
 #: Kinds drawn in the upper (compute) part of a rank's row: what the rank itself is doing, including
 #: ring attention's waits for a transfer that has not arrived.
-COMPUTE_LANE = ("forward", "backward", "ring_forward", "ring_backward", "ring_wait")
+COMPUTE_LANE = ("forward", "backward", "weight", "ring_forward", "ring_backward", "ring_wait")
 
 
 def gantt(timeline, ax=None, step: int | None = None, title: str = "Per-rank timeline of one training step",

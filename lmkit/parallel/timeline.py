@@ -27,7 +27,7 @@ from lmkit.parallel.stage import GPTStage
 __all__ = ["COMPUTE_KINDS", "RING_KINDS", "Timeline", "read_jsonl", "attach_timeline", "modules_of",
            "reports_events", "idle_fractions"]
 
-COMPUTE_KINDS = ("forward", "backward")
+COMPUTE_KINDS = ("forward", "backward", "weight")  # weight: a zero-bubble schedule's W
 #: Ring attention's events (`Timeline.ring_observer`): a ring step's block compute, forward and
 #: backward; a K/V block and a dK/dV accumulator in flight (posted to waited for); blocked in a wait.
 RING_KINDS = {"compute": ("ring_forward", "ring_backward"), "kv": "kv_transfer", "dkv": "dkv_transfer",
