@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="measured (plain + instrumented) step pairs")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--microbatches", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1"])
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--no-native", action="store_true", help="skip the native engine")
     parser.add_argument("--timeline", default="runs/parallel_timeline.json")
@@ -176,11 +176,18 @@ def main() -> None:
         events = [e for rank in r["ranks"] for e in rank["timeline"]]
         idle = idle_fractions(events)
         per_rank = " ".join(f"{idle['idle'][k]:.2f}" for k in sorted(idle["idle"]))
-        rows.append([str(lay["pp"]), lay["schedule"], str(lay["microbatches"]),
-                     f"{bubble_formula(lay['pp'], lay['microbatches']):.3f}", f"{idle['mean_idle']:.3f}",
-                     per_rank, f"{idle['span_s'] * 1e3:.1f}"])
-    print_table("Pipeline idle fraction (1 - busy / fill-to-flush span) vs (p-1)/(m+p-1)",
-                ["pp", "schedule", "m", "formula", "measured (mean)", "per rank", "span ms"], rows)
+        mean = {k: statistics.mean([e["end"] - e["start"] for e in events if e["kind"] == k] or [0.0])
+                for k in ("forward", "backward", "weight")}  # the formula with this run's F, B, W times
+        formula = bubble_formula(lay["pp"], lay["microbatches"], 1, lay["schedule"], mean["forward"],
+                                 mean["backward"], mean["weight"])
+        rows.append([str(lay["pp"]), lay["schedule"], str(lay["microbatches"]), f"{formula:.3f}",
+                     f"{idle['mean_idle']:.3f}", per_rank,
+                     " ".join(f"{1e3 * mean[k]:.1f}" for k in ("forward", "backward", "weight")),
+                     f"{idle['span_s'] * 1e3:.1f}"])
+    print_table("Pipeline idle fraction (1 - busy / fill-to-flush span) vs the schedule's bubble "
+                "(lmkit.costs.bubble_fraction with the measured F, B, W times)",
+                ["pp", "schedule", "m", "formula", "measured (mean)", "per rank", "F B W ms", "span ms"],
+                rows)
 
     # ---------------------------------------------------------------- step times
     native_ok, why = native_available()

@@ -131,16 +131,18 @@ def model_activation_options(model: Model) -> dict[str, Any]:
 def in_flight(layout: Layout, stage: int) -> int:
     """Most microbatch-chunks whose activations pipeline rank `stage` holds at once.
 
-    GPipe: ``m``; 1F1B: ``min(m, pp - r)``; interleaved 1F1B (Megatron's warm-up of
-    ``2 (pp - r - 1) + (v - 1) pp`` forwards, plus one): in units of one chunk's layers. Checked
-    against `lmkit.parallel.pipeline.peak_in_flight` of the real schedules.
+    GPipe: ``m``; 1F1B and ZB-H1: ``min(m, pp - r)`` (ZB-H1 keeps 1F1B's limit on microbatches
+    waiting for their B; the inputs and output gradients its pending W's keep, at most ``pp`` of them,
+    are not counted here); interleaved 1F1B (Megatron's warm-up of ``2 (pp - r - 1) + (v - 1) pp``
+    forwards, plus one): in units of one chunk's layers. Checked against
+    `lmkit.parallel.pipeline.peak_in_flight` of the real schedules.
     """
     pp, m, v, r = layout.pp, layout.microbatches, layout.virtual_stages, stage
     if pp == 1:
         return 1
     if layout.schedule == "gpipe":
         return m
-    if layout.schedule == "1f1b":
+    if layout.schedule in ("1f1b", "zb-h1"):
         return min(m, pp - r)
     if m == pp:
         return m * v

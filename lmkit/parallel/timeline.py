@@ -120,12 +120,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class _BackwardMarker(torch.autograd.Function):
-    """Identity whose backward times the rest of the autograd pass (one microbatch's backward)."""
+    """Identity whose backward times the rest of the autograd pass (one microbatch's backward).
+
+    It returns a copy, not a view: torch's zero-bubble schedules detach a stage's output in place
+    when they hand it to the next stage on the same rank (ZB-V), which a view does not allow."""
 
     @staticmethod
     def forward(ctx, x: Tensor, timeline: Timeline, microbatch: int, chunk: int) -> Tensor:
         ctx.info = (timeline, microbatch, chunk)
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
