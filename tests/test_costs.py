@@ -278,7 +278,8 @@ def test_a_block_keeps_the_activations_the_formula_counts(options):
 @pytest.mark.parametrize("schedule,pp,m,v", [
     ("gpipe", 2, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 2, 2, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 16, 1),
     ("interleaved", 2, 2, 2), ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 2), ("interleaved", 4, 8, 3),
-    ("interleaved", 3, 9, 2)])
+    ("interleaved", 3, 9, 2), ("zb-h1", 2, 4, 1), ("zb-h1", 4, 8, 1), ("zb-h1", 4, 2, 1),
+    ("zb-h1", 8, 16, 1)])
 def test_in_flight_equals_the_engines_schedules(schedule, pp, m, v):
     layout = costs.Layout(pp=pp, microbatches=m, schedule=schedule, virtual_stages=v)
     for rank in range(pp):
@@ -288,6 +289,13 @@ def test_in_flight_equals_the_engines_schedules(schedule, pp, m, v):
 def test_bubble():
     assert costs.bubble_fraction(1, 8) == 0.0
     assert costs.bubble_fraction(4, 8) == 3 / 11
+    # ZB-H1 (Qi et al. 2024): a third of 1F1B's idle time when F, B and W take as long
+    assert costs.bubble_fraction(4, 8, schedule="zb-h1") == pytest.approx(3 / (3 * 8 + 3))
+    assert costs.bubble_time("zb-h1", 4, 8) == pytest.approx(costs.bubble_time("1f1b", 4, 8) / 3)
+    assert costs.bubble_time("zb-h1", 4, 8, t_b=1.5, t_w=0.5) == pytest.approx(3 * 2.0)  # (p-1)(t_F+t_B-t_W)
+    assert costs.bubble_time("zb-h1", 4, 8, t_b=0.5, t_w=1.5) == pytest.approx(3 * 1.0)  # the floor (p-1) t_F
+    with pytest.raises(costs.CostError, match="no bubble formula"):
+        costs.bubble_time("zb-v", 4, 8)
     assert costs.bubble_fraction(4, 8, virtual_stages=2) == 3 / 19
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, model_preset
 from lmkit.lab.layouts import layout_losses, layout_name, max_relative_difference
@@ -283,3 +284,24 @@ def test_mixed_precision_layout_follows_the_single_process_mixed_curve(layout, r
     diff = max_relative_difference(got["losses"], ref["losses"])
     print(f"mixed {layout_name(layout)} reduce {reduce_dtype}: max relative loss difference {diff:.2e}")
     assert diff < tolerance
+
+
+def test_mixed_precision_checkpoint_keeps_the_fp32_masters(mixed_reference, tmp_path):
+    """dp2 ZeRO-1 with bf16 weights saves after 5 steps: bf16 weights and, beside the moments, every
+    parameter's fp32 master (each rank its chunks); one process resumes: its steps 6-10 are the straight
+    single-process run's, up to the dp2 run's own rounding."""
+    from torch.distributed.checkpoint import FileSystemReader
+    ref, cache = mixed_reference
+    train = dataclasses.replace(MIXED, out_dir=str(tmp_path / "run"))
+    first = layout_losses(MODEL, train, ParallelConfig(dp=2, zero=1), 5, text=TEXT, cache_dir=cache,
+                          save=True)
+    saved = FileSystemReader(str(Path(first["checkpoint"]) / "shards")).read_metadata().state_dict_metadata
+    masters = {k: v for k, v in saved.items() if k.endswith(".master")}
+    weights = {k: v for k, v in saved.items() if k.startswith("model.")}
+    assert len(masters) == len(weights) - int(MODEL.tie_embeddings and "model.head.weight" in weights)
+    assert {v.properties.dtype for v in masters.values()} == {torch.float32}
+    assert {v.properties.dtype for v in weights.values()} == {torch.bfloat16}
+    single = layout_losses(MODEL, train, None, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
+    assert max_relative_difference(first["losses"] + single["losses"], ref["losses"]) < 2e-4
+    again = layout_losses(MODEL, train, None, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
+    assert again["losses"] == single["losses"]  # a resume is deterministic
