@@ -402,7 +402,7 @@ class DataParallel(BucketState):
         """
         bucket, g = self.buckets[b], self.groups[self.buckets[b].group]
         self._settle(b)  # at most one reduction of a bucket in flight
-        flat = torch.zeros(bucket.numel, dtype=self.dtype, device=self.device)
+        flat = torch.zeros(bucket.numel, dtype=self.grad_dtype, device=self.device)
         for i in bucket.params:
             p = self.params[i]
             if p.grad is not None:
@@ -414,7 +414,7 @@ class DataParallel(BucketState):
         if self.dp == 1:
             g.shard_grad[bucket.shard_offset:bucket.shard_offset + bucket.chunk].add_(flat)
         else:
-            out = torch.empty(bucket.chunk, dtype=self.dtype, device=self.device)
+            out = torch.empty(bucket.chunk, dtype=self.grad_dtype, device=self.device)
             work = reduce_scatter_single(out, flat, group=self.dp_group, async_op=True)
             self._in_flight[b] = (work, out, flat)
         if self.comm_log is not None:
