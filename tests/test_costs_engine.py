@@ -7,13 +7,10 @@ and the bytes and calls of every (group, collective) it issues must equal `costs
 exactly (calls where the formula counts them: not the bucketed all-reduces). The bubble formula is
 checked against the measured idle fraction of a pipeline whose compute dominates its messages.
 
-Awaiting the engine (ZeRO-1 as a distributed optimizer; mixed precision with bf16 weights): until
-`lmkit.parallel.data_parallel` lands that design, the ZeRO-1 layouts of these checks fail (costs
-predicts one reduce-scatter per bucket and step, the parameter all-gathers and one fp32 norm^2
-all-reduce over dp, where the old engine all-reduces), and the calls of the ZeRO-0 all-reduce and of
-the parameter all-gathers, now counted (one per bucket), are compared for the first time. Rerun
-every check of this file once it lands. The mixed-precision states (``"mixed"``, ``reduce=``) are
-not measured here yet: the layouts run in fp32.
+ZeRO-1 is a distributed optimizer (one reduce-scatter per bucket and step, the parameter
+all-gathers, one fp32 norm^2 all-reduce over dp: 2 Psi per rank, as plain data parallelism). Mixed
+precision (bf16 weights, fp32 masters, gradients reduced in fp32 or bf16) is measured on its own
+layouts against ``costs.memory(..., "mixed", reduce=...)`` and ``costs.communication``.
 """
 
 from __future__ import annotations
@@ -93,13 +90,14 @@ def test_model_states_per_rank_equal_the_formula(measured):
     assert checked == sum(p.world_size for p in LAYOUTS + ZERO2 + CP)
 
 
-def _bytes_and_calls(model: costs.Model, pc: ParallelConfig, layout: costs.Layout,
-                     rank: dict, optimizer: str = "adamw") -> tuple[Counter, Counter, Counter, Counter, set]:
+def _bytes_and_calls(model: costs.Model, pc: ParallelConfig, layout: costs.Layout, rank: dict,
+                     optimizer: str = "adamw", precision: str = "fp32",
+                     reduce: str = "fp32") -> tuple[Counter, Counter, Counter, Counter, set]:
     """(measured bytes, formula bytes, measured calls, formula calls, keys whose calls the formula
     leaves open) by (group, kind) for one rank's measured step."""
     pred, got, pred_calls, got_calls, uncounted = Counter(), Counter(), Counter(), Counter(), set()
-    for term in costs.communication(model, layout, TRAIN.batch_size, "fp32", rank["coords"]["pp"],
-                                    optimizer=optimizer):
+    for term in costs.communication(model, layout, TRAIN.batch_size, precision, rank["coords"]["pp"],
+                                    optimizer=optimizer, reduce=reduce):
         key = ("pp" if term.group == "embedding" and pc.pp == 2 else term.group, term.kind)
         pred[key] += term.bytes
         if term.calls is None:  # bucketed: as many calls as buckets
@@ -116,7 +114,6 @@ def _bytes_and_calls(model: costs.Model, pc: ParallelConfig, layout: costs.Layou
 
 
 def test_bytes_of_every_collective_equal_the_formula(measured):
-    # Awaits the engine's distributed-optimizer ZeRO-1 (see the module docstring): rerun once it lands.
     model, checked, cp_checked = _model(), 0, 0
     for pc, entry in measured:
         layout = costs.Layout.from_parallel_config(pc)
@@ -136,6 +133,52 @@ def test_bytes_of_every_collective_equal_the_formula(measured):
                 assert got[("cp", "send")] > 0, where
     assert checked > 100
     assert cp_checked == sum(p.world_size for p in CP)
+
+
+
+# Mixed precision as production runs it (train.param_dtype=bfloat16): bf16 weights, fp32 master weights
+# in the optimizer (sharded with its moments under ZeRO), gradients accumulated and reduced in
+# train.reduce_dtype. Plain dp, the three ZeRO stages, and tensor and pipeline parallelism (2 launches).
+MIXED_LAYOUTS = [ParallelConfig(dp=2), ParallelConfig(dp=2, zero=1), ParallelConfig(dp=2, zero=2),
+                 ParallelConfig(pp=2, microbatches=2),
+                 ParallelConfig(dp=2, tp=2, zero=1, sequence_parallel=True)]
+# lmkit's engine with reduce_dtype=bfloat16 (lmkit/parallel/data_parallel.py): ZeRO-0/1 cannot be built
+# (`_allocate_buffers` gives the still-fp32 weights their bf16 gradient views: torch refuses a gradient of
+# another dtype) and ZeRO-2's `_reduce_scatter` builds its flat input in `self.dtype` (fp32 masters)
+# instead of `self.grad_dtype`, so it sends 4 bytes per element where the formula's reduce="bf16" says 2.
+BF16_REDUCE_PENDING = pytest.mark.xfail(strict=True, reason="the engine's bf16 gradient reduction: see the "
+                                        "comment above BF16_REDUCE_PENDING")
+
+
+@pytest.mark.parametrize("reduce", ["fp32", pytest.param("bf16", marks=BF16_REDUCE_PENDING)])
+def test_mixed_precision_memory_and_bytes_equal_the_formulas(reduce, tmp_path):
+    """Every rank's weights (2 bytes), gradients (4 or 2), fp32 masters plus AdamW's moments (12 bytes,
+    sharded by ZeRO-1/2) and every collective's bytes equal ``costs`` "mixed" with `reduce`, exactly."""
+    train = TrainConfig(**{**TRAIN.__dict__, "dtype": "bfloat16", "param_dtype": "bfloat16",
+                           "reduce_dtype": {"fp32": "float32", "bf16": "bfloat16"}[reduce]})
+    entries = measure_layouts(MODEL, train, MIXED_LAYOUTS, steps=1, warmup=1, text=TEXT,
+                              cache_dir=str(tmp_path), timeout=300)
+    model, ranks = _model(), 0
+    for pc, entry in zip(MIXED_LAYOUTS, entries, strict=True):
+        assert "error" not in entry, entry
+        layout = costs.Layout.from_parallel_config(pc)
+        for rank in entry["ranks"]:
+            where = f"mixed reduce={reduce} {entry['name']} rank {rank['rank']}"
+            stage = rank["coords"]["pp"]
+            pred = costs.memory(model, layout, TRAIN.batch_size, "mixed", stage=stage, reduce=reduce)
+            got = rank["memory"]
+            assert (got["param_bytes"], got["grad_bytes"], got["optimizer_bytes"]) == \
+                (pred.params, pred.grads, pred.optimizer), where
+            assert got["param_bytes"] == 2 * got["param_numel"], where  # bf16 weights
+            masters = 4 * got["param_numel"] / (pc.dp if pc.zero else 1)  # fp32, ZeRO-sharded (even here)
+            assert got["master_bytes"] == masters, where
+            got_b, pred_b, got_calls, pred_calls, uncounted = _bytes_and_calls(
+                model, pc, layout, rank, precision="mixed", reduce=reduce)
+            assert got_b == pred_b, (where, dict(got_b), dict(pred_b))
+            for key in set(got_b) - uncounted:
+                assert got_calls[key] == pred_calls[key], (where, key, dict(got_calls), dict(pred_calls))
+            ranks += 1
+    assert ranks == sum(p.world_size for p in MIXED_LAYOUTS)
 
 
 # Today's model (rotary, RMSNorm, SwiGLU, 2 key/value heads for 4 query heads, untied head, QK-norm), with
@@ -163,7 +206,6 @@ def llama_measured(tmp_path_factory):
 
 
 def test_llama_style_model_and_muon_memory_and_bytes_equal_the_formulas(llama_measured):
-    # Awaits the engine's distributed-optimizer ZeRO-1 (its zero=1 layouts; see the module docstring).
     model = costs.Model.from_config(ModelConfig(**{**LLAMA.__dict__, "vocab_size": VOCAB}))
     ranks = 0
     muon_bytes = Counter()

@@ -653,9 +653,11 @@ def test_chinese_headings_render_with_glyphs(pages, driver, server):
 # --- the layout calculator of chapter 5 --------------------------------------------------------
 CALCULATOR_PAGE = "chapters/05_parallelism_theory"
 # Every input of the calculator (book/_ext/calculator.py), in the order a reader sets them: the
-# schedule first, because choosing one adjusts the virtual stages.
+# schedule first, because choosing one adjusts the virtual stages; the gradients' dtype ("reduce")
+# after the precision, because only mixed precision shows it (and sends it).
 CALCULATOR_FIELDS = ("schedule", "dp", "cp", "tp", "pp", "zero", "sequence_parallel", "recompute",
-                     "microbatches", "virtual_stages", "global_batch", "precision", "device_memory_gb")
+                     "microbatches", "virtual_stages", "global_batch", "precision", "reduce",
+                     "device_memory_gb")
 MODEL_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len", "mlp",
                 "tie_embeddings")
 # The page's "network" select sets three fields of the model at once.
@@ -672,14 +674,18 @@ def _inputs(model: str | dict, **layout) -> dict:
     """Every field the calculator sends: a preset name or a typed model, and the layout."""
     base = {"dp": 1, "cp": 1, "tp": 1, "pp": 1, "zero": 0, "sequence_parallel": False, "recompute": "none",
             "microbatches": 1, "schedule": "1f1b", "virtual_stages": 1, "global_batch": 8,
-            "precision": "mixed", "device_memory_gb": 80}
-    return {("model" if isinstance(model, dict) else "preset"): model, **base, **layout}
+            "precision": "mixed", "reduce": "fp32", "device_memory_gb": 80}
+    inputs = {("model" if isinstance(model, dict) else "preset"): model, **base, **layout}
+    if inputs["precision"] != "mixed":  # the page hides the gradients' dtype and sends none
+        del inputs["reduce"]
+    return inputs
 
 
 CALCULATOR_CASES = {
     "llama2-7b tp8 zero1": _inputs("llama2-7b", tp=8, zero=1, sequence_parallel=True, recompute="selective"),
-    "llama3-70b tp8 pp4 1f1b m16": _inputs("llama3-70b", dp=2, tp=8, pp=4, zero=1, sequence_parallel=True,
-                                    recompute="selective", microbatches=16, global_batch=64),
+    "llama3-70b tp8 pp4 1f1b m16 bf16 gradients": _inputs("llama3-70b", dp=2, tp=8, pp=4, zero=1,
+                                                          sequence_parallel=True, microbatches=16,
+                                                          global_batch=64, reduce="bf16"),
     "gpt3 tp8 pp16 interleaved v2 dp8": _inputs("gpt3-175b", dp=8, tp=8, pp=16, zero=1,
                                                 sequence_parallel=True, recompute="selective",
                                                 microbatches=32, schedule="interleaved", virtual_stages=2,
@@ -721,7 +727,7 @@ def _expected_outputs(result: dict) -> dict:
     out = {"model": result["model"], "num-params": result["num_params"],
            "kv-cache-per-token": result["kv_cache_per_token"], "layout": result["layout"],
            "stage": result["stage"], "device-memory": result["device_memory"], "fits": result["fits"],
-           "bubble": result["bubble"]}
+           "bubble": result["bubble"], "notes": result["notes"]}
     for group in ("memory", "communication"):
         out.update({f"{group}-{k}": v for k, v in result[group].items()})
     return out
@@ -785,7 +791,8 @@ def _calculate_on_page(driver, inputs: dict) -> dict:
             _set(driver, field_name, model[field_name])
         _set(driver, "network", next(k for k, v in NETWORKS.items() if v["pos"] == model["pos"]))
     for field_name in CALCULATOR_FIELDS:
-        _set(driver, field_name, inputs[field_name])
+        if field_name in inputs:  # (no "reduce" under fp32: the page hides it)
+            _set(driver, field_name, inputs[field_name])
 
     def computed(d):
         sent = d.execute_script("return document.getElementById('lmkit-calculator').dataset.inputs")
@@ -842,6 +849,35 @@ def test_calculator_covers_pipelines_and_a_typed_model():
     assert any(0 < m["n_kv_head"] < m["n_head"] and m["mlp"] == "swiglu" and not m["tie_embeddings"]
                for m in typed)
     assert all(set(m) == {*MODEL_FIELDS, *NETWORKS["gpt2"]} for m in typed)
+    # both gradient dtypes of mixed precision, fp32 training, and selective recomputation's note
+    assert {c.get("reduce") for c in cases} == {"fp32", "bf16", None}
+    assert all(("reduce" in c) == (c["precision"] == "mixed") for c in cases)
+    notes = {costs.calculate(dict(c))["notes"] for c in cases}
+    assert notes == {"", costs.SELECTIVE_UNDER_FLASH}
+
+
+def test_calculator_markup_offers_every_input_and_output():
+    """The form (book/_ext/calculator.py) has a control for every field the page sends, an output row
+    for every field it shows, recomputation "none" by default and selective marked as without effect
+    under flash attention; the script sends the gradients' dtype under mixed precision only."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lmkit_calculator_ext", BOOK / "_ext" / "calculator.py")
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    html = ext.markup("llama3-8b")
+    for field_name in (*CALCULATOR_FIELDS, *MODEL_FIELDS, "network", "preset"):
+        key = field_name.replace("_", "-")
+        assert f'id="calc-{key}"' in html, field_name
+    result = costs.calculate(dict(CALCULATOR_CASES["llama2-7b tp8 zero1"]))
+    shown = set(re.findall(r'data-output="([^"]+)"', html))
+    assert shown == set(_expected_outputs(result)), sorted(shown ^ set(_expected_outputs(result)))
+    label, options, default = ext.SELECTS["recompute"]
+    assert default == "none" and dict(options)["selective"] == "selective (no effect with flash attention)"
+    assert [v for v, _ in ext.SELECTS["reduce"][1]] == list(costs.REDUCE_DTYPES)
+    assert ext.SELECTS["reduce"][2] == "fp32"
+    script = (ext.STATIC / ext.SCRIPT).read_text(encoding="utf-8")
+    assert 'if (inputs.precision === "mixed") inputs.reduce = $("reduce").value;' in script
 
 
 def test_calculator_reports_an_impossible_layout_in_one_line(calculator):

@@ -46,11 +46,17 @@ BATCH_INPUTS = [("microbatches", "microbatches m", 1, 1), ("virtual-stages", "vi
 SELECTS = {
     "zero": ("ZeRO stage", [("0", "0: replicated"), ("1", "1: optimizer sharded"),
                             ("2", "2: + gradients"), ("3", "3: + parameters")], "1"),
-    "recompute": ("recomputation", [("none", "none"), ("selective", "selective"), ("full", "full")],
-                  "selective"),
+    # flash attention (which the calculator assumes) never stores the scores selective recomputation drops
+    "recompute": ("recomputation", [("none", "none"),
+                                    ("selective", "selective (no effect with flash attention)"),
+                                    ("full", "full")], "none"),
     "schedule": ("pipeline schedule", [("gpipe", "GPipe"), ("1f1b", "1F1B"),
                                        ("interleaved", "interleaved 1F1B")], "1f1b"),
-    "precision": ("precision", [("mixed", "mixed (bf16 + fp32 Adam)"), ("fp32", "fp32")], "mixed"),
+    "precision": ("precision", [("mixed", "mixed (bf16 weights + fp32 masters and Adam)"), ("fp32", "fp32")],
+                  "mixed"),
+    # the gradients' dtype under mixed precision (train.reduce_dtype); shown only when precision is mixed
+    "reduce": ("gradients accumulated and reduced in", [("fp32", "fp32 (lmkit's default)"),
+                                                        ("bf16", "bf16 (half the bytes)")], "fp32"),
 }
 OUTPUTS = {  # section -> (data-output key, label)
     "model": [("model", "model"), ("num-params", "parameters"),
@@ -64,6 +70,7 @@ OUTPUTS = {  # section -> (data-output key, label)
                                ("communication-tp", "tensor parallel"), ("communication-pp", "pipeline"),
                                ("communication-total", "total")],
     "pipeline": [("bubble", "bubble (idle fraction)")],
+    "notes": [("notes", "notes")],
 }
 
 
@@ -95,7 +102,7 @@ def markup(preset: str) -> str:
                '<input id="calc-sequence-parallel" type="checkbox" checked disabled>')
     layout += _select("recompute", *SELECTS["recompute"])
     batch = _select("schedule", *SELECTS["schedule"]) + "".join(_number(*row) for row in BATCH_INPUTS)
-    device = (_select("precision", *SELECTS["precision"])
+    device = (_select("precision", *SELECTS["precision"]) + _select("reduce", *SELECTS["reduce"])
               + _number("device-memory-gb", "device memory (GB)", 80, 1, step="any"))
     results = "".join(
         f'<tr><th colspan="2">{html.escape(section)}</th></tr>'

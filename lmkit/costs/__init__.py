@@ -53,6 +53,7 @@ from lmkit.costs.layout import (
 from lmkit.costs.per_rank import (
     CP_LAYOUTS,
     OPTIMIZERS,
+    RING_BACKWARD_COMPUTE,
     CommTerm,
     Memory,
     activation_bytes_per_layer,
@@ -81,5 +82,6 @@ __all__ = [
     "wire_bytes", "bubble_fraction", "bubble_time",
     "step_time", "search", "calculate", "format_bytes", "REDUCE_DTYPES", "state_bytes",
     "SELECTIVE_UNDER_FLASH",
-    "CP_LAYOUTS", "cp_attention_work", "cp_attention_memory", "cp_communication", "cp_ring_step",
+    "CP_LAYOUTS", "RING_BACKWARD_COMPUTE", "cp_attention_work", "cp_attention_memory", "cp_communication",
+    "cp_ring_step",
 ]

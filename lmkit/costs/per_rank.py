@@ -34,7 +34,13 @@ __all__ = [
     "model_states", "activation_bytes_per_layer", "model_activation_options", "in_flight", "Memory",
     "memory", "OPTIMIZERS", "wire_bytes", "CommTerm", "communication", "CP_LAYOUTS", "cp_attention_work",
     "cp_attention_memory", "cp_communication", "cp_ring_step", "bubble_fraction", "bubble_time",
+    "RING_BACKWARD_COMPUTE",
 ]
+
+#: A ring step's backward compute over its forward's: `lmkit.parallel.context_parallel.RingAttention`
+#: runs 2 block matmuls per block pair forward (``Q K^T``, ``P V``) and 5 backward (``Q K^T`` again to
+#: recompute ``P``, ``P^T dO``, ``dO V^T``, ``dS K``, ``dS^T Q``), as FlashAttention's backward does.
+RING_BACKWARD_COMPUTE = 2.5
 
 
 # --------------------------------------------------------------------------------- memory
@@ -565,10 +571,11 @@ def cp_ring_step(b: int, s: int, h: int, cp: int, peak_flops: float, bandwidth: 
     ``compute_s >= comm_s``: for zigzag when ``s / cp >= (kv_width / h) e F / beta`` tokens per rank
     (``hide_tokens``), so grouped-query attention hides its ring at ``n_head / n_kv_head`` times
     shorter chunks. Backward (`lmkit.parallel.context_parallel.RingAttention.backward`): a step's
-    compute, counted as twice the forward's, runs while the next K/V block and the previous step's
-    dK/dV accumulator travel, the latter in the accumulation precision ``max(e, 4)``: it hides when
-    ``2 compute_s >= comm_s (1 + max(e, 4) / e)``, at ``hide_tokens_backward`` = ``(1 + max(e, 4)
-    / e) / 2`` times ``hide_tokens`` per rank: 1.5x in bf16, 1x in fp32 (as `_ring_exposed_s`).
+    compute, `RING_BACKWARD_COMPUTE` = 2.5 times the forward's (5 block matmuls against 2), runs while
+    the next K/V block and the previous step's dK/dV accumulator travel, the latter in the
+    accumulation precision ``max(e, 4)``: it hides when ``2.5 compute_s >= comm_s (1 + max(e, 4) /
+    e)``, at ``hide_tokens_backward`` = ``(1 + max(e, 4) / e) / 2.5`` times ``hide_tokens`` per rank:
+    1.2x in bf16, 0.8x in fp32 (as `_ring_exposed_s`).
     """
     _, c = _cp_chunks(s, cp, layout)
     width, kv = h // tp, (h if kv_width is None else kv_width) // tp
@@ -578,7 +585,7 @@ def cp_ring_step(b: int, s: int, h: int, cp: int, peak_flops: float, bandwidth: 
     hide = (s // cp) * (comm / bandwidth) / (flops / peak_flops)  # tokens per rank where f = k
     return {"flops": float(flops), "compute_s": flops / peak_flops, "bytes": float(comm),
             "comm_s": comm / bandwidth, "hide_tokens": hide,
-            "hide_tokens_backward": hide * (1 + max(act_bytes, 4) / act_bytes) / 2}
+            "hide_tokens_backward": hide * (1 + max(act_bytes, 4) / act_bytes) / RING_BACKWARD_COMPUTE}
 
 
 # --------------------------------------------------------------------------------- pipeline bubble

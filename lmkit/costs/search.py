@@ -22,7 +22,15 @@ from lmkit.costs.layout import (
     stage_counts,
     tp_choices,
 )
-from lmkit.costs.per_rank import CommTerm, Memory, bubble_fraction, communication, cp_ring_step, memory
+from lmkit.costs.per_rank import (
+    RING_BACKWARD_COMPUTE,
+    CommTerm,
+    Memory,
+    bubble_fraction,
+    communication,
+    cp_ring_step,
+    memory,
+)
 
 __all__ = ["Cluster", "DEVICES", "Candidate", "step_time", "search"]
 
@@ -163,9 +171,10 @@ def _ring_exposed_s(model: Model, layout: Layout, global_batch: int, cluster: Cl
     Per layer and microbatch, as `lmkit.parallel.context_parallel.RingAttention` runs: a forward ring
     step computes two ``C x C`` blocks in ``f`` seconds (`cp_ring_step`) while the next K/V block
     (``k`` seconds) is in transit, exposing ``max(0, k - f)``, ``cp - 1`` times. A backward step
-    computes for ``2 f`` (backward is twice the forward's FLOPs) while the K/V block and the dK/dV
-    accumulator of the previous step (``g`` seconds, fp32) travel: ``max(0, k - 2f)`` for the first,
-    ``max(0, k + g - 2f)`` for the ``cp - 2`` middle ones, ``max(0, g - 2f)`` for the last, and the
+    computes for ``2.5 f`` (`RING_BACKWARD_COMPUTE`: 5 block matmuls against the forward's 2) while the
+    K/V block and the dK/dV accumulator of the previous step (``g`` seconds, fp32) travel:
+    ``max(0, k - 2.5f)`` for the first, ``max(0, k + g - 2.5f)`` for the ``cp - 2`` middle ones,
+    ``max(0, g - 2.5f)`` for the last, and the
     accumulator's final hop home, ``g``, after all compute. Full recomputation repeats the forward.
     The ring's neighbours are tp ranks apart in a group of ``tp x cp`` consecutive devices.
     """
@@ -180,7 +189,8 @@ def _ring_exposed_s(model: Model, layout: Layout, global_batch: int, cluster: Cl
     f, k = step["compute_s"], step["comm_s"] + alpha
     g = step["comm_s"] * max(e, 4) / e + alpha
     forward = (cp - 1) * max(0.0, k - f)
-    backward = (max(0.0, k - 2 * f) + (cp - 2) * max(0.0, k + g - 2 * f) + max(0.0, g - 2 * f) + g)
+    fb = RING_BACKWARD_COMPUTE * f
+    backward = max(0.0, k - fb) + (cp - 2) * max(0.0, k + g - fb) + max(0.0, g - fb) + g
     if layout.recompute == "full":
         forward *= 2
     layers = stage_counts(model, layout.pp, layout.virtual_stages, t, stage)[4]

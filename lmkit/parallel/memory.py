@@ -1,9 +1,9 @@
 """Memory of a parallel rank: the storage it holds, and live/peak bytes while something runs.
 
 `memory_report` counts allocated storage once each (parameters, gradient buffers, optimizer
-state; a DTensor's local shard); `AllocationTracker` the live and peak bytes allocated while it
-is active, on a CPU too (a ``TorchDispatchMode``). The book, chapter 6 (memory at start) and
-chapter 5, section 5.3.
+state with mixed precision's fp32 master weights; a DTensor's local shard); `AllocationTracker`
+the live and peak bytes allocated while it is active, on a CPU too (a ``TorchDispatchMode``).
+The book, chapter 6 (memory at start) and chapter 5, section 5.3.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def _storage_bytes(tensors: Iterable[Tensor], seen: set) -> int:
     return total
 
 
-def _params_and_optimizer(obj: Any, optimizer: Any) -> tuple[list[Tensor], Any]:
+def _params_and_optimizer(obj: Any, optimizer: Any) -> tuple[list[Tensor], Any, Any]:
+    """(the model's parameters, the optimizer, the engine or module they were found in)."""
     if getattr(obj, "engine", None) is not None:  # a Trainer with a parallel engine
         obj = obj.engine
     elif hasattr(obj, "model") and hasattr(obj, "optimizer") and not hasattr(obj, "named_params"):
@@ -56,7 +57,25 @@ def _params_and_optimizer(obj: Any, optimizer: Any) -> tuple[list[Tensor], Any]:
         params = list(obj.parameters())
     else:
         params = [p for m in modules_of(obj) for p in m.parameters()]
-    return params, optimizer
+    return params, optimizer, obj
+
+
+def _gradient_buffers(obj: Any) -> list[Tensor]:
+    """The flat gradient buffers of lmkit's `DataParallel` (``engine.dp``; ZeRO-2: the shard
+    accumulators). The ``.grad`` of a parameter or master is usually a view into them, but not
+    always: with bf16 reduction under fp32 masters the masters' ``.grad`` are fp32 copies made for
+    the step and dropped after it, and ZeRO-2's full ``.grad`` live only until their bucket is
+    reduced, so the buffers are counted themselves."""
+    groups = getattr(getattr(obj, "dp", None), "groups", None)
+    if not isinstance(groups, (list, tuple)):
+        return []
+    return [t for g in groups for t in (getattr(g, "grad", None), getattr(g, "shard_grad", None))
+            if isinstance(t, Tensor)]
+
+
+def _key(t: Tensor) -> tuple[Any, int]:
+    t = _local(t)
+    return t.device, t.untyped_storage().data_ptr()
 
 
 def memory_report(engine: Any, optimizer: Any = None) -> dict[str, Any]:
@@ -65,27 +84,38 @@ def memory_report(engine: Any, optimizer: Any = None) -> dict[str, Any]:
     `engine`: an lmkit `ParallelEngine`, a native engine (anything with ``parameters()``,
     ``stages`` or ``model``, and ``optimizer``), a `Trainer`, or an ``nn.Module`` together with
     its `optimizer`. Bytes are allocated storage, each storage counted once (module docstring).
-    ``cuda_peak_bytes`` is ``torch.cuda.max_memory_allocated`` on a GPU, None on a CPU (no
-    allocator statistics there).
+    ``param_bytes`` are the model's weights (bf16 under ``train.param_dtype=bfloat16``);
+    ``master_bytes`` the optimizer's own fp32 copies of them in mixed precision (the tensors it
+    steps that share no storage with the model's weights: lmkit's masters, sharded with ZeRO), 0
+    otherwise; ``optimizer_bytes`` the masters plus the optimizer's state (moments, step
+    counters), as `lmkit.costs.memory` counts its ``optimizer``. ``grad_bytes``: the gradients of
+    the weights and masters and the engine's gradient buffers. ``cuda_peak_bytes`` is
+    ``torch.cuda.max_memory_allocated`` on a GPU, None on a CPU (no allocator statistics there).
     """
-    params, optimizer = _params_and_optimizer(engine, optimizer)
+    params, optimizer, obj = _params_and_optimizer(engine, optimizer)
     numel = sum(_local(p).numel() for p in {id(p): p for p in params}.values())
-    if optimizer is not None:  # ZeRO's shard "parameters" are views of the same flat buffers
-        params += [p for group in optimizer.param_groups for p in group["params"]]
+    model_storages = {_key(p) for p in params}
+    # ZeRO's shard "parameters" (fp32) are views of the same flat buffers as the weights; mixed
+    # precision's masters are storages of their own.
+    units = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
+    masters = [p for p in units if _key(p) not in model_storages]
     seen: set = set()
     param_bytes = _storage_bytes(params, seen)
-    grad_bytes = _storage_bytes((p.grad for p in params if p.grad is not None), seen)
+    master_bytes = _storage_bytes(masters, seen)
+    grad_bytes = _storage_bytes([p.grad for p in params + units if p.grad is not None]
+                                + _gradient_buffers(obj), seen)
     state_tensors = []
     if optimizer is not None:
         for state in optimizer.state.values():
             state_tensors += [v for v in state.values() if isinstance(v, Tensor)]
-    opt_bytes = _storage_bytes(state_tensors, seen)
+    opt_bytes = master_bytes + _storage_bytes(state_tensors, seen)
     devices = {_local(p).device for p in params}
     cuda = next((d for d in devices if d.type == "cuda"), None)
     return {
         "param_bytes": param_bytes,
         "grad_bytes": grad_bytes,
         "optimizer_bytes": opt_bytes,
+        "master_bytes": master_bytes,
         "total_bytes": param_bytes + grad_bytes + opt_bytes,
         "param_numel": numel,
         "device": str(cuda or next(iter(devices), "cpu")),

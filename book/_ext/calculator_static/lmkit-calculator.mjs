@@ -69,8 +69,16 @@ function readInputs() {
   inputs.recompute = $("recompute").value;
   inputs.schedule = $("schedule").value;
   inputs.precision = $("precision").value;
+  if (inputs.precision === "mixed") inputs.reduce = $("reduce").value;  // the gradients' dtype
   inputs.device_memory_gb = number($("device-memory-gb").value);
   return inputs;
+}
+
+function showReduce() {
+  // The gradients' dtype is a choice of mixed precision only (fp32 training reduces fp32 gradients).
+  const hidden = $("precision").value !== "mixed";
+  $("reduce").hidden = hidden;
+  root.querySelector('label[for="calc-reduce"]').hidden = hidden;
 }
 
 function svg(tag, attrs, text) {
@@ -134,7 +142,7 @@ function show(inputs, reply) {
     "num-params": result.num_params, "kv-cache-per-token": result.kv_cache_per_token,
     "bubble": result.bubble, "fits": result.fits,
     "device-memory": result.device_memory, "model": result.model, "layout": result.layout,
-    "stage": result.stage,
+    "stage": result.stage, "notes": result.notes,
   };
   for (const group of ["memory", "communication"]) {
     for (const [k, v] of Object.entries(result[group])) values[`${group}-${k}`] = v;
@@ -226,6 +234,8 @@ async function main() {
     if ($("schedule").value === "interleaved" && Number(v.value) < 2) v.value = 2;
     if ($("schedule").value !== "interleaved") v.value = 1;
   });
+  $("precision").addEventListener("change", showReduce);
+  showReduce();
   for (const el of root.querySelectorAll("input, select")) {
     el.addEventListener(el.tagName === "SELECT" || el.type === "checkbox" ? "change" : "input", update);
   }
