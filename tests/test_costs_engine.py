@@ -142,15 +142,7 @@ def test_bytes_of_every_collective_equal_the_formula(measured):
 MIXED_LAYOUTS = [ParallelConfig(dp=2), ParallelConfig(dp=2, zero=1), ParallelConfig(dp=2, zero=2),
                  ParallelConfig(pp=2, microbatches=2),
                  ParallelConfig(dp=2, tp=2, zero=1, sequence_parallel=True)]
-# lmkit's engine with reduce_dtype=bfloat16 (lmkit/parallel/data_parallel.py): ZeRO-0/1 cannot be built
-# (`_allocate_buffers` gives the still-fp32 weights their bf16 gradient views: torch refuses a gradient of
-# another dtype) and ZeRO-2's `_reduce_scatter` builds its flat input in `self.dtype` (fp32 masters)
-# instead of `self.grad_dtype`, so it sends 4 bytes per element where the formula's reduce="bf16" says 2.
-BF16_REDUCE_PENDING = pytest.mark.xfail(strict=True, reason="the engine's bf16 gradient reduction: see the "
-                                        "comment above BF16_REDUCE_PENDING")
-
-
-@pytest.mark.parametrize("reduce", ["fp32", pytest.param("bf16", marks=BF16_REDUCE_PENDING)])
+@pytest.mark.parametrize("reduce", ["fp32", "bf16"])
 def test_mixed_precision_memory_and_bytes_equal_the_formulas(reduce, tmp_path):
     """Every rank's weights (2 bytes), gradients (4 or 2), fp32 masters plus AdamW's moments (12 bytes,
     sharded by ZeRO-1/2) and every collective's bytes equal ``costs`` "mixed" with `reduce`, exactly."""
