@@ -214,7 +214,7 @@ def main() -> None:
         book = statistics.median(rank0["counter_overhead_s"])
         world = len(r["ranks"])
         tps = rank0["tokens_per_step"] / plain
-        util = costs.mfu(tps, rank0["flops_per_token"], world, peak)
+        util = None if peak is None else costs.mfu(tps, rank0["flops_per_token"], world, peak)
         mem = max(x["memory"]["total_bytes"] for x in r["ranks"])
         return [name, str(world), f"{plain * 1e3:.1f}", f"{step * 1e3:.1f}", f"{book * 1e3:.2f}",
                 f"{tps:,.0f}", "n/a (CPU)" if util is None else f"{util:.1%}", f"{mem / 2**20:.2f}"]

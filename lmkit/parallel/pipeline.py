@@ -448,6 +448,10 @@ class _P2P:
                  on_event: Callable | None, stats: PipelineStats) -> None:
         self.topo, self.n_stages, self.shape, self.dtype = topo, n_stages, act_shape, dtype
         self.on_event, self.stats = on_event, stats
+        # gloo completes a posted send in the background: a rank need not wait for its peer to receive
+        # before it computes on (`flush` waits at the end). NCCL's batch is one request: wait for it.
+        self.eager = topo.pp > 1 and dist.get_backend(topo.pp_group) == "gloo"
+        self.pending: list[tuple[_Msg, Tensor, object, float]] = []  # (msg, buffer, request, posted at)
 
     def peer(self, stage: int) -> int:
         """Global rank running global `stage`, with this rank's dp and tp coordinates."""
@@ -455,34 +459,63 @@ class _P2P:
 
     def exchange(self, sends: list[_Msg], tensors: dict[_Msg, Tensor],
                  recvs: list[_Msg]) -> dict[_Msg, Tensor]:
-        """Post all `sends` and `recvs` in one ``batch_isend_irecv``, then wait for every one.
+        """Post all `sends` and `recvs` in one ``batch_isend_irecv``, then wait for the receives (and,
+        on NCCL, the sends; on gloo a send completes in the background: `flush`).
 
         Posting both before waiting on either is what keeps two neighbours that send to each
-        other at the same moment from blocking each other (see the module doc).
+        other at the same moment from blocking each other (see the module doc); not waiting for a
+        send keeps a rank from idling while its peer is still busy with another action (a
+        zero-bubble schedule's W), as the ideal timeline assumes.
         """
+        self._settle(wait=False)
         if not sends and not recvs:
             return {}
         t0 = time.perf_counter()
-        ops, received = [], {}
+        ops, received, bufs = [], {}, []
         for msg in recvs:
             received[msg] = torch.empty(self.shape, dtype=self.dtype, device=self.topo.device)
             ops.append(dist.P2POp(dist.irecv, received[msg], self.peer(msg.src), tag=msg.tag(self.n_stages)))
         for msg in sends:
-            buf = tensors[msg].detach().to(self.dtype).contiguous()
-            ops.append(dist.P2POp(dist.isend, buf, self.peer(msg.dst), tag=msg.tag(self.n_stages)))
+            bufs.append(tensors[msg].detach().to(self.dtype).contiguous())
+            ops.append(dist.P2POp(dist.isend, bufs[-1], self.peer(msg.dst), tag=msg.tag(self.n_stages)))
         reqs = dist.batch_isend_irecv(ops)
+        if self.eager and len(reqs) == len(ops):
+            self.pending += [(msg, buf, req, t0) for msg, buf, req in zip(sends, bufs, reqs[len(recvs):],
+                                                                         strict=True)]
+            reqs, done = reqs[:len(recvs)], recvs
+        else:
+            done = recvs + sends
         ends = []
         for req in reqs:  # gloo returns one request per op; NCCL may return one for the batch
             req.wait()
             ends.append(time.perf_counter())
         if self.on_event is not None:
-            for j, msg in enumerate(recvs + sends):
+            for j, msg in enumerate(done):
                 kind, stage = ("recv", msg.dst) if j < len(recvs) else ("send", msg.src)
-                t1 = ends[j] if len(ends) == len(ops) else ends[-1]
+                t1 = ends[j] if len(ends) == len(done) else ends[-1]
                 self.on_event(kind, msg.microbatch, stage // self.topo.pp, t0, t1)
         self.stats.comm_s += time.perf_counter() - t0
         self.stats.messages += len(ops)
         return received
+
+    def _settle(self, wait: bool) -> None:
+        """Report the sends that completed (all of them, waiting, with `wait`), freeing their buffers."""
+        still = []
+        for msg, buf, req, posted in self.pending:
+            if wait:
+                t0 = time.perf_counter()
+                req.wait()
+                self.stats.comm_s += time.perf_counter() - t0
+            elif not req.is_completed():
+                still.append((msg, buf, req, posted))
+                continue
+            if self.on_event is not None:
+                self.on_event("send", msg.microbatch, msg.src // self.topo.pp, posted, time.perf_counter())
+        self.pending = still
+
+    def flush(self) -> None:
+        """Wait for every send still in flight (the end of the step)."""
+        self._settle(wait=True)
 
 
 def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Tensor, Tensor]],
@@ -576,6 +609,7 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
         received.update(p2p.exchange(sends, produced, recvs))
         del produced
 
+    p2p.flush()
     mean = (torch.stack(losses).mean().double() if losses
             else torch.zeros((), dtype=torch.float64, device=topo.device))  # NCCL: device tensors only
     if pp > 1:
