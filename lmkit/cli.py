@@ -144,9 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
     est.add_argument("--precision", choices=costs.PRECISIONS, default="mixed",
                      help="mixed (bf16 weights and activations, fp32 master weights) or fp32")
-    est.add_argument("--reduce-dtype", choices=costs.REDUCE_DTYPES, default="fp32",
-                     help="dtype of the gradients under mixed precision, accumulated and reduced over dp "
-                          "(train.reduce_dtype): fp32, or bf16 (half the bytes)")
+    est.add_argument("--reduce-dtype", choices=costs.REDUCE_DTYPES, default="fp32", help="dtype of the "
+                     "gradients under mixed precision, accumulated and reduced over dp: fp32 or bf16 (half)")
     est.add_argument("--efficiency", type=float, default=0.5, help="fraction of peak the compute reaches")
     est.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3],
                      help="ZeRO stages to consider (default: 0 1 2 3)")

@@ -18,7 +18,6 @@ from lmkit.config import ConfigError, ModelConfig, ParallelConfig
 from lmkit.parallel.pipeline import (
     PipelineStats,
     allreduce_tied_embedding_grads,
-    deferred_weight_grads,
     ideal_timeline,
     last_stats,
     peak_in_flight,
@@ -111,14 +110,14 @@ def test_ideal_timeline_idle_equals_the_cost_model(times):
 def test_deferred_weight_grads_split_backward_into_b_and_w():
     """Inside the mode, backward gives the input gradient and no weight gradient; running the stored
     W then gives exactly autograd's weight and bias gradients."""
-    from lmkit.parallel.pipeline import _WeightGradStore
+    from lmkit.parallel.weight_grads import WeightGradStore, deferred_weight_grads
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 5)
     x = torch.randn(3, 4, 8, requires_grad=True)
     ref = copy.deepcopy(lin)
     xr = x.detach().clone().requires_grad_()
     (ref(xr) ** 2).sum().backward()
-    store = _WeightGradStore(lambda p, g: setattr(p, "grad", g.clone() if p.grad is None else p.grad + g))
+    store = WeightGradStore(lambda p, g: setattr(p, "grad", g.clone() if p.grad is None else p.grad + g))
     with deferred_weight_grads(store, {id(lin.weight)}):
         out = lin(x)
         store.key = (0, 0)

@@ -11,7 +11,8 @@ Units: bytes, FLOPs, seconds; "GB" is 1e9.
 
 - `layout`: the model and the layout: shapes, parameters, FLOPs, peak FLOP/s, a layout's rules,
   what each pipeline stage holds;
-- `per_rank`: what one rank holds and sends: memory, communication, context parallelism, bubble;
+- `per_rank`: what one rank holds and sends: memory, communication, context parallelism;
+- `bubble`: how long a pipeline schedule leaves every rank idle in a step;
 - `search`: devices, the estimated step time and the ranking of every layout that fits;
 - `calculator`: `calculate`, the calculator's JSON-in, JSON-out entry point.
 
@@ -20,6 +21,7 @@ The cost model is one namespace: chapter 5, ``lmkit estimate`` and the calculato
 package's interface, each defined in the module above that holds it.
 """
 
+from lmkit.costs.bubble import bubble_fraction, bubble_time
 from lmkit.costs.calculator import SELECTIVE_UNDER_FLASH, calculate, format_bytes
 from lmkit.costs.layout import (
     GB,
@@ -57,8 +59,6 @@ from lmkit.costs.per_rank import (
     CommTerm,
     Memory,
     activation_bytes_per_layer,
-    bubble_fraction,
-    bubble_time,
     communication,
     cp_attention_memory,
     cp_attention_work,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lmkit.costs.bubble import bubble_fraction
 from lmkit.costs.layout import GB, PRESETS, CostError, Layout, Model, kv_cache_bytes, num_params
-from lmkit.costs.per_rank import bubble_fraction, communication, memory
+from lmkit.costs.per_rank import communication, memory
 
 __all__ = ["calculate", "format_bytes", "model_of", "SELECTIVE_UNDER_FLASH"]
 

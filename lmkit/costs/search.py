@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from lmkit.costs.bubble import bubble_fraction
 from lmkit.costs.layout import (
     GB,
     RECOMPUTE,
@@ -26,7 +27,6 @@ from lmkit.costs.per_rank import (
     RING_BACKWARD_COMPUTE,
     CommTerm,
     Memory,
-    bubble_fraction,
     communication,
     cp_ring_step,
     memory,

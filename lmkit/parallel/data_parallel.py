@@ -30,6 +30,7 @@ from lmkit.config import TrainConfig
 from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
 from lmkit.parallel.buckets import Bucket, BucketState, bucket_layout
 from lmkit.parallel.comm import all_gather_single, reduce_scatter_single
+from lmkit.parallel.grad_norm import GradientNorm
 from lmkit.parallel.mesh import Topology
 
 #: ``(GPT name, this rank's Nesterov update of it) -> (this rank's part of the orthogonalised full
@@ -44,7 +45,7 @@ def local_orthogonalizer(_name: str, update: Tensor, precision: str = "bfloat16"
 __all__ = ["DataParallel", "Bucket"]
 
 
-class DataParallel(BucketState):
+class DataParallel(BucketState, GradientNorm):
     """Gradient averaging over ``topo.dp_group`` plus AdamW, optionally ZeRO-1/2 sharded.
 
     ``named_params``: ``(name, parameter)`` pairs, possibly from several pipeline chunks; names
@@ -587,43 +588,3 @@ class DataParallel(BucketState):
                      for (b, _), w in zip(self._chunks, weights, strict=True)]
             for w in works:
                 w.wait()
-
-    # ------------------------------------------------------------------ gradient norm
-
-    def grad_sq_sum(self) -> Tensor:
-        """Sum of ``norm_weights[i] * grad**2`` over the gradients this rank is responsible for,
-        summed over the dp group (the same value on every dp rank).
-
-        ZeRO-0: every rank holds all averaged gradients, so the local sum is already the
-        group's. ZeRO-1/2: each rank sums its chunks and the sums are all-reduced.
-        """
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in self.groups:
-            store = g.shard_grad if self.zero == 2 else g.grad
-            for i, lo, hi in g.segments:
-                weight = self.norm_weights[i]
-                if weight:
-                    total += weight * torch.linalg.vector_norm(store[lo:hi], dtype=torch.float32) ** 2
-        if self.zero and self.dp > 1:
-            dist.all_reduce(total, group=self.dp_group)
-        return total
-
-    def scale_grads(self, factor: float | Tensor) -> None:
-        """Multiply the (averaged) gradients in place; under ZeRO-2 only the own shard."""
-        for g in self.groups:
-            (g.shard_grad if self.zero == 2 else g.grad).mul_(factor)
-
-    def clip_grad_norm_(self, max_norm: float, extra_groups: Sequence[Any] = ()) -> Tensor:
-        """Clip like `torch.nn.utils.clip_grad_norm_` and return the total norm (before clipping).
-
-        The squared norm is summed over the dp group and then over each of `extra_groups`
-        (e.g. tp and pp groups; ``None`` entries are skipped, as `Topology` uses None for
-        "no group").
-        """
-        sq = self.grad_sq_sum()
-        for group in extra_groups:
-            if group is not None and dist.get_world_size(group) > 1:
-                dist.all_reduce(sq, group=group)
-        norm = sq.sqrt()
-        self.scale_grads(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-        return norm

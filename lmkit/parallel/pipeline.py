@@ -6,8 +6,8 @@ Schedules are plain data (`schedule_steps`, `schedule_actions`) that can be prin
 batched ``batch_isend_irecv`` exchange per step, which cannot deadlock under rendezvous sends. The
 zero-bubble schedules (Qi et al. 2024) split a stage's backward into ``B``, the gradient of its
 input, which the previous stage waits for, and ``W``, the gradients of its weights, which nothing
-needs before the optimizer step: `zero_bubble_orders` places the W's in the bubbles of 1F1B.
-`deferred_weight_grads` is how a stage's backward computes B now and W later. Explained in the
+needs before the optimizer step: `zero_bubble_orders` places the W's in the bubbles of 1F1B;
+`lmkit.parallel.weight_grads` is how a stage's backward computes B now and W later. Explained in the
 book, chapter 5 (schedules, bubbles, messages, memory in flight).
 """
 
@@ -21,12 +21,11 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor
-from torch.overrides import TorchFunctionMode
 
 from lmkit.config import V_SCHEDULES, ConfigError, ParallelConfig
+from lmkit.parallel.weight_grads import Accumulate, WeightGradStore, add_to_grad, deferred_weight_grads
 
 __all__ = [
     "SCHEDULES",
@@ -37,7 +36,6 @@ __all__ = [
     "schedule_actions",
     "zero_bubble_orders",
     "ideal_timeline",
-    "deferred_weight_grads",
     "peak_in_flight",
     "simulate_schedule",
     "run_pipeline",
@@ -336,85 +334,6 @@ def simulate_schedule(schedule: str, microbatches: int, pp: int, virtual_stages:
     return rounds
 
 
-# --------------------------------------------------------------------------- B now, W later
-
-#: ``accumulate(param, grad)``: add a deferred weight gradient where backward would have put it
-Accumulate = Callable[[Tensor, Tensor], None]
-
-
-def _add_to_grad(param: Tensor, grad: Tensor) -> None:
-    param.grad = grad.to(param.dtype) if param.grad is None else param.grad.add_(grad)
-
-
-class _WeightGradStore:
-    """The W of each ``(microbatch, chunk)``: the input and the output gradient of every linear layer
-    its B went through, kept until the schedule runs that W."""
-
-    def __init__(self, accumulate: Accumulate) -> None:
-        self.accumulate, self.key = accumulate, None
-        self.pending: dict[tuple[int, int], list[tuple[Tensor, Tensor | None, Tensor, Tensor]]] = {}
-
-    def defer(self, weight: Tensor, bias: Tensor | None, x: Tensor, grad: Tensor) -> None:
-        self.pending.setdefault(self.key, []).append((weight, bias, x, grad))
-
-    def run(self, key: tuple[int, int]) -> None:
-        """W: ``dL/dW = g^T x`` and ``dL/db = sum g`` of every deferred layer, then the saved tensors die."""
-        with torch.no_grad():
-            for weight, bias, x, grad in self.pending.pop(key, []):
-                g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-                self.accumulate(weight, g2.t() @ x2)
-                if bias is not None:
-                    self.accumulate(bias, g2.sum(0))
-
-    def held(self) -> int:
-        return len(self.pending)
-
-
-class _DeferredLinear(torch.autograd.Function):
-    """``F.linear`` whose backward returns the input gradient (B) and stores what the weight gradient
-    (W) needs: the input and the output gradient. Under autocast it casts as autocast would (the
-    product in bf16; the input gradient back to the input's dtype)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, store: _WeightGradStore) -> Tensor:
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        xc, wc = (x.to(dtype), weight.to(dtype)) if dtype is not None else (x, weight)
-        bc = bias.to(dtype) if bias is not None and dtype is not None else bias
-        with torch.autocast(device, enabled=False):
-            out = F.linear(xc, wc, bc)
-        ctx.save_for_backward(xc, wc)
-        ctx.store, ctx.weight, ctx.bias, ctx.x_dtype = store, weight, bias, x.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        xc, wc = ctx.saved_tensors
-        ctx.store.defer(ctx.weight, ctx.bias, xc, grad)
-        return (grad @ wc).to(ctx.x_dtype), None, None, None
-
-
-class deferred_weight_grads(TorchFunctionMode):  # noqa: N801 (used as a context manager)
-    """Within it, every ``F.linear`` whose weight is one of `params` defers its weight gradient to
-    `store` (`_DeferredLinear`): what lets a zero-bubble schedule run a stage's B now and its W later.
-    The matrix products hold nearly all of a block's weight FLOPs; the norms' and embeddings' small
-    gradients stay in B. Active around F and B (a recomputed forward under activation checkpointing
-    runs inside B)."""
-
-    def __init__(self, store: _WeightGradStore, params: set[int]) -> None:
-        super().__init__()
-        self.store, self.params = store, params
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear and torch.is_grad_enabled():
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if id(weight) in self.params:
-                return _DeferredLinear.apply(x, weight, bias, self.store)
-        return func(*args, **kwargs)
-
-
 # --------------------------------------------------------------------------- running a step
 
 
@@ -552,7 +471,7 @@ def run_pipeline(schedule: str, stages: list, topo, microbatches: list[tuple[Ten
     p2p = _P2P(topo, n_stages, act_shape, dtype, on_event, stats)
     autocast_ctx = autocast or contextlib.nullcontext
     split = schedule in SPLIT_BACKWARD
-    store = _WeightGradStore(accumulate or _add_to_grad)
+    store = WeightGradStore(accumulate or add_to_grad)
     weights = {id(p) for s in stages for p in s.parameters() if p.requires_grad}
 
     def ctx():
