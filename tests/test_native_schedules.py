@@ -57,7 +57,7 @@ def test_v_placement_puts_the_first_and_last_chunk_on_rank_0():
 
 
 @pytest.mark.parametrize("layout,message", [
-    (native(pp=2, schedule="zb-h2", microbatches=4), "zb-h2' has no torch.distributed.pipelining schedule"),
+    (native(pp=2, schedule="zb-h2", microbatches=4), "schedule='zb-h2' is unknown"),
     (native(dp=2, pp=2, zero=3, schedule="zb-v", virtual_stages=2, microbatches=2), "use zero=2"),
     (native(dp=2, pp=2, zero=3, schedule="zb-h1", microbatches=2), "use zero=2"),
     (native(pp=2, schedule="zb-h1", microbatches=5), "divisible by microbatches // pp = 2"),

@@ -484,6 +484,7 @@ def validate_native_layout(pcfg: ParallelConfig, tcfg: TrainConfig, cfg, world_s
     without microbatch rules of its own), then by torch's requirements."""
     if pcfg.engine != "native":
         raise ConfigError(f"NativeEngine needs parallel.engine='native', got {pcfg.engine!r}")
+    pcfg.validate()  # the schedule's name among them, before the shared checks see a stand-in
     shared = pcfg
     if pcfg.schedule not in LMKIT_SCHEDULES:
         shared = dataclasses.replace(pcfg, schedule="gpipe", virtual_stages=1)
