@@ -437,6 +437,8 @@ class Trainer:
             pieces, _ = self.engine.sharded_state(create=True)
             info, mine, self.last_resume_stats = load_sharded_checkpoint(
                 path, pieces=pieces, rank_state_of=self.topology.rank if same else None)
+            if self.last_resume_stats.get("masters_from_weights") and hasattr(self.engine, "dp"):
+                self.engine.dp.refresh_masters()  # saved with fp32 weights: bf16 ones get masters from them
             if info.optimizer_state is not None:
                 self.engine.load_optimizer_meta(info.optimizer_state)
             restore_rng_state((mine or {}).get("rng") or info.rng_state or {})

@@ -305,3 +305,18 @@ def test_mixed_precision_checkpoint_keeps_the_fp32_masters(mixed_reference, tmp_
     assert max_relative_difference(first["losses"] + single["losses"], ref["losses"]) < 2e-4
     again = layout_losses(MODEL, train, None, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
     assert again["losses"] == single["losses"]  # a resume is deterministic
+
+
+def test_a_checkpoint_moves_between_fp32_and_bf16_weights(mixed_reference, reference, tmp_path):
+    """An fp32 run's sharded checkpoint resumes with bf16 weights (the masters taken from its fp32
+    weights: it has none) and a bf16 run's resumes in fp32 (its bf16 weights, masters ignored); both
+    continue near the other regime's curve (the regimes differ by ~1.5e-4, `test_bf16_weights_...`)."""
+    (mixed, cache), (fp32, _) = mixed_reference, reference
+    layout = ParallelConfig(dp=2, zero=1)
+    for first_cfg, then_cfg, ref in ((TRAIN, MIXED, mixed), (MIXED, TRAIN, fp32)):
+        out = str(tmp_path / first_cfg.param_dtype)
+        first = layout_losses(MODEL, dataclasses.replace(first_cfg, out_dir=out), layout, 5, text=TEXT,
+                              cache_dir=cache, save=True)
+        then = layout_losses(MODEL, dataclasses.replace(then_cfg, out_dir=out), layout, 5, text=TEXT,
+                             cache_dir=cache, resume=first["checkpoint"])
+        assert max_relative_difference(then["losses"], ref["losses"][5:]) < 1e-3

@@ -384,7 +384,8 @@ def load_sharded_checkpoint(directory: PathLike, *, pieces: list[Piece], rank_st
 
     Each piece gets exactly the overlapping parts of the saved boxes (DCP's resharding); a rank
     hashes only the shard files it reads. `rank_state_of`: also return that rank's saved RNG
-    state (same layout only). Returns the info, that state, and ``{"bytes_read", "bytes_hashed"}``.
+    state (same layout only). Returns the info, that state, and ``{"bytes_read", "bytes_hashed",
+    "masters_from_weights"}`` (the fp32 master pieces the checkpoint does not have).
     """
     directory = Path(directory)
     meta, state = _read_sharded(directory, verify)
@@ -392,10 +393,16 @@ def load_sharded_checkpoint(directory: PathLike, *, pieces: list[Piece], rank_st
         pieces = [p for p in pieces if not p.fqn.startswith("optim.")]
     received: dict[str, Any] = {}
     objects = [f"rank_state/{rank_state_of}"] if rank_state_of is not None else []
-    planner = _PieceLoadPlanner(pieces, objects, received)
     reader = _VerifyingReader(directory / SHARDS_DIR, meta["files"], verify)
+    # fp32 master weights (bf16 weights, `train.param_dtype`) that a checkpoint saved with fp32 weights
+    # lacks: the caller takes them from the weights (`DataParallel.refresh_masters`)
+    saved = reader.read_metadata().state_dict_metadata
+    unsaved = [p for p in pieces if p.fqn.endswith(".master") and p.fqn not in saved]
+    pieces = [p for p in pieces if not (p.fqn.endswith(".master") and p.fqn not in saved)]
+    planner = _PieceLoadPlanner(pieces, objects, received)
     _dcp_load(storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
-    stats = {"bytes_read": planner.bytes_read, "bytes_hashed": reader.bytes_hashed}
+    stats = {"bytes_read": planner.bytes_read, "bytes_hashed": reader.bytes_hashed,
+             "masters_from_weights": len(unsaved)}
     return _info(directory, meta, state), received.get(objects[0]) if objects else None, stats
 
 
