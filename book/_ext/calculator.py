@@ -51,7 +51,8 @@ SELECTS = {
                                     ("selective", "selective (no effect with flash attention)"),
                                     ("full", "full")], "none"),
     "schedule": ("pipeline schedule", [("gpipe", "GPipe"), ("1f1b", "1F1B"),
-                                       ("interleaved", "interleaved 1F1B")], "1f1b"),
+                                       ("interleaved", "interleaved 1F1B"),
+                                       ("zb-h1", "ZB-H1 (zero bubble)")], "1f1b"),
     "precision": ("precision", [("mixed", "mixed (bf16 weights + fp32 masters and Adam)"), ("fp32", "fp32")],
                   "mixed"),
     # the gradients' dtype under mixed precision (train.reduce_dtype); shown only when precision is mixed
