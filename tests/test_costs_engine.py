@@ -142,6 +142,25 @@ def test_bytes_of_every_collective_equal_the_formula(measured):
 MIXED_LAYOUTS = [ParallelConfig(dp=2), ParallelConfig(dp=2, zero=1), ParallelConfig(dp=2, zero=2),
                  ParallelConfig(pp=2, microbatches=2),
                  ParallelConfig(dp=2, tp=2, zero=1, sequence_parallel=True)]
+
+
+def _assert_rank_on_formulas(model: costs.Model, pc: ParallelConfig, rank: dict, where: str,
+                             precision: str = "fp32", optimizer: str = "adamw", reduce: str = "fp32") -> None:
+    """One rank's parameter, gradient and optimizer bytes equal `costs.memory`, and its bytes and calls
+    per (group, collective) equal `costs.communication`."""
+    layout = costs.Layout.from_parallel_config(pc)
+    pred = costs.memory(model, layout, TRAIN.batch_size, precision, stage=rank["coords"]["pp"],
+                        optimizer=optimizer, reduce=reduce)
+    got = rank["memory"]
+    assert (got["param_bytes"], got["grad_bytes"], got["optimizer_bytes"]) == \
+        (pred.params, pred.grads, pred.optimizer), where
+    got_b, pred_b, got_calls, pred_calls, uncounted = _bytes_and_calls(model, pc, layout, rank, optimizer,
+                                                                       precision, reduce)
+    assert got_b == pred_b, (where, dict(got_b), dict(pred_b))
+    for key in set(got_b) - uncounted:
+        assert got_calls[key] == pred_calls[key], (where, key, dict(got_calls), dict(pred_calls))
+
+
 @pytest.mark.parametrize("reduce", ["fp32", "bf16"])
 def test_mixed_precision_memory_and_bytes_equal_the_formulas(reduce, tmp_path):
     """Every rank's weights (2 bytes), gradients (4 or 2), fp32 masters plus AdamW's moments (12 bytes,
@@ -153,22 +172,13 @@ def test_mixed_precision_memory_and_bytes_equal_the_formulas(reduce, tmp_path):
     model, ranks = _model(), 0
     for pc, entry in zip(MIXED_LAYOUTS, entries, strict=True):
         assert "error" not in entry, entry
-        layout = costs.Layout.from_parallel_config(pc)
         for rank in entry["ranks"]:
             where = f"mixed reduce={reduce} {entry['name']} rank {rank['rank']}"
-            stage = rank["coords"]["pp"]
-            pred = costs.memory(model, layout, TRAIN.batch_size, "mixed", stage=stage, reduce=reduce)
+            _assert_rank_on_formulas(model, pc, rank, where, "mixed", reduce=reduce)
             got = rank["memory"]
-            assert (got["param_bytes"], got["grad_bytes"], got["optimizer_bytes"]) == \
-                (pred.params, pred.grads, pred.optimizer), where
             assert got["param_bytes"] == 2 * got["param_numel"], where  # bf16 weights
             masters = 4 * got["param_numel"] / (pc.dp if pc.zero else 1)  # fp32, ZeRO-sharded (even here)
             assert got["master_bytes"] == masters, where
-            got_b, pred_b, got_calls, pred_calls, uncounted = _bytes_and_calls(
-                model, pc, layout, rank, precision="mixed", reduce=reduce)
-            assert got_b == pred_b, (where, dict(got_b), dict(pred_b))
-            for key in set(got_b) - uncounted:
-                assert got_calls[key] == pred_calls[key], (where, key, dict(got_calls), dict(pred_calls))
             ranks += 1
     assert ranks == sum(p.world_size for p in MIXED_LAYOUTS)
 
@@ -206,17 +216,9 @@ def test_llama_style_model_and_muon_memory_and_bytes_equal_the_formulas(llama_me
         layout = costs.Layout.from_parallel_config(pc)
         for rank in entry["ranks"]:
             where = f"{optimizer} {entry['name']} rank {rank['rank']}"
-            stage = rank["coords"]["pp"]
-            pred = costs.memory(model, layout, TRAIN.batch_size, "fp32", stage=stage, optimizer=optimizer)
-            got = rank["memory"]
-            assert (got["param_bytes"], got["grad_bytes"], got["optimizer_bytes"]) == \
-                (pred.params, pred.grads, pred.optimizer), where
-            got_b, pred_b, got_calls, pred_calls, uncounted = _bytes_and_calls(model, pc, layout, rank,
-                                                                               optimizer)
-            assert got_b == pred_b, (where, dict(got_b), dict(pred_b))
-            for key in set(got_b) - uncounted:
-                assert got_calls[key] == pred_calls[key], (where, key, dict(got_calls), dict(pred_calls))
-            terms = costs.communication(model, layout, TRAIN.batch_size, "fp32", stage, optimizer=optimizer)
+            _assert_rank_on_formulas(model, pc, rank, where, optimizer=optimizer)
+            terms = costs.communication(model, layout, TRAIN.batch_size, "fp32", rank["coords"]["pp"],
+                                        optimizer=optimizer)
             muon_bytes[entry["name"]] += sum(t.bytes for t in terms if t.what.startswith("Muon"))
             ranks += 1
     assert ranks == sum(p.world_size for layouts in LLAMA_LAYOUTS.values() for p in layouts)
