@@ -567,8 +567,8 @@ class DataParallel(BucketState, GradientNorm):
             with torch.no_grad():
                 for i, master in self._masters.items():
                     self.params[i].copy_(master)
-                    master.grad = None if master.grad.data_ptr() != self._grad_views[i].data_ptr() \
-                        else master.grad
+                    if master.grad.data_ptr() != self._grad_views[i].data_ptr():
+                        master.grad = None  # the fp32 copy of a bf16 reduction
             return
         for b, chunk in self._chunks:
             self._set_unit_grad(chunk, self._chunk_grad(b))  # (a view: in case someone reset it)
