@@ -37,10 +37,11 @@ NORM_CHOICES = ("layer", "rms")
 ACTIVATION_CHOICES = ("gelu", "relu2")
 MLP_CHOICES = ("plain", "swiglu")
 OPTIMIZER_CHOICES = ("adamw", "muon")
+ROUTER_CHOICES = ("softmax", "sigmoid")
 #: Options of ModelConfig beyond GPT-2's network, with the value that is GPT-2's.
 MODEL_OPTION_DEFAULTS = {"pos": "learned", "norm": "layer", "qk_norm": False, "activation": "gelu",
                          "n_kv_head": 0, "mlp": "plain", "d_ff": 0, "tie_embeddings": True,
-                         "rope_theta": 10000.0}
+                         "rope_theta": 10000.0, "n_experts": 0}
 #: The Llama-style network (Touvron et al. 2023; Llama 3, Qwen, Mistral share it): rotary positions,
 #: RMSNorm, a SwiGLU MLP, no biases, an output layer of its own; grouped-query attention with half
 #: as many key/value heads as query heads unless `n_kv_head` is given (`model_preset`).
@@ -100,6 +101,19 @@ class ModelConfig:
                      "multiple of 32)")
     tie_embeddings: bool = _opt(True, "the output layer reuses the token embedding's matrix")
     rope_theta: float = _opt(10000.0, "base of the rotary angles (pos=rope; Llama 3 uses 500000)")
+    # Mixture of experts (chapter 5, "Experts"): n_experts > 0 replaces the MLP of every moe_every-th block.
+    n_experts: int = _opt(0, "routed experts of a mixture-of-experts MLP (0 = a dense MLP in every block)")
+    moe_top_k: int = _opt(2, "experts each token is sent to (n_experts > 0)")
+    moe_every: int = _opt(1, "experts in every k-th block (blocks k-1, 2k-1, ...); the others keep the MLP")
+    moe_d_ff: int = _opt(0, "hidden width of one expert (0 = the dense MLP's width)")
+    n_shared_experts: int = _opt(0, "shared experts every token passes through beside its routed ones")
+    moe_router: str = _opt("softmax", "gate scores: softmax over the experts (Mixtral), or sigmoid "
+                           "(DeepSeek-V3); the top-k weights are renormalised to sum to 1", ROUTER_CHOICES)
+    moe_aux_coef: float = _opt(0.01, "weight of the load-balancing loss E * sum_i f_i P_i (0 = none)")
+    moe_bias_rate: float = _opt(0.0, "auxiliary-loss-free balancing: after each step move every expert's "
+                                "routing bias by this toward the mean load (0 = off; DeepSeek-V3: 0.001)")
+    moe_capacity: float = _opt(0.0, "capacity factor: an expert takes at most ceil(c * tokens * k / E) "
+                               "tokens, the rest are dropped (0 = dropless)")
 
     def validate(self) -> ModelConfig:
         if self.arch not in ("gpt", "lstm"):
@@ -136,12 +150,41 @@ class ModelConfig:
                 f"model.n_kv_head={self.n_kv_head} does not divide model.n_head={self.n_head}: each "
                 f"key/value head serves n_head/n_kv_head query heads; choose n_kv_head among "
                 f"{[k for k in range(1, self.n_head + 1) if self.n_head % k == 0]}")
+        self._validate_experts()
         if not self.rope_theta > 0:
             raise ConfigError(f"model.rope_theta must be positive, got {self.rope_theta!r}")
         if self.arch == "gpt" and self.pos == "rope" and self.head_dim % 2:
             raise ConfigError(f"pos='rope' turns pairs of a head's features: head_dim = d_model/n_head = "
                               f"{self.head_dim} must be even; change d_model or n_head")
         return self
+
+    def _validate_experts(self) -> None:
+        for name in ("n_experts", "moe_d_ff", "n_shared_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"model.{name} must be an integer >= 0, got {value!r}")
+        if not self.n_experts:
+            return
+        if self.moe_router not in ROUTER_CHOICES:
+            raise ConfigError(f"model.moe_router={self.moe_router!r} is unknown; use one of {ROUTER_CHOICES}")
+        if not isinstance(self.moe_top_k, int) or not 1 <= self.moe_top_k <= self.n_experts:
+            raise ConfigError(f"model.moe_top_k={self.moe_top_k!r} must be in "
+                              f"[1, n_experts={self.n_experts}]")
+        if not isinstance(self.moe_every, int) or not 1 <= self.moe_every <= self.n_layer:
+            raise ConfigError(f"model.moe_every={self.moe_every!r} must be in [1, n_layer={self.n_layer}] "
+                              "(some block must hold experts)")
+        for name in ("moe_aux_coef", "moe_bias_rate", "moe_capacity"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether block `i` holds experts (every `moe_every`-th block: k-1, 2k-1, ...)."""
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of one expert: `moe_d_ff`, or the dense MLP's (`ffn_width`)."""
+        return self.moe_d_ff or self.ffn_width
 
     @property
     def head_dim(self) -> int:
@@ -272,7 +315,7 @@ V_SCHEDULES = ("zb-v", "dualpipev")
 
 @dataclass
 class ParallelConfig:
-    """The layout of a run over ``dp * cp * tp * pp`` processes.
+    """The layout of a run over ``dp * cp * tp * pp`` processes (``ep`` groups inside dp x cp).
 
     Rank order is tp fastest, then cp, then dp, then pp (see `lmkit.parallel.mesh`).
     """
@@ -281,6 +324,8 @@ class ParallelConfig:
     tp: int = _opt(1, "tensor-parallel size (divides n_head and the vocabulary)")
     pp: int = _opt(1, "pipeline-parallel size (stages)")
     cp: int = _opt(1, "context-parallel size: ring attention (block_size divisible by 2*cp)")
+    ep: int = _opt(1, "expert-parallel size: the experts split over ep ranks carved out of dp x cp "
+                   "(divides dp*cp and n_experts)")
     zero: int = _opt(0, "ZeRO stage: 0 off, 1 optimizer state, 2 also gradients, 3 also weights (native)",
                      (0, 1, 2, 3))
     microbatches: int = _opt(1, "microbatches per step through the pipeline")
@@ -298,7 +343,7 @@ class ParallelConfig:
         return self.dp * self.cp * self.tp * self.pp
 
     def validate(self, world_size: int | None = None) -> ParallelConfig:
-        for name in ("dp", "tp", "pp", "cp", "microbatches", "virtual_stages"):
+        for name in ("dp", "tp", "pp", "cp", "ep", "microbatches", "virtual_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
@@ -321,6 +366,10 @@ class ParallelConfig:
                 "schedule='interleaved' (or 2 for zb-v/dualpipev); set virtual_stages=1 or "
                 "schedule='interleaved'"
             )
+        if (self.dp * self.cp) % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} does not divide dp*cp = {self.dp}*{self.cp}: expert "
+                              "parallelism splits the data-parallel ranks into groups of ep; choose ep among "
+                              f"{_divisors(self.dp * self.cp)}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
         if world_size is not None and world_size != self.world_size:

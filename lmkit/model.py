@@ -29,8 +29,10 @@ adds ``attn.q_norm``/``attn.k_norm`` (RMSNorm over a head's features); ``activat
 ``relu(x)^2`` in the MLP; ``n_kv_head < n_head`` is grouped-query attention (Ainslie et al. 2023:
 ``n_head / n_kv_head`` query heads share a key/value head, the KV cache shrinks by that factor);
 ``mlp="swiglu"`` is the gated MLP (`SwiGLU`, fused ``fc`` = ``[gate | up]``); ``tie_embeddings=False``
-gives the head its own matrix. ``model_preset("llama")`` (``--preset llama``) is the Llama-style
-network of them all; `lmkit.hf` converts it to and from transformers' ``LlamaForCausalLM``.
+gives the head its own matrix; ``n_experts > 0`` makes the mlp of every ``moe_every``-th block a
+mixture of experts (`lmkit.experts.MoE`: ``mlp.router.gate``, ``mlp.experts.fc``/``proj`` stacked over
+the experts, ``mlp.shared``). ``model_preset("llama")`` is the Llama-style network; `lmkit.hf` converts
+it to and from transformers' ``LlamaForCausalLM``.
 
 Decoding uses `KVCache`: preallocated keys/values per layer, one position appended per step.
 Batches of prompts of different lengths are LEFT-padded: row ``b`` has ``left_pad[b]`` padding
@@ -40,6 +42,7 @@ its queries never attend to the padding, so a padded row computes exactly what i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +52,7 @@ from torch.nn.modules import module as torch_module
 from torch.utils.checkpoint import checkpoint
 
 from lmkit.config import ModelConfig
+from lmkit.experts import MoE, inactive_expert_parameters
 from lmkit.weights import initial_parameter, materialize
 
 __all__ = [
@@ -115,13 +119,11 @@ def left_pad_tensor(
 class KVCache:
     """Keys and values of every layer for incremental decoding.
 
-    Per layer, one preallocated ``[2, B, n_head, max_len, head_dim]`` tensor ``kv[i]`` holds the
-    keys (``k[i] = kv[i][0]``) and the values (``v[i] = kv[i][1]``); ``length`` is how many
-    positions are filled. A forward call with the cache writes its new positions at ``length``,
-    in place (one copy per layer for keys and values together, no ``torch.cat``), and attends
-    over ``[0, length + T)``. The tensors are allocated on the first write, with the shape, dtype
-    and device of the first keys seen, so the cache needs no knowledge of the (possibly
-    tensor-parallel, hence local) head count.
+    Per layer, one preallocated ``[2, B, n_head, max_len, head_dim]`` tensor ``kv[i]`` holds the keys
+    (``k[i] = kv[i][0]``) and values (``v[i]``); ``length`` positions are filled. A forward call writes
+    its new positions at ``length`` in place (one copy per layer, no ``torch.cat``) and attends over
+    ``[0, length + T)``. Allocated on the first write, with the shape, dtype and device of the first
+    keys seen: the cache needs no knowledge of the (tensor-parallel, hence local) head count.
 
     ``left_pad`` (optional, [B]) marks left padding: columns ``< left_pad[b]`` of row ``b`` are
     padding that no query may attend to, and position ids count from the first real token.
@@ -315,14 +317,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x)); block `index` of a model with
+    experts holds an `lmkit.experts.MoE` as its mlp when ``config.is_moe_block(index)``."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int = 0):
         super().__init__()
         self.ln1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
         self.ln2 = norm_layer(config)
-        self.mlp = MLP(config)
+        if config.is_moe_block(index):
+            shared_width = config.n_shared_experts * config.expert_width
+            shared = MLP(dataclasses.replace(config, d_ff=shared_width)) if shared_width else None
+            self.mlp = MoE(config, shared)
+        else:
+            self.mlp = MLP(config)
 
     def forward(
         self,
@@ -360,7 +368,7 @@ class GPT(nn.Module):
             if config.pos == "learned":  # rotary positions need no table
                 self.pos_emb = nn.Embedding(config.block_size, config.d_model)
             self.drop = nn.Dropout(config.dropout)
-            self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+            self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
             self.ln_f = norm_layer(config)
             self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the input embedding (saves V*d parameters and
@@ -375,7 +383,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Set every weight to its initial value for ``self.init_seed`` (`initial_parameter`)."""
-        for name, p in self.named_parameters():  # the tied head is the embedding: drawn once
+        for name, p in [*self.named_parameters(), *self.named_buffers()]:  # the tied head: drawn once
             p.copy_(initial_parameter(name, p.shape, self.config, self.init_seed))
 
     # ------------------------------------------------------------------ knobs and counts
@@ -390,12 +398,8 @@ class GPT(nn.Module):
         return self
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Number of parameters (the tied head is counted once).
-
-        ``non_embedding=True`` excludes the token and position embeddings (Kaplan et al.'s N,
-        the quantity scaling laws and the 6N FLOPs rule use); the tied head shares the token
-        embedding's tensor and is excluded with it.
-        """
+        """Number of parameters, the tied head counted once; ``non_embedding=True`` excludes the token
+        and position embeddings (and the tied head with them): Kaplan et al.'s N of the 6N rule."""
         n = sum(p.numel() for p in self.parameters())  # parameters() deduplicates the tied weight
         if non_embedding:
             n -= self.tok_emb.weight.numel()
@@ -420,6 +424,7 @@ class GPT(nn.Module):
         c = self.config
         T = c.block_size if seq_len is None else seq_len
         N = self.num_params(non_embedding=True) + (c.d_model * c.vocab_size if c.tie_embeddings else 0)
+        N -= inactive_expert_parameters(c)  # a token runs k of E experts: active parameters only
         attn = 4 * c.n_layer * c.d_model * T
         return float(6 * N + 3 * attn) if training else float(2 * N + attn)
 
@@ -445,14 +450,12 @@ class GPT(nn.Module):
         positions, QK-norm, a submodule in training mode, or any forward hook, e.g. a parallel
         engine's: skipping ``__call__`` would skip the hook).
 
-        At one token per step the work per layer is ~20 small operators, and calling the modules
-        the usual way (``Module.__call__``, attribute look-ups in ``Module.__getattr__``, the
-        forward methods' branches) costs as much as a fifth of the step (measured in
-        benchmarks/README.md); the plan calls the same forward methods, so the arithmetic, int8
-        layers included, is that of `forward` exactly (tests/test_generate.py checks it bit for bit).
+        At one token per step the work per layer is ~20 small operators, and calling the modules the
+        usual way costs up to a fifth of the step (benchmarks/README.md); the plan calls the same forward
+        methods, so the arithmetic is that of `forward` exactly (tests/test_generate.py: bit for bit).
         """
         c = self.config
-        if c.pos != "learned" or c.qk_norm or c.kv_heads != c.n_head or c.mlp != "plain":
+        if c.pos != "learned" or c.qk_norm or c.kv_heads != c.n_head or c.mlp != "plain" or c.n_experts:
             return None
         if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return None
@@ -495,12 +498,11 @@ class GPT(nn.Module):
         """Logits [B, T, V] (or [B, 1, V] with ``last_only``) and the mean cross-entropy.
 
         - ``targets`` [B, T]: loss = mean cross-entropy over positions whose target is not -100.
-        - ``kv_cache``: append these T positions to the cache and attend over everything cached.
-          ``start_pos`` defaults to ``kv_cache.length``; a smaller value rewinds the cache.
-        - without a cache, ``start_pos`` (default 0) is the column of ``idx[:, 0]``.
-        - ``left_pad`` [B]: number of padding columns at the start of each row (defaults to the
-          cache's); padded rows get position ids counted from their first real token and their
-          queries never see the padding.
+        - ``kv_cache``: append these T positions to the cache and attend over everything cached;
+          ``start_pos`` defaults to ``kv_cache.length`` (smaller rewinds); without a cache it is the
+          column of ``idx[:, 0]`` (default 0).
+        - ``left_pad`` [B]: padding columns at the start of each row (default: the cache's); padded
+          rows count positions from their first real token and never attend to the padding.
         - ``last_only``: compute the LM head for the last position only (what decoding needs).
         """
         B, T = idx.shape
@@ -586,9 +588,8 @@ def build_model(config: ModelConfig) -> nn.Module:
     """The network `config.arch` names: ``"gpt"`` -> `GPT`, ``"lstm"`` -> the baseline
     `lmkit.baselines.lstm.LSTMLanguageModel`.
 
-    The baseline is imported here, when it is asked for: it builds on this module's input checks
-    (`validate_token_ids`, `left_pad_tensor`), so an import at the top would be a cycle; the
-    one place the system reaches into ``lmkit.baselines`` (``tests/test_layering.py``).
+    The baseline is imported when asked for: it builds on this module's input checks, so an import at
+    the top would be a cycle (the one place the system reaches into ``lmkit.baselines``).
     """
     config.validate()
     if config.arch == "gpt":

@@ -59,6 +59,7 @@ from lmkit.checkpoint.sharded import (
 from lmkit.checkpoint.single import load_checkpoint, load_model_state, save_checkpoint
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, to_dict
 from lmkit.data import BatchSampler
+from lmkit.experts import set_aux_scale, update_router_biases
 from lmkit.optim import (
     configure_optimizer,
     load_named_optimizer_state,
@@ -203,6 +204,7 @@ class Trainer:
             grad_norm = self.engine.clip_and_step(self.cfg.grad_clip, finite_loss=math.isfinite(loss))
         else:
             loss, grad_norm = self._single_process_step()
+        update_router_biases(self.model)  # experts' auxiliary-loss-free balance (a no-op without)
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.cfg.batch_size * self.block_size
@@ -225,6 +227,8 @@ class Trainer:
         self.model.train()
         micro_steps = self.cfg.grad_accum
         total = torch.zeros((), device=self.device)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        set_aux_scale(self.model, scale / micro_steps)  # the balancing loss is scaled as the loss is
         for micro in range(micro_steps):
             x, y = self.train_sampler.batch(self.step, micro=micro, micro_steps=micro_steps,
                                             device=self.device)

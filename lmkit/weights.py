@@ -29,7 +29,7 @@ def parameter_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-_NORMAL, _RESIDUAL = ("tok_emb", "pos_emb", "qkv", "fc", "head"), ("proj",)  # last module name of a weight
+_NORMAL, _RESIDUAL = ("tok_emb", "pos_emb", "qkv", "fc", "head", "gate"), ("proj",)  # a weight's module
 
 
 def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed: int) -> Tensor:
@@ -41,14 +41,17 @@ def initial_parameter(name: str, shape: Sequence[int], config: ModelConfig, seed
     GPT-2's initialisation: weights of linears and embeddings ~ N(0, 0.02) (an untied head too,
     drawn from its own seed); the two projections
     that write into the residual stream (``attn.proj``, ``mlp.proj``) ~ N(0, 0.02 / sqrt(2 L)),
-    so the residual's variance does not grow with depth; biases 0; LayerNorm gains 1.
+    so the residual's variance does not grow with depth; biases 0; LayerNorm gains 1. Experts: the
+    router's ``gate`` as a linear, the stacked ``experts.fc``/``proj`` as ``mlp.fc``/``proj``.
     """
     if name == "head.weight" and config.tie_embeddings:
         name = "tok_emb.weight"  # tied: the head *is* the embedding
     module, _, leaf = name.rpartition(".")
     kind = module.rpartition(".")[2]
-    if leaf == "bias":
+    if leaf in ("bias", "expert_bias"):  # expert_bias: the router's balancing buffer (lmkit.experts)
         return torch.zeros(tuple(shape), device="cpu")
+    if kind == "experts" and leaf in ("fc", "proj"):  # stacked expert matrices, as the dense MLP's
+        kind, leaf = leaf, "weight"
     if kind in ("ln1", "ln2", "ln_f", "q_norm", "k_norm") and leaf == "weight":
         return torch.ones(tuple(shape), device="cpu")
     if leaf != "weight" or kind not in _NORMAL + _RESIDUAL:
@@ -87,6 +90,10 @@ def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
     weights stay tied and attributes set on parameters (tensor-parallel tags) survive. Values
     are garbage until set (`GPT.reset_parameters`, or an engine loading `InitialWeights`).
     """
+    for sub in module.modules():  # buffers (a router's expert_bias) get storage too
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.is_meta:
+                sub._buffers[name] = torch.empty_like(buf, device=device)
     seen: set[int] = set()
     for p in module.parameters():
         if id(p) in seen or not p.is_meta:

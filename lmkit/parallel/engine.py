@@ -47,6 +47,7 @@ from torch import nn
 
 from lmkit.checkpoint.sharded import Piece, load_optimizer_meta, optimizer_meta, shard_pieces
 from lmkit.config import ConfigError, ParallelConfig, TrainConfig
+from lmkit.experts import set_aux_scale
 from lmkit.optim import muon_lr_scale, orthogonalize
 from lmkit.parallel import plan
 from lmkit.parallel.context_parallel import parallelize_context, shard_sequence, validate_cp
@@ -270,6 +271,8 @@ class ParallelEngine(EngineBase):
         """Gradients of the mean loss over `micro` (summed into .grad); returns this rank's mean loss."""
         topo, pcfg = self.topo, self.pcfg
         self.train(True)
+        for stage in self.stages:  # each microbatch's loss is scaled by 1 / len(micro); the aux loss too
+            set_aux_scale(stage, 1.0 / len(micro))
         overlap = pcfg.pp == 1 and not self._tp_partial()
         if pcfg.pp == 1:
             stage = self.stages[0]
