@@ -9,7 +9,7 @@ to 1 (with k = 1 the raw score, as the Switch Transformer, so that the router st
 
 Only k of E experts run per token: the parameters grow E-fold, the FLOPs per token k-fold. Names::
 
-    blocks[i].mlp.router.gate       Linear(d, E), no bias        (its buffer router.expert_bias: [E])
+    blocks[i].mlp.router.gate       Linear(d, E), no bias   (router.expert_bias: [E], no gradient)
     blocks[i].mlp.experts.fc        [E, width_in, d]  (SwiGLU: [gate | up] rows, as the dense mlp.fc)
     blocks[i].mlp.experts.proj      [E, d, width]
     blocks[i].mlp.shared            a dense `lmkit.model.MLP` of n_shared_experts * moe_d_ff (optional)
@@ -79,7 +79,9 @@ class Router(nn.Module):
         super().__init__()
         self.kind, self.k, self.n_experts = config.moe_router, config.moe_top_k, config.n_experts
         self.gate = nn.Linear(config.d_model, config.n_experts, bias=False)
-        self.register_buffer("expert_bias", torch.zeros(config.n_experts))
+        # a weight that no gradient moves (`update_router_biases` does): checkpointed, loaded and
+        # replicated by the engines like any other parameter, ignored by the optimizers
+        self.expert_bias = nn.Parameter(torch.zeros(config.n_experts), requires_grad=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """For tokens ``x`` [N, d]: weights [N, k] (fp32), chosen experts [N, k] and the per-token

@@ -400,7 +400,8 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters, the tied head counted once; ``non_embedding=True`` excludes the token
         and position embeddings (and the tied head with them): Kaplan et al.'s N of the 6N rule."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() deduplicates the tied weight
+        n = sum(p.numel() for name, p in self.named_parameters()  # (the tied weight once)
+                if not name.endswith("expert_bias"))  # a router's balancing bias is no weight
         if non_embedding:
             n -= self.tok_emb.weight.numel()
             if hasattr(self, "pos_emb"):  # rotary positions have no table

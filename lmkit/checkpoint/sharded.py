@@ -102,20 +102,7 @@ def shard_boxes(lo: int, hi: int, shape: tuple[int, ...], spec: Any, tp_rank: in
     into runs of consecutive rows). Every box is contiguous in the flattened shard. `spec`: a
     `lmkit.parallel.plan.ShardSpec` (``dim``, ``full_size``, ``index``) or None (not split)."""
     stride = math.prod(shape[1:])
-    local = []
-    a = lo
-    while a < hi:
-        row, col = divmod(a, stride)
-        if len(shape) == 1:
-            n, off, size = hi - a, (a,), (hi - a,)
-        elif col or hi - a < stride:
-            n = min(stride - col, hi - a)
-            off, size = (row, col), (1, n)
-        else:
-            rows = (hi - a) // stride
-            n, off, size = rows * stride, (row, 0), (rows, stride)
-        local.append((a, off, size))
-        a += n
+    local = [(lo + start, off, size) for start, off, size in _flat_boxes(hi - lo, lo, shape)]
     if spec is None:
         return local
     out = []
@@ -134,6 +121,27 @@ def shard_boxes(lo: int, hi: int, shape: tuple[int, ...], spec: Any, tp_rank: in
                 j += 1
             out.append((start + k * unit, (rows[off[0] + k], *off[1:]), (j - k + 1, *size[1:])))
             k = j + 1
+    return out
+
+
+def _flat_boxes(n: int, lo: int, shape: tuple[int, ...]
+                ) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """Boxes ``(start relative to lo, offsets, sizes)`` covering ``n`` elements of a tensor of `shape`
+    from flat position `lo`: whole sub-tensors along the first dimension where they fit, the partial
+    ones at both ends cut further along the next dimensions (a stacked expert matrix is 3-D)."""
+    if len(shape) == 1:
+        return [(0, (lo,), (n,))]
+    stride, out, a, hi = math.prod(shape[1:]), [], lo, lo + n
+    while a < hi:
+        row, col = divmod(a, stride)
+        if col or hi - a < stride:
+            take = min(stride - col, hi - a)
+            out += [(a - lo + s, (row, *off), (1, *size))
+                    for s, off, size in _flat_boxes(take, col, shape[1:])]
+        else:
+            take = (hi - a) // stride * stride
+            out.append((a - lo, (row,) + (0,) * (len(shape) - 1), (take // stride, *shape[1:])))
+        a += take
     return out
 
 

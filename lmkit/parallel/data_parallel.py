@@ -54,7 +54,9 @@ class DataParallel(BucketState, GradientNorm):
     chapter 5, section 5.3). ``bucket_cap_mb``: the most bytes of gradients per bucket (MiB, as
     DDP; a larger parameter gets a bucket of its own). ``isolate``: names that get a bucket of
     their own (the tied embedding's two copies under pipelining, so that ZeRO-2 shards both alike).
-    ``norm_weights``: a factor per name for the squared gradient in the norm (default 1; the engine
+    ``average_over``: what the summed gradients are divided by (default the group's size; the
+    experts' replicas divide by dp x cp, `lmkit.parallel.experts`). ``norm_weights``: a factor per
+    name for the squared gradient in the norm (default 1; the engine
     counts a tensor-parallel replica on one tp rank only: 0 on the others), as ``dp.norm_weights``.
     ``train_cfg.optimizer == "muon"``: the blocks' matrices (`lmkit.optim.is_muon_matrix`) form a
     group of their own, stepped by `lmkit.optim.Muon` (its momentum sharded like
@@ -90,7 +92,7 @@ class DataParallel(BucketState, GradientNorm):
     def __init__(self, named_params: Iterable[tuple[str, nn.Parameter]], topo: Topology,
                  train_cfg: TrainConfig, zero: int = 0, bucket_cap_mb: float = 25.0,
                  isolate: Iterable[str] = (), norm_weights: dict[str, float] | None = None,
-                 orthogonalizer: Orthogonalizer | None = None):
+                 orthogonalizer: Orthogonalizer | None = None, average_over: int | None = None):
         if zero not in (0, 1, 2):
             raise ValueError(f"zero={zero} is not supported by the lmkit engine; use 0, 1 or 2 "
                              "(ZeRO-3 is the native engine's FSDP2)")
@@ -122,6 +124,8 @@ class DataParallel(BucketState, GradientNorm):
         self.zero, self.cfg = zero, train_cfg
         self.dp, self.dp_rank = topo.dp, topo.dp_rank
         self.dp_group, self.dp_ranks = topo.dp_group, list(topo.dp_ranks)
+        # the sum over the group is divided by this (experts: dp x cp, more than their edp group)
+        self.divisor = average_over or self.dp
         if self.dp > 1 and not dist.is_initialized():
             raise RuntimeError(f"dp={self.dp} but torch.distributed is not initialised")
         self._index = {id(p): i for i, p in enumerate(self.params)}
@@ -382,7 +386,7 @@ class DataParallel(BucketState, GradientNorm):
         parameters is the other half). Asynchronous; `finish_grad_sync` waits."""
         bucket = self.buckets[b]
         flat = self.groups[bucket.group].grad[bucket.start:bucket.end]
-        flat.div_(self.dp)  # average = sum of grad / dp; dividing first keeps magnitudes small
+        flat.div_(self.divisor)  # average = sum of grad / dp; dividing first keeps magnitudes small
         if self.zero == 1:
             lo, hi = self._chunk_range(bucket)
             out = torch.empty(bucket.chunk, dtype=flat.dtype, device=flat.device)
@@ -411,7 +415,7 @@ class DataParallel(BucketState, GradientNorm):
                 flat[start:start + p.numel()].copy_(p.grad.reshape(-1))
             p.grad = None
             self._arrived[i] = False
-        flat.div_(self.dp)
+        flat.div_(self.divisor)
         if self.dp == 1:
             g.shard_grad[bucket.shard_offset:bucket.shard_offset + bucket.chunk].add_(flat)
         else:
@@ -471,6 +475,9 @@ class DataParallel(BucketState, GradientNorm):
             return
         for i in range(len(self.params)):
             self._adopt_grad(i)
+        if self.dp == 1 and self.divisor != 1 and self._dirty:  # no collective divides: divide here
+            for g in self.groups:
+                g.grad.div_(self.divisor)
         if self.dp > 1 and (self._dirty or self._next > 0):
             while self._next < len(self.buckets):
                 self._launch(self._next, "finish")

@@ -52,6 +52,14 @@ from lmkit.optim import muon_lr_scale, orthogonalize
 from lmkit.parallel import plan
 from lmkit.parallel.context_parallel import parallelize_context, shard_sequence, validate_cp
 from lmkit.parallel.data_parallel import DataParallel
+from lmkit.parallel.experts import (
+    GroupTokens,
+    expert_slice,
+    gather_experts,
+    is_expert_param,
+    parallelize_experts,
+    validate_experts,
+)
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.native_plan import quiet_redistribute
 from lmkit.parallel.pipeline import (
@@ -190,7 +198,8 @@ class EngineBase:
 
     def load_optimizer_meta(self, meta: dict[str, Any]) -> None:
         """The hyper-parameters and the step count of a sharded checkpoint (moments already loaded)."""
-        load_optimizer_meta(self.optimizer, meta)
+        for dp in getattr(self, "dps", [self]):
+            load_optimizer_meta(dp.optimizer, meta)
 
 
 class ParallelEngine(EngineBase):
@@ -208,6 +217,10 @@ class ParallelEngine(EngineBase):
         if pcfg.tp > 1:
             for stage in self.stages:
                 parallelize_stage(stage, topo, pcfg.sequence_parallel, seed=tcfg.seed)
+        validate_experts(cfg, pcfg, tcfg)
+        tokens = GroupTokens(topo.token_group, pcfg.dp * pcfg.cp)
+        for stage in self.stages:  # this ep rank's experts; the all-to-all dispatch; global counts
+            parallelize_experts(stage, topo.ep_group, pcfg.ep, topo.ep_rank, tokens)
         for stage in self.stages:
             if initial is not None:
                 materialize(stage, topo.device)  # this rank's shards only, values set below
@@ -218,13 +231,21 @@ class ParallelEngine(EngineBase):
             self.load_full_state(initial, None)
         # Under pipelining the tied embedding's two copies get buckets of their own, so that ZeRO-2
         # gives the first and the last stage the same shard of it (their gradients are summed).
-        self.dp = DataParallel(self.named_params, topo.gradient_view(), tcfg, zero=pcfg.zero,
+        dense = [(n, p) for n, p in self.named_params if not is_expert_param(n)]
+        experts = [(n, p) for n, p in self.named_params if is_expert_param(n)]
+        self.dp = DataParallel(dense, topo.gradient_view(), tcfg, zero=pcfg.zero,
                                isolate=("tok_emb.weight", "head.weight") if self._tied_across_stages()
                                and pcfg.zero == 2 else (), norm_weights=self._norm_weights(),
                                orthogonalizer=self._orthogonalize)
+        # the experts' replicas (edp group) sum their gradients and divide by dp x cp (moe_spec)
+        edp_zero = pcfg.zero if pcfg.dp * pcfg.cp > pcfg.ep else 0  # (one replica: nothing to shard)
+        self.edp = DataParallel(experts, topo.expert_view(), tcfg, zero=edp_zero,
+                                norm_weights=self._norm_weights(), average_over=pcfg.dp * pcfg.cp
+                                ) if experts else None
+        self.dps = [dp for dp in (self.dp, self.edp) if dp is not None]
         self.optimizer = self.dp.optimizer
         index = {id(p): k for k, (_, p) in enumerate(self.named_params)}
-        self._dp_index = [index[id(p)] for p in self.dp.params]  # DataParallel's order -> named_params
+        self._dp_index = [[index[id(p)] for p in dp.params] for dp in self.dps]  # -> named_params
         self.micro_steps = tcfg.grad_accum * pcfg.microbatches
         self.checkpointing = False
 
@@ -279,7 +300,7 @@ class ParallelEngine(EngineBase):
             total = torch.zeros((), device=topo.device)
             for i, (x, y) in enumerate(micro):
                 last = i == len(micro) - 1
-                sync = contextlib.nullcontext() if (last and overlap) else self.dp.no_sync()
+                sync = contextlib.nullcontext() if (last and overlap) else self._no_sync()
                 with sync:
                     with autocast():
                         loss = stage(x, y)
@@ -290,17 +311,29 @@ class ParallelEngine(EngineBase):
             b, t = micro[0][0].shape
             shape = activation_shape(b, t, self.config.d_model, pcfg.tp, pcfg.sequence_parallel)
             dtype = torch.float32 if self.tcfg.dtype == "float32" else getattr(torch, self.tcfg.dtype)
-            with self.dp.no_sync():
+            with self._no_sync():
                 loss_value = run_pipeline(pcfg.schedule, self.stages, topo, micro, shape, dtype=dtype,
                                           autocast=autocast if self.tcfg.dtype != "float32" else None,
-                                          on_event=on_event, accumulate=self.dp.add_grad)
+                                          on_event=on_event, accumulate=self._add_grad)
         if pcfg.zero == 2:  # the gradients are in the dp shards: the fix-ups sum shards (same layout)
-            self.dp.finish_grad_sync()
+            for dp in self.dps:
+                dp.finish_grad_sync()
             self._sum_fixups()
             return loss_value
         self._sum_fixups()  # on the full local gradients, before the dp reduction
-        self.dp.finish_grad_sync()
+        for dp in self.dps:
+            dp.finish_grad_sync()
         return loss_value
+
+    @contextlib.contextmanager
+    def _no_sync(self):
+        with contextlib.ExitStack() as stack:
+            for dp in self.dps:
+                stack.enter_context(dp.no_sync())
+            yield
+
+    def _add_grad(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        (self.edp if self.edp is not None and id(param) in self.edp._index else self.dp).add_grad(param, grad)
 
     def _sum_fixups(self) -> None:
         """The tied embedding's copies (first + last stage) and the replicated gradients that are
@@ -314,7 +347,8 @@ class ParallelEngine(EngineBase):
         if self._tp_partial():
             sp = self.pcfg.sequence_parallel
             replicated = [p for name, p in self.named_params if plan.tp_partial(name, sp)]
-            self.dp.all_reduce_grads(replicated, topo.tp_group)
+            for dp in self.dps:
+                dp.all_reduce_grads(replicated, topo.tp_group)
 
     def clip_and_step(self, max_norm: float, finite_loss: bool = True) -> float:
         """Global gradient norm over all ranks, clipping, optimizer step; returns the norm.
@@ -323,19 +357,30 @@ class ParallelEngine(EngineBase):
         every rank: both are global); otherwise the gradients are dropped and the weights kept.
         """
         sq = self.dp.grad_sq_sum().detach().to(torch.float64)
+        if self.edp is not None:  # experts: summed over their edp replicas' chunks, then over ep
+            sq_experts = self.edp.grad_sq_sum().detach().to(torch.float64)
+            if self.pcfg.ep > 1:
+                dist.all_reduce(sq_experts, group=self.topo.ep_group)
+            sq = sq + sq_experts
         for group, size in ((self.topo.tp_group, self.pcfg.tp), (self.topo.pp_group, self.pcfg.pp)):
             if size > 1:
                 dist.all_reduce(sq, group=group)
         norm = math.sqrt(float(sq))
         if not (finite_loss and math.isfinite(norm)):  # a non-finite update would poison the weights
-            self.dp.zero_grad()
+            for dp in self.dps:
+                dp.zero_grad()
             return norm
         if max_norm > 0:
             coef = max_norm / (norm + 1e-6)
             if coef < 1.0:
-                self.dp.scale_grads(coef)
-        self.dp.step()
-        self.dp.zero_grad()
+                for dp in self.dps:
+                    dp.scale_grads(coef)
+        for dp in self.dps[1:]:  # the schedule drives dp.optimizer's learning rate: the experts follow it
+            for group in dp.optimizer.param_groups:
+                group["lr"] = self.optimizer.param_groups[0]["lr"]
+        for dp in self.dps:
+            dp.step()
+            dp.zero_grad()
         return norm
 
     @torch.no_grad()
@@ -361,6 +406,8 @@ class ParallelEngine(EngineBase):
     def full_optimizer_state(self) -> dict[str, Any]:
         """Optimizer state by parameter name with full tensors (collective)."""
         sd = self.dp.state_dict()
+        for dp in self.dps[1:]:
+            sd["state"].update(dp.state_dict()["state"])
         state = {}
         for name, entry in sd["state"].items():
             if self.saved_as(name) != name:
@@ -375,8 +422,8 @@ class ParallelEngine(EngineBase):
             for name, param in self.named_params:
                 source = weights[self.saved_as(name)]
                 param.copy_(self._shard_tp(name, source.to(param.device)))
-        if hasattr(self, "dp"):  # mixed precision: masters from the weights, unless the optimizer has them
-            self.dp.refresh_masters()
+        for dp in getattr(self, "dps", ()):  # mixed precision: masters from the weights, unless the
+            dp.refresh_masters()  # optimizer has them
         if optimizer is not None:
             state = {}
             for name, _ in self.named_params:
@@ -385,37 +432,53 @@ class ParallelEngine(EngineBase):
                     continue
                 state[name] = {k: (self._shard_tp(name, v) if torch.is_tensor(v) and v.dim() > 0 else v)
                                for k, v in entry.items()}
-            self.dp.load_state_dict({"state": state, "param_groups": optimizer["param_groups"]})
+            for dp in self.dps:
+                dp.load_state_dict({"state": state, "param_groups": optimizer["param_groups"]})
 
     def sharded_state(self, create: bool = False) -> tuple[list[Piece], dict[str, Any] | None]:
         """This rank's boxes of the layout-independent tensors (weights, AdamW moments), as views,
         and the optimizer's hyper-parameters: what a sharded checkpoint saves and loads. Nothing is
         gathered; each box names its place in the full GPT tensor, and one replica of each writes
         (dp rank 0 for weights and unsharded moments, tp rank 0 for tp-replicated tensors)."""
-        topo, pieces = self.topo.gradient_view(), []  # dp rank 0 of dp x cp: one replica of each box
+        pieces = []
         specs = {name: self._spec(name) for name, _ in self.named_params}
         for name, param in self.named_params:
-            source, spec = self.saved_as(name), specs[name]
-            replica = source == name and (spec is not None or topo.tp_rank == 0)
+            source, spec, rank, (tp0, dp0) = self.saved_as(name), specs[name], *self._box_of(name)
             pieces += shard_pieces(f"model.{source}", param.detach().view(-1), 0, param.numel(),
-                                   tuple(param.shape), spec, topo.tp_rank, replica and topo.dp_rank == 0)
-        for i, lo, hi, moments in self.dp.optimizer_segments(create):
-            name, param = self.named_params[self._dp_index[i]]
-            source, spec = self.saved_as(name), specs[name]
-            replica = source == name and (spec is not None or topo.tp_rank == 0)
-            for key, flat in moments.items():
-                pieces += shard_pieces(f"optim.{source}.{key}", flat, lo, hi, tuple(param.shape), spec,
-                                       topo.tp_rank, replica and (self.pcfg.zero > 0 or topo.dp_rank == 0))
+                                   tuple(param.shape), spec, rank, source == name and tp0 and dp0)
+        for dp, index in zip(self.dps, self._dp_index, strict=True):
+            for i, lo, hi, moments in dp.optimizer_segments(create):
+                name, param = self.named_params[index[i]]
+                source, spec, rank, (tp0, dp0) = self.saved_as(name), specs[name], *self._box_of(name)
+                for key, flat in moments.items():
+                    pieces += shard_pieces(f"optim.{source}.{key}", flat, lo, hi, tuple(param.shape), spec,
+                                           rank, source == name and tp0 and (dp.zero > 0 or dp0))
         return pieces, optimizer_meta(self.optimizer)
 
     def _spec(self, name: str) -> Any:
+        if is_expert_param(name):  # contiguous experts per ep rank (whole over tp)
+            return plan.ShardSpec(0, self.config.n_experts) if self.pcfg.ep > 1 else None
         stage, local = self._where[name]
         return shard_spec(stage).get(local)
 
+    def _box_of(self, name: str) -> tuple[int, tuple[bool, bool]]:
+        """The rank along the split of `name`'s `_spec` (tp, or ep for experts) and whether this rank is
+        (tp rank 0 or holds a tp shard, replica 0 of the data-parallel group that reduces `name`): one
+        replica of every box writes, each box names its place in the full tensor."""
+        topo = self.topo.gradient_view()
+        if is_expert_param(name):
+            return self.topo.ep_rank, (topo.tp_rank == 0, self.topo.expert_view().dp_rank == 0)
+        return topo.tp_rank, (self._spec(name) is not None or topo.tp_rank == 0, topo.dp_rank == 0)
+
     def _full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if is_expert_param(name):
+            return gather_experts(tensor, self.topo.ep_group, self.pcfg.ep)
         return gather_full_param(*self._where[name], tensor) if self.pcfg.tp > 1 else tensor.clone()
 
     def _shard_tp(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if is_expert_param(name):
+            first, local = expert_slice(self.config.n_experts, self.pcfg.ep, self.topo.ep_rank)
+            return tensor[first:first + local]
         return shard_full_param(*self._where[name], tensor)
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from lmkit.config import ConfigError, ParallelConfig
+from lmkit.parallel.experts import expert_group_lists
 
 __all__ = ["Topology", "init_topology", "elastic_attempt_store", "rank_of", "coords_of", "cp_rank_of",
            "single_process_topology"]
@@ -84,6 +85,28 @@ class Topology:
     cp_group: object = None  # the ring of context parallelism
     grad_group: object = None  # dp x cp: the ranks that average the parameters' gradients
     grad_ranks: list[int] = field(default_factory=lambda: [0])
+    # experts (`lmkit.parallel.experts`): ep groups inside dp x cp, their replicas (edp) and, under
+    # sequence parallelism, every rank of the stage (all hold different tokens)
+    ep: int = 1
+    ep_rank: int = 0
+    ep_group: object = None
+    edp_group: object = None
+    edp_ranks: list[int] = field(default_factory=lambda: [0])
+    stage_group: object = None
+
+    @property
+    def token_group(self) -> object:
+        """The ranks whose tokens differ within one pipeline stage (dp x cp, x tp under SP)."""
+        if self.stage_group is not None:
+            return self.stage_group
+        return self.grad_group if self.cp > 1 else self.dp_group
+
+    def expert_view(self) -> Topology:
+        """This topology with the edp ranks as its data-parallel group (what the experts'
+        `DataParallel` reduces over; the same object when every rank of dp x cp is an ep rank)."""
+        j = self.dp_rank * self.cp + self.cp_rank
+        return dataclasses.replace(self, dp=self.dp * self.cp // self.ep, dp_rank=j // self.ep,
+                                   dp_group=self.edp_group, dp_ranks=list(self.edp_ranks), cp=1, cp_rank=0)
 
     @property
     def world_size(self) -> int:
@@ -189,6 +212,18 @@ def init_topology(cfg: ParallelConfig, device: str = "auto", timeout_s: float = 
     if pp > 1:
         topo.embedding_group, _ = build([[at(0, d, c, t), at(pp - 1, d, c, t)]
                                          for p, d, c, t in ev if p == 0])
+    if cfg.ep > 1:
+        topo.ep, topo.ep_rank = cfg.ep, (dp_rank * cp + topo.cp_rank) % cfg.ep
+        ep_lists, edp_lists = expert_group_lists(dp, cp, cfg.ep)
+        for lists, attr in ((ep_lists, "ep"), (edp_lists, "edp")):
+            group, ranks = build([[at(p, j // cp, j % cp, t) for j in js]
+                                  for p in range(pp) for t in range(tp) for js in lists])
+            setattr(topo, f"{attr}_group", group)
+            if attr == "edp":
+                topo.edp_ranks = ranks
+    if cfg.sequence_parallel:  # (a stage is one dp x cp slice: its tp group)
+        topo.stage_group = build([[at(p, d, c, t) for d in range(dp) for c in range(cp) for t in range(tp)]
+                                  for p in range(pp)])[0] if dp * cp > 1 else topo.tp_group
     if cp > 1:
         topo.cp_group, _ = build([[at(p, d, c, t) for c in range(cp)] for p, d, c, t in ev if c == 0])
         topo.grad_group, topo.grad_ranks = build(

@@ -50,6 +50,8 @@ STYLES = {
     "positions": "replicated; under SP each rank adds its own positions' rows (gradient partial over tp)",
     "dropout": "replicated random stream; under SP (different data per rank) this rank's own stream",
     "heads": "input op (f / SP all-gather) in front; forward in this rank's random stream (its own heads)",
+    "experts": "replicated over tp, whole (split over ep instead); under SP it routes this rank's sequence "
+               "chunk (gradient partial over tp)",
 }
 
 
@@ -78,6 +80,11 @@ GPT_PLAN: tuple[Row, ...] = (
     Row("blocks.*.mlp.fc", "column", "block"),
     Row("blocks.*.mlp.proj", "row", "block"),
     Row("blocks.*.mlp.drop", "dropout", "block"),
+    Row("blocks.*.mlp.router.gate", "experts", "block"),
+    Row("blocks.*.mlp.experts", "experts", "block"),
+    Row("blocks.*.mlp.shared.fc", "column", "block"),
+    Row("blocks.*.mlp.shared.proj", "row", "block"),
+    Row("blocks.*.mlp.shared.drop", "dropout", "block"),
     Row("ln_f", "norm", "last"),
     Row("head", "vocab_head", "last", tied="tok_emb"),
 )
@@ -217,4 +224,5 @@ def sequence_partial(name: str) -> bool:
     only this rank's sequence chunk (summed over the tp group after backward): norms, the
     positions and the row-parallel biases (added after the reduce-scatter)."""
     row, attr = _param_row(name)
-    return row is not None and (row.style in ("norm", "positions") or (row.style == "row" and attr == "bias"))
+    return row is not None and (row.style in ("norm", "positions", "experts")
+                                or (row.style == "row" and attr == "bias"))
