@@ -37,7 +37,9 @@ import torch
 import torch.distributed as dist
 
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig, to_dict
+from lmkit.experts import expert_counts
 from lmkit.model import build_model
+from lmkit.parallel.experts import expert_traffic
 from lmkit.parallel.instrument import AllocationTracker, Instrument, memory_report
 from lmkit.parallel.launch import run_local
 from lmkit.parallel.mesh import coords_of, cp_rank_of, init_topology
@@ -67,6 +69,8 @@ def layout_name(p: ParallelConfig | None) -> str:
         parts.append(f"dp{p.dp}" + (f" zero{p.zero}" if p.zero else ""))
     if p.cp > 1:
         parts.append(f"cp{p.cp}")
+    if p.ep > 1:
+        parts.append(f"ep{p.ep}")
     if p.tp > 1:
         parts.append(f"tp{p.tp}" + (" sp" if p.sequence_parallel else ""))
     if p.pp > 1:
@@ -108,9 +112,19 @@ def collective_dim(collective: dict[str, Any], layout: ParallelConfig | None) ->
     through the default group with global peer ranks, so their group is the whole world), except
     ring attention's, which go through the cp group. Under context parallelism the collectives of
     the gradient group, dp x cp (`lmkit.parallel.mesh.Topology.gradient_view`), are ``dp``: the
-    parameters are replicated over cp as over dp, and `lmkit.costs` counts them so."""
+    parameters are replicated over cp as over dp, and `lmkit.costs` counts them so. Under expert
+    parallelism a group inside dp x cp is ``ep`` (the all-to-all) or ``edp`` (an expert's replicas)."""
     group = group_label(collective["ranks"], layout)
     p2p = collective["kind"] in ("send", "recv")
+    ranks = collective["ranks"]
+    if layout is not None and layout.ep > 1 and not p2p and 1 < len(ranks) < layout.dp * layout.cp \
+            and set(_varying(ranks, layout)) <= {"dp", "cp"}:
+        cp = layout.cp
+        j = [coords_of(r, layout.dp, layout.tp, cp)[1] * cp + cp_rank_of(r, layout.tp, cp) for r in ranks]
+        if len({i // layout.ep for i in j}) == 1:
+            return "ep"  # the experts' all-to-all (`lmkit.parallel.experts`)
+        if len({i % layout.ep for i in j}) == 1:
+            return "edp"  # an expert's replicas: its gradient reduction
     if p2p and layout is not None and layout.pp > 1 and group != "cp":
         return "pp"
     if not p2p and layout is not None and layout.cp > 1 and len(collective["ranks"]) > 1 \
@@ -237,7 +251,7 @@ def measure_on_rank(model: dict, train: dict, layouts: list[dict | None], steps:
     def topology_of(pc: ParallelConfig | None) -> Any:
         if pc is None:
             return None
-        shape = (pc.dp, pc.cp, pc.tp, pc.pp)
+        shape = (pc.dp, pc.cp, pc.tp, pc.pp, pc.ep, pc.sequence_parallel)
         if shape not in topologies:  # every rank builds the same groups in the same order
             topologies[shape] = init_topology(pc, tc.device)
         return topologies[shape]
@@ -268,8 +282,10 @@ def measure_on_rank(model: dict, train: dict, layouts: list[dict | None], steps:
             start = time.perf_counter()
             losses.append(trainer.train_step()["loss"])
             plain.append(time.perf_counter() - start)
+            expert_traffic(trainer.engine.stages if pc is not None else [], reset=True)
             with inst, inst.step(i):
                 losses.append(trainer.train_step()["loss"])
+            experts = expert_traffic(trainer.engine.stages if pc is not None else [])
         comm = _jsonable_comm(inst.counter.summary(by_group=True))
         last = inst.steps[-1]["step"]
         topo = trainer.topology
@@ -285,7 +301,8 @@ def measure_on_rank(model: dict, train: dict, layouts: list[dict | None], steps:
             "memory": memory_report(engine, trainer.optimizer),
             "device": _device_name(trainer.device),
             "tokens_per_step": tc.batch_size * run.model_config.block_size,
-            "flops_per_token": flops, "losses": losses,
+            "flops_per_token": flops, "losses": losses, "experts": experts,
+            "expert_counts": expert_counts(trainer.model),
         })
         del trainer, engine, inst, model_
         gc.collect()

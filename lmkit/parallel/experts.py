@@ -32,7 +32,8 @@ from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from lmkit.experts import Experts, moe_layers
 
 __all__ = ["AllToAllDispatch", "GroupTokens", "all_to_all_rows", "expert_slice", "is_expert_param",
-           "expert_group_lists", "parallelize_experts", "gather_experts", "validate_experts"]
+           "expert_group_lists", "parallelize_experts", "gather_experts", "validate_experts",
+           "expert_traffic"]
 
 
 def is_expert_param(name: str) -> bool:
@@ -84,6 +85,7 @@ class AllToAllDispatch:
     def __init__(self, group, ep: int) -> None:
         self.group, self.ep = group, ep
         self.rows_sent = 0  # rows this rank sent to other ranks, dispatch and combine (forward)
+        self.calls = 0  # dispatches (one per layer and microbatch forward)
 
     def __call__(self, rows: Tensor, counts: Tensor, experts: Experts) -> Tensor:
         ep, local = self.ep, experts.fc.size(0)
@@ -100,6 +102,7 @@ class AllToAllDispatch:
         done = experts(arrived[order], per_expert)
         out = torch.empty_like(done).index_copy(0, order, done)  # back in arrival order
         self.rows_sent += sum(send) - send[me] + sum(recv) - recv[me]
+        self.calls += 1
         return all_to_all_rows(out, recv, send, self.group)  # 3. combine: back to the sources
 
 
@@ -172,3 +175,17 @@ def validate_experts(config: ModelConfig, pcfg: ParallelConfig, tcfg: TrainConfi
         raise ConfigError("train.optimizer='muon' with parallel.ep > 1 is not implemented in the lmkit "
                           "engine (the experts' matrices would need Muon over their edp group); use adamw "
                           "or ep=1")
+
+
+def expert_traffic(modules: list[nn.Module], reset: bool = False) -> dict[str, int]:
+    """Rows this rank sent to other ep ranks (dispatch + combine, forward) and dispatches, summed over
+    the MoE layers of `modules` since the last reset: what the all-to-all bytes are checked against
+    (`lmkit.costs.all_to_all_bytes`, chapter 6). `reset` zeroes the counts after reading them."""
+    rows = calls = 0
+    for module in modules:
+        for layer in moe_layers(module):
+            if isinstance(layer.dispatch, AllToAllDispatch):
+                rows, calls = rows + layer.dispatch.rows_sent, calls + layer.dispatch.calls
+                if reset:
+                    layer.dispatch.rows_sent = layer.dispatch.calls = 0
+    return {"rows_sent": rows, "calls": calls}

@@ -7,7 +7,8 @@ dispatcher's ``BackendSelect`` key. Definitions, per call for a group of ``n`` r
 (nccl-tests): ``bytes`` is the payload ``B`` (the buffer; the gathered output of an all-gather;
 the unreduced input of a reduce-scatter); ``wire_bytes`` what this rank sends under ring
 algorithms (all-reduce ``2 (n-1)/n B``; reduce-scatter, all-gather, reduce, broadcast ``(n-1)/n
-B``; send ``B``; recv 0). Why and how, in the book: chapter 5, section 5.1; the measurements:
+B``; all-to-all: the input rows sent to the other ranks (exact, uneven splits too); send ``B``; recv
+0). Why and how, in the book: chapter 5, section 5.1; the measurements:
 chapter 6.
 """
 
@@ -128,6 +129,18 @@ def _group_info(pg_script: Any) -> tuple[int, str, tuple[int, ...]]:
     return info[0], name, info[1]
 
 
+def _all_to_all_sent(args: tuple, ranks: tuple[int, ...]) -> float | None:
+    """Bytes an all-to-all (``alltoall_base_(output, input, group, output_splits, input_splits)``) sends
+    to the other ranks: its input minus the rows it keeps (uneven splits: experts' token dispatch)."""
+    x, splits = args[1], list(args[4]) or None
+    if not ranks or x.dim() == 0 or x.size(0) == 0:
+        return None
+    me = ranks.index(dist.get_rank())
+    per_row = x.numel() // x.size(0) * x.element_size()
+    kept = splits[me] if splits is not None else x.size(0) // len(ranks)
+    return float((x.size(0) - kept) * per_row)
+
+
 def _register_kernels():
     after = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.BackendSelect)
     cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -140,7 +153,7 @@ def _register_kernels():
         arg_names = [a.name for a in op._schema.arguments]
         pg_index = arg_names.index("process_group")
 
-        def kernel(*args, _op=op, _spec=spec, _pg=pg_index, **kwargs):
+        def kernel(*args, _op=op, _spec=spec, _pg=pg_index, _a2a=name == "alltoall_base_", **kwargs):
             first = next(_tensors(args), None)
             keys = (torch._C._dispatch_keys(first) & after) if first is not None else cpu
             for audit in list(_Registry.audits):
@@ -156,8 +169,9 @@ def _register_kernels():
             nbytes = 0 if payload is None else _nbytes(args[payload]) * (size if times_n else 1)
             work = out[-1] if isinstance(out, (tuple, list)) else out
             on_cpu = first is None or first.device.type == "cpu"
+            wire = _all_to_all_sent(args, ranks) if _a2a else None
             for counter in counters:
-                counter._record(kind, nbytes, size, group, ranks, start, end, work if on_cpu else None)
+                counter._record(kind, nbytes, size, group, ranks, start, end, work if on_cpu else None, wire)
             spent = time.perf_counter() - end
             for counter in counters:
                 counter.overhead_s += spent
@@ -204,8 +218,8 @@ class CommCounter:
         _Registry.remove(self)
 
     def _record(self, kind: str, nbytes: int, size: int, group: str, ranks: tuple[int, ...], start: float,
-                end: float, work: Any) -> None:
-        wire = wire_bytes(kind, nbytes, size)
+                end: float, work: Any, wire: float | None = None) -> None:
+        wire = wire_bytes(kind, nbytes, size) if wire is None else wire
         entry = self.totals.setdefault((kind, ranks), [0, 0, 0.0])
         entry[0] += 1
         entry[1] += nbytes
