@@ -99,9 +99,7 @@ def test_every_all_to_all_sends_the_bytes_of_the_formula():
     measured at the collective, equal `costs.all_to_all_bytes` with the rank's measured imbalance."""
     train = dataclasses.replace(TRAIN, max_steps=4)
     layouts = [ParallelConfig(dp=2, ep=2), ParallelConfig(dp=4, ep=2, zero=1)]
-    shape = costs.Model(n_layer=MOE.n_layer, d_model=MOE.d_model, n_head=MOE.n_head,
-                        vocab_size=MOE.vocab_size, block_size=MOE.block_size, n_experts=MOE.n_experts,
-                        moe_top_k=MOE.moe_top_k)
+    shape = costs.Model.from_config(MOE)
     for result in measure_layouts(MOE, train, layouts, steps=1, warmup=1, text=TEXT):
         layout = ParallelConfig(**result["layout"])
         tokens = train.batch_size // layout.dp * MOE.block_size  # one microbatch of this rank
@@ -111,7 +109,7 @@ def test_every_all_to_all_sends_the_bytes_of_the_formula():
             calls, rows = rank["experts"]["calls"], rank["experts"]["rows_sent"]
             assert calls == MOE.n_layer and sum(c["calls"] for c in a2a) == 5 * calls  # counts, 2 fwd, 2 bwd
             uniform = 2 * tokens * MOE.moe_top_k * (layout.ep - 1) / layout.ep
-            per_layer = costs.all_to_all_bytes(shape, costs.Layout(dp=layout.dp, ep=layout.ep), tokens,
+            per_layer = costs.all_to_all_bytes(shape, costs.Layout.from_parallel_config(layout), tokens,
                                                imbalance=rows / calls / uniform)
             assert sum(c["wire_bytes"] for c in a2a) == pytest.approx(calls * per_layer["total"], rel=1e-12)
 
