@@ -195,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if layout is not None:
         mc = run.model_config
         validate_layout(parallel_cfg, train_cfg, mc.n_layer, mc.n_head, mc.vocab_size, mc.block_size, world,
-                        mc.dropout, mc.kv_heads, mc.ffn_width)
+                        mc.dropout, mc.kv_heads, mc.ffn_width, experts=mc)
         if mc.arch != "gpt":
             raise ConfigError("parallel layouts need model.arch='gpt' (the LSTM baseline is single-process)")
         from lmkit.parallel.mesh import init_topology

@@ -86,11 +86,14 @@ def on_meta(model: nn.Module) -> bool:
 
 def validate_layout(pcfg: ParallelConfig, tcfg: TrainConfig, n_layer: int, n_head: int, vocab_size: int,
                     block_size: int, world_size: int | None = None, dropout: float = 0.0,
-                    n_kv_head: int | None = None, d_ff: int | None = None) -> None:
+                    n_kv_head: int | None = None, d_ff: int | None = None, experts: Any = None) -> None:
     """Every layout error, found before any process communicates (one clear message each).
     `n_kv_head` and `d_ff` (the model's key/value heads and MLP width, both split over tp) are
-    checked when given."""
+    checked when given, and the expert layouts of the lmkit engine when `experts` (the model's
+    `ModelConfig`) is."""
     pcfg.validate(world_size=world_size)
+    if experts is not None and pcfg.engine == "lmkit":
+        validate_experts(experts, pcfg, tcfg)
     if pcfg.cp > 1:
         if pcfg.engine == "native":
             raise ConfigError("parallel.cp > 1 needs engine='lmkit': the native engine has no context "
