@@ -66,9 +66,8 @@ def _gradient_buffers(obj: Any) -> list[Tensor]:
     always: with bf16 reduction under fp32 masters the masters' ``.grad`` are fp32 copies made for
     the step and dropped after it, and ZeRO-2's full ``.grad`` live only until their bucket is
     reduced, so the buffers are counted themselves."""
-    groups = getattr(getattr(obj, "dp", None), "groups", None)
-    if not isinstance(groups, (list, tuple)):
-        return []
+    dps = getattr(obj, "dps", None) or [getattr(obj, "dp", None)]  # (the experts' edp: a second one)
+    groups = [g for dp in dps for g in (getattr(dp, "groups", None) or ())]
     return [t for g in groups for t in (getattr(g, "grad", None), getattr(g, "shard_grad", None))
             if isinstance(t, Tensor)]
 
@@ -97,7 +96,9 @@ def memory_report(engine: Any, optimizer: Any = None) -> dict[str, Any]:
     model_storages = {_key(p) for p in params}
     # ZeRO's shard "parameters" (fp32) are views of the same flat buffers as the weights; mixed
     # precision's masters are storages of their own.
-    units = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
+    optimizers = [dp.optimizer for dp in obj.dps] if getattr(obj, "dps", None) else [optimizer]
+    optimizers = [o for o in optimizers if o is not None]
+    units = [p for o in optimizers for group in o.param_groups for p in group["params"]]
     masters = [p for p in units if _key(p) not in model_storages]
     seen: set = set()
     param_bytes = _storage_bytes(params, seen)
@@ -105,8 +106,8 @@ def memory_report(engine: Any, optimizer: Any = None) -> dict[str, Any]:
     grad_bytes = _storage_bytes([p.grad for p in params + units if p.grad is not None]
                                 + _gradient_buffers(obj), seen)
     state_tensors = []
-    if optimizer is not None:
-        for state in optimizer.state.values():
+    for o in optimizers:
+        for state in o.state.values():
             state_tensors += [v for v in state.values() if isinstance(v, Tensor)]
     opt_bytes = master_bytes + _storage_bytes(state_tensors, seen)
     devices = {_local(p).device for p in params}
