@@ -932,3 +932,31 @@ def test_calculate_reports_the_experts():
     assert dense["communication"]["ep"] == dense["all_to_all_per_layer"] == 0
     assert dense["expert_params_per_rank"] == 0
     assert costs.calculate({**inputs, "ep": 3})["error"].startswith("ep=3 does not divide")
+
+
+def test_estimate_reports_the_experts(capsys):
+    args = ["estimate", "--preset", "mixtral-8x7b", "--devices", "64", "--global-batch", "512", "--zero",
+            "1", "--top", "5"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Mixtral 8x7B: 46.70B parameters, 64 x h100")
+    assert lines[1].split()[-2:] == ["experts/rank", "all-to-all"]
+    assert lines[-3].startswith("(experts: 8 of width 14336, top-2, in 32 of 32 blocks: 12.88B active")
+    assert main([*args, "--ep", "4", "--imbalance", "1.5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    mixtral = costs.PRESETS["mixtral-8x7b"]
+    for row in rows:
+        assert row["ep"] == 4 and " x ep4" in row["layout"]
+        assert row["expert_params_per_rank"] % (2 * 3 * 14336 * 4096) == 0  # 8 / 4 experts per block
+    found = costs.search(mixtral, 512, costs.Cluster(64, 80, 989e12, name="h100"), zero_stages=(1,),
+                         imbalance=1.5, ep_sizes=(4,))
+    best = found[0]
+    assert rows[0]["all_to_all_bytes"] == costs.all_to_all_bytes(
+        mixtral, best.layout, costs.routed_tokens(mixtral, best), 1.5)["total"]
+    shape = ["--n-layer", "4", "--d-model", "64", "--n-head", "4", "--vocab-size", "64", "--seq-len", "32",
+             "--n-experts", "4", "--moe-top-k", "1", "--moe-every", "2"]
+    assert main(["estimate", *shape, "--devices", "4", "--global-batch", "8", "--top", "1000", "--json"]) == 0
+    assert {r["ep"] for r in json.loads(capsys.readouterr().out)} >= {1, 2}
+    dense = ["estimate", "--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--ep", "2"]
+    assert main(dense) == 2
+    assert "--ep 2 splits experts, but the model has none" in capsys.readouterr().err

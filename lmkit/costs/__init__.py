@@ -15,7 +15,8 @@ Units: bytes, FLOPs, seconds; "GB" is 1e9.
 - `per_rank`: what one rank holds and sends: memory, communication, context parallelism;
 - `bubble`: how long a pipeline schedule leaves every rank idle in a step;
 - `search`: devices, the estimated step time and the ranking of every layout that fits;
-- `calculator`: `calculate`, the calculator's JSON-in, JSON-out entry point.
+- `calculator`: `calculate`, the calculator's JSON-in, JSON-out entry point;
+- `report`: ``lmkit estimate``'s rows and printed table.
 
 The cost model is one namespace: chapter 5, ``lmkit estimate`` and the calculator call
 ``costs.memory(...)``, ``costs.search(...)``, ``costs.calculate(...)``, so the names below are this
@@ -77,6 +78,7 @@ from lmkit.costs.per_rank import (
     moe_activation_bytes,
     wire_bytes,
 )
+from lmkit.costs.report import estimate_lines, estimate_rows, routed_tokens
 from lmkit.costs.search import DEVICES, Candidate, Cluster, search, step_time
 
 __all__ = [
@@ -92,5 +94,5 @@ __all__ = [
     "CP_LAYOUTS", "RING_BACKWARD_COMPUTE", "cp_attention_work", "cp_attention_memory", "cp_communication",
     "cp_ring_step",
     "active_params", "inactive_params", "stage_experts", "expert_buckets", "all_to_all_bytes",
-    "moe_activation_bytes",
+    "moe_activation_bytes", "estimate_rows", "estimate_lines", "routed_tokens",
 ]
