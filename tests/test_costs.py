@@ -927,7 +927,7 @@ def test_calculate_reports_the_experts():
     tokens = 32 // (8 * 4) * 4096 // 8
     assert out["all_to_all_per_layer"] == costs.all_to_all_bytes(
         mixtral, costs.Layout(dp=8, ep=8), tokens)["total"]
-    assert out["communication"]["ep"] > 0 and out["layout"].startswith("dp8 zero1 x ep8")
+    assert out["communication"]["ep"] > 0 and out["layout"].startswith("dp8 zero1 (ep8) x tp8 sp")
     dense = costs.calculate({"preset": "llama2-7b", "dp": 2, "global_batch": 2})
     assert dense["communication"]["ep"] == dense["all_to_all_per_layer"] == 0
     assert dense["expert_params_per_rank"] == 0
@@ -946,7 +946,7 @@ def test_estimate_reports_the_experts(capsys):
     rows = json.loads(capsys.readouterr().out)
     mixtral = costs.PRESETS["mixtral-8x7b"]
     for row in rows:
-        assert row["ep"] == 4 and " x ep4" in row["layout"]
+        assert row["ep"] == 4 and " (ep4)" in row["layout"]
         assert row["expert_params_per_rank"] % (2 * 3 * 14336 * 4096) == 0  # 8 / 4 experts per block
     found = costs.search(mixtral, 512, costs.Cluster(64, 80, 989e12, name="h100"), zero_stages=(1,),
                          imbalance=1.5, ep_sizes=(4,))

@@ -485,8 +485,8 @@ class Layout:
             parts.append(f"zero{self.zero}")
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
-        if self.ep > 1:
-            parts.append(f"ep{self.ep}")
+        if self.ep > 1:  # inside dp x cp, not a factor of its own: "dp8 zero1 (ep8)"
+            parts[-1] += f" (ep{self.ep})"
         if self.tp > 1:
             parts.append(f"tp{self.tp}" + (" sp" if self.sequence_parallel else ""))
         if self.pp > 1:

@@ -185,7 +185,8 @@ class Memory:
 def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
                      flash_attention: bool, optimizer: str, reduce: str) -> Memory:
     mats, vecs, count, *_ = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage, layout.ep)
-    experts, expert_count, _ = stage_experts(model, layout, stage)
+    held, expert_count, _ = stage_experts(model, layout, stage)
+    experts = held
     if layout.zero == 3:  # (ep = 1: the experts are sharded over dp x cp with the rest)
         experts = expert_count = 0
     # the dense parameters (experts below); ZeRO shards them over dp x cp
@@ -228,7 +229,7 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
             g_bytes += r * (padded // edp if zero >= 2 else padded)
             o_bytes += (master + 8) * (padded // edp) + 4 * len(ebuckets)
     act = _activations(model, layout, global_batch, precision, stage, flash_attention)
-    return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel + experts, experts)
+    return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel + experts, held)
 
 
 def moe_activation_bytes(model: Model, b: int, s: int, tp: int = 1, act_bytes: int = 2, cp: int = 1,
@@ -389,6 +390,31 @@ def all_to_all_bytes(model: Model, layout: Layout, tokens: int, imbalance: float
     return {"counts": counts, "dispatch": rows, "combine": rows, "total": counts + 2 * rows}
 
 
+def _gradient_reduction(group: str, zero: int, m: int, buckets: list[int], padded: int, numel: int, r: int,
+                        w: int, size: int, whose: str = "") -> list[CommTerm]:
+    """ZeRO-0/1/2's reduction of the gradient `buckets` over `size` ranks (`padded`: their elements
+    padded to a multiple of `size`) and, under ZeRO-1/2, the all-gather of the updated chunks."""
+    if zero == 2:
+        # one reduce-scatter per bucket and backward pass: the padded bucket in, the rank's chunk
+        # out, accumulated in the shard over the microbatches (an upper bound with interleaved
+        # stages, whose buckets may wait for more than one backward)
+        terms = [CommTerm(group, "reduce_scatter", f"{whose}gradient buckets reduce-scattered into the "
+                          "shards, every microbatch", m * len(buckets), m * r * padded, size,
+                          hidden_by="backward")]
+    elif zero == 1:
+        # the distributed optimizer: one reduce-scatter per bucket at the synchronisation, the
+        # padded bucket of the full gradient buffer in, this rank's chunk out
+        terms = [CommTerm(group, "reduce_scatter", f"{whose}gradient buckets reduce-scattered into the "
+                          "chunks, once per step", len(buckets), r * padded, size, hidden_by="backward")]
+    else:
+        terms = [CommTerm(group, "all_reduce", f"{whose}gradient all-reduce, one per bucket", len(buckets),
+                          r * numel, size, hidden_by="backward")]
+    if zero in (1, 2):
+        terms.append(CommTerm(group, "all_gather", f"updated {whose}parameter chunks all-gathered, one per "
+                              "bucket", len(buckets), w * padded, size))
+    return terms
+
+
 def _expert_terms(model: Model, layout: Layout, b: int, s: int, e: int, r: int, w: int, m: int,
                   stage: int, imbalance: float) -> list[CommTerm]:
     """The collectives of the experts (`communication`): all-to-alls, router counts, expert gradients."""
@@ -420,23 +446,10 @@ def _expert_terms(model: Model, layout: Layout, b: int, s: int, e: int, r: int, 
         calls = n * (2 if again else 1)
         terms.append(CommTerm("router", "all_reduce", "router: global expert counts and probability sums "
                               "(2 E fp32) per MoE layer", calls, calls * 8 * E, holders))
-    if edp > 1:
+    if edp > 1:  # over the dp x cp / ep ranks holding the same experts
         buckets = expert_buckets(model, layout, stage, r)
         padded = padded_numel(buckets, edp)
-        if layout.zero == 2:
-            terms.append(CommTerm("edp", "reduce_scatter", "expert gradient buckets reduce-scattered over "
-                                  "dp x cp / ep, every microbatch", m * len(buckets), m * r * padded, edp,
-                                  hidden_by="backward"))
-        elif layout.zero == 1:
-            terms.append(CommTerm("edp", "reduce_scatter", "expert gradient buckets reduce-scattered over "
-                                  "dp x cp / ep, once per step", len(buckets), r * padded, edp,
-                                  hidden_by="backward"))
-        else:
-            terms.append(CommTerm("edp", "all_reduce", "expert gradient all-reduce over dp x cp / ep, one "
-                                  "per bucket", len(buckets), r * experts, edp, hidden_by="backward"))
-        if layout.zero in (1, 2):
-            terms.append(CommTerm("edp", "all_gather", "updated expert chunks all-gathered over dp x cp / "
-                                  "ep", len(buckets), w * padded, edp))
+        terms += _gradient_reduction("edp", layout.zero, m, buckets, padded, experts, r, w, edp, "expert ")
     if tp > 1:  # whole experts on every tp rank, each routing its own tokens: partial gradients
         share = math.ceil(experts / edp) if layout.zero == 2 else experts
         terms.append(CommTerm("tp", "all_reduce", "expert gradients, partial over tp (each rank routed its "
@@ -516,26 +529,8 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   hidden_by="compute"))  # prefetched while the previous layer computes
             terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
                                   r * numel, dp, hidden_by="backward"))
-        elif layout.zero == 2:
-            # one reduce-scatter per bucket and backward pass: the padded bucket in, the rank's chunk
-            # out, accumulated in the shard over the microbatches (an upper bound with interleaved
-            # stages, whose buckets may wait for more than one backward)
-            terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
-                                  "shards, every microbatch", m * len(buckets), m * r * padded, dp,
-                                  hidden_by="backward"))
-        elif layout.zero == 1:
-            # the distributed optimizer: one reduce-scatter per bucket at the synchronisation, the
-            # padded bucket of the full gradient buffer in, this rank's chunk out
-            terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
-                                  "chunks, once per step", len(buckets), r * padded, dp,
-                                  hidden_by="backward"))
         else:
-            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce, one per bucket", len(buckets),
-                                  r * numel, dp,
-                                  hidden_by="backward"))
-        if layout.zero in (1, 2):
-            terms.append(CommTerm("dp", "all_gather", "updated parameter chunks all-gathered, one per "
-                                  "bucket", len(buckets), w * padded, dp))
+            terms += _gradient_reduction("dp", layout.zero, m, buckets, padded, numel, r, w, dp)
         if layout.zero in (1, 2) and muon:
             n_muon = muon_buckets(model, layout, stage, r)
             terms.append(CommTerm("dp", "all_gather", "Muon: the Nesterov updates of its buckets, whole "
