@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a model of lmkit.costs.PRESETS: " + ", ".join(
                          f"{k} ({m.name})" for k, m in costs.PRESETS.items())
                      + " (default: none; give the model's shape instead: --n-layer, --d-model, --n-head, "
-                       "--vocab-size, --seq-len, optionally --n-kv-head, --mlp, --d-ff)")
+                       "--vocab-size, --seq-len, optionally --n-kv-head, --mlp, --d-ff and the experts' "
+                       "flags; --seq-len also changes a preset's sequence length)")
     for flag, what in (("n-layer", "layers"), ("d-model", "width"), ("n-head", "attention heads"),
                        ("vocab-size", "vocabulary size"), ("seq-len", "sequence length")):
         est.add_argument(f"--{flag}", type=int, default=None,
@@ -129,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--d-ff", type=int, default=None,
                      help="hidden width of the MLP (default: 4 d plain, 8/3 d rounded up to 32 swiglu; with "
                           "the shape flags)")
+    for flag, what in (("n-experts", "routed experts of a mixture-of-experts MLP (default 0: dense)"),
+                       ("moe-top-k", "experts per token (default 2)"),
+                       ("moe-every", "experts in every k-th block (default 1)"),
+                       ("moe-d-ff", "hidden width of one expert (default: the MLP's)"),
+                       ("n-shared-experts", "shared experts every token passes (default 0)")):
+        est.add_argument(f"--{flag}", type=int, default=None, help=f"{what}; with the shape flags")
+    est.add_argument("--imbalance", type=float, default=1.0, help="load-imbalance factor of the experts' "
+                     "all-to-alls: a rank's rows sent and received over their uniform expectation")
     est.add_argument("--devices", type=int, required=True, help="number of devices (GPUs)")
     est.add_argument("--device", choices=sorted(costs.DEVICES), default="h100",
                      help="device preset: memory, dense bf16 peak FLOP/s, link bandwidths")
@@ -153,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only layouts with this tensor-parallel size (default: any)")
     est.add_argument("--pp", type=int, default=None,
                      help="only layouts with this pipeline-parallel size (default: any)")
+    est.add_argument("--ep", type=int, default=None,
+                     help="only layouts with this expert-parallel size (default: any dividing dp x cp and "
+                          "the experts)")
     est.add_argument("--top", type=int, default=10, help="rows to print")
     est.add_argument("--json", action="store_true", help="print the rows as JSON")
     exp = sub.add_parser("export", help="a checkpoint as one safetensors directory (generate, transformers)",
@@ -440,13 +452,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _estimate_inputs(args: argparse.Namespace) -> tuple[costs.Model, costs.Cluster]:
     shape = {k: getattr(args, k) for k in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len")}
-    options = {k: getattr(args, k) for k in ("n_kv_head", "mlp", "d_ff") if getattr(args, k) is not None}
-    given = [k for k, v in shape.items() if v is not None] + list(options)
+    options = {k: getattr(args, k) for k in ("n_kv_head", "mlp", "d_ff", "n_experts", "moe_top_k",
+                                             "moe_every", "moe_d_ff", "n_shared_experts")
+               if getattr(args, k) is not None}
+    given = [k for k, v in shape.items() if v is not None and k != "seq_len"] + list(options)
     if args.preset and given:
         raise UsageError(f"lmkit estimate: give --preset or the model's shape, not both (got --preset and "
                          f"{', '.join('--' + k.replace('_', '-') for k in given)})")
     if args.preset:
         model = costs.PRESETS[args.preset]
+        if args.seq_len is not None:
+            model = dataclasses.replace(model, seq_len=args.seq_len).validate()
     elif all(v is not None for v in shape.values()):
         model = costs.Model(**shape, **options, name="custom").validate()
     else:
@@ -471,41 +487,25 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.precision == "fp32" and args.reduce_dtype != "fp32":
         raise UsageError("lmkit estimate: --reduce-dtype bf16 applies to --precision mixed (bf16 weights "
                          "with fp32 masters); drop it or use --precision mixed")
+    if args.ep is not None and args.ep > 1 and not model.n_experts:
+        raise UsageError(f"lmkit estimate: --ep {args.ep} splits experts, but the model has none; give "
+                         "--n-experts or a preset with experts")
+    if args.imbalance < 1:
+        raise UsageError(f"lmkit estimate: --imbalance is at least 1 (uniform routing), got {args.imbalance}")
     found = costs.search(model, args.global_batch, cluster, args.precision, args.efficiency,
-                         zero_stages=tuple(sorted(set(args.zero))), reduce=args.reduce_dtype)
+                         zero_stages=tuple(sorted(set(args.zero))), reduce=args.reduce_dtype,
+                         imbalance=args.imbalance, ep_sizes=None if args.ep is None else (args.ep,))
     found = [c for c in found if (args.tp is None or c.layout.tp == args.tp)
              and (args.pp is None or c.layout.pp == args.pp)]
     if not found:
-        raise costs.CostError(f"no layout with tp={args.tp} and pp={args.pp} fits; drop --tp/--pp to see "
-                              "the layouts that do")
-    flops = costs.flops_per_token(model)
-    rows = []
-    for c in found[:args.top]:
-        rows.append({"layout": c.layout.name, "gb_per_device": c.memory.total / costs.GB,
-                     "states_gb": c.memory.model_states / costs.GB,
-                     "activations_gb": c.memory.activations / costs.GB,
-                     "step_s": c.step_s, "compute_s": c.compute_s, "bubble_s": c.bubble_s,
-                     "comm_s": c.tp_s + c.pp_s + c.dp_exposed_s + c.cp_exposed_s,
-                     "tokens_per_s": c.tokens_per_s,
-                     "mfu": costs.mfu(c.tokens_per_s, flops, cluster.devices, cluster.peak_flops)})
+        raise costs.CostError(f"no layout with tp={args.tp}, pp={args.pp} and ep={args.ep} fits; drop "
+                              "--tp/--pp/--ep to see the layouts that do")
+    rows = costs.estimate_rows(found[:args.top], model, cluster, args.precision, args.imbalance)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{model.name or 'model'}: {costs.num_params(model) / 1e9:.2f}B parameters, {cluster.devices} x "
-          f"{cluster.name} ({cluster.device_memory_gb:g} GB, {cluster.peak_flops / 1e12:g} TFLOP/s), "
-          f"global batch {args.global_batch} x {model.seq_len} tokens, {args.precision} precision"
-          f"{f' ({args.reduce_dtype} gradients)' if args.precision == 'mixed' else ''}, "
-          f"compute at {args.efficiency:.0%} of peak; {len(found):,} layouts fit, the {len(rows)} fastest:")
-    header = ["layout", "GB/device", "states", "activ.", "step s", "compute", "bubble", "comm", "tokens/s",
-              "MFU"]
-    table = [[r["layout"], f"{r['gb_per_device']:.1f}", f"{r['states_gb']:.1f}", f"{r['activations_gb']:.1f}",
-              f"{r['step_s']:.2f}", f"{r['compute_s']:.2f}", f"{r['bubble_s']:.2f}", f"{r['comm_s']:.2f}",
-              f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}"] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *table, strict=True)]
-    for line in [header, ["-" * w for w in widths], *table]:
-        print("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
-                        for i, (x, w) in enumerate(zip(line, widths, strict=True))))
-    print(f"(flash attention; {costs.SELECTIVE_UNDER_FLASH}, so no layout lists it)")
+    print("\n".join(costs.estimate_lines(rows, model, cluster, args.global_batch, args.precision,
+                                         args.reduce_dtype, args.efficiency, len(found), args.imbalance)))
     return 0
 
 

@@ -766,3 +766,197 @@ def test_every_message_costs_a_latency_so_tiny_microbatches_are_not_free():
         best_m[scale] = next(c for c in found if c.layout.pp > 1).layout.microbatches
     assert best_m[0.0] == batch // 8  # without latency: one sequence per microbatch, 512 of them
     assert best_m[1.0] <= 128  # with it: a moderate count
+
+
+# --------------------------------------------------------------------------------- experts
+
+MOE_CONFIGS = {
+    "plain-top2": ModelConfig(n_layer=2, n_head=2, d_model=16, vocab_size=11, block_size=8, n_experts=4),
+    "swiglu-llama": model_preset("llama", n_layer=3, n_head=4, d_model=32, n_kv_head=2, vocab_size=40,
+                                 block_size=16, n_experts=8, moe_top_k=2),
+    "swiglu-shared-every2": ModelConfig(n_layer=4, n_head=2, d_model=16, vocab_size=11, block_size=8,
+                                        mlp="swiglu", n_experts=4, moe_top_k=1, moe_every=2, moe_d_ff=12,
+                                        n_shared_experts=2),
+    "rope-qknorm-untied-shared": model_preset("llama", n_layer=2, n_head=4, d_model=32, vocab_size=50,
+                                              block_size=8, qk_norm=True, n_experts=6, moe_top_k=3,
+                                              moe_d_ff=24, n_shared_experts=1, bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(MOE_CONFIGS))
+def test_experts_count_as_the_model_counts_itself(name):
+    """Parameters (total, non-embedding), every tensor in registration order, active parameters and
+    FLOPs per token (active) equal lmkit's GPT with experts (softmax and shared experts, moe_every=2)."""
+    from lmkit.experts import inactive_expert_parameters
+
+    cfg = MOE_CONFIGS[name]
+    with torch.device("meta"):
+        gpt = GPT(cfg)
+    model = costs.Model.from_config(cfg)
+    assert (model.n_experts, model.moe_top_k, model.moe_every, model.moe_d_ff, model.n_shared_experts) == (
+        cfg.n_experts, cfg.moe_top_k, cfg.moe_every, cfg.moe_d_ff, cfg.n_shared_experts)
+    assert costs.num_params(model) == gpt.num_params(non_embedding=False)
+    assert costs.num_params(model, non_embedding=True) == gpt.num_params(non_embedding=True)
+    table = [(p.name, p.shape) for p in costs.parameter_table(model)]
+    assert table == [(n, tuple(p.shape)) for n, p in gpt.named_parameters()]
+    assert costs.inactive_params(model) == inactive_expert_parameters(cfg) > 0
+    assert costs.active_params(model) == costs.num_params(model) - inactive_expert_parameters(cfg)
+    assert costs.flops_per_token(model) == gpt.flops_per_token()
+    assert costs.flops_per_token(model, training=False) == gpt.flops_per_token(training=False)
+
+
+def test_the_expert_presets_have_their_published_sizes():
+    """Mixtral 8x7B: 46.7B parameters, 12.9B active (Jiang et al. 2024). The DeepSeek-V3-like shape:
+    671B and 37B (DeepSeek-AI 2024). Its two roundings (see the preset: multi-head attention for MLA,
+    +1.1B; the 3 dense blocks left out, -1.7B) are each under 0.3% of the total and up to 4.7% of the
+    active count, in opposite directions: together they leave it within 1% of both figures."""
+    mixtral, ds = costs.PRESETS["mixtral-8x7b"], costs.PRESETS["deepseek-v3-like"]
+    assert costs.num_params(mixtral) == pytest.approx(46.7e9, rel=0.01)
+    assert costs.active_params(mixtral) == pytest.approx(12.9e9, rel=0.01)
+    assert costs.num_params(ds) == pytest.approx(671e9, rel=0.01)
+    assert costs.active_params(ds) == pytest.approx(37e9, rel=0.01)
+    # each equals lmkit's GPT with the same options
+    cfg = model_preset("llama", n_layer=mixtral.n_layer, d_model=mixtral.d_model, n_head=mixtral.n_head,
+                       n_kv_head=8, d_ff=14336, vocab_size=32000, block_size=mixtral.seq_len, n_experts=8,
+                       moe_top_k=2)
+    assert costs.Model.from_config(cfg, name=mixtral.name) == mixtral
+    # FLOPs follow the active parameters: about 12.9 / 46.7 of a dense model of the same size
+    assert costs.flops_per_token(mixtral) < 0.3 * 6 * costs.num_params(mixtral)
+
+
+def test_all_to_all_bytes_follow_the_spec():
+    """counts (ep-1)(E/ep) 8; dispatch = combine = 2 N k d b (ep-1)/ep phi; total = counts + 4 N k d b
+    (ep-1)/ep phi; nothing with ep = 1."""
+    model = costs.PRESETS["mixtral-8x7b"]
+    N, k, d = 4096, 2, 4096
+    out = costs.all_to_all_bytes(model, costs.Layout(dp=8, ep=8), N, dtype_bytes=2)
+    assert out["counts"] == 7 * 1 * 8
+    assert out["dispatch"] == out["combine"] == 2 * N * k * d * 2 * 7 / 8
+    assert out["total"] == out["counts"] + 4 * N * k * d * 2 * 7 / 8
+    skewed = costs.all_to_all_bytes(model, costs.Layout(dp=8, ep=4), N, imbalance=1.25, dtype_bytes=4)
+    assert skewed["counts"] == 3 * 2 * 8
+    assert skewed["dispatch"] == pytest.approx(2 * N * k * d * 4 * 3 / 4 * 1.25)
+    assert costs.all_to_all_bytes(model, costs.Layout(dp=8), N)["total"] == 0
+    with pytest.raises(costs.CostError, match="need experts"):
+        costs.all_to_all_bytes(costs.PRESETS["llama2-7b"], costs.Layout(), N)
+
+
+def test_communication_sends_the_all_to_alls_of_every_moe_layer_and_microbatch():
+    model = costs.Model(4, 64, 4, 128, 32, n_experts=8, moe_top_k=2, moe_every=2, bias=False)
+    layout = costs.Layout(dp=4, cp=2, tp=2, sequence_parallel=True, ep=4, zero=1, microbatches=2)
+    terms = costs.communication(model, layout, 16, "mixed", imbalance=1.5)
+    b, n_tokens = 16 // (4 * 2), 32 // 2 // 2  # sequences per microbatch; tokens per sequence on a rank
+    per_layer = costs.all_to_all_bytes(model, layout, b * n_tokens, 1.5, 2)
+    ep = [t for t in terms if t.group == "ep"]
+    assert sum(t.wire_bytes for t in ep) == pytest.approx(2 * 2 * per_layer["total"])  # 2 MoE blocks x m=2
+    assert {t.group_size for t in ep} == {4}
+    router = [t for t in terms if t.group == "router"]
+    assert router[0].calls == 4 and router[0].group_size == 4 * 2 * 2  # dp x cp x tp under SP
+    assert router[0].bytes == 4 * 2 * 8 * 4  # 2 E fp32 per call
+    edp = [t for t in terms if t.group == "edp"]
+    assert {t.kind for t in edp} == {"reduce_scatter", "all_gather"} and {t.group_size for t in edp} == {2}
+    experts = costs.memory(model, layout, 16, "mixed").expert_numel
+    assert experts == 2 * 2 * 2 * 64 * 256  # 2 MoE blocks x E/ep = 2 experts x (fc + proj) of 64 x 256
+    partial = [t for t in terms if t.group == "tp" and "partial over tp" in t.what]
+    assert partial[0].bytes == 4 * experts
+    # a dense model sends none of it
+    dense = costs.communication(dataclasses.replace(model, n_experts=0), dataclasses.replace(layout, ep=1),
+                                16, "mixed")
+    assert not [t for t in dense if t.group in ("ep", "edp", "router")]
+
+
+def test_expert_parallelism_divides_the_expert_weights_and_zero_shards_them_over_edp():
+    """fp32, ZeRO-1, dp 4: E / ep experts per rank; the optimizer state of the experts is sharded over
+    dp x cp / ep, so a rank holds E / (dp cp) experts' moments whatever ep is."""
+    model = costs.Model(2, 16, 2, 32, 8, n_experts=4, bias=False)  # expert: 2 x 64 x 16 = 2048
+    mems = {ep: costs.memory(model, costs.Layout(dp=4, zero=1, ep=ep), 8, "fp32") for ep in (1, 2, 4)}
+    for ep, mem in mems.items():
+        assert mem.expert_numel == 2 * 4 // ep * 2048  # 2 MoE blocks
+    assert mems[1].params - mems[2].params == 4 * 2 * 2 * 2048  # 2 experts fewer per block, 4 bytes
+    assert mems[2].params - mems[4].params == 4 * 2 * 1 * 2048
+    assert mems[1].optimizer == mems[2].optimizer == mems[4].optimizer  # 8 bytes x 2 experts per rank
+    # without ZeRO every rank keeps the moments of its E / ep experts: halved by ep = 2
+    unsharded = {ep: costs.memory(model, costs.Layout(dp=4, ep=ep), 8, "fp32").optimizer for ep in (1, 2)}
+    assert unsharded[1] - unsharded[2] == 8 * 2 * 2 * 2048
+
+
+@pytest.mark.parametrize("layout, message", [
+    (costs.Layout(dp=4, ep=3), "ep=3 does not divide dp x cp = 4"),
+    (costs.Layout(dp=6, ep=3), "ep=3 does not divide n_experts=8"),
+    (costs.Layout(dp=2, tp=2, ep=2), "experts with tp=2 need sequence parallelism"),
+    (costs.Layout(dp=2, ep=2, zero=3), "ep=2 with zero=3"),
+])
+def test_expert_layouts_that_cannot_exist_are_refused_in_one_line(layout, message):
+    model = costs.Model(4, 64, 4, 128, 32, n_experts=8, bias=False)
+    with pytest.raises(costs.CostError, match=message) as error:
+        costs.memory(model, layout, 24)
+    assert "\n" not in str(error.value)
+    with pytest.raises(costs.CostError, match="ep=2 splits experts, but the model has none"):
+        costs.memory(dataclasses.replace(model, n_experts=0), costs.Layout(dp=2, ep=2), 8)
+
+
+def test_an_ep_group_beyond_a_node_sends_its_all_to_alls_over_infiniband():
+    model = costs.Model(8, 1024, 16, 32000, 2048, n_experts=32, moe_top_k=2, mlp="swiglu", bias=False)
+    cluster = costs.Cluster(32, 80, 989e12)
+    times = {ep: costs.step_time(model, costs.Layout(dp=32, ep=ep, zero=1), 64, cluster).ep_s
+             for ep in (4, 8, 16)}
+    # inside a node (ep <= 8): NVLink; 16 ranks span two nodes, at 50 instead of 450 GB/s
+    assert times[16] > 5 * times[8] and times[8] < 1.2 * times[4] * (7 / 8) / (3 / 4) + 1e-3
+
+
+def test_search_ranks_every_expert_parallel_size_of_mixtral():
+    cluster = costs.Cluster(64, 80, 989e12)
+    found = costs.search(costs.PRESETS["mixtral-8x7b"], 256, cluster, zero_stages=(1,))
+    eps = {c.layout.ep for c in found}
+    assert eps - {1} and all(8 % ep == 0 and (c.layout.dp * c.layout.cp) % c.layout.ep == 0
+                             for c in found for ep in [c.layout.ep])
+    assert all(c.layout.sequence_parallel for c in found if c.layout.tp > 1)
+    assert all(c.memory.total <= 80 * GB for c in found)
+    only = costs.search(costs.PRESETS["mixtral-8x7b"], 256, cluster, zero_stages=(1,), ep_sizes=(8,))
+    assert {c.layout.ep for c in only} == {8}
+
+
+def test_calculate_reports_the_experts():
+    inputs = {"preset": "mixtral-8x7b", "dp": 8, "tp": 8, "ep": 8, "sequence_parallel": True, "zero": 1,
+              "microbatches": 4, "global_batch": 32, "precision": "mixed"}
+    out = costs.calculate(inputs)
+    assert out["error"] is None, out["error"]
+    mixtral = costs.PRESETS["mixtral-8x7b"]
+    assert out["active_params"] == costs.active_params(mixtral)
+    assert out["expert_params_per_rank"] == 32 * 3 * 14336 * 4096  # 1 expert of each of 32 blocks
+    tokens = 32 // (8 * 4) * 4096 // 8
+    assert out["all_to_all_per_layer"] == costs.all_to_all_bytes(
+        mixtral, costs.Layout(dp=8, ep=8), tokens)["total"]
+    assert out["communication"]["ep"] > 0 and out["layout"].startswith("dp8 zero1 (ep8) x tp8 sp")
+    dense = costs.calculate({"preset": "llama2-7b", "dp": 2, "global_batch": 2})
+    assert dense["communication"]["ep"] == dense["all_to_all_per_layer"] == 0
+    assert dense["expert_params_per_rank"] == 0
+    assert costs.calculate({**inputs, "ep": 3})["error"].startswith("ep=3 does not divide")
+
+
+def test_estimate_reports_the_experts(capsys):
+    args = ["estimate", "--preset", "mixtral-8x7b", "--devices", "64", "--global-batch", "512", "--zero",
+            "1", "--top", "5"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Mixtral 8x7B: 46.70B parameters, 64 x h100")
+    assert lines[1].split()[-2:] == ["experts/rank", "all-to-all"]
+    assert lines[-3].startswith("(experts: 8 of width 14336, top-2, in 32 of 32 blocks: 12.88B active")
+    assert main([*args, "--ep", "4", "--imbalance", "1.5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    mixtral = costs.PRESETS["mixtral-8x7b"]
+    for row in rows:
+        assert row["ep"] == 4 and " (ep4)" in row["layout"]
+        assert row["expert_params_per_rank"] % (2 * 3 * 14336 * 4096) == 0  # 8 / 4 experts per block
+    found = costs.search(mixtral, 512, costs.Cluster(64, 80, 989e12, name="h100"), zero_stages=(1,),
+                         imbalance=1.5, ep_sizes=(4,))
+    best = found[0]
+    assert rows[0]["all_to_all_bytes"] == costs.all_to_all_bytes(
+        mixtral, best.layout, costs.routed_tokens(mixtral, best), 1.5)["total"]
+    shape = ["--n-layer", "4", "--d-model", "64", "--n-head", "4", "--vocab-size", "64", "--seq-len", "32",
+             "--n-experts", "4", "--moe-top-k", "1", "--moe-every", "2"]
+    assert main(["estimate", *shape, "--devices", "4", "--global-batch", "8", "--top", "1000", "--json"]) == 0
+    assert {r["ep"] for r in json.loads(capsys.readouterr().out)} >= {1, 2}
+    dense = ["estimate", "--preset", "llama2-7b", "--devices", "8", "--global-batch", "8", "--ep", "2"]
+    assert main(dense) == 2
+    assert "--ep 2 splits experts, but the model has none" in capsys.readouterr().err

@@ -655,11 +655,11 @@ CALCULATOR_PAGE = "chapters/05_parallelism_theory"
 # Every input of the calculator (book/_ext/calculator.py), in the order a reader sets them: the
 # schedule first, because choosing one adjusts the virtual stages; the gradients' dtype ("reduce")
 # after the precision, because only mixed precision shows it (and sends it).
-CALCULATOR_FIELDS = ("schedule", "dp", "cp", "tp", "pp", "zero", "sequence_parallel", "recompute",
+CALCULATOR_FIELDS = ("schedule", "dp", "cp", "tp", "pp", "ep", "zero", "sequence_parallel", "recompute",
                      "microbatches", "virtual_stages", "global_batch", "precision", "reduce",
-                     "device_memory_gb")
-MODEL_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len", "mlp",
-                "tie_embeddings")
+                     "device_memory_gb", "imbalance")
+MODEL_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len", "n_experts",
+                "moe_top_k", "moe_every", "moe_d_ff", "n_shared_experts", "mlp", "tie_embeddings")
 # The page's "network" select sets three fields of the model at once.
 NETWORKS = {"gpt2": {"pos": "learned", "norm": "layer", "bias": True},
             "llama": {"pos": "rope", "norm": "rms", "bias": False}}
@@ -667,14 +667,17 @@ NETWORKS = {"gpt2": {"pos": "learned", "norm": "layer", "bias": True},
 
 def _typed(network: str, **fields) -> dict:
     """A model typed into the form: every field the page sends for a custom model."""
-    return {"n_kv_head": 0, "d_ff": 0, "mlp": "plain", "tie_embeddings": True, **fields, **NETWORKS[network]}
+    return {"n_kv_head": 0, "d_ff": 0, "mlp": "plain", "tie_embeddings": True, "n_experts": 0,
+            "moe_top_k": 2, "moe_every": 1, "moe_d_ff": 0, "n_shared_experts": 0, **fields,
+            **NETWORKS[network]}
 
 
 def _inputs(model: str | dict, **layout) -> dict:
     """Every field the calculator sends: a preset name or a typed model, and the layout."""
-    base = {"dp": 1, "cp": 1, "tp": 1, "pp": 1, "zero": 0, "sequence_parallel": False, "recompute": "none",
-            "microbatches": 1, "schedule": "1f1b", "virtual_stages": 1, "global_batch": 8,
-            "precision": "mixed", "reduce": "fp32", "device_memory_gb": 80}
+    base = {"dp": 1, "cp": 1, "tp": 1, "pp": 1, "ep": 1, "zero": 0, "sequence_parallel": False,
+            "recompute": "none", "microbatches": 1, "schedule": "1f1b", "virtual_stages": 1,
+            "global_batch": 8,
+            "precision": "mixed", "reduce": "fp32", "device_memory_gb": 80, "imbalance": 1}
     inputs = {("model" if isinstance(model, dict) else "preset"): model, **base, **layout}
     if inputs["precision"] != "mixed":  # the page hides the gradients' dtype and sends none
         del inputs["reduce"]
@@ -700,6 +703,16 @@ CALCULATOR_CASES = {
                                                     tie_embeddings=False),
                                              dp=2, cp=2, tp=4, pp=2, zero=1, sequence_parallel=True,
                                              microbatches=2, global_batch=4),
+    # Mixtral 8x7B: one expert per rank (ep8 inside dp8), whole experts under tp2 with sequence parallelism
+    "mixtral ep8 dp8 tp2 zero1 imbalance 1.2": _inputs("mixtral-8x7b", dp=8, tp=2, ep=8, zero=1,
+                                                       sequence_parallel=True, microbatches=4,
+                                                       global_batch=64, imbalance=1.2),
+    # a typed model with experts every second block and a shared expert, ep2 inside dp2 x cp2
+    "custom experts every 2 shared cp2 ep2": _inputs(_typed("llama", n_layer=8, d_model=1024, n_head=16,
+                                                            vocab_size=32000, seq_len=8192, mlp="swiglu",
+                                                            n_experts=16, moe_top_k=2, moe_every=2,
+                                                            moe_d_ff=1024, n_shared_experts=1),
+                                                     dp=2, cp=2, ep=2, zero=2, global_batch=4),
     "custom model gpipe fp32": _inputs(_typed("gpt2", n_layer=24, d_model=2048, n_head=16, vocab_size=50304,
                                               seq_len=4096), dp=4, tp=2, pp=2, zero=2, recompute="full",
                                        microbatches=8, schedule="gpipe", global_batch=64, precision="fp32",
@@ -713,8 +726,10 @@ def _shown(key: str, value) -> str:
     """What the page must display for an output (the formatting of lmkit-calculator.mjs's glue)."""
     if key.startswith(("memory-", "communication-")) or key in ("device-memory", "kv-cache-per-token"):
         return costs.format_bytes(value)
-    if key == "num-params":
+    if key in ("num-params", "active-params", "expert-params-per-rank"):
         return f"{value / 1e9:.3f} B"
+    if key == "all-to-all-per-layer":
+        return costs.format_bytes(value)
     if key == "bubble":
         return f"{100 * value:.2f} %"
     if key == "fits":
@@ -725,6 +740,9 @@ def _shown(key: str, value) -> str:
 def _expected_outputs(result: dict) -> dict:
     """``data-output`` key -> value, as the page lays out `costs.calculate`'s result."""
     out = {"model": result["model"], "num-params": result["num_params"],
+           "active-params": result["active_params"],
+           "expert-params-per-rank": result["expert_params_per_rank"],
+           "all-to-all-per-layer": result["all_to_all_per_layer"],
            "kv-cache-per-token": result["kv_cache_per_token"], "layout": result["layout"],
            "stage": result["stage"], "device-memory": result["device_memory"], "fits": result["fits"],
            "bubble": result["bubble"], "notes": result["notes"]}
@@ -852,6 +870,11 @@ def test_calculator_covers_pipelines_and_a_typed_model():
     # both gradient dtypes of mixed precision, fp32 training, and selective recomputation's note
     assert {c.get("reduce") for c in cases} == {"fp32", "bf16", None}
     assert all(("reduce" in c) == (c["precision"] == "mixed") for c in cases)
+    # experts: a preset and a typed model, expert parallelism inside dp and inside dp x cp, all-to-all bytes
+    results = [costs.calculate(dict(c)) for c in cases if c["ep"] > 1]
+    assert len(results) >= 2
+    assert all(r["communication"]["ep"] > 0 < r["all_to_all_per_layer"] for r in results)
+    assert any(c["ep"] > 1 and c["cp"] > 1 and "model" in c for c in cases)
     notes = {costs.calculate(dict(c))["notes"] for c in cases}
     assert notes == {"", costs.SELECTIVE_UNDER_FLASH}
 

@@ -31,7 +31,12 @@ SCRIPT, STYLE = "lmkit-calculator.mjs", "lmkit-calculator.css"
 MODEL_INPUTS = [("n-layer", "layers", 32, 1), ("d-model", "width d", 4096, 1), ("n-head", "heads", 32, 1),
                 ("n-kv-head", "key/value heads (0: as many as heads)", 8, 0),
                 ("d-ff", "MLP width d_ff (0: the default)", 14336, 0),
-                ("vocab-size", "vocabulary", 128256, 1), ("seq-len", "sequence length", 8192, 1)]
+                ("vocab-size", "vocabulary", 128256, 1), ("seq-len", "sequence length", 8192, 1),
+                ("n-experts", "routed experts (0: a dense MLP)", 0, 0),
+                ("moe-top-k", "experts per token k", 2, 1),
+                ("moe-every", "experts in every k-th block", 1, 1),
+                ("moe-d-ff", "expert width (0: the MLP's)", 0, 0),
+                ("n-shared-experts", "shared experts", 0, 0)]
 # The model's options that are not numbers: the MLP kind, and the network, which sets positions, norm
 # and biases together (GPT-2: learned, LayerNorm, biases; Llama: rotary, RMSNorm, none).
 MODEL_SELECTS = {
@@ -44,6 +49,8 @@ LAYOUT_INPUTS = [("dp", "data parallel dp", 2, 1), ("cp", "context parallel cp",
 BATCH_INPUTS = [("microbatches", "microbatches m", 1, 1), ("virtual-stages", "virtual stages v", 1, 1),
                 ("global-batch", "global batch (sequences)", 16, 1)]
 SELECTS = {
+    # expert parallelism: ep ranks carved out of dp x cp (dividing it and the experts)
+    "ep": ("expert parallel ep", [(str(e), str(e)) for e in (1, 2, 4, 8, 16, 32, 64)], "1"),
     "zero": ("ZeRO stage", [("0", "0: replicated"), ("1", "1: optimizer sharded"),
                             ("2", "2: + gradients"), ("3", "3: + parameters")], "1"),
     # flash attention (which the calculator assumes) never stores the scores selective recomputation drops
@@ -61,6 +68,8 @@ SELECTS = {
 }
 OUTPUTS = {  # section -> (data-output key, label)
     "model": [("model", "model"), ("num-params", "parameters"),
+              ("active-params", "active parameters (per token)"),
+              ("expert-params-per-rank", "expert parameters per rank"),
               ("kv-cache-per-token", "KV cache per token (bf16)"), ("layout", "layout"),
               ("stage", "worst pipeline stage")],
     "memory per rank": [("memory-params", "parameters"), ("memory-grads", "gradients"),
@@ -69,7 +78,9 @@ OUTPUTS = {  # section -> (data-output key, label)
     "sent per rank per step": [("communication-dp", "data parallel (gradients over dp x cp)"),
                                ("communication-cp", "context parallel (ring attention)"),
                                ("communication-tp", "tensor parallel"), ("communication-pp", "pipeline"),
+                               ("communication-ep", "expert parallel (all-to-all, router counts)"),
                                ("communication-total", "total")],
+    "experts": [("all-to-all-per-layer", "all-to-all per MoE layer and microbatch")],
     "pipeline": [("bubble", "bubble (idle fraction)")],
     "notes": [("notes", "notes")],
 }
@@ -98,13 +109,15 @@ def markup(preset: str) -> str:
     model += "".join(_select(key, *row) for key, row in MODEL_SELECTS.items())
     model += ('<label for="calc-tie-embeddings">output layer tied to the embedding</label>'
               '<input id="calc-tie-embeddings" type="checkbox" disabled>')
-    layout = "".join(_number(*row) for row in LAYOUT_INPUTS) + _select("zero", *SELECTS["zero"])
+    layout = "".join(_number(*row) for row in LAYOUT_INPUTS) + _select("ep", *SELECTS["ep"])
+    layout += _select("zero", *SELECTS["zero"])
     layout += ('<label for="calc-sequence-parallel">sequence parallel</label>'
                '<input id="calc-sequence-parallel" type="checkbox" checked disabled>')
     layout += _select("recompute", *SELECTS["recompute"])
     batch = _select("schedule", *SELECTS["schedule"]) + "".join(_number(*row) for row in BATCH_INPUTS)
     device = (_select("precision", *SELECTS["precision"]) + _select("reduce", *SELECTS["reduce"])
-              + _number("device-memory-gb", "device memory (GB)", 80, 1, step="any"))
+              + _number("device-memory-gb", "device memory (GB)", 80, 1, step="any")
+              + _number("imbalance", "all-to-all load imbalance (1: uniform)", 1, 1, step="any"))
     results = "".join(
         f'<tr><th colspan="2">{html.escape(section)}</th></tr>'
         + "".join(f'<tr><td>{html.escape(label)}</td><td id="calc-out-{key}" data-output="{key}"></td></tr>'

@@ -1,7 +1,8 @@
 """What a training layout costs, on paper: parameters, FLOPs, memory, communication, bubble, step time.
 
 An analytical model of lmkit's GPT, every option of its network included (grouped-query attention,
-SwiGLU, untied head, rotary positions, RMSNorm, QK-norm), under a ``dp x cp x tp x pp`` layout, in
+SwiGLU, untied head, rotary positions, RMSNorm, QK-norm, experts), under a ``dp x cp x tp x pp``
+layout (experts: ``ep`` inside ``dp x cp``), in
 pure Python (no module of this package imports torch), so that the same files run in the tests, in
 ``lmkit estimate``, in the trainer's MFU and in the browser (chapter 5's calculator loads this folder
 into Pyodide).
@@ -14,7 +15,8 @@ Units: bytes, FLOPs, seconds; "GB" is 1e9.
 - `per_rank`: what one rank holds and sends: memory, communication, context parallelism;
 - `bubble`: how long a pipeline schedule leaves every rank idle in a step;
 - `search`: devices, the estimated step time and the ranking of every layout that fits;
-- `calculator`: `calculate`, the calculator's JSON-in, JSON-out entry point.
+- `calculator`: `calculate`, the calculator's JSON-in, JSON-out entry point;
+- `report`: ``lmkit estimate``'s rows and printed table.
 
 The cost model is one namespace: chapter 5, ``lmkit estimate`` and the calculator call
 ``costs.memory(...)``, ``costs.search(...)``, ``costs.calculate(...)``, so the names below are this
@@ -38,7 +40,10 @@ from lmkit.costs.layout import (
     Layout,
     Model,
     Param,
+    active_params,
+    expert_buckets,
     flops_per_token,
+    inactive_params,
     kv_cache_bytes,
     layer_split,
     lookup_peak_flops,
@@ -46,6 +51,7 @@ from lmkit.costs.layout import (
     muon_tensors,
     num_params,
     parameter_table,
+    stage_experts,
     stage_params,
     state_bytes,
     swiglu_width,
@@ -59,6 +65,7 @@ from lmkit.costs.per_rank import (
     CommTerm,
     Memory,
     activation_bytes_per_layer,
+    all_to_all_bytes,
     communication,
     cp_attention_memory,
     cp_attention_work,
@@ -68,8 +75,10 @@ from lmkit.costs.per_rank import (
     memory,
     model_activation_options,
     model_states,
+    moe_activation_bytes,
     wire_bytes,
 )
+from lmkit.costs.report import estimate_lines, estimate_rows, routed_tokens
 from lmkit.costs.search import DEVICES, Candidate, Cluster, search, step_time
 
 __all__ = [
@@ -84,4 +93,6 @@ __all__ = [
     "SELECTIVE_UNDER_FLASH",
     "CP_LAYOUTS", "RING_BACKWARD_COMPUTE", "cp_attention_work", "cp_attention_memory", "cp_communication",
     "cp_ring_step",
+    "active_params", "inactive_params", "stage_experts", "expert_buckets", "all_to_all_bytes",
+    "moe_activation_bytes", "estimate_rows", "estimate_lines", "routed_tokens",
 ]

@@ -10,8 +10,17 @@ import dataclasses
 from typing import Any
 
 from lmkit.costs.bubble import bubble_fraction
-from lmkit.costs.layout import GB, PRESETS, CostError, Layout, Model, kv_cache_bytes, num_params
-from lmkit.costs.per_rank import communication, memory
+from lmkit.costs.layout import (
+    GB,
+    PRESETS,
+    CostError,
+    Layout,
+    Model,
+    active_params,
+    kv_cache_bytes,
+    num_params,
+)
+from lmkit.costs.per_rank import all_to_all_bytes, communication, memory
 
 __all__ = ["calculate", "format_bytes", "model_of", "SELECTIVE_UNDER_FLASH"]
 
@@ -47,12 +56,17 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
     """The calculator's one entry point (JSON in, JSON out): the page and the tests call it alike.
 
     `inputs`: ``preset`` (a key of `PRESETS`) or ``model`` (the fields of `Model`: the shape and the
-    options, ``n_kv_head``, ``mlp``, ``d_ff``, ``tie_embeddings`` ...; `model_of`), the fields of
-    `Layout` (``cp`` included), ``global_batch``, ``precision``, ``reduce`` (the gradients' dtype
-    under mixed precision: ``"fp32"``, the default, or ``"bf16"``) and ``device_memory_gb``. Returns
-    memory per rank of the worst stage (bytes), whether it fits, bytes each rank sends per step by
-    group (``dp``: the gradients' dp x cp group; ``cp``: ring attention's K/V and dK/dV blocks;
-    ``total``), the bubble, the parameter count, the KV cache of one token of one sequence in
+    options, ``n_kv_head``, ``mlp``, ``d_ff``, ``tie_embeddings``, the experts' ``n_experts`` ...;
+    `model_of`), the fields of `Layout` (``cp`` and ``ep`` included), ``global_batch``,
+    ``precision``, ``reduce`` (the gradients' dtype under mixed precision: ``"fp32"``, the default,
+    or ``"bf16"``), ``imbalance`` (the all-to-alls' load-imbalance factor, default 1) and
+    ``device_memory_gb``. Returns memory per rank of the worst stage (bytes), whether it fits, bytes
+    each rank sends per step by group (``dp``: the gradients' dp x cp group and the experts'
+    dp x cp / ep; ``cp``: ring attention's K/V and dK/dV blocks; ``ep``: the experts' all-to-alls and
+    the router's counts; ``total``), the bubble, the parameter count, the active parameters (what a
+    token uses: all of a dense model's), the expert parameters one rank holds, the bytes a rank sends
+    in the all-to-alls of one MoE layer and microbatch (`all_to_all_bytes`; 0 without experts or
+    with ep = 1), the KV cache of one token of one sequence in
     bf16 (`kv_cache_bytes`: what decoding keeps) and ``notes`` (one line, "" when there is nothing to
     say: e.g. that selective recomputation has no effect with flash attention, which the calculator
     assumes); or ``{"error": "<one line>"}``.
@@ -65,7 +79,7 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
         else:
             model = model_of(inputs.get("model") or {})
         values = {k: inputs[k] for k in _LAYOUT_FIELDS if k in inputs}
-        for k in ("dp", "tp", "pp", "cp", "zero", "microbatches", "virtual_stages"):
+        for k in ("dp", "tp", "pp", "cp", "ep", "zero", "microbatches", "virtual_stages"):
             if k in values:
                 values[k] = int(values[k])
         if "sequence_parallel" in values:
@@ -75,13 +89,23 @@ def calculate(inputs: dict[str, Any]) -> dict[str, Any]:
         precision = inputs.get("precision", "mixed")
         reduce = inputs.get("reduce", "fp32")
         device_gb = float(inputs.get("device_memory_gb", 80))
+        imbalance = float(inputs.get("imbalance", 1.0))
         mem = memory(model, layout, global_batch, precision, reduce=reduce)
-        sent: dict[str, float] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0}
-        for term in communication(model, layout, global_batch, precision, mem.stage, reduce=reduce):
-            sent["pp" if term.group == "embedding" else term.group] += term.wire_bytes
-        sent["total"] = sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"]
+        sent: dict[str, float] = {"dp": 0.0, "tp": 0.0, "pp": 0.0, "cp": 0.0, "ep": 0.0}
+        group = {"embedding": "pp", "edp": "dp", "router": "ep"}
+        for term in communication(model, layout, global_batch, precision, mem.stage, reduce=reduce,
+                                  imbalance=imbalance):
+            sent[group.get(term.group, term.group)] += term.wire_bytes
+        sent["total"] = sent["dp"] + sent["tp"] + sent["pp"] + sent["cp"] + sent["ep"]
         bubble = bubble_fraction(layout.pp, layout.microbatches, layout.virtual_stages, layout.schedule)
+        a2a = 0.0
+        if model.n_experts:
+            tokens = global_batch // (layout.dp * layout.microbatches) * model.seq_len // layout.cp
+            tokens //= layout.tp if layout.sequence_parallel else 1
+            a2a = all_to_all_bytes(model, layout, tokens, imbalance, 4 if precision == "fp32" else 2)["total"]
         return {"model": model.name or "custom", "num_params": num_params(model),
+                "active_params": active_params(model), "expert_params_per_rank": mem.expert_numel,
+                "all_to_all_per_layer": a2a,
                 "kv_cache_per_token": kv_cache_bytes(model, length=1), "layout": layout.name,
                 "stage": mem.stage, "memory": mem.as_dict(), "device_memory": device_gb * GB,
                 "fits": mem.total <= device_gb * GB, "communication": sent, "bubble": bubble,

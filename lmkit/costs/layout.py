@@ -22,7 +22,8 @@ __all__ = [
     "swiglu_width", "Model", "PRESETS", "layer_split", "Param", "parameter_table", "num_params",
     "flops_per_token", "kv_cache_bytes", "mfu", "PEAK_FLOPS", "lookup_peak_flops", "Layout", "tp_choices",
     "stage_chunks", "stage_params", "stage_counts", "zero_buckets", "padded_numel", "muon_tensors",
-    "REDUCE_DTYPES", "BUCKET_CAP_BYTES", "state_bytes", "muon_buckets",
+    "REDUCE_DTYPES", "BUCKET_CAP_BYTES", "state_bytes", "muon_buckets", "active_params", "inactive_params",
+    "stage_experts", "expert_buckets",
 ]
 
 GB = 1e9
@@ -87,6 +88,13 @@ class Model:
     (0 = 4 d_model plain, `swiglu_width` gated), ``tie_embeddings``, ``pos`` (``"rope"``: no position
     table), ``norm`` (``"rms"``: weight only), ``qk_norm`` (a head_dim gain for q and one for k) and
     ``bias``. `from_config` reads them off a ModelConfig; ``PRESETS`` holds published models.
+
+    Experts (`lmkit.experts.MoE`, chapter 5 "Experts"), with ModelConfig's names and defaults:
+    ``n_experts`` routed experts (0 = dense) in every ``moe_every``-th block (blocks ``i`` with
+    ``(i + 1) % moe_every == 0``), each token sent to ``moe_top_k`` of them; an expert is an MLP of the
+    model's kind of hidden width ``moe_d_ff`` (0 = the dense MLP's `ffn_width`) *without biases*; the
+    router is ``Linear(d, E)`` without bias; ``n_shared_experts`` shared experts are one dense MLP of
+    width ``n_shared_experts x expert_width`` (with the model's bias setting) every token passes.
     """
 
     n_layer: int
@@ -104,6 +112,11 @@ class Model:
     pos: str = "learned"
     norm: str = "layer"
     qk_norm: bool = False
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_d_ff: int = 0
+    n_shared_experts: int = 0
 
     @classmethod
     def from_config(cls, config: Any, name: str = "") -> Model:
@@ -115,7 +128,10 @@ class Model:
                    dropout=float(get("dropout", 0.0)) > 0, name=name, n_kv_head=int(get("n_kv_head", 0)),
                    mlp=get("mlp", "plain"), d_ff=int(get("d_ff", 0)),
                    tie_embeddings=bool(get("tie_embeddings", True)), pos=get("pos", "learned"),
-                   norm=get("norm", "layer"), qk_norm=bool(get("qk_norm", False))).validate()
+                   norm=get("norm", "layer"), qk_norm=bool(get("qk_norm", False)),
+                   n_experts=int(get("n_experts", 0)), moe_top_k=int(get("moe_top_k", 2)),
+                   moe_every=int(get("moe_every", 1)), moe_d_ff=int(get("moe_d_ff", 0)),
+                   n_shared_experts=int(get("n_shared_experts", 0))).validate()
 
     @property
     def head_dim(self) -> int:
@@ -138,12 +154,31 @@ class Model:
             return self.d_ff
         return swiglu_width(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
 
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of one expert: `moe_d_ff`, or the dense MLP's (`ffn_width`)."""
+        return self.moe_d_ff or self.ffn_width
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether block `i` holds experts (= `lmkit.config.ModelConfig.is_moe_block`)."""
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_blocks(self) -> int:
+        """How many blocks hold experts."""
+        return sum(self.is_moe_block(i) for i in range(self.n_layer))
+
+    @property
+    def expert_numel(self) -> int:
+        """Parameters of one expert: ``3 d w`` gated (fused ``[gate | up]`` and ``proj``), ``2 d w`` plain."""
+        return (3 if self.mlp == "swiglu" else 2) * self.expert_width * self.d_model
+
     def validate(self) -> Model:
         for f in ("n_layer", "d_model", "n_head", "vocab_size", "seq_len"):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CostError(f"model {f} must be a positive integer, got {value!r}")
-        for f in ("n_kv_head", "d_ff"):
+        for f in ("n_kv_head", "d_ff", "n_experts", "moe_d_ff", "n_shared_experts"):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise CostError(f"model {f} must be an integer >= 0 (0 = the default), got {value!r}")
@@ -157,6 +192,13 @@ class Model:
             raise CostError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head} (each "
                             f"key/value head serves n_head / n_kv_head query heads); choose n_kv_head among "
                             f"{', '.join(map(str, _divisors(self.n_head)))}")
+        if self.n_experts:
+            if not isinstance(self.moe_top_k, int) or not 1 <= self.moe_top_k <= self.n_experts:
+                raise CostError(f"model moe_top_k={self.moe_top_k!r} must be in [1, n_experts="
+                                f"{self.n_experts}]")
+            if not isinstance(self.moe_every, int) or not 1 <= self.moe_every <= self.n_layer:
+                raise CostError(f"model moe_every={self.moe_every!r} must be in [1, n_layer={self.n_layer}] "
+                                "(some block must hold experts)")
         if self.pos == "rope" and self.head_dim % 2:
             raise CostError(f"pos='rope' turns pairs of a head's features: head_dim = d_model / n_head = "
                             f"{self.head_dim} must be even; change d_model or n_head")
@@ -180,6 +222,20 @@ PRESETS: dict[str, Model] = {
     "llama3-8b": Model(32, 4096, 32, 128256, 8192, name="Llama 3 8B", n_kv_head=8, d_ff=14336, **_LLAMA),
     "llama3-70b": Model(80, 8192, 64, 128256, 8192, name="Llama 3 70B", n_kv_head=8, d_ff=28672, **_LLAMA),
     "gpt3-175b": Model(96, 12288, 96, 50304, 2048, name="GPT-3 175B"),
+    # Mixtral 8x7B (Jiang et al. 2024, table 1): Mistral 7B's shape with 8 SwiGLU experts of width
+    # 14336 in every block, top-2; 46.7B parameters, 12.9B active. Trained at 32k tokens; 4096 here
+    # (the sequence length of the estimate; `dataclasses.replace` or ``--seq-len`` changes it).
+    "mixtral-8x7b": Model(32, 4096, 32, 32000, 4096, name="Mixtral 8x7B", n_kv_head=8, d_ff=14336,
+                          n_experts=8, moe_top_k=2, **_LLAMA),
+    # DeepSeek-V3-like (DeepSeek-AI 2024, section 4.2: 671B parameters, 37B active): 256 routed experts
+    # of width 2048, top-8, one shared expert, d 7168, vocabulary 129280, 128 heads. Rounded where
+    # the cost model has no name for the real thing: multi-head attention of head_dim 56 stands for
+    # multi-head latent attention (205M parameters per layer against MLA's 187M: +1.1B), and the 58
+    # blocks are DeepSeek-V3's 58 MoE blocks without its first 3 dense ones (-1.7B: moe_every cannot
+    # say "the first 3 dense"); the multi-token-prediction module (14B) is left out, as in the
+    # published 671B. The two roundings partly cancel: 670.3B in all (-0.1%), 36.9B active (-0.4%).
+    "deepseek-v3-like": Model(58, 7168, 128, 129280, 4096, name="DeepSeek-V3-like", d_ff=18432,
+                              n_experts=256, moe_top_k=8, moe_d_ff=2048, n_shared_experts=1, **_LLAMA),
 }
 
 
@@ -207,13 +263,17 @@ class Param:
 
     name: str
     shape: tuple[int, ...]
-    split: str  # "column" (output rows), "row" (input columns), "vocab" or "replicated"
+    split: str  # "column" (output rows), "row" (input columns), "vocab", "replicated" or "expert"
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-    def local_numel(self, tp: int) -> int:
+    def local_numel(self, tp: int, ep: int = 1) -> int:
+        """Elements on one rank: an "expert" tensor (``[E, ...]``) holds E / ep whole experts, the same
+        on every tp rank; "replicated" is whole; the others are split over tp."""
+        if self.split == "expert":
+            return self.numel // ep
         return self.numel if self.split == "replicated" else self.numel // tp
 
 
@@ -226,7 +286,11 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
     matrix (when the embedding lives on another pipeline stage). The same names and shapes as
     ``GPT.named_parameters()``; `split` is what the tensor-parallel plan does with each: ``attn.qkv``
     in whole heads of each of q, k and v, SwiGLU's fused ``mlp.fc`` in each of its halves (both
-    "column"), ``q_norm``/``k_norm`` replicated.
+    "column"), ``q_norm``/``k_norm`` replicated. A block with experts holds ``mlp.router.gate``
+    (``[E, d]``, replicated: every tp rank routes its own tokens under sequence parallelism), the
+    stacked experts ``mlp.experts.fc`` (``[E, 2w or w, d]``) and ``mlp.experts.proj`` (``[E, d, w]``),
+    split "expert" (E / ep whole experts per rank, not split over tp), and a shared expert
+    ``mlp.shared`` (a dense MLP, split as ``mlp``).
     """
     h, V, s = model.d_model, model.vocab_size, model.seq_len
     hd, f = model.head_dim, model.ffn_width
@@ -256,8 +320,18 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
             out += [Param(f"{b}.attn.q_norm.weight", (hd,), "replicated"),
                     Param(f"{b}.attn.k_norm.weight", (hd,), "replicated")]
         norm(f"{b}.ln2")
-        linear(f"{b}.mlp.fc", 2 * f if model.mlp == "swiglu" else f, h, "column")
-        linear(f"{b}.mlp.proj", h, f, "row")
+        if model.is_moe_block(i):
+            E, w, gated = model.n_experts, model.expert_width, model.mlp == "swiglu"
+            out.append(Param(f"{b}.mlp.router.gate.weight", (E, h), "replicated"))
+            out.append(Param(f"{b}.mlp.experts.fc", (E, 2 * w if gated else w, h), "expert"))
+            out.append(Param(f"{b}.mlp.experts.proj", (E, h, w), "expert"))
+            if model.n_shared_experts:
+                sw = model.n_shared_experts * w
+                linear(f"{b}.mlp.shared.fc", 2 * sw if gated else sw, h, "column")
+                linear(f"{b}.mlp.shared.proj", h, sw, "row")
+        else:
+            linear(f"{b}.mlp.fc", 2 * f if model.mlp == "swiglu" else f, h, "column")
+            linear(f"{b}.mlp.proj", h, f, "row")
     if last:
         norm("ln_f")
         if head_copy or not model.tie_embeddings:
@@ -277,15 +351,31 @@ def num_params(model: Model, non_embedding: bool = False) -> int:
     return n
 
 
+def inactive_params(model: Model) -> int:
+    """Expert parameters a token does *not* use: ``E - k`` experts of every block with experts
+    (= `lmkit.experts.inactive_expert_parameters`)."""
+    if not model.n_experts:
+        return 0
+    return model.moe_blocks * (model.n_experts - model.moe_top_k) * model.expert_numel
+
+
+def active_params(model: Model, non_embedding: bool = False) -> int:
+    """Parameters one token uses: `num_params` less the ``E - k`` experts of every MoE block it is not
+    routed to (`inactive_params`). A dense model's active parameters are all of them."""
+    return num_params(model, non_embedding) - inactive_params(model)
+
+
 def flops_per_token(model: Model, training: bool = True) -> float:
     """``6 N + 12 L h s`` for training, ``2 N + 4 L h s`` forward only (PaLM, appendix B).
 
     N counts the non-embedding parameters plus, when tied, the head's V x h matmul (an untied head is
     among the non-embedding parameters already); = ``GPT.flops_per_token``. Grouped-query attention
     changes N (a smaller qkv), not the attention term: the scores are those of all ``n_head`` queries.
+    With experts N counts the *active* parameters (`active_params`): a token runs k of E experts (the
+    router's ``d E`` matmul is counted, the dispatch's gathers are not FLOPs).
     """
     head = model.d_model * model.vocab_size if model.tie_embeddings else 0
-    n = num_params(model, non_embedding=True) + head
+    n = active_params(model, non_embedding=True) + head
     attn = 4 * model.n_layer * model.d_model * model.seq_len
     return float(6 * n + 3 * attn) if training else float(2 * n + attn)
 
@@ -348,6 +438,12 @@ class Layout:
     ``cp`` is context parallelism: ring attention over ``cp`` ranks with the zigzag split
     (`lmkit.parallel.context_parallel`); for the parameters it is one more data dimension, so
     gradients are averaged and ZeRO shards over the ``dp x cp`` ranks (`grad_ranks`).
+
+    ``ep`` is expert parallelism, carved out of ``dp x cp``: with ``j = d cp + c`` the ep group of a
+    rank is the ``ep`` consecutive ``j`` (same pipeline and tensor rank), each holding ``E / ep``
+    experts of every MoE block; the ranks holding the same experts form the expert-data-parallel
+    group of ``dp x cp / ep`` ranks (`expert_ranks`), over which expert gradients are reduced and
+    ZeRO shards their states.
     """
 
     dp: int = 1
@@ -360,12 +456,13 @@ class Layout:
     virtual_stages: int = 1
     recompute: str = "none"
     cp: int = 1
+    ep: int = 1
 
     @classmethod
     def from_parallel_config(cls, pc: Any, recompute: str = "none") -> Layout:
         return cls(dp=pc.dp, tp=pc.tp, pp=pc.pp, zero=pc.zero, sequence_parallel=bool(pc.sequence_parallel),
                    microbatches=pc.microbatches, schedule=pc.schedule, virtual_stages=pc.virtual_stages,
-                   recompute=recompute, cp=getattr(pc, "cp", 1))
+                   recompute=recompute, cp=getattr(pc, "cp", 1), ep=getattr(pc, "ep", 1))
 
     @property
     def world_size(self) -> int:
@@ -377,12 +474,19 @@ class Layout:
         return self.dp * self.cp
 
     @property
+    def expert_ranks(self) -> int:
+        """The expert-data-parallel group: ranks holding the same experts, ``dp x cp / ep``."""
+        return self.dp * self.cp // self.ep
+
+    @property
     def name(self) -> str:
         parts = [f"dp{self.dp}" + (f" zero{self.zero}" if self.zero else "")] if self.dp > 1 else []
         if self.zero and self.dp == 1:
             parts.append(f"zero{self.zero}")
         if self.cp > 1:
             parts.append(f"cp{self.cp}")
+        if self.ep > 1:  # inside dp x cp, not a factor of its own: "dp8 zero1 (ep8)"
+            parts[-1] += f" (ep{self.ep})"
         if self.tp > 1:
             parts.append(f"tp{self.tp}" + (" sp" if self.sequence_parallel else ""))
         if self.pp > 1:
@@ -395,7 +499,7 @@ class Layout:
 
     def validate(self, model: Model, global_batch: int) -> Layout:
         """The rules of `lmkit.parallel.engine.validate_layout`, as one-line `CostError`s."""
-        for f in ("dp", "tp", "pp", "cp", "microbatches", "virtual_stages"):
+        for f in ("dp", "tp", "pp", "cp", "ep", "microbatches", "virtual_stages"):
             value = getattr(self, f)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise CostError(f"{f} must be a positive integer, got {value!r}")
@@ -414,10 +518,28 @@ class Layout:
             raise CostError(f"n_kv_head={model.kv_heads} is not divisible by tp={self.tp}; the key/value "
                             "heads are split over tensor-parallel ranks: choose tp among "
                             f"{', '.join(map(str, tp_choices(model)))}")
-        if model.ffn_width % self.tp:
-            raise CostError(f"the MLP's width d_ff={model.ffn_width} is not divisible by tp={self.tp}; its "
-                            "hidden features are split over tensor-parallel ranks: choose tp among "
-                            f"{', '.join(map(str, tp_choices(model)))}")
+        for name, width in _tp_widths(model):
+            if width % self.tp:
+                raise CostError(f"the {name}{width} is not divisible by tp={self.tp}; its hidden "
+                                "features are split over tensor-parallel ranks: choose tp among "
+                                f"{', '.join(map(str, tp_choices(model)))}")
+        if self.ep > 1 and not model.n_experts:
+            raise CostError(f"ep={self.ep} splits experts, but the model has none; set n_experts or ep=1")
+        if (self.dp * self.cp) % self.ep:
+            raise CostError(f"ep={self.ep} does not divide dp x cp = {self.dp * self.cp}: the expert-"
+                            f"parallel ranks are carved out of dp x cp; choose ep among "
+                            f"{', '.join(map(str, _divisors(self.dp * self.cp)))}")
+        if model.n_experts % self.ep:
+            raise CostError(f"ep={self.ep} does not divide n_experts={model.n_experts} (each ep rank holds "
+                            f"E / ep whole experts); choose ep among "
+                            f"{', '.join(map(str, _divisors(model.n_experts)))}")
+        if model.n_experts and self.tp > 1 and not self.sequence_parallel:
+            raise CostError(f"experts with tp={self.tp} need sequence parallelism (each tp rank routes its "
+                            "own chunk of the sequence, the experts whole on every tp rank); set "
+                            "sequence_parallel=True")
+        if model.n_experts and self.ep > 1 and self.zero == 3:
+            raise CostError(f"ep={self.ep} with zero=3: expert parallelism runs in the lmkit engine, which "
+                            "shards expert states with ZeRO-1 and ZeRO-2; use zero 0, 1 or 2, or ep=1")
         if model.vocab_size % self.tp:
             raise CostError(f"the vocabulary ({model.vocab_size}) is not divisible by tp={self.tp}; "
                             "pad it to a multiple of tp")
@@ -461,10 +583,21 @@ class Layout:
         return self
 
 
+def _tp_widths(model: Model) -> list[tuple[str, int]]:
+    """The hidden widths tensor parallelism splits: the dense MLP's (when some block has one) and the
+    shared expert's (experts themselves stay whole)."""
+    out = [("MLP's width d_ff=", model.ffn_width)] if model.moe_blocks < model.n_layer else []
+    if model.n_experts and model.n_shared_experts:
+        out.append(("shared expert's width (n_shared_experts x expert width) ",
+                    model.n_shared_experts * model.expert_width))
+    return out
+
+
 def tp_choices(model: Model) -> list[int]:
     """The tensor-parallel sizes the model's shape allows: divisors of the query heads, the key/value
-    heads and the MLP's width (the vocabulary must divide too; pad it)."""
-    return [t for t in _divisors(model.kv_heads) if not model.n_head % t and not model.ffn_width % t]
+    heads and the MLP's width (and a shared expert's; the vocabulary must divide too; pad it)."""
+    return [t for t in _divisors(model.kv_heads)
+            if not model.n_head % t and all(w % t == 0 for _, w in _tp_widths(model))]
 
 
 def stage_chunks(model: Model, layout: Layout, stage: int) -> list[tuple[range, bool, bool]]:
@@ -484,19 +617,61 @@ def stage_params(model: Model, layout: Layout, stage: int) -> list[Param]:
 
 
 @functools.lru_cache(maxsize=4096)
-def stage_counts(model: Model, pp: int, virtual_stages: int, tp: int, stage: int) -> tuple[int, ...]:
+def stage_counts(model: Model, pp: int, virtual_stages: int, tp: int, stage: int,
+                 ep: int = 1) -> tuple[int, ...]:
     """(matrix numel, vector numel, tensors, replicated numel, layers, max chunk layers, first, last)
-    of pipeline rank `stage` after the tp split; cached, because the search asks again and again."""
+    of pipeline rank `stage` after the tp split (and the ep split of the experts, whose E / ep are
+    among the matrices); cached, because the search asks again and again."""
     schedule = "interleaved" if virtual_stages > 1 else "1f1b"
     layout = Layout(pp=pp, virtual_stages=virtual_stages, schedule=schedule)
     chunks = stage_chunks(model, layout, stage)
     params = stage_params(model, layout, stage)
-    mats = sum(p.local_numel(tp) for p in params if len(p.shape) >= 2)
-    vecs = sum(p.local_numel(tp) for p in params if len(p.shape) < 2)
+    mats = sum(p.local_numel(tp, ep) for p in params if len(p.shape) >= 2)
+    vecs = sum(p.local_numel(tp, ep) for p in params if len(p.shape) < 2)
     replicated = sum(p.numel for p in params if p.split == "replicated")
     layers = [len(c[0]) for c in chunks]
     return (mats, vecs, len(params), replicated, sum(layers), max(layers),
             int(any(c[1] for c in chunks)), int(any(c[2] for c in chunks)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_experts(model: Model, pp: int, virtual_stages: int, stage: int, ep: int) -> tuple[int, int, int]:
+    layout = Layout(pp=pp, virtual_stages=virtual_stages,
+                    schedule="interleaved" if virtual_stages > 1 else "1f1b")
+    chunks = stage_chunks(model, layout, stage)
+    params = [p for p in stage_params(model, layout, stage) if p.split == "expert"]
+    moe = sum(model.is_moe_block(i) for layers, _, _ in chunks for i in layers)
+    return sum(p.local_numel(1, ep) for p in params), len(params), moe
+
+
+def stage_experts(model: Model, layout: Layout, stage: int) -> tuple[int, int, int]:
+    """(expert elements, expert tensors, MoE blocks) on one rank of pipeline rank `stage`: the E / ep
+    experts of each MoE block of the stage, whole (the same on every tp rank)."""
+    return _stage_experts(model, layout.pp, layout.virtual_stages, stage, layout.ep)
+
+
+def expert_buckets(model: Model, layout: Layout, stage: int, grad_bytes: int = 4) -> list[int]:
+    """Elements of the flat gradient buckets of the expert parameters of pipeline rank `stage`
+    (reduced over the expert-data-parallel group, not over dp x cp): the rule of `zero_buckets` for
+    the tensors `zero_buckets` leaves out, E / ep experts each; padded to a multiple of
+    ``dp x cp / ep`` under ZeRO."""
+    return list(_expert_buckets(model, layout.pp, layout.virtual_stages, stage, layout.ep,
+                                BUCKET_CAP_BYTES // grad_bytes))
+
+
+@functools.lru_cache(maxsize=4096)
+def _expert_buckets(model: Model, pp: int, virtual_stages: int, stage: int, ep: int,
+                    cap: int) -> tuple[int, ...]:
+    layout = Layout(pp=pp, virtual_stages=virtual_stages,
+                    schedule="interleaved" if virtual_stages > 1 else "1f1b")
+    runs: list[int] = []
+    for p in reversed([p for p in stage_params(model, layout, stage) if p.split == "expert"]):
+        n = p.local_numel(1, ep)
+        if not runs or runs[-1] + n > cap:
+            runs.append(n)
+        else:
+            runs[-1] += n
+    return tuple(runs)
 
 
 def muon_tensors(model: Model, layout: Layout, stage: int) -> tuple[int, int]:
@@ -516,7 +691,8 @@ def zero_buckets(model: Model, layout: Layout, stage: int, optimizer: str = "ada
     vectors), each holding its parameters in reverse registration order, cut greedily into buckets
     of whole parameters of at most `BUCKET_CAP_BYTES` / `grad_bytes` elements (the gradient
     buffer's element size: 4 in fp32 and with an fp32 reduce, 2 with a bf16 reduce); a larger
-    parameter gets a bucket of its own. Under ZeRO every bucket is padded to a multiple of dp x cp
+    parameter gets a bucket of its own. Expert tensors are not here (`expert_buckets`: they are
+    reduced over another group). Under ZeRO every bucket is padded to a multiple of dp x cp
     (`padded_numel`). Under ZeRO-2 with pipelining a tied embedding's copy on the first and the
     last stage is a bucket of its own, so both stages shard it alike (chapter 5, section 5.3).
     In the engine's order: Muon's buckets, then the matrices', then the vectors'.
@@ -532,7 +708,7 @@ def _buckets(model: Model, pp: int, virtual_stages: int, tp: int, stage: int, is
     """((group, elements), ...) of every bucket; group 0 is Muon's when `muon`."""
     layout = Layout(pp=pp, virtual_stages=virtual_stages, tp=tp,
                     schedule="interleaved" if virtual_stages > 1 else "1f1b")
-    params = stage_params(model, layout, stage)
+    params = [p for p in stage_params(model, layout, stage) if p.split != "expert"]
     leading = [p for p in params if muon and len(p.shape) == 2 and p.name.startswith("blocks.")]
     rest = [p for p in params if not any(p is q for q in leading)]
     groups = ([leading] if leading else []) + [[p for p in rest if len(p.shape) >= 2],

@@ -21,10 +21,12 @@ from lmkit.costs.layout import (
     CostError,
     Layout,
     Model,
+    expert_buckets,
     muon_buckets,
     muon_tensors,
     padded_numel,
     stage_counts,
+    stage_experts,
     state_bytes,
     zero_buckets,
 )
@@ -32,7 +34,8 @@ from lmkit.costs.layout import (
 __all__ = [
     "model_states", "activation_bytes_per_layer", "model_activation_options", "in_flight", "Memory",
     "memory", "OPTIMIZERS", "wire_bytes", "CommTerm", "communication", "CP_LAYOUTS", "cp_attention_work",
-    "cp_attention_memory", "cp_communication", "cp_ring_step", "RING_BACKWARD_COMPUTE",
+    "cp_attention_memory", "cp_communication", "cp_ring_step", "RING_BACKWARD_COMPUTE", "all_to_all_bytes",
+    "moe_activation_bytes",
 ]
 
 #: A ring step's backward compute over its forward's: `lmkit.parallel.context_parallel.RingAttention`
@@ -164,6 +167,7 @@ class Memory:
     activations: float
     stage: int
     numel: int
+    expert_numel: int = 0  # of `numel`: this rank's E / ep experts of the stage's MoE blocks
 
     @property
     def model_states(self) -> float:
@@ -180,8 +184,14 @@ class Memory:
 
 def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
                      flash_attention: bool, optimizer: str, reduce: str) -> Memory:
-    mats, vecs, count, *_ = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage)
-    numel, dp, zero = mats + vecs, layout.grad_ranks, layout.zero  # ZeRO shards over dp x cp
+    mats, vecs, count, *_ = stage_counts(model, layout.pp, layout.virtual_stages, layout.tp, stage, layout.ep)
+    held, expert_count, _ = stage_experts(model, layout, stage)
+    experts = held
+    if layout.zero == 3:  # (ep = 1: the experts are sharded over dp x cp with the rest)
+        experts = expert_count = 0
+    # the dense parameters (experts below); ZeRO shards them over dp x cp
+    numel, dp, zero = mats + vecs - experts, layout.grad_ranks, layout.zero
+    count -= expert_count
     muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
     w, r, master = state_bytes(precision, reduce)
     if zero < 3 or precision == "fp32":
@@ -208,8 +218,34 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
         p_bytes, g_bytes, o_bytes = model_states(numel, dp, zero, precision, reduce)
         if muon:  # Muon's master weight and momentum: 8 bytes per element instead of Adam's 12
             o_bytes -= 4 * muon / dp
+    if experts:  # E / ep whole experts per MoE block, their states sharded over dp x cp / ep under ZeRO
+        edp, ebuckets = layout.expert_ranks, expert_buckets(model, layout, stage, r)
+        if zero == 0:
+            p_bytes, g_bytes = p_bytes + w * experts, g_bytes + r * experts
+            o_bytes += (master + 8) * experts + 4 * expert_count
+        else:
+            padded = padded_numel(ebuckets, edp)
+            p_bytes += w * padded
+            g_bytes += r * (padded // edp if zero >= 2 else padded)
+            o_bytes += (master + 8) * (padded // edp) + 4 * len(ebuckets)
     act = _activations(model, layout, global_batch, precision, stage, flash_attention)
-    return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel)
+    return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel + experts, held)
+
+
+def moe_activation_bytes(model: Model, b: int, s: int, tp: int = 1, act_bytes: int = 2, cp: int = 1,
+                         recompute: str = "none") -> float:
+    """Bytes a block with experts keeps for backward *beyond* a dense block whose MLP has the width of
+    the ``k`` experts a token runs plus the shared expert's (`activation_bytes_per_layer` with
+    ``d_ff = k w + shared``, which counts the experts' hidden features, k per token): the ``k`` rows
+    of each token dispatched to its experts and the ``k`` output rows the combine weights, ``2 k d``
+    per token in ``act_bytes``, and the router's fp32 logits and probabilities, ``8 E``. Under
+    sequence parallelism every tp rank routes its own ``s / (cp tp)`` tokens (divided by `tp`); none
+    of it under full recomputation. An estimate: the engine's copies (the padded zeros of the
+    combine, the index tensors) are not counted."""
+    if not model.n_experts or recompute == "full":
+        return 0.0
+    tokens = b * s / cp / tp
+    return tokens * (2 * model.moe_top_k * model.d_model * act_bytes + 8 * model.n_experts)
 
 
 def _activations(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
@@ -224,6 +260,14 @@ def _activations(model: Model, layout: Layout, global_batch: int, precision: str
     options = model_activation_options(model)
     per_layer = activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, layout.recompute, e,
                                            model.dropout, flash, cp, **options)
+    moe = stage_experts(model, layout, stage)[2]
+    if moe:  # the stage's MoE blocks, averaged over its blocks: k experts (and the shared one) per token
+        width = model.moe_top_k * model.expert_width + model.n_shared_experts * model.expert_width
+        per_moe = activation_bytes_per_layer(b, s, h, a, t, layout.sequence_parallel, layout.recompute, e,
+                                             model.dropout, flash, cp, **{**options, "d_ff": width})
+        per_moe += moe_activation_bytes(model, b, s, t, e, cp, layout.recompute)
+        stage_layers = stage_counts(model, layout.pp, layout.virtual_stages, t, stage)[4]
+        per_layer += moe / stage_layers * (per_moe - per_layer)
     units = in_flight(layout, stage) if layout.pp > 1 else 1
     total = units * layers * per_layer
     if layout.recompute == "full":  # the layer being recomputed holds its full activations once
@@ -299,7 +343,7 @@ def wire_bytes(kind: str, nbytes: float, group_size: int) -> float:
 class CommTerm:
     """One kind of collective a rank issues in one optimizer step."""
 
-    group: str  # "dp", "tp", "pp", "cp" or "embedding" (first + last pipeline stage)
+    group: str  # "dp", "tp", "pp", "cp", "ep", "edp", "router" or "embedding" (first + last pipeline stage)
     kind: str
     what: str
     calls: int | None  # None where the count depends on bucketing
@@ -313,8 +357,109 @@ class CommTerm:
         return wire_bytes(self.kind, self.bytes, self.group_size)
 
 
+def all_to_all_bytes(model: Model, layout: Layout, tokens: int, imbalance: float = 1.0,
+                     dtype_bytes: int = 2) -> dict[str, float]:
+    """Bytes one rank *sends to other ranks* in the all-to-alls of one MoE layer and one microbatch.
+
+    `tokens` is N, the tokens this rank routes (``b s / cp``, over ``tp`` under sequence parallelism),
+    k = ``moe_top_k``, d = ``d_model``, b = `dtype_bytes` (the compute dtype: 2 bf16, 4 fp32), phi =
+    `imbalance` (the rank's ``(R_out + R_in) / (2 N k (ep-1)/ep)``: 1 under uniform routing, where
+    each of a token's k assignments leaves the rank with probability ``(ep-1)/ep``):
+
+    - ``counts``: the forward's int64 counts, E / ep to each of the ep - 1 others: ``(ep-1) (E/ep) 8``;
+    - ``dispatch``: the token rows to their experts forward (R_out) and, in backward, the gradients of
+      the rows this rank received (R_in): ``2 N k d b (ep-1)/ep phi``;
+    - ``combine``: the expert outputs back forward (R_in) and their gradients out in backward (R_out):
+      the same;
+    - ``total``: ``counts + 4 N k d b (ep-1)/ep phi``.
+
+    With ep = 1 nothing leaves the rank. `communication` multiplies these by the MoE blocks of a stage
+    and the microbatches; the engine's measured bytes are checked against them.
+    """
+    ep, E = layout.ep, model.n_experts
+    if not E:
+        raise CostError("all-to-all bytes need experts; the model has n_experts=0")
+    if ep < 1 or E % ep:
+        raise CostError(f"ep={ep} does not divide n_experts={E}; choose ep among "
+                        f"{', '.join(str(d) for d in range(1, E + 1) if E % d == 0)}")
+    if imbalance < 0 or tokens < 0:
+        raise CostError("tokens and the imbalance factor must be >= 0")
+    share = (ep - 1) / ep
+    counts = float((ep - 1) * (E // ep) * 8)
+    rows = 2 * tokens * model.moe_top_k * model.d_model * dtype_bytes * share * imbalance
+    return {"counts": counts, "dispatch": rows, "combine": rows, "total": counts + 2 * rows}
+
+
+def _gradient_reduction(group: str, zero: int, m: int, buckets: list[int], padded: int, numel: int, r: int,
+                        w: int, size: int, whose: str = "") -> list[CommTerm]:
+    """ZeRO-0/1/2's reduction of the gradient `buckets` over `size` ranks (`padded`: their elements
+    padded to a multiple of `size`) and, under ZeRO-1/2, the all-gather of the updated chunks."""
+    if zero == 2:
+        # one reduce-scatter per bucket and backward pass: the padded bucket in, the rank's chunk
+        # out, accumulated in the shard over the microbatches (an upper bound with interleaved
+        # stages, whose buckets may wait for more than one backward)
+        terms = [CommTerm(group, "reduce_scatter", f"{whose}gradient buckets reduce-scattered into the "
+                          "shards, every microbatch", m * len(buckets), m * r * padded, size,
+                          hidden_by="backward")]
+    elif zero == 1:
+        # the distributed optimizer: one reduce-scatter per bucket at the synchronisation, the
+        # padded bucket of the full gradient buffer in, this rank's chunk out
+        terms = [CommTerm(group, "reduce_scatter", f"{whose}gradient buckets reduce-scattered into the "
+                          "chunks, once per step", len(buckets), r * padded, size, hidden_by="backward")]
+    else:
+        terms = [CommTerm(group, "all_reduce", f"{whose}gradient all-reduce, one per bucket", len(buckets),
+                          r * numel, size, hidden_by="backward")]
+    if zero in (1, 2):
+        terms.append(CommTerm(group, "all_gather", f"updated {whose}parameter chunks all-gathered, one per "
+                              "bucket", len(buckets), w * padded, size))
+    return terms
+
+
+def _expert_terms(model: Model, layout: Layout, b: int, s: int, e: int, r: int, w: int, m: int,
+                  stage: int, imbalance: float) -> list[CommTerm]:
+    """The collectives of the experts (`communication`): all-to-alls, router counts, expert gradients."""
+    experts, _, moe = stage_experts(model, layout, stage)
+    if not moe:
+        return []
+    tp, ep, edp, E = layout.tp, layout.ep, layout.expert_ranks, model.n_experts
+    sp = tp if layout.sequence_parallel else 1
+    terms: list[CommTerm] = []
+    n = m * moe  # MoE layers run per step on this rank
+    again = layout.recompute == "full"  # the recomputed forward routes and sends again
+    if ep > 1:
+        # CommTerm.bytes is the payload as nccl-tests counts it (the rows this rank holds, its own
+        # share included); wire_bytes, (ep-1)/ep of it, is what `all_to_all_bytes` gives
+        a2a = all_to_all_bytes(model, layout, b * s // sp, imbalance, e)
+        full = ep / (ep - 1)
+        terms.append(CommTerm("ep", "all_to_all", "expert counts (int64) before every dispatch", n,
+                              n * full * a2a["counts"], ep))
+        terms.append(CommTerm("ep", "all_to_all", "dispatch: token rows to their experts (forward), their "
+                              "gradients back (backward)", 2 * n, n * full * a2a["dispatch"], ep))
+        terms.append(CommTerm("ep", "all_to_all", "combine: expert outputs back (forward), their gradients "
+                              "out (backward)", 2 * n, n * full * a2a["combine"], ep))
+        if again:
+            terms.append(CommTerm("ep", "all_to_all", "counts, dispatch and combine forward again "
+                                  "(recomputation)", 3 * n,
+                                  n * full * (a2a["counts"] + (a2a["dispatch"] + a2a["combine"]) / 2), ep))
+    holders = layout.grad_ranks * sp  # the ranks holding different tokens of the batch
+    if holders > 1:
+        calls = n * (2 if again else 1)
+        terms.append(CommTerm("router", "all_reduce", "router: global expert counts and probability sums "
+                              "(2 E fp32) per MoE layer", calls, calls * 8 * E, holders))
+    if edp > 1:  # over the dp x cp / ep ranks holding the same experts
+        buckets = expert_buckets(model, layout, stage, r)
+        padded = padded_numel(buckets, edp)
+        terms += _gradient_reduction("edp", layout.zero, m, buckets, padded, experts, r, w, edp, "expert ")
+    if tp > 1:  # whole experts on every tp rank, each routing its own tokens: partial gradients
+        share = math.ceil(experts / edp) if layout.zero == 2 else experts
+        terms.append(CommTerm("tp", "all_reduce", "expert gradients, partial over tp (each rank routed its "
+                              "own tokens)", 1, r * share, tp))
+    return terms
+
+
 def communication(model: Model, layout: Layout, global_batch: int, precision: str = "fp32",
-                  stage: int = 0, optimizer: str = "adamw", reduce: str = "fp32") -> list[CommTerm]:
+                  stage: int = 0, optimizer: str = "adamw", reduce: str = "fp32",
+                  imbalance: float = 1.0) -> list[CommTerm]:
     """The collectives pipeline rank `stage` issues per optimizer step, term by term.
 
     Data parallel (Rajbhandari et al. 2020, section 7; Megatron-LM's distributed optimizer):
@@ -345,6 +490,16 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     Muon (``optimizer="muon"``, `lmkit.optim.Muon`): Newton-Schulz needs whole matrices, so under ZeRO
     the Nesterov updates of the Muon buckets are all-gathered over dp x cp, and under tp every Muon
     matrix's shards over tp, in fp32 (the updates of the fp32 master weights).
+
+    Experts (``n_experts > 0``, lmkit's engine as the expert-parallel spec describes it): per MoE
+    layer and microbatch the all-to-alls of `all_to_all_bytes` over the ep group (``ep`` consecutive
+    ``dp x cp`` ranks; `imbalance` is its phi), the router's all-reduce of ``2 E`` fp32 global counts
+    over the ranks holding different tokens (``dp x cp``, ``x tp`` under sequence parallelism), the
+    expert gradients reduced over the expert-data-parallel group (``dp x cp / ep``; the dense
+    gradients' rule of ZeRO 0/1/2 on `expert_buckets`), and under tp the experts' gradients, partial
+    over tp, all-reduced like the sequence-parallel norms. Under sequence parallelism a block whose
+    MoE has no shared expert runs no tensor-parallel collective around its MLP (each tp rank routes
+    its own tokens): its attention's all-gather and reduce-scatter only.
     """
     if optimizer not in OPTIMIZERS:
         raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
@@ -357,8 +512,9 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     b = global_batch // (layout.dp * m)
     dp = layout.grad_ranks  # the gradient group: dp x cp
     s, h, V = model.seq_len // cp, model.d_model, model.vocab_size  # s: the tokens of a sequence on this rank
-    mats, vecs, _, replicated, layers, _, first, last = stage_counts(model, pp, v, tp, stage)
-    numel = mats + vecs
+    mats, vecs, _, replicated, layers, _, first, last = stage_counts(model, pp, v, tp, stage, layout.ep)
+    experts, _, moe = stage_experts(model, layout, stage)
+    numel = mats + vecs - (0 if layout.zero == 3 else experts)  # the dense parameters (ZeRO-3: all)
     buckets = zero_buckets(model, layout, stage, optimizer, r)
     padded = padded_numel(buckets, dp)
     muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
@@ -373,26 +529,8 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   hidden_by="compute"))  # prefetched while the previous layer computes
             terms.append(CommTerm("dp", "reduce_scatter", "gradients reduced to their shard", None,
                                   r * numel, dp, hidden_by="backward"))
-        elif layout.zero == 2:
-            # one reduce-scatter per bucket and backward pass: the padded bucket in, the rank's chunk
-            # out, accumulated in the shard over the microbatches (an upper bound with interleaved
-            # stages, whose buckets may wait for more than one backward)
-            terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
-                                  "shards, every microbatch", m * len(buckets), m * r * padded, dp,
-                                  hidden_by="backward"))
-        elif layout.zero == 1:
-            # the distributed optimizer: one reduce-scatter per bucket at the synchronisation, the
-            # padded bucket of the full gradient buffer in, this rank's chunk out
-            terms.append(CommTerm("dp", "reduce_scatter", "gradient buckets reduce-scattered into the "
-                                  "chunks, once per step", len(buckets), r * padded, dp,
-                                  hidden_by="backward"))
         else:
-            terms.append(CommTerm("dp", "all_reduce", "gradient all-reduce, one per bucket", len(buckets),
-                                  r * numel, dp,
-                                  hidden_by="backward"))
-        if layout.zero in (1, 2):
-            terms.append(CommTerm("dp", "all_gather", "updated parameter chunks all-gathered, one per "
-                                  "bucket", len(buckets), w * padded, dp))
+            terms += _gradient_reduction("dp", layout.zero, m, buckets, padded, numel, r, w, dp)
         if layout.zero in (1, 2) and muon:
             n_muon = muon_buckets(model, layout, stage, r)
             terms.append(CommTerm("dp", "all_gather", "Muon: the Nesterov updates of its buckets, whole "
@@ -403,8 +541,10 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   True))
         terms.append(CommTerm("dp", "all_reduce", "loss mean over dp (fp64)", 1, 8, dp, True))
     if tp > 1:
-        calls = m * (4 * layers + int(first) + int(last))
-        again = 2 * m * layers if layout.recompute == "full" else 0  # the recomputed forwards
+        # tensor-parallel regions per layer: attention and the MLP (an MoE without a shared expert: none)
+        regions = 2 * layers - (0 if model.n_shared_experts else moe)
+        calls = m * (2 * regions + int(first) + int(last))
+        again = m * regions if layout.recompute == "full" else 0  # the recomputed forwards
         act = e * b * s * h
         if layout.sequence_parallel:
             for kind in ("all_gather", "reduce_scatter"):
@@ -452,6 +592,8 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   1, r * emb, 2))
         terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
         terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
+    if model.n_experts:
+        terms += _expert_terms(model, layout, b, s, e, r, w, m, stage, imbalance)
     if cp > 1:
         ring = cp_communication(b, model.seq_len, h, cp, tp, layers, m, e, kv_width=model.kv_width)
         terms += ring

@@ -2,9 +2,10 @@
 
 `Cluster` is the devices and their links (`DEVICES`: datasheet presets); `step_time` estimates a
 layout's step as compute at a fraction of peak, the pipeline bubble, tensor- and pipeline-parallel
-traffic on the critical path, and the data-parallel and ring-attention traffic that compute does
-not hide; `search` enumerates every ``dp x cp x tp x pp`` layout that fits the devices' memory and
-ranks them by it (`Candidate`).
+traffic and the experts' all-to-alls on the critical path, and the data-parallel and ring-attention
+traffic that compute does not hide; `search` enumerates every ``dp x cp x tp x pp`` layout (and
+``ep`` inside ``dp x cp`` for a model with experts) that fits the devices' memory and ranks them
+by it (`Candidate`).
 """
 
 from __future__ import annotations
@@ -87,10 +88,12 @@ class Candidate:
     dp_exposed_s: float
     tokens_per_step: int
     cp_exposed_s: float = 0.0  # the ring's transfers that its block computations do not hide
+    ep_s: float = 0.0  # the experts' all-to-alls and router all-reduces, on the critical path
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.bubble_s + self.tp_s + self.pp_s + self.dp_exposed_s + self.cp_exposed_s
+        return (self.compute_s + self.bubble_s + self.tp_s + self.pp_s + self.dp_exposed_s + self.cp_exposed_s
+                + self.ep_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -115,7 +118,8 @@ def _seconds(term: CommTerm, cluster: Cluster, span: int) -> float:
 
 
 def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster, precision: str = "mixed",
-              efficiency: float = 0.5, flash_attention: bool = True, reduce: str = "fp32") -> Candidate:
+              efficiency: float = 0.5, flash_attention: bool = True, reduce: str = "fp32",
+              imbalance: float = 1.0) -> Candidate:
     """Estimated step time: compute at `efficiency` of peak, bubble, exposed communication.
 
     Compute: training FLOPs (plus one forward under full recomputation, the attention scores under
@@ -130,6 +134,11 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     then dp, then pp: a group is on NVLink when it spans at most one node. Every collective call and
     every point-to-point send also costs the cluster's per-message latency (`Cluster`), so that
     thousands of tiny microbatches, each with its tensor- and pipeline-parallel messages, are not free.
+    Experts: compute counts the active parameters (`flops_per_token`); the all-to-alls (with load
+    imbalance `imbalance`, `all_to_all_bytes`) and the router's all-reduces are on the critical path
+    (``ep_s``): an ep group spans ``tp x ep`` consecutive devices, on NVLink while that is at most a
+    node, across InfiniBand beyond; expert gradients (over ``dp x cp / ep``) overlap the backward as
+    the dense ones do.
     """
     mem = memory(model, layout, global_batch, precision, flash_attention=flash_attention, reduce=reduce)
     tokens = global_batch * model.seq_len
@@ -145,15 +154,20 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
     tp_s = pp_s = dp_s = 0.0
     hidden = {"backward": [0.0, compute * 2 / 3 / layout.microbatches], "compute": [0.0, compute]}
     # The busiest rank sets the pace: an end stage (embedding, head) or an inner one (both directions).
-    loads = {r: communication(model, layout, global_batch, precision, r, reduce=reduce)
+    loads = {r: communication(model, layout, global_batch, precision, r, reduce=reduce, imbalance=imbalance)
              for r in {0, min(1, layout.pp - 1), layout.pp - 1}}
+    ep_s = 0.0
     worst = max(loads, key=lambda r: sum(t.wire_bytes for t in loads[r]))
     for term in loads[worst]:
         if term.group == "tp":
             tp_s += _seconds(term, cluster, layout.tp)
         elif term.group in ("pp", "embedding"):
             pp_s += _seconds(term, cluster, layout.world_size)
-        elif term.group == "dp":  # the gradient group, dp x cp: the ranks of tp x cp x dp consecutive devices
+        elif term.group == "ep":  # ep consecutive dp x cp ranks, tp apart: tp x ep consecutive devices
+            ep_s += _seconds(term, cluster, layout.tp * layout.ep)
+        elif term.group == "router":
+            ep_s += _seconds(term, cluster, layout.tp * layout.cp * layout.dp)
+        elif term.group in ("dp", "edp"):  # dp x cp (and dp x cp / ep): within tp x cp x dp devices
             seconds = _seconds(term, cluster, layout.tp * layout.cp * layout.dp)
             if term.hidden_by:
                 hidden[term.hidden_by][0] += seconds
@@ -161,7 +175,7 @@ def step_time(model: Model, layout: Layout, global_batch: int, cluster: Cluster,
                 dp_s += seconds
     dp_s += sum(max(0.0, busy - window) for busy, window in hidden.values())
     cp_s = _ring_exposed_s(model, layout, global_batch, cluster, precision, efficiency, worst)
-    return Candidate(layout, mem, compute, bubble_s, tp_s, pp_s, dp_s, tokens, cp_s)
+    return Candidate(layout, mem, compute, bubble_s, tp_s, pp_s, dp_s, tokens, cp_s, ep_s)
 
 
 def _ring_exposed_s(model: Model, layout: Layout, global_batch: int, cluster: Cluster, precision: str,
@@ -203,7 +217,8 @@ def _divisors(n: int) -> list[int]:
 
 def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "mixed",
            efficiency: float = 0.5, zero_stages: tuple[int, ...] = (0, 1, 2, 3), top: int | None = None,
-           flash_attention: bool = True, reduce: str = "fp32") -> list[Candidate]:
+           flash_attention: bool = True, reduce: str = "fp32", imbalance: float = 1.0,
+           ep_sizes: tuple[int, ...] | None = None) -> list[Candidate]:
     """Every dp x cp x tp x pp layout (with zero, sp, recomputation, microbatches, schedule) that fits.
 
     Ranked by `step_time` (`precision` and `reduce` as there). Raises `CostError` when nothing fits,
@@ -212,7 +227,9 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
     attention, a cp layout whose batch would also split over ``dp x cp`` data-parallel ranks is left out,
     since that layout holds the same tokens per rank with the same model states and sends no ring. Tensor
     parallelism takes the sizes `tp_choices` allows (whole query heads, key/value heads and MLP features
-    on every rank) that divide the vocabulary.
+    on every rank) that divide the vocabulary. With experts, every expert-parallel size ``ep`` that
+    divides both ``dp x cp`` and ``n_experts`` (or those of `ep_sizes`), with sequence parallelism
+    whenever tp > 1; `imbalance` is the all-to-alls' load-imbalance factor (`step_time`).
     """
     model.validate()
     cluster.validate()
@@ -234,17 +251,22 @@ def search(model: Model, global_batch: int, cluster: Cluster, precision: str = "
         # Under flash attention nothing is left for selective recomputation to drop (no s x s matrix).
         recomputes = [r for r in RECOMPUTE if not (flash_attention and r == "selective")]
         local = model.seq_len // cp
-        for m, zero, sp, rc in itertools.product(micro, zero_stages, (False, True), recomputes):
+        eps = [e for e in _divisors(dp * cp) if model.n_experts % e == 0] if model.n_experts else [1]
+        if ep_sizes is not None:
+            eps = [e for e in eps if e in ep_sizes]
+        for m, zero, sp, rc, ep in itertools.product(micro, zero_stages, (False, True), recomputes, eps):
             if (sp and tp == 1) or (zero and dp == 1) or (sp and local % tp) or (cp > 1 and zero == 3):
+                continue
+            if model.n_experts and ((tp > 1 and not sp) or (ep > 1 and zero == 3)):
                 continue
             schedules = [("1f1b", 1)]
             if pp > 1 and m % pp == 0 and model.n_layer >= 2 * pp:
                 schedules.append(("interleaved", 2))
             for schedule, v in schedules:
-                layout = Layout(dp, tp, pp, zero, sp, m, schedule, v, rc, cp)
+                layout = Layout(dp, tp, pp, zero, sp, m, schedule, v, rc, cp, ep)
                 try:
                     cand = step_time(model, layout, global_batch, cluster, precision, efficiency,
-                                     flash_attention, reduce)
+                                     flash_attention, reduce, imbalance)
                 except CostError:
                     continue
                 need = cand.memory.total

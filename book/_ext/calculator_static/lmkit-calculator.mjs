@@ -27,13 +27,17 @@ def run(text):
                 shown[f"{group}-{key}"] = costs.format_bytes(value)
         shown["device-memory"] = costs.format_bytes(out["device_memory"])
         shown["num-params"] = f"{out['num_params'] / 1e9:.3f} B"
+        shown["active-params"] = f"{out['active_params'] / 1e9:.3f} B"
+        shown["expert-params-per-rank"] = f"{out['expert_params_per_rank'] / 1e9:.3f} B"
+        shown["all-to-all-per-layer"] = costs.format_bytes(out["all_to_all_per_layer"])
         shown["kv-cache-per-token"] = costs.format_bytes(out["kv_cache_per_token"])
         shown["bubble"] = f"{100 * out['bubble']:.2f} %"
     return json.dumps({"result": out, "shown": shown})
 `;
 
-const INTEGER_FIELDS = ["dp", "cp", "tp", "pp", "zero", "microbatches", "virtual_stages", "global_batch"];
-const MODEL_FIELDS = ["n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len"];
+const INTEGER_FIELDS = ["dp", "cp", "tp", "pp", "ep", "zero", "microbatches", "virtual_stages", "global_batch"];
+const MODEL_FIELDS = ["n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len",
+                      "n_experts", "moe_top_k", "moe_every", "moe_d_ff", "n_shared_experts"];
 // The network select sets three fields of lmkit.costs.Model at once.
 const NETWORKS = {
   gpt2: { pos: "learned", norm: "layer", bias: true },
@@ -71,6 +75,7 @@ function readInputs() {
   inputs.precision = $("precision").value;
   if (inputs.precision === "mixed") inputs.reduce = $("reduce").value;  // the gradients' dtype
   inputs.device_memory_gb = number($("device-memory-gb").value);
+  inputs.imbalance = number($("imbalance").value);  // the all-to-alls' load-imbalance factor
   return inputs;
 }
 
@@ -140,6 +145,8 @@ function show(inputs, reply) {
   $("results").hidden = false;
   const values = {
     "num-params": result.num_params, "kv-cache-per-token": result.kv_cache_per_token,
+    "active-params": result.active_params, "expert-params-per-rank": result.expert_params_per_rank,
+    "all-to-all-per-layer": result.all_to_all_per_layer,
     "bubble": result.bubble, "fits": result.fits,
     "device-memory": result.device_memory, "model": result.model, "layout": result.layout,
     "stage": result.stage, "notes": result.notes,
