@@ -110,7 +110,7 @@ def test_every_all_to_all_sends_the_bytes_of_the_formula():
             assert calls == MOE.n_layer and sum(c["calls"] for c in a2a) == 5 * calls  # counts, 2 fwd, 2 bwd
             uniform = 2 * tokens * MOE.moe_top_k * (layout.ep - 1) / layout.ep
             per_layer = costs.all_to_all_bytes(shape, costs.Layout.from_parallel_config(layout), tokens,
-                                               imbalance=rows / calls / uniform)
+                                               imbalance=rows / calls / uniform, dtype_bytes=4)
             assert sum(c["wire_bytes"] for c in a2a) == pytest.approx(calls * per_layer["total"], rel=1e-12)
 
 

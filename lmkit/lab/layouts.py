@@ -117,6 +117,8 @@ def collective_dim(collective: dict[str, Any], layout: ParallelConfig | None) ->
     group = group_label(collective["ranks"], layout)
     p2p = collective["kind"] in ("send", "recv")
     ranks = collective["ranks"]
+    if layout is not None and layout.ep > 1 and collective["kind"] == "all_to_all":
+        return "ep"  # the experts' all-to-all (`lmkit.parallel.experts`), also when ep spans all of dp x cp
     if layout is not None and layout.ep > 1 and not p2p and 1 < len(ranks) < layout.dp * layout.cp \
             and set(_varying(ranks, layout)) <= {"dp", "cp"}:
         cp = layout.cp
