@@ -95,10 +95,17 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import V_SCHEDULES, ConfigError, ParallelConfig, TrainConfig
+from lmkit.experts import set_aux_scale
 from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
 from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
+from lmkit.parallel.native_experts import (
+    expert_meshes,
+    parallelize_experts,
+    reset_router_biases,
+    validate_native_experts,
+)
 from lmkit.parallel.native_plan import (
     SCHEDULE_CLASSES,
     build_native_stages,
@@ -160,10 +167,13 @@ class NativeEngine(EngineBase):
                 stage.to(self.device)
             if tp > 1:
                 tensor_parallel(stage, self.mesh["tp"], sp)
+            if cfg.n_experts and self.mesh is not None:  # `native_experts`: before FSDP2 of the blocks
+                parallelize_experts(stage, self.mesh, pcfg, self.fsdp, mp)
             if self.fsdp:
                 data_parallel(stage, self.mesh["dp"], pcfg.zero, mp)
             if initial is not None:  # DTensors keep their identity (swapped); FSDP2 resets its shards
                 stage.to_empty(device=self.device)
+                reset_router_biases(stage)
                 if stage.is_first and stage.is_last and cfg.tie_embeddings \
                         and stage.head.weight is not stage.tok_emb.weight:
                     stage.head.weight = stage.tok_emb.weight  # plain parameters come back new: re-tie
@@ -182,6 +192,14 @@ class NativeEngine(EngineBase):
                 raise RuntimeError("the native engine needs torch.distributed initialised (init_topology)")
             return None
         p = self.pcfg
+        if self.config.n_experts:  # the (pp, edp, ep, tp) mesh and its named slices
+            meshes = expert_meshes(self.device.type, p)
+            coords = list(meshes["root"].get_coordinate())
+            expected = [self.topo.pp_rank, self.topo.dp_rank // p.ep, self.topo.dp_rank % p.ep, self.topo.tp_rank]
+            if coords != expected:
+                raise RuntimeError(f"DeviceMesh coordinates {coords} of rank {self.topo.rank} differ from "
+                                   f"lmkit's (pp, edp, ep, tp) = {expected}")
+            return meshes
         mesh = init_device_mesh(self.device.type, (p.pp, p.dp, p.tp), mesh_dim_names=("pp", "dp", "tp"))
         coords = list(mesh.get_coordinate())
         expected = [self.topo.pp_rank, self.topo.dp_rank, self.topo.tp_rank]
@@ -273,6 +291,8 @@ class NativeEngine(EngineBase):
         no per-action callback (`lmkit.parallel.instrument` times the stage modules instead).
         """
         self.train(True)
+        for s in self.stages:  # torch's schedules divide gradients by the microbatches themselves
+            set_aux_scale(s, 1.0 / len(micro) if self.pcfg.pp == 1 else 1.0)
         if self.pcfg.pp == 1:
             stage, total = self.stages[0], 0.0
             for i, (x, y) in enumerate(micro):
@@ -492,6 +512,7 @@ def validate_native_layout(pcfg: ParallelConfig, tcfg: TrainConfig, cfg, world_s
                     cfg.dropout, cfg.kv_heads, cfg.ffn_width)
     if pcfg.pp > 1:
         validate_native_schedule(pcfg, cfg.n_layer, tcfg.grad_accum * pcfg.microbatches)
+    validate_native_experts(pcfg, cfg)
 
 
 def _item(loss: Tensor) -> float:
