@@ -104,6 +104,7 @@ from lmkit.parallel.native_experts import (
     expert_meshes,
     parallelize_experts,
     reset_router_biases,
+    skip_metadata_forward,
     validate_native_experts,
 )
 from lmkit.parallel.native_plan import (
@@ -182,6 +183,8 @@ class NativeEngine(EngineBase):
             self.load_full_state(initial, None)
         self.optimizer = self._optimizer()
         self.schedule = self._schedule() if pcfg.pp > 1 else None
+        if self.schedule is not None and cfg.n_experts:
+            skip_metadata_forward(self.stages)
         self._eval_schedule = None
 
     # ------------------------------------------------------------------ set-up helpers
