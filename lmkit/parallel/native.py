@@ -198,7 +198,8 @@ class NativeEngine(EngineBase):
         if self.config.n_experts:  # the (pp, edp, ep, tp) mesh and its named slices
             meshes = expert_meshes(self.device.type, p)
             coords = list(meshes["root"].get_coordinate())
-            expected = [self.topo.pp_rank, self.topo.dp_rank // p.ep, self.topo.dp_rank % p.ep, self.topo.tp_rank]
+            t = self.topo
+            expected = [t.pp_rank, t.dp_rank // p.ep, t.dp_rank % p.ep, t.tp_rank]
             if coords != expected:
                 raise RuntimeError(f"DeviceMesh coordinates {coords} of rank {self.topo.rank} differ from "
                                    f"lmkit's (pp, edp, ep, tp) = {expected}")

@@ -63,10 +63,6 @@ def validate_native_experts(pcfg: ParallelConfig, cfg: Any) -> None:
     if pcfg.tp > 1 and not pcfg.sequence_parallel:
         raise ConfigError("experts under tp need sequence_parallel in engine='native' (each tp rank routes "
                           "its own positions to whole experts, as Megatron); add --sequence-parallel")
-    if pcfg.ep > 1 and pcfg.schedule not in ("gpipe", "1f1b", "interleaved"):
-        raise ConfigError(f"parallel.ep={pcfg.ep} with schedule={pcfg.schedule!r} is not checked in "
-                          "engine='native' (split input/weight backward around the all-to-all); use "
-                          "schedule='1f1b', 'gpipe' or 'interleaved'")
 
 
 def expert_meshes(device_type: str, pcfg: ParallelConfig) -> dict[str, DeviceMesh]:
