@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 from test_native import TRAIN, native  # tests/ is on sys.path (pytest)
-from test_parallel_equivalence import MODEL, STEPS, TEXT
+from test_parallel_equivalence import LLAMA, MODEL, STEPS, TEXT
 
 from lmkit.config import ConfigError, ParallelConfig
 from lmkit.lab.layouts import layout_losses, layout_name, max_relative_difference
@@ -24,6 +24,11 @@ from lmkit.parallel.native_experts import local_order
 
 MOE = dataclasses.replace(MODEL, n_experts=4, moe_top_k=2, moe_aux_coef=0.01)
 MOE_BIAS = dataclasses.replace(MOE, moe_aux_coef=0.0, moe_bias_rate=1e-3)
+# SwiGLU experts, sigmoid gates, a shared expert (split over tp as the dense MLP, its [gate | up] rows
+# permuted), on the Llama-style network (rotary positions, grouped-query attention, QK-norm)
+LLAMA_MOE = dataclasses.replace(LLAMA, n_experts=4, moe_top_k=2, moe_aux_coef=0.01, moe_router="sigmoid",
+                                n_shared_experts=1)
+MODELS = {"aux": MOE, "bias": MOE_BIAS, "llama": LLAMA_MOE}
 
 # ep ranks carved out of dp: ep2 (= dp2), ep4 (= dp4), ep2 x dp2 (dp4, edp 2), with tp + SP, with ZeRO
 AUX_LAYOUTS = [
@@ -49,8 +54,8 @@ def name(p: ParallelConfig) -> str:
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
-    return {"aux": layout_losses(MOE, TRAIN, None, STEPS, text=TEXT, cache_dir=cache),
-            "bias": layout_losses(MOE_BIAS, TRAIN, None, STEPS, text=TEXT, cache_dir=cache)}, cache
+    return {key: layout_losses(model, TRAIN, None, STEPS, text=TEXT, cache_dir=cache)
+            for key, model in MODELS.items()}, cache
 
 
 def test_local_order_groups_received_rows_by_local_expert():
@@ -73,19 +78,39 @@ def test_native_expert_layouts_that_cannot_run_are_refused(layout, model, messag
     assert "\n" not in str(info.value)
 
 
-CASES = [("aux", p) for p in AUX_LAYOUTS] + [("bias", p) for p in BIAS_LAYOUTS]
+CASES = ([("aux", p) for p in AUX_LAYOUTS] + [("bias", p) for p in BIAS_LAYOUTS]
+         + [("llama", native(dp=2, ep=2, tp=2, sequence_parallel=True))])
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("balance,layout", CASES, ids=[f"{b}-{name(p)}" for b, p in CASES])
 def test_native_expert_layout_reproduces_single_process_losses(balance, layout, references):
     """aux: the balancing loss (one micro-step); bias: pipelines, the auxiliary-loss-free bias moving the
-    routing after every step (the whole step's global loads)."""
+    routing after every step (the whole step's global loads); llama: `LLAMA_MOE` with the balancing loss."""
     refs, cache = references
-    ref, model = refs[balance], MOE if balance == "aux" else MOE_BIAS
+    ref, model = refs[balance], MODELS[balance]
     got = layout_losses(model, TRAIN, layout, STEPS, text=TEXT, cache_dir=cache)
     diff = max_relative_difference(got["losses"], ref["losses"])
     print(f"native {name(layout)} ({balance}): max relative loss difference {diff:.2e}")
     assert diff < 1e-5
     assert max_relative_difference(got["grad_norms"], ref["grad_norms"]) < 1e-4
     assert ref["grad_norms"][0] > TRAIN.grad_clip  # clipping was active
+
+
+@pytest.mark.distributed
+def test_native_expert_checkpoints_reshard_across_ep_sizes(references, tmp_path):
+    """ep2 x dp4 with ZeRO-2 (2 experts per ep rank, sharded over edp) saves at step 10; ep4 x dp4 (1 expert
+    per rank) resumes it for 2 steps and saves; dp2 without ep (every expert on every rank) resumes that:
+    one unbroken single-process curve (DCP boxes of the full expert tensors, whatever their layout)."""
+    refs, cache = references
+    ref = layout_losses(MOE, TRAIN, None, STEPS + 3, text=TEXT, cache_dir=cache)["losses"]
+    assert max_relative_difference(ref[:STEPS], refs["aux"]["losses"]) == 0
+    train = dataclasses.replace(TRAIN, out_dir=str(tmp_path / "run"))
+    start, checkpoint = 0, None
+    for layout, steps in [(native(dp=4, ep=2, zero=2), STEPS), (native(dp=4, ep=4), 2), (native(dp=2), 1)]:
+        got = layout_losses(MOE, train, layout, steps, text=TEXT, cache_dir=cache, resume=checkpoint,
+                            save=True)
+        diff = max_relative_difference(got["losses"], ref[start:start + steps])
+        print(f"native {name(layout)} from step {start}: max relative loss difference {diff:.2e}")
+        assert diff < 1e-5
+        start, checkpoint = start + steps, got["checkpoint"]

@@ -40,13 +40,20 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from lmkit.config import ConfigError, ParallelConfig
 from lmkit.experts import Experts, MoE, TokenGroup, moe_layers
+from lmkit.parallel import plan
 
 __all__ = ["expert_meshes", "validate_native_experts", "MeshTokens", "AllToAllDispatch", "ShardedExperts",
-           "local_order", "parallelize_experts", "reset_router_biases", "skip_metadata_forward"]
+           "local_order", "fused_parts", "parallelize_experts", "reset_router_biases",
+           "skip_metadata_forward"]
 
 
 def validate_native_experts(pcfg: ParallelConfig, cfg: Any) -> None:
@@ -161,14 +168,31 @@ def _local_out(module: nn.Module, output: Tensor, mesh: DeviceMesh) -> Tensor:
     return output.to_local()
 
 
+def fused_parts(module: str, config: Any) -> tuple[int, ...] | None:
+    """`lmkit.parallel.plan.fused_parts`, with a shared expert's ``[gate | up]`` rows of its own width
+    (``n_shared_experts * expert_width``; the plan gives any gated ``fc`` the dense MLP's)."""
+    parts = plan.fused_parts(module, config)
+    if parts is not None and module.endswith(".mlp.shared.fc"):
+        width = config.n_shared_experts * config.expert_width
+        return (width, width)
+    return parts
+
+
 def _tensor_parallel_moe(layer: MoE, path: str, stage: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Under tp + SP: the MoE gets this rank's positions as a local tensor; the router gate and a shared
-    expert are replicated DTensors fed this rank's rows (gradients ``Partial`` over tp)."""
-    parallelize_module(stage, tp_mesh, {path: PrepareModuleInput(input_layouts=(Shard(1),),
-                                                                 desired_input_layouts=(Shard(1),),
-                                                                 use_local_output=True)})
-    for sub in [layer.router.gate] + ([layer.shared] if hasattr(layer, "shared") else []):
-        distribute_module(sub, tp_mesh, _replicate_local, _rows_in, _local_out)
+    """Under tp + SP: the MoE gets this rank's positions as a local tensor; the router gate is a
+    replicated DTensor fed this rank's rows (its gradient ``Partial`` over tp); a shared expert is
+    split over tp as the dense MLP (sequence all-gathered in, reduce-scattered out; its gated ``fc``
+    rows permuted by the engine, `fused_parts`)."""
+    local_in = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
+                                  use_local_output=True)
+    styles: dict[str, Any] = {path: local_in}
+    if hasattr(layer, "shared"):
+        styles[f"{path}.shared.fc"] = ColwiseParallel(input_layouts=Shard(1))
+        styles[f"{path}.shared.proj"] = RowwiseParallel(output_layouts=Shard(1))
+    for style in styles.values():
+        style.src_data_rank = None  # every rank holds the full weights: shard locally
+    parallelize_module(stage, tp_mesh, styles)
+    distribute_module(layer.router.gate, tp_mesh, _replicate_local, _rows_in, _local_out)
 
 
 def parallelize_experts(stage: nn.Module, meshes: dict[str, DeviceMesh], pcfg: ParallelConfig,
