@@ -19,6 +19,9 @@ vocab-parallel loss  ``vocab_parallel_cross_entropy``          ``loss_parallel()
 pipeline             send/recv: GPipe, 1F1B, interleaved       ``torch.distributed.pipelining``
 tied embedding (pp)  gradient all-reduce, first + last stage   the same, on DTensor local shards
 gradient norm        weighted squares, tp/pp all-reduce        per-mesh ``get_total_norm`` (below)
+expert parallel      ``lmkit.parallel.experts``: all-to-all    (pp, edp, ep, tp) mesh, ``Shard(0)``
+                                                               experts, FSDP2 over edp, all-to-all with
+                                                               autograd (`native_experts`)
 ===================  ========================================  =======================================
 
 Construction (every rank, same order; the book, chapter 6): this rank's stage(s) of the GPT
@@ -65,6 +68,11 @@ the zero-bubble ones (ZB-H1; ZB-V and DualPipeV with V placement, rank ``r`` hol
 has no ZB-H2, and its zero-bubble schedules give wrong gradients under ``zero=3`` (refused,
 `native_plan.validate_native_schedule`); a V schedule evaluates with its forward actions only
 (`native_plan.forward_only`).
+Experts (`lmkit.experts.MoE`; `native_experts`): ep ranks are carved out of dp (the native engine has no
+cp), the mesh becomes ``(pp, edp, ep, tp)`` with ``dp`` its flattened ``edp x ep``; every MoE layer's
+routers count over dp (x tp under SP), its expert weights are DTensors sharded over ep, FSDP2'd over edp
+with gradient divide factor dp, and its dispatch is the counts-then-tokens all-to-all. Under pipelines the
+metadata-inference forward of torch's schedules is kept out of the routers' step counts.
 Dropout draws from each rank's own generator (use ``dropout=0`` for bit-level comparisons).
 
 Muon (``train.optimizer='muon'``): `lmkit.optim.Muon` on the blocks' matrices, whatever DTensor
