@@ -19,6 +19,9 @@ vocab-parallel loss  ``vocab_parallel_cross_entropy``          ``loss_parallel()
 pipeline             send/recv: GPipe, 1F1B, interleaved       ``torch.distributed.pipelining``
 tied embedding (pp)  gradient all-reduce, first + last stage   the same, on DTensor local shards
 gradient norm        weighted squares, tp/pp all-reduce        per-mesh ``get_total_norm`` (below)
+expert parallel      ``lmkit.parallel.experts``: all-to-all    (pp, edp, ep, tp) mesh, ``Shard(0)``
+                                                               experts, FSDP2 over edp, all-to-all with
+                                                               autograd (`native_experts`)
 ===================  ========================================  =======================================
 
 Construction (every rank, same order; the book, chapter 6): this rank's stage(s) of the GPT
@@ -65,6 +68,11 @@ the zero-bubble ones (ZB-H1; ZB-V and DualPipeV with V placement, rank ``r`` hol
 has no ZB-H2, and its zero-bubble schedules give wrong gradients under ``zero=3`` (refused,
 `native_plan.validate_native_schedule`); a V schedule evaluates with its forward actions only
 (`native_plan.forward_only`).
+Experts (`lmkit.experts.MoE`; `native_experts`): ep ranks are carved out of dp (the native engine has no
+cp), the mesh becomes ``(pp, edp, ep, tp)`` with ``dp`` its flattened ``edp x ep``; every MoE layer's
+routers count over dp (x tp under SP), its expert weights are DTensors sharded over ep, FSDP2'd over edp
+with gradient divide factor dp, and its dispatch is the counts-then-tokens all-to-all. Under pipelines the
+metadata-inference forward of torch's schedules is kept out of the routers' step counts.
 Dropout draws from each rank's own generator (use ``dropout=0`` for bit-level comparisons).
 
 Muon (``train.optimizer='muon'``): `lmkit.optim.Muon` on the blocks' matrices, whatever DTensor
@@ -95,10 +103,18 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import V_SCHEDULES, ConfigError, ParallelConfig, TrainConfig
+from lmkit.experts import set_aux_scale
 from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
-from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
+from lmkit.parallel.native_experts import (
+    expert_meshes,
+    fused_parts,
+    parallelize_experts,
+    reset_router_biases,
+    skip_metadata_forward,
+    validate_native_experts,
+)
 from lmkit.parallel.native_plan import (
     SCHEDULE_CLASSES,
     build_native_stages,
@@ -160,10 +176,13 @@ class NativeEngine(EngineBase):
                 stage.to(self.device)
             if tp > 1:
                 tensor_parallel(stage, self.mesh["tp"], sp)
+            if cfg.n_experts and self.mesh is not None:  # `native_experts`: before FSDP2 of the blocks
+                parallelize_experts(stage, self.mesh, pcfg, self.fsdp, mp)
             if self.fsdp:
                 data_parallel(stage, self.mesh["dp"], pcfg.zero, mp)
             if initial is not None:  # DTensors keep their identity (swapped); FSDP2 resets its shards
                 stage.to_empty(device=self.device)
+                reset_router_biases(stage)
                 if stage.is_first and stage.is_last and cfg.tie_embeddings \
                         and stage.head.weight is not stage.tok_emb.weight:
                     stage.head.weight = stage.tok_emb.weight  # plain parameters come back new: re-tie
@@ -172,6 +191,8 @@ class NativeEngine(EngineBase):
             self.load_full_state(initial, None)
         self.optimizer = self._optimizer()
         self.schedule = self._schedule() if pcfg.pp > 1 else None
+        if self.schedule is not None and cfg.n_experts:
+            skip_metadata_forward(self.stages)
         self._eval_schedule = None
 
     # ------------------------------------------------------------------ set-up helpers
@@ -182,6 +203,15 @@ class NativeEngine(EngineBase):
                 raise RuntimeError("the native engine needs torch.distributed initialised (init_topology)")
             return None
         p = self.pcfg
+        if self.config.n_experts:  # the (pp, edp, ep, tp) mesh and its named slices
+            meshes = expert_meshes(self.device.type, p)
+            coords = list(meshes["root"].get_coordinate())
+            t = self.topo
+            expected = [t.pp_rank, t.dp_rank // p.ep, t.dp_rank % p.ep, t.tp_rank]
+            if coords != expected:
+                raise RuntimeError(f"DeviceMesh coordinates {coords} of rank {self.topo.rank} differ from "
+                                   f"lmkit's (pp, edp, ep, tp) = {expected}")
+            return meshes
         mesh = init_device_mesh(self.device.type, (p.pp, p.dp, p.tp), mesh_dim_names=("pp", "dp", "tp"))
         coords = list(mesh.get_coordinate())
         expected = [self.topo.pp_rank, self.topo.dp_rank, self.topo.tp_rank]
@@ -195,7 +225,7 @@ class NativeEngine(EngineBase):
     def _permutation(self, name: str) -> tuple[Tensor, Tensor] | None:
         """(perm, inverse) of the rows of parameter `name` when they are permuted for
         ``ColwiseParallel`` (a fused projection's weight or bias under tp, `fused_permutation`)."""
-        parts = plan.fused_parts(name.rpartition(".")[0], self.config) if self.pcfg.tp > 1 else None
+        parts = fused_parts(name.rpartition(".")[0], self.config) if self.pcfg.tp > 1 else None
         if parts is None:
             return None
         if parts not in self._perms:
@@ -273,6 +303,8 @@ class NativeEngine(EngineBase):
         no per-action callback (`lmkit.parallel.instrument` times the stage modules instead).
         """
         self.train(True)
+        for s in self.stages:  # torch's schedules divide gradients by the microbatches themselves
+            set_aux_scale(s, 1.0 / len(micro) if self.pcfg.pp == 1 else 1.0)
         if self.pcfg.pp == 1:
             stage, total = self.stages[0], 0.0
             for i, (x, y) in enumerate(micro):
@@ -492,6 +524,7 @@ def validate_native_layout(pcfg: ParallelConfig, tcfg: TrainConfig, cfg, world_s
                     cfg.dropout, cfg.kv_heads, cfg.ffn_width)
     if pcfg.pp > 1:
         validate_native_schedule(pcfg, cfg.n_layer, tcfg.grad_accum * pcfg.microbatches)
+    validate_native_experts(pcfg, cfg)
 
 
 def _item(loss: Tensor) -> float:
