@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 
 from lmkit import costs
-from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, model_preset
 from lmkit.lab.layouts import (
     collective_dim,
     layout_losses,
@@ -33,6 +33,9 @@ TEXT = "".join(f"{w} {i % 7} sat on the {v}{'.!'[i % 2]}\n"
                for i, (w, v) in enumerate(zip(SUBJECTS, PLACES, strict=True)))
 MOE = ModelConfig(n_layer=4, n_head=4, d_model=32, block_size=16, dropout=0.0, n_experts=4, moe_top_k=2)
 BIASED = dataclasses.replace(MOE, moe_router="sigmoid", moe_aux_coef=0.0, moe_bias_rate=1e-3)
+# today's network with experts of their own width and a shared expert (split over tp like the MLP)
+LLAMA_MOE = model_preset("llama", n_layer=4, n_head=4, n_kv_head=2, d_model=32, block_size=16, dropout=0.0,
+                         n_experts=4, moe_top_k=2, moe_d_ff=24, n_shared_experts=1, moe_every=2)
 TRAIN = TrainConfig(batch_size=16, max_steps=STEPS, lr=3e-3, min_lr=3e-4, warmup_steps=2, grad_clip=0.5,
                     eval_interval=0, seed=11, out_dir="/tmp/lmkit-experts")
 
@@ -57,7 +60,7 @@ BIAS_LAYOUTS = [
 def references(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
     return {name: layout_losses(model, TRAIN, None, STEPS, text=TEXT, cache_dir=cache)
-            for name, model in (("aux", MOE), ("bias", BIASED))}, cache
+            for name, model in (("aux", MOE), ("bias", BIASED), ("llama", LLAMA_MOE))}, cache
 
 
 def _assert_on_the_curve(model: ModelConfig, layout: ParallelConfig, reference: dict, cache: str) -> None:
@@ -79,6 +82,15 @@ def test_pipelined_expert_layout_with_bias_balance_reproduces_single_process_los
     refs, cache = references
     assert refs["bias"]["losses"] != refs["aux"]["losses"]  # another router and balance: another curve
     _assert_on_the_curve(BIASED, layout, refs["bias"], cache)
+
+
+@pytest.mark.parametrize("layout", [ParallelConfig(dp=2, tp=2, ep=2, sequence_parallel=True),
+                                    ParallelConfig(dp=2, pp=2, ep=2, zero=1, schedule="gpipe",
+                                                   microbatches=1)],
+                         ids=["dp2 x ep2 x tp2 sp", "dp2 zero1 x ep2 x pp2 gpipe m1"])
+def test_llama_style_experts_with_a_shared_expert_reproduce_single_process_losses(layout, references):
+    refs, cache = references
+    _assert_on_the_curve(LLAMA_MOE, layout, refs["llama"], cache)
 
 
 def test_expert_checkpoint_reshards_across_ep_sizes(references, tmp_path):

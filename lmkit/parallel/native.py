@@ -105,11 +105,11 @@ from lmkit.checkpoint.sharded import Piece, optimizer_meta, shard_pieces
 from lmkit.config import V_SCHEDULES, ConfigError, ParallelConfig, TrainConfig
 from lmkit.experts import set_aux_scale
 from lmkit.optim import Direction, Muon, MuonAdamW, is_muon_matrix, muon_lr_scale, orthogonalize
+from lmkit.parallel import plan
 from lmkit.parallel.engine import EngineBase, gather_over_pp, on_meta, validate_layout
 from lmkit.parallel.mesh import Topology
 from lmkit.parallel.native_experts import (
     expert_meshes,
-    fused_parts,
     parallelize_experts,
     reset_router_biases,
     skip_metadata_forward,
@@ -225,7 +225,7 @@ class NativeEngine(EngineBase):
     def _permutation(self, name: str) -> tuple[Tensor, Tensor] | None:
         """(perm, inverse) of the rows of parameter `name` when they are permuted for
         ``ColwiseParallel`` (a fused projection's weight or bias under tp, `fused_permutation`)."""
-        parts = fused_parts(name.rpartition(".")[0], self.config) if self.pcfg.tp > 1 else None
+        parts = plan.fused_parts(name.rpartition(".")[0], self.config) if self.pcfg.tp > 1 else None
         if parts is None:
             return None
         if parts not in self._perms:

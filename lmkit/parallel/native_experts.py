@@ -49,10 +49,9 @@ from torch.distributed.tensor.parallel import (
 
 from lmkit.config import ConfigError, ParallelConfig
 from lmkit.experts import Experts, MoE, TokenGroup, moe_layers
-from lmkit.parallel import plan
 
 __all__ = ["expert_meshes", "validate_native_experts", "MeshTokens", "AllToAllDispatch", "ShardedExperts",
-           "local_order", "fused_parts", "parallelize_experts", "reset_router_biases",
+           "local_order", "parallelize_experts", "reset_router_biases",
            "skip_metadata_forward"]
 
 
@@ -166,16 +165,6 @@ def _rows_in(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
 
 def _local_out(module: nn.Module, output: Tensor, mesh: DeviceMesh) -> Tensor:
     return output.to_local()
-
-
-def fused_parts(module: str, config: Any) -> tuple[int, ...] | None:
-    """`lmkit.parallel.plan.fused_parts`, with a shared expert's ``[gate | up]`` rows of its own width
-    (``n_shared_experts * expert_width``; the plan gives any gated ``fc`` the dense MLP's)."""
-    parts = plan.fused_parts(module, config)
-    if parts is not None and module.endswith(".mlp.shared.fc"):
-        width = config.n_shared_experts * config.expert_width
-        return (width, width)
-    return parts
 
 
 def _tensor_parallel_moe(layer: MoE, path: str, stage: nn.Module, tp_mesh: DeviceMesh) -> None:

@@ -150,8 +150,9 @@ def fused_parts(module: str, config) -> tuple[int, ...] | None:
     leaf = module.rpartition(".")[2] if module.startswith("blocks.") else ""
     if leaf == "qkv":
         return (config.n_head * config.head_dim,) + (config.kv_heads * config.head_dim,) * 2
-    if leaf == "fc" and config.mlp == "swiglu":
-        return (config.ffn_width,) * 2
+    if leaf == "fc" and config.mlp == "swiglu":  # a shared expert (mlp.shared.fc) has a width of its own
+        shared = module.endswith(".shared.fc")
+        return (config.n_shared_experts * config.expert_width if shared else config.ffn_width,) * 2
     return None
 
 
