@@ -426,7 +426,7 @@ class NativeEngine(EngineBase):
         checkpoint saves and loads. Replicas write the same boxes; DCP's planner keeps one."""
         if create:
             for _, p in self.named_params:
-                if not self.optimizer.state.get(p):
+                if p.requires_grad and not self.optimizer.state.get(p):  # (a router's bias: no state)
                     self._state_of(p)[p] = ({"momentum_buffer": torch.zeros_like(p)} if self._is_muon(p) else
                                             {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                              "exp_avg_sq": torch.zeros_like(p)})

@@ -41,9 +41,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
     PrepareModuleInput,
-    RowwiseParallel,
     parallelize_module,
 )
 
@@ -170,14 +168,11 @@ def _local_out(module: nn.Module, output: Tensor, mesh: DeviceMesh) -> Tensor:
 def _tensor_parallel_moe(layer: MoE, path: str, stage: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Under tp + SP: the MoE gets this rank's positions as a local tensor; the router gate is a
     replicated DTensor fed this rank's rows (its gradient ``Partial`` over tp); a shared expert is
-    split over tp as the dense MLP (sequence all-gathered in, reduce-scattered out; its gated ``fc``
-    rows permuted by the engine, `fused_parts`)."""
+    split over tp as the dense MLP by the plan's rows (sequence all-gathered in, reduce-scattered out;
+    its gated ``fc`` rows permuted by the engine, `plan.fused_parts`)."""
     local_in = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
                                   use_local_output=True)
-    styles: dict[str, Any] = {path: local_in}
-    if hasattr(layer, "shared"):
-        styles[f"{path}.shared.fc"] = ColwiseParallel(input_layouts=Shard(1))
-        styles[f"{path}.shared.proj"] = RowwiseParallel(output_layouts=Shard(1))
+    styles: dict[str, Any] = {path: local_in}  # (a shared expert: the plan's column and row rows)
     for style in styles.values():
         style.src_data_rank = None  # every rank holds the full weights: shard locally
     parallelize_module(stage, tp_mesh, styles)

@@ -290,15 +290,18 @@ def data_parallel(stage: NativeStage, dp_mesh, zero: int, mp: MixedPrecisionPoli
     mixed-precision policy `mp` (`mixed_precision_policy`). A size-1 `dp_mesh` is allowed: it gives
     tp-only and pp-only layouts FSDP2's bf16 parameters with fp32 masters (no gradient traffic)."""
     mp = mp or MixedPrecisionPolicy()
+    # weights no gradient moves (a router's balancing bias, `lmkit.experts`) stay plain tensors, the
+    # same on every rank, which the trainer updates in place
+    frozen = {p for p in stage.parameters() if not p.requires_grad} or None
     if zero == 0:
         for block in stage.blocks.values():
-            replicate(block, mesh=dp_mesh, mp_policy=mp)
-        replicate(stage, mesh=dp_mesh, mp_policy=mp)
+            replicate(block, mesh=dp_mesh, mp_policy=mp, ignored_params=frozen)
+        replicate(stage, mesh=dp_mesh, mp_policy=mp, ignored_params=frozen)
         return
     reshard = zero == 3  # zero=2: keep the gathered parameters from forward to backward
     for block in stage.blocks.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
-    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=frozen)
+    fully_shard(stage, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=frozen)
 
 
 def is_dtensor(t: Any) -> bool:
