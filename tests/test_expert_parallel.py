@@ -15,6 +15,7 @@ import dataclasses
 import pytest
 
 from lmkit import costs
+from lmkit.checkpoint.sharded import load_sharded_full
 from lmkit.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig, model_preset
 from lmkit.lab.layouts import (
     collective_dim,
@@ -103,6 +104,21 @@ def test_expert_checkpoint_reshards_across_ep_sizes(references, tmp_path):
     assert max_relative_difference(first["losses"], ref[:5]) < 1e-5
     for layout in (ParallelConfig(dp=4, ep=4), ParallelConfig(dp=2), None):
         resumed = layout_losses(MOE, train, layout, 5, text=TEXT, cache_dir=cache, resume=first["checkpoint"])
+        assert max_relative_difference(resumed["losses"], ref[5:]) < 1e-5, layout_name(layout)
+
+
+def test_router_biases_travel_with_the_checkpoint(references, tmp_path):
+    """The auxiliary-loss-free biases move every step and are part of the state: dp2 x ep2 saves at
+    step 5 with biases away from 0, dp4 x ep4 and one process resume on the biased curve."""
+    refs, cache = references
+    ref = refs["bias"]["losses"]
+    train = dataclasses.replace(TRAIN, out_dir=str(tmp_path / "run"))
+    first = layout_losses(BIASED, train, ParallelConfig(dp=2, ep=2), 5, text=TEXT, cache_dir=cache, save=True)
+    weights, _, _ = load_sharded_full(first["checkpoint"])
+    assert any(float(w.abs().max()) > 0 for name, w in weights.items() if name.endswith("expert_bias"))
+    for layout in (ParallelConfig(dp=4, ep=4), None):
+        resumed = layout_losses(BIASED, train, layout, 5, text=TEXT, cache_dir=cache,
+                                resume=first["checkpoint"])
         assert max_relative_difference(resumed["losses"], ref[5:]) < 1e-5, layout_name(layout)
 
 
