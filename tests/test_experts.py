@@ -325,7 +325,7 @@ def test_a_dense_mlp_of_k_expert_widths_plus_half_e_has_the_same_flops():
     moe = GPT(config(n_experts=8, moe_top_k=2, moe_d_ff=30, bias=False))
     dense = GPT(config(n_experts=0, d_ff=2 * 30 + 8 // 2, bias=False))  # (biases: the dense MLP's only)
     assert moe.flops_per_token() == dense.flops_per_token()
-    # but it holds all E experts: 8 x 2 x 30 x 16 weights and the router's 16 x 8 against the dense 2 x 64 x 16
+    # but it holds all E experts: 8 x 2 x 30 x 16 weights and the router's 16 x 8, against 2 x 64 x 16
     assert moe.num_params() - dense.num_params() == 2 * (8 * 2 * 30 * 16 + 16 * 8 - 2 * 64 * 16)
 
 
@@ -336,8 +336,8 @@ def test_meta_construction_and_initial_weights_equal_gpt_construction():
     cfg = config(n_shared_experts=1, mlp="swiglu")
     torch.manual_seed(5)
     reference = GPT(cfg).state_dict()
-    for name in ("blocks.0.mlp.router.gate.weight", "blocks.0.mlp.router.expert_bias", "blocks.1.mlp.experts.fc",
-                 "blocks.1.mlp.experts.proj", "blocks.0.mlp.shared.fc.weight"):
+    for name in ("blocks.0.mlp.router.gate.weight", "blocks.0.mlp.router.expert_bias",
+                 "blocks.1.mlp.experts.fc", "blocks.1.mlp.experts.proj", "blocks.0.mlp.shared.fc.weight"):
         assert name in reference, name
     torch.manual_seed(5)
     with torch.device("meta"):
@@ -376,7 +376,8 @@ def test_muon_orthogonalises_each_experts_matrix():
     torch.manual_seed(0)
     model = GPT(config())
     names = {n for n, p in model.named_parameters() if is_muon_matrix(n, p)}
-    assert {"blocks.0.mlp.experts.fc", "blocks.0.mlp.experts.proj", "blocks.0.mlp.router.gate.weight"} <= names
+    expected = {"blocks.0.mlp.experts.fc", "blocks.1.mlp.experts.proj", "blocks.1.mlp.router.gate.weight"}
+    assert expected <= names
     assert "tok_emb.weight" not in names
     cfg = TrainConfig(optimizer="muon", muon_lr=0.02, weight_decay=0.1, muon_momentum=0.95)
     opt = MuonAdamW(model, cfg)
@@ -445,4 +446,4 @@ def test_expert_config_errors_name_the_field():
         ModelConfig(**{**BASE, "moe_top_k": 0}).validate()
     with pytest.raises(ConfigError, match="moe_router"):
         ModelConfig(**{**BASE, "moe_router": "top1"}).validate()
-    dataclasses.replace(config(), n_experts=0, moe_top_k=9).validate()  # expert fields ignored without experts
+    dataclasses.replace(config(), n_experts=0, moe_top_k=9).validate()  # ignored without experts
