@@ -9,8 +9,9 @@ Muon for the blocks' matrices, AdamW for the rest, as one optimizer (chapter 7, 
 loss"): Muon (Jordan et al., 2024; ``torch.optim.Muon``) replaces each update of a hidden weight matrix
 by its nearest semi-orthogonal matrix (a few Newton-Schulz iterations on the momentum), so every
 direction of the matrix moves at the same rate. It is defined for 2-D matrices that map one
-hidden representation to another; the embedding (a lookup table), the tied head, the norms'
-gains and the biases keep AdamW. `MuonAdamW` holds both so that a trainer, a learning-rate
+hidden representation to another (a mixture of experts' stacked weights are E such matrices, each
+orthogonalised alone); the embedding (a lookup table), the tied head, the norms' gains and the
+biases keep AdamW. `MuonAdamW` holds both so that a trainer, a learning-rate
 scheduler and a checkpoint see one optimizer.
 
 `Muon` is ``torch.optim.Muon``'s algorithm (its Newton-Schulz iteration, coefficients and
@@ -53,7 +54,11 @@ __all__ = [
 
 def orthogonalize(update: Tensor, precision: str = "bfloat16") -> Tensor:
     """Muon's Newton-Schulz orthogonalisation of a 2-D update: ``torch.optim.Muon``'s own (bf16,
-    its coefficients, 5 steps), or the same iteration in fp32 (``precision="float32"``)."""
+    its coefficients, 5 steps), or the same iteration in fp32 (``precision="float32"``). A stack of
+    matrices (a mixture of experts' ``[E, out, in]`` weights, `lmkit.experts.Experts`) is
+    orthogonalised matrix by matrix: each expert's weight is a matrix of its own."""
+    if update.dim() == 3:
+        return torch.stack([orthogonalize(matrix, precision) for matrix in update])
     coefficients = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
     if precision == "bfloat16":
         return _newton_schulz_bf16(update, coefficients, DEFAULT_NS_STEPS, EPS).to(update.dtype)
@@ -70,8 +75,8 @@ def orthogonalize(update: Tensor, precision: str = "bfloat16") -> Tensor:
 
 def muon_lr_scale(shape: Sequence[int]) -> float:
     """Muon's learning-rate factor for a matrix of the FULL `shape` (torch's "original":
-    ``sqrt(max(1, rows / columns))``)."""
-    return _adjust_lr(1.0, "original", torch.Size(shape))
+    ``sqrt(max(1, rows / columns))``; of a stack of expert matrices, that of one matrix)."""
+    return _adjust_lr(1.0, "original", torch.Size(shape[-2:]))
 
 
 def shardwise_error(matrix: Tensor, shards: Sequence[Tensor], assemble: Callable[[list[Tensor]], Tensor],
@@ -140,8 +145,11 @@ class Muon(torch.optim.Optimizer):
 
 def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
     """Whether Muon optimises parameter `name`: a 2-D weight inside the Transformer blocks
-    (``attn.qkv``, ``attn.proj``, ``mlp.fc``, ``mlp.proj``). Embeddings and the head stay on AdamW."""
-    return param.requires_grad and param.dim() == 2 and name.startswith("blocks.")
+    (``attn.qkv``, ``attn.proj``, ``mlp.fc``, ``mlp.proj``, a router's ``gate``), or a stack of expert
+    matrices (``mlp.experts.fc``/``proj``, [E, out, in]: orthogonalised per expert, `orthogonalize`).
+    Embeddings and the head stay on AdamW."""
+    stacked = param.dim() == 3 and name.rpartition(".")[0].endswith("mlp.experts")
+    return param.requires_grad and (param.dim() == 2 or stacked) and name.startswith("blocks.")
 
 
 def muon_parameter_names(model: nn.Module) -> list[str]:

@@ -13,7 +13,9 @@ from lmkit.lab.time_to_loss import (
     Curve,
     ablation_recipes,
     best_recipe,
+    bits_per_byte,
     combined_changes,
+    equal_flops_moe,
     fixed_batches,
     nanogpt_recipe,
     recipe_under_layouts,
@@ -21,6 +23,8 @@ from lmkit.lab.time_to_loss import (
     time_table,
     train_curves,
 )
+from lmkit.model import GPT
+from lmkit.tokenizer import CharTokenizer
 
 TINY = {"n_layer": 1, "n_head": 2, "d_model": 16, "block_size": 16}
 
@@ -115,3 +119,29 @@ def test_best_recipe_under_dp2_follows_the_single_process(tmp_path):
                                 str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
     assert [r["layout"] for r in rows] == ["1 process", "dp2"]
     assert rows[1]["max_rel_diff"] < 1e-5 and rows[0]["final_loss"] < math.log(vocab) + 0.5
+
+
+def test_equal_flops_moe_and_its_curve_reports_expert_loads():
+    """Chapter 7's MoE against dense: the same FLOPs per token, E times the expert parameters, and the
+    MoE's curve holds the validation tokens each expert received (E k per token in every layer)."""
+    tokens = torch.arange(3000) % 30
+    val = fixed_batches(tokens, 2, 4, 16, seed=1)
+    base = nanogpt_recipe(30, max_steps=6).with_options("dense", TINY, {"batch_size": 4})  # d_ff 64
+    moe = equal_flops_moe(base, 8, 2)
+    assert moe.model.moe_d_ff == (2 * 64 - 8) // 4 == 30 and moe.name == "8 experts, top-2"
+    assert GPT(moe.model).flops_per_token() == GPT(base.model).flops_per_token()
+    swiglu = base.with_options("swiglu", {"mlp": "swiglu", "d_ff": 64})
+    assert equal_flops_moe(swiglu, 6, 2).model.moe_d_ff == (3 * 64 - 6) // 6
+    with pytest.raises(ValueError, match="use bias=False"):
+        equal_flops_moe(base.with_options("biased", {"bias": True}), 8, 2)
+    with pytest.raises(ValueError, match="positive multiple of 2 x k"):
+        equal_flops_moe(base, 7, 2)  # 2 x 64 - 7 is odd
+    dense_curve, moe_curve = train_curves([base, moe], tokens, val, eval_every=3)
+    assert dense_curve.expert_loads == []
+    assert len(moe_curve.expert_loads) == 1 and sum(moe_curve.expert_loads[0]) == 2 * val[..., 1:].numel()
+
+
+def test_bits_per_byte_of_a_curve_counts_the_bytes_of_the_targets():
+    tok = CharTokenizer.train("aé")  # "é" is two bytes in UTF-8
+    val = torch.tensor([[[1, 2, 2], [2, 1, 1]]])  # ids 1 "a", 2 "é"; targets: "éé", "aa": 6 bytes, 4 tokens
+    assert bits_per_byte(math.log(2), val, tok) == pytest.approx(4 / 6)

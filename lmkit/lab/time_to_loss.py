@@ -12,6 +12,11 @@ call these functions.
 `step_work` counts what one training step of a recipe dispatches (operators) and computes
 (FLOPs): counts, unlike times, are the same on every machine, and they say why a change that adds
 little arithmetic can still cost time per step on a small model.
+
+`equal_flops_moe` turns a dense recipe into a mixture of experts of the same FLOPs per token (chapter 7,
+"Experts at equal compute"); a curve of such a model also holds the tokens each expert received at its
+last evaluation (`Curve.expert_loads`), and `bits_per_byte` converts a curve's losses to the book's
+yardstick.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmkit import metrics
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
+from lmkit.experts import expert_counts
 from lmkit.lab.efficiency import count_flops, count_ops
 from lmkit.lab.layouts import layout_losses, layout_name, max_relative_difference
 from lmkit.model import GPT
@@ -34,7 +41,8 @@ from lmkit.optim import configure_optimizer, lr_multiplier
 from lmkit.run import prepare_run
 
 __all__ = ["Recipe", "Curve", "fixed_batches", "train_curve", "train_curves", "nanogpt_recipe", "best_recipe",
-           "ablation_recipes", "shakespeare_tokens", "time_table", "step_work", "recipe_under_layouts"]
+           "ablation_recipes", "shakespeare_tokens", "shakespeare_tokenizer", "time_table", "step_work",
+           "recipe_under_layouts", "equal_flops_moe", "bits_per_byte"]
 
 
 @dataclass
@@ -72,6 +80,9 @@ class Curve:
     steps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    #: a mixture of experts' token-expert assignments per expert, per MoE layer, summed over the validation
+    #: batches of the last evaluation (empty for a dense model)
+    expert_loads: list[list[int]] = field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -116,10 +127,19 @@ def fixed_batches(tokens: Tensor, n: int, batch_size: int, block_size: int, seed
     return tokens[starts[..., None] + torch.arange(block_size + 1)].long()
 
 
+def _shakespeare_run():
+    return prepare_run(ModelConfig(block_size=64), TrainConfig(corpus="tinyshakespeare", tokenizer="char"))
+
+
+def shakespeare_tokenizer():
+    """The character tokenizer of `shakespeare_tokens` (to turn its tokens back into text and bytes)."""
+    return _shakespeare_run().tokenizer
+
+
 def shakespeare_tokens() -> tuple[Tensor, Tensor, int]:
     """Tiny Shakespeare as characters: (train tokens, validation tokens, vocabulary size), the split
     and tokenizer of ``lmkit train --corpus tinyshakespeare --tokenizer char``."""
-    run = prepare_run(ModelConfig(block_size=64), TrainConfig(corpus="tinyshakespeare", tokenizer="char"))
+    run = _shakespeare_run()
     as_long = [torch.from_numpy(np.asarray(t, dtype=np.int64)) for t in (run.train_tokens, run.val_tokens)]
     return as_long[0], as_long[1], run.tokenizer.vocab_size
 
@@ -157,12 +177,27 @@ def _loss(model: nn.Module, hf: bool, x: Tensor, y: Tensor) -> Tensor:
     return model(x, y)[1]
 
 
+def bits_per_byte(loss: float, val_batches: Tensor, tokenizer) -> float:
+    """A mean validation loss on `val_batches` (nats per predicted token, as `Curve.val_loss`) in bits per
+    UTF-8 byte of the text its targets spell: the book's yardstick, comparable across tokenizers."""
+    targets = val_batches[..., 1:].reshape(-1, val_batches.size(-1) - 1)
+    text = "".join(tokenizer.decode(row.tolist()) for row in targets)
+    return metrics.bits_per_byte(loss * targets.numel(), text)
+
+
 @torch.no_grad()
-def _evaluate(model: nn.Module, hf: bool, val: Tensor) -> float:
+def _evaluate(model: nn.Module, hf: bool, val: Tensor) -> tuple[float, list[list[int]]]:
+    """The mean validation loss on `val`, and of a mixture of experts the assignments per expert summed
+    over its batches (`lmkit.experts.expert_counts`; empty for a dense model)."""
     model.eval()
-    total = sum(float(_loss(model, hf, b[:, :-1], b[:, 1:])) for b in val)
+    total, loads = 0.0, []
+    for b in val:
+        total += float(_loss(model, hf, b[:, :-1], b[:, 1:]))
+        counts = expert_counts(model)
+        loads = [[a + c for a, c in zip(la, lc, strict=True)] for la, lc in zip(loads, counts, strict=True)
+                 ] if loads else counts
     model.train()
-    return total / len(val)
+    return total / len(val), loads
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe, batch: Tensor) -> None:
@@ -201,7 +236,8 @@ class _Training:
         self.batches = fixed_batches(train_tokens, self.cfg.max_steps, self.cfg.batch_size,
                                      recipe.model.block_size, data_seed)
         self.step, self.elapsed = 0, 0.0
-        self.curve = Curve(recipe.name, [0], [0.0], [_evaluate(self.model, recipe.hf, val_batches)])
+        loss, loads = _evaluate(self.model, recipe.hf, val_batches)
+        self.curve = Curve(recipe.name, [0], [0.0], [loss], loads)
 
     @property
     def done(self) -> bool:
@@ -218,7 +254,8 @@ class _Training:
         self.elapsed += time.perf_counter() - t0  # the clock stops before evaluating
         self.curve.steps.append(self.step)
         self.curve.seconds.append(self.elapsed)
-        self.curve.val_loss.append(_evaluate(self.model, self.recipe.hf, self.val))
+        loss, self.curve.expert_loads = _evaluate(self.model, self.recipe.hf, self.val)
+        self.curve.val_loss.append(loss)
 
 
 def train_curves(recipes: list[Recipe], train_tokens: Tensor, val_batches: Tensor, eval_every: int,
@@ -262,6 +299,30 @@ def best_recipe(base: Recipe) -> Recipe:
     warmup = round(base.train.warmup_steps * BEST_STEPS_FRACTION)
     return base.with_options("lmkit, best recipe", BEST_MODEL,
                              {**BEST_TRAIN, "max_steps": steps, "warmup_steps": warmup})
+
+
+def equal_flops_moe(base: Recipe, n_experts: int, top_k: int, name: str | None = None,
+                    **moe: object) -> Recipe:
+    """`base` (a dense lmkit recipe without biases) with a mixture of `n_experts` experts in every block,
+    `top_k` of them per token, of the same FLOPs per token (`GPT.flops_per_token`, checked).
+
+    A token of the dense MLP multiplies by ``m d f`` weights (``f`` its width, ``m`` = 2 matrices, 3 for
+    SwiGLU); with experts it multiplies by its k experts' ``k m d w`` and the router's ``d E``. Equal
+    FLOPs: ``w = (m f - E) / (m k)``, which must be a whole number. `moe` sets other expert fields
+    (``moe_aux_coef``, ``moe_router``, ...)."""
+    m = base.model
+    matrices = 3 if m.mlp == "swiglu" else 2
+    width, rest = divmod(matrices * m.ffn_width - n_experts, matrices * top_k)
+    if m.bias or rest or width <= 0:
+        raise ValueError(f"no expert width gives the FLOPs of a dense MLP of width {m.ffn_width} with "
+                         f"E={n_experts}, k={top_k}{' and biases (use bias=False)' if m.bias else ''}: "
+                         f"{matrices} x {m.ffn_width} - E must be a positive multiple of {matrices} x k")
+    recipe = base.with_options(name or f"{n_experts} experts, top-{top_k}",
+                               {"n_experts": n_experts, "moe_top_k": top_k, "moe_d_ff": width, **moe})
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # shapes only; the caller's RNG untouched
+        flops = [GPT(r.model).flops_per_token() for r in (base, recipe)]
+    assert flops[0] == flops[1], flops
+    return recipe
 
 
 #: Chapter 7's single changes: (row label, model fields, training fields).
