@@ -46,7 +46,8 @@ def moe_layer(seed: int = 0, **fields) -> MoE:
     assert isinstance(layer, MoE)
     with torch.no_grad():
         for p in layer.parameters():
-            p.normal_(0.0, 0.4)
+            if p.requires_grad:  # (the routing bias starts at 0)
+                p.normal_(0.0, 0.4)
     return layer.double().train()
 
 
@@ -204,7 +205,7 @@ def _gate_grads(layer: MoE, batches: list[torch.Tensor], target: torch.Tensor, c
         if explicit:
             loss = loss + coef * aux_by_hand(layer, x)
         (scale * loss).backward()
-    return {n: p.grad for n, p in layer.named_parameters()}
+    return {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}  # (not the routing bias)
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
