@@ -173,6 +173,25 @@ def test_the_70b_layout_of_the_outlook(capsys):
     assert costs.search(model, 512, no_latency)[0].layout.name == layout  # latency does not decide it
 
 
+def test_the_mixtral_layouts_of_the_outlook(capsys):
+    """The fastest layout for Mixtral 8x7B on 64 H100s, and the fastest that splits the experts."""
+    outlook = flat("outlook")
+    status, out, _ = estimate(capsys, "--preset", "mixtral-8x7b", "--devices", "64", "--global-batch", "512")
+    assert status == 0
+    count, (layout, gb, *_rest) = fastest(out)
+    assert f"of {count:,} layouts that fit" in outlook
+    assert f"`{layout}`, splits no experts ({gb} GB" in outlook
+    model, h100 = costs.PRESETS["mixtral-8x7b"], costs.DEVICES["h100"]
+    cluster = costs.Cluster(64, h100[0], h100[1], intra_node_gbps=h100[2], inter_node_gbps=h100[3])
+    ranked = costs.search(model, 512, cluster)
+    assert ranked[0].layout.name == layout and ranked[0].layout.ep == 1
+    split = next(c for c in ranked if c.layout.ep > 1)
+    slower = 100 * (split.step_s / ranked[0].step_s - 1)
+    needs = split.memory.total / 1e9
+    assert f"`{split.layout.name}`, is {slower:.1f} % slower and needs {needs:.1f} GB" in outlook
+    assert f"{costs.num_params(model) / 1e9:.2f} billion parameters" in outlook
+
+
 def test_the_kv_cache_and_int8_figures():
     p, gqa = costs.PRESETS["llama2-7b"], costs.PRESETS["llama3-8b"]
     per_token = costs.kv_cache_bytes(p, 1, 1)
