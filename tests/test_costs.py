@@ -785,8 +785,9 @@ MOE_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(MOE_CONFIGS))
 def test_experts_count_as_the_model_counts_itself(name):
-    """Parameters (total, non-embedding), every tensor in registration order, active parameters and
-    FLOPs per token (active) equal lmkit's GPT with experts (softmax and shared experts, moe_every=2)."""
+    """Parameters (total, non-embedding), every tensor in registration order (and which have no
+    gradient: the routers' balancing biases), active parameters and FLOPs per token (active) equal
+    lmkit's GPT with experts (softmax and shared experts, moe_every=2)."""
     from lmkit.experts import inactive_expert_parameters
 
     cfg = MOE_CONFIGS[name]
@@ -797,12 +798,39 @@ def test_experts_count_as_the_model_counts_itself(name):
         cfg.n_experts, cfg.moe_top_k, cfg.moe_every, cfg.moe_d_ff, cfg.n_shared_experts)
     assert costs.num_params(model) == gpt.num_params(non_embedding=False)
     assert costs.num_params(model, non_embedding=True) == gpt.num_params(non_embedding=True)
-    table = [(p.name, p.shape) for p in costs.parameter_table(model)]
-    assert table == [(n, tuple(p.shape)) for n, p in gpt.named_parameters()]
+    table = [(p.name, p.shape, p.trainable) for p in costs.parameter_table(model)]
+    assert table == [(n, tuple(p.shape), p.requires_grad) for n, p in gpt.named_parameters()]
+    assert sum(not t for *_, t in table) == model.moe_blocks  # one expert_bias per MoE block
     assert costs.inactive_params(model) == inactive_expert_parameters(cfg) > 0
     assert costs.active_params(model) == costs.num_params(model) - inactive_expert_parameters(cfg)
     assert costs.flops_per_token(model) == gpt.flops_per_token()
     assert costs.flops_per_token(model, training=False) == gpt.flops_per_token(training=False)
+
+
+def test_a_routers_bias_costs_its_fp32_bytes_on_every_rank_and_nothing_else():
+    """``router.expert_bias`` ([E], no gradient) adds 4 E bytes per MoE block to the parameters of
+    every rank holding the block (fp32 also under mixed precision; ZeRO and ep shard it not), and
+    nothing to gradients, optimizer states, buckets or the parameter count."""
+    model = dataclasses.replace(costs.Model.from_config(MOE_CONFIGS["swiglu-shared-every2"]), vocab_size=12)
+    # (2 MoE blocks of 4 experts; a vocabulary tp=2 divides)
+    frozen = [p.name for p in costs.parameter_table(model) if not p.trainable]
+    assert frozen == ["blocks.1.mlp.router.expert_bias", "blocks.3.mlp.router.expert_bias"]
+    layouts = (costs.Layout(dp=2), costs.Layout(dp=4, zero=1, ep=2), costs.Layout(dp=2, zero=2, ep=2),
+               costs.Layout(dp=2, tp=2, sequence_parallel=True, ep=2), costs.Layout(pp=2, microbatches=2))
+    for layout in layouts:
+        for stage in range(layout.pp):
+            assert costs.stage_frozen(model, layout, stage) == (8 if layout.pp == 1 else 4)
+            trainable = sum(p.local_numel(layout.tp, layout.ep)
+                            for p in costs.stage_params(model, layout, stage) if p.trainable)
+            for precision, w in (("fp32", 4), ("mixed", 2)):
+                mem = costs.memory(model, layout, 8, precision, stage=stage)
+                assert mem.numel == trainable
+                if not layout.zero:  # weights in w bytes, the biases in 4; gradients of the weights only
+                    assert mem.params == w * trainable + 4 * costs.stage_frozen(model, layout, stage)
+                    assert mem.grads == 4 * trainable
+            # no bucket holds a bias
+            assert sum(costs.zero_buckets(model, layout, stage)) == trainable - mem.expert_numel
+    assert costs.num_params(model) == sum(p.numel for p in costs.parameter_table(model)) - 8
 
 
 def test_the_expert_presets_have_their_published_sizes():

@@ -49,6 +49,8 @@ from lmkit.costs.layout import (
     Layout,
     layer_split,
     muon_tensors,
+    stage_frozen,
+    stage_params,
     state_bytes,
     zero_buckets,
 )
@@ -96,6 +98,6 @@ __all__ = [
     "SELECTIVE_UNDER_FLASH",
     "CP_LAYOUTS", "RING_BACKWARD_COMPUTE", "cp_attention_work", "cp_attention_memory", "cp_communication",
     "cp_ring_step",
-    "active_params", "inactive_params", "stage_experts", "expert_buckets", "all_to_all_bytes",
+    "active_params", "inactive_params", "stage_frozen", "stage_experts", "expert_buckets", "all_to_all_bytes",
     "moe_activation_bytes", "estimate_rows", "estimate_lines", "routed_tokens",
 ]

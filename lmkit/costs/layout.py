@@ -19,8 +19,8 @@ from lmkit.costs.model import CostError, Model, Param, divisors, parameter_table
 
 __all__ = [
     "SCHEDULES", "RECOMPUTE", "PRECISIONS", "REDUCE_DTYPES", "OPTIMIZERS", "BUCKET_CAP_BYTES", "state_bytes",
-    "layer_split", "Layout", "stage_chunks", "stage_params", "stage_counts", "zero_buckets", "padded_numel",
-    "muon_tensors", "muon_buckets",
+    "layer_split", "Layout", "stage_chunks", "stage_params", "stage_counts", "stage_frozen", "zero_buckets",
+    "padded_numel", "muon_tensors", "muon_buckets",
 ]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
@@ -245,17 +245,25 @@ def stage_counts(model: Model, pp: int, virtual_stages: int, tp: int, stage: int
                  ep: int = 1) -> tuple[int, ...]:
     """(matrix numel, vector numel, tensors, replicated numel, layers, max chunk layers, first, last)
     of pipeline rank `stage` after the tp split (and the ep split of the experts, whose E / ep are
-    among the matrices); cached, because the search asks again and again."""
+    among the matrices); the tensors with gradients only (`stage_frozen`: the others); cached,
+    because the search asks again and again."""
     schedule = "interleaved" if virtual_stages > 1 else "1f1b"
     layout = Layout(pp=pp, virtual_stages=virtual_stages, schedule=schedule)
     chunks = stage_chunks(model, layout, stage)
-    params = stage_params(model, layout, stage)
+    params = [p for p in stage_params(model, layout, stage) if p.trainable]
     mats = sum(p.local_numel(tp, ep) for p in params if len(p.shape) >= 2)
     vecs = sum(p.local_numel(tp, ep) for p in params if len(p.shape) < 2)
     replicated = sum(p.numel for p in params if p.split == "replicated")
     layers = [len(c[0]) for c in chunks]
     return (mats, vecs, len(params), replicated, sum(layers), max(layers),
             int(any(c[1] for c in chunks)), int(any(c[2] for c in chunks)))
+
+
+def stage_frozen(model: Model, layout: Layout, stage: int) -> int:
+    """Elements of the tensors without gradient pipeline rank `stage` holds (`Param.trainable`: the
+    routers' ``expert_bias``, E per MoE block): fp32, whole on every rank of the stage (no tp, ep or
+    ZeRO split), with neither gradient nor optimizer state."""
+    return sum(p.numel for p in stage_params(model, layout, stage) if not p.trainable)
 
 def muon_tensors(model: Model, layout: Layout, stage: int) -> tuple[int, int]:
     """(elements, tensors) of the matrices Muon steps on pipeline rank `stage` after the tp split: the
@@ -291,7 +299,7 @@ def _buckets(model: Model, pp: int, virtual_stages: int, tp: int, stage: int, is
     """((group, elements), ...) of every bucket; group 0 is Muon's when `muon`."""
     layout = Layout(pp=pp, virtual_stages=virtual_stages, tp=tp,
                     schedule="interleaved" if virtual_stages > 1 else "1f1b")
-    params = [p for p in stage_params(model, layout, stage) if p.split != "expert"]
+    params = [p for p in stage_params(model, layout, stage) if p.split != "expert" and p.trainable]
     leading = [p for p in params if muon and len(p.shape) == 2 and p.name.startswith("blocks.")]
     rest = [p for p in params if not any(p is q for q in leading)]
     groups = ([leading] if leading else []) + [[p for p in rest if len(p.shape) >= 2],

@@ -207,11 +207,18 @@ PRESETS: dict[str, Model] = {
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter tensor: its name, shape and how tensor parallelism splits it."""
+    """One parameter tensor: its name, shape and how tensor parallelism splits it.
+
+    ``trainable=False`` is a tensor without gradient (``requires_grad=False``: a router's
+    ``expert_bias``, which the trainer moves itself): no gradient, no optimizer state, not among the
+    parameters `num_params` counts; the engines keep it in fp32, whole on every rank of its stage
+    (neither ZeRO nor ep shards it) and in no gradient bucket.
+    """
 
     name: str
     shape: tuple[int, ...]
     split: str  # "column" (output rows), "row" (input columns), "vocab", "replicated" or "expert"
+    trainable: bool = True
 
     @property
     def numel(self) -> int:
@@ -234,7 +241,8 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
     matrix (when the embedding lives on another pipeline stage). The same names and shapes as
     ``GPT.named_parameters()``; `split` is what the tensor-parallel plan does with each: ``attn.qkv``
     in whole heads of each of q, k and v, SwiGLU's fused ``mlp.fc`` in each of its halves (both
-    "column"), ``q_norm``/``k_norm`` replicated. A block with experts holds ``mlp.router.gate``
+    "column"), ``q_norm``/``k_norm`` replicated. A block with experts holds the router's
+    ``mlp.router.expert_bias`` (``[E]``, the balancing bias, ``trainable=False``) and ``mlp.router.gate``
     (``[E, d]``, replicated: every tp rank routes its own tokens under sequence parallelism), the
     stacked experts ``mlp.experts.fc`` (``[E, 2w or w, d]``) and ``mlp.experts.proj`` (``[E, d, w]``),
     split "expert" (E / ep whole experts per rank, not split over tp), and a shared expert
@@ -270,6 +278,7 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
         norm(f"{b}.ln2")
         if model.is_moe_block(i):
             E, w, gated = model.n_experts, model.expert_width, model.mlp == "swiglu"
+            out.append(Param(f"{b}.mlp.router.expert_bias", (E,), "replicated", trainable=False))
             out.append(Param(f"{b}.mlp.router.gate.weight", (E, h), "replicated"))
             out.append(Param(f"{b}.mlp.experts.fc", (E, 2 * w if gated else w, h), "expert"))
             out.append(Param(f"{b}.mlp.experts.proj", (E, h, w), "expert"))
@@ -292,8 +301,9 @@ def num_params(model: Model, non_embedding: bool = False) -> int:
     """Parameters of the whole model, a tied head counted once (= ``GPT.num_params``).
 
     ``non_embedding`` leaves out the token embedding and the position table (not an untied head).
+    Tensors without gradient (a router's ``expert_bias``) are not parameters here, as in the GPT.
     """
-    n = sum(p.numel for p in parameter_table(model))
+    n = sum(p.numel for p in parameter_table(model) if p.trainable)
     if non_embedding:
         n -= (model.vocab_size + (model.seq_len if model.pos == "learned" else 0)) * model.d_model
     return n

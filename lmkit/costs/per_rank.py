@@ -21,6 +21,7 @@ from lmkit.costs.layout import (
     muon_tensors,
     padded_numel,
     stage_counts,
+    stage_frozen,
     state_bytes,
     zero_buckets,
 )
@@ -211,6 +212,7 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
             p_bytes += w * padded
             g_bytes += r * (padded // edp if zero >= 2 else padded)
             o_bytes += (master + 8) * (padded // edp) + 4 * len(ebuckets)
+    p_bytes += 4 * stage_frozen(model, layout, stage)  # the routers' fp32 balancing biases, no gradient
     act = _activations(model, layout, global_batch, precision, stage, flash_attention)
     return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel + experts, held)
 
