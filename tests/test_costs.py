@@ -833,6 +833,43 @@ def test_a_routers_bias_costs_its_fp32_bytes_on_every_rank_and_nothing_else():
     assert costs.num_params(model) == sum(p.numel for p in costs.parameter_table(model)) - 8
 
 
+def test_muon_steps_the_stacked_experts_and_gathers_only_split_matrices():
+    """Muon (`lmkit.optim.is_muon_matrix`) steps every stacked expert tensor (its E matrices one by one):
+    the experts keep a 4-byte momentum and no step counter; under tp it gathers the split matrices'
+    shards only (a router's gate and the experts are whole on every tp rank); lmkit's engine refuses it
+    with ep > 1, and so does the cost model."""
+    model = dataclasses.replace(costs.Model.from_config(MOE_CONFIGS["swiglu-shared-every2"]), vocab_size=12)
+    layout = costs.Layout(dp=2)
+    held, count, _ = costs.stage_experts(model, layout, 0)
+    assert count == 4 and held == 2 * model.n_experts * model.expert_numel
+    mats, n = costs.muon_tensors(model, layout, 0)
+    # 4 blocks' qkv and proj, 2 dense MLPs' fc and proj, 2 MoE blocks' gate, 2 expert stacks, shared fc, proj
+    assert n == 4 * 2 + 2 * 2 + 2 * 5
+    two_d = [p for p in costs.parameter_table(model) if len(p.shape) == 2 and p.name.startswith("blocks.")]
+    assert mats == held + sum(p.numel for p in two_d)
+    adamw = costs.memory(model, layout, 8, optimizer="adamw")
+    muon = costs.memory(model, layout, 8, optimizer="muon")
+    # every 2-D block weight and expert stack: 4 bytes less per element, no step counter
+    assert adamw.optimizer - muon.optimizer == 4 * mats + 4 * n
+    for zero in (1, 2):
+        z = costs.Layout(dp=2, zero=zero)
+        mem, plain = costs.memory(model, z, 8, optimizer="muon"), costs.memory(model, z, 8, optimizer="adamw")
+        e = costs.expert_buckets(model, z, 0)
+        assert plain.optimizer - mem.optimizer >= 4 * sum(e) // 2 + 4 * len(e)
+        gathers = [t for t in costs.communication(model, z, 8, optimizer="muon") if t.what.startswith("Muon")]
+        assert {(t.group, t.kind) for t in gathers} == {("dp", "all_gather"), ("edp", "all_gather")}
+        assert next(t for t in gathers if t.group == "edp").bytes == 4 * sum(-(-k // 2) * 2 for k in e)
+    tp = costs.Layout(tp=2, sequence_parallel=True)
+    (gather,) = [t for t in costs.communication(model, tp, 8, optimizer="muon") if t.what.startswith("Muon")]
+    split = [p for p in costs.muon_params(model, tp, 0) if p.split in ("column", "row")]
+    assert gather.calls == len(split) == 4 * 2 + 2 * 2 + 2 * 2  # qkv, proj; dense fc, proj; shared fc, proj
+    assert gather.bytes == 4 * sum(p.numel for p in split)
+    with pytest.raises(costs.CostError, match="optimizer='muon' with ep=2"):
+        costs.memory(model, costs.Layout(dp=2, ep=2), 8, optimizer="muon")
+    with pytest.raises(costs.CostError, match="optimizer='muon' with ep=2"):
+        costs.communication(model, costs.Layout(dp=2, ep=2), 8, optimizer="muon")
+
+
 def test_the_expert_presets_have_their_published_sizes():
     """Mixtral 8x7B: 46.7B parameters, 12.9B active (Jiang et al. 2024). The DeepSeek-V3-like shape:
     671B and 37B (DeepSeek-AI 2024). Its two roundings (see the preset: multi-head attention for MLA,

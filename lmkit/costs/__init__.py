@@ -39,7 +39,13 @@ from lmkit.costs.context import (
     cp_attention_work,
     cp_ring_step,
 )
-from lmkit.costs.experts import all_to_all_bytes, expert_buckets, moe_activation_bytes, stage_experts
+from lmkit.costs.experts import (
+    all_to_all_bytes,
+    expert_buckets,
+    expert_states,
+    moe_activation_bytes,
+    stage_experts,
+)
 from lmkit.costs.layout import (
     OPTIMIZERS,
     PRECISIONS,
@@ -48,6 +54,7 @@ from lmkit.costs.layout import (
     SCHEDULES,
     Layout,
     layer_split,
+    muon_params,
     muon_tensors,
     stage_frozen,
     stage_params,
@@ -91,13 +98,14 @@ __all__ = [
     "MLP_CHOICES", "POS_CHOICES", "NORM_CHOICES", "swiglu_width", "tp_choices",
     "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
     "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
-    "kv_cache_bytes", "model_states", "zero_buckets", "muon_tensors", "OPTIMIZERS",
+    "kv_cache_bytes", "model_states", "zero_buckets", "muon_params", "muon_tensors", "OPTIMIZERS",
     "activation_bytes_per_layer", "model_activation_options", "in_flight", "memory", "communication",
     "wire_bytes", "bubble_fraction", "bubble_time",
     "step_time", "search", "calculate", "format_bytes", "REDUCE_DTYPES", "state_bytes",
     "SELECTIVE_UNDER_FLASH",
     "CP_LAYOUTS", "RING_BACKWARD_COMPUTE", "cp_attention_work", "cp_attention_memory", "cp_communication",
     "cp_ring_step",
-    "active_params", "inactive_params", "stage_frozen", "stage_experts", "expert_buckets", "all_to_all_bytes",
+    "active_params", "inactive_params", "stage_frozen", "stage_experts", "expert_buckets", "expert_states",
+    "all_to_all_bytes",
     "moe_activation_bytes", "estimate_rows", "estimate_lines", "routed_tokens",
 ]

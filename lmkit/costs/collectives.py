@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from lmkit.costs.context import cp_chunks
 from lmkit.costs.experts import all_to_all_bytes, expert_buckets, stage_experts
 from lmkit.costs.layout import (
-    OPTIMIZERS,
     Layout,
+    check_optimizer,
     muon_buckets,
+    muon_params,
     muon_tensors,
     padded_numel,
     stage_counts,
@@ -65,6 +66,7 @@ class CommTerm:
     def wire_bytes(self) -> float:
         return wire_bytes(self.kind, self.bytes, self.group_size)
 
+
 def _gradient_reduction(group: str, zero: int, m: int, buckets: list[int], padded: int, numel: int, r: int,
                         w: int, size: int, whose: str = "") -> list[CommTerm]:
     """ZeRO-0/1/2's reduction of the gradient `buckets` over `size` ranks (`padded`: their elements
@@ -91,7 +93,7 @@ def _gradient_reduction(group: str, zero: int, m: int, buckets: list[int], padde
 
 
 def _expert_terms(model: Model, layout: Layout, b: int, s: int, e: int, r: int, w: int, m: int,
-                  stage: int, imbalance: float) -> list[CommTerm]:
+                  stage: int, imbalance: float, optimizer: str) -> list[CommTerm]:
     """The collectives of the experts (`communication`): all-to-alls, router counts, expert gradients."""
     experts, _, moe = stage_experts(model, layout, stage)
     if not moe:
@@ -125,6 +127,9 @@ def _expert_terms(model: Model, layout: Layout, b: int, s: int, e: int, r: int, 
         buckets = expert_buckets(model, layout, stage, r)
         padded = padded_numel(buckets, edp)
         terms += _gradient_reduction("edp", layout.zero, m, buckets, padded, experts, r, w, edp, "expert ")
+        if layout.zero in (1, 2) and optimizer == "muon":  # (ep = 1) every expert bucket is Muon's
+            terms.append(CommTerm("edp", "all_gather", "Muon: the Nesterov updates of the expert buckets, "
+                                  "whole matrices for Newton-Schulz", len(buckets), 4 * padded, edp))
     if tp > 1:  # whole experts on every tp rank, each routing its own tokens: partial gradients
         share = math.ceil(experts / edp) if layout.zero == 2 else experts
         terms.append(CommTerm("tp", "all_reduce", "expert gradients, partial over tp (each rank routed its "
@@ -176,10 +181,9 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     MoE has no shared expert runs no tensor-parallel collective around its MLP (each tp rank routes
     its own tokens): its attention's all-gather and reduce-scatter only.
     """
-    if optimizer not in OPTIMIZERS:
-        raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
     w, r, _ = state_bytes(precision, reduce)
     layout.validate(model, global_batch)
+    check_optimizer(optimizer, model, layout)
     if not 0 <= stage < layout.pp:
         raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
     e = 4 if precision == "fp32" else 2  # activations
@@ -192,7 +196,7 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     numel = mats + vecs - (0 if layout.zero == 3 else experts)  # the dense parameters (ZeRO-3: all)
     buckets = zero_buckets(model, layout, stage, optimizer, r)
     padded = padded_numel(buckets, dp)
-    muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
+    muon = muon_tensors(model, layout, stage)[0] if optimizer == "muon" else 0
     terms: list[CommTerm] = []
     if dp > 1:
         if layout.zero == 3:
@@ -248,9 +252,11 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   m * 4 * b * s, tp))
             terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: exp-sum, target logit",
                                   m, m * 8 * b * s, tp))
-        if muon:
-            terms.append(CommTerm("tp", "all_gather", "Muon: every matrix's shards, whole for Newton-Schulz",
-                                  muon_count, 4 * muon * tp, tp))
+        split = [p for p in muon_params(model, layout, stage) if p.split not in ("replicated", "expert")]
+        if optimizer == "muon" and split:  # (a router's gate and the experts are whole on every tp rank)
+            terms.append(CommTerm("tp", "all_gather", "Muon: every split matrix's shards, whole for "
+                                  "Newton-Schulz", len(split), 4 * tp * sum(p.local_numel(tp) for p in split),
+                                  tp))
         terms.append(CommTerm("tp", "all_reduce", "gradient norm^2 over tp (fp64)", 1, 8, tp, True))
     if pp > 1:
         n_chunks = pp * v
@@ -268,7 +274,7 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
         terms.append(CommTerm("pp", "all_reduce", "gradient norm^2 over pp (fp64)", 1, 8, pp, True))
         terms.append(CommTerm("pp", "broadcast", "loss from the last stage (fp64)", 1, 8, pp, True))
     if model.n_experts:
-        terms += _expert_terms(model, layout, b, s, e, r, w, m, stage, imbalance)
+        terms += _expert_terms(model, layout, b, s, e, r, w, m, stage, imbalance, optimizer)
     if cp > 1:
         ring = cp_communication(b, model.seq_len, h, cp, tp, layers, m, e, kv_width=model.kv_width)
         terms += ring

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 
-from lmkit.costs.layout import BUCKET_CAP_BYTES, Layout, stage_chunks, stage_params
+from lmkit.costs.layout import BUCKET_CAP_BYTES, Layout, padded_numel, stage_chunks, stage_params, state_bytes
 from lmkit.costs.model import CostError, Model
 
-__all__ = ["stage_experts", "expert_buckets", "all_to_all_bytes", "moe_activation_bytes"]
+__all__ = ["stage_experts", "expert_buckets", "expert_states", "all_to_all_bytes", "moe_activation_bytes"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -58,6 +58,33 @@ def _expert_buckets(model: Model, pp: int, virtual_stages: int, stage: int, ep: 
     return tuple(runs)
 
 
+def expert_states(model: Model, layout: Layout, stage: int, precision: str = "fp32", reduce: str = "fp32",
+                  optimizer: str = "adamw") -> tuple[int, int, int]:
+    """Bytes of (parameters, gradients, optimizer state) of the experts one rank of pipeline rank
+    `stage` holds (ZeRO 0, 1, 2; under ZeRO-3, ep = 1, they are sharded with the rest).
+
+    lmkit's engine keeps them in a data-parallel instance of their own over the expert-data-parallel
+    group (``edp = dp x cp / ep``) with the dense rule: weights in the compute dtype, gradients in
+    the reduce dtype, fp32 masters under mixed precision; AdamW's moments and a step counter per
+    tensor (ZeRO: per bucket), or, with ``optimizer="muon"``, Muon's momentum only (every stacked
+    expert tensor is Muon's: E / ep matrices orthogonalised one by one). ZeRO-1/2 pad every
+    `expert_buckets` bucket to a multiple of edp and shard over it; a group of one replica
+    (``ep = dp x cp``) is not sharded (the engine runs it without ZeRO).
+    """
+    held, count, _ = stage_experts(model, layout, stage)
+    w, r, master = state_bytes(precision, reduce)
+    muon = optimizer == "muon"
+    moments, counters = (4, 0) if muon else (8, 4)
+    edp = layout.expert_ranks
+    zero = layout.zero if edp > 1 else 0
+    if zero == 0:
+        return w * held, r * held, (master + moments) * held + counters * count
+    buckets = expert_buckets(model, layout, stage, r)
+    padded = padded_numel(buckets, edp)
+    return (w * padded, r * (padded // edp if zero >= 2 else padded),
+            (master + moments) * (padded // edp) + counters * len(buckets))
+
+
 def all_to_all_bytes(model: Model, layout: Layout, tokens: int, imbalance: float = 1.0,
                      dtype_bytes: int = 2) -> dict[str, float]:
     """Bytes one rank *sends to other ranks* in the all-to-alls of one MoE layer and one microbatch.
@@ -89,6 +116,7 @@ def all_to_all_bytes(model: Model, layout: Layout, tokens: int, imbalance: float
     counts = float((ep - 1) * (E // ep) * 8)
     rows = 2 * tokens * model.moe_top_k * model.d_model * dtype_bytes * share * imbalance
     return {"counts": counts, "dispatch": rows, "combine": rows, "total": counts + 2 * rows}
+
 
 def moe_activation_bytes(model: Model, b: int, s: int, tp: int = 1, act_bytes: int = 2, cp: int = 1,
                          recompute: str = "none") -> float:

@@ -18,9 +18,9 @@ from typing import Any
 from lmkit.costs.model import CostError, Model, Param, divisors, parameter_table, tp_choices, tp_widths
 
 __all__ = [
-    "SCHEDULES", "RECOMPUTE", "PRECISIONS", "REDUCE_DTYPES", "OPTIMIZERS", "BUCKET_CAP_BYTES", "state_bytes",
-    "layer_split", "Layout", "stage_chunks", "stage_params", "stage_counts", "stage_frozen", "zero_buckets",
-    "padded_numel", "muon_tensors", "muon_buckets",
+    "SCHEDULES", "RECOMPUTE", "PRECISIONS", "REDUCE_DTYPES", "OPTIMIZERS", "BUCKET_CAP_BYTES",
+    "check_optimizer", "state_bytes", "layer_split", "Layout", "stage_chunks", "stage_params", "stage_counts",
+    "stage_frozen", "zero_buckets", "padded_numel", "muon_params", "muon_tensors", "muon_buckets",
 ]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
@@ -32,6 +32,16 @@ REDUCE_DTYPES = ("fp32", "bf16")
 BUCKET_CAP_BYTES = 25 * 2**20
 #: The optimizers whose state and communication the model counts (`lmkit.config.TrainConfig.optimizer`).
 OPTIMIZERS = ("adamw", "muon")
+
+
+def check_optimizer(optimizer: str, model: Model, layout: Layout) -> None:
+    """Refuse an optimizer the cost model does not know, or Muon where lmkit's engine refuses it:
+    with experts split over ep > 1 ranks (their matrices would need Muon over the edp group)."""
+    if optimizer not in OPTIMIZERS:
+        raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
+    if optimizer == "muon" and model.n_experts and layout.ep > 1:
+        raise CostError(f"optimizer='muon' with ep={layout.ep}: lmkit's engine runs Muon on the experts with "
+                        "ep=1 only; use adamw, or ep=1")
 
 
 def state_bytes(precision: str, reduce: str = "fp32") -> tuple[int, int, int]:
@@ -53,6 +63,7 @@ def state_bytes(precision: str, reduce: str = "fp32") -> tuple[int, int, int]:
         return 4, 4, 0
     return 2, (4 if reduce == "fp32" else 2), 4
 
+
 def layer_split(n_layer: int, n_stages: int) -> list[range]:
     """Contiguous, balanced chunks of ``range(n_layer)`` (earlier chunks get the remainder).
 
@@ -69,6 +80,7 @@ def layer_split(n_layer: int, n_stages: int) -> list[range]:
         chunks.append(range(start, start + size))
         start += size
     return chunks
+
 
 # --------------------------------------------------------------------------------- the layout
 
@@ -224,6 +236,7 @@ class Layout:
                             f"{self.dp} x {m}; every microbatch needs a whole number of sequences")
         return self
 
+
 def stage_chunks(model: Model, layout: Layout, stage: int) -> list[tuple[range, bool, bool]]:
     """(layers, is_first, is_last) of every chunk pipeline rank `stage` holds."""
     n = layout.pp * layout.virtual_stages
@@ -265,12 +278,21 @@ def stage_frozen(model: Model, layout: Layout, stage: int) -> int:
     ZeRO split), with neither gradient nor optimizer state."""
     return sum(p.numel for p in stage_params(model, layout, stage) if not p.trainable)
 
+
+def muon_params(model: Model, layout: Layout, stage: int) -> list[Param]:
+    """The tensors Muon steps on pipeline rank `stage` (`lmkit.optim.is_muon_matrix`): the blocks' 2-D
+    weights with gradients (``attn.qkv``, ``attn.proj``, ``mlp.fc``, ``mlp.proj``, a router's ``gate``)
+    and the stacked expert weights (``mlp.experts.fc``/``proj``, ``[E, out, in]``), whose E / ep
+    matrices on a rank it orthogonalises one by one."""
+    return [p for p in stage_params(model, layout, stage) if p.trainable and p.name.startswith("blocks.")
+            and (len(p.shape) == 2 or p.split == "expert")]
+
+
 def muon_tensors(model: Model, layout: Layout, stage: int) -> tuple[int, int]:
-    """(elements, tensors) of the matrices Muon steps on pipeline rank `stage` after the tp split: the
-    blocks' 2-D weights (`lmkit.optim.is_muon_matrix`)."""
-    mats = [p for p in stage_params(model, layout, stage)
-            if len(p.shape) == 2 and p.name.startswith("blocks.")]
-    return sum(p.local_numel(layout.tp) for p in mats), len(mats)
+    """(elements, tensors) of the tensors Muon steps on pipeline rank `stage` after the tp split (and
+    the ep split of the experts: E / ep of each stack), `muon_params`."""
+    mats = muon_params(model, layout, stage)
+    return sum(p.local_numel(layout.tp, layout.ep) for p in mats), len(mats)
 
 
 def zero_buckets(model: Model, layout: Layout, stage: int, optimizer: str = "adamw",

@@ -205,6 +205,7 @@ PRESETS: dict[str, Model] = {
                               n_experts=256, moe_top_k=8, moe_d_ff=2048, n_shared_experts=1, **_LLAMA),
 }
 
+
 @dataclass(frozen=True)
 class Param:
     """One parameter tensor: its name, shape and how tensor parallelism splits it.
@@ -321,6 +322,7 @@ def active_params(model: Model, non_embedding: bool = False) -> int:
     """Parameters one token uses: `num_params` less the ``E - k`` experts of every MoE block it is not
     routed to (`inactive_params`). A dense model's active parameters are all of them."""
     return num_params(model, non_embedding) - inactive_params(model)
+
 
 def tp_widths(model: Model) -> list[tuple[str, int]]:
     """The hidden widths tensor parallelism splits: the dense MLP's (when some block has one) and the

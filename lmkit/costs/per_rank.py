@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmkit.costs.context import cp_attention_memory
-from lmkit.costs.experts import expert_buckets, moe_activation_bytes, stage_experts
+from lmkit.costs.experts import expert_buckets, expert_states, moe_activation_bytes, stage_experts
 from lmkit.costs.layout import (
-    OPTIMIZERS,
     Layout,
+    check_optimizer,
     muon_buckets,
     muon_tensors,
     padded_numel,
@@ -177,6 +177,8 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
     numel, dp, zero = mats + vecs - experts, layout.grad_ranks, layout.zero
     count -= expert_count
     muon, muon_count = muon_tensors(model, layout, stage) if optimizer == "muon" else (0, 0)
+    if muon:  # (the experts, all of them Muon's, below)
+        muon, muon_count = muon - experts, muon_count - expert_count
     w, r, master = state_bytes(precision, reduce)
     if zero < 3 or precision == "fp32":
         # lmkit's engine: weights in w bytes (bf16 under mixed), gradients in r (the reduce dtype), the
@@ -185,8 +187,13 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
         # a multiple of dp x cp and split into as many chunks; the optimizer steps this rank's chunk of
         # each (master, moments, one counter per AdamW bucket), ZeRO-1 keeps the full flat weight and
         # gradient buffers, ZeRO-2 only this rank's gradient chunks (its shard accumulator). ZeRO-3
-        # (FSDP2, fp32) shards the weights too.
+        # (FSDP2, fp32) shards the weights too, the experts' with the rest.
         buckets = zero_buckets(model, layout, stage, optimizer, r)
+        n_muon = muon_buckets(model, layout, stage, r) if muon else 0
+        if zero == 3 and held:
+            extra = expert_buckets(model, layout, stage, r)
+            buckets = (extra + buckets) if optimizer == "muon" else (buckets + extra)
+            n_muon += len(extra) if optimizer == "muon" else 0
         padded = padded_numel(buckets, dp)
         shard = padded // dp
         if zero == 0:
@@ -195,7 +202,6 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
         else:
             p_bytes = w * (shard if zero >= 3 else padded)
             g_bytes = r * (shard if zero >= 2 else padded)
-            n_muon = muon_buckets(model, layout, stage, r) if muon else 0
             muon_shard = padded_numel(buckets[:n_muon], dp) // dp
             o_bytes = (master + 8) * shard - 4 * muon_shard + 4 * (len(buckets) - n_muon)
     else:  # ZeRO-3 in mixed precision (FSDP2's bf16 compute weights): the sharded states of ZeRO
@@ -203,18 +209,13 @@ def _memory_of_stage(model: Model, layout: Layout, global_batch: int, precision:
         if muon:  # Muon's master weight and momentum: 8 bytes per element instead of Adam's 12
             o_bytes -= 4 * muon / dp
     if experts:  # E / ep whole experts per MoE block, their states sharded over dp x cp / ep under ZeRO
-        edp, ebuckets = layout.expert_ranks, expert_buckets(model, layout, stage, r)
-        if zero == 0:
-            p_bytes, g_bytes = p_bytes + w * experts, g_bytes + r * experts
-            o_bytes += (master + 8) * experts + 4 * expert_count
-        else:
-            padded = padded_numel(ebuckets, edp)
-            p_bytes += w * padded
-            g_bytes += r * (padded // edp if zero >= 2 else padded)
-            o_bytes += (master + 8) * (padded // edp) + 4 * len(ebuckets)
+        p_bytes, g_bytes, o_bytes = (a + b for a, b in zip(
+            (p_bytes, g_bytes, o_bytes), expert_states(model, layout, stage, precision, reduce, optimizer),
+            strict=True))
     p_bytes += 4 * stage_frozen(model, layout, stage)  # the routers' fp32 balancing biases, no gradient
     act = _activations(model, layout, global_batch, precision, stage, flash_attention)
     return Memory(float(p_bytes), float(g_bytes), float(o_bytes), act, stage, numel + experts, held)
+
 
 def _activations(model: Model, layout: Layout, global_batch: int, precision: str, stage: int,
                  flash_attention: bool) -> float:
@@ -275,8 +276,7 @@ def memory(model: Model, layout: Layout, global_batch: int, precision: str = "fp
     stages = range(layout.pp) if stage is None else [stage]
     if stage is not None and not 0 <= stage < layout.pp:
         raise CostError(f"stage {stage} does not exist with pp={layout.pp}")
-    if optimizer not in OPTIMIZERS:
-        raise CostError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
+    check_optimizer(optimizer, model, layout)
     results = [_memory_of_stage(model, layout, global_batch, precision, r, flash_attention, optimizer,
                                 reduce) for r in stages]
     return max(results, key=lambda mem: mem.total)
