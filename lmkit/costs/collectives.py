@@ -130,6 +130,11 @@ def _expert_terms(model: Model, layout: Layout, b: int, s: int, e: int, r: int, 
         if layout.zero in (1, 2) and optimizer == "muon":  # (ep = 1) every expert bucket is Muon's
             terms.append(CommTerm("edp", "all_gather", "Muon: the Nesterov updates of the expert buckets, "
                                   "whole matrices for Newton-Schulz", len(buckets), 4 * padded, edp))
+        if layout.zero in (1, 2):
+            terms.append(CommTerm("edp", "all_reduce", "expert gradient norm^2 over edp (of the chunks)", 1,
+                                  4, edp, True))
+    if ep > 1:  # the experts' share of the squared norm, summed over the ep ranks holding the others
+        terms.append(CommTerm("ep", "all_reduce", "expert gradient norm^2 over ep (fp64)", 1, 8, ep, True))
     if tp > 1:  # whole experts on every tp rank, each routing its own tokens: partial gradients
         share = math.ceil(experts / edp) if layout.zero == 2 else experts
         terms.append(CommTerm("tp", "all_reduce", "expert gradients, partial over tp (each rank routed its "
@@ -168,15 +173,17 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
     and with it the forward's communication: the ring, and the tensor-parallel all-reduces (2 per
     layer and microbatch; under sequence parallelism its 2 all-gathers and 2 reduce-scatters).
     Muon (``optimizer="muon"``, `lmkit.optim.Muon`): Newton-Schulz needs whole matrices, so under ZeRO
-    the Nesterov updates of the Muon buckets are all-gathered over dp x cp, and under tp every Muon
-    matrix's shards over tp, in fp32 (the updates of the fp32 master weights).
+    the Nesterov updates of the Muon buckets are all-gathered over dp x cp, and under tp every split
+    Muon matrix's shards over tp, in fp32 (the updates of the fp32 master weights); with experts
+    (ep = 1 only, as the engine) also the expert buckets' updates over their edp group.
 
     Experts (``n_experts > 0``, lmkit's engine as the expert-parallel spec describes it): per MoE
     layer and microbatch the all-to-alls of `all_to_all_bytes` over the ep group (``ep`` consecutive
     ``dp x cp`` ranks; `imbalance` is its phi), the router's all-reduce of ``2 E`` fp32 global counts
     over the ranks holding different tokens (``dp x cp``, ``x tp`` under sequence parallelism), the
     expert gradients reduced over the expert-data-parallel group (``dp x cp / ep``; the dense
-    gradients' rule of ZeRO 0/1/2 on `expert_buckets`), and under tp the experts' gradients, partial
+    gradients' rule of ZeRO 0/1/2 on `expert_buckets`, with its norm^2 all-reduce over edp under
+    ZeRO), the experts' norm^2 summed over ep (fp64), and under tp the experts' gradients, partial
     over tp, all-reduced like the sequence-parallel norms. Under sequence parallelism a block whose
     MoE has no shared expert runs no tensor-parallel collective around its MLP (each tp rank routes
     its own tokens): its attention's all-gather and reduce-scatter only.
