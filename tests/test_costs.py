@@ -912,14 +912,18 @@ def test_communication_sends_the_all_to_alls_of_every_moe_layer_and_microbatch()
     terms = costs.communication(model, layout, 16, "mixed", imbalance=1.5)
     b, n_tokens = 16 // (4 * 2), 32 // 2 // 2  # sequences per microbatch; tokens per sequence on a rank
     per_layer = costs.all_to_all_bytes(model, layout, b * n_tokens, 1.5, 2)
-    ep = [t for t in terms if t.group == "ep"]
+    ep = [t for t in terms if t.group == "ep" and t.kind == "all_to_all"]
     assert sum(t.wire_bytes for t in ep) == pytest.approx(2 * 2 * per_layer["total"])  # 2 MoE blocks x m=2
     assert {t.group_size for t in ep} == {4}
+    # and once a step the experts' share of the gradient norm^2, summed over ep in fp64
+    assert [(t.kind, t.bytes, t.bookkeeping) for t in terms if t.group == "ep" and t not in ep] == \
+        [("all_reduce", 8, True)]
     router = [t for t in terms if t.group == "router"]
     assert router[0].calls == 4 and router[0].group_size == 4 * 2 * 2  # dp x cp x tp under SP
     assert router[0].bytes == 4 * 2 * 8 * 4  # 2 E fp32 per call
     edp = [t for t in terms if t.group == "edp"]
-    assert {t.kind for t in edp} == {"reduce_scatter", "all_gather"} and {t.group_size for t in edp} == {2}
+    assert {t.kind for t in edp} == {"reduce_scatter", "all_gather", "all_reduce"}  # (all_reduce: norm^2)
+    assert {t.group_size for t in edp} == {2}
     experts = costs.memory(model, layout, 16, "mixed").expert_numel
     assert experts == 2 * 2 * 2 * 64 * 256  # 2 MoE blocks x E/ep = 2 experts x (fc + proj) of 64 x 256
     partial = [t for t in terms if t.group == "tp" and "partial over tp" in t.what]

@@ -197,15 +197,20 @@ LLAMA_LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def llama_measured(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
+def _measure_by_optimizer(model: ModelConfig, layouts: dict[str, list[ParallelConfig]],
+                          cache: str) -> list[tuple[str, ParallelConfig, dict]]:
+    """(optimizer, layout, measured entry) of every layout, trained with AdamW or Muon."""
     out = []
     for optimizer, train in (("adamw", TRAIN), ("muon", MUON)):
-        layouts = LLAMA_LAYOUTS[optimizer]
-        entries = measure_layouts(LLAMA, train, layouts, steps=1, warmup=1, text=TEXT, cache_dir=cache)
-        out += [(optimizer, pc, entry) for pc, entry in zip(layouts, entries, strict=True)]
+        entries = measure_layouts(model, train, layouts[optimizer], steps=1, warmup=1, text=TEXT,
+                                  cache_dir=cache)
+        out += [(optimizer, pc, entry) for pc, entry in zip(layouts[optimizer], entries, strict=True)]
     return out
+
+
+@pytest.fixture(scope="module")
+def llama_measured(tmp_path_factory):
+    return _measure_by_optimizer(LLAMA, LLAMA_LAYOUTS, str(tmp_path_factory.mktemp("cache")))
 
 
 def test_llama_style_model_and_muon_memory_and_bytes_equal_the_formulas(llama_measured):
@@ -244,13 +249,7 @@ MOE_LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def moe_measured(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
-    out = []
-    for optimizer, train in (("adamw", TRAIN), ("muon", MUON)):
-        layouts = MOE_LAYOUTS[optimizer]
-        entries = measure_layouts(MOE, train, layouts, steps=1, warmup=1, text=TEXT, cache_dir=cache)
-        out += [(optimizer, pc, entry) for pc, entry in zip(layouts, entries, strict=True)]
-    return out
+    return _measure_by_optimizer(MOE, MOE_LAYOUTS, str(tmp_path_factory.mktemp("cache")))
 
 
 def _ranks_of_group(pc: ParallelConfig, rank: int, group: str) -> list[int]:
