@@ -785,8 +785,9 @@ MOE_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(MOE_CONFIGS))
 def test_experts_count_as_the_model_counts_itself(name):
-    """Parameters (total, non-embedding), every tensor in registration order, active parameters and
-    FLOPs per token (active) equal lmkit's GPT with experts (softmax and shared experts, moe_every=2)."""
+    """Parameters (total, non-embedding), every tensor in registration order (and which have no
+    gradient: the routers' balancing biases), active parameters and FLOPs per token (active) equal
+    lmkit's GPT with experts (softmax and shared experts, moe_every=2)."""
     from lmkit.experts import inactive_expert_parameters
 
     cfg = MOE_CONFIGS[name]
@@ -797,12 +798,76 @@ def test_experts_count_as_the_model_counts_itself(name):
         cfg.n_experts, cfg.moe_top_k, cfg.moe_every, cfg.moe_d_ff, cfg.n_shared_experts)
     assert costs.num_params(model) == gpt.num_params(non_embedding=False)
     assert costs.num_params(model, non_embedding=True) == gpt.num_params(non_embedding=True)
-    table = [(p.name, p.shape) for p in costs.parameter_table(model)]
-    assert table == [(n, tuple(p.shape)) for n, p in gpt.named_parameters()]
+    table = [(p.name, p.shape, p.trainable) for p in costs.parameter_table(model)]
+    assert table == [(n, tuple(p.shape), p.requires_grad) for n, p in gpt.named_parameters()]
+    assert sum(not t for *_, t in table) == model.moe_blocks  # one expert_bias per MoE block
     assert costs.inactive_params(model) == inactive_expert_parameters(cfg) > 0
     assert costs.active_params(model) == costs.num_params(model) - inactive_expert_parameters(cfg)
     assert costs.flops_per_token(model) == gpt.flops_per_token()
     assert costs.flops_per_token(model, training=False) == gpt.flops_per_token(training=False)
+
+
+def test_a_routers_bias_costs_its_fp32_bytes_on_every_rank_and_nothing_else():
+    """``router.expert_bias`` ([E], no gradient) adds 4 E bytes per MoE block to the parameters of
+    every rank holding the block (fp32 also under mixed precision; ZeRO and ep shard it not), and
+    nothing to gradients, optimizer states, buckets or the parameter count."""
+    model = dataclasses.replace(costs.Model.from_config(MOE_CONFIGS["swiglu-shared-every2"]), vocab_size=12)
+    # (2 MoE blocks of 4 experts; a vocabulary tp=2 divides)
+    frozen = [p.name for p in costs.parameter_table(model) if not p.trainable]
+    assert frozen == ["blocks.1.mlp.router.expert_bias", "blocks.3.mlp.router.expert_bias"]
+    layouts = (costs.Layout(dp=2), costs.Layout(dp=4, zero=1, ep=2), costs.Layout(dp=2, zero=2, ep=2),
+               costs.Layout(dp=2, tp=2, sequence_parallel=True, ep=2), costs.Layout(pp=2, microbatches=2))
+    for layout in layouts:
+        for stage in range(layout.pp):
+            assert costs.stage_frozen(model, layout, stage) == (8 if layout.pp == 1 else 4)
+            trainable = sum(p.local_numel(layout.tp, layout.ep)
+                            for p in costs.stage_params(model, layout, stage) if p.trainable)
+            for precision, w in (("fp32", 4), ("mixed", 2)):
+                mem = costs.memory(model, layout, 8, precision, stage=stage)
+                assert mem.numel == trainable
+                if not layout.zero:  # weights in w bytes, the biases in 4; gradients of the weights only
+                    assert mem.params == w * trainable + 4 * costs.stage_frozen(model, layout, stage)
+                    assert mem.grads == 4 * trainable
+            # no bucket holds a bias
+            assert sum(costs.zero_buckets(model, layout, stage)) == trainable - mem.expert_numel
+    assert costs.num_params(model) == sum(p.numel for p in costs.parameter_table(model)) - 8
+
+
+def test_muon_steps_the_stacked_experts_and_gathers_only_split_matrices():
+    """Muon (`lmkit.optim.is_muon_matrix`) steps every stacked expert tensor (its E matrices one by one):
+    the experts keep a 4-byte momentum and no step counter; under tp it gathers the split matrices'
+    shards only (a router's gate and the experts are whole on every tp rank); lmkit's engine refuses it
+    with ep > 1, and so does the cost model."""
+    model = dataclasses.replace(costs.Model.from_config(MOE_CONFIGS["swiglu-shared-every2"]), vocab_size=12)
+    layout = costs.Layout(dp=2)
+    held, count, _ = costs.stage_experts(model, layout, 0)
+    assert count == 4 and held == 2 * model.n_experts * model.expert_numel
+    mats, n = costs.muon_tensors(model, layout, 0)
+    # 4 blocks' qkv and proj, 2 dense MLPs' fc and proj, 2 MoE blocks' gate, 2 expert stacks, shared fc, proj
+    assert n == 4 * 2 + 2 * 2 + 2 * 5
+    two_d = [p for p in costs.parameter_table(model) if len(p.shape) == 2 and p.name.startswith("blocks.")]
+    assert mats == held + sum(p.numel for p in two_d)
+    adamw = costs.memory(model, layout, 8, optimizer="adamw")
+    muon = costs.memory(model, layout, 8, optimizer="muon")
+    # every 2-D block weight and expert stack: 4 bytes less per element, no step counter
+    assert adamw.optimizer - muon.optimizer == 4 * mats + 4 * n
+    for zero in (1, 2):
+        z = costs.Layout(dp=2, zero=zero)
+        mem, plain = costs.memory(model, z, 8, optimizer="muon"), costs.memory(model, z, 8, optimizer="adamw")
+        e = costs.expert_buckets(model, z, 0)
+        assert plain.optimizer - mem.optimizer >= 4 * sum(e) // 2 + 4 * len(e)
+        gathers = [t for t in costs.communication(model, z, 8, optimizer="muon") if t.what.startswith("Muon")]
+        assert {(t.group, t.kind) for t in gathers} == {("dp", "all_gather"), ("edp", "all_gather")}
+        assert next(t for t in gathers if t.group == "edp").bytes == 4 * sum(-(-k // 2) * 2 for k in e)
+    tp = costs.Layout(tp=2, sequence_parallel=True)
+    (gather,) = [t for t in costs.communication(model, tp, 8, optimizer="muon") if t.what.startswith("Muon")]
+    split = [p for p in costs.muon_params(model, tp, 0) if p.split in ("column", "row")]
+    assert gather.calls == len(split) == 4 * 2 + 2 * 2 + 2 * 2  # qkv, proj; dense fc, proj; shared fc, proj
+    assert gather.bytes == 4 * sum(p.numel for p in split)
+    with pytest.raises(costs.CostError, match="optimizer='muon' with ep=2"):
+        costs.memory(model, costs.Layout(dp=2, ep=2), 8, optimizer="muon")
+    with pytest.raises(costs.CostError, match="optimizer='muon' with ep=2"):
+        costs.communication(model, costs.Layout(dp=2, ep=2), 8, optimizer="muon")
 
 
 def test_the_expert_presets_have_their_published_sizes():
@@ -847,14 +912,18 @@ def test_communication_sends_the_all_to_alls_of_every_moe_layer_and_microbatch()
     terms = costs.communication(model, layout, 16, "mixed", imbalance=1.5)
     b, n_tokens = 16 // (4 * 2), 32 // 2 // 2  # sequences per microbatch; tokens per sequence on a rank
     per_layer = costs.all_to_all_bytes(model, layout, b * n_tokens, 1.5, 2)
-    ep = [t for t in terms if t.group == "ep"]
+    ep = [t for t in terms if t.group == "ep" and t.kind == "all_to_all"]
     assert sum(t.wire_bytes for t in ep) == pytest.approx(2 * 2 * per_layer["total"])  # 2 MoE blocks x m=2
     assert {t.group_size for t in ep} == {4}
+    # and once a step the experts' share of the gradient norm^2, summed over ep in fp64
+    assert [(t.kind, t.bytes, t.bookkeeping) for t in terms if t.group == "ep" and t not in ep] == \
+        [("all_reduce", 8, True)]
     router = [t for t in terms if t.group == "router"]
     assert router[0].calls == 4 and router[0].group_size == 4 * 2 * 2  # dp x cp x tp under SP
     assert router[0].bytes == 4 * 2 * 8 * 4  # 2 E fp32 per call
     edp = [t for t in terms if t.group == "edp"]
-    assert {t.kind for t in edp} == {"reduce_scatter", "all_gather"} and {t.group_size for t in edp} == {2}
+    assert {t.kind for t in edp} == {"reduce_scatter", "all_gather", "all_reduce"}  # (all_reduce: norm^2)
+    assert {t.group_size for t in edp} == {2}
     experts = costs.memory(model, layout, 16, "mixed").expert_numel
     assert experts == 2 * 2 * 2 * 64 * 256  # 2 MoE blocks x E/ep = 2 experts x (fc + proj) of 64 x 256
     partial = [t for t in terms if t.group == "tp" and "partial over tp" in t.what]
@@ -874,7 +943,10 @@ def test_expert_parallelism_divides_the_expert_weights_and_zero_shards_them_over
         assert mem.expert_numel == 2 * 4 // ep * 2048  # 2 MoE blocks
     assert mems[1].params - mems[2].params == 4 * 2 * 2 * 2048  # 2 experts fewer per block, 4 bytes
     assert mems[2].params - mems[4].params == 4 * 2 * 1 * 2048
-    assert mems[1].optimizer == mems[2].optimizer == mems[4].optimizer  # 8 bytes x 2 experts per rank
+    assert mems[1].optimizer == mems[2].optimizer  # 8 bytes x 2 experts per rank
+    # ep = dp: one replica of each expert, which the engine steps without ZeRO: the same moments, but
+    # AdamW's step counter per expert tensor (4: 2 blocks x fc, proj) instead of per bucket (1)
+    assert mems[4].optimizer == mems[2].optimizer + 4 * (4 - 1)
     # without ZeRO every rank keeps the moments of its E / ep experts: halved by ep = 2
     unsharded = {ep: costs.memory(model, costs.Layout(dp=4, ep=ep), 8, "fp32").optimizer for ep in (1, 2)}
     assert unsharded[1] - unsharded[2] == 8 * 2 * 2 * 2048

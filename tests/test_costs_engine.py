@@ -24,7 +24,7 @@ from test_parallel_equivalence import CP_LAYOUTS, LAYOUTS, LLAMA, MODEL, MUON, T
 
 from lmkit import costs
 from lmkit.config import ModelConfig, ParallelConfig, TrainConfig
-from lmkit.lab.layouts import group_label, measure_layouts
+from lmkit.lab.layouts import collective_dim, group_label, measure_layouts
 from lmkit.parallel.instrument import idle_fractions
 
 pytestmark = pytest.mark.distributed
@@ -197,15 +197,20 @@ LLAMA_LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def llama_measured(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
+def _measure_by_optimizer(model: ModelConfig, layouts: dict[str, list[ParallelConfig]],
+                          cache: str) -> list[tuple[str, ParallelConfig, dict]]:
+    """(optimizer, layout, measured entry) of every layout, trained with AdamW or Muon."""
     out = []
     for optimizer, train in (("adamw", TRAIN), ("muon", MUON)):
-        layouts = LLAMA_LAYOUTS[optimizer]
-        entries = measure_layouts(LLAMA, train, layouts, steps=1, warmup=1, text=TEXT, cache_dir=cache)
-        out += [(optimizer, pc, entry) for pc, entry in zip(layouts, entries, strict=True)]
+        entries = measure_layouts(model, train, layouts[optimizer], steps=1, warmup=1, text=TEXT,
+                                  cache_dir=cache)
+        out += [(optimizer, pc, entry) for pc, entry in zip(layouts[optimizer], entries, strict=True)]
     return out
+
+
+@pytest.fixture(scope="module")
+def llama_measured(tmp_path_factory):
+    return _measure_by_optimizer(LLAMA, LLAMA_LAYOUTS, str(tmp_path_factory.mktemp("cache")))
 
 
 def test_llama_style_model_and_muon_memory_and_bytes_equal_the_formulas(llama_measured):
@@ -226,6 +231,93 @@ def test_llama_style_model_and_muon_memory_and_bytes_equal_the_formulas(llama_me
     # Muon's gathers are there where a matrix is split (ZeRO chunks, tp shards), and nowhere else
     assert muon_bytes["dp2 zero1"] > 0 and muon_bytes["tp2 sp"] > 0 and muon_bytes["pp2 1f1b m4"] == 0
     assert muon_bytes["cp2"] == 0
+
+
+# Experts (4 of them, top-2, in every block) split over ep = 2 inside dp: plain, ZeRO-1 (one replica per
+# expert when ep = dp: the engine steps them without ZeRO), ZeRO-1 and 2 over an edp group of 2, with
+# tensor (and sequence) parallelism and with a pipeline; and Muon (ep = 1: the engine refuses it with
+# ep > 1), whose Newton-Schulz steps each expert's matrix.
+MOE = ModelConfig(**{**MODEL.__dict__, "n_experts": 4, "moe_top_k": 2})
+MOE_LAYOUTS = {
+    "adamw": [ParallelConfig(dp=2, ep=2), ParallelConfig(dp=2, ep=2, zero=1),
+              ParallelConfig(dp=4, ep=2, zero=1), ParallelConfig(dp=4, ep=2, zero=2),
+              ParallelConfig(dp=2, tp=2, sequence_parallel=True, ep=2),
+              ParallelConfig(dp=2, pp=2, ep=2, microbatches=2)],
+    "muon": [ParallelConfig(dp=2, zero=1), ParallelConfig(dp=2, zero=2)],
+}
+
+
+@pytest.fixture(scope="module")
+def moe_measured(tmp_path_factory):
+    return _measure_by_optimizer(MOE, MOE_LAYOUTS, str(tmp_path_factory.mktemp("cache")))
+
+
+def _ranks_of_group(pc: ParallelConfig, rank: int, group: str) -> list[int]:
+    """The ranks of `costs.CommTerm.group` `group` that hold `rank` (the spec's groups: ep and edp are
+    carved out of dp x cp with j = d cp + c; the router's counts run over dp x cp, x tp under SP)."""
+    dp, cp, tp, pp, ep = pc.dp, pc.cp, pc.tp, pc.pp, pc.ep
+    t, c, d, p = rank % tp, rank // tp % cp, rank // (tp * cp) % dp, rank // (tp * cp * dp)
+
+    def at(p: int, j: int, t: int) -> int:  # j = d cp + c
+        return (p * dp * cp + j) * tp + t
+
+    j = d * cp + c
+    members = {"dp": [at(p, i, t) for i in range(dp * cp)],
+               "ep": [at(p, i, t) for i in range(dp * cp) if i // ep == j // ep],
+               "edp": [at(p, i, t) for i in range(dp * cp) if i % ep == j % ep],
+               "router": [at(p, i, u) for i in range(dp * cp)
+                          for u in range(tp if pc.sequence_parallel else 1)],
+               "tp": [at(p, j, u) for u in range(tp)], "pp": [at(q, j, t) for q in range(pp)],
+               "embedding": [at(0, j, t), at(pp - 1, j, t)], "cp": [at(p, d * cp + u, t) for u in range(cp)]}
+    return sorted(members[group])
+
+
+def test_expert_layouts_memory_and_bytes_equal_the_formulas(moe_measured):
+    """Every rank of every expert layout: parameters (the routers' fp32 biases included), gradients and
+    optimizer state (AdamW's or Muon's, the experts' sharded over edp) equal `costs.memory` exactly;
+    every collective's bytes and calls per group (`collective_dim`: ep, edp, dp, tp, pp, world) equal
+    `costs.communication`, the all-to-alls' wire bytes with the rank's measured routing imbalance."""
+    model = costs.Model.from_config(ModelConfig(**{**MOE.__dict__, "vocab_size": VOCAB}))
+    ranks, a2a = 0, 0
+    for optimizer, pc, entry in moe_measured:
+        assert "error" not in entry, entry
+        layout = costs.Layout.from_parallel_config(pc)
+        for rank in entry["ranks"]:
+            where = f"{optimizer} {entry['name']} rank {rank['rank']}"
+            stage = rank["coords"]["pp"]
+            pred = costs.memory(model, layout, TRAIN.batch_size, "fp32", stage=stage, optimizer=optimizer)
+            got = rank["memory"]
+            assert (got["param_bytes"], got["grad_bytes"], got["optimizer_bytes"]) == \
+                (pred.params, pred.grads, pred.optimizer), where
+            # phi: the rows this rank sent and received over their mean under uniform routing
+            tokens = TRAIN.batch_size // (pc.dp * pc.microbatches) * MOE.block_size // pc.tp
+            rows, calls = rank["experts"]["rows_sent"], rank["experts"]["calls"]
+            phi = rows / calls / (2 * tokens * MOE.moe_top_k * (pc.ep - 1) / pc.ep) if pc.ep > 1 else 1.0
+            want, seen, want_calls, seen_calls, open_calls = Counter(), Counter(), Counter(), Counter(), set()
+            for term in costs.communication(model, layout, TRAIN.batch_size, "fp32", stage,
+                                            optimizer=optimizer, imbalance=phi):
+                key = (collective_dim({"ranks": _ranks_of_group(pc, rank["rank"], term.group),
+                                       "kind": term.kind}, pc), term.kind)
+                # all-to-all: the bytes that leave the rank (its own rows stay), as `all_to_all_bytes`
+                want[key] += term.wire_bytes if term.kind == "all_to_all" else term.bytes
+                if term.calls is None:
+                    open_calls.add(key)
+                else:
+                    want_calls[key] += term.calls
+            for c in rank["comm"]:
+                if c["kind"] != "barrier":
+                    key = (collective_dim(c, pc), c["kind"])
+                    seen[key] += c["wire_bytes"] if c["kind"] == "all_to_all" else c["bytes"]
+                    seen_calls[key] += c["calls"]
+            assert set(seen) == set(want), (where, dict(seen), dict(want))
+            for key in seen:
+                assert seen[key] == pytest.approx(want[key], rel=1e-12 if key[1] == "all_to_all" else 0), \
+                    (where, key, dict(seen), dict(want))
+                assert key in open_calls or seen_calls[key] == want_calls[key], (where, key, dict(seen_calls))
+            a2a += ("ep", "all_to_all") in seen
+            ranks += 1
+    assert ranks == sum(p.world_size for layouts in MOE_LAYOUTS.values() for p in layouts)
+    assert a2a == sum(p.world_size for p in MOE_LAYOUTS["adamw"])
 
 
 def test_full_recomputation_runs_the_ring_of_every_layer_again(tmp_path):

@@ -10,9 +10,15 @@ Chapter 5 derives every formula; the tests check them against the engines' measu
 memory (``tests/test_costs_engine.py``) and against published figures (``tests/test_costs.py``).
 Units: bytes, FLOPs, seconds; "GB" is 1e9.
 
-- `layout`: the model and the layout: shapes, parameters, FLOPs, peak FLOP/s, a layout's rules,
-  what each pipeline stage holds;
-- `per_rank`: what one rank holds and sends: memory, communication, context parallelism;
+- `model`: the model: its shape and options, presets, parameter tensors and counts, FLOPs, peak
+  FLOP/s, the KV cache;
+- `layout`: a layout's rules, the precision's bytes per element, what each pipeline stage holds and
+  the gradient buckets the engine cuts it into;
+- `experts`: what a rank holds and sends of the experts: its experts, their buckets, the all-to-all
+  bytes, their activations;
+- `context`: context parallelism's ring attention: work, memory and step timing per rank;
+- `per_rank`: what one rank holds: memory (model states and activations);
+- `collectives`: what one rank sends: every collective of a step, with its bytes on the wire;
 - `bubble`: how long a pipeline schedule leaves every rank idle in a step;
 - `search`: devices, the estimated step time and the ranking of every layout that fits;
 - `calculator`: `calculate`, the calculator's JSON-in, JSON-out entry point;
@@ -25,58 +31,64 @@ package's interface, each defined in the module above that holds it.
 
 from lmkit.costs.bubble import bubble_fraction, bubble_time
 from lmkit.costs.calculator import SELECTIVE_UNDER_FLASH, calculate, format_bytes
+from lmkit.costs.collectives import CommTerm, communication, cp_communication, wire_bytes
+from lmkit.costs.context import (
+    CP_LAYOUTS,
+    RING_BACKWARD_COMPUTE,
+    cp_attention_memory,
+    cp_attention_work,
+    cp_ring_step,
+)
+from lmkit.costs.experts import (
+    all_to_all_bytes,
+    expert_buckets,
+    expert_states,
+    moe_activation_bytes,
+    stage_experts,
+)
 from lmkit.costs.layout import (
+    OPTIMIZERS,
+    PRECISIONS,
+    RECOMPUTE,
+    REDUCE_DTYPES,
+    SCHEDULES,
+    Layout,
+    layer_split,
+    muon_params,
+    muon_tensors,
+    stage_frozen,
+    stage_params,
+    state_bytes,
+    zero_buckets,
+)
+from lmkit.costs.model import (
     GB,
     MLP_CHOICES,
     NORM_CHOICES,
     PEAK_FLOPS,
     POS_CHOICES,
-    PRECISIONS,
     PRESETS,
-    RECOMPUTE,
-    REDUCE_DTYPES,
-    SCHEDULES,
     CostError,
-    Layout,
     Model,
     Param,
     active_params,
-    expert_buckets,
     flops_per_token,
     inactive_params,
     kv_cache_bytes,
-    layer_split,
     lookup_peak_flops,
     mfu,
-    muon_tensors,
     num_params,
     parameter_table,
-    stage_experts,
-    stage_params,
-    state_bytes,
     swiglu_width,
     tp_choices,
-    zero_buckets,
 )
 from lmkit.costs.per_rank import (
-    CP_LAYOUTS,
-    OPTIMIZERS,
-    RING_BACKWARD_COMPUTE,
-    CommTerm,
     Memory,
     activation_bytes_per_layer,
-    all_to_all_bytes,
-    communication,
-    cp_attention_memory,
-    cp_attention_work,
-    cp_communication,
-    cp_ring_step,
     in_flight,
     memory,
     model_activation_options,
     model_states,
-    moe_activation_bytes,
-    wire_bytes,
 )
 from lmkit.costs.report import estimate_lines, estimate_rows, routed_tokens
 from lmkit.costs.search import DEVICES, Candidate, Cluster, search, step_time
@@ -86,13 +98,14 @@ __all__ = [
     "MLP_CHOICES", "POS_CHOICES", "NORM_CHOICES", "swiglu_width", "tp_choices",
     "CostError", "Model", "PRESETS", "Layout", "Cluster", "DEVICES", "Memory", "CommTerm", "Candidate",
     "layer_split", "Param", "parameter_table", "stage_params", "num_params", "flops_per_token", "mfu",
-    "kv_cache_bytes", "model_states", "zero_buckets", "muon_tensors", "OPTIMIZERS",
+    "kv_cache_bytes", "model_states", "zero_buckets", "muon_params", "muon_tensors", "OPTIMIZERS",
     "activation_bytes_per_layer", "model_activation_options", "in_flight", "memory", "communication",
     "wire_bytes", "bubble_fraction", "bubble_time",
     "step_time", "search", "calculate", "format_bytes", "REDUCE_DTYPES", "state_bytes",
     "SELECTIVE_UNDER_FLASH",
     "CP_LAYOUTS", "RING_BACKWARD_COMPUTE", "cp_attention_work", "cp_attention_memory", "cp_communication",
     "cp_ring_step",
-    "active_params", "inactive_params", "stage_experts", "expert_buckets", "all_to_all_bytes",
+    "active_params", "inactive_params", "stage_frozen", "stage_experts", "expert_buckets", "expert_states",
+    "all_to_all_bytes",
     "moe_activation_bytes", "estimate_rows", "estimate_lines", "routed_tokens",
 ]

@@ -7,7 +7,8 @@ parallelism, zero-bubble pipelines).
 
 from __future__ import annotations
 
-from lmkit.costs.layout import SCHEDULES, CostError
+from lmkit.costs.layout import SCHEDULES
+from lmkit.costs.model import CostError
 
 __all__ = ["bubble_time", "bubble_fraction"]
 

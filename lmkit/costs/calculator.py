@@ -10,17 +10,11 @@ import dataclasses
 from typing import Any
 
 from lmkit.costs.bubble import bubble_fraction
-from lmkit.costs.layout import (
-    GB,
-    PRESETS,
-    CostError,
-    Layout,
-    Model,
-    active_params,
-    kv_cache_bytes,
-    num_params,
-)
-from lmkit.costs.per_rank import all_to_all_bytes, communication, memory
+from lmkit.costs.collectives import communication
+from lmkit.costs.experts import all_to_all_bytes
+from lmkit.costs.layout import Layout
+from lmkit.costs.model import GB, PRESETS, CostError, Model, active_params, kv_cache_bytes, num_params
+from lmkit.costs.per_rank import memory
 
 __all__ = ["calculate", "format_bytes", "model_of", "SELECTIVE_UNDER_FLASH"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmkit.costs.calculator import SELECTIVE_UNDER_FLASH, format_bytes
-from lmkit.costs.layout import GB, Model, active_params, flops_per_token, mfu, num_params
-from lmkit.costs.per_rank import all_to_all_bytes
+from lmkit.costs.experts import all_to_all_bytes
+from lmkit.costs.model import GB, Model, active_params, flops_per_token, mfu, num_params
 from lmkit.costs.search import Candidate, Cluster
 
 __all__ = ["estimate_rows", "estimate_lines", "routed_tokens"]

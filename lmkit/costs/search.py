@@ -14,24 +14,11 @@ import itertools
 from dataclasses import dataclass
 
 from lmkit.costs.bubble import bubble_fraction
-from lmkit.costs.layout import (
-    GB,
-    RECOMPUTE,
-    CostError,
-    Layout,
-    Model,
-    flops_per_token,
-    stage_counts,
-    tp_choices,
-)
-from lmkit.costs.per_rank import (
-    RING_BACKWARD_COMPUTE,
-    CommTerm,
-    Memory,
-    communication,
-    cp_ring_step,
-    memory,
-)
+from lmkit.costs.collectives import CommTerm, communication
+from lmkit.costs.context import RING_BACKWARD_COMPUTE, cp_ring_step
+from lmkit.costs.layout import RECOMPUTE, Layout, stage_counts
+from lmkit.costs.model import GB, CostError, Model, flops_per_token, tp_choices
+from lmkit.costs.per_rank import Memory, memory
 
 __all__ = ["Cluster", "DEVICES", "Candidate", "step_time", "search"]
 
