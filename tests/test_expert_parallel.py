@@ -49,6 +49,9 @@ AUX_LAYOUTS = [
     ParallelConfig(dp=2, tp=2, ep=2, sequence_parallel=True),
     ParallelConfig(cp=2, ep=2),
     ParallelConfig(dp=2, cp=2, ep=2, zero=1),
+    # experts without expert parallelism: reduced over dp x cp like the dense parameters
+    ParallelConfig(dp=2, tp=2, zero=1, sequence_parallel=True),
+    ParallelConfig(dp=2, pp=2, schedule="gpipe", microbatches=1),
 ]
 BIAS_LAYOUTS = [
     ParallelConfig(dp=2, ep=2),

@@ -103,7 +103,10 @@ class Topology:
 
     def expert_view(self) -> Topology:
         """This topology with the edp ranks as its data-parallel group (what the experts'
-        `DataParallel` reduces over; the same object when every rank of dp x cp is an ep rank)."""
+        `DataParallel` reduces over). Without expert parallelism that is the dense parameters' group,
+        dp x cp (`gradient_view`)."""
+        if self.ep == 1:
+            return self.gradient_view()
         j = self.dp_rank * self.cp + self.cp_rank
         return dataclasses.replace(self, dp=self.dp * self.cp // self.ep, dp_rank=j // self.ep,
                                    dp_group=self.edp_group, dp_ranks=list(self.edp_ranks), cp=1, cp_rank=0)
