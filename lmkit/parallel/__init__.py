@@ -1,1 +1,1 @@
-"""Hybrid parallelism (data/ZeRO, tensor/sequence, pipeline) that wraps an unmodified GPT."""
+"""Hybrid parallelism (data/ZeRO, tensor/sequence, pipeline, context, experts) wrapping an unmodified GPT."""

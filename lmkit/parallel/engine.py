@@ -13,7 +13,9 @@ Construction (every rank, same order, so every layout starts from the single-pro
    (`lmkit.weights.InitialWeights`), so a rank's peak at start is its own part plus the largest
    single parameter, not the model;
 5. hand the stage parameters to `data_parallel.DataParallel`, which owns the optimizer
-   (plain, ZeRO-1 or ZeRO-2) and averages gradients over the data-parallel group.
+   (plain, ZeRO-1 or ZeRO-2) and averages gradients over the data-parallel group; a model with
+   experts keeps only this ep rank's experts (`lmkit.parallel.experts`), whose gradients a second
+   `DataParallel` sums over their replicas (the edp group) and divides by dp x cp.
 
 One step (`train_step`):
 
