@@ -259,8 +259,9 @@ def communication(model: Model, layout: Layout, global_batch: int, precision: st
                                   m * 4 * b * s, tp))
             terms.append(CommTerm("tp", "all_reduce", "vocab-parallel cross-entropy: exp-sum, target logit",
                                   m, m * 8 * b * s, tp))
-        split = [p for p in muon_params(model, layout, stage) if p.split not in ("replicated", "expert")]
-        if optimizer == "muon" and split:  # (a router's gate and the experts are whole on every tp rank)
+        split = [p for p in muon_params(model, layout, stage) if p.split not in ("replicated", "expert")
+                 ] if optimizer == "muon" else []
+        if split:  # (a router's gate and the experts are whole on every tp rank)
             terms.append(CommTerm("tp", "all_gather", "Muon: every split matrix's shards, whole for "
                                   "Newton-Schulz", len(split), 4 * tp * sum(p.local_numel(tp) for p in split),
                                   tp))

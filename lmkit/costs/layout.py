@@ -276,6 +276,8 @@ def stage_frozen(model: Model, layout: Layout, stage: int) -> int:
     """Elements of the tensors without gradient pipeline rank `stage` holds (`Param.trainable`: the
     routers' ``expert_bias``, E per MoE block): fp32, whole on every rank of the stage (no tp, ep or
     ZeRO split), with neither gradient nor optimizer state."""
+    if not model.n_experts:  # (only routers have such tensors)
+        return 0
     return sum(p.numel for p in stage_params(model, layout, stage) if not p.trainable)
 
 

@@ -249,6 +249,12 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
     split "expert" (E / ep whole experts per rank, not split over tp), and a shared expert
     ``mlp.shared`` (a dense MLP, split as ``mlp``).
     """
+    return list(_parameter_table(model, layers, first, last, head_copy))
+
+
+@functools.lru_cache(maxsize=4096)  # a layout search asks for the same stages hundreds of thousands of times
+def _parameter_table(model: Model, layers: range | None, first: bool, last: bool,
+                     head_copy: bool) -> tuple[Param, ...]:
     h, V, s = model.d_model, model.vocab_size, model.seq_len
     hd, f = model.head_dim, model.ffn_width
     layers = range(model.n_layer) if layers is None else layers
@@ -294,7 +300,7 @@ def parameter_table(model: Model, layers: range | None = None, first: bool = Tru
         norm("ln_f")
         if head_copy or not model.tie_embeddings:
             out.append(Param("head.weight", (V, h), "vocab"))
-    return out
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=256)  # the search asks for every layout it ranks
